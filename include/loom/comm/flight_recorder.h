@@ -1,0 +1,76 @@
+// FlightRecorder: a ring buffer of the most recent communication operations of this process, and a
+// watchdog thread that reports an operation that has not finished within its timeout.
+//
+// [Note: collective timeouts] A blocking MPI call cannot time out by itself, and a collective in
+// which one rank never arrives hangs every other rank forever. So every operation is recorded here
+// when it starts and marked when it ends; the watchdog wakes up a few times a second, and an
+// operation in flight for longer than its timeout makes it log the rank, the communicator, the
+// operation, its sequence number and bytes, plus the recent history, and then call the abort
+// handler (MPI_Abort by default), so mpirun ends the whole job with that message instead of
+// hanging. Async operations are checked by their own Work::wait(timeout), or by the watchdog when
+// their backend gives it a thread-safe completion query (NCCL events).
+#pragma once
+
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstdint>
+#include <functional>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "loom/comm/types.h"
+
+namespace loom::comm {
+
+class FlightRecorder {
+ public:
+  struct Entry {
+    uint64_t id = 0;           // process-wide, increasing
+    std::string comm;          // communicator name
+    int64_t seq = 0;           // per-communicator sequence number
+    OpKind kind = OpKind::kBarrier;
+    int64_t bytes = 0;
+    std::string detail;        // dtype, peer, ...
+    std::chrono::steady_clock::time_point start;
+    double seconds = -1;       // < 0 while in flight
+    double timeout_s = 0;      // 0: not watched
+    std::function<bool()> is_done;  // optional thread-safe completion query
+  };
+
+  // The process's recorder (one per process, like the rank in error messages).
+  static FlightRecorder& instance();
+
+  uint64_t start(const std::string& comm, int64_t seq, OpKind kind, int64_t bytes,
+                 std::string detail, double timeout_s, std::function<bool()> is_done = nullptr);
+  void finish(uint64_t id);
+
+  // The last `n` entries, oldest first, one per line.
+  std::string dump(size_t n = 32) const;
+  std::vector<Entry> in_flight() const;
+
+  // Watchdog: started on first use by a communicator with watchdog enabled; stopped at exit.
+  void ensure_watchdog();
+  // What to do after the report; default: log and abort the job. Tests replace it.
+  void set_abort_handler(std::function<void(const std::string& report)> handler);
+
+  ~FlightRecorder();
+
+ private:
+  FlightRecorder();
+  void watchdog_loop();
+
+  static constexpr size_t kCapacity = 256;
+  mutable std::mutex mu_;
+  std::vector<Entry> ring_;   // kCapacity slots, indexed by id % kCapacity
+  uint64_t next_id_ = 1;
+  std::function<void(const std::string&)> abort_handler_;
+  std::thread watchdog_;
+  std::atomic<bool> stop_{false};
+  std::condition_variable cv_;
+  bool fired_ = false;
+};
+
+}  // namespace loom::comm

@@ -1,0 +1,74 @@
+#include "loom/comm/bootstrap.h"
+
+#include <cstdlib>
+
+#include "loom/comm/flight_recorder.h"
+#include "loom/comm/local_communicator.h"
+#include "loom/core/error.h"
+#include "loom/core/logging.h"
+
+#ifdef LOOM_HAVE_MPI
+#include <mpi.h>
+
+#include "loom/comm/mpi_communicator.h"
+#endif
+
+namespace loom::comm {
+
+Bootstrap::Bootstrap(const BootstrapOptions& options, int* argc, char*** argv) {
+#ifdef LOOM_HAVE_MPI
+  int initialized = 0;
+  MPI_Initialized(&initialized);
+  if (!initialized) {
+    int provided = 0;
+    // THREAD_MULTIPLE: the watchdog thread may call MPI_Abort while the main thread is inside a
+    // blocking collective.
+    LOOM_CHECK_MPI(MPI_Init_thread(argc, argv, MPI_THREAD_MULTIPLE, &provided));
+    initialized_mpi_ = true;
+  }
+  launcher_ = "mpi";
+  auto world = MpiCommunicator::world(options.timeout_s);
+  rank_ = world->rank();
+  size_ = world->size();
+  MPI_Comm node;
+  LOOM_CHECK_MPI(MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, rank_, MPI_INFO_NULL, &node));
+  MPI_Comm_rank(node, &local_rank_);
+  MPI_Comm_size(node, &local_size_);
+  MPI_Comm_free(&node);
+  world_ = world;
+  FlightRecorder::instance().set_abort_handler([](const std::string& report) {
+    LOOM_LOG_ERROR("{}", report);
+    log::logger().flush();
+    std::fflush(stderr);
+    MPI_Abort(MPI_COMM_WORLD, 3);
+  });
+#else
+  world_ = std::make_shared<LocalCommunicator>(at::kCPU, options.timeout_s);
+#endif
+  set_process_rank(rank_);
+  log::set_rank(rank_);
+  if (options.watchdog) FlightRecorder::instance().ensure_watchdog();
+}
+
+Bootstrap::~Bootstrap() {
+  world_.reset();
+#ifdef LOOM_HAVE_MPI
+  if (initialized_mpi_) {
+    int finalized = 0;
+    MPI_Finalized(&finalized);
+    if (!finalized) MPI_Finalize();
+  }
+#endif
+}
+
+void Bootstrap::abort(int code, const std::string& why) {
+  LOOM_LOG_ERROR("aborting the job (code {}): {}", code, why);
+  log::logger().flush();
+  std::fflush(stderr);
+#ifdef LOOM_HAVE_MPI
+  MPI_Abort(MPI_COMM_WORLD, code);
+#endif
+  std::abort();
+}
+
+}  // namespace loom::comm

@@ -1,0 +1,141 @@
+#include "loom/comm/flight_recorder.h"
+
+#include <fmt/format.h>
+
+#include <cstdlib>
+
+#include "loom/core/error.h"
+#include "loom/core/logging.h"
+
+namespace loom::comm {
+
+FlightRecorder& FlightRecorder::instance() {
+  static FlightRecorder recorder;
+  return recorder;
+}
+
+FlightRecorder::FlightRecorder() : ring_(kCapacity) {
+  abort_handler_ = [](const std::string& report) {
+    LOOM_LOG_ERROR("{}", report);
+    log::logger().flush();
+    std::fflush(stderr);
+    // The communicator layer installs MPI_Abort here once MPI is up (bootstrap), so that mpirun
+    // ends every rank; without MPI the process aborts alone.
+    std::abort();
+  };
+}
+
+FlightRecorder::~FlightRecorder() {
+  stop_.store(true);
+  cv_.notify_all();
+  if (watchdog_.joinable()) watchdog_.join();
+}
+
+uint64_t FlightRecorder::start(const std::string& comm, int64_t seq, OpKind kind, int64_t bytes,
+                               std::string detail, double timeout_s,
+                               std::function<bool()> is_done) {
+  std::lock_guard<std::mutex> lock(mu_);
+  uint64_t id = next_id_++;
+  Entry& e = ring_[id % kCapacity];
+  e.id = id;
+  e.comm = comm;
+  e.seq = seq;
+  e.kind = kind;
+  e.bytes = bytes;
+  e.detail = std::move(detail);
+  e.start = std::chrono::steady_clock::now();
+  e.seconds = -1;
+  e.timeout_s = timeout_s;
+  e.is_done = std::move(is_done);
+  return id;
+}
+
+void FlightRecorder::finish(uint64_t id) {
+  std::lock_guard<std::mutex> lock(mu_);
+  Entry& e = ring_[id % kCapacity];
+  if (e.id != id) return;  // overwritten by newer entries: nothing to mark
+  e.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - e.start).count();
+  e.is_done = nullptr;
+}
+
+namespace {
+std::string format_entry(const FlightRecorder::Entry& e, std::chrono::steady_clock::time_point now) {
+  double age = std::chrono::duration<double>(now - e.start).count();
+  std::string state = e.seconds < 0 ? fmt::format("IN FLIGHT for {:.3f} s", age)
+                                    : fmt::format("done in {:.6f} s", e.seconds);
+  return fmt::format("  #{} {} seq={} on '{}' bytes={} {} [{}]", e.id, op_kind_name(e.kind), e.seq,
+                     e.comm, e.bytes, e.detail, state);
+}
+}  // namespace
+
+std::string FlightRecorder::dump(size_t n) const {
+  std::lock_guard<std::mutex> lock(mu_);
+  auto now = std::chrono::steady_clock::now();
+  std::string out;
+  uint64_t last = next_id_ - 1;
+  uint64_t first = last >= n ? last - n + 1 : 1;
+  if (last + 1 > kCapacity && first < last + 1 - kCapacity) first = last + 1 - kCapacity;
+  for (uint64_t id = first; id <= last && id > 0; ++id) {
+    const Entry& e = ring_[id % kCapacity];
+    if (e.id != id) continue;
+    if (!out.empty()) out += "\n";
+    out += format_entry(e, now);
+  }
+  return out.empty() ? "  (none)" : out;
+}
+
+std::vector<FlightRecorder::Entry> FlightRecorder::in_flight() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  std::vector<Entry> out;
+  for (const auto& e : ring_) {
+    if (e.id != 0 && e.seconds < 0) out.push_back(e);
+  }
+  return out;
+}
+
+void FlightRecorder::set_abort_handler(std::function<void(const std::string&)> handler) {
+  std::lock_guard<std::mutex> lock(mu_);
+  abort_handler_ = std::move(handler);
+}
+
+void FlightRecorder::ensure_watchdog() {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (watchdog_.joinable()) return;
+  watchdog_ = std::thread([this] { watchdog_loop(); });
+}
+
+void FlightRecorder::watchdog_loop() {
+  std::unique_lock<std::mutex> lock(mu_);
+  while (!stop_.load()) {
+    cv_.wait_for(lock, std::chrono::milliseconds(100));
+    if (stop_.load() || fired_) continue;
+    auto now = std::chrono::steady_clock::now();
+    for (auto& e : ring_) {
+      if (e.id == 0 || e.seconds >= 0 || e.timeout_s <= 0) continue;
+      double age = std::chrono::duration<double>(now - e.start).count();
+      if (age <= e.timeout_s) continue;
+      if (e.is_done) {
+        bool done = false;
+        try {
+          done = e.is_done();
+        } catch (...) {
+        }
+        if (done) continue;  // completed; its Work records the end when it is waited on
+      }
+      fired_ = true;
+      std::string report = fmt::format(
+          "[rank {}] watchdog: {} seq={} on communicator '{}' ({} bytes, {}) has not completed "
+          "after {:.1f} s (timeout {:.1f} s). A peer may have died, hung, or called a different "
+          "collective. Recent operations of this rank:\n",
+          process_rank(), op_kind_name(e.kind), e.seq, e.comm, e.bytes, e.detail, age, e.timeout_s);
+      auto handler = abort_handler_;
+      lock.unlock();
+      report += dump(32);
+      handler(report);
+      lock.lock();
+      break;
+    }
+  }
+}
+
+}  // namespace loom::comm

@@ -1,0 +1,301 @@
+#include "loom/core/config.h"
+
+#include <google/protobuf/descriptor.h>
+#include <google/protobuf/io/tokenizer.h>
+#include <google/protobuf/text_format.h>
+
+#include <cerrno>
+#include <cstdlib>
+#include <fstream>
+#include <limits>
+#include <sstream>
+
+#include "loom/core/error.h"
+#include "loom/core/logging.h"
+
+namespace loom::config {
+namespace pb = google::protobuf;
+
+namespace {
+
+// Collects the parser's first error with its position.
+class FirstErrorCollector : public pb::io::ErrorCollector {
+ public:
+  void AddError(int line, pb::io::ColumnNumber column, const std::string& message) override {
+    if (error.empty()) {
+      error = fmt::format("{}:{}: {}", line + 1, column + 1, message);
+      this->line = line;
+    }
+  }
+  void AddWarning(int line, pb::io::ColumnNumber column, const std::string& message) override {}
+  std::string error;
+  int line = -1;  // 0-based line of the first error
+};
+
+std::string field_names(const pb::Descriptor* d) {
+  std::string names;
+  for (int i = 0; i < d->field_count(); ++i) {
+    if (i) names += ", ";
+    names += d->field(i)->name();
+  }
+  return names;
+}
+
+const char* type_name(const pb::FieldDescriptor* f) {
+  switch (f->cpp_type()) {
+    case pb::FieldDescriptor::CPPTYPE_INT32: return "an int32";
+    case pb::FieldDescriptor::CPPTYPE_INT64: return "an int64";
+    case pb::FieldDescriptor::CPPTYPE_UINT32: return "a uint32";
+    case pb::FieldDescriptor::CPPTYPE_UINT64: return "a uint64";
+    case pb::FieldDescriptor::CPPTYPE_DOUBLE: return "a double";
+    case pb::FieldDescriptor::CPPTYPE_FLOAT: return "a float";
+    case pb::FieldDescriptor::CPPTYPE_BOOL: return "a bool (true/false)";
+    case pb::FieldDescriptor::CPPTYPE_ENUM: return "an enum name";
+    case pb::FieldDescriptor::CPPTYPE_STRING: return "a string";
+    case pb::FieldDescriptor::CPPTYPE_MESSAGE: return "a message";
+  }
+  return "a value";
+}
+
+std::string trim(const std::string& s) {
+  size_t b = s.find_first_not_of(" \t\r\n");
+  if (b == std::string::npos) return "";
+  size_t e = s.find_last_not_of(" \t\r\n");
+  return s.substr(b, e - b + 1);
+}
+
+template <typename T>
+bool parse_integer(const std::string& text, T* out) {
+  if (text.empty()) return false;
+  errno = 0;
+  char* end = nullptr;
+  if constexpr (std::is_signed_v<T>) {
+    long long v = std::strtoll(text.c_str(), &end, 0);
+    if (errno || *end || v < std::numeric_limits<T>::min() || v > std::numeric_limits<T>::max())
+      return false;
+    *out = static_cast<T>(v);
+  } else {
+    if (text[0] == '-') return false;
+    unsigned long long v = std::strtoull(text.c_str(), &end, 0);
+    if (errno || *end || v > std::numeric_limits<T>::max()) return false;
+    *out = static_cast<T>(v);
+  }
+  return true;
+}
+
+bool parse_double(const std::string& text, double* out) {
+  if (text.empty()) return false;
+  errno = 0;
+  char* end = nullptr;
+  double v = std::strtod(text.c_str(), &end);
+  if (errno || *end) return false;
+  *out = v;
+  return true;
+}
+
+// Sets one scalar (or appends one element of a repeated field) from its text form.
+void set_scalar(pb::Message* m, const pb::FieldDescriptor* f, const std::string& path,
+                const std::string& text) {
+  const pb::Reflection* r = m->GetReflection();
+  bool rep = f->is_repeated();
+  auto bad = [&]() {
+    LOOM_THROW(ErrorKind::kConfig, "field '{}' expects {}, got '{}'", path, type_name(f), text);
+  };
+  switch (f->cpp_type()) {
+    case pb::FieldDescriptor::CPPTYPE_INT32: {
+      int32_t v;
+      if (!parse_integer(text, &v)) bad();
+      rep ? r->AddInt32(m, f, v) : r->SetInt32(m, f, v);
+      break;
+    }
+    case pb::FieldDescriptor::CPPTYPE_INT64: {
+      int64_t v;
+      if (!parse_integer(text, &v)) bad();
+      rep ? r->AddInt64(m, f, v) : r->SetInt64(m, f, v);
+      break;
+    }
+    case pb::FieldDescriptor::CPPTYPE_UINT32: {
+      uint32_t v;
+      if (!parse_integer(text, &v)) bad();
+      rep ? r->AddUInt32(m, f, v) : r->SetUInt32(m, f, v);
+      break;
+    }
+    case pb::FieldDescriptor::CPPTYPE_UINT64: {
+      uint64_t v;
+      if (!parse_integer(text, &v)) bad();
+      rep ? r->AddUInt64(m, f, v) : r->SetUInt64(m, f, v);
+      break;
+    }
+    case pb::FieldDescriptor::CPPTYPE_DOUBLE: {
+      double v;
+      if (!parse_double(text, &v)) bad();
+      rep ? r->AddDouble(m, f, v) : r->SetDouble(m, f, v);
+      break;
+    }
+    case pb::FieldDescriptor::CPPTYPE_FLOAT: {
+      double v;
+      if (!parse_double(text, &v)) bad();
+      rep ? r->AddFloat(m, f, static_cast<float>(v)) : r->SetFloat(m, f, static_cast<float>(v));
+      break;
+    }
+    case pb::FieldDescriptor::CPPTYPE_BOOL: {
+      bool v;
+      if (text == "true" || text == "1" || text == "True") {
+        v = true;
+      } else if (text == "false" || text == "0" || text == "False") {
+        v = false;
+      } else {
+        bad();
+      }
+      rep ? r->AddBool(m, f, v) : r->SetBool(m, f, v);
+      break;
+    }
+    case pb::FieldDescriptor::CPPTYPE_ENUM: {
+      const pb::EnumValueDescriptor* ev = f->enum_type()->FindValueByName(text);
+      if (!ev) {
+        std::string names;
+        for (int i = 0; i < f->enum_type()->value_count(); ++i) {
+          names += (i ? ", " : "") + f->enum_type()->value(i)->name();
+        }
+        LOOM_THROW(ErrorKind::kConfig, "field '{}' expects one of {}, got '{}'", path, names, text);
+      }
+      rep ? r->AddEnum(m, f, ev) : r->SetEnum(m, f, ev);
+      break;
+    }
+    case pb::FieldDescriptor::CPPTYPE_STRING: {
+      std::string v = text;
+      if (v.size() >= 2 && (v.front() == '"' || v.front() == '\'') && v.back() == v.front()) {
+        v = v.substr(1, v.size() - 2);
+      }
+      rep ? r->AddString(m, f, v) : r->SetString(m, f, v);
+      break;
+    }
+    case pb::FieldDescriptor::CPPTYPE_MESSAGE:
+      LOOM_THROW(ErrorKind::kConfig,
+                 "field '{}' is a message ({}); set one of its fields: {}", path,
+                 f->message_type()->full_name(), field_names(f->message_type()));
+  }
+}
+
+}  // namespace
+
+void parse_text(const std::string& text, const std::string& source, pb::Message* message) {
+  pb::TextFormat::Parser parser;
+  FirstErrorCollector errors;
+  parser.RecordErrorsTo(&errors);
+  if (!parser.MergeFromString(text, message)) {
+    std::string what = errors.error.empty() ? "malformed text format" : errors.error;
+    // The parser says what it expected but not in which field: quote the offending line.
+    std::string line_text;
+    if (errors.line >= 0) {
+      std::stringstream lines(text);
+      for (int i = 0; i <= errors.line && std::getline(lines, line_text); ++i) {
+      }
+      line_text = trim(line_text);
+    }
+    LOOM_THROW(ErrorKind::kConfig, "{}:{}{}", source, what,
+               line_text.empty() ? "" : " (in: " + line_text + ")");
+  }
+}
+
+void load_text_file(const std::string& path, pb::Message* message) {
+  std::ifstream in(path);
+  LOOM_CHECK_KIND(ErrorKind::kIO, in.good(), "cannot open config file '{}': {}", path,
+                  std::strerror(errno));
+  std::stringstream ss;
+  ss << in.rdbuf();
+  LOOM_CHECK_KIND(ErrorKind::kIO, !in.bad(), "cannot read config file '{}'", path);
+  parse_text(ss.str(), path, message);
+}
+
+void apply_override(const std::string& assignment, pb::Message* message) {
+  auto eq = assignment.find('=');
+  LOOM_CHECK_KIND(ErrorKind::kConfig, eq != std::string::npos && eq > 0,
+                  "override '{}' is not of the form a.b.c=value", assignment);
+  std::string path = trim(assignment.substr(0, eq));
+  std::string value = trim(assignment.substr(eq + 1));
+
+  pb::Message* m = message;
+  std::string walked;
+  size_t start = 0;
+  while (true) {
+    size_t dot = path.find('.', start);
+    std::string name = path.substr(start, dot == std::string::npos ? std::string::npos : dot - start);
+    const pb::Descriptor* d = m->GetDescriptor();
+    const pb::FieldDescriptor* f = d->FindFieldByName(name);
+    std::string here = walked.empty() ? name : walked + "." + name;
+    if (!f) {
+      LOOM_THROW(ErrorKind::kConfig, "--set {}: no field '{}' in {} (fields: {})", assignment,
+                 here, d->full_name(), field_names(d));
+    }
+    if (dot == std::string::npos) {
+      const pb::Reflection* r = m->GetReflection();
+      if (f->is_repeated()) {
+        std::string list = value;
+        if (list.size() >= 2 && list.front() == '[' && list.back() == ']') {
+          list = list.substr(1, list.size() - 2);
+        }
+        r->ClearField(m, f);
+        std::stringstream items(list);
+        std::string item;
+        while (std::getline(items, item, ',')) {
+          item = trim(item);
+          if (!item.empty()) set_scalar(m, f, here, item);
+        }
+      } else {
+        set_scalar(m, f, here, value);
+      }
+      return;
+    }
+    LOOM_CHECK_KIND(ErrorKind::kConfig,
+                    f->cpp_type() == pb::FieldDescriptor::CPPTYPE_MESSAGE && !f->is_repeated(),
+                    "--set {}: field '{}' is {}, it has no sub-field '{}'", assignment, here,
+                    type_name(f), path.substr(dot + 1));
+    m = m->GetReflection()->MutableMessage(m, f);
+    walked = here;
+    start = dot + 1;
+  }
+}
+
+std::string to_text(const pb::Message& message) {
+  std::string out;
+  pb::TextFormat::Printer printer;
+  printer.PrintToString(message, &out);
+  return out;
+}
+
+JobConfig load_job_config(const std::string& path, const std::vector<std::string>& overrides) {
+  JobConfig config;
+  if (!path.empty()) load_text_file(path, &config);
+  for (const auto& o : overrides) apply_override(o, &config);
+  validate(config);
+  return config;
+}
+
+void validate(const JobConfig& c) {
+  constexpr int kSchemaVersion = 1;
+  LOOM_CHECK_CONFIG(c.version() >= 1 && c.version() <= kSchemaVersion,
+                    "field 'version' is {}, but this build of Loom reads config schema 1..{}",
+                    c.version(), kSchemaVersion);
+  const auto& p = c.parallel();
+  auto positive = [](const char* name, int v) {
+    LOOM_CHECK_CONFIG(v >= 1, "field 'parallel.{}' must be >= 1, got {}", name, v);
+  };
+  positive("tp", p.tp());
+  positive("cp", p.cp());
+  positive("ep", p.ep());
+  positive("pp", p.pp());
+  LOOM_CHECK_CONFIG(p.dp() >= 0, "field 'parallel.dp' must be >= 0 (0 = derive), got {}", p.dp());
+  LOOM_CHECK_CONFIG(p.expert_tp() >= 0,
+                    "field 'parallel.expert_tp' must be >= 0 (0 = same as tp), got {}",
+                    p.expert_tp());
+  LOOM_CHECK_CONFIG(c.comm().timeout_s() > 0, "field 'comm.timeout_s' must be > 0, got {}",
+                    c.comm().timeout_s());
+  try {
+    log::parse_level(c.logging().level());
+  } catch (const Error& e) {
+    LOOM_THROW(ErrorKind::kConfig, "field 'logging.level': {}", e.message());
+  }
+}
+
+}  // namespace loom::config

@@ -1,0 +1,58 @@
+#include "loom/core/timer.h"
+
+#include <fmt/format.h>
+
+#include "loom/core/error.h"
+
+namespace loom {
+
+void Timers::start(const std::string& name) {
+  Entry& e = entries_[name];
+  LOOM_CHECK(!e.running, "timer '{}' started twice without a stop", name);
+  e.running = true;
+  e.started = Stopwatch::Clock::now();
+}
+
+void Timers::stop(const std::string& name) {
+  auto it = entries_.find(name);
+  LOOM_CHECK(it != entries_.end() && it->second.running, "timer '{}' stopped but not running",
+             name);
+  Entry& e = it->second;
+  e.total_s += std::chrono::duration<double>(Stopwatch::Clock::now() - e.started).count();
+  e.count += 1;
+  e.running = false;
+}
+
+double Timers::elapsed(const std::string& name) const {
+  auto it = entries_.find(name);
+  if (it == entries_.end()) return 0.0;
+  double t = it->second.total_s;
+  if (it->second.running) {
+    t += std::chrono::duration<double>(Stopwatch::Clock::now() - it->second.started).count();
+  }
+  return t;
+}
+
+int64_t Timers::count(const std::string& name) const {
+  auto it = entries_.find(name);
+  return it == entries_.end() ? 0 : it->second.count;
+}
+
+void Timers::reset() {
+  for (auto& [name, e] : entries_) {
+    e.total_s = 0;
+    e.count = 0;
+    if (e.running) e.started = Stopwatch::Clock::now();
+  }
+}
+
+std::string Timers::summary() const {
+  std::string out;
+  for (const auto& [name, e] : entries_) {
+    if (!out.empty()) out += " | ";
+    out += fmt::format("{} {:.1f}ms", name, elapsed(name) * 1e3);
+  }
+  return out;
+}
+
+}  // namespace loom

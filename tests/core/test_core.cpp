@@ -1,0 +1,235 @@
+// core/: errors, config (text format + overrides + validation), command line, environment, timers,
+// logging. Single process.
+#include <gtest/gtest.h>
+
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <thread>
+
+#include "loom/core/cli.h"
+#include "loom/core/config.h"
+#include "loom/core/env.h"
+#include "loom/core/error.h"
+#include "loom/core/logging.h"
+#include "loom/core/timer.h"
+
+namespace fs = std::filesystem;
+
+namespace {
+
+std::string write_temp(const std::string& name, const std::string& text) {
+  fs::path p = fs::temp_directory_path() / ("loom_test_" + std::to_string(::getpid()) + "_" + name);
+  std::ofstream(p) << text;
+  return p.string();
+}
+
+// Runs fn, expects a loom::Error of `kind` whose message contains every needle.
+template <typename Fn>
+void expect_error(Fn fn, loom::ErrorKind kind, std::vector<std::string> needles) {
+  try {
+    fn();
+    ADD_FAILURE() << "no error thrown";
+  } catch (const loom::Error& e) {
+    EXPECT_EQ(e.kind(), kind) << e.what();
+    for (const auto& n : needles) {
+      EXPECT_NE(std::string(e.what()).find(n), std::string::npos) << "missing '" << n << "' in: " << e.what();
+    }
+  }
+}
+
+}  // namespace
+
+TEST(Error, CarriesLocationRankAndKind) {
+  loom::set_process_rank(3);
+  try {
+    int x = 5;
+    LOOM_CHECK(x < 2, "x is {}", x);
+    FAIL();
+  } catch (const loom::Error& e) {
+    std::string what = e.what();
+    EXPECT_NE(what.find("[rank 3]"), std::string::npos) << what;
+    EXPECT_NE(what.find("tests/core/test_core.cpp:"), std::string::npos) << what;
+    EXPECT_NE(what.find("x is 5"), std::string::npos) << what;
+    EXPECT_NE(what.find("[x < 2]"), std::string::npos) << what;
+    EXPECT_EQ(e.kind(), loom::ErrorKind::kValue);
+    EXPECT_EQ(e.rank(), 3);
+    EXPECT_EQ(e.message(), "x is 5 [x < 2]");
+  }
+  loom::set_process_rank(-1);
+}
+
+TEST(Config, ParsesTextFormatWithDefaults) {
+  std::string path = write_temp("ok.pbtxt", R"(
+    name: "tiny"
+    parallel { tp: 2 pp: 2 order: "tp-cp-ep-dp-pp" }
+    comm { timeout_s: 30 }
+  )");
+  loom::config::JobConfig c = loom::config::load_job_config(path, {});
+  EXPECT_EQ(c.name(), "tiny");
+  EXPECT_EQ(c.parallel().tp(), 2);
+  EXPECT_EQ(c.parallel().pp(), 2);
+  EXPECT_EQ(c.parallel().cp(), 1);   // default
+  EXPECT_EQ(c.parallel().dp(), 0);   // derive
+  EXPECT_EQ(c.comm().timeout_s(), 30);
+  EXPECT_EQ(c.logging().level(), "info");
+  fs::remove(path);
+}
+
+TEST(Config, OverridesApplyInOrder) {
+  loom::config::JobConfig c = loom::config::load_job_config(
+      "", {"parallel.tp=4", "parallel.tp=8", "comm.backend=MPI", "logging.all_ranks_to_console=true",
+           "name=\"quoted\"", "seed=0x10", "comm.timeout_s=2.5"});
+  EXPECT_EQ(c.parallel().tp(), 8);
+  EXPECT_EQ(c.comm().backend(), loom::config::CommConfig::MPI);
+  EXPECT_TRUE(c.logging().all_ranks_to_console());
+  EXPECT_EQ(c.name(), "quoted");
+  EXPECT_EQ(c.seed(), 16u);
+  EXPECT_DOUBLE_EQ(c.comm().timeout_s(), 2.5);
+}
+
+TEST(Config, UnknownFieldInFileNamesLineAndField) {
+  std::string path = write_temp("unknown.pbtxt", "name: \"x\"\nparallel {\n  tpp: 2\n}\n");
+  expect_error([&] { loom::config::load_job_config(path, {}); }, loom::ErrorKind::kConfig,
+               {path, ":3:", "tpp"});
+  fs::remove(path);
+}
+
+TEST(Config, WrongValueTypeInFile) {
+  std::string path = write_temp("type.pbtxt", "parallel { tp: \"two\" }\n");
+  expect_error([&] { loom::config::load_job_config(path, {}); }, loom::ErrorKind::kConfig,
+               {path, ":1:", "Expected integer", "(in: parallel { tp: \"two\" })"});
+  fs::remove(path);
+}
+
+TEST(Config, MissingFileIsAnIOError) {
+  expect_error([] { loom::config::load_job_config("/nonexistent/dir/job.pbtxt", {}); },
+               loom::ErrorKind::kIO, {"/nonexistent/dir/job.pbtxt", "cannot open"});
+}
+
+TEST(Config, BadOverridesNameTheFieldAndReason) {
+  using K = loom::ErrorKind;
+  expect_error([] { loom::config::load_job_config("", {"parallel.tpp=2"}); }, K::kConfig,
+               {"no field 'parallel.tpp'", "loom.config.ParallelConfig", "fields: tp, cp"});
+  expect_error([] { loom::config::load_job_config("", {"parallel.tp=two"}); }, K::kConfig,
+               {"field 'parallel.tp' expects an int32, got 'two'"});
+  expect_error([] { loom::config::load_job_config("", {"parallel.tp=99999999999"}); }, K::kConfig,
+               {"expects an int32"});
+  expect_error([] { loom::config::load_job_config("", {"seed=-1"}); }, K::kConfig,
+               {"field 'seed' expects a uint64"});
+  expect_error([] { loom::config::load_job_config("", {"comm.backend=GLOO"}); }, K::kConfig,
+               {"expects one of AUTO, MPI, NCCL, got 'GLOO'"});
+  expect_error([] { loom::config::load_job_config("", {"logging.all_ranks_to_console=maybe"}); },
+               K::kConfig, {"expects a bool"});
+  expect_error([] { loom::config::load_job_config("", {"parallel=3"}); }, K::kConfig,
+               {"is a message"});
+  expect_error([] { loom::config::load_job_config("", {"name.x=3"}); }, K::kConfig,
+               {"field 'name' is a string, it has no sub-field 'x'"});
+  expect_error([] { loom::config::load_job_config("", {"parallel.tp"}); }, K::kConfig,
+               {"not of the form a.b.c=value"});
+}
+
+TEST(Config, ValidationNamesTheField) {
+  using K = loom::ErrorKind;
+  expect_error([] { loom::config::load_job_config("", {"parallel.tp=0"}); }, K::kConfig,
+               {"'parallel.tp' must be >= 1, got 0"});
+  expect_error([] { loom::config::load_job_config("", {"comm.timeout_s=0"}); }, K::kConfig,
+               {"'comm.timeout_s' must be > 0"});
+  expect_error([] { loom::config::load_job_config("", {"logging.level=loud"}); }, K::kConfig,
+               {"'logging.level'", "unknown log level 'loud'"});
+  expect_error([] { loom::config::load_job_config("", {"version=7"}); }, K::kConfig,
+               {"'version' is 7"});
+}
+
+TEST(Config, TextRoundTrip) {
+  loom::config::JobConfig c = loom::config::load_job_config("", {"parallel.tp=2", "name=rt"});
+  loom::config::JobConfig d;
+  loom::config::parse_text(loom::config::to_text(c), "roundtrip", &d);
+  EXPECT_EQ(c.SerializeAsString(), d.SerializeAsString());
+}
+
+TEST(CommandLine, ParsesConfigSetAndFlags) {
+  const char* argv[] = {"prog", "--config", "a.pbtxt", "--set", "parallel.tp=2", "--set=seed=3",
+                        "--iters", "5", "--max-bytes=64M", "--verbose"};
+  loom::cli::CommandLine cl(10, argv,
+                            {{"iters", "10", "iterations"}, {"max-bytes", "1M", "largest size"},
+                             {"verbose", "false", "chatty", true}},
+                            "test program");
+  EXPECT_EQ(cl.config_path(), "a.pbtxt");
+  EXPECT_EQ(cl.overrides(), (std::vector<std::string>{"parallel.tp=2", "seed=3"}));
+  EXPECT_EQ(cl.get_int("iters"), 5);
+  EXPECT_EQ(cl.get_bytes("max-bytes"), 64LL << 20);
+  EXPECT_TRUE(cl.get_bool("verbose"));
+  EXPECT_FALSE(cl.help_requested());
+  EXPECT_NE(cl.usage().find("--max-bytes"), std::string::npos);
+}
+
+TEST(CommandLine, BadArgumentsAreNamed) {
+  using K = loom::ErrorKind;
+  const char* unknown[] = {"prog", "--nope", "1"};
+  expect_error([&] { loom::cli::CommandLine(3, unknown, {{"iters", "1", ""}}, ""); }, K::kConfig,
+               {"unknown flag --nope", "--iters"});
+  const char* missing[] = {"prog", "--iters"};
+  expect_error([&] { loom::cli::CommandLine(2, missing, {{"iters", "1", ""}}, ""); }, K::kConfig,
+               {"flag --iters needs a value"});
+  const char* bad_int[] = {"prog", "--iters", "ten"};
+  loom::cli::CommandLine cl(3, bad_int, {{"iters", "1", ""}}, "");
+  expect_error([&] { cl.get_int("iters"); }, K::kConfig, {"--iters expects an integer, got 'ten'"});
+  const char* stray[] = {"prog", "file.txt"};
+  expect_error([&] { loom::cli::CommandLine(2, stray, {}, ""); }, K::kConfig,
+               {"unexpected argument 'file.txt'"});
+}
+
+TEST(Env, ParsesAndRefusesBadValues) {
+  ::setenv("LOOM_TEST_INT", "42", 1);
+  ::setenv("LOOM_TEST_BAD", "4x2", 1);
+  ::setenv("LOOM_TEST_BOOL", "yes", 1);
+  EXPECT_EQ(loom::env::get_int("LOOM_TEST_INT", 0), 42);
+  EXPECT_EQ(loom::env::get_int("LOOM_TEST_UNSET_VAR", 7), 7);
+  EXPECT_TRUE(loom::env::get_bool("LOOM_TEST_BOOL", false));
+  expect_error([] { loom::env::get_int("LOOM_TEST_BAD", 0); }, loom::ErrorKind::kConfig,
+               {"LOOM_TEST_BAD='4x2' is not an integer"});
+  EXPECT_EQ(loom::env::first_int({"LOOM_TEST_UNSET_VAR", "LOOM_TEST_INT"}).value(), 42);
+}
+
+TEST(Timers, AccumulateAndRefuseMisuse) {
+  loom::Timers t;
+  t.start("a");
+  std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  t.stop("a");
+  t.start("a");
+  std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  t.stop("a");
+  EXPECT_GE(t.elapsed("a"), 0.035);
+  EXPECT_LT(t.elapsed("a"), 5.0);
+  EXPECT_EQ(t.count("a"), 2);
+  EXPECT_EQ(t.elapsed("never"), 0.0);
+  expect_error([&] { t.stop("a"); }, loom::ErrorKind::kValue, {"timer 'a' stopped but not running"});
+  t.start("b");
+  expect_error([&] { t.start("b"); }, loom::ErrorKind::kValue, {"timer 'b' started twice"});
+  { loom::ScopedTimer s(t, "c"); }
+  EXPECT_EQ(t.count("c"), 1);
+  t.reset();
+  EXPECT_EQ(t.count("a"), 0);
+}
+
+TEST(Logging, EveryRankWritesItsOwnFileWithItsCoordinates) {
+  fs::path dir = fs::temp_directory_path() / ("loom_log_" + std::to_string(::getpid()));
+  ::unsetenv("LOOM_LOG_DIR");
+  loom::log::LogOptions o;
+  o.dir = dir.string();
+  o.rank = 5;
+  o.world_size = 8;
+  loom::log::init(o);
+  loom::log::set_coordinates("tp1 cp0 dp2 pp0");
+  LOOM_LOG_INFO("hello {}", 42);
+  LOOM_LOG_DEBUG("hidden at info level");
+  loom::log::logger().flush();
+  EXPECT_EQ(loom::log::log_file(), (dir / "rank-5.log").string());
+  std::ifstream in(dir / "rank-5.log");
+  std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  EXPECT_NE(text.find("[r5 tp1 cp0 dp2 pp0] hello 42"), std::string::npos) << text;
+  EXPECT_EQ(text.find("hidden"), std::string::npos) << text;
+  expect_error([] { loom::log::parse_level("loud"); }, loom::ErrorKind::kConfig, {"unknown log level 'loud'"});
+  fs::remove_all(dir);
+}
