@@ -102,11 +102,7 @@ void set_coordinates(const std::string& coords) {
 spdlog::logger& logger() {
   auto& s = state();
   std::lock_guard<std::mutex> lock(s.mu);
-  if (!s.logger) {
-    LogOptions o;
-    o.rank = -1;
-    s.logger = build(o, s.coords, &s.file);
-  }
+  if (!s.logger) s.logger = build(s.options, s.coords, &s.file);
   return *s.logger;
 }
 

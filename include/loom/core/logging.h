@@ -16,7 +16,7 @@ struct LogOptions {
   std::string level = "info";        // trace, debug, info, warn, error, critical, off
   std::string dir;                   // empty: no files ($LOOM_LOG_DIR overrides when set)
   bool all_ranks_to_console = false;
-  int rank = 0;
+  int rank = -1;  // -1: not known yet (printed as r?)
   int world_size = 1;
 };
 
