@@ -58,6 +58,12 @@ void FlightRecorder::finish(uint64_t id) {
   e.is_done = nullptr;
 }
 
+void FlightRecorder::set_is_done(uint64_t id, std::function<bool()> is_done) {
+  std::lock_guard<std::mutex> lock(mu_);
+  Entry& e = ring_[id % kCapacity];
+  if (e.id == id && e.seconds < 0) e.is_done = std::move(is_done);
+}
+
 namespace {
 std::string format_entry(const FlightRecorder::Entry& e, std::chrono::steady_clock::time_point now) {
   double age = std::chrono::duration<double>(now - e.start).count();
@@ -113,15 +119,21 @@ void FlightRecorder::watchdog_loop() {
     for (auto& e : ring_) {
       if (e.id == 0 || e.seconds >= 0 || e.timeout_s <= 0) continue;
       double age = std::chrono::duration<double>(now - e.start).count();
-      if (age <= e.timeout_s) continue;
       if (e.is_done) {
         bool done = false;
         try {
           done = e.is_done();
         } catch (...) {
         }
-        if (done) continue;  // completed; its Work records the end when it is waited on
+        if (done) {
+          // Device work (NCCL) ends on the device, not in Work::wait: mark it here (the time is
+          // known to within one watchdog period).
+          e.seconds = age;
+          e.is_done = nullptr;
+          continue;
+        }
       }
+      if (age <= e.timeout_s) continue;
       fired_ = true;
       std::string report = fmt::format(
           "[rank {}] watchdog: {} seq={} on communicator '{}' ({} bytes, {}) has not completed "

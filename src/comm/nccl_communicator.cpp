@@ -6,6 +6,7 @@
 
 #include "loom/comm/cuda_check.h"
 #include "loom/comm/cuda_stream_glue.h"
+#include "loom/comm/flight_recorder.h"
 #include "loom/core/logging.h"
 
 namespace loom::comm {
@@ -71,12 +72,21 @@ char* byte_ptr(const at::Tensor& t) { return static_cast<char*>(t.data_ptr()); }
 class NcclWork final : public Work {
  public:
   NcclWork(Info info, std::shared_ptr<CommStats> stats, int device, std::vector<at::Tensor> keep)
-      : Work(std::move(info), std::move(stats)), device_(device), keep_(std::move(keep)) {}
-  cudaEvent_t event() const { return done_.get(); }
+      : Work(std::move(info), std::move(stats)),
+        device_(device),
+        done_(std::make_shared<Event>()),
+        keep_(std::move(keep)) {}
+  cudaEvent_t event() const { return done_->get(); }
+  // For the watchdog, which may outlive this Work: shares the event.
+  std::function<bool()> completion_query() const {
+    std::shared_ptr<Event> ev = done_;
+    return [ev] { return cudaEventQuery(ev->get()) != cudaErrorNotReady; };
+  }
 
  protected:
+  bool ends_record_on_wait() const override { return false; }
   bool test() override {
-    cudaError_t rc = cudaEventQuery(done_.get());
+    cudaError_t rc = cudaEventQuery(done_->get());
     if (rc == cudaErrorNotReady) return false;
     LOOM_CHECK_CUDA(rc);
     return true;
@@ -85,12 +95,12 @@ class NcclWork final : public Work {
   bool block(std::chrono::steady_clock::time_point) override { return true; }
   void on_complete_wait() override {
     DeviceGuard g(device_);
-    LOOM_CHECK_CUDA(cudaStreamWaitEvent(glue::current_stream(device_), done_.get(), 0));
+    LOOM_CHECK_CUDA(cudaStreamWaitEvent(glue::current_stream(device_), done_->get(), 0));
   }
 
  private:
   int device_;
-  Event done_;
+  std::shared_ptr<Event> done_;
   std::vector<at::Tensor> keep_;
 };
 
@@ -167,6 +177,7 @@ WorkPtr NcclCommunicator::launch(Work::Info info, std::vector<at::Tensor> tensor
   for (const auto& t : tensors) glue::record_stream(t, stream_);
   auto work = std::make_shared<NcclWork>(std::move(info), stats_ptr(), device_, std::move(tensors));
   LOOM_CHECK_CUDA(cudaEventRecord(work->event(), stream_));
+  FlightRecorder::instance().set_is_done(work->info().recorder_id, work->completion_query());
   return work;
 }
 

@@ -58,7 +58,7 @@ void Work::complete() {
   finalizers_.clear();
   double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - info_.start).count();
   if (stats_) stats_->record(info_.kind, info_.bytes, seconds);
-  if (info_.recorder_id) FlightRecorder::instance().finish(info_.recorder_id);
+  if (info_.recorder_id && ends_record_on_wait()) FlightRecorder::instance().finish(info_.recorder_id);
 }
 
 namespace {

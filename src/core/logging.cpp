@@ -37,9 +37,11 @@ std::string make_pattern(int rank, const std::string& coords) {
 std::shared_ptr<spdlog::logger> build(const LogOptions& o, const std::string& coords,
                                       std::string* file_out) {
   std::vector<spdlog::sink_ptr> sinks;
-  if (o.rank <= 0 || o.all_ranks_to_console) {
-    sinks.push_back(std::make_shared<spdlog::sinks::stderr_color_sink_mt>());
-  }
+  auto console = std::make_shared<spdlog::sinks::stderr_color_sink_mt>();
+  // Rank 0 (or every rank, if asked) prints everything; the other ranks print only warnings and
+  // errors, so that a watchdog report or a failure on rank 37 reaches the console too.
+  if (o.rank > 0 && !o.all_ranks_to_console) console->set_level(spdlog::level::warn);
+  sinks.push_back(console);
   std::string dir = o.dir;
   if (const char* env = std::getenv("LOOM_LOG_DIR"); env && *env) dir = env;
   file_out->clear();

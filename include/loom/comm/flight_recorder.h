@@ -46,6 +46,9 @@ class FlightRecorder {
   uint64_t start(const std::string& comm, int64_t seq, OpKind kind, int64_t bytes,
                  std::string detail, double timeout_s, std::function<bool()> is_done = nullptr);
   void finish(uint64_t id);
+  // Attaches a thread-safe completion query to an entry after it started (NCCL: an event query).
+  // The watchdog then marks the entry done itself when the query says so, and times it out if not.
+  void set_is_done(uint64_t id, std::function<bool()> is_done);
 
   // The last `n` entries, oldest first, one per line.
   std::string dump(size_t n = 32) const;

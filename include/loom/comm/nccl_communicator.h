@@ -45,6 +45,8 @@ class NcclCommunicator final : public Communicator {
   WorkPtr do_barrier(bool async, Work::Info info) override;
   std::shared_ptr<Communicator> do_split(int color, int key) override;
   bool reduces_natively(at::ScalarType dtype, ReduceOp op) const override;
+  // Async NCCL work is watched too: the watchdog queries its completion event.
+  bool watchdog_watches_async() const override { return true; }
 
  private:
   NcclCommunicator(ncclComm_t comm, CommunicatorPtr bootstrap, int device, std::string name,

@@ -52,6 +52,9 @@ class Work {
   virtual bool test() = 0;
   virtual bool block(std::chrono::steady_clock::time_point deadline);
   virtual void on_complete_wait() {}
+  // Whether completion in wait() ends the FlightRecorder entry. Device backends return false: their
+  // wait() only orders streams, and the watchdog ends the entry when the device is done.
+  virtual bool ends_record_on_wait() const { return true; }
 
  private:
   void complete();

@@ -1,8 +1,9 @@
 // Rank-aware logging over spdlog.
 //
 // Every line carries the rank and, once the mesh is built, the parallel coordinates
-// ("[r3 tp1 cp0 dp1 pp0]"). Rank 0 (or every rank, if asked) logs to the console; every rank logs to
-// its own file <dir>/rank-<r>.log, so a failure on rank 37 can be read without interleaving.
+// ("[r3 tp1 cp0 dp1 pp0]"). Rank 0 (or every rank, if asked) logs to the console, the other ranks
+// only their warnings and errors; every rank logs to its own file <dir>/rank-<r>.log, so a failure
+// on rank 37 can be read without interleaving.
 #pragma once
 
 #include <spdlog/spdlog.h>
