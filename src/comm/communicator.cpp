@@ -98,13 +98,7 @@ WorkPtr Communicator::finish(WorkPtr work, bool async) {
 
 WorkPtr Communicator::all_reduce_impl(at::Tensor& tensor, const AllReduceOptions& opts, bool async) {
   check_tensor(tensor, "all_reduce", "tensor");
-  bool integral = at::isIntegralType(tensor.scalar_type(), /*includeBool=*/true);
-  LOOM_CHECK_KIND(ErrorKind::kUnsupported, !(integral && opts.op == ReduceOp::kAvg),
-                  "all_reduce on communicator '{}': avg is not defined for integer dtype {}; use sum",
-                  name_, c10::toString(tensor.scalar_type()));
-  LOOM_CHECK_KIND(ErrorKind::kUnsupported, tensor.scalar_type() != at::kBool,
-                  "all_reduce on communicator '{}': backend {} does not reduce bool tensors", name_,
-                  backend());
+  check_reducible(tensor.scalar_type(), opts.op, "all_reduce");
   Work::Info info = begin(OpKind::kAllReduce, nbytes(tensor),
                           fmt::format("{} {}", c10::toString(tensor.scalar_type()),
                                       reduce_op_name(opts.op)),
@@ -130,41 +124,67 @@ WorkPtr Communicator::iall_reduce(at::Tensor& tensor, const AllReduceOptions& op
   return all_reduce_impl(tensor, opts, true);
 }
 
+// ---- shared checks --------------------------------------------------------------------------
+
+void Communicator::check_pair(const at::Tensor& input, const at::Tensor& output, const char* op) const {
+  check_tensor(input, op, "input");
+  check_tensor(output, op, "output");
+  LOOM_CHECK(input.scalar_type() == output.scalar_type(),
+             "{} on communicator '{}': input dtype {} != output dtype {}", op, name_,
+             c10::toString(input.scalar_type()), c10::toString(output.scalar_type()));
+}
+
+void Communicator::check_reducible(at::ScalarType dtype, ReduceOp op, const char* what) const {
+  LOOM_CHECK_KIND(ErrorKind::kUnsupported, dtype != at::kBool,
+                  "{} on communicator '{}': backend {} does not reduce bool tensors", what, name_,
+                  backend());
+  LOOM_CHECK_KIND(ErrorKind::kUnsupported,
+                  !(at::isIntegralType(dtype, /*includeBool=*/false) && op == ReduceOp::kAvg),
+                  "{} on communicator '{}': avg is not defined for integer dtype {}; use sum", what,
+                  name_, c10::toString(dtype));
+}
+
+std::vector<int64_t> Communicator::split_counts(const std::vector<int64_t>& splits,
+                                                const at::Tensor& t, const char* op,
+                                                const char* what) const {
+  std::vector<int64_t> counts(size_);
+  if (splits.empty()) {
+    LOOM_CHECK(t.numel() % size_ == 0,
+               "{} on communicator '{}': {} has {} elements, not divisible by {} ranks", op, name_,
+               what, t.numel(), size_);
+    std::fill(counts.begin(), counts.end(), t.numel() / size_);
+    return counts;
+  }
+  LOOM_CHECK(static_cast<int>(splits.size()) == size_,
+             "{} on communicator '{}': {} {} split sizes for {} ranks", op, name_, splits.size(),
+             what, size_);
+  int64_t total = std::accumulate(splits.begin(), splits.end(), int64_t{0});
+  LOOM_CHECK(total == rows(t), "{} on communicator '{}': {} split sizes sum to {} rows, {} has {}",
+             op, name_, what, total, what, rows(t));
+  int64_t row = row_elems(t);
+  for (int r = 0; r < size_; ++r) {
+    LOOM_CHECK(splits[r] >= 0, "{} on communicator '{}': negative {} split size {} for rank {}", op,
+               name_, what, splits[r], r);
+    counts[r] = splits[r] * row;
+  }
+  return counts;
+}
+
 // ---- all_gather -----------------------------------------------------------------------------
 
 WorkPtr Communicator::all_gather_impl(at::Tensor& output, const at::Tensor& input,
                                       const AllGatherOptions& opts, bool async) {
-  check_tensor(input, "all_gather", "input");
-  check_tensor(output, "all_gather", "output");
-  LOOM_CHECK(input.scalar_type() == output.scalar_type(),
-             "all_gather on communicator '{}': input dtype {} != output dtype {}", name_,
-             c10::toString(input.scalar_type()), c10::toString(output.scalar_type()));
-  std::vector<int64_t> counts(size_);
-  int64_t row = row_elems(output);
+  check_pair(input, output, "all_gather");
   if (opts.output_split_sizes.empty()) {
     LOOM_CHECK(output.numel() == input.numel() * size_,
                "all_gather on communicator '{}': output has {} elements, expected {} x {} = {}",
                name_, output.numel(), size_, input.numel(), input.numel() * size_);
-    std::fill(counts.begin(), counts.end(), input.numel());
-  } else {
-    const auto& s = opts.output_split_sizes;
-    LOOM_CHECK(static_cast<int>(s.size()) == size_,
-               "all_gather on communicator '{}': {} output split sizes for {} ranks", name_,
-               s.size(), size_);
-    int64_t total = std::accumulate(s.begin(), s.end(), int64_t{0});
-    LOOM_CHECK(total == rows(output),
-               "all_gather on communicator '{}': output split sizes sum to {} rows, output has {}",
-               name_, total, rows(output));
-    LOOM_CHECK(s[rank_] * row == input.numel(),
-               "all_gather on communicator '{}': this rank's split is {} rows of {} elements, but "
-               "input has {} elements",
-               name_, s[rank_], row, input.numel());
-    for (int r = 0; r < size_; ++r) {
-      LOOM_CHECK(s[r] >= 0, "all_gather on communicator '{}': negative split size {} for rank {}",
-                 name_, s[r], r);
-      counts[r] = s[r] * row;
-    }
   }
+  std::vector<int64_t> counts = split_counts(opts.output_split_sizes, output, "all_gather", "output");
+  LOOM_CHECK(counts[rank_] == input.numel(),
+             "all_gather on communicator '{}': this rank's share of the output is {} elements, but "
+             "input has {}",
+             name_, counts[rank_], input.numel());
   Work::Info info = begin(OpKind::kAllGather, nbytes(output),
                           fmt::format("{}{}", c10::toString(input.scalar_type()),
                                       opts.output_split_sizes.empty() ? "" : " uneven"),
@@ -185,43 +205,18 @@ WorkPtr Communicator::iall_gather(at::Tensor& output, const at::Tensor& input,
 
 WorkPtr Communicator::reduce_scatter_impl(at::Tensor& output, const at::Tensor& input,
                                           const ReduceScatterOptions& opts, bool async) {
-  check_tensor(input, "reduce_scatter", "input");
-  check_tensor(output, "reduce_scatter", "output");
-  LOOM_CHECK(input.scalar_type() == output.scalar_type(),
-             "reduce_scatter on communicator '{}': input dtype {} != output dtype {}", name_,
-             c10::toString(input.scalar_type()), c10::toString(output.scalar_type()));
-  bool integral = at::isIntegralType(input.scalar_type(), /*includeBool=*/true);
-  LOOM_CHECK_KIND(ErrorKind::kUnsupported, !(integral && opts.op == ReduceOp::kAvg),
-                  "reduce_scatter on communicator '{}': avg is not defined for integer dtype {}",
-                  name_, c10::toString(input.scalar_type()));
-  LOOM_CHECK_KIND(ErrorKind::kUnsupported, input.scalar_type() != at::kBool,
-                  "reduce_scatter on communicator '{}': bool tensors cannot be reduced", name_);
-  std::vector<int64_t> counts(size_);
+  check_pair(input, output, "reduce_scatter");
+  check_reducible(input.scalar_type(), opts.op, "reduce_scatter");
   if (opts.input_split_sizes.empty()) {
     LOOM_CHECK(input.numel() == output.numel() * size_,
                "reduce_scatter on communicator '{}': input has {} elements, expected {} x {} = {}",
                name_, input.numel(), size_, output.numel(), output.numel() * size_);
-    std::fill(counts.begin(), counts.end(), output.numel());
-  } else {
-    const auto& s = opts.input_split_sizes;
-    LOOM_CHECK(static_cast<int>(s.size()) == size_,
-               "reduce_scatter on communicator '{}': {} input split sizes for {} ranks", name_,
-               s.size(), size_);
-    int64_t total = std::accumulate(s.begin(), s.end(), int64_t{0});
-    LOOM_CHECK(total == rows(input),
-               "reduce_scatter on communicator '{}': input split sizes sum to {} rows, input has {}",
-               name_, total, rows(input));
-    int64_t row = row_elems(input);
-    LOOM_CHECK(s[rank_] * row == output.numel(),
-               "reduce_scatter on communicator '{}': this rank's split is {} rows of {} elements, "
-               "but output has {} elements",
-               name_, s[rank_], row, output.numel());
-    for (int r = 0; r < size_; ++r) {
-      LOOM_CHECK(s[r] >= 0, "reduce_scatter on communicator '{}': negative split size {} for rank {}",
-                 name_, s[r], r);
-      counts[r] = s[r] * row;
-    }
   }
+  std::vector<int64_t> counts = split_counts(opts.input_split_sizes, input, "reduce_scatter", "input");
+  LOOM_CHECK(counts[rank_] == output.numel(),
+             "reduce_scatter on communicator '{}': this rank's share of the input is {} elements, "
+             "but output has {}",
+             name_, counts[rank_], output.numel());
   Work::Info info = begin(OpKind::kReduceScatter, nbytes(input),
                           fmt::format("{} {}", c10::toString(input.scalar_type()),
                                       reduce_op_name(opts.op)),
@@ -254,41 +249,14 @@ WorkPtr Communicator::ireduce_scatter(at::Tensor& output, const at::Tensor& inpu
 
 WorkPtr Communicator::all_to_all_impl(at::Tensor& output, const at::Tensor& input,
                                       const AllToAllOptions& opts, bool async) {
-  check_tensor(input, "all_to_all", "input");
-  check_tensor(output, "all_to_all", "output");
-  LOOM_CHECK(input.scalar_type() == output.scalar_type(),
-             "all_to_all on communicator '{}': input dtype {} != output dtype {}", name_,
-             c10::toString(input.scalar_type()), c10::toString(output.scalar_type()));
-  auto counts_of = [&](const std::vector<int64_t>& splits, const at::Tensor& t, const char* what) {
-    std::vector<int64_t> counts(size_);
-    if (splits.empty()) {
-      LOOM_CHECK(t.numel() % size_ == 0,
-                 "all_to_all on communicator '{}': {} has {} elements, not divisible by {} ranks",
-                 name_, what, t.numel(), size_);
-      std::fill(counts.begin(), counts.end(), t.numel() / size_);
-      return counts;
-    }
-    LOOM_CHECK(static_cast<int>(splits.size()) == size_,
-               "all_to_all on communicator '{}': {} {} split sizes for {} ranks", name_,
-               splits.size(), what, size_);
-    int64_t total = std::accumulate(splits.begin(), splits.end(), int64_t{0});
-    LOOM_CHECK(total == rows(t), "all_to_all on communicator '{}': {} split sizes sum to {} rows, {} has {}",
-               name_, what, total, what, rows(t));
-    int64_t row = row_elems(t);
-    for (int r = 0; r < size_; ++r) {
-      LOOM_CHECK(splits[r] >= 0, "all_to_all on communicator '{}': negative {} split {} for rank {}",
-                 name_, what, splits[r], r);
-      counts[r] = splits[r] * row;
-    }
-    return counts;
-  };
-  std::vector<int64_t> send = counts_of(opts.input_split_sizes, input, "input");
-  std::vector<int64_t> recv = counts_of(opts.output_split_sizes, output, "output");
+  check_pair(input, output, "all_to_all");
   if (opts.input_split_sizes.empty() && opts.output_split_sizes.empty()) {
     LOOM_CHECK(input.numel() == output.numel(),
                "all_to_all on communicator '{}': input has {} elements, output {}", name_,
                input.numel(), output.numel());
   }
+  std::vector<int64_t> send = split_counts(opts.input_split_sizes, input, "all_to_all", "input");
+  std::vector<int64_t> recv = split_counts(opts.output_split_sizes, output, "all_to_all", "output");
   Work::Info info = begin(OpKind::kAllToAll, nbytes(input),
                           fmt::format("{}{}", c10::toString(input.scalar_type()),
                                       opts.input_split_sizes.empty() ? "" : " uneven"),

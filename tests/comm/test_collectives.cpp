@@ -374,6 +374,21 @@ TEST(BadInput, RefusedBeforeAnyCommunication) {
   bad.output_split_sizes = {1};
   at::Tensor out = at::empty({4}, at::kFloat);
   if (w->size() > 1) expect_error([&] { w->all_gather(out, in, bad); }, "split sizes");
+  ReduceScatterOptions rs;
+  rs.input_split_sizes.assign(w->size(), 1);
+  rs.input_split_sizes[0] = 2;  // sums to size+1 rows, input has size rows
+  at::Tensor rin = at::ones({w->size(), 2}, at::kFloat);
+  at::Tensor rout = at::empty({1, 2}, at::kFloat);
+  expect_error([&] { w->reduce_scatter(rout, rin, rs); }, "input split sizes sum to");
+  AllToAllOptions a2a;
+  a2a.input_split_sizes.assign(w->size(), 1);
+  a2a.output_split_sizes.assign(w->size(), -1);
+  at::Tensor ain = at::ones({w->size()}, at::kFloat);
+  expect_error([&] { w->all_to_all(ain, ain, a2a); }, "output split sizes sum to");
+  at::Tensor flags = at::ones({4}, at::kBool);
+  expect_error([&] { w->all_reduce(flags); }, "does not reduce bool");
+  at::Tensor d64 = at::ones({4}, at::kDouble);
+  expect_error([&] { w->all_gather(out, d64); }, "input dtype Double != output dtype Float");
   // All ranks are still in step: a collective after the refusals works.
   EXPECT_EQ(world_sum(1), w->size());
 }

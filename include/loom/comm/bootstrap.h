@@ -10,12 +10,20 @@
 #include <string>
 
 #include "loom/comm/communicator.h"
+#include "loom/config.pb.h"
 
 namespace loom::comm {
 
 struct BootstrapOptions {
   double timeout_s = 600;  // default timeout of every communicator (CommConfig.timeout_s)
   bool watchdog = true;    // start the FlightRecorder watchdog
+
+  static BootstrapOptions from_config(const config::CommConfig& c) {
+    BootstrapOptions o;
+    o.timeout_s = c.timeout_s();
+    o.watchdog = c.watchdog();
+    return o;
+  }
 };
 
 class Bootstrap {

@@ -7,6 +7,9 @@
 // (`iall_reduce`) that returns a Work; the blocking form of the MPI backend calls the blocking MPI
 // routine, so it costs what raw MPI costs.
 //
+// A communicator is used by one thread at a time (like an MPI communicator under
+// MPI_THREAD_SERIALIZED); different communicators may be used from different threads.
+//
 // Tensors must be contiguous and on the backend's device. Split sizes count rows along dim 0.
 // Supported dtypes: float32, float64, bfloat16, float16, int32, int64, int8, uint8 (bool for data
 // movement). Sums (and avg) of bfloat16/float16 accumulate in fp32 and round once at the end.
@@ -121,6 +124,11 @@ class Communicator : public std::enable_shared_from_this<Communicator> {
   WorkPtr barrier_impl(bool async);
   void check_tensor(const at::Tensor& t, const char* op, const char* what) const;
   void check_peer(int peer, const char* op) const;
+  void check_pair(const at::Tensor& input, const at::Tensor& output, const char* op) const;
+  void check_reducible(at::ScalarType dtype, ReduceOp op, const char* what) const;
+  // Elements per rank from row split sizes (empty: equal shares), validated against `t`.
+  std::vector<int64_t> split_counts(const std::vector<int64_t>& splits, const at::Tensor& t,
+                                    const char* op, const char* what) const;
 
   int rank_;
   int size_;

@@ -11,6 +11,8 @@
 #include <memory>
 #include <string>
 
+#include "loom/config.pb.h"
+
 namespace loom::log {
 
 struct LogOptions {
@@ -19,6 +21,16 @@ struct LogOptions {
   bool all_ranks_to_console = false;
   int rank = -1;  // -1: not known yet (printed as r?)
   int world_size = 1;
+
+  static LogOptions from_config(const config::LoggingConfig& c, int rank, int world_size) {
+    LogOptions o;
+    o.level = c.level();
+    o.dir = c.dir();
+    o.all_ranks_to_console = c.all_ranks_to_console();
+    o.rank = rank;
+    o.world_size = world_size;
+    return o;
+  }
 };
 
 // (Re)initialises the process logger. Safe to call again, e.g. once the rank is known.
