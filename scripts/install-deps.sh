@@ -11,11 +11,14 @@ PACKAGES=(
   libopenblas0-openmp libopenblas-openmp-dev
   libopenmpi-dev openmpi-bin
   libprotobuf-dev protobuf-compiler
-  libspdlog-dev libfmt-dev
+  libspdlog-dev libfmt-dev nlohmann-json3-dev
   libgtest-dev libgmock-dev
   libisal-dev
   libsentencepiece-dev
 )
+# --bench adds Debian's PyTorch (python3-torch, the same 1.13 as libtorch-dev): the eager peer that
+# benchmarks/train_throughput compares against. Tests and the demo do not need it.
+if [ "${1:-}" = "--bench" ]; then PACKAGES+=(python3-torch); fi
 
 missing=()
 for p in "${PACKAGES[@]}"; do

@@ -30,6 +30,7 @@ const char* error_kind_name(ErrorKind kind) {
     case ErrorKind::kComm: return "communication error";
     case ErrorKind::kTimeout: return "timeout";
     case ErrorKind::kCuda: return "CUDA error";
+    case ErrorKind::kNumerics: return "numerical error";
     case ErrorKind::kUnsupported: return "unsupported";
   }
   return "error";

@@ -5,10 +5,23 @@
 // Library code never calls exit(); destructors never throw.
 #pragma once
 
+#include <c10/util/ArrayRef.h>
 #include <fmt/format.h>
 
 #include <stdexcept>
 #include <string>
+
+// Shapes (IntArrayRef, tensor.sizes()) print as [2, 3] in messages.
+template <typename T>
+struct fmt::formatter<c10::ArrayRef<T>> : fmt::formatter<std::string_view> {
+  template <typename Ctx>
+  auto format(const c10::ArrayRef<T>& a, Ctx& ctx) const {
+    std::string s = "[";
+    for (size_t i = 0; i < a.size(); ++i) s += (i ? ", " : "") + fmt::to_string(a[i]);
+    s += "]";
+    return fmt::formatter<std::string_view>::format(s, ctx);
+  }
+};
 
 namespace loom {
 
@@ -21,6 +34,7 @@ enum class ErrorKind {
   kComm,       // a communicator or collective failed
   kTimeout,    // an operation did not finish in time
   kCuda,       // a CUDA runtime error
+  kNumerics,   // a non-finite loss or gradient
   kUnsupported // a valid request this build or backend cannot serve
 };
 

@@ -1,0 +1,32 @@
+// Single-process checkpoints: a directory <root>/step-<8 digits>/ holding model.safetensors
+// (parameters by global name) and state.safetensors (optimizer state, RNG state and, in its
+// metadata, the step, data position and the config that wrote it). A checkpoint is written into
+// step-N.tmp and renamed when complete, so a crash mid-save never leaves a directory that looks
+// complete; older checkpoints beyond `keep` are then removed. The sharded, resharding format of the
+// parallel issues builds on the same names.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <map>
+#include <optional>
+#include <string>
+
+namespace loom::checkpoint {
+
+struct CheckpointData {
+  std::map<std::string, at::Tensor> model;
+  std::map<std::string, at::Tensor> state;
+  std::map<std::string, std::string> metadata;
+};
+
+// Writes <root>/step-<step>/ and returns its path. keep > 0 removes all but the newest `keep`.
+std::string save_checkpoint(const std::string& root, int64_t step, const CheckpointData& data, int keep);
+
+// The newest complete checkpoint under root, if any (a missing root is no checkpoint).
+std::optional<std::string> latest_checkpoint(const std::string& root);
+
+// Loads a checkpoint directory; a missing directory or file is a kIO error naming it.
+CheckpointData load_checkpoint(const std::string& dir);
+
+}  // namespace loom::checkpoint

@@ -1,0 +1,36 @@
+// One micro-batch as the model sees it.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cstdint>
+#include <vector>
+
+namespace loom::model {
+
+struct Batch {
+  at::Tensor tokens;        // [b, s] int64 inputs
+  at::Tensor targets;       // [b, s] int64 next tokens
+  at::Tensor loss_mask;     // [b, s] float (1 = counts); undefined = every position counts
+  at::Tensor position_ids;  // [b, s] int64; undefined = 0 .. s-1 in every row
+  at::Tensor doc_ids;       // [b, s] int64 document index; undefined = one document per row
+
+  int64_t batch_size() const { return tokens.size(0); }
+  int64_t seq_len() const { return tokens.size(1); }
+  // Positions whose loss counts (the loss mask's sum, or b * s).
+  int64_t num_loss_tokens() const;
+  Batch to(at::Device device) const;
+};
+
+// [Note: packed sequences]
+// A row of a batch may hold several documents back to back. `cu_seqlens` gives, per row, the
+// cumulative document lengths starting at 0 and ending at s ({0, 5, 12, 16} = three documents of
+// 5, 7 and 4 tokens in a row of 16). The batch then carries doc_ids (attention stays inside a
+// document: position i attends to j <= i with doc[j] == doc[i]) and position_ids that restart at
+// 0 at each document start (RoPE and learned positions see each document from position 0). This is
+// how the balance scheduler's variable-length micro-batches reach the model: the result equals
+// running each document alone, which tests/model checks.
+Batch packed_batch(const at::Tensor& tokens, const at::Tensor& targets,
+                   const std::vector<std::vector<int64_t>>& cu_seqlens);
+
+}  // namespace loom::model

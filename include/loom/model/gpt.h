@@ -1,0 +1,80 @@
+// The decoder-only transformer (dense or MoE): embedding, blocks, final norm, output head, loss.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "loom/model/batch.h"
+#include "loom/model/layers.h"
+#include "loom/model/model_spec.h"
+#include "loom/model/moe.h"
+#include "loom/model/parameter.h"
+
+namespace loom::model {
+
+// One pre-norm block: x + attn(norm1(x)), then + mlp(norm2(x)) (or the MoE layer).
+class Block {
+ public:
+  Block(const ModelSpec& spec, const ParameterFactory& f, int64_t index);
+
+  struct Output {
+    at::Tensor hidden;  // [s, b, h]
+    at::Tensor aux;     // scalar MoE auxiliary loss (zero for a dense block)
+  };
+  Output forward(const at::Tensor& x, const ForwardContext& ctx);
+
+  // This block's parameters in registration order (what recomputation differentiates).
+  const std::vector<at::Tensor>& parameters() const { return params_; }
+  MoeLayer* moe() { return moe_.get(); }
+
+ private:
+  Norm norm1_, norm2_;
+  Attention attn_;
+  std::unique_ptr<Mlp> mlp_;
+  std::unique_ptr<MoeLayer> moe_;
+  std::vector<at::Tensor> params_;
+};
+
+struct ModelOutput {
+  at::Tensor loss_sum;     // scalar fp32: sum of per-token cross-entropy over loss positions
+  int64_t num_tokens = 0;  // loss positions in the batch
+  at::Tensor aux_loss;     // scalar: sum over MoE layers (zero for dense models)
+};
+
+class GptModel {
+ public:
+  // Parameters are created on `device` in spec.param_dtype, initialised from `seed` by name.
+  GptModel(const ModelSpec& spec, uint64_t seed, at::Device device = at::kCPU);
+
+  // Loss pieces for one micro-batch (the caller normalises: see train/ and Note: loss scaling).
+  ModelOutput forward(const Batch& batch);
+
+  // Logits [b, s, V] in fp32 (fp64 for an fp64 model), for evaluation and tests.
+  at::Tensor logits(const Batch& batch);
+
+  const ModelSpec& spec() const { return spec_; }
+  const std::vector<Parameter>& parameters() const { return *params_; }
+  std::vector<Parameter>& parameters() { return *params_; }
+  const Parameter* find(const std::string& name) const;
+  int64_t num_parameters() const;
+  // MoE statistics of the latest forward, one entry per MoE layer (empty for dense models).
+  std::vector<std::pair<int64_t, MoeStats>> moe_stats() const;
+  void zero_grad();
+
+ private:
+  at::Tensor hidden_states(const Batch& batch, at::Tensor* aux);  // -> final-normed [s, b, h]
+
+  ModelSpec spec_;
+  std::shared_ptr<std::vector<Parameter>> params_;
+  at::Tensor embedding_;   // [V, h]
+  at::Tensor positions_;   // [max_seq, h] (learned positions)
+  std::vector<std::unique_ptr<Block>> blocks_;
+  std::unique_ptr<Norm> final_norm_;
+  at::Tensor head_;        // [V, h] (the embedding when tied)
+};
+
+}  // namespace loom::model

@@ -1,0 +1,82 @@
+// The resolved, validated shape of a model: config::ModelConfig with every "from arch" field
+// decided, derived sizes filled in, and the parameter and FLOP counts that metrics need.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cstdint>
+#include <string>
+
+#include "loom/config.pb.h"
+
+namespace loom::model {
+
+enum class NormKind { kRmsNorm, kLayerNorm };
+enum class ScoreFunction { kSoftmax, kSigmoid };
+enum class DropPolicy { kByProbs, kByPosition };
+
+struct MoeSpec {
+  int64_t num_experts = 0;   // 0: dense
+  int64_t top_k = 2;
+  int64_t layer_freq = 1;
+  int64_t first_dense_layers = 0;
+  int64_t expert_ffn = 0;
+  int64_t num_shared_experts = 0;
+  int64_t shared_ffn = 0;    // per shared expert
+  ScoreFunction score = ScoreFunction::kSoftmax;
+  bool pre_softmax = false;
+  bool normalize_topk = true;
+  double scaling_factor = 1.0;
+  double aux_loss_coeff = 0.01;
+  double z_loss_coeff = 0.0;
+  double capacity_factor = 0.0;  // 0: dropless
+  DropPolicy drop_policy = DropPolicy::kByProbs;
+  double router_init_std = 0.02;
+};
+
+struct ModelSpec {
+  int64_t vocab_size = 0;
+  int64_t hidden = 0;
+  int64_t num_layers = 0;
+  int64_t num_heads = 0;
+  int64_t num_kv_heads = 0;
+  int64_t head_dim = 0;
+  int64_t ffn = 0;
+  int64_t max_seq_len = 0;
+  NormKind norm = NormKind::kRmsNorm;
+  double norm_eps = 1e-5;
+  bool rope = true;            // else learned absolute positions
+  double rope_theta = 10000;
+  bool swiglu = true;          // else GELU (tanh approximation)
+  bool tie_embeddings = false;
+  bool bias = false;
+  double init_std = 0.02;
+  double output_init_std = 0.02;   // attention out and FFN down projections
+  at::ScalarType param_dtype = at::kFloat;    // master weights (tests use kDouble)
+  at::ScalarType compute_dtype = at::kFloat;  // kBFloat16 for mixed precision
+  bool recompute = false;
+  MoeSpec moe;
+
+  // Resolves and validates; errors are kConfig and name the field ("model.num_kv_heads").
+  static ModelSpec from_config(const config::ModelConfig& c);
+
+  bool is_moe() const { return moe.num_experts > 0; }
+  bool is_moe_layer(int64_t layer) const;
+  int64_t num_moe_layers() const;
+
+  // Parameter counts: all, the input embedding table (and learned positions), and the ones one
+  // token actually meets (top_k of E routed experts).
+  int64_t num_parameters() const;
+  int64_t num_embedding_parameters() const;
+  int64_t num_active_parameters() const;
+
+  // Training FLOPs per token at sequence length `seq_len`, counted as Megatron-LM and TorchTitan
+  // do: 6 x (weights every token multiplies by, output head included, embedding lookups excluded)
+  // + 12 x layers x heads x head_dim x seq_len for the attention scores and their use (the full
+  // square, not halved for the causal mask). See docs/model.md.
+  double flops_per_token(int64_t seq_len) const;
+
+  std::string summary() const;
+};
+
+}  // namespace loom::model

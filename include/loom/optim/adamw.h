@@ -1,0 +1,57 @@
+// AdamW (Loshchilov & Hutter): decoupled weight decay, bias-corrected moments, fp32 (or fp64)
+// state. The update for a parameter p with gradient g at step t (1-based) and learning rate lr:
+//   m = b1 m + (1 - b1) g            v = b2 v + (1 - b2) g^2
+//   p = p - lr * wd * p              (only for parameters with weight_decay)
+//   p = p - lr * (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)
+// A parameter whose gradient is undefined this step (an MoE expert no token chose) is treated as
+// having a zero gradient: its moments decay and decoupled weight decay still applies, exactly as in
+// a run where the gradient was materialised as zeros (so sharded and unsharded runs agree).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <string>
+#include <vector>
+
+#include "loom/config.pb.h"
+#include "loom/model/parameter.h"
+
+namespace loom::optim {
+
+struct AdamWOptions {
+  double beta1 = 0.9;
+  double beta2 = 0.95;
+  double eps = 1e-8;
+  double weight_decay = 0.1;
+
+  static AdamWOptions from_config(const config::OptimConfig& c);
+};
+
+// A named optimizer-state tensor (DESIGN.md decision 6): "<param>.exp_avg", "<param>.exp_avg_sq".
+struct NamedTensor {
+  std::string name;
+  at::Tensor tensor;
+};
+
+class AdamW {
+ public:
+  // Keeps references to the parameters; the vector must outlive the optimizer.
+  AdamW(std::vector<model::Parameter>* params, const AdamWOptions& options);
+
+  // One update with learning rate `lr`; increments step().
+  void step(double lr);
+  int64_t step_count() const { return step_; }
+
+  std::vector<NamedTensor> state() const;
+  // Loads state saved by state(); every tensor must be present with the right shape and dtype.
+  void load_state(const std::vector<NamedTensor>& state, int64_t step);
+  int64_t state_bytes() const;
+
+ private:
+  std::vector<model::Parameter>* params_;
+  AdamWOptions options_;
+  std::vector<at::Tensor> exp_avg_, exp_avg_sq_;
+  int64_t step_ = 0;
+};
+
+}  // namespace loom::optim

@@ -1,0 +1,160 @@
+#include "loom/checkpoint/safetensors.h"
+
+#include <nlohmann/json.hpp>
+
+#include <cstring>
+#include <fstream>
+#include <sstream>
+
+#include "loom/core/error.h"
+
+namespace loom::checkpoint {
+
+namespace {
+
+struct DtypeName {
+  at::ScalarType type;
+  const char* name;
+};
+constexpr DtypeName kDtypes[] = {
+    {at::kDouble, "F64"}, {at::kFloat, "F32"}, {at::kHalf, "F16"}, {at::kBFloat16, "BF16"},
+    {at::kLong, "I64"},   {at::kInt, "I32"},   {at::kShort, "I16"}, {at::kChar, "I8"},
+    {at::kByte, "U8"},    {at::kBool, "BOOL"},
+};
+
+const char* dtype_name(at::ScalarType t) {
+  for (const auto& d : kDtypes) {
+    if (d.type == t) return d.name;
+  }
+  LOOM_THROW(ErrorKind::kValue, "safetensors: dtype {} cannot be stored", c10::toString(t));
+}
+
+}  // namespace
+
+void save_safetensors(const std::string& path, const std::map<std::string, at::Tensor>& tensors,
+                      const std::map<std::string, std::string>& metadata) {
+  nlohmann::ordered_json header = nlohmann::ordered_json::object();
+  if (!metadata.empty()) header["__metadata__"] = metadata;
+  std::vector<at::Tensor> data;
+  uint64_t offset = 0;
+  for (const auto& [name, t] : tensors) {
+    LOOM_CHECK(name != "__metadata__", "safetensors: '__metadata__' is not a valid tensor name");
+    at::Tensor c = t.detach().to(at::kCPU).contiguous();
+    const uint64_t bytes = c.nbytes();
+    header[name] = {{"dtype", dtype_name(c.scalar_type())},
+                    {"shape", c.sizes().vec()},
+                    {"data_offsets", {offset, offset + bytes}}};
+    offset += bytes;
+    data.push_back(c);
+  }
+  std::string text = header.dump();
+  while (text.size() % 8 != 0) text.push_back(' ');
+  std::ofstream out(path, std::ios::binary | std::ios::trunc);
+  LOOM_CHECK_KIND(ErrorKind::kIO, out.good(), "cannot open '{}' for writing: {}", path, std::strerror(errno));
+  uint64_t n = text.size();
+  unsigned char len[8];
+  for (int i = 0; i < 8; ++i) len[i] = static_cast<unsigned char>((n >> (8 * i)) & 0xff);
+  out.write(reinterpret_cast<const char*>(len), 8);
+  out.write(text.data(), static_cast<std::streamsize>(text.size()));
+  for (const auto& c : data) {
+    out.write(static_cast<const char*>(c.data_ptr()), static_cast<std::streamsize>(c.nbytes()));
+  }
+  out.flush();
+  LOOM_CHECK_KIND(ErrorKind::kIO, out.good(), "writing '{}' failed: {}", path, std::strerror(errno));
+}
+
+TensorFile parse_safetensors(const std::string& bytes, const std::string& source) {
+  auto fail = [&](const std::string& what) {
+    LOOM_THROW(ErrorKind::kIO, "safetensors '{}': {}", source, what);
+  };
+  if (bytes.size() < 8) fail(fmt::format("file is {} bytes, shorter than the 8-byte header length", bytes.size()));
+  uint64_t n = 0;
+  for (int i = 7; i >= 0; --i) n = (n << 8) | static_cast<unsigned char>(bytes[i]);
+  if (n > bytes.size() - 8) {
+    fail(fmt::format("header length {} exceeds the {} bytes that follow it", n, bytes.size() - 8));
+  }
+  nlohmann::json header;
+  try {
+    header = nlohmann::json::parse(bytes.begin() + 8, bytes.begin() + 8 + static_cast<std::ptrdiff_t>(n));
+  } catch (const std::exception& e) {
+    fail(fmt::format("header is not valid JSON ({})", e.what()));
+  }
+  if (!header.is_object()) fail("header is not a JSON object");
+  const uint64_t data_size = bytes.size() - 8 - n;
+  const char* data = bytes.data() + 8 + n;
+  TensorFile file;
+  std::vector<std::pair<uint64_t, uint64_t>> ranges;
+  for (auto it = header.begin(); it != header.end(); ++it) {
+    const std::string& name = it.key();
+    const auto& entry = it.value();
+    if (name == "__metadata__") {
+      if (!entry.is_object()) fail("__metadata__ is not an object");
+      for (auto m = entry.begin(); m != entry.end(); ++m) {
+        if (!m.value().is_string()) fail(fmt::format("__metadata__ value '{}' is not a string", m.key()));
+        file.metadata[m.key()] = m.value().get<std::string>();
+      }
+      continue;
+    }
+    if (!entry.is_object() || !entry.contains("dtype") || !entry.contains("shape") ||
+        !entry.contains("data_offsets")) {
+      fail(fmt::format("tensor '{}' needs dtype, shape and data_offsets", name));
+    }
+    at::ScalarType type = at::kFloat;
+    bool known = false;
+    const auto& dt = entry["dtype"];
+    for (const auto& d : kDtypes) {
+      if (dt.is_string() && dt.get<std::string>() == d.name) {
+        type = d.type;
+        known = true;
+      }
+    }
+    if (!known) fail(fmt::format("tensor '{}' has unsupported dtype {}", name, dt.dump()));
+    std::vector<int64_t> shape;
+    if (!entry["shape"].is_array()) fail(fmt::format("tensor '{}': shape is not an array", name));
+    uint64_t numel = 1;
+    for (const auto& d : entry["shape"]) {
+      if (!d.is_number_integer() || d.get<int64_t>() < 0) {
+        fail(fmt::format("tensor '{}': shape {} has a bad dimension", name, entry["shape"].dump()));
+      }
+      shape.push_back(d.get<int64_t>());
+      numel *= static_cast<uint64_t>(shape.back());
+    }
+    const auto& off = entry["data_offsets"];
+    if (!off.is_array() || off.size() != 2 || !off[0].is_number_unsigned() || !off[1].is_number_unsigned()) {
+      fail(fmt::format("tensor '{}': data_offsets must be two non-negative integers, got {}", name, off.dump()));
+    }
+    const uint64_t begin = off[0].get<uint64_t>(), end = off[1].get<uint64_t>();
+    const uint64_t expect = numel * c10::elementSize(type);
+    if (end < begin || end - begin != expect) {
+      fail(fmt::format("tensor '{}': data_offsets [{}, {}] span {} bytes, but dtype {} and shape {} need {}",
+                       name, begin, end, end - begin, dt.get<std::string>(), entry["shape"].dump(), expect));
+    }
+    if (end > data_size) {
+      fail(fmt::format("tensor '{}': data_offsets end {} is past the {} data bytes in the file", name,
+                       end, data_size));
+    }
+    ranges.emplace_back(begin, end);
+    at::Tensor t = at::empty(shape, at::TensorOptions().dtype(type));
+    if (expect > 0) std::memcpy(t.data_ptr(), data + begin, expect);
+    file.tensors[name] = t;
+  }
+  std::sort(ranges.begin(), ranges.end());
+  uint64_t pos = 0;
+  for (const auto& [b, e] : ranges) {
+    if (b != pos) fail(fmt::format("tensor data {} at byte {} (expected {}): overlapping or with a gap",
+                                   b < pos ? "overlaps" : "has a gap", b, pos));
+    pos = e;
+  }
+  if (pos != data_size) fail(fmt::format("{} trailing bytes after the last tensor", data_size - pos));
+  return file;
+}
+
+TensorFile load_safetensors(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  LOOM_CHECK_KIND(ErrorKind::kIO, in.good(), "cannot open '{}': {}", path, std::strerror(errno));
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return parse_safetensors(ss.str(), path);
+}
+
+}  // namespace loom::checkpoint

@@ -1,0 +1,56 @@
+#include "loom/model/batch.h"
+
+#include "loom/core/error.h"
+
+namespace loom::model {
+
+int64_t Batch::num_loss_tokens() const {
+  if (!loss_mask.defined()) return tokens.numel();
+  return static_cast<int64_t>(loss_mask.sum().item<double>() + 0.5);
+}
+
+Batch Batch::to(at::Device device) const {
+  Batch b;
+  auto mv = [&](const at::Tensor& t) { return t.defined() ? t.to(device) : t; };
+  b.tokens = mv(tokens);
+  b.targets = mv(targets);
+  b.loss_mask = mv(loss_mask);
+  b.position_ids = mv(position_ids);
+  b.doc_ids = mv(doc_ids);
+  return b;
+}
+
+Batch packed_batch(const at::Tensor& tokens, const at::Tensor& targets,
+                   const std::vector<std::vector<int64_t>>& cu_seqlens) {
+  LOOM_CHECK(tokens.dim() == 2 && targets.sizes() == tokens.sizes(),
+             "packed_batch: tokens and targets must both be [b, s], got {} and {}", tokens.sizes(),
+             targets.sizes());
+  const int64_t b = tokens.size(0), s = tokens.size(1);
+  LOOM_CHECK(static_cast<int64_t>(cu_seqlens.size()) == b,
+             "packed_batch: cu_seqlens has {} rows, the batch has {}", cu_seqlens.size(), b);
+  at::Tensor doc = at::empty({b, s}, at::kLong);
+  at::Tensor pos = at::empty({b, s}, at::kLong);
+  auto d = doc.accessor<int64_t, 2>();
+  auto p = pos.accessor<int64_t, 2>();
+  for (int64_t r = 0; r < b; ++r) {
+    const auto& cu = cu_seqlens[r];
+    LOOM_CHECK(cu.size() >= 2 && cu.front() == 0 && cu.back() == s,
+               "packed_batch: cu_seqlens of row {} must start at 0 and end at s = {}", r, s);
+    for (size_t i = 0; i + 1 < cu.size(); ++i) {
+      LOOM_CHECK(cu[i + 1] > cu[i], "packed_batch: cu_seqlens of row {} must increase (entry {})",
+                 r, i + 1);
+      for (int64_t t = cu[i]; t < cu[i + 1]; ++t) {
+        d[r][t] = static_cast<int64_t>(i);
+        p[r][t] = t - cu[i];
+      }
+    }
+  }
+  Batch batch;
+  batch.tokens = tokens;
+  batch.targets = targets;
+  batch.doc_ids = doc.to(tokens.device());
+  batch.position_ids = pos.to(tokens.device());
+  return batch;
+}
+
+}  // namespace loom::model

@@ -1,0 +1,211 @@
+#include "loom/model/gpt.h"
+
+#include <torch/csrc/autograd/autograd.h>
+#include <torch/csrc/autograd/custom_function.h>
+
+#include "loom/core/error.h"
+#include "loom/ops/functional.h"
+
+namespace loom::model {
+
+Block::Block(const ModelSpec& spec, const ParameterFactory& f, int64_t index)
+    : norm1_(spec, f.child("attn_norm")),
+      norm2_(spec, f.child("ffn_norm")),
+      attn_(spec, f.child("attn")) {
+  if (spec.is_moe_layer(index)) {
+    moe_ = std::make_unique<MoeLayer>(spec, f.child("moe"));
+  } else {
+    mlp_ = std::make_unique<Mlp>(spec, f.child("mlp"), spec.ffn);
+  }
+  for (const at::Tensor* t :
+       {&norm1_.weight, &norm1_.bias, &attn_.qkv_weight, &attn_.qkv_bias, &attn_.out_weight,
+        &attn_.out_bias, &norm2_.weight, &norm2_.bias}) {
+    if (t->defined()) params_.push_back(*t);
+  }
+  if (mlp_) {
+    for (const at::Tensor* t : {&mlp_->fc1_weight, &mlp_->fc1_bias, &mlp_->fc2_weight, &mlp_->fc2_bias}) {
+      if (t->defined()) params_.push_back(*t);
+    }
+  } else {
+    params_.push_back(moe_->router_weight);
+    params_.push_back(moe_->fc1_weight);
+    params_.push_back(moe_->fc2_weight);
+    if (moe_->shared) {
+      params_.push_back(moe_->shared->fc1_weight);
+      params_.push_back(moe_->shared->fc2_weight);
+    }
+  }
+}
+
+Block::Output Block::forward(const at::Tensor& x, const ForwardContext& ctx) {
+  at::Tensor h = x + attn_.forward(norm1_.forward(x), ctx);
+  at::Tensor n = norm2_.forward(h);
+  if (mlp_) {
+    return {h + mlp_->forward(n), at::zeros({}, x.options().dtype(at::kFloat))};
+  }
+  MoeLayer::Output m = moe_->forward(n, ctx);
+  return {h + m.y, m.aux};
+}
+
+namespace {
+
+// [Note: activation recomputation]
+// Full recomputation of a block: forward runs without building a graph and keeps only the block's
+// input; backward re-runs the block's forward with a graph and differentiates it. The block's
+// parameters are explicit inputs of the function so their gradients flow out of backward. The
+// model has no dropout, so the recomputed forward is the same function; MoE statistics are only
+// recorded by the first pass.
+struct RecomputedBlock : public torch::autograd::Function<RecomputedBlock> {
+  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx,
+                                                const at::Tensor& x, at::TensorList params,
+                                                const at::Tensor& cos, const at::Tensor& sin,
+                                                const at::Tensor& doc_ids, Block* block) {
+    ctx->save_for_backward({x, cos, sin, doc_ids});
+    ctx->saved_data["block"] = reinterpret_cast<int64_t>(block);
+    ctx->saved_data["num_params"] = static_cast<int64_t>(params.size());
+    ForwardContext fctx{cos, sin, doc_ids, /*record_stats=*/true};
+    Block::Output out = block->forward(x, fctx);
+    return {out.hidden, out.aux};
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    auto saved = ctx->get_saved_variables();
+    auto* block = reinterpret_cast<Block*>(ctx->saved_data["block"].toInt());
+    const int64_t num_params = ctx->saved_data["num_params"].toInt();
+    at::Tensor x = saved[0].detach().requires_grad_(true);
+    ForwardContext fctx{saved[1], saved[2], saved[3], /*record_stats=*/false};
+    Block::Output out;
+    {
+      at::AutoGradMode enable(true);
+      out = block->forward(x, fctx);
+    }
+    std::vector<at::Tensor> outputs{out.hidden};
+    std::vector<at::Tensor> grad_outputs{grads[0]};
+    if (out.aux.requires_grad()) {
+      outputs.push_back(out.aux);
+      grad_outputs.push_back(grads[1].defined() ? grads[1] : at::zeros_like(out.aux));
+    }
+    std::vector<at::Tensor> inputs{x};
+    for (const auto& p : block->parameters()) inputs.push_back(p);
+    LOOM_INTERNAL_CHECK(static_cast<int64_t>(inputs.size()) == num_params + 1,
+                        "recomputed block: parameter count changed");
+    auto g = torch::autograd::grad(outputs, inputs, grad_outputs, /*retain_graph=*/false,
+                                   /*create_graph=*/false, /*allow_unused=*/true);
+    // One gradient per forward input: x, each parameter, cos, sin, doc_ids, block.
+    g.resize(g.size() + 4);
+    return g;
+  }
+};
+
+}  // namespace
+
+GptModel::GptModel(const ModelSpec& spec, uint64_t seed, at::Device device)
+    : spec_(spec), params_(std::make_shared<std::vector<Parameter>>()) {
+  ParameterFactory f(params_, seed, at::TensorOptions().dtype(spec.param_dtype).device(device));
+  embedding_ = f.make("embedding.weight", {spec.vocab_size, spec.hidden}, Init::kNormal, spec.init_std);
+  if (!spec.rope) {
+    positions_ = f.make("position_embedding.weight", {spec.max_seq_len, spec.hidden}, Init::kNormal,
+                        spec.init_std);
+  }
+  for (int64_t i = 0; i < spec.num_layers; ++i) {
+    blocks_.push_back(std::make_unique<Block>(spec, f.child("layers." + std::to_string(i)), i));
+  }
+  final_norm_ = std::make_unique<Norm>(spec, f.child("final_norm"));
+  head_ = spec.tie_embeddings
+              ? embedding_
+              : f.make("output.weight", {spec.vocab_size, spec.hidden}, Init::kNormal, spec.init_std);
+  // Embedding rows are looked up, not multiplied: Megatron and TorchTitan decay them anyway
+  // (they are 2-D); so does Loom.
+}
+
+at::Tensor GptModel::hidden_states(const Batch& batch, at::Tensor* aux) {
+  LOOM_CHECK(batch.tokens.dim() == 2 && batch.targets.sizes() == batch.tokens.sizes(),
+             "batch: tokens and targets must both be [b, s], got {} and {}", batch.tokens.sizes(),
+             batch.targets.sizes());
+  const int64_t b = batch.batch_size(), s = batch.seq_len();
+  LOOM_CHECK(s <= spec_.max_seq_len, "batch: sequence length {} exceeds model.max_seq_len {}", s,
+             spec_.max_seq_len);
+  const auto compute = spec_.param_dtype == at::kDouble ? at::kDouble : spec_.compute_dtype;
+  at::Tensor tokens = batch.tokens.t();  // [s, b]
+  at::Tensor pos = batch.position_ids.defined()
+                       ? batch.position_ids.t()
+                       : at::arange(s, batch.tokens.options()).unsqueeze(1).expand({s, b});
+  at::Tensor x = at::embedding(embedding_, tokens);  // [s, b, h]
+  if (!spec_.rope) x = x + at::embedding(positions_, pos);
+  x = x.to(compute);
+
+  ForwardContext ctx;
+  ctx.doc_ids = batch.doc_ids;
+  if (spec_.rope) {
+    std::tie(ctx.rope_cos, ctx.rope_sin) =
+        ops::rope_tables(pos, spec_.head_dim, spec_.rope_theta, spec_.param_dtype);
+  }
+  *aux = at::zeros({}, x.options().dtype(spec_.param_dtype == at::kDouble ? at::kDouble : at::kFloat));
+  for (auto& block : blocks_) {
+    at::Tensor block_aux;
+    if (spec_.recompute && at::GradMode::is_enabled()) {
+      auto out = RecomputedBlock::apply(x, block->parameters(), ctx.rope_cos, ctx.rope_sin,
+                                        ctx.doc_ids, block.get());
+      x = out[0];
+      block_aux = out[1];
+    } else {
+      Block::Output out = block->forward(x, ctx);
+      x = out.hidden;
+      block_aux = out.aux;
+    }
+    if (block->moe()) *aux = *aux + block_aux.to(aux->scalar_type());
+  }
+  return final_norm_->forward(x);
+}
+
+at::Tensor GptModel::logits(const Batch& batch) {
+  at::Tensor aux;
+  at::Tensor h = hidden_states(batch, &aux);  // [s, b, h]
+  const auto out = spec_.param_dtype == at::kDouble ? at::kDouble : at::kFloat;
+  return model::linear(h, head_).to(out).transpose(0, 1);  // [b, s, V]
+}
+
+ModelOutput GptModel::forward(const Batch& batch) {
+  ModelOutput out;
+  at::Tensor h = hidden_states(batch, &out.aux_loss);  // [s, b, h]
+  const int64_t s = h.size(0), b = h.size(1);
+  at::Tensor logits = model::linear(h, head_).view({s * b, spec_.vocab_size});  // rows in [s, b] order
+  at::Tensor targets = batch.targets.t().reshape({s * b});
+  at::Tensor losses = ops::cross_entropy(logits, targets);  // [s*b] fp32
+  if (batch.loss_mask.defined()) {
+    losses = losses * batch.loss_mask.t().reshape({s * b}).to(losses.scalar_type());
+  }
+  out.loss_sum = losses.sum();
+  out.num_tokens = batch.num_loss_tokens();
+  return out;
+}
+
+const Parameter* GptModel::find(const std::string& name) const {
+  for (const auto& p : *params_) {
+    if (p.name == name) return &p;
+  }
+  return nullptr;
+}
+
+int64_t GptModel::num_parameters() const {
+  int64_t n = 0;
+  for (const auto& p : *params_) n += p.tensor.numel();
+  return n;
+}
+
+std::vector<std::pair<int64_t, MoeStats>> GptModel::moe_stats() const {
+  std::vector<std::pair<int64_t, MoeStats>> out;
+  for (size_t i = 0; i < blocks_.size(); ++i) {
+    if (auto* m = blocks_[i]->moe()) out.emplace_back(static_cast<int64_t>(i), m->stats());
+  }
+  return out;
+}
+
+void GptModel::zero_grad() {
+  for (auto& p : *params_) {
+    if (p.tensor.grad().defined()) p.tensor.mutable_grad().reset();
+  }
+}
+
+}  // namespace loom::model

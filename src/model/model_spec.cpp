@@ -1,0 +1,218 @@
+#include "loom/model/model_spec.h"
+
+#include <fmt/format.h>
+
+#include "loom/core/error.h"
+
+namespace loom::model {
+
+namespace {
+using config::ModelConfig;
+
+int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+}  // namespace
+
+ModelSpec ModelSpec::from_config(const ModelConfig& c) {
+  ModelSpec s;
+  const bool llama = c.arch() == ModelConfig::LLAMA;
+  auto positive = [](const char* field, int64_t v) {
+    LOOM_CHECK_CONFIG(v >= 1, "field 'model.{}' must be >= 1, got {}", field, v);
+  };
+  positive("vocab_size", c.vocab_size());
+  positive("hidden_size", c.hidden_size());
+  positive("num_layers", c.num_layers());
+  positive("num_heads", c.num_heads());
+  positive("max_seq_len", c.max_seq_len());
+  LOOM_CHECK_CONFIG(c.num_kv_heads() >= 0, "field 'model.num_kv_heads' must be >= 0 (0 = num_heads), got {}",
+                    c.num_kv_heads());
+  LOOM_CHECK_CONFIG(c.ffn_hidden_size() >= 0,
+                    "field 'model.ffn_hidden_size' must be >= 0 (0 = from arch), got {}",
+                    c.ffn_hidden_size());
+  s.vocab_size = c.vocab_size();
+  s.hidden = c.hidden_size();
+  s.num_layers = c.num_layers();
+  s.num_heads = c.num_heads();
+  s.num_kv_heads = c.num_kv_heads() == 0 ? c.num_heads() : c.num_kv_heads();
+  LOOM_CHECK_CONFIG(s.hidden % s.num_heads == 0,
+                    "field 'model.num_heads' ({}) must divide model.hidden_size ({})", s.num_heads,
+                    s.hidden);
+  LOOM_CHECK_CONFIG(s.num_heads % s.num_kv_heads == 0,
+                    "field 'model.num_kv_heads' ({}) must divide model.num_heads ({})",
+                    s.num_kv_heads, s.num_heads);
+  s.head_dim = s.hidden / s.num_heads;
+  s.max_seq_len = c.max_seq_len();
+
+  s.norm = c.norm() == ModelConfig::NORM_FROM_ARCH
+               ? (llama ? NormKind::kRmsNorm : NormKind::kLayerNorm)
+               : (c.norm() == ModelConfig::RMSNORM ? NormKind::kRmsNorm : NormKind::kLayerNorm);
+  LOOM_CHECK_CONFIG(c.norm_eps() > 0, "field 'model.norm_eps' must be > 0, got {}", c.norm_eps());
+  s.norm_eps = c.norm_eps();
+  s.rope = c.position() == ModelConfig::POSITION_FROM_ARCH ? llama : c.position() == ModelConfig::ROPE;
+  s.rope_theta = c.rope_theta();
+  if (s.rope) {
+    LOOM_CHECK_CONFIG(s.head_dim % 2 == 0,
+                      "RoPE needs an even head dimension, but model.hidden_size / model.num_heads "
+                      "= {} / {} = {}",
+                      s.hidden, s.num_heads, s.head_dim);
+    LOOM_CHECK_CONFIG(s.rope_theta > 0, "field 'model.rope_theta' must be > 0, got {}", s.rope_theta);
+  }
+  s.swiglu = c.activation() == ModelConfig::ACTIVATION_FROM_ARCH ? llama
+                                                                  : c.activation() == ModelConfig::SWIGLU;
+  s.tie_embeddings = c.tie_embeddings() == ModelConfig::FROM_ARCH ? !llama : c.tie_embeddings() == ModelConfig::ON;
+  s.bias = c.bias() == ModelConfig::FROM_ARCH ? !llama : c.bias() == ModelConfig::ON;
+  if (c.ffn_hidden_size() > 0) {
+    s.ffn = c.ffn_hidden_size();
+  } else {
+    s.ffn = s.swiglu ? round_up(8 * s.hidden / 3, 256) : 4 * s.hidden;
+  }
+  LOOM_CHECK_CONFIG(c.init_std() > 0, "field 'model.init_std' must be > 0, got {}", c.init_std());
+  s.init_std = c.init_std();
+  s.output_init_std = c.scaled_output_init() ? c.init_std() / std::sqrt(2.0 * s.num_layers) : c.init_std();
+  s.compute_dtype = c.precision() == ModelConfig::BF16 ? at::kBFloat16 : at::kFloat;
+  s.recompute = c.recompute() == ModelConfig::FULL;
+
+  const auto& m = c.moe();
+  LOOM_CHECK_CONFIG(m.num_experts() >= 0, "field 'model.moe.num_experts' must be >= 0, got {}",
+                    m.num_experts());
+  s.moe.num_experts = m.num_experts();
+  if (s.moe.num_experts > 0) {
+    LOOM_CHECK_CONFIG(m.top_k() >= 1 && m.top_k() <= m.num_experts(),
+                      "field 'model.moe.top_k' must be in [1, model.moe.num_experts = {}], got {}",
+                      m.num_experts(), m.top_k());
+    LOOM_CHECK_CONFIG(m.layer_freq() >= 1, "field 'model.moe.layer_freq' must be >= 1, got {}",
+                      m.layer_freq());
+    LOOM_CHECK_CONFIG(m.first_dense_layers() >= 0 && m.first_dense_layers() < c.num_layers(),
+                      "field 'model.moe.first_dense_layers' must be in [0, model.num_layers = {}), "
+                      "got {} (no layer would be MoE)",
+                      c.num_layers(), m.first_dense_layers());
+    LOOM_CHECK_CONFIG(m.expert_ffn_hidden_size() >= 0 && m.shared_expert_ffn_hidden_size() >= 0 &&
+                          m.num_shared_experts() >= 0,
+                      "fields 'model.moe.expert_ffn_hidden_size', 'shared_expert_ffn_hidden_size' "
+                      "and 'num_shared_experts' must be >= 0");
+    LOOM_CHECK_CONFIG(m.capacity_factor() >= 0,
+                      "field 'model.moe.capacity_factor' must be >= 0 (0 = dropless), got {}",
+                      m.capacity_factor());
+    LOOM_CHECK_CONFIG(m.aux_loss_coeff() >= 0 && m.z_loss_coeff() >= 0,
+                      "fields 'model.moe.aux_loss_coeff' ({}) and 'z_loss_coeff' ({}) must be >= 0",
+                      m.aux_loss_coeff(), m.z_loss_coeff());
+    LOOM_CHECK_CONFIG(m.router_scaling_factor() > 0,
+                      "field 'model.moe.router_scaling_factor' must be > 0, got {}",
+                      m.router_scaling_factor());
+    LOOM_CHECK_CONFIG(!(m.pre_softmax() && m.score_function() == config::MoeConfig::SIGMOID),
+                      "field 'model.moe.pre_softmax' applies to score_function SOFTMAX only");
+    s.moe.top_k = m.top_k();
+    s.moe.layer_freq = m.layer_freq();
+    s.moe.first_dense_layers = m.first_dense_layers();
+    s.moe.expert_ffn = m.expert_ffn_hidden_size() > 0 ? m.expert_ffn_hidden_size() : s.ffn;
+    s.moe.num_shared_experts = m.num_shared_experts();
+    s.moe.shared_ffn = m.shared_expert_ffn_hidden_size() > 0 ? m.shared_expert_ffn_hidden_size()
+                                                              : s.moe.expert_ffn;
+    s.moe.score = m.score_function() == config::MoeConfig::SIGMOID ? ScoreFunction::kSigmoid
+                                                                   : ScoreFunction::kSoftmax;
+    s.moe.pre_softmax = m.pre_softmax();
+    s.moe.normalize_topk = m.normalize_topk();
+    s.moe.scaling_factor = m.router_scaling_factor();
+    s.moe.aux_loss_coeff = m.aux_loss_coeff();
+    s.moe.z_loss_coeff = m.z_loss_coeff();
+    s.moe.capacity_factor = m.capacity_factor();
+    s.moe.drop_policy = m.drop_policy() == config::MoeConfig::DROP_BY_POSITION ? DropPolicy::kByPosition
+                                                                             : DropPolicy::kByProbs;
+    s.moe.router_init_std = m.router_init_std() > 0 ? m.router_init_std() : s.init_std;
+    LOOM_CHECK_CONFIG(s.swiglu, "MoE experts are SwiGLU: set model.activation to SWIGLU (or arch LLAMA)");
+  }
+  return s;
+}
+
+bool ModelSpec::is_moe_layer(int64_t layer) const {
+  if (!is_moe() || layer < moe.first_dense_layers) return false;
+  return (layer - moe.first_dense_layers) % moe.layer_freq == 0;
+}
+
+int64_t ModelSpec::num_moe_layers() const {
+  int64_t n = 0;
+  for (int64_t i = 0; i < num_layers; ++i) n += is_moe_layer(i) ? 1 : 0;
+  return n;
+}
+
+namespace {
+// Weights and biases of one layer's parts. `active` counts only what one token uses.
+struct LayerCount {
+  int64_t params = 0;
+  int64_t active = 0;
+};
+
+int64_t mlp_params(const ModelSpec& s, int64_t ffn) {
+  int64_t in = (s.swiglu ? 2 : 1) * ffn * s.hidden + (s.bias ? (s.swiglu ? 2 : 1) * ffn : 0);
+  int64_t out = ffn * s.hidden + (s.bias ? s.hidden : 0);
+  return in + out;
+}
+
+LayerCount layer_count(const ModelSpec& s, int64_t layer) {
+  const int64_t norm = s.norm == NormKind::kLayerNorm ? 2 * s.hidden : s.hidden;
+  const int64_t qkv_out = (s.num_heads + 2 * s.num_kv_heads) * s.head_dim;
+  int64_t attn = qkv_out * s.hidden + s.num_heads * s.head_dim * s.hidden;
+  if (s.bias) attn += qkv_out + s.hidden;
+  LayerCount c;
+  c.params = 2 * norm + attn;
+  c.active = c.params;
+  if (s.is_moe_layer(layer)) {
+    const int64_t expert = 3 * s.moe.expert_ffn * s.hidden;
+    const int64_t shared = s.moe.num_shared_experts > 0
+                               ? 3 * s.moe.shared_ffn * s.moe.num_shared_experts * s.hidden
+                               : 0;
+    const int64_t router = s.moe.num_experts * s.hidden;
+    c.params += router + s.moe.num_experts * expert + shared;
+    c.active += router + s.moe.top_k * expert + shared;
+  } else {
+    c.params += mlp_params(s, s.ffn);
+    c.active += mlp_params(s, s.ffn);
+  }
+  return c;
+}
+}  // namespace
+
+int64_t ModelSpec::num_embedding_parameters() const {
+  return vocab_size * hidden + (rope ? 0 : max_seq_len * hidden);
+}
+
+int64_t ModelSpec::num_parameters() const {
+  int64_t n = num_embedding_parameters();
+  for (int64_t i = 0; i < num_layers; ++i) n += layer_count(*this, i).params;
+  n += norm == NormKind::kLayerNorm ? 2 * hidden : hidden;  // final norm
+  if (!tie_embeddings) n += vocab_size * hidden;
+  return n;
+}
+
+int64_t ModelSpec::num_active_parameters() const {
+  int64_t n = num_embedding_parameters();
+  for (int64_t i = 0; i < num_layers; ++i) n += layer_count(*this, i).active;
+  n += norm == NormKind::kLayerNorm ? 2 * hidden : hidden;
+  if (!tie_embeddings) n += vocab_size * hidden;
+  return n;
+}
+
+double ModelSpec::flops_per_token(int64_t seq_len) const {
+  // Weights a token multiplies by: the active parameters minus the lookups (embedding tables),
+  // plus the head, which is a real matmul even when it shares the embedding's storage.
+  double matmul = static_cast<double>(num_active_parameters() - num_embedding_parameters());
+  if (tie_embeddings) matmul += static_cast<double>(vocab_size * hidden);
+  const double attention = 12.0 * num_layers * num_heads * head_dim * static_cast<double>(seq_len);
+  return 6.0 * matmul + attention;
+}
+
+std::string ModelSpec::summary() const {
+  std::string s = fmt::format(
+      "{} layers, hidden {}, heads {} (kv {}), head_dim {}, ffn {}, vocab {}, {}, {}, {}, "
+      "{} embeddings, {} params",
+      num_layers, hidden, num_heads, num_kv_heads, head_dim, ffn, vocab_size,
+      norm == NormKind::kRmsNorm ? "RMSNorm" : "LayerNorm", rope ? "RoPE" : "learned positions",
+      swiglu ? "SwiGLU" : "GELU", tie_embeddings ? "tied" : "untied", num_parameters());
+  if (is_moe()) {
+    s += fmt::format("; MoE {} of {} layers: {} experts top-{} (ffn {}), {} shared, {} active params",
+                     num_moe_layers(), num_layers, moe.num_experts, moe.top_k, moe.expert_ffn,
+                     moe.num_shared_experts, num_active_parameters());
+  }
+  return s;
+}
+
+}  // namespace loom::model

@@ -1,0 +1,140 @@
+#include "loom/model/moe.h"
+
+#include <cmath>
+#include <vector>
+
+#include "loom/core/error.h"
+#include "loom/ops/functional.h"
+
+namespace loom::model {
+
+MoeLayer::MoeLayer(const ModelSpec& spec, const ParameterFactory& f) : moe_(spec.moe) {
+  const int64_t e = moe_.num_experts, ffn = moe_.expert_ffn, h = spec.hidden;
+  router_weight = f.make("router.weight", {e, h}, Init::kNormal, moe_.router_init_std);
+  fc1_weight = f.make("experts.fc1.weight", {e, 2 * ffn, h}, Init::kNormal, spec.init_std);
+  fc2_weight = f.make("experts.fc2.weight", {e, h, ffn}, Init::kNormal, spec.output_init_std);
+  if (moe_.num_shared_experts > 0) {
+    ModelSpec dense = spec;
+    dense.bias = false;
+    dense.swiglu = true;
+    shared = std::make_unique<Mlp>(dense, f.child("shared"), moe_.num_shared_experts * moe_.shared_ffn);
+  }
+}
+
+Routing MoeLayer::route(const at::Tensor& x2d) const {
+  const auto dt = x2d.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  Routing r;
+  r.logits = at::linear(x2d.to(dt), router_weight.to(dt));  // [T, E]
+  const int64_t k = moe_.top_k;
+  if (moe_.score == ScoreFunction::kSoftmax) {
+    r.aux_probs = at::softmax(r.logits, -1);
+    if (moe_.pre_softmax) {
+      auto top = at::topk(r.aux_probs, k, -1);
+      r.gates = std::get<0>(top);
+      r.experts = std::get<1>(top);
+      if (moe_.normalize_topk && k > 1) r.gates = r.gates / r.gates.sum(-1, true);
+    } else {
+      auto top = at::topk(r.logits, k, -1);
+      r.gates = at::softmax(std::get<0>(top), -1);
+      r.experts = std::get<1>(top);
+    }
+  } else {
+    at::Tensor scores = at::sigmoid(r.logits);
+    r.aux_probs = scores / scores.sum(-1, true);
+    auto top = at::topk(scores, k, -1);
+    r.gates = std::get<0>(top);
+    r.experts = std::get<1>(top);
+    if (moe_.normalize_topk && k > 1) r.gates = r.gates / r.gates.sum(-1, true);
+  }
+  if (moe_.scaling_factor != 1.0) r.gates = r.gates * moe_.scaling_factor;
+  return r;
+}
+
+at::Tensor MoeLayer::dispatch_and_compute(const at::Tensor& x2d, const Routing& r,
+                                          int64_t* dropped) const {
+  const int64_t t = x2d.size(0), k = moe_.top_k, e = moe_.num_experts;
+  const auto dt = x2d.scalar_type();
+  // Sort the T*k (token, expert) assignments by expert, keeping token order inside an expert.
+  at::Tensor flat = r.experts.reshape({-1});
+  at::Tensor order = std::get<1>(at::sort(flat, /*stable=*/true, 0, /*descending=*/false));
+  at::Tensor counts_t = at::bincount(flat, {}, e).cpu();
+  std::vector<int64_t> counts(counts_t.data_ptr<int64_t>(), counts_t.data_ptr<int64_t>() + e);
+
+  *dropped = 0;
+  if (moe_.capacity_factor > 0) {
+    const auto capacity = static_cast<int64_t>(
+        std::ceil(static_cast<double>(t * k) / static_cast<double>(e) * moe_.capacity_factor));
+    at::Tensor gates_sorted = r.gates.reshape({-1}).index_select(0, order).detach().to(at::kDouble).cpu();
+    std::vector<at::Tensor> keep;
+    int64_t off = 0;
+    for (int64_t i = 0; i < e; ++i) {
+      const int64_t n = counts[i];
+      at::Tensor seg = at::arange(off, off + n, at::kLong);
+      if (n > capacity) {
+        *dropped += n - capacity;
+        if (moe_.drop_policy == DropPolicy::kByPosition) {
+          seg = seg.narrow(0, 0, capacity);
+        } else {
+          at::Tensor top = std::get<1>(at::topk(gates_sorted.narrow(0, off, n), capacity));
+          seg = std::get<0>(at::sort(top)) + off;
+        }
+        counts[i] = capacity;
+      }
+      keep.push_back(seg);
+      off += n;
+    }
+    order = order.index_select(0, at::cat(keep).to(order.device()));
+  }
+
+  at::Tensor token_of = at::div(order, k, "floor");              // [A] source token per assignment
+  at::Tensor gate_of = r.gates.reshape({-1}).index_select(0, order).to(dt);  // [A]
+  at::Tensor xs = x2d.index_select(0, token_of);                 // [A, h]
+  at::Tensor w1 = fc1_weight.to(dt), w2 = fc2_weight.to(dt);
+  std::vector<at::Tensor> outs;
+  int64_t off = 0;
+  for (int64_t i = 0; i < e; ++i) {
+    if (counts[i] == 0) continue;  // an idle expert: no compute, no gradient
+    at::Tensor xe = xs.narrow(0, off, counts[i]);
+    outs.push_back(at::linear(ops::swiglu(at::linear(xe, w1[i])), w2[i]));
+    off += counts[i];
+  }
+  at::Tensor y = at::zeros_like(x2d);
+  if (outs.empty()) return y;
+  at::Tensor ys = at::cat(outs) * gate_of.unsqueeze(1);
+  return y.index_add(0, token_of, ys);
+}
+
+MoeLayer::Output MoeLayer::forward(const at::Tensor& x, const ForwardContext& ctx) {
+  const int64_t s = x.size(0), b = x.size(1), h = x.size(2);
+  const int64_t t = s * b;
+  at::Tensor x2d = x.reshape({t, h});
+  Routing r = route(x2d);
+  int64_t dropped = 0;
+  at::Tensor y = dispatch_and_compute(x2d, r, &dropped);
+  if (shared) y = y + shared->forward(x2d);
+
+  at::Tensor counts = at::bincount(r.experts.reshape({-1}), {}, moe_.num_experts);  // [E]
+  at::Tensor aux = at::zeros({}, r.logits.options());
+  double aux_value = 0, z_value = 0;
+  if (moe_.aux_loss_coeff > 0) {
+    const double scale = moe_.aux_loss_coeff * static_cast<double>(moe_.num_experts) /
+                         (static_cast<double>(moe_.top_k) * static_cast<double>(t) * static_cast<double>(t));
+    at::Tensor balance = (r.aux_probs.sum(0) * counts.to(r.aux_probs.scalar_type())).sum() * scale;
+    aux = aux + balance;
+    if (ctx.record_stats) aux_value = balance.item<double>();
+  }
+  if (moe_.z_loss_coeff > 0) {
+    at::Tensor z = at::logsumexp(r.logits, -1).pow(2).mean() * moe_.z_loss_coeff;
+    aux = aux + z;
+    if (ctx.record_stats) z_value = z.item<double>();
+  }
+  if (ctx.record_stats) {
+    stats_.tokens_per_expert = counts.cpu();
+    stats_.dropped = dropped;
+    stats_.aux_loss = aux_value;
+    stats_.z_loss = z_value;
+  }
+  return {y.view({s, b, h}), aux};
+}
+
+}  // namespace loom::model

@@ -1,0 +1,72 @@
+#include "loom/model/parameter.h"
+
+#include <ATen/CPUGeneratorImpl.h>
+
+#include "loom/core/error.h"
+
+namespace loom::model {
+
+namespace {
+uint64_t splitmix64(uint64_t x) {
+  x += 0x9E3779B97F4A7C15ull;
+  x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
+  x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
+  return x ^ (x >> 31);
+}
+}  // namespace
+
+uint64_t parameter_seed(uint64_t job_seed, const std::string& name) {
+  uint64_t h = 0xCBF29CE484222325ull;  // FNV-1a
+  for (unsigned char c : name) {
+    h ^= c;
+    h *= 0x100000001B3ull;
+  }
+  return splitmix64(splitmix64(job_seed) ^ h);
+}
+
+at::Tensor initial_value(uint64_t job_seed, const std::string& name, at::IntArrayRef shape,
+                         Init init, double std) {
+  auto cpu = at::TensorOptions().dtype(at::kFloat).device(at::kCPU);
+  switch (init) {
+    case Init::kOnes: return at::ones(shape, cpu);
+    case Init::kZeros: return at::zeros(shape, cpu);
+    case Init::kNormal: {
+      LOOM_CHECK(std > 0.0, "parameter '{}': normal init needs std > 0, got {}", name, std);
+      auto gen = at::make_generator<at::CPUGeneratorImpl>(parameter_seed(job_seed, name));
+      auto t = at::empty(shape, cpu);
+      t.normal_(0.0, std, gen);
+      return t;
+    }
+  }
+  LOOM_THROW(ErrorKind::kInternal, "unknown init for parameter '{}'", name);
+}
+
+ParameterFactory::ParameterFactory(std::shared_ptr<std::vector<Parameter>> registry,
+                                   uint64_t job_seed, at::TensorOptions options, std::string prefix)
+    : registry_(std::move(registry)),
+      job_seed_(job_seed),
+      options_(options),
+      prefix_(std::move(prefix)) {}
+
+ParameterFactory ParameterFactory::child(const std::string& name) const {
+  return ParameterFactory(registry_, job_seed_, options_, prefix_.empty() ? name : prefix_ + "." + name);
+}
+
+at::Tensor ParameterFactory::make(const std::string& name, at::IntArrayRef shape, Init init,
+                                  double std, int weight_decay) const {
+  std::string full = prefix_.empty() ? name : prefix_ + "." + name;
+  for (const auto& p : *registry_) {
+    LOOM_INTERNAL_CHECK(p.name != full, "parameter '{}' registered twice", full);
+  }
+  at::Tensor t = initial_value(job_seed_, full, shape, init, std).to(options_).detach();
+  t.set_requires_grad(true);
+  Parameter p;
+  p.name = full;
+  p.tensor = t;
+  p.global_shape = shape.vec();
+  p.weight_decay = weight_decay < 0 ? shape.size() > 1 : weight_decay != 0;
+  registry_->push_back(p);
+  return t;
+}
+
+}  // namespace loom::model

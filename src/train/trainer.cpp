@@ -1,0 +1,468 @@
+#include "loom/train/trainer.h"
+
+#include <ATen/CPUGeneratorImpl.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/grad_mode.h>
+#include <fmt/format.h>
+#include <nlohmann/json.hpp>
+
+#include <cmath>
+#include <filesystem>
+#include <mutex>
+
+#include "loom/checkpoint/checkpoint.h"
+#include "loom/comm/local_communicator.h"
+#include "loom/core/config.h"
+#include "loom/core/error.h"
+#include "loom/core/logging.h"
+#include "loom/mesh/parallel_dims.h"
+#include "loom/optim/clip.h"
+#include "loom/train/system.h"
+
+namespace loom::train {
+
+namespace {
+constexpr const char* kCheckpointFormat = "loom-single-1";
+
+void validate_train(const config::TrainConfig& t, int64_t max_seq_len) {
+  LOOM_CHECK_CONFIG(t.steps() >= 1, "field 'train.steps' must be >= 1, got {}", t.steps());
+  LOOM_CHECK_CONFIG(t.seq_len() >= 1 && t.seq_len() <= max_seq_len,
+                    "field 'train.seq_len' must be in [1, model.max_seq_len = {}], got {}", max_seq_len,
+                    t.seq_len());
+  LOOM_CHECK_CONFIG(t.micro_batch_size() >= 1, "field 'train.micro_batch_size' must be >= 1, got {}",
+                    t.micro_batch_size());
+  LOOM_CHECK_CONFIG(t.global_batch_size() >= 0,
+                    "field 'train.global_batch_size' must be >= 0 (0 = micro_batch_size x dp), got {}",
+                    t.global_batch_size());
+  LOOM_CHECK_CONFIG(t.log_every() >= 1, "field 'train.log_every' must be >= 1, got {}", t.log_every());
+  LOOM_CHECK_CONFIG(t.eval_every() >= 0 && t.save_every() >= 0,
+                    "fields 'train.eval_every' ({}) and 'train.save_every' ({}) must be >= 0",
+                    t.eval_every(), t.save_every());
+  LOOM_CHECK_CONFIG(t.eval_batches() >= 1, "field 'train.eval_batches' must be >= 1, got {}",
+                    t.eval_batches());
+  LOOM_CHECK_CONFIG(t.keep_checkpoints() >= 0, "field 'train.keep_checkpoints' must be >= 0, got {}",
+                    t.keep_checkpoints());
+  LOOM_CHECK_CONFIG(t.peak_tflops() >= 0, "field 'train.peak_tflops' must be >= 0, got {}",
+                    t.peak_tflops());
+  LOOM_CHECK_CONFIG(t.num_threads() >= 0, "field 'train.num_threads' must be >= 0, got {}",
+                    t.num_threads());
+}
+}  // namespace
+
+Trainer::Trainer(const config::JobConfig& config, comm::CommunicatorPtr world,
+                 std::unique_ptr<data::DataSource> source)
+    : config_(config), world_(std::move(world)), source_(std::move(source)) {
+  config::validate(config_);
+  if (!world_) world_ = std::make_shared<comm::LocalCommunicator>();
+  rank_ = world_->rank();
+  const auto dims = mesh::ParallelDims::from_config(config_.parallel(), world_->size());
+  LOOM_CHECK_KIND(ErrorKind::kUnsupported, dims.tp == 1 && dims.cp == 1 && dims.pp == 1 && dims.ep == 1,
+                  "this build's trainer runs data parallelism only; parallel.tp={}, cp={}, pp={}, ep={} "
+                  "need the tensor/context/pipeline/expert-parallel layers, which are not in yet",
+                  dims.tp, dims.cp, dims.pp, dims.ep);
+  dp_ = dims.dp;
+  LOOM_INTERNAL_CHECK(dp_ == world_->size(), "dp {} != world {}", dp_, world_->size());
+
+  const auto& t = config_.train();
+  if (t.num_threads() > 0) at::set_num_threads(t.num_threads());
+  if (t.tune_host_allocator() && !tune_host_allocator()) {
+    LOOM_LOG_WARN("glibc refused the host-allocator settings (mallopt); fresh pages will be faulted in each step");
+  }
+  model::ModelSpec spec = model::ModelSpec::from_config(config_.model());
+  validate_train(t, spec.max_seq_len);
+  seq_len_ = t.seq_len();
+  micro_batch_ = t.micro_batch_size();
+  global_batch_ = t.global_batch_size() > 0 ? t.global_batch_size() : micro_batch_ * dp_;
+  LOOM_CHECK_CONFIG(global_batch_ % (micro_batch_ * dp_) == 0,
+                    "field 'train.global_batch_size' ({}) must be a multiple of train.micro_batch_size "
+                    "({}) x data-parallel size ({}) = {}",
+                    global_batch_, micro_batch_, dp_, micro_batch_ * dp_);
+  num_micro_ = global_batch_ / (micro_batch_ * dp_);
+
+  if (!source_) source_ = data::make_source(config_, spec.vocab_size);
+  LOOM_CHECK_CONFIG(source_->vocab_size() <= spec.vocab_size,
+                    "the data's vocabulary ({} tokens) does not fit model.vocab_size = {}",
+                    source_->vocab_size(), spec.vocab_size);
+
+  model_ = std::make_unique<model::GptModel>(spec, config_.seed(), device_);
+  optimizer_ = std::make_unique<optim::AdamW>(&model_->parameters(), optim::AdamWOptions::from_config(config_.optim()));
+  schedule_ = std::make_unique<optim::LrSchedule>(config_.optim(), t.steps());
+  LOOM_CHECK_CONFIG(config_.optim().clip_grad() >= 0, "field 'optim.clip_grad' must be >= 0, got {}",
+                    config_.optim().clip_grad());
+
+  flops_per_token_ = spec.flops_per_token(seq_len_);
+  if (t.peak_tflops() > 0) {
+    peak_flops_ = t.peak_tflops() * 1e12;
+  } else {
+    peak_flops_ = probe_matmul_flops(device_, spec.compute_dtype);
+  }
+
+  if (rank_ == 0) {
+    std::string path = t.metrics_jsonl();
+    if (path.empty() && !config_.logging().dir().empty()) path = config_.logging().dir() + "/metrics.jsonl";
+    if (!path.empty()) {
+      std::error_code ec;
+      auto parent = std::filesystem::path(path).parent_path();
+      if (!parent.empty()) std::filesystem::create_directories(parent, ec);
+      jsonl_.open(path, std::ios::app);
+      LOOM_CHECK_KIND(ErrorKind::kIO, jsonl_.good(), "cannot open metrics file '{}'", path);
+    }
+  }
+  LOOM_LOG_INFO("model: {}", spec.summary());
+  LOOM_LOG_INFO("data: {}", source_->describe());
+  LOOM_LOG_INFO("batch: {} sequences x {} tokens per step = {} micro-batches of {} on each of {} DP rank(s)",
+                global_batch_, seq_len_, num_micro_, micro_batch_, dp_);
+  LOOM_LOG_INFO("compute: {} ({}), {:.3g} GFLOP per token; peak {:.2f} TFLOP/s per device ({})",
+                c10::toString(spec.compute_dtype), spec.recompute ? "full recomputation" : "no recomputation",
+                flops_per_token_ / 1e9, peak_flops_ / 1e12,
+                t.peak_tflops() > 0 ? "train.peak_tflops" : "measured by a GEMM probe");
+  LOOM_LOG_INFO("BLAS: {}", blas_description());
+  if (blas_core_forced()) {
+    LOOM_LOG_WARN("OPENBLAS_CORETYPE is set: OpenBLAS uses that core's kernels, which can halve GEMM speed");
+  }
+}
+
+Trainer::~Trainer() = default;
+
+model::Batch Trainer::make_micro_batch(data::Split split, int64_t first_sample, int64_t count) const {
+  at::Tensor buf = at::empty({count, seq_len_ + 1}, at::kLong);
+  int64_t* p = buf.data_ptr<int64_t>();
+  for (int64_t i = 0; i < count; ++i) source_->sample(split, first_sample + i, seq_len_ + 1, p + i * (seq_len_ + 1));
+  model::Batch b;
+  b.tokens = buf.narrow(1, 0, seq_len_).contiguous().to(device_);
+  b.targets = buf.narrow(1, 1, seq_len_).contiguous().to(device_);
+  return b;
+}
+
+double Trainer::all_reduce_sum(double v) {
+  if (dp_ == 1) return v;
+  at::Tensor t = at::full({1}, v, at::kDouble);
+  world_->all_reduce(t);
+  return t.item<double>();
+}
+
+void Trainer::reduce_gradients() {
+  if (dp_ == 1) return;
+  // One flat buffer, one all-reduce (the bucketed, overlapped version comes with the DP issue).
+  auto& params = model_->parameters();
+  std::vector<at::Tensor> flat;
+  for (auto& p : params) {
+    const at::Tensor& g = p.tensor.grad();
+    flat.push_back(g.defined() ? g.reshape({-1}) : at::zeros({p.tensor.numel()}, p.tensor.options()));
+  }
+  at::Tensor buf = at::cat(flat);
+  world_->all_reduce(buf);
+  int64_t off = 0;
+  at::NoGradGuard no_grad;
+  for (auto& p : params) {
+    at::Tensor view = buf.narrow(0, off, p.tensor.numel()).view(p.tensor.sizes());
+    if (p.tensor.grad().defined()) {
+      p.tensor.mutable_grad().copy_(view);
+    } else {
+      p.tensor.mutable_grad() = view.clone();
+    }
+    off += p.tensor.numel();
+  }
+}
+
+StepMetrics Trainer::train_step() {
+  Stopwatch clock;
+  timers_.reset();
+  StepMetrics m;
+  const int64_t per_rank = global_batch_ / dp_;
+  const int64_t base = consumed_samples_ + rank_ * per_rank;
+
+  timers_.start("data");
+  std::vector<model::Batch> batches;
+  int64_t local_tokens = 0;
+  for (int64_t i = 0; i < num_micro_; ++i) {
+    batches.push_back(make_micro_batch(data::Split::kTrain, base + i * micro_batch_, micro_batch_));
+    local_tokens += batches.back().num_loss_tokens();
+  }
+  timers_.stop("data");
+  timers_.start("comm");
+  const double total_tokens = all_reduce_sum(static_cast<double>(local_tokens));
+  timers_.stop("comm");
+  LOOM_CHECK(total_tokens > 0, "step {}: the global batch has no loss tokens", step_ + 1);
+
+  model_->zero_grad();
+  const double aux_scale = 1.0 / static_cast<double>(num_micro_ * dp_);
+  at::Tensor loss_acc = at::zeros({2}, at::kDouble);  // [lm loss sum, aux sum]
+  for (auto& b : batches) {
+    timers_.start("forward");
+    model::ModelOutput out = model_->forward(b);
+    at::Tensor loss = out.loss_sum / total_tokens;
+    if (model_->spec().is_moe()) loss = loss + out.aux_loss * aux_scale;
+    timers_.stop("forward");
+    timers_.start("backward");
+    loss.backward();
+    timers_.stop("backward");
+    loss_acc[0] += out.loss_sum.detach().to(at::kDouble).cpu();
+    loss_acc[1] += out.aux_loss.detach().to(at::kDouble).cpu();
+  }
+  timers_.start("comm");
+  reduce_gradients();
+  if (dp_ > 1) world_->all_reduce(loss_acc);
+  timers_.stop("comm");
+  m.step = step_ + 1;
+  m.loss = loss_acc[0].item<double>() / total_tokens;
+  m.aux_loss = loss_acc[1].item<double>() * aux_scale;
+  m.tokens = static_cast<int64_t>(total_tokens);
+  LOOM_CHECK_KIND(ErrorKind::kNumerics, std::isfinite(m.loss),
+                  "step {}: the loss is {} ({} tokens); no update was applied, so the parameters are "
+                  "those after step {}. Lower optim.lr, raise optim.warmup_steps, or check the data",
+                  m.step, m.loss, m.tokens, step_);
+
+  timers_.start("optimizer");
+  m.grad_norm = optim::clip_grad_norm(model_->parameters(), config_.optim().clip_grad());
+  LOOM_CHECK_KIND(ErrorKind::kNumerics, std::isfinite(m.grad_norm),
+                  "step {}: the gradient norm is {} (loss {}); no update was applied, so the parameters "
+                  "are those after step {}",
+                  m.step, m.grad_norm, m.loss, step_);
+  m.lr = schedule_->lr_at(step_);
+  optimizer_->step(m.lr);
+  timers_.stop("optimizer");
+  ++step_;
+  consumed_samples_ += global_batch_;
+
+  m.seconds = clock.seconds();
+  m.data_s = timers_.elapsed("data");
+  m.forward_s = timers_.elapsed("forward");
+  m.backward_s = timers_.elapsed("backward");
+  m.comm_s = timers_.elapsed("comm");
+  m.optimizer_s = timers_.elapsed("optimizer");
+  const double all_tokens = static_cast<double>(global_batch_ * seq_len_);
+  m.tokens_per_s = all_tokens / m.seconds;
+  m.tokens_per_s_per_device = m.tokens_per_s / dp_;
+  m.tflops_per_device = flops_per_token_ * m.tokens_per_s_per_device / 1e12;
+  m.mfu = peak_flops_ > 0 ? m.tflops_per_device * 1e12 / peak_flops_ : 0;
+  const MemoryStats mem = memory_stats();
+  m.rss = mem.rss;
+  m.peak_rss = mem.peak_rss;
+  for (const auto& [layer, st] : model_->moe_stats()) {
+    m.moe_dropped += st.dropped;
+    if (st.tokens_per_expert.defined()) {
+      const double mean = st.tokens_per_expert.to(at::kDouble).mean().item<double>();
+      const double mx = st.tokens_per_expert.max().item<int64_t>();
+      if (mean > 0) m.moe_max_load = std::max(m.moe_max_load, mx / mean);
+    }
+  }
+  history_.push_back(m);
+  return m;
+}
+
+EvalMetrics Trainer::evaluate() {
+  at::NoGradGuard no_grad;
+  EvalMetrics e;
+  e.step = step_;
+  const int64_t per_rank = global_batch_ / dp_;
+  double sums[2] = {0, 0};
+  for (int64_t g = 0; g < config_.train().eval_batches(); ++g) {
+    const int64_t base = g * global_batch_ + rank_ * per_rank;
+    for (int64_t i = 0; i < num_micro_; ++i) {
+      model::Batch b = make_micro_batch(data::Split::kValid, base + i * micro_batch_, micro_batch_);
+      model::ModelOutput out = model_->forward(b);
+      sums[0] += out.loss_sum.item<double>();
+      sums[1] += static_cast<double>(out.num_tokens);
+    }
+  }
+  if (dp_ > 1) {
+    at::Tensor t = at::tensor({sums[0], sums[1]}, at::kDouble);
+    world_->all_reduce(t);
+    sums[0] = t[0].item<double>();
+    sums[1] = t[1].item<double>();
+  }
+  e.tokens = static_cast<int64_t>(sums[1]);
+  e.loss = sums[0] / sums[1];
+  e.perplexity = std::exp(e.loss);
+  if (rank_ == 0) {
+    if (progress_) progress_->clear();
+    LOOM_LOG_INFO("eval step {} | loss {:.4f} | perplexity {:.2f} | {} tokens", e.step, e.loss, e.perplexity, e.tokens);
+    nlohmann::json j = {{"type", "eval"}, {"step", e.step}, {"loss", e.loss},
+                        {"perplexity", e.perplexity}, {"tokens", e.tokens}};
+    write_jsonl(j.dump());
+  }
+  return e;
+}
+
+std::string Trainer::save_checkpoint() {
+  const std::string& root = config_.train().checkpoint_dir();
+  LOOM_CHECK_CONFIG(!root.empty(), "cannot save a checkpoint: field 'train.checkpoint_dir' is empty");
+  std::string dir;
+  if (rank_ == 0) {
+    checkpoint::CheckpointData data;
+    for (const auto& p : model_->parameters()) data.model[p.name] = p.tensor.detach();
+    for (const auto& s : optimizer_->state()) data.state["optim." + s.name] = s.tensor;
+    {
+      at::Generator gen = at::detail::getDefaultCPUGenerator();
+      std::lock_guard<std::mutex> lock(gen.mutex());
+      data.state["rng.cpu"] = gen.get_state();
+    }
+    data.metadata = {{"format", kCheckpointFormat},
+                     {"step", std::to_string(step_)},
+                     {"consumed_samples", std::to_string(consumed_samples_)},
+                     {"optimizer_step", std::to_string(optimizer_->step_count())},
+                     {"world_size", std::to_string(world_->size())},
+                     {"config", config::to_text(config_)}};
+    dir = checkpoint::save_checkpoint(root, step_, data, config_.train().keep_checkpoints());
+    if (progress_) progress_->clear();
+    LOOM_LOG_INFO("saved checkpoint {} (step {})", dir, step_);
+  }
+  world_->barrier();
+  last_checkpoint_ = dir.empty() ? fmt::format("{}/step-{:08d}", root, step_) : dir;
+  return last_checkpoint_;
+}
+
+void Trainer::load_checkpoint(const std::string& dir) {
+  checkpoint::CheckpointData data = checkpoint::load_checkpoint(dir);
+  auto meta = [&](const char* key) -> std::string {
+    auto it = data.metadata.find(key);
+    LOOM_CHECK_KIND(ErrorKind::kIO, it != data.metadata.end(), "checkpoint '{}': metadata '{}' is missing",
+                    dir, key);
+    return it->second;
+  };
+  LOOM_CHECK_KIND(ErrorKind::kIO, meta("format") == kCheckpointFormat,
+                  "checkpoint '{}' has format '{}', this build reads '{}'", dir, meta("format"), kCheckpointFormat);
+  at::NoGradGuard no_grad;
+  for (auto& p : model_->parameters()) {
+    auto it = data.model.find(p.name);
+    LOOM_CHECK_KIND(ErrorKind::kIO, it != data.model.end(),
+                    "checkpoint '{}' has no parameter '{}': was it written for a different model config?",
+                    dir, p.name);
+    LOOM_CHECK_KIND(ErrorKind::kIO, it->second.sizes() == p.tensor.sizes(),
+                    "checkpoint '{}': parameter '{}' has shape {}, the model needs {}", dir, p.name,
+                    it->second.sizes(), p.tensor.sizes());
+    p.tensor.copy_(it->second);
+  }
+  LOOM_CHECK_KIND(ErrorKind::kIO, data.model.size() == model_->parameters().size(),
+                  "checkpoint '{}' holds {} parameters, the model has {}: was it written for a different "
+                  "model config?",
+                  dir, data.model.size(), model_->parameters().size());
+  std::vector<optim::NamedTensor> state;
+  for (const auto& [name, t] : data.state) {
+    if (name.rfind("optim.", 0) == 0) state.push_back({name.substr(6), t});
+  }
+  optimizer_->load_state(state, std::stoll(meta("optimizer_step")));
+  auto rng = data.state.find("rng.cpu");
+  LOOM_CHECK_KIND(ErrorKind::kIO, rng != data.state.end(), "checkpoint '{}': 'rng.cpu' is missing", dir);
+  {
+    at::Generator gen = at::detail::getDefaultCPUGenerator();
+    std::lock_guard<std::mutex> lock(gen.mutex());
+    gen.set_state(rng->second);
+  }
+  step_ = std::stoll(meta("step"));
+  consumed_samples_ = std::stoll(meta("consumed_samples"));
+  if (consumed_samples_ != step_ * global_batch_) {
+    LOOM_LOG_WARN("checkpoint consumed {} samples in {} steps; this run uses {} per step from here on",
+                  consumed_samples_, step_, global_batch_);
+  }
+  LOOM_LOG_INFO("resumed from {} at step {} ({} samples consumed)", dir, step_, consumed_samples_);
+}
+
+void Trainer::write_jsonl(const std::string& line) {
+  if (jsonl_.is_open()) {
+    jsonl_ << line << '\n';
+    jsonl_.flush();
+  }
+}
+
+void Trainer::log_step(const StepMetrics& m) {
+  if (rank_ != 0) return;
+  const int64_t total = config_.train().steps();
+  std::string brief = fmt::format("loss {:.4f} | lr {:.2e} | {:.0f} tok/s | MFU {:.1f}%", m.loss, m.lr,
+                                  m.tokens_per_s, m.mfu * 100);
+  nlohmann::json j = {{"type", "train"},       {"step", m.step},
+                      {"loss", m.loss},        {"aux_loss", m.aux_loss},
+                      {"lr", m.lr},            {"grad_norm", m.grad_norm},
+                      {"tokens", m.tokens},    {"seconds", m.seconds},
+                      {"tokens_per_s", m.tokens_per_s},
+                      {"tokens_per_s_per_device", m.tokens_per_s_per_device},
+                      {"tflops_per_device", m.tflops_per_device},
+                      {"mfu", m.mfu},          {"rss_bytes", m.rss},
+                      {"peak_rss_bytes", m.peak_rss},
+                      {"time", {{"data", m.data_s}, {"forward", m.forward_s}, {"backward", m.backward_s},
+                                {"comm", m.comm_s}, {"optimizer", m.optimizer_s}}}};
+  if (model_->spec().is_moe()) {
+    j["moe_dropped"] = m.moe_dropped;
+    j["moe_max_load"] = m.moe_max_load;
+  }
+  write_jsonl(j.dump());
+  const bool log_now = m.step % config_.train().log_every() == 0 || m.step == total || m.step == 1;
+  if (log_now) {
+    if (progress_) progress_->clear();
+    const double t = std::max(m.seconds, 1e-12);
+    std::string line = fmt::format(
+        "step {}/{} | loss {:.4f} | lr {:.3e} | grad {:.3f} | {:.0f} tok/s | {:.3f} TFLOP/s | MFU {:.1f}% "
+        "| mem {} | data {:.0f}% fwd {:.0f}% bwd {:.0f}% comm {:.0f}% opt {:.0f}%",
+        m.step, total, m.loss, m.lr, m.grad_norm, m.tokens_per_s, m.tflops_per_device, m.mfu * 100,
+        format_bytes(static_cast<double>(m.rss)), 100 * m.data_s / t, 100 * m.forward_s / t,
+        100 * m.backward_s / t, 100 * m.comm_s / t, 100 * m.optimizer_s / t);
+    if (model_->spec().is_moe()) {
+      line += fmt::format(" | aux {:.4f} | max load {:.2f}", m.aux_loss, m.moe_max_load);
+      if (m.moe_dropped > 0) line += fmt::format(" | dropped {}", m.moe_dropped);
+    }
+    if (progress_ && !progress_->active()) line += fmt::format(" | ETA {}", format_duration(progress_->eta(m.step)));
+    LOOM_LOG_INFO("{}", line);
+  }
+  if (progress_) progress_->update(m.step, brief);
+}
+
+TrainSummary Trainer::fit() {
+  const auto& t = config_.train();
+  if (t.resume() == "latest") {
+    LOOM_CHECK_CONFIG(!t.checkpoint_dir().empty(), "train.resume is 'latest' but train.checkpoint_dir is empty");
+    if (auto latest = checkpoint::latest_checkpoint(t.checkpoint_dir())) {
+      load_checkpoint(*latest);
+    } else {
+      LOOM_LOG_INFO("no checkpoint under '{}': starting from step 0", t.checkpoint_dir());
+    }
+  } else if (!t.resume().empty()) {
+    load_checkpoint(t.resume());
+  }
+  TrainSummary s;
+  s.first_step = step_;
+  progress_ = std::make_unique<Progress>(t.progress(), step_, t.steps(), rank_ == 0 && t.progress() != "off");
+  Stopwatch clock;
+  double tps_sum = 0, mfu_sum = 0;
+  int64_t timed = 0;
+  EvalMetrics last_eval;
+  bool have_eval = false;
+  s.best_eval_loss = std::numeric_limits<double>::infinity();
+  bool saved_now = false;
+  while (step_ < t.steps()) {
+    StepMetrics m = train_step();
+    log_step(m);
+    if (step_ == s.first_step + 1) s.first_loss = m.loss;
+    s.last_loss = m.loss;
+    if (step_ > s.first_step + 1) {
+      tps_sum += m.tokens_per_s;
+      mfu_sum += m.mfu;
+      ++timed;
+    }
+    saved_now = false;
+    if (t.eval_every() > 0 && step_ % t.eval_every() == 0) {
+      last_eval = evaluate();
+      have_eval = true;
+      s.best_eval_loss = std::min(s.best_eval_loss, last_eval.loss);
+    }
+    if (t.save_every() > 0 && step_ % t.save_every() == 0 && !t.checkpoint_dir().empty()) {
+      save_checkpoint();
+      saved_now = true;
+    }
+  }
+  if (progress_) progress_->finish();
+  if (!t.checkpoint_dir().empty() && !saved_now && step_ > s.first_step) save_checkpoint();
+  s.last_step = step_;
+  s.seconds = clock.seconds();
+  s.mean_tokens_per_s = timed > 0 ? tps_sum / static_cast<double>(timed) : (history_.empty() ? 0 : history_.back().tokens_per_s);
+  s.mean_mfu = timed > 0 ? mfu_sum / static_cast<double>(timed) : (history_.empty() ? 0 : history_.back().mfu);
+  s.checkpoint = last_checkpoint_;
+  if (!have_eval) s.best_eval_loss = std::nan("");
+  LOOM_LOG_INFO("done: steps {}..{} in {} | loss {:.4f} -> {:.4f} | best eval loss {:.4f} | {:.0f} tok/s | MFU {:.1f}%{}",
+                s.first_step, s.last_step, format_duration(s.seconds), s.first_loss, s.last_loss,
+                s.best_eval_loss, s.mean_tokens_per_s, s.mean_mfu * 100,
+                s.checkpoint.empty() ? "" : " | checkpoint " + s.checkpoint);
+  return s;
+}
+
+}  // namespace loom::train
