@@ -58,8 +58,13 @@ namespace {
 struct RecomputedBlock : public torch::autograd::Function<RecomputedBlock> {
   static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx,
                                                 const at::Tensor& x, at::TensorList params,
-                                                const at::Tensor& cos, const at::Tensor& sin,
-                                                const at::Tensor& doc_ids, Block* block) {
+                                                const c10::optional<at::Tensor>& cos_opt,
+                                                const c10::optional<at::Tensor>& sin_opt,
+                                                const c10::optional<at::Tensor>& doc_opt, Block* block) {
+    // Optional tensors: an undefined one (no RoPE, no document mask) is not an autograd input.
+    const at::Tensor cos = cos_opt.value_or(at::Tensor());
+    const at::Tensor sin = sin_opt.value_or(at::Tensor());
+    const at::Tensor doc_ids = doc_opt.value_or(at::Tensor());
     ctx->save_for_backward({x, cos, sin, doc_ids});
     ctx->saved_data["block"] = reinterpret_cast<int64_t>(block);
     ctx->saved_data["num_params"] = static_cast<int64_t>(params.size());
@@ -145,8 +150,11 @@ at::Tensor GptModel::hidden_states(const Batch& batch, at::Tensor* aux) {
   for (auto& block : blocks_) {
     at::Tensor block_aux;
     if (spec_.recompute && at::GradMode::is_enabled()) {
-      auto out = RecomputedBlock::apply(x, block->parameters(), ctx.rope_cos, ctx.rope_sin,
-                                        ctx.doc_ids, block.get());
+      auto opt = [](const at::Tensor& t) {
+        return t.defined() ? c10::optional<at::Tensor>(t) : c10::optional<at::Tensor>();
+      };
+      auto out = RecomputedBlock::apply(x, at::TensorList(block->parameters()), opt(ctx.rope_cos),
+                                        opt(ctx.rope_sin), opt(ctx.doc_ids), block.get());
       x = out[0];
       block_aux = out[1];
     } else {

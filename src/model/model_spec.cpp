@@ -139,6 +139,7 @@ namespace {
 struct LayerCount {
   int64_t params = 0;
   int64_t active = 0;
+  int64_t matmul = 0;  // weights one token multiplies by (no norms, biases or lookups)
 };
 
 int64_t mlp_params(const ModelSpec& s, int64_t ffn) {
@@ -155,6 +156,7 @@ LayerCount layer_count(const ModelSpec& s, int64_t layer) {
   LayerCount c;
   c.params = 2 * norm + attn;
   c.active = c.params;
+  c.matmul = qkv_out * s.hidden + s.num_heads * s.head_dim * s.hidden;
   if (s.is_moe_layer(layer)) {
     const int64_t expert = 3 * s.moe.expert_ffn * s.hidden;
     const int64_t shared = s.moe.num_shared_experts > 0
@@ -163,9 +165,11 @@ LayerCount layer_count(const ModelSpec& s, int64_t layer) {
     const int64_t router = s.moe.num_experts * s.hidden;
     c.params += router + s.moe.num_experts * expert + shared;
     c.active += router + s.moe.top_k * expert + shared;
+    c.matmul += router + s.moe.top_k * expert + shared;
   } else {
     c.params += mlp_params(s, s.ffn);
     c.active += mlp_params(s, s.ffn);
+    c.matmul += (s.swiglu ? 3 : 2) * s.ffn * s.hidden;
   }
   return c;
 }
@@ -192,10 +196,10 @@ int64_t ModelSpec::num_active_parameters() const {
 }
 
 double ModelSpec::flops_per_token(int64_t seq_len) const {
-  // Weights a token multiplies by: the active parameters minus the lookups (embedding tables),
-  // plus the head, which is a real matmul even when it shares the embedding's storage.
-  double matmul = static_cast<double>(num_active_parameters() - num_embedding_parameters());
-  if (tie_embeddings) matmul += static_cast<double>(vocab_size * hidden);
+  // Weights a token multiplies by: every layer's matmuls (top_k of the routed experts) and the
+  // output head, which is a real matmul even when it shares the embedding's storage.
+  double matmul = static_cast<double>(vocab_size * hidden);
+  for (int64_t i = 0; i < num_layers; ++i) matmul += static_cast<double>(layer_count(*this, i).matmul);
   const double attention = 12.0 * num_layers * num_heads * head_dim * static_cast<double>(seq_len);
   return 6.0 * matmul + attention;
 }

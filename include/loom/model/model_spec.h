@@ -71,7 +71,8 @@ struct ModelSpec {
   int64_t num_active_parameters() const;
 
   // Training FLOPs per token at sequence length `seq_len`, counted as Megatron-LM and TorchTitan
-  // do: 6 x (weights every token multiplies by, output head included, embedding lookups excluded)
+  // do: 6 x (matmul weights every token multiplies by: projections, top_k routed experts, shared
+  // experts, router, output head; not norms, biases or embedding lookups)
   // + 12 x layers x heads x head_dim x seq_len for the attention scores and their use (the full
   // square, not halved for the causal mask). See docs/model.md.
   double flops_per_token(int64_t seq_len) const;

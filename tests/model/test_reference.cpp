@@ -1,0 +1,656 @@
+// The model against an independent, loop-level float64 reference written here (attention with GQA
+// and document masks, RoPE, RMSNorm/LayerNorm, SwiGLU/GELU, learned positions, tied heads, the MoE
+// router variants, capacity drops, shared experts, the balance and z losses), and its gradients
+// against central finite differences in float64.
+//
+// Tolerances: the model and the reference both compute in float64 but in different orders (BLAS
+// GEMMs vs scalar loops), so logits agree to ~1e-14 relative; 1e-10 absolute leaves a wide margin
+// while any wrong index, sign or pairing (errors of order 1e-2..1) fails. Finite differences use
+// h = 1e-6: truncation error ~h^2 * f''' ~ 1e-12 and rounding ~1e-16 / h ~ 1e-10, so agreement to
+// 1e-6 relative (+1e-9 absolute) is required.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+#include <random>
+
+#include "loom/core/error.h"
+#include "loom/model/gpt.h"
+
+namespace {
+
+using loom::model::Batch;
+using loom::model::GptModel;
+using loom::model::ModelSpec;
+using Vec = std::vector<double>;
+
+// ---------------------------------------------------------------------------------------------
+// The reference.
+struct Mat {
+  int64_t rows = 0, cols = 0;
+  Vec v;
+  double operator()(int64_t r, int64_t c) const { return v[r * cols + c]; }
+};
+
+Vec to_vec(const at::Tensor& t) {
+  at::Tensor c = t.detach().to(at::kDouble).contiguous();
+  return Vec(c.data_ptr<double>(), c.data_ptr<double>() + c.numel());
+}
+
+Mat to_mat(const at::Tensor& t) {
+  Mat m;
+  m.rows = t.size(0);
+  m.cols = t.size(1);
+  m.v = to_vec(t);
+  return m;
+}
+
+struct Ref {
+  const GptModel& model;
+  const ModelSpec& s;
+  explicit Ref(const GptModel& m) : model(m), s(m.spec()) {}
+
+  bool has(const std::string& name) const { return model.find(name) != nullptr; }
+  at::Tensor t(const std::string& name) const {
+    auto* p = model.find(name);
+    EXPECT_NE(p, nullptr) << name;
+    return p->tensor;
+  }
+  Mat mat(const std::string& name) const { return to_mat(t(name)); }
+  Vec vec(const std::string& name) const { return to_vec(t(name)); }
+
+  static Vec matvec(const Mat& w, const Vec& x, const Vec* bias = nullptr) {
+    Vec y(w.rows, 0.0);
+    for (int64_t r = 0; r < w.rows; ++r) {
+      double acc = bias ? (*bias)[r] : 0.0;
+      for (int64_t c = 0; c < w.cols; ++c) acc += w(r, c) * x[c];
+      y[r] = acc;
+    }
+    return y;
+  }
+
+  Vec norm(const std::string& prefix, const Vec& x) const {
+    const auto n = static_cast<double>(x.size());
+    Vec w = vec(prefix + ".weight");
+    Vec y(x.size());
+    if (s.norm == loom::model::NormKind::kRmsNorm) {
+      double ms = 0;
+      for (double v : x) ms += v * v;
+      const double inv = 1.0 / std::sqrt(ms / n + s.norm_eps);
+      for (size_t i = 0; i < x.size(); ++i) y[i] = x[i] * inv * w[i];
+    } else {
+      Vec b = vec(prefix + ".bias");
+      double mean = std::accumulate(x.begin(), x.end(), 0.0) / n;
+      double var = 0;
+      for (double v : x) var += (v - mean) * (v - mean);
+      var /= n;
+      const double inv = 1.0 / std::sqrt(var + s.norm_eps);
+      for (size_t i = 0; i < x.size(); ++i) y[i] = (x[i] - mean) * inv * w[i] + b[i];
+    }
+    return y;
+  }
+
+  // Rotate-half RoPE of one head vector at position p.
+  Vec rope(const Vec& x, int64_t p) const {
+    const int64_t d = static_cast<int64_t>(x.size()), half = d / 2;
+    Vec y(x.size());
+    for (int64_t i = 0; i < half; ++i) {
+      const double angle = static_cast<double>(p) * std::pow(s.rope_theta, -2.0 * i / static_cast<double>(d));
+      const double c = std::cos(angle), sn = std::sin(angle);
+      y[i] = x[i] * c - x[i + half] * sn;
+      y[i + half] = x[i + half] * c + x[i] * sn;
+    }
+    return y;
+  }
+
+  static double silu(double v) { return v / (1.0 + std::exp(-v)); }
+  static double gelu_tanh(double v) {
+    const double k = std::sqrt(2.0 / M_PI);
+    return 0.5 * v * (1.0 + std::tanh(k * (v + 0.044715 * v * v * v)));
+  }
+
+  // SwiGLU with fc1 rows [gate | up].
+  static Vec swiglu_ffn(const Mat& fc1, const Mat& fc2, const Vec& x) {
+    Vec h = matvec(fc1, x);
+    const int64_t f = fc1.rows / 2;
+    Vec a(f);
+    for (int64_t i = 0; i < f; ++i) a[i] = silu(h[i]) * h[f + i];
+    return matvec(fc2, a);
+  }
+
+  Vec mlp(const std::string& prefix, const Vec& x) const {
+    if (s.swiglu) return swiglu_ffn(mat(prefix + ".fc1.weight"), mat(prefix + ".fc2.weight"), x);
+    Vec b1, b2;
+    if (s.bias) {
+      b1 = vec(prefix + ".fc1.bias");
+      b2 = vec(prefix + ".fc2.bias");
+    }
+    Vec h = matvec(mat(prefix + ".fc1.weight"), x, s.bias ? &b1 : nullptr);
+    for (double& v : h) v = gelu_tanh(v);
+    return matvec(mat(prefix + ".fc2.weight"), h, s.bias ? &b2 : nullptr);
+  }
+
+  // MoE over all tokens of the batch; `xs` in flat token order t = s_index * B + b_index.
+  std::vector<Vec> moe(const std::string& prefix, const std::vector<Vec>& xs, double* aux) const {
+    const auto& m = s.moe;
+    const int64_t T = static_cast<int64_t>(xs.size()), E = m.num_experts, k = m.top_k;
+    Mat router = mat(prefix + ".router.weight");
+    at::Tensor fc1 = t(prefix + ".experts.fc1.weight"), fc2 = t(prefix + ".experts.fc2.weight");
+    std::vector<Mat> w1, w2;
+    for (int64_t e = 0; e < E; ++e) {
+      w1.push_back(to_mat(fc1[e]));
+      w2.push_back(to_mat(fc2[e]));
+    }
+    std::vector<std::vector<int64_t>> chosen(T);
+    std::vector<Vec> gates(T);
+    std::vector<Vec> probs(T, Vec(E));
+    Vec count(E, 0.0);
+    double z = 0;
+    for (int64_t t = 0; t < T; ++t) {
+      Vec l = matvec(router, xs[t]);
+      double mx = *std::max_element(l.begin(), l.end());
+      double se = 0;
+      for (double v : l) se += std::exp(v - mx);
+      const double lse = mx + std::log(se);
+      z += lse * lse;
+      Vec score(E);
+      if (m.score == loom::model::ScoreFunction::kSoftmax) {
+        for (int64_t e = 0; e < E; ++e) probs[t][e] = std::exp(l[e] - lse);
+        score = m.pre_softmax ? probs[t] : l;
+      } else {
+        double sum = 0;
+        for (int64_t e = 0; e < E; ++e) {
+          score[e] = 1.0 / (1.0 + std::exp(-l[e]));
+          sum += score[e];
+        }
+        for (int64_t e = 0; e < E; ++e) probs[t][e] = score[e] / sum;
+      }
+      std::vector<int64_t> idx(E);
+      std::iota(idx.begin(), idx.end(), 0);
+      std::stable_sort(idx.begin(), idx.end(), [&](int64_t a, int64_t b) { return score[a] > score[b]; });
+      idx.resize(k);
+      chosen[t] = idx;
+      Vec g(k);
+      for (int64_t j = 0; j < k; ++j) g[j] = score[idx[j]];
+      if (m.score == loom::model::ScoreFunction::kSoftmax && !m.pre_softmax) {
+        double gm = *std::max_element(g.begin(), g.end()), gs = 0;
+        for (double& v : g) gs += std::exp(v - gm);
+        for (double& v : g) v = std::exp(v - gm) / gs;
+      } else if (m.normalize_topk && k > 1) {
+        double gs = std::accumulate(g.begin(), g.end(), 0.0);
+        for (double& v : g) v /= gs;
+      }
+      for (double& v : g) v *= m.scaling_factor;
+      gates[t] = g;
+      for (int64_t e : idx) count[e] += 1;
+    }
+    // Capacity: per expert, the assignments in token order; keep the first C or the C largest.
+    std::vector<std::vector<bool>> keep(T, std::vector<bool>(k, true));
+    if (m.capacity_factor > 0) {
+      const auto cap = static_cast<int64_t>(std::ceil(static_cast<double>(T * k) / E * m.capacity_factor));
+      for (int64_t e = 0; e < E; ++e) {
+        std::vector<std::pair<int64_t, int64_t>> a;  // (token, slot)
+        for (int64_t t = 0; t < T; ++t) {
+          for (int64_t j = 0; j < k; ++j) {
+            if (chosen[t][j] == e) a.emplace_back(t, j);
+          }
+        }
+        if (static_cast<int64_t>(a.size()) <= cap) continue;
+        std::vector<std::pair<int64_t, int64_t>> kept = a;
+        if (m.drop_policy == loom::model::DropPolicy::kByProbs) {
+          std::stable_sort(kept.begin(), kept.end(), [&](auto x, auto y) {
+            return gates[x.first][x.second] > gates[y.first][y.second];
+          });
+        }
+        kept.resize(cap);
+        for (auto [tt, j] : a) {
+          keep[tt][j] = std::find(kept.begin(), kept.end(), std::make_pair(tt, j)) != kept.end();
+        }
+      }
+    }
+    std::vector<Vec> out(T, Vec(s.hidden, 0.0));
+    const bool shared = m.num_shared_experts > 0;
+    Mat s1, s2;
+    if (shared) {
+      s1 = mat(prefix + ".shared.fc1.weight");
+      s2 = mat(prefix + ".shared.fc2.weight");
+    }
+    for (int64_t t = 0; t < T; ++t) {
+      for (int64_t j = 0; j < k; ++j) {
+        if (!keep[t][j]) continue;
+        Vec y = swiglu_ffn(w1[chosen[t][j]], w2[chosen[t][j]], xs[t]);
+        for (int64_t i = 0; i < s.hidden; ++i) out[t][i] += gates[t][j] * y[i];
+      }
+      if (shared) {
+        Vec y = swiglu_ffn(s1, s2, xs[t]);
+        for (int64_t i = 0; i < s.hidden; ++i) out[t][i] += y[i];
+      }
+    }
+    double balance = 0;
+    for (int64_t e = 0; e < E; ++e) {
+      double psum = 0;
+      for (int64_t t = 0; t < T; ++t) psum += probs[t][e];
+      balance += psum * count[e];
+    }
+    *aux += m.aux_loss_coeff * E / (static_cast<double>(k) * T * T) * balance + m.z_loss_coeff * z / T;
+    return out;
+  }
+
+  // Logits [B][S][V] and the summed MoE auxiliary loss for a batch.
+  std::vector<std::vector<Vec>> logits(const Batch& batch, double* aux) const {
+    const int64_t B = batch.batch_size(), S = batch.seq_len();
+    auto tok = batch.tokens.accessor<int64_t, 2>();
+    auto pos_at = [&](int64_t b, int64_t t) {
+      return batch.position_ids.defined() ? batch.position_ids[b][t].item<int64_t>() : t;
+    };
+    auto doc_at = [&](int64_t b, int64_t t) {
+      return batch.doc_ids.defined() ? batch.doc_ids[b][t].item<int64_t>() : 0;
+    };
+    Mat emb = mat("embedding.weight");
+    std::vector<std::vector<Vec>> h(B, std::vector<Vec>(S));
+    Mat pemb;
+    if (!s.rope) pemb = mat("position_embedding.weight");
+    for (int64_t b = 0; b < B; ++b) {
+      for (int64_t t = 0; t < S; ++t) {
+        h[b][t] = Vec(emb.v.begin() + tok[b][t] * s.hidden, emb.v.begin() + (tok[b][t] + 1) * s.hidden);
+        if (!s.rope) {
+          for (int64_t i = 0; i < s.hidden; ++i) h[b][t][i] += pemb(pos_at(b, t), i);
+        }
+      }
+    }
+    const int64_t nh = s.num_heads, nkv = s.num_kv_heads, d = s.head_dim, grp = nh / nkv;
+    *aux = 0;
+    for (int64_t l = 0; l < s.num_layers; ++l) {
+      const std::string p = "layers." + std::to_string(l);
+      Mat wqkv = mat(p + ".attn.qkv.weight"), wo = mat(p + ".attn.out.weight");
+      Vec bqkv, bo;
+      if (s.bias) {
+        bqkv = vec(p + ".attn.qkv.bias");
+        bo = vec(p + ".attn.out.bias");
+      }
+      for (int64_t b = 0; b < B; ++b) {
+        // Per position: q[head], k[kv head], v[kv head].
+        std::vector<std::vector<Vec>> q(S, std::vector<Vec>(nh)), k(S, std::vector<Vec>(nkv)),
+            v(S, std::vector<Vec>(nkv));
+        for (int64_t t = 0; t < S; ++t) {
+          Vec qkv = matvec(wqkv, norm(p + ".attn_norm", h[b][t]), s.bias ? &bqkv : nullptr);
+          for (int64_t g = 0; g < nkv; ++g) {
+            const int64_t base = g * (grp + 2) * d;
+            for (int64_t j = 0; j < grp; ++j) {
+              q[t][g * grp + j] = Vec(qkv.begin() + base + j * d, qkv.begin() + base + (j + 1) * d);
+            }
+            k[t][g] = Vec(qkv.begin() + base + grp * d, qkv.begin() + base + (grp + 1) * d);
+            v[t][g] = Vec(qkv.begin() + base + (grp + 1) * d, qkv.begin() + base + (grp + 2) * d);
+            if (s.rope) k[t][g] = rope(k[t][g], pos_at(b, t));
+          }
+          if (s.rope) {
+            for (int64_t hh = 0; hh < nh; ++hh) q[t][hh] = rope(q[t][hh], pos_at(b, t));
+          }
+        }
+        std::vector<Vec> attn_out(S, Vec(nh * d, 0.0));
+        for (int64_t t = 0; t < S; ++t) {
+          for (int64_t hh = 0; hh < nh; ++hh) {
+            const int64_t g = hh / grp;
+            Vec sc;
+            std::vector<int64_t> us;
+            for (int64_t u = 0; u <= t; ++u) {
+              if (doc_at(b, u) != doc_at(b, t)) continue;
+              double dot = 0;
+              for (int64_t i = 0; i < d; ++i) dot += q[t][hh][i] * k[u][g][i];
+              sc.push_back(dot / std::sqrt(static_cast<double>(d)));
+              us.push_back(u);
+            }
+            const double mx = *std::max_element(sc.begin(), sc.end());
+            double se = 0;
+            for (double& x : sc) se += (x = std::exp(x - mx));
+            for (size_t j = 0; j < us.size(); ++j) {
+              for (int64_t i = 0; i < d; ++i) attn_out[t][hh * d + i] += sc[j] / se * v[us[j]][g][i];
+            }
+          }
+        }
+        for (int64_t t = 0; t < S; ++t) {
+          Vec o = matvec(wo, attn_out[t], s.bias ? &bo : nullptr);
+          for (int64_t i = 0; i < s.hidden; ++i) h[b][t][i] += o[i];
+        }
+      }
+      if (s.is_moe_layer(l)) {
+        std::vector<Vec> xs;
+        for (int64_t t = 0; t < S; ++t) {
+          for (int64_t b = 0; b < B; ++b) xs.push_back(norm(p + ".ffn_norm", h[b][t]));
+        }
+        std::vector<Vec> ys = moe(p + ".moe", xs, aux);
+        for (int64_t t = 0; t < S; ++t) {
+          for (int64_t b = 0; b < B; ++b) {
+            for (int64_t i = 0; i < s.hidden; ++i) h[b][t][i] += ys[t * B + b][i];
+          }
+        }
+      } else {
+        for (int64_t b = 0; b < B; ++b) {
+          for (int64_t t = 0; t < S; ++t) {
+            Vec y = mlp(p + ".mlp", norm(p + ".ffn_norm", h[b][t]));
+            for (int64_t i = 0; i < s.hidden; ++i) h[b][t][i] += y[i];
+          }
+        }
+      }
+    }
+    Mat head = s.tie_embeddings ? emb : mat("output.weight");
+    std::vector<std::vector<Vec>> out(B, std::vector<Vec>(S));
+    for (int64_t b = 0; b < B; ++b) {
+      for (int64_t t = 0; t < S; ++t) out[b][t] = matvec(head, norm("final_norm", h[b][t]));
+    }
+    return out;
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
+// Fixtures.
+loom::config::ModelConfig tiny_config(const std::string& kind) {
+  loom::config::ModelConfig c;
+  c.set_vocab_size(13);
+  c.set_hidden_size(8);
+  c.set_num_layers(2);
+  c.set_num_heads(4);
+  c.set_num_kv_heads(2);
+  c.set_ffn_hidden_size(12);
+  c.set_max_seq_len(16);
+  c.set_init_std(0.3);  // large enough that every part moves the logits visibly
+  if (kind == "gpt2") {
+    c.set_arch(loom::config::ModelConfig::GPT2);
+    c.set_num_kv_heads(0);
+  } else if (kind.rfind("moe", 0) == 0) {
+    auto* m = c.mutable_moe();
+    m->set_num_experts(4);
+    m->set_top_k(2);
+    m->set_expert_ffn_hidden_size(6);
+    m->set_first_dense_layers(0);
+    m->set_layer_freq(1);
+    m->set_aux_loss_coeff(0.1);
+    m->set_z_loss_coeff(0.01);
+    if (kind == "moe_shared") {
+      m->set_num_shared_experts(2);
+      m->set_shared_expert_ffn_hidden_size(3);
+      m->set_first_dense_layers(1);
+    }
+    if (kind == "moe_sigmoid") {
+      m->set_score_function(loom::config::MoeConfig::SIGMOID);
+      m->set_router_scaling_factor(2.5);
+    }
+    if (kind == "moe_presoftmax") {
+      m->set_pre_softmax(true);
+      m->set_top_k(3);
+    }
+    if (kind == "moe_capacity_probs" || kind == "moe_capacity_position") {
+      m->set_capacity_factor(0.5);
+      m->set_drop_policy(kind == "moe_capacity_probs" ? loom::config::MoeConfig::DROP_BY_PROBS
+                                                      : loom::config::MoeConfig::DROP_BY_POSITION);
+    }
+  }
+  return c;
+}
+
+ModelSpec f64_spec(const loom::config::ModelConfig& c) {
+  ModelSpec s = ModelSpec::from_config(c);
+  s.param_dtype = at::kDouble;
+  return s;
+}
+
+Batch random_batch(int64_t b, int64_t s, int64_t vocab, uint64_t seed) {
+  at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(seed);
+  Batch batch;
+  batch.tokens = at::randint(vocab, {b, s}, gen, at::kLong);
+  batch.targets = at::randint(vocab, {b, s}, gen, at::kLong);
+  return batch;
+}
+
+double max_diff(const at::Tensor& logits, const std::vector<std::vector<Vec>>& ref) {
+  double m = 0;
+  auto a = logits.accessor<double, 3>();
+  for (size_t b = 0; b < ref.size(); ++b) {
+    for (size_t t = 0; t < ref[b].size(); ++t) {
+      for (size_t v = 0; v < ref[b][t].size(); ++v) m = std::max(m, std::abs(a[b][t][v] - ref[b][t][v]));
+    }
+  }
+  return m;
+}
+
+class ReferenceForward : public ::testing::TestWithParam<std::string> {};
+
+TEST_P(ReferenceForward, LogitsAndAuxLossMatchLoopReference) {
+  GptModel model(f64_spec(tiny_config(GetParam())), /*seed=*/7);
+  Batch batch = random_batch(2, 6, 13, 11);
+  at::Tensor logits = model.logits(batch);
+  ASSERT_EQ(logits.scalar_type(), at::kDouble);
+  double aux_ref = 0;
+  auto ref = Ref(model).logits(batch, &aux_ref);
+  EXPECT_LT(max_diff(logits, ref), 1e-10);
+  // The logits are far from trivial (a broken layer could not hide in a tolerance).
+  EXPECT_GT(logits.abs().max().item<double>(), 0.1);
+  // Loss: per-token cross-entropy summed, and the auxiliary losses.
+  loom::model::ModelOutput out = model.forward(batch);
+  double ce = 0;
+  auto tg = batch.targets.accessor<int64_t, 2>();
+  for (size_t b = 0; b < ref.size(); ++b) {
+    for (size_t t = 0; t < ref[b].size(); ++t) {
+      const Vec& l = ref[b][t];
+      double mx = *std::max_element(l.begin(), l.end()), se = 0;
+      for (double v : l) se += std::exp(v - mx);
+      ce += mx + std::log(se) - l[tg[b][t]];
+    }
+  }
+  EXPECT_NEAR(out.loss_sum.item<double>(), ce, 1e-9);
+  EXPECT_EQ(out.num_tokens, 12);
+  if (model.spec().is_moe()) {
+    EXPECT_GT(aux_ref, 0.0);
+    EXPECT_NEAR(out.aux_loss.item<double>(), aux_ref, 1e-12);
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Arch, ReferenceForward,
+                         ::testing::Values("llama", "gpt2", "moe", "moe_shared", "moe_sigmoid",
+                                           "moe_presoftmax", "moe_capacity_probs",
+                                           "moe_capacity_position"));
+
+TEST(ReferenceForward, CapacityActuallyDropsTokens) {
+  GptModel model(f64_spec(tiny_config("moe_capacity_probs")), 7);
+  (void)model.forward(random_batch(2, 6, 13, 11));
+  int64_t dropped = 0;
+  for (const auto& [layer, st] : model.moe_stats()) dropped += st.dropped;
+  EXPECT_GT(dropped, 0);  // capacity 0.5: 24 assignments over 4 experts, 3 slots each
+}
+
+TEST(PackedSequences, DocumentMaskEqualsSeparateDocuments) {
+  for (const std::string kind : {"llama", "gpt2"}) {
+    GptModel model(f64_spec(tiny_config(kind)), 3);
+    Batch full = random_batch(1, 9, 13, 5);
+    Batch packed = loom::model::packed_batch(full.tokens, full.targets, {{0, 4, 6, 9}});
+    at::Tensor lp = model.logits(packed);
+    double aux = 0;
+    EXPECT_LT(max_diff(lp, Ref(model).logits(packed, &aux)), 1e-10) << kind;
+    const std::vector<std::pair<int64_t, int64_t>> docs = {{0, 4}, {4, 2}, {6, 3}};
+    for (auto [start, len] : docs) {
+      Batch alone;
+      alone.tokens = full.tokens.narrow(1, start, len);
+      alone.targets = full.targets.narrow(1, start, len);
+      at::Tensor la = model.logits(alone);
+      EXPECT_LT((la - lp.narrow(1, start, len)).abs().max().item<double>(), 1e-12) << kind << " doc at " << start;
+    }
+  }
+}
+
+TEST(PackedSequences, BadCuSeqlensAreRefused) {
+  Batch b = random_batch(1, 6, 13, 1);
+  EXPECT_THROW(loom::model::packed_batch(b.tokens, b.targets, {{0, 3, 5}}), loom::Error);
+  EXPECT_THROW(loom::model::packed_batch(b.tokens, b.targets, {{0, 3, 3, 6}}), loom::Error);
+  EXPECT_THROW(loom::model::packed_batch(b.tokens, b.targets, {{0, 6}, {0, 6}}), loom::Error);
+}
+
+TEST(ModelSpec, ParameterCountMatchesModel) {
+  for (const std::string kind : {"llama", "gpt2", "moe", "moe_shared"}) {
+    GptModel model(f64_spec(tiny_config(kind)), 1);
+    EXPECT_EQ(model.num_parameters(), model.spec().num_parameters()) << kind;
+  }
+}
+
+TEST(ModelSpec, InitialisationDependsOnlyOnSeedAndName) {
+  auto c = tiny_config("llama");
+  c.set_scaled_output_init(false);  // else the output projections' std depends on num_layers
+  ModelSpec a = f64_spec(c);
+  c.set_num_layers(3);  // one more layer: the shared parameters must not change
+  ModelSpec b = f64_spec(c);
+  GptModel ma(a, 9), mb(b, 9), mc(a, 10);
+  for (const auto& p : ma.parameters()) {
+    const auto* q = mb.find(p.name);
+    ASSERT_NE(q, nullptr) << p.name;
+    EXPECT_TRUE(at::equal(p.tensor, q->tensor)) << p.name;
+  }
+  EXPECT_FALSE(at::equal(ma.find("layers.0.attn.qkv.weight")->tensor,
+                         mc.find("layers.0.attn.qkv.weight")->tensor));
+  // fp32 and fp64 models hold the same numbers (drawn in fp32, then cast).
+  ModelSpec f32 = a;
+  f32.param_dtype = at::kFloat;
+  GptModel m32(f32, 9);
+  EXPECT_TRUE(at::equal(m32.parameters()[0].tensor.to(at::kDouble), ma.parameters()[0].tensor));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Gradients.
+double total_loss(GptModel& model, const Batch& batch) {
+  loom::model::ModelOutput out = model.forward(batch);
+  return (out.loss_sum / static_cast<double>(out.num_tokens) + out.aux_loss).item<double>();
+}
+
+class FiniteDifferences : public ::testing::TestWithParam<std::string> {};
+
+TEST_P(FiniteDifferences, GradientsMatchCentralDifferences) {
+  GptModel model(f64_spec(tiny_config(GetParam())), 5);
+  Batch batch = random_batch(2, 5, 13, 17);
+  model.zero_grad();
+  loom::model::ModelOutput out = model.forward(batch);
+  (out.loss_sum / static_cast<double>(out.num_tokens) + out.aux_loss).backward();
+  std::mt19937_64 rng(3);
+  const double h = 1e-6;
+  int checked = 0;
+  for (auto& p : model.parameters()) {
+    at::Tensor flat = p.tensor.detach().view({-1});
+    at::Tensor grad = p.tensor.grad().defined() ? p.tensor.grad().reshape({-1}) : at::zeros_like(flat);
+    for (int r = 0; r < 3; ++r) {
+      const int64_t i = static_cast<int64_t>(rng() % static_cast<uint64_t>(flat.numel()));
+      const double orig = flat[i].item<double>();
+      flat[i] = orig + h;
+      const double up = total_loss(model, batch);
+      flat[i] = orig - h;
+      const double down = total_loss(model, batch);
+      flat[i] = orig;
+      const double fd = (up - down) / (2 * h);
+      const double ad = grad[i].item<double>();
+      EXPECT_NEAR(ad, fd, 1e-6 * std::abs(fd) + 1e-9) << p.name << "[" << i << "]";
+      ++checked;
+    }
+  }
+  EXPECT_GT(checked, 30);
+}
+
+INSTANTIATE_TEST_SUITE_P(Arch, FiniteDifferences, ::testing::Values("llama", "gpt2", "moe_shared", "moe_sigmoid"));
+
+TEST(Recompute, SameLossAndGradientsAsStoredActivations) {
+  for (const std::string kind : {"llama", "moe_shared"}) {
+    ModelSpec plain = f64_spec(tiny_config(kind));
+    ModelSpec recompute = plain;
+    recompute.recompute = true;
+    GptModel a(plain, 4), b(recompute, 4);
+    Batch batch = random_batch(2, 6, 13, 2);
+    for (GptModel* m : {&a, &b}) {
+      m->zero_grad();
+      auto out = m->forward(batch);
+      (out.loss_sum / 12.0 + out.aux_loss).backward();
+    }
+    for (size_t i = 0; i < a.parameters().size(); ++i) {
+      const auto& ga = a.parameters()[i].tensor.grad();
+      const auto& gb = b.parameters()[i].tensor.grad();
+      ASSERT_EQ(ga.defined(), gb.defined()) << kind << " " << a.parameters()[i].name;
+      if (ga.defined()) {
+        // The same ops on the same inputs: equal up to BLAS rounding (float64).
+        EXPECT_LT((ga - gb).abs().max().item<double>(), 1e-13) << kind << " " << a.parameters()[i].name;
+      }
+    }
+  }
+}
+
+TEST(MixedPrecision, Bf16ComputeStaysCloseToFp32) {
+  for (const std::string kind : {"llama", "moe"}) {
+    auto c = tiny_config(kind);
+    c.mutable_moe()->set_capacity_factor(0);
+    ModelSpec s32 = ModelSpec::from_config(c);
+    c.set_precision(loom::config::ModelConfig::BF16);
+    ModelSpec s16 = ModelSpec::from_config(c);
+    GptModel a(s32, 8), b(s16, 8);
+    Batch batch = random_batch(2, 6, 13, 9);
+    auto la = a.forward(batch), lb = b.forward(batch);
+    EXPECT_EQ(lb.loss_sum.scalar_type(), at::kFloat);
+    EXPECT_EQ(b.parameters()[0].tensor.scalar_type(), at::kFloat);  // fp32 master weights
+    // bf16 has 8 bits of mantissa: ~0.4% relative per op; the summed loss stays within 3%.
+    EXPECT_NEAR(lb.loss_sum.item<double>(), la.loss_sum.item<double>(), 0.03 * la.loss_sum.item<double>()) << kind;
+    lb.loss_sum.backward();
+    EXPECT_EQ(b.parameters()[0].tensor.grad().scalar_type(), at::kFloat);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Bad model configs.
+void expect_config_error(const loom::config::ModelConfig& c, const std::string& needle) {
+  try {
+    (void)ModelSpec::from_config(c);
+    ADD_FAILURE() << "expected a config error containing '" << needle << "'";
+  } catch (const loom::Error& e) {
+    EXPECT_EQ(e.kind(), loom::ErrorKind::kConfig);
+    EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
+  }
+}
+
+TEST(ModelSpec, InconsistentConfigsGetClearErrors) {
+  auto c = tiny_config("llama");
+  c.set_num_heads(3);
+  expect_config_error(c, "'model.num_heads' (3) must divide model.hidden_size (8)");
+  c = tiny_config("llama");
+  c.set_num_kv_heads(3);
+  expect_config_error(c, "'model.num_kv_heads' (3) must divide model.num_heads (4)");
+  c = tiny_config("moe");
+  c.mutable_moe()->set_top_k(5);
+  expect_config_error(c, "'model.moe.top_k' must be in [1, model.moe.num_experts = 4], got 5");
+  c = tiny_config("moe");
+  c.mutable_moe()->set_first_dense_layers(2);
+  expect_config_error(c, "no layer would be MoE");
+  c = tiny_config("llama");
+  c.set_hidden_size(12);
+  c.set_num_heads(4);
+  c.set_num_kv_heads(4);  // head_dim 3: RoPE needs it even
+  expect_config_error(c, "RoPE needs an even head dimension");
+  c = tiny_config("llama");
+  c.set_vocab_size(0);
+  expect_config_error(c, "'model.vocab_size' must be >= 1, got 0");
+  c = tiny_config("moe");
+  c.set_arch(loom::config::ModelConfig::GPT2);
+  expect_config_error(c, "MoE experts are SwiGLU");
+}
+
+TEST(ModelSpec, SequenceLongerThanMaxIsRefused) {
+  GptModel model(f64_spec(tiny_config("llama")), 1);
+  EXPECT_THROW((void)model.forward(random_batch(1, 17, 13, 1)), loom::Error);
+}
+
+TEST(ModelSpec, FlopsPerTokenMatchesHandCount) {
+  auto c = tiny_config("llama");
+  ModelSpec s = ModelSpec::from_config(c);
+  // Per layer: qkv (4 + 2*2) * 2 * 8 = 128, out 8*8 = 64, fc1 24*8 = 192, fc2 8*12 = 96 -> 480 weights;
+  // head 13 * 8 = 104. Attention: 12 * L * nh * d * S.
+  const double weights = 2 * 480 + 104;
+  EXPECT_DOUBLE_EQ(s.flops_per_token(10), 6 * weights + 12.0 * 2 * 4 * 2 * 10);
+  auto m = tiny_config("moe");
+  ModelSpec sm = ModelSpec::from_config(m);
+  // MoE layers: router 4*8, top-2 of experts 3*6*8 each.
+  const double moe_weights = 2 * (128 + 64 + 4 * 8 + 2 * 3 * 6 * 8) + 104;
+  EXPECT_DOUBLE_EQ(sm.flops_per_token(10), 6 * moe_weights + 12.0 * 2 * 4 * 2 * 10);
+}
+
+}  // namespace

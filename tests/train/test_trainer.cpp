@@ -1,0 +1,320 @@
+// The Trainer: gradient accumulation, resume, bad input, data parallelism; and the checkpoint
+// format (safetensors). Runs with no launcher (everything) and under mpirun (DataParallel.*).
+#include <gtest/gtest.h>
+#include <unistd.h>
+
+#include <cmath>
+#include <filesystem>
+#include <fstream>
+
+#include "loom/checkpoint/checkpoint.h"
+#include "loom/checkpoint/safetensors.h"
+#include "loom/comm/local_communicator.h"
+#include "loom/core/error.h"
+#include "loom/core/logging.h"
+#include "test_world.h"
+#include "loom/train/trainer.h"
+
+namespace {
+
+namespace fs = std::filesystem;
+using loom::train::Trainer;
+
+loom::config::JobConfig tiny_job(bool moe = false) {
+  static bool quiet = [] {
+    loom::log::LogOptions o;
+    o.level = "warn";
+    loom::log::init(o);
+    return true;
+  }();
+  (void)quiet;
+  loom::config::JobConfig j;
+  j.set_seed(77);
+  auto* m = j.mutable_model();
+  m->set_vocab_size(64);
+  m->set_hidden_size(32);
+  m->set_num_layers(2);
+  m->set_num_heads(4);
+  m->set_num_kv_heads(2);
+  m->set_ffn_hidden_size(48);
+  m->set_max_seq_len(16);
+  if (moe) {
+    m->mutable_moe()->set_num_experts(4);
+    m->mutable_moe()->set_top_k(2);
+    m->mutable_moe()->set_expert_ffn_hidden_size(16);
+    m->mutable_moe()->set_num_shared_experts(1);
+    m->mutable_moe()->set_z_loss_coeff(1e-3);
+  }
+  auto* o = j.mutable_optim();
+  o->set_lr(3e-3);
+  o->set_min_lr(3e-4);
+  o->set_warmup_steps(2);
+  auto* t = j.mutable_train();
+  t->set_steps(6);
+  t->set_seq_len(16);
+  t->set_micro_batch_size(4);
+  t->set_global_batch_size(16);
+  t->set_progress("off");
+  t->set_peak_tflops(1.0);  // no GEMM probe in tests
+  j.mutable_logging()->set_dir("");
+  return j;
+}
+
+std::string temp_dir(const std::string& name) {
+  fs::path p = fs::temp_directory_path() / ("loom-test-" + std::to_string(getpid()) + "-" + name);
+  fs::remove_all(p);
+  return p.string();
+}
+
+double max_param_diff(Trainer& a, Trainer& b) {
+  double m = 0;
+  auto& pa = a.model().parameters();
+  auto& pb = b.model().parameters();
+  for (size_t i = 0; i < pa.size(); ++i) {
+    m = std::max(m, (pa[i].tensor - pb[i].tensor).abs().max().item<double>());
+  }
+  return m;
+}
+
+bool params_equal(Trainer& a, Trainer& b) {
+  auto& pa = a.model().parameters();
+  auto& pb = b.model().parameters();
+  for (size_t i = 0; i < pa.size(); ++i) {
+    if (!at::equal(pa[i].tensor, pb[i].tensor)) return false;
+  }
+  return true;
+}
+
+template <typename F>
+void expect_error(F&& f, loom::ErrorKind kind, const std::string& needle) {
+  try {
+    f();
+    ADD_FAILURE() << "expected an error containing '" << needle << "'";
+  } catch (const loom::Error& e) {
+    EXPECT_EQ(e.kind(), kind) << e.what();
+    EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
+  }
+}
+
+// Four micro-batches of 4 sequences equal one micro-batch of 16: the loss is normalised per token
+// over the global batch. fp32: the two runs sum the same per-token losses in a different grouping
+// (rounding ~1e-7 relative); after AdamW steps (whose update size is ~lr regardless of gradient
+// scale) parameters stay within 2e-5 of each other, while a wrong normalisation (e.g. averaging per
+// micro-batch and summing) moves them by ~lr = 3e-3.
+TEST(Trainer, AccumulationEqualsOneLargeBatch) {
+  for (bool moe : {false, true}) {
+    auto ja = tiny_job(moe);
+    if (moe) ja.mutable_model()->mutable_moe()->set_aux_loss_coeff(0);  // per micro-batch by design
+    auto jb = ja;
+    jb.mutable_train()->set_micro_batch_size(16);
+    Trainer a(ja), b(jb);
+    EXPECT_EQ(a.micro_batches_per_rank(), 4);
+    EXPECT_EQ(b.micro_batches_per_rank(), 1);
+    for (int s = 0; s < 3; ++s) {
+      auto ma = a.train_step();
+      auto mb = b.train_step();
+      EXPECT_NEAR(ma.loss, mb.loss, 1e-5 * mb.loss) << "moe " << moe << " step " << s;
+      EXPECT_NEAR(ma.grad_norm, mb.grad_norm, 1e-4 * mb.grad_norm) << "moe " << moe << " step " << s;
+    }
+    EXPECT_LT(max_param_diff(a, b), 2e-5) << "moe " << moe;
+  }
+}
+
+TEST(Trainer, LossFallsOnTheSyntheticCorpus) {
+  auto j = tiny_job();
+  j.mutable_train()->set_steps(40);
+  j.mutable_optim()->set_lr(1e-2);
+  Trainer t(j);
+  auto summary = t.fit();
+  // From about ln(64) = 4.16 nats; the chain's entropy is 1.14.
+  EXPECT_GT(summary.first_loss, 3.9);
+  EXPECT_LT(summary.last_loss, summary.first_loss - 1.0);
+  EXPECT_EQ(t.step(), 40);
+  EXPECT_EQ(t.consumed_samples(), 40 * 16);
+  auto eval = t.evaluate();
+  EXPECT_NEAR(eval.perplexity, std::exp(eval.loss), 1e-9 * eval.perplexity);
+  EXPECT_EQ(eval.tokens, j.train().eval_batches() * 16 * 16);
+}
+
+// N steps, save, resume in a new Trainer, N more: bit-identical to 2N straight on the CPU.
+TEST(Trainer, ResumeIsBitIdentical) {
+  for (bool moe : {false, true}) {
+    const std::string dir = temp_dir(moe ? "resume-moe" : "resume");
+    auto j = tiny_job(moe);
+    j.mutable_train()->set_checkpoint_dir(dir);
+    j.mutable_train()->set_keep_checkpoints(1);
+    Trainer straight(j);
+    std::vector<double> losses;
+    for (int s = 0; s < 6; ++s) losses.push_back(straight.train_step().loss);
+
+    {
+      Trainer first(j);
+      for (int s = 0; s < 3; ++s) first.train_step();
+      first.save_checkpoint();
+    }
+    auto jr = j;
+    jr.mutable_train()->set_resume("latest");
+    Trainer resumed(jr);
+    auto summary = resumed.fit();
+    EXPECT_EQ(summary.first_step, 3);
+    EXPECT_EQ(resumed.step(), 6);
+    ASSERT_EQ(resumed.history().size(), 3u);
+    for (int s = 0; s < 3; ++s) EXPECT_EQ(resumed.history()[s].loss, losses[3 + s]) << "moe " << moe << " step " << 4 + s;
+    EXPECT_TRUE(params_equal(straight, resumed)) << "moe " << moe;
+    EXPECT_EQ(straight.optimizer().state()[5].tensor.sum().item<double>(),
+              resumed.optimizer().state()[5].tensor.sum().item<double>());
+    // fit() saved step 6 at the end and kept only the newest checkpoint.
+    auto latest = loom::checkpoint::latest_checkpoint(dir);
+    ASSERT_TRUE(latest.has_value());
+    EXPECT_EQ(fs::path(*latest).filename(), "step-00000006");
+    EXPECT_FALSE(fs::exists(fs::path(dir) / "step-00000003"));
+    fs::remove_all(dir);
+  }
+}
+
+TEST(Trainer, NanLossStopsWithTheStepAndKeepsTheParameters) {
+  Trainer t(tiny_job());
+  t.train_step();
+  auto& params = t.model().parameters();
+  at::Tensor before = params[1].tensor.detach().clone();
+  {
+    at::NoGradGuard g;
+    params[0].tensor.fill_(std::nan(""));
+  }
+  expect_error([&] { t.train_step(); }, loom::ErrorKind::kNumerics, "step 2: the loss is nan");
+  EXPECT_EQ(t.step(), 1);
+  EXPECT_TRUE(at::equal(params[1].tensor, before));
+}
+
+TEST(Trainer, MissingOrMismatchedCheckpointIsAClearError) {
+  auto j = tiny_job();
+  j.mutable_train()->set_resume("/nonexistent/loom/step-00000001");
+  Trainer t(j);
+  expect_error([&] { t.fit(); }, loom::ErrorKind::kIO, "checkpoint '/nonexistent/loom/step-00000001' does not exist");
+
+  const std::string dir = temp_dir("mismatch");
+  auto js = tiny_job();
+  js.mutable_train()->set_checkpoint_dir(dir);
+  Trainer small(js);
+  std::string saved = small.save_checkpoint();
+  auto jb = tiny_job();
+  jb.mutable_model()->set_ffn_hidden_size(64);
+  Trainer big(jb);
+  expect_error([&] { big.load_checkpoint(saved); }, loom::ErrorKind::kIO, "parameter 'layers.0.mlp.fc1.weight' has shape [96, 32], the model needs [128, 32]");
+  fs::remove(fs::path(saved) / "state.safetensors");
+  expect_error([&] { small.load_checkpoint(saved); }, loom::ErrorKind::kIO, "'state.safetensors' is missing");
+  // An incomplete directory is not "latest".
+  EXPECT_FALSE(loom::checkpoint::latest_checkpoint(dir).has_value());
+  fs::remove_all(dir);
+}
+
+TEST(Trainer, BadTrainConfigsAreRefused) {
+  auto j = tiny_job();
+  j.mutable_train()->set_seq_len(32);
+  expect_error([&] { Trainer t(j); }, loom::ErrorKind::kConfig, "'train.seq_len' must be in [1, model.max_seq_len = 16], got 32");
+  j = tiny_job();
+  j.mutable_train()->set_global_batch_size(18);
+  expect_error([&] { Trainer t(j); }, loom::ErrorKind::kConfig, "must be a multiple of train.micro_batch_size (4)");
+  j = tiny_job();
+  j.mutable_parallel()->set_tp(2);
+  expect_error([&] { Trainer t(j, std::make_shared<loom::comm::LocalCommunicator>()); }, loom::ErrorKind::kConfig, "");
+  j = tiny_job();
+  j.mutable_optim()->set_beta2(1.0);
+  expect_error([&] { Trainer t(j); }, loom::ErrorKind::kConfig, "'optim.beta2' must be in [0, 1)");
+  j = tiny_job();
+  j.mutable_train()->set_progress("fancy");
+  Trainer t(j);
+  expect_error([&] { t.fit(); }, loom::ErrorKind::kConfig, "'train.progress' must be auto, bar, lines or off");
+}
+
+// ---------------------------------------------------------------------------------------------
+// safetensors.
+TEST(Safetensors, RoundTripWithMetadataAndDtypes) {
+  const std::string dir = temp_dir("st");
+  fs::create_directories(dir);
+  std::map<std::string, at::Tensor> tensors = {
+      {"a", at::arange(6, at::kFloat).view({2, 3})},
+      {"b", at::tensor({1.5, -2.25}, at::kDouble)},
+      {"c", at::arange(4, at::kFloat).to(at::kBFloat16)},
+      {"d", at::tensor({7, 8, 9}, at::kLong)},
+      {"empty", at::empty({0, 4}, at::kFloat)},
+  };
+  const std::string path = dir + "/x.safetensors";
+  loom::checkpoint::save_safetensors(path, tensors, {{"step", "12"}});
+  auto f = loom::checkpoint::load_safetensors(path);
+  EXPECT_EQ(f.metadata.at("step"), "12");
+  ASSERT_EQ(f.tensors.size(), tensors.size());
+  for (const auto& [name, t] : tensors) {
+    EXPECT_EQ(f.tensors.at(name).scalar_type(), t.scalar_type()) << name;
+    EXPECT_TRUE(at::equal(f.tensors.at(name), t)) << name;
+  }
+  // The header length is a multiple of 8 and the JSON is what the format says.
+  std::ifstream in(path, std::ios::binary);
+  std::string bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  uint64_t n = 0;
+  for (int i = 7; i >= 0; --i) n = (n << 8) | static_cast<unsigned char>(bytes[i]);
+  EXPECT_EQ(n % 8, 0u);
+  EXPECT_NE(bytes.find(R"("a":{"dtype":"F32","shape":[2,3],"data_offsets":[0,24]})"), std::string::npos);
+  fs::remove_all(dir);
+}
+
+std::string file_with_header(const std::string& json, size_t data_bytes) {
+  std::string out(8, '\0');
+  uint64_t n = json.size();
+  for (int i = 0; i < 8; ++i) out[i] = static_cast<char>((n >> (8 * i)) & 0xff);
+  return out + json + std::string(data_bytes, '\0');
+}
+
+TEST(Safetensors, LyingHeadersAreRefused) {
+  using loom::checkpoint::parse_safetensors;
+  auto bad = [](const std::string& bytes, const std::string& needle) {
+    expect_error([&] { parse_safetensors(bytes, "t.safetensors"); }, loom::ErrorKind::kIO, needle);
+  };
+  bad("abc", "shorter than the 8-byte header length");
+  bad(file_with_header("{}", 0).substr(0, 9), "header length 2 exceeds the 1 bytes");
+  bad(file_with_header("{not json", 0), "header is not valid JSON");
+  bad(file_with_header(R"({"w":{"dtype":"F32","shape":[2],"data_offsets":[0,16]}})", 16),
+      "data_offsets [0, 16] span 16 bytes, but dtype F32 and shape [2] need 8");
+  bad(file_with_header(R"({"w":{"dtype":"F32","shape":[4],"data_offsets":[0,16]}})", 8),
+      "data_offsets end 16 is past the 8 data bytes");
+  bad(file_with_header(R"({"w":{"dtype":"Q7","shape":[1],"data_offsets":[0,1]}})", 1), "unsupported dtype \"Q7\"");
+  bad(file_with_header(R"({"w":{"dtype":"U8","shape":[2],"data_offsets":[0,2]},"v":{"dtype":"U8","shape":[2],"data_offsets":[1,3]}})", 3),
+      "overlaps");
+  bad(file_with_header(R"({"w":{"dtype":"U8","shape":[2],"data_offsets":[2,4]}})", 4), "has a gap");
+  bad(file_with_header(R"({"w":{"dtype":"U8","shape":[-1],"data_offsets":[0,0]}})", 0), "bad dimension");
+  expect_error([] { loom::checkpoint::load_safetensors("/nonexistent.safetensors"); }, loom::ErrorKind::kIO,
+               "cannot open '/nonexistent.safetensors'");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Data parallelism (run under mpirun): every step's loss and the final parameters equal a
+// single-process run of the same global batch, computed on each rank with a world of one.
+// Tolerance: the DP run sums gradients over ranks in a different order (fp32 rounding ~1e-7
+// relative); 6 AdamW steps keep parameters within 2e-5 (a wrong scale moves them by ~lr = 3e-3).
+TEST(DataParallel, MatchesSingleProcess) {
+  auto world = loom::testing::world();
+  const int n = world->size();
+  if (16 % (4 * n) != 0) GTEST_SKIP() << "global batch 16 with micro-batch 4 needs dp | 4";
+  for (bool moe : {false, true}) {
+    auto j = tiny_job(moe);
+    Trainer single(j, std::make_shared<loom::comm::LocalCommunicator>());
+    Trainer dp(j, world);
+    EXPECT_EQ(dp.micro_batches_per_rank(), 4 / n);
+    for (int s = 0; s < 6; ++s) {
+      auto a = single.train_step();
+      auto b = dp.train_step();
+      EXPECT_NEAR(b.loss, a.loss, 1e-5 * a.loss) << "moe " << moe << " step " << s;
+      EXPECT_NEAR(b.aux_loss, a.aux_loss, 1e-5 * a.aux_loss + 1e-9) << "moe " << moe << " step " << s;
+      EXPECT_EQ(b.tokens, a.tokens);
+    }
+    const double diff = max_param_diff(single, dp);
+    EXPECT_LT(diff, 2e-5) << "moe " << moe;
+    // Every rank holds the same parameters.
+    at::Tensor d = at::full({1}, diff, at::kDouble), lo = d.clone();
+    world->all_reduce(d, {loom::comm::ReduceOp::kMax});
+    world->all_reduce(lo, {loom::comm::ReduceOp::kMin});
+    EXPECT_EQ(d.item<double>(), lo.item<double>());
+  }
+}
+
+}  // namespace
