@@ -117,7 +117,7 @@ Trainer::Trainer(const config::JobConfig& config, comm::CommunicatorPtr world,
                 flops_per_token_ / 1e9, peak_flops_ / 1e12,
                 t.peak_tflops() > 0 ? "train.peak_tflops" : "measured by a GEMM probe");
   LOOM_LOG_INFO("BLAS: {}", blas_description());
-  if (blas_core_forced()) {
+  if (rank_ == 0 && blas_core_forced()) {
     LOOM_LOG_WARN("OPENBLAS_CORETYPE is set: OpenBLAS uses that core's kernels, which can halve GEMM speed");
   }
 }

@@ -15,6 +15,7 @@
 #include <numeric>
 #include <random>
 
+#include "loom/core/config.h"
 #include "loom/core/error.h"
 #include "loom/model/gpt.h"
 
@@ -653,4 +654,35 @@ TEST(ModelSpec, FlopsPerTokenMatchesHandCount) {
   EXPECT_DOUBLE_EQ(sm.flops_per_token(10), 6 * moe_weights + 12.0 * 2 * 4 * 2 * 10);
 }
 
+}  // namespace
+
+namespace {
+// The shipped recipes parse, resolve, and have the parameter counts of the models they copy
+// (published figures; a wrong FFN rule, GQA size or tie would change them).
+TEST(Configs, RecipesResolveToTheirPublishedSizes) {
+  struct Expect {
+    const char* file;
+    int64_t params;
+    int64_t active;
+  };
+  const Expect cases[] = {
+      {"gpt2_124m.pbtxt", 124475904, 124475904},       // GPT-2 small with vocab padded to 50304
+      {"llama_1b.pbtxt", 1235814400, 1235814400},      // Llama 3.2 1B
+      {"llama_8b.pbtxt", 8030261248, 8030261248},      // Llama 3 8B
+      {"moe_8x_top2.pbtxt", 46702792704, 12879925248}, // Mixtral 8x7B
+      {"tiny_gpt.pbtxt", 0, 0},
+      {"tiny_moe.pbtxt", 0, 0},
+  };
+  for (const auto& c : cases) {
+    loom::config::JobConfig job;
+    loom::config::load_text_file(std::string(LOOM_SOURCE_DIR) + "/configs/" + c.file, &job);
+    loom::config::validate(job);
+    ModelSpec s = ModelSpec::from_config(job.model());
+    EXPECT_LE(job.train().seq_len(), s.max_seq_len) << c.file;
+    if (c.params > 0) {
+      EXPECT_EQ(s.num_parameters(), c.params) << c.file;
+      EXPECT_EQ(s.num_active_parameters(), c.active) << c.file;
+    }
+  }
+}
 }  // namespace

@@ -1,0 +1,240 @@
+// Training throughput on the CPU: Loom's Trainer against the same model written in PyTorch eager
+// (benchmarks/train_throughput_peer.py, Debian's python3-torch on the same LibTorch), both measured
+// in this run, plus the achieved FLOP/s against a matmul ceiling measured here too.
+//
+// Validate, then time: the peer loads Loom's initial parameters and the first batch, and its
+// first loss (and MoE auxiliary loss) must match Loom's within 1e-4 relative before any number is
+// reported. Each side runs `--warmup` untimed and `--steps` timed training steps (forward, backward,
+// clip, AdamW) on a batch of the same shape; medians are reported.
+//
+//   train_throughput [--cases dense,moe] [--steps 6] [--warmup 2] [--json out.json]
+#include <ATen/Parallel.h>
+#include <fmt/format.h>
+#include <nlohmann/json.hpp>
+
+#include <algorithm>
+#include <cstdio>
+#include <filesystem>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "loom/checkpoint/safetensors.h"
+#include "loom/core/cli.h"
+#include "loom/core/error.h"
+#include "loom/core/logging.h"
+#include "loom/data/source.h"
+#include "loom/train/system.h"
+#include "loom/train/trainer.h"
+
+namespace {
+
+using loom::config::JobConfig;
+
+JobConfig make_case(const std::string& name, int steps) {
+  JobConfig j;
+  j.set_seed(5);
+  auto* m = j.mutable_model();
+  auto* t = j.mutable_train();
+  if (name == "dense") {
+    // The fixed config: vocab 8192, d_model 512, 8 layers, 8 heads, seq 256, batch 8, fp32.
+    m->set_vocab_size(8192);
+    m->set_hidden_size(512);
+    m->set_num_layers(8);
+    m->set_num_heads(8);
+  } else if (name == "moe") {
+    m->set_vocab_size(8192);
+    m->set_hidden_size(256);
+    m->set_num_layers(4);
+    m->set_num_heads(4);
+    auto* moe = m->mutable_moe();
+    moe->set_num_experts(8);
+    moe->set_top_k(2);
+    moe->set_expert_ffn_hidden_size(512);
+    moe->set_aux_loss_coeff(0.01);
+  } else {
+    LOOM_THROW(loom::ErrorKind::kConfig, "flag --cases: unknown case '{}' (dense, moe)", name);
+  }
+  m->set_max_seq_len(256);
+  t->set_seq_len(256);
+  t->set_micro_batch_size(8);
+  t->set_steps(steps);
+  t->set_progress("off");
+  t->set_peak_tflops(1.0);  // replaced by the ceiling measured below
+  j.mutable_optim()->set_lr(1e-4);
+  j.mutable_optim()->set_warmup_steps(0);
+  j.mutable_optim()->set_schedule(loom::config::OptimConfig::CONSTANT);
+  j.mutable_logging()->set_dir("");
+  return j;
+}
+
+std::string run_command(const std::string& cmd) {
+  std::string out;
+  FILE* p = popen(cmd.c_str(), "r");
+  LOOM_CHECK_KIND(loom::ErrorKind::kIO, p != nullptr, "cannot run '{}'", cmd);
+  char buf[4096];
+  while (fgets(buf, sizeof buf, p)) out += buf;
+  const int rc = pclose(p);
+  LOOM_CHECK_KIND(loom::ErrorKind::kIO, rc == 0, "'{}' failed (status {}):\n{}", cmd, rc, out);
+  return out;
+}
+
+double median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v[v.size() / 2];
+}
+
+int run(int argc, char** argv) {
+  loom::cli::CommandLine cl(argc, argv,
+                            {{"cases", "dense,moe", "which models: dense (the issue's fixed config), moe"},
+                             {"steps", "6", "timed training steps per side"},
+                             {"warmup", "2", "untimed steps first"},
+                             {"threads", "0", "intra-op threads for both sides (0: LibTorch's default)"},
+                             {"python", "/usr/bin/python3", "the Python with torch for the peer"},
+                             {"peer", "", "peer script (default: next to this source)"},
+                             {"no-peer", "", "skip the PyTorch peer", true},
+                             {"json", "", "also write the results as JSON here"}},
+                            "Loom training throughput vs the same model in PyTorch eager.");
+  if (cl.help_requested()) {
+    std::printf("%s", cl.usage().c_str());
+    return 0;
+  }
+  loom::log::LogOptions lo;
+  lo.level = "warn";
+  loom::log::init(lo);
+  const int steps = static_cast<int>(cl.get_int("steps")), warmup = static_cast<int>(cl.get_int("warmup"));
+  LOOM_CHECK_CONFIG(steps >= 1 && warmup >= 0, "need --steps >= 1 and --warmup >= 0");
+  if (cl.get_int("threads") > 0) at::set_num_threads(static_cast<int>(cl.get_int("threads")));
+  const int threads = at::get_num_threads();
+  std::string peer = cl.get("peer");
+  if (peer.empty()) peer = std::string(LOOM_SOURCE_DIR) + "/benchmarks/train_throughput_peer.py";
+  const bool with_peer = !cl.get_bool("no-peer");
+  if (with_peer) {
+    const int rc = std::system((cl.get("python") + " -c 'import torch' 2>/dev/null").c_str());
+    LOOM_CHECK_KIND(loom::ErrorKind::kUnsupported, rc == 0,
+                    "{} cannot import torch: install Debian's python3-torch (scripts/install-deps.sh --bench) "
+                    "or pass --no-peer",
+                    cl.get("python"));
+  }
+  // The matmul ceiling, fp32, as used for MFU.
+  const double ceiling = loom::train::probe_matmul_flops(at::kCPU, at::kFloat, 1024, 7);
+  std::printf("# train_throughput: %d intra-op threads; BLAS: %s\n", threads, loom::train::blas_description().c_str());
+  std::printf("# fp32 matmul ceiling (1024^3 GEMM, median of 7): %.1f GFLOP/s\n", ceiling / 1e9);
+  std::printf("# %-6s %11s %11s %11s %7s %7s %9s %7s %9s %s\n", "case", "loom tok/s", "torch tok/s",
+              "torch+tune", "ratio", "ratio+", "GFLOP/s", "MFU", "loss", "check");
+  nlohmann::json results = nlohmann::json::array();
+  const auto tmp = std::filesystem::temp_directory_path() / ("loom-tt-" + std::to_string(getpid()));
+  std::filesystem::create_directories(tmp);
+  int failures = 0;
+  for (const auto& name : cl.get_list("cases")) {
+    JobConfig job = make_case(name, warmup + steps);
+    job.mutable_train()->set_peak_tflops(ceiling / 1e12);
+    loom::train::Trainer trainer(job);
+    auto& model = trainer.model();
+    const auto& spec = model.spec();
+    const int64_t b = job.train().micro_batch_size(), s = job.train().seq_len();
+
+    // The first batch, as the trainer will draw it, and Loom's first loss on it.
+    auto source = loom::data::make_source(job, spec.vocab_size);
+    at::Tensor buf = at::empty({b, s + 1}, at::kLong);
+    for (int64_t i = 0; i < b; ++i) source->sample(loom::data::Split::kTrain, i, s + 1, buf.data_ptr<int64_t>() + i * (s + 1));
+    loom::model::Batch batch;
+    batch.tokens = buf.narrow(1, 0, s).contiguous();
+    batch.targets = buf.narrow(1, 1, s).contiguous();
+    double loom_loss = 0, loom_aux = 0;
+    {
+      at::NoGradGuard g;
+      auto out = model.forward(batch);
+      loom_loss = out.loss_sum.item<double>() / static_cast<double>(out.num_tokens);
+      loom_aux = out.aux_loss.item<double>();
+    }
+
+    nlohmann::json peer_plain, peer_tuned;
+    std::string check = "no peer";
+    if (with_peer) {
+      std::map<std::string, at::Tensor> tensors;
+      for (const auto& p : model.parameters()) tensors[p.name] = p.tensor.detach();
+      tensors["batch.tokens"] = batch.tokens;
+      tensors["batch.targets"] = batch.targets;
+      nlohmann::json cfg = {{"heads", spec.num_heads}, {"kv_heads", spec.num_kv_heads},
+                            {"head_dim", spec.head_dim}, {"layers", spec.num_layers},
+                            {"eps", spec.norm_eps},      {"theta", spec.rope_theta},
+                            {"experts", spec.moe.num_experts}, {"top_k", spec.moe.top_k},
+                            {"aux_coeff", spec.moe.aux_loss_coeff}};
+      const std::string weights = (tmp / (name + ".safetensors")).string();
+      loom::checkpoint::save_safetensors(weights, tensors, {{"config", cfg.dump()}});
+      const std::string cmd = fmt::format("{} {} --weights {} --steps {} --warmup {} --threads {}", cl.get("python"),
+                                          peer, weights, steps, warmup, threads);
+      peer_plain = nlohmann::json::parse(run_command(cmd));
+      peer_tuned = nlohmann::json::parse(run_command(cmd + " --tune-malloc"));
+      const double dl = std::abs(peer_plain["loss"].get<double>() - loom_loss) / loom_loss;
+      const double da = std::abs(peer_plain["aux"].get<double>() - loom_aux) / std::max(loom_aux, 1e-12);
+      const bool ok = dl < 1e-4 && (spec.moe.num_experts == 0 || da < 1e-4);
+      check = ok ? fmt::format("ok (rel diff {:.1e})", std::max(dl, spec.is_moe() ? da : 0.0))
+                 : fmt::format("MISMATCH loss {} vs {}, aux {} vs {}", loom_loss, peer_plain["loss"].get<double>(),
+                               loom_aux, peer_plain["aux"].get<double>());
+      if (!ok) ++failures;
+    }
+
+    std::vector<double> times;
+    double mfu = 0, tflops = 0;
+    for (int i = 0; i < warmup + steps; ++i) {
+      auto m = trainer.train_step();
+      if (i >= warmup) {
+        times.push_back(m.seconds);
+        mfu = m.mfu;
+        tflops = m.tflops_per_device;
+      }
+    }
+    const double t = median(times);
+    const double tokens = static_cast<double>(b * s);
+    const double loom_tps = tokens / t;
+    const double achieved = spec.flops_per_token(s) * loom_tps;
+    mfu = achieved / ceiling;
+    (void)tflops;
+    double torch_tps = 0, torch_tuned_tps = 0;
+    if (with_peer) {
+      torch_tps = tokens / peer_plain["median_step_s"].get<double>();
+      torch_tuned_tps = tokens / peer_tuned["median_step_s"].get<double>();
+    }
+    std::printf("  %-6s %11.0f %11.0f %11.0f %7.2f %7.2f %9.1f %6.1f%% %9.4f %s\n", name.c_str(), loom_tps,
+                torch_tps, torch_tuned_tps, with_peer ? loom_tps / torch_tps : 0.0,
+                with_peer ? loom_tps / torch_tuned_tps : 0.0, achieved / 1e9, mfu * 100, loom_loss, check.c_str());
+    results.push_back({{"case", name},
+                       {"params", spec.num_parameters()},
+                       {"flops_per_token", spec.flops_per_token(s)},
+                       {"loom_tokens_per_s", loom_tps},
+                       {"loom_median_step_s", t},
+                       {"torch_tokens_per_s", torch_tps},
+                       {"torch_tuned_tokens_per_s", torch_tuned_tps},
+                       {"ratio_vs_torch", with_peer ? loom_tps / torch_tps : 0.0},
+                       {"ratio_vs_torch_tuned", with_peer ? loom_tps / torch_tuned_tps : 0.0},
+                       {"achieved_flops", achieved},
+                       {"matmul_ceiling_flops", ceiling},
+                       {"mfu", mfu},
+                       {"loom_first_loss", loom_loss},
+                       {"check", check}});
+  }
+  std::printf("# ratio = Loom tokens/s over PyTorch eager (default glibc malloc); ratio+ = over PyTorch with the\n"
+              "# same allocator tuning Loom applies (mallopt: no mmap, no trim). MFU = achieved / the ceiling above.\n");
+  if (!cl.get("json").empty()) {
+    std::FILE* f = std::fopen(cl.get("json").c_str(), "w");
+    LOOM_CHECK_KIND(loom::ErrorKind::kIO, f != nullptr, "cannot write '{}'", cl.get("json"));
+    nlohmann::json doc = {{"threads", threads}, {"ceiling_flops", ceiling}, {"results", results}};
+    std::fputs(doc.dump(2).c_str(), f);
+    std::fclose(f);
+  }
+  std::filesystem::remove_all(tmp);
+  return failures == 0 ? 0 : 1;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  try {
+    return run(argc, argv);
+  } catch (const loom::Error& e) {
+    std::fprintf(stderr, "train_throughput: %s\n", e.what());
+    return 2;
+  }
+}
