@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "loom/core/timer.h"
+#include "device_memory.h"
 
 namespace loom::train {
 
@@ -34,8 +35,9 @@ double probe_matmul_flops(at::Device device, at::ScalarType dtype, int64_t n, in
   return 2.0 * static_cast<double>(n) * static_cast<double>(n) * static_cast<double>(n) / t;
 }
 
-MemoryStats memory_stats() {
+MemoryStats memory_stats(at::Device device) {
   MemoryStats m;
+  if (device.is_cuda()) m.device_peak = detail::cuda_peak_allocated(device.index());
   std::ifstream in("/proc/self/status");
   std::string line;
   while (std::getline(in, line)) {
@@ -51,6 +53,10 @@ MemoryStats memory_stats() {
     read_kb("VmHWM:", &m.peak_rss);
   }
   return m;
+}
+
+void reset_device_peak(at::Device device) {
+  if (device.is_cuda()) detail::cuda_reset_peak(device.index());
 }
 
 bool blas_core_forced() { return std::getenv("OPENBLAS_CORETYPE") != nullptr; }

@@ -13,6 +13,7 @@
 #include "loom/checkpoint/checkpoint.h"
 #include "loom/comm/local_communicator.h"
 #include "loom/core/config.h"
+#include "loom/core/env.h"
 #include "loom/core/error.h"
 #include "loom/core/logging.h"
 #include "loom/mesh/parallel_dims.h"
@@ -23,6 +24,12 @@ namespace loom::train {
 
 namespace {
 constexpr const char* kCheckpointFormat = "loom-single-1";
+
+// NaN prints as "NaN" whatever its sign bit (which BLAS kernels do not agree on).
+std::string show(double v) {
+  if (std::isnan(v)) return "NaN";
+  return fmt::format("{}", v);
+}
 
 void validate_train(const config::TrainConfig& t, int64_t max_seq_len) {
   LOOM_CHECK_CONFIG(t.steps() >= 1, "field 'train.steps' must be >= 1, got {}", t.steps());
@@ -64,6 +71,22 @@ Trainer::Trainer(const config::JobConfig& config, comm::CommunicatorPtr world,
   LOOM_INTERNAL_CHECK(dp_ == world_->size(), "dp {} != world {}", dp_, world_->size());
 
   const auto& t = config_.train();
+  try {
+    device_ = at::Device(t.device());
+  } catch (const std::exception&) {
+    LOOM_THROW(ErrorKind::kConfig, "field 'train.device': '{}' is not a device (cpu, cuda, cuda:N)", t.device());
+  }
+  LOOM_CHECK_CONFIG(device_.is_cpu() || device_.is_cuda(), "field 'train.device' must be cpu or cuda[:N], got '{}'",
+                    t.device());
+  if (device_.is_cuda()) {
+    LOOM_CHECK_KIND(ErrorKind::kUnsupported, at::hasCUDA(),
+                    "train.device is '{}', but this LibTorch has no CUDA (or no GPU is visible)", t.device());
+    if (!device_.has_index()) {
+      device_ = at::Device(at::kCUDA, static_cast<c10::DeviceIndex>(env::first_int({"OMPI_COMM_WORLD_LOCAL_RANK",
+                                                                                     "SLURM_LOCALID", "LOCAL_RANK"})
+                                                                        .value_or(0)));
+    }
+  }
   if (t.num_threads() > 0) at::set_num_threads(t.num_threads());
   if (t.tune_host_allocator() && !tune_host_allocator()) {
     LOOM_LOG_WARN("glibc refused the host-allocator settings (mallopt); fresh pages will be faulted in each step");
@@ -151,7 +174,10 @@ void Trainer::reduce_gradients() {
     flat.push_back(g.defined() ? g.reshape({-1}) : at::zeros({p.tensor.numel()}, p.tensor.options()));
   }
   at::Tensor buf = at::cat(flat);
+  const bool staged = buf.device() != world_->device();  // e.g. CUDA gradients over the MPI world
+  if (staged) buf = buf.to(world_->device());
   world_->all_reduce(buf);
+  if (staged) buf = buf.to(device_);
   int64_t off = 0;
   at::NoGradGuard no_grad;
   for (auto& p : params) {
@@ -211,14 +237,14 @@ StepMetrics Trainer::train_step() {
   LOOM_CHECK_KIND(ErrorKind::kNumerics, std::isfinite(m.loss),
                   "step {}: the loss is {} ({} tokens); no update was applied, so the parameters are "
                   "those after step {}. Lower optim.lr, raise optim.warmup_steps, or check the data",
-                  m.step, m.loss, m.tokens, step_);
+                  m.step, show(m.loss), m.tokens, step_);
 
   timers_.start("optimizer");
   m.grad_norm = optim::clip_grad_norm(model_->parameters(), config_.optim().clip_grad());
   LOOM_CHECK_KIND(ErrorKind::kNumerics, std::isfinite(m.grad_norm),
                   "step {}: the gradient norm is {} (loss {}); no update was applied, so the parameters "
                   "are those after step {}",
-                  m.step, m.grad_norm, m.loss, step_);
+                  m.step, show(m.grad_norm), show(m.loss), step_);
   m.lr = schedule_->lr_at(step_);
   optimizer_->step(m.lr);
   timers_.stop("optimizer");
@@ -236,7 +262,8 @@ StepMetrics Trainer::train_step() {
   m.tokens_per_s_per_device = m.tokens_per_s / dp_;
   m.tflops_per_device = flops_per_token_ * m.tokens_per_s_per_device / 1e12;
   m.mfu = peak_flops_ > 0 ? m.tflops_per_device * 1e12 / peak_flops_ : 0;
-  const MemoryStats mem = memory_stats();
+  const MemoryStats mem = memory_stats(device_);
+  m.device_peak = mem.device_peak;
   m.rss = mem.rss;
   m.peak_rss = mem.peak_rss;
   for (const auto& [layer, st] : model_->moe_stats()) {
@@ -380,6 +407,7 @@ void Trainer::log_step(const StepMetrics& m) {
                       {"tflops_per_device", m.tflops_per_device},
                       {"mfu", m.mfu},          {"rss_bytes", m.rss},
                       {"peak_rss_bytes", m.peak_rss},
+                      {"device_peak_bytes", m.device_peak},
                       {"time", {{"data", m.data_s}, {"forward", m.forward_s}, {"backward", m.backward_s},
                                 {"comm", m.comm_s}, {"optimizer", m.optimizer_s}}}};
   if (model_->spec().is_moe()) {
@@ -395,7 +423,9 @@ void Trainer::log_step(const StepMetrics& m) {
         "step {}/{} | loss {:.4f} | lr {:.3e} | grad {:.3f} | {:.0f} tok/s | {:.3f} TFLOP/s | MFU {:.1f}% "
         "| mem {} | data {:.0f}% fwd {:.0f}% bwd {:.0f}% comm {:.0f}% opt {:.0f}%",
         m.step, total, m.loss, m.lr, m.grad_norm, m.tokens_per_s, m.tflops_per_device, m.mfu * 100,
-        format_bytes(static_cast<double>(m.rss)), 100 * m.data_s / t, 100 * m.forward_s / t,
+        device_.is_cuda() ? format_bytes(static_cast<double>(m.device_peak)) + " GPU peak"
+                          : format_bytes(static_cast<double>(m.rss)),
+        100 * m.data_s / t, 100 * m.forward_s / t,
         100 * m.backward_s / t, 100 * m.comm_s / t, 100 * m.optimizer_s / t);
     if (model_->spec().is_moe()) {
       line += fmt::format(" | aux {:.4f} | max load {:.2f}", m.aux_loss, m.moe_max_load);

@@ -181,7 +181,7 @@ TEST(Trainer, NanLossStopsWithTheStepAndKeepsTheParameters) {
     at::NoGradGuard g;
     params[0].tensor.fill_(std::nan(""));
   }
-  expect_error([&] { t.train_step(); }, loom::ErrorKind::kNumerics, "step 2: the loss is nan");
+  expect_error([&] { t.train_step(); }, loom::ErrorKind::kNumerics, "step 2: the loss is NaN");
   EXPECT_EQ(t.step(), 1);
   EXPECT_TRUE(at::equal(params[1].tensor, before));
 }
@@ -221,6 +221,13 @@ TEST(Trainer, BadTrainConfigsAreRefused) {
   j = tiny_job();
   j.mutable_optim()->set_beta2(1.0);
   expect_error([&] { Trainer t(j); }, loom::ErrorKind::kConfig, "'optim.beta2' must be in [0, 1)");
+  j = tiny_job();
+  j.mutable_train()->set_device("tpu");
+  expect_error([&] { Trainer t(j); }, loom::ErrorKind::kConfig, "field 'train.device'");
+  if (!at::hasCUDA()) {
+    j.mutable_train()->set_device("cuda");
+    expect_error([&] { Trainer t(j); }, loom::ErrorKind::kUnsupported, "this LibTorch has no CUDA");
+  }
   j = tiny_job();
   j.mutable_train()->set_progress("fancy");
   Trainer t(j);

@@ -18,7 +18,9 @@ struct MemoryStats {
   int64_t peak_rss = 0;     // high-water mark of the RSS
   int64_t device_peak = 0;  // GPU allocator peak (CUDA LibTorch only; 0 otherwise)
 };
-MemoryStats memory_stats();
+// `device`: a CUDA device also reports its caching allocator's peak (since the last reset).
+MemoryStats memory_stats(at::Device device = at::kCPU);
+void reset_device_peak(at::Device device);
 
 // "OpenBLAS 0.3.21 (core Haswell, OPENBLAS_CORETYPE unset), 2 threads" or what is known.
 // Warns separately (warn_if_blas_forced) when OPENBLAS_CORETYPE is set, which can halve GEMM speed.

@@ -43,6 +43,7 @@ struct StepMetrics {
   double tflops_per_device = 0;        // achieved
   double mfu = 0;                      // achieved / peak, per device
   int64_t rss = 0, peak_rss = 0;
+  int64_t device_peak = 0;             // GPU caching-allocator peak (CUDA devices)
   int64_t moe_dropped = 0;             // (token, expert) assignments dropped by capacity
   double moe_max_load = 0;             // max over layers and experts of tokens / mean tokens
 };
