@@ -135,7 +135,7 @@ int run(int argc, char** argv) {
     const int64_t b = job.train().micro_batch_size(), s = job.train().seq_len();
 
     // The first batch, as the trainer will draw it, and Loom's first loss on it.
-    auto source = loom::data::make_source(job, spec.vocab_size);
+    auto source = loom::data::make_source(job, spec.vocab_size, b);
     at::Tensor buf = at::empty({b, s + 1}, at::kLong);
     for (int64_t i = 0; i < b; ++i) source->sample(loom::data::Split::kTrain, i, s + 1, buf.data_ptr<int64_t>() + i * (s + 1));
     loom::model::Batch batch;

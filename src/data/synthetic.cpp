@@ -4,6 +4,7 @@
 #include <random>
 
 #include "loom/core/error.h"
+#include "loom/data/gpt_dataset.h"
 #include "loom/data/source.h"
 
 namespace loom::data {
@@ -69,9 +70,15 @@ std::string SyntheticMarkovCorpus::describe() const {
                      vocab_, branching_, seed_, entropy());
 }
 
-std::unique_ptr<DataSource> make_source(const config::JobConfig& job, int64_t vocab_size) {
+std::unique_ptr<DataSource> make_source(const config::JobConfig& job, int64_t vocab_size,
+                                        int64_t global_batch) {
   const auto& d = job.data();
+  const uint64_t seed = d.seed() != 0 ? d.seed() : job.seed();
   switch (d.source()) {
+    case config::DataConfig::INDEXED:
+      return std::make_unique<IndexedSource>(d, seed, job.train().seq_len(), vocab_size,
+                                             job.train().steps() * global_batch,
+                                             static_cast<int64_t>(job.train().eval_batches()) * global_batch);
     case config::DataConfig::SYNTHETIC:
       return std::make_unique<SyntheticMarkovCorpus>(vocab_size, d.synthetic_branching(),
                                                      d.seed() != 0 ? d.seed() : job.seed());

@@ -102,7 +102,7 @@ Trainer::Trainer(const config::JobConfig& config, comm::CommunicatorPtr world,
                     global_batch_, micro_batch_, dp_, micro_batch_ * dp_);
   num_micro_ = global_batch_ / (micro_batch_ * dp_);
 
-  if (!source_) source_ = data::make_source(config_, spec.vocab_size);
+  if (!source_) source_ = data::make_source(config_, spec.vocab_size, global_batch_);
   LOOM_CHECK_CONFIG(source_->vocab_size() <= spec.vocab_size,
                     "the data's vocabulary ({} tokens) does not fit model.vocab_size = {}",
                     source_->vocab_size(), spec.vocab_size);

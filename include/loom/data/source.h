@@ -47,7 +47,8 @@ class SyntheticMarkovCorpus : public DataSource {
   std::vector<double> cumulative_;   // [branching]
 };
 
-// The source a job's config asks for.
-std::unique_ptr<DataSource> make_source(const config::JobConfig& job, int64_t vocab_size);
+// The source a job's config asks for; `global_batch` (sequences per step) sizes what an indexed
+// source lays out (train.steps global batches, plus train.eval_batches for validation).
+std::unique_ptr<DataSource> make_source(const config::JobConfig& job, int64_t vocab_size, int64_t global_batch);
 
 }  // namespace loom::data

@@ -1,0 +1,280 @@
+#include "loom/data/gpt_dataset.h"
+
+#include <fmt/format.h>
+
+#include <cmath>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <numeric>
+#include <sstream>
+
+#include "loom/core/error.h"
+#include "loom/core/logging.h"
+
+namespace loom::data {
+
+namespace {
+uint64_t mix(uint64_t x) {
+  x += 0x9E3779B97F4A7C15ull;
+  x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
+  x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
+  return x ^ (x >> 31);
+}
+
+uint64_t hash_string(const std::string& s) {
+  uint64_t h = 0xCBF29CE484222325ull;
+  for (unsigned char c : s) {
+    h ^= c;
+    h *= 0x100000001B3ull;
+  }
+  return h;
+}
+
+// Fisher-Yates with splitmix64: the same permutation on every machine and standard library.
+void shuffle(std::vector<int64_t>& v, size_t begin, size_t end, uint64_t seed) {
+  uint64_t state = mix(seed);
+  for (size_t i = end - begin; i > 1; --i) {
+    state = mix(state);
+    const size_t j = static_cast<size_t>(state % i);
+    std::swap(v[begin + i - 1], v[begin + j]);
+  }
+}
+
+int64_t document_tokens(const IndexedDataset& d, int64_t doc) {
+  int64_t n = 0;
+  for (int64_t s = d.document_start(doc); s < d.document_start(doc + 1); ++s) n += d.sequence_length(s);
+  return n;
+}
+
+// Copies `len` tokens of document `doc` from `offset` (across its sequences).
+void read_document(const IndexedDataset& d, int64_t doc, int64_t offset, int64_t len, int64_t* out) {
+  for (int64_t s = d.document_start(doc); s < d.document_start(doc + 1) && len > 0; ++s) {
+    const int64_t n = d.sequence_length(s);
+    if (offset >= n) {
+      offset -= n;
+      continue;
+    }
+    const int64_t take = std::min(len, n - offset);
+    d.read(s, offset, take, out);
+    out += take;
+    len -= take;
+    offset = 0;
+  }
+}
+}  // namespace
+
+WindowSampler::WindowSampler(std::shared_ptr<const IndexedDataset> dataset, const WindowOptions& o)
+    : dataset_(std::move(dataset)), window_(o.seq_len_plus_one) {
+  LOOM_CHECK(window_ >= 2, "sampler: a sample needs at least 2 tokens, got {}", window_);
+  const int64_t docs = dataset_->num_documents();
+  doc_begin_ = static_cast<int64_t>(std::llround(o.first * static_cast<double>(docs)));
+  doc_end_ = static_cast<int64_t>(std::llround(o.last * static_cast<double>(docs)));
+  int64_t tokens = 0;
+  for (int64_t d = doc_begin_; d < doc_end_; ++d) tokens += document_tokens(*dataset_, d);
+  LOOM_CHECK_KIND(ErrorKind::kConfig, tokens >= window_,
+                  "dataset '{}': the split [{:.3f}, {:.3f}) holds documents {}..{} with {} tokens, fewer than "
+                  "one sample of {}",
+                  dataset_->prefix(), o.first, o.last, doc_begin_, doc_end_, tokens, window_);
+  samples_per_epoch_ = (tokens - 1) / (window_ - 1);
+  epochs_ = 1;
+  while ((epochs_ * tokens - 1) / (window_ - 1) < o.num_samples) ++epochs_;
+
+  const uint64_t key = mix(hash_string(dataset_->prefix()) ^ mix(static_cast<uint64_t>(dataset_->num_tokens())) ^
+                           mix(static_cast<uint64_t>(doc_begin_) * 1315423911ull + static_cast<uint64_t>(doc_end_)) ^
+                           mix(static_cast<uint64_t>(window_) << 20 ^ static_cast<uint64_t>(epochs_)) ^ mix(o.seed + 7));
+  std::string path;
+  if (!o.cache_dir.empty()) {
+    path = fmt::format("{}/{}-{:016x}.samples", o.cache_dir,
+                       std::filesystem::path(dataset_->prefix()).filename().string(), key);
+    if (load_cache(path, key)) {
+      from_cache_ = true;
+      return;
+    }
+  }
+  build(o.seed);
+  if (!path.empty()) save_cache(path, key);
+}
+
+void WindowSampler::build(uint64_t seed) {
+  const int64_t docs = doc_end_ - doc_begin_;
+  document_index_.resize(static_cast<size_t>(epochs_ * docs));
+  for (int64_t e = 0; e < epochs_; ++e) {
+    std::iota(document_index_.begin() + e * docs, document_index_.begin() + (e + 1) * docs, doc_begin_);
+    shuffle(document_index_, static_cast<size_t>(e * docs), static_cast<size_t>((e + 1) * docs), seed * 1000003ull + e);
+  }
+  int64_t total_tokens = 0;
+  for (int64_t d = doc_begin_; d < doc_end_; ++d) total_tokens += document_tokens(*dataset_, d);
+  const int64_t total = (epochs_ * total_tokens - 1) / (window_ - 1);
+  sample_index_.resize(static_cast<size_t>((total + 1) * 2));
+  int64_t p = 0, off = 0;
+  sample_index_[0] = 0;
+  sample_index_[1] = 0;
+  for (int64_t s = 1; s <= total; ++s) {
+    int64_t remaining = window_ - 1;
+    while (remaining > 0) {
+      const int64_t left = document_tokens(*dataset_, document_index_[p]) - off;
+      if (left > remaining) {
+        off += remaining;
+        remaining = 0;
+      } else {
+        remaining -= left;
+        ++p;
+        off = 0;
+      }
+    }
+    sample_index_[2 * s] = p;
+    sample_index_[2 * s + 1] = off;
+  }
+  shuffle_.resize(static_cast<size_t>(total));
+  std::iota(shuffle_.begin(), shuffle_.end(), 0);
+  shuffle(shuffle_, 0, shuffle_.size(), seed * 7919ull + 17);
+}
+
+void WindowSampler::sample(int64_t index, int64_t* out) const {
+  const int64_t s = shuffle_[static_cast<size_t>(index % static_cast<int64_t>(shuffle_.size()))];
+  int64_t p = sample_index_[2 * s], off = sample_index_[2 * s + 1];
+  int64_t need = window_;
+  while (need > 0) {
+    const int64_t doc = document_index_[p];
+    const int64_t take = std::min(need, document_tokens(*dataset_, doc) - off);
+    if (take > 0) read_document(*dataset_, doc, off, take, out);
+    out += std::max<int64_t>(take, 0);
+    need -= std::max<int64_t>(take, 0);
+    ++p;
+    off = 0;
+  }
+}
+
+bool WindowSampler::load_cache(const std::string& path, uint64_t key) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in.good()) return false;
+  char magic[8];
+  uint64_t k = 0, n[3] = {0, 0, 0};
+  in.read(magic, 8);
+  in.read(reinterpret_cast<char*>(&k), 8);
+  in.read(reinterpret_cast<char*>(n), 24);
+  if (!in.good() || std::memcmp(magic, "LOOMSMP1", 8) != 0 || k != key) {
+    LOOM_LOG_WARN("sample-index cache '{}' does not match this run; rebuilding it", path);
+    return false;
+  }
+  document_index_.resize(n[0]);
+  sample_index_.resize(n[1]);
+  shuffle_.resize(n[2]);
+  in.read(reinterpret_cast<char*>(document_index_.data()), static_cast<std::streamsize>(n[0] * 8));
+  in.read(reinterpret_cast<char*>(sample_index_.data()), static_cast<std::streamsize>(n[1] * 8));
+  in.read(reinterpret_cast<char*>(shuffle_.data()), static_cast<std::streamsize>(n[2] * 8));
+  if (!in.good()) {
+    LOOM_LOG_WARN("sample-index cache '{}' is truncated; rebuilding it", path);
+    return false;
+  }
+  return true;
+}
+
+void WindowSampler::save_cache(const std::string& path, uint64_t key) const {
+  std::error_code ec;
+  std::filesystem::create_directories(std::filesystem::path(path).parent_path(), ec);
+  const std::string tmp = path + ".tmp";
+  std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
+  if (!out.good()) {
+    LOOM_LOG_WARN("cannot write the sample-index cache '{}' (continuing without it)", path);
+    return;
+  }
+  const uint64_t n[3] = {document_index_.size(), sample_index_.size(), shuffle_.size()};
+  out.write("LOOMSMP1", 8);
+  out.write(reinterpret_cast<const char*>(&key), 8);
+  out.write(reinterpret_cast<const char*>(n), 24);
+  out.write(reinterpret_cast<const char*>(document_index_.data()), static_cast<std::streamsize>(n[0] * 8));
+  out.write(reinterpret_cast<const char*>(sample_index_.data()), static_cast<std::streamsize>(n[1] * 8));
+  out.write(reinterpret_cast<const char*>(shuffle_.data()), static_cast<std::streamsize>(n[2] * 8));
+  out.close();
+  std::filesystem::rename(tmp, path, ec);  // atomic: concurrent ranks write identical content
+}
+
+std::vector<std::pair<int32_t, int64_t>> blend(const std::vector<double>& weights, int64_t num_samples) {
+  LOOM_CHECK(!weights.empty(), "blend: no datasets");
+  double sum = 0;
+  for (double w : weights) {
+    LOOM_CHECK(w >= 0 && std::isfinite(w), "blend: weight {} must be finite and >= 0", w);
+    sum += w;
+  }
+  LOOM_CHECK(sum > 0, "blend: the weights sum to 0");
+  std::vector<int64_t> counts(weights.size(), 0);
+  std::vector<std::pair<int32_t, int64_t>> out(static_cast<size_t>(num_samples));
+  for (int64_t i = 0; i < num_samples; ++i) {
+    size_t best = 0;
+    double best_err = -1e300;
+    for (size_t d = 0; d < weights.size(); ++d) {
+      const double err = weights[d] / sum * static_cast<double>(i + 1) - static_cast<double>(counts[d]);
+      if (err > best_err) {
+        best_err = err;
+        best = d;
+      }
+    }
+    out[static_cast<size_t>(i)] = {static_cast<int32_t>(best), counts[best]++};
+  }
+  return out;
+}
+
+IndexedSource::IndexedSource(const config::DataConfig& c, uint64_t seed, int64_t seq_len, int64_t vocab_size,
+                             int64_t train_samples, int64_t valid_samples)
+    : vocab_(vocab_size), window_(seq_len + 1) {
+  LOOM_CHECK_CONFIG(c.paths_size() > 0, "data.source is INDEXED but 'data.paths' is empty");
+  LOOM_CHECK_CONFIG(c.weights_size() == 0 || c.weights_size() == c.paths_size(),
+                    "'data.weights' has {} entries for {} paths", c.weights_size(), c.paths_size());
+  double a = 0, b = 0;
+  {
+    char comma = 0;
+    std::istringstream ss(c.split());
+    ss >> a >> comma >> b;
+    LOOM_CHECK_CONFIG(!ss.fail() && comma == ',' && a > 0 && b >= 0 && ss.peek() == EOF,
+                      "field 'data.split' must be 'train,valid' proportions like \"98,2\", got '{}'", c.split());
+  }
+  const double cut = a / (a + b);
+  for (int i = 0; i < c.paths_size(); ++i) {
+    auto ds = std::make_shared<const IndexedDataset>(c.paths(i));
+    if (c.check_vocab()) ds->check_vocab(vocab_size);
+    datasets_.push_back(ds);
+    weights_.push_back(c.weights_size() > 0 ? c.weights(i) : static_cast<double>(ds->num_tokens()));
+  }
+  auto make_split = [&](SplitData* split, double first, double last, int64_t samples, uint64_t split_seed) {
+    split->blend = blend(weights_, std::max<int64_t>(samples, 1));
+    std::vector<int64_t> per(datasets_.size(), 0);
+    for (const auto& [d, i] : split->blend) per[static_cast<size_t>(d)] = std::max(per[static_cast<size_t>(d)], i + 1);
+    for (size_t d = 0; d < datasets_.size(); ++d) {
+      WindowOptions o;
+      o.seq_len_plus_one = window_;
+      o.num_samples = std::max<int64_t>(per[d], 1);
+      o.seed = split_seed + d * 101;
+      o.first = first;
+      o.last = last;
+      o.cache_dir = c.cache_dir().empty() ? datasets_[d]->prefix() + ".cache" : c.cache_dir();
+      split->samplers.push_back(weights_[d] > 0 ? std::make_unique<WindowSampler>(datasets_[d], o) : nullptr);
+    }
+  };
+  make_split(&train_, 0.0, cut, train_samples, seed);
+  if (b > 0 && valid_samples > 0) make_split(&valid_, cut, 1.0, valid_samples, seed + 1);
+}
+
+void IndexedSource::sample(Split split, int64_t index, int64_t len, int64_t* out) const {
+  LOOM_CHECK(len == window_, "indexed source: built for samples of {} tokens, asked for {}", window_, len);
+  const SplitData& s = split == Split::kTrain ? train_ : valid_;
+  LOOM_CHECK_CONFIG(!s.blend.empty(), "there is no validation data: 'data.split' gives it no documents");
+  // Past the planned samples (a run longer than its config said), the stream starts over.
+  const auto& [d, i] = s.blend[static_cast<size_t>(index % static_cast<int64_t>(s.blend.size()))];
+  s.samplers[static_cast<size_t>(d)]->sample(i, out);
+}
+
+std::string IndexedSource::describe() const {
+  std::string s = "indexed datasets:";
+  for (size_t d = 0; d < datasets_.size(); ++d) {
+    s += fmt::format(" {} ({} docs, {} tokens, {}, weight {:.3g}; {} train epochs{})", datasets_[d]->prefix(),
+                     datasets_[d]->num_documents(), datasets_[d]->num_tokens(),
+                     dtype_code_name(datasets_[d]->dtype_code()), weights_[d],
+                     train_.samplers[d] ? train_.samplers[d]->num_epochs() : 0,
+                     train_.samplers[d] && train_.samplers[d]->loaded_from_cache() ? ", cached indices" : "");
+  }
+  return s;
+}
+
+}  // namespace loom::data

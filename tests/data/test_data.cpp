@@ -1,0 +1,271 @@
+// Megatron indexed datasets (hand-built bytes, round trips, every refusal), fixed-window sampling
+// (coverage, determinism, cache) and blending.
+#include <gtest/gtest.h>
+#include <unistd.h>
+
+#include <cmath>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <random>
+
+#include "loom/core/error.h"
+#include "loom/data/gpt_dataset.h"
+#include "loom/data/indexed_dataset.h"
+
+namespace {
+
+namespace fs = std::filesystem;
+using loom::data::IndexedDataset;
+using loom::data::IndexedDatasetBuilder;
+
+std::string temp_prefix(const std::string& name) {
+  fs::path dir = fs::temp_directory_path() / ("loom-data-" + std::to_string(getpid()));
+  fs::create_directories(dir);
+  return (dir / name).string();
+}
+
+std::string read_all(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  return std::string((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+}
+
+void write_all(const std::string& path, const std::string& bytes) {
+  std::ofstream(path, std::ios::binary | std::ios::trunc).write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
+}
+
+template <typename T>
+void put(std::string* s, T v) {
+  s->append(reinterpret_cast<const char*>(&v), sizeof(T));
+}
+
+// The .idx Megatron's _IndexWriter produces for uint16 documents {1, 2, 3} and {4, 5}, byte by byte.
+std::string known_idx() {
+  std::string s("MMIDIDX\0\0", 9);
+  put<uint64_t>(&s, 1);   // version
+  put<uint8_t>(&s, 8);    // uint16
+  put<uint64_t>(&s, 2);   // sequences
+  put<uint64_t>(&s, 3);   // document index entries
+  put<int32_t>(&s, 3);
+  put<int32_t>(&s, 2);
+  put<int64_t>(&s, 0);
+  put<int64_t>(&s, 6);
+  put<int64_t>(&s, 0);
+  put<int64_t>(&s, 1);
+  put<int64_t>(&s, 2);
+  return s;
+}
+
+std::string known_bin() {
+  std::string s;
+  for (uint16_t t : {1, 2, 3, 4, 5}) put<uint16_t>(&s, t);
+  return s;
+}
+
+template <typename F>
+void expect_io_error(F&& f, const std::string& needle) {
+  try {
+    f();
+    ADD_FAILURE() << "expected an error containing '" << needle << "'";
+  } catch (const loom::Error& e) {
+    EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
+  }
+}
+
+TEST(IndexedDataset, ReadsHandBuiltMegatronBytes) {
+  const std::string p = temp_prefix("known");
+  write_all(p + ".idx", known_idx());
+  write_all(p + ".bin", known_bin());
+  IndexedDataset d(p);
+  EXPECT_EQ(d.dtype_code(), 8);
+  EXPECT_EQ(d.num_sequences(), 2);
+  EXPECT_EQ(d.num_documents(), 2);
+  EXPECT_EQ(d.num_tokens(), 5);
+  int64_t out[3];
+  d.read(0, 0, 3, out);
+  EXPECT_EQ(std::vector<int64_t>(out, out + 3), (std::vector<int64_t>{1, 2, 3}));
+  d.read(1, 1, 1, out);
+  EXPECT_EQ(out[0], 5);
+  EXPECT_THROW(d.read(1, 1, 2, out), loom::Error);
+  // The builder writes exactly these bytes.
+  const std::string q = temp_prefix("built");
+  IndexedDatasetBuilder b(q, 8);
+  b.add_document({1, 2, 3});
+  b.add_document({4, 5});
+  b.finish();
+  EXPECT_EQ(read_all(q + ".idx"), known_idx());
+  EXPECT_EQ(read_all(q + ".bin"), known_bin());
+}
+
+TEST(IndexedDataset, RoundTripEveryIntegerDtype) {
+  std::mt19937_64 rng(1);
+  for (int code : {1, 2, 3, 4, 5, 8}) {
+    const std::string p = temp_prefix("rt" + std::to_string(code));
+    std::vector<std::vector<int64_t>> docs;
+    IndexedDatasetBuilder b(p, code);
+    for (int i = 0; i < 20; ++i) {
+      std::vector<int64_t> doc(rng() % 40);
+      for (auto& t : doc) t = static_cast<int64_t>(rng() % 100);
+      b.add_document(doc);
+      docs.push_back(doc);
+    }
+    b.finish();
+    IndexedDataset d(p);
+    ASSERT_EQ(d.num_documents(), 20);
+    for (int i = 0; i < 20; ++i) {
+      std::vector<int64_t> got(docs[i].size());
+      d.read(i, 0, static_cast<int64_t>(got.size()), got.data());
+      EXPECT_EQ(got, docs[i]) << "dtype " << code << " doc " << i;
+    }
+    d.check_vocab(100);
+    expect_io_error([&] { d.check_vocab(50); }, "outside the vocabulary [0, 50)");
+  }
+  IndexedDatasetBuilder b(temp_prefix("fit"), 8);
+  EXPECT_THROW(b.add_document({70000}), loom::Error);
+}
+
+TEST(IndexedDataset, BadFilesAreRefusedNamingTheField) {
+  const std::string p = temp_prefix("bad");
+  auto with = [&](std::string idx, std::string bin, const std::string& needle) {
+    write_all(p + ".idx", idx);
+    write_all(p + ".bin", bin);
+    expect_io_error([&] { IndexedDataset d(p); }, needle);
+  };
+  std::string idx = known_idx(), bin = known_bin();
+  with(idx, bin.substr(0, 8), "is 8 bytes, but '" + p + ".idx' describes 5 tokens of uint16 = 10 bytes: the .bin is truncated");
+  with(idx, bin + "xx", "the .bin has extra bytes");
+  std::string m = idx;
+  m[0] = 'X';
+  with(m, bin, "wrong magic 'XMIDIDX\\x00\\x00'");
+  std::string v = idx;
+  v[9] = 2;
+  with(v, bin, "version 2 (this reader knows version 1)");
+  std::string c = idx;
+  c[17] = 9;
+  with(c, bin, "dtype code 9 is out of range (1..8)");
+  c[17] = 7;
+  with(c, bin, "dtype code 7 (float32) cannot hold token ids");
+  with(idx.substr(0, 20), bin, "shorter than the 34-byte MMIDIDX header");
+  with(idx.substr(0, idx.size() - 8), bin, "truncated or corrupt");
+  std::string ptr = idx;
+  ptr[34 + 8 + 8] = 4;  // second pointer 6 -> 4
+  with(ptr, bin, "sequence 1 points at byte 4, but the sequences before it end at byte 6");
+  std::string di = idx;
+  di[34 + 8 + 16 + 16] = 1;  // last document index entry 2 -> 1
+  with(di, bin, "the document index must run from 0 to the sequence count 2");
+  fs::remove(p + ".bin");
+  write_all(p + ".idx", idx);
+  expect_io_error([&] { IndexedDataset d(p); }, "cannot open '" + p + ".bin'");
+}
+
+// Documents whose tokens are all distinct (token = global position), so coverage can be counted.
+std::shared_ptr<IndexedDataset> distinct_dataset(const std::string& name, int docs, uint64_t seed) {
+  const std::string p = temp_prefix(name);
+  std::mt19937_64 rng(seed);
+  IndexedDatasetBuilder b(p, 4);
+  int64_t next = 0;
+  for (int i = 0; i < docs; ++i) {
+    std::vector<int64_t> doc(1 + rng() % 30);
+    for (auto& t : doc) t = next++;
+    b.add_document(doc);
+  }
+  b.finish();
+  return std::make_shared<IndexedDataset>(p);
+}
+
+TEST(WindowSampler, EveryTokenIsAnInputOncePerEpoch) {
+  auto d = distinct_dataset("cover", 50, 3);
+  loom::data::WindowOptions o;
+  o.seq_len_plus_one = 9;
+  o.num_samples = 1;  // one epoch
+  o.seed = 5;
+  loom::data::WindowSampler s(d, o);
+  ASSERT_EQ(s.num_epochs(), 1);
+  ASSERT_EQ(s.num_samples(), (d->num_tokens() - 1) / 8);
+  std::map<int64_t, int> seen;
+  std::vector<int64_t> buf(9);
+  for (int64_t i = 0; i < s.num_samples(); ++i) {
+    s.sample(i, buf.data());
+    for (int j = 0; j < 8; ++j) seen[buf[j]]++;  // inputs; buf[8] is the last target
+  }
+  for (const auto& [tok, n] : seen) EXPECT_EQ(n, 1) << "token " << tok;
+  EXPECT_GE(static_cast<int64_t>(seen.size()), d->num_tokens() - 8);
+}
+
+TEST(WindowSampler, DeterministicCachedAndSeedDependent) {
+  auto d = distinct_dataset("det", 40, 4);
+  loom::data::WindowOptions o;
+  o.seq_len_plus_one = 7;
+  o.num_samples = 300;  // several epochs
+  o.seed = 9;
+  o.cache_dir = temp_prefix("cache");
+  fs::remove_all(o.cache_dir);
+  loom::data::WindowSampler a(d, o), b(d, o);
+  EXPECT_FALSE(a.loaded_from_cache());
+  EXPECT_TRUE(b.loaded_from_cache());
+  EXPECT_GT(a.num_epochs(), 1);
+  o.seed = 10;
+  o.cache_dir = "";
+  loom::data::WindowSampler c(d, o);
+  std::vector<int64_t> x(7), y(7), z(7);
+  int differ = 0;
+  for (int64_t i = 0; i < 300; ++i) {
+    a.sample(i, x.data());
+    b.sample(i, y.data());
+    c.sample(i, z.data());
+    EXPECT_EQ(x, y) << i;
+    differ += x != z;
+  }
+  EXPECT_GT(differ, 250);
+}
+
+TEST(Blend, PrefixesFollowTheWeights) {
+  const std::vector<double> w = {0.5, 0.3, 0.2};
+  auto b = loom::data::blend(w, 1000);
+  std::vector<int64_t> count(3, 0);
+  for (size_t i = 0; i < b.size(); ++i) {
+    EXPECT_EQ(b[i].second, count[b[i].first]);
+    count[b[i].first]++;
+    for (int d = 0; d < 3; ++d) EXPECT_LE(std::abs(count[d] - w[d] * (i + 1)), 1.0) << i;
+  }
+  EXPECT_EQ(count, (std::vector<int64_t>{500, 300, 200}));
+  EXPECT_THROW(loom::data::blend({0, 0}, 4), loom::Error);
+}
+
+TEST(IndexedSource, SplitsAndBlendsTwoDatasets) {
+  auto a = distinct_dataset("srcA", 60, 5);
+  auto b = distinct_dataset("srcB", 60, 6);
+  loom::config::DataConfig c;
+  c.set_source(loom::config::DataConfig::INDEXED);
+  c.add_paths(a->prefix());
+  c.add_paths(b->prefix());
+  c.add_weights(3);
+  c.add_weights(1);
+  c.set_split("90,10");
+  c.set_check_vocab(false);
+  c.set_cache_dir(temp_prefix("srccache"));
+  loom::data::IndexedSource src(c, 1, 8, 1 << 20, 400, 40);
+  std::vector<int64_t> buf(9);
+  // Validation samples come only from the last 10% of each dataset's documents.
+  // Token ids are positions in their file (int32: pointer / 4), so every token of a validation
+  // window lies past its dataset's cut (document 54 of 60), and training windows lie before it.
+  const int64_t cut = std::min(a->sequence_pointer(54), b->sequence_pointer(54)) / 4;
+  const int64_t train_end = std::max(a->sequence_pointer(54), b->sequence_pointer(54)) / 4;
+  for (int64_t i = 0; i < 40; ++i) {
+    src.sample(loom::data::Split::kValid, i, 9, buf.data());
+    for (int64_t t : buf) EXPECT_GE(t, cut) << "valid sample " << i;
+  }
+  for (int64_t i = 0; i < 400; ++i) {
+    src.sample(loom::data::Split::kTrain, i, 9, buf.data());
+    for (int64_t t : buf) EXPECT_LT(t, train_end) << "train sample " << i;
+  }
+  EXPECT_THROW(src.sample(loom::data::Split::kTrain, 0, 5, buf.data()), loom::Error);
+  c.set_split("90");
+  expect_io_error([&] { loom::data::IndexedSource s(c, 1, 8, 1 << 20, 10, 0); }, "field 'data.split'");
+  c.set_split("90,10");
+  c.clear_paths();
+  expect_io_error([&] { loom::data::IndexedSource s(c, 1, 8, 1 << 20, 10, 0); }, "'data.paths' is empty");
+}
+
+}  // namespace
