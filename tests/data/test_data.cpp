@@ -13,6 +13,9 @@
 #include "loom/core/error.h"
 #include "loom/data/gpt_dataset.h"
 #include "loom/data/indexed_dataset.h"
+#include "loom/data/tokenizer.h"
+
+#include <nlohmann/json.hpp>
 
 namespace {
 
@@ -268,4 +271,50 @@ TEST(IndexedSource, SplitsAndBlendsTwoDatasets) {
   expect_io_error([&] { loom::data::IndexedSource s(c, 1, 8, 1 << 20, 10, 0); }, "'data.paths' is empty");
 }
 
+}  // namespace
+
+namespace {
+// JSONL -> tools/preprocess_data -> .bin/.idx -> the documents back, byte for byte, each followed by
+// the end-of-document id; with several workers the order is kept.
+TEST(Preprocess, JsonlRoundTripThroughTheTool) {
+  const std::string dir = temp_prefix("pre");
+  fs::create_directories(dir);
+  std::vector<std::string> docs;
+  {
+    std::ofstream out(dir + "/in.jsonl");
+    for (int i = 0; i < 500; ++i) {
+      std::string text = "document " + std::to_string(i) + std::string(static_cast<size_t>(i % 37), 'x') +
+                         " \xc3\xa9t\xc3\xa9 \"quoted\"\\n";
+      docs.push_back(text);
+      nlohmann::json j = {{"id", i}, {"body", text}};
+      out << j.dump() << "\n";
+      if (i % 50 == 0) out << "\n";  // blank lines are skipped
+    }
+  }
+  const std::string cmd = std::string(LOOM_PREPROCESS_TOOL) + " --input " + dir + "/in.jsonl --json-key body " +
+                          "--output-prefix " + dir + "/out --workers 3 --batch 64 2>/dev/null";
+  ASSERT_EQ(std::system(cmd.c_str()), 0) << cmd;
+  IndexedDataset d(dir + "/out");
+  ASSERT_EQ(d.num_documents(), 500);
+  EXPECT_EQ(d.dtype_code(), 8);  // uint16 for the 257-token byte vocabulary
+  loom::data::ByteTokenizer tok;
+  for (int i = 0; i < 500; ++i) {
+    std::vector<int64_t> ids(static_cast<size_t>(d.sequence_length(i)));
+    d.read(i, 0, static_cast<int64_t>(ids.size()), ids.data());
+    ASSERT_FALSE(ids.empty());
+    EXPECT_EQ(ids.back(), tok.eod());
+    ids.pop_back();
+    EXPECT_EQ(tok.decode(ids), docs[i]) << i;
+  }
+  // A line without the key is refused with its file and line.
+  {
+    std::ofstream out(dir + "/bad.jsonl");
+    out << "{\"body\": \"fine\"}\n{\"text\": \"no body\"}\n";
+  }
+  const std::string bad = std::string(LOOM_PREPROCESS_TOOL) + " --input " + dir + "/bad.jsonl --json-key body " +
+                          "--output-prefix " + dir + "/bad > " + dir + "/err.txt 2>&1";
+  EXPECT_NE(std::system(bad.c_str()), 0);
+  EXPECT_NE(read_all(dir + "/err.txt").find("bad.jsonl:2: no string field 'body'"), std::string::npos)
+      << read_all(dir + "/err.txt");
+}
 }  // namespace

@@ -325,3 +325,40 @@ TEST(DataParallel, MatchesSingleProcess) {
 }
 
 }  // namespace
+
+#include "loom/data/indexed_dataset.h"
+
+namespace {
+// The trainer on a Megatron indexed dataset (written here from the synthetic corpus, documents of
+// varied length): the loss falls, and a dataset with ids beyond the model's vocabulary is refused.
+TEST(Trainer, TrainsOnAnIndexedDataset) {
+  const std::string dir = temp_dir("indexed");
+  fs::create_directories(dir);
+  loom::data::SyntheticMarkovCorpus corpus(64, 4, 3);
+  {
+    loom::data::IndexedDatasetBuilder b(dir + "/corpus", 8);
+    std::vector<int64_t> doc;
+    for (int i = 0; i < 400; ++i) {
+      doc.resize(static_cast<size_t>(5 + (i * 37) % 90));
+      corpus.sample(loom::data::Split::kTrain, i, static_cast<int64_t>(doc.size()), doc.data());
+      b.add_document(doc);
+    }
+    b.finish();
+  }
+  auto j = tiny_job();
+  j.mutable_data()->set_source(loom::config::DataConfig::INDEXED);
+  j.mutable_data()->add_paths(dir + "/corpus");
+  j.mutable_data()->set_cache_dir(dir + "/cache");
+  j.mutable_train()->set_steps(30);
+  j.mutable_optim()->set_lr(1e-2);
+  Trainer t(j);
+  auto s = t.fit();
+  EXPECT_LT(s.last_loss, s.first_loss - 1.0);
+  EXPECT_TRUE(std::isfinite(t.evaluate().loss));
+  EXPECT_TRUE(fs::exists(dir + "/cache"));
+
+  j.mutable_model()->set_vocab_size(32);  // the corpus uses ids up to 63
+  expect_error([&] { Trainer bad(j); }, loom::ErrorKind::kIO, "outside the vocabulary [0, 32)");
+  fs::remove_all(dir);
+}
+}  // namespace
