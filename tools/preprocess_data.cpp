@@ -5,8 +5,8 @@
 //   preprocess_data --input notes.txt --format text --split paragraph --output-prefix data/notes
 //
 // Documents: one per JSONL line (the --json-key field), or from text files one per line, per
-// blank-line-separated paragraph, or per file. Each document is tokenised and followed by the
-// tokenizer's end-of-document id. Tokenisation runs on --workers threads, in batches, and the
+// blank-line-separated paragraph, per file, or ended by a separator line ("%" in fortune files).
+// Each document is tokenised and followed by the tokenizer's end-of-document id. Tokenisation runs on --workers threads, in batches, and the
 // output keeps the input order. Progress (MB/s, documents, tokens) is printed as it goes.
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
@@ -28,7 +28,7 @@ namespace {
 
 struct Reader {
   std::vector<std::string> files;
-  std::string format, split, key;
+  std::string format, split, key, separator;
   size_t file = 0;
   std::ifstream in;
   int64_t line_no = 0;
@@ -86,6 +86,15 @@ struct Reader {
         *doc = line;
         return true;
       }
+      if (split == "separator") {
+        if (line == separator) {
+          if (!doc->empty()) return true;
+          continue;
+        }
+        if (!doc->empty()) doc->push_back('\n');
+        *doc += line;
+        continue;
+      }
       // paragraph
       if (line.find_first_not_of(" \t\r") == std::string::npos) {
         if (!doc->empty()) return true;
@@ -102,7 +111,8 @@ int run(int argc, char** argv) {
                             {{"input", "", "input files, comma separated"},
                              {"format", "auto", "jsonl, text, or auto (by extension: .jsonl/.json = jsonl)"},
                              {"json-key", "text", "the JSONL field holding the document"},
-                             {"split", "paragraph", "text documents: line, paragraph or file"},
+                             {"split", "paragraph", "text documents: line, paragraph, file, or separator"},
+                             {"separator", "%", "with --split separator: the line that ends a document (fortune files)"},
                              {"output-prefix", "", "writes <prefix>.bin and <prefix>.idx"},
                              {"tokenizer", "byte", "byte or sentencepiece"},
                              {"tokenizer-model", "", "the SentencePiece .model"},
@@ -126,8 +136,9 @@ int run(int argc, char** argv) {
   }
   LOOM_CHECK_CONFIG(r.format == "jsonl" || r.format == "text", "flag --format must be jsonl, text or auto");
   r.split = cl.get("split");
-  LOOM_CHECK_CONFIG(r.split == "line" || r.split == "paragraph" || r.split == "file",
-                    "flag --split must be line, paragraph or file");
+  LOOM_CHECK_CONFIG(r.split == "line" || r.split == "paragraph" || r.split == "file" || r.split == "separator",
+                    "flag --split must be line, paragraph, file or separator");
+  r.separator = cl.get("separator");
   r.key = cl.get("json-key");
   uint64_t total_bytes = 0;
   for (const auto& f : r.files) {
