@@ -130,6 +130,9 @@ Trainer::Trainer(const config::JobConfig& config, comm::CommunicatorPtr world,
       jsonl_.open(path, std::ios::app);
       LOOM_CHECK_KIND(ErrorKind::kIO, jsonl_.good(), "cannot open metrics file '{}'", path);
     }
+    std::string tb = t.tensorboard_dir();
+    if (tb.empty() && !config_.logging().dir().empty()) tb = config_.logging().dir() + "/tensorboard";
+    if (!tb.empty() && tb != "off") tensorboard_ = std::make_unique<TensorBoardWriter>(tb);
   }
   LOOM_LOG_INFO("model: {}", spec.summary());
   LOOM_LOG_INFO("data: {}", source_->describe());
@@ -308,6 +311,10 @@ EvalMetrics Trainer::evaluate() {
     nlohmann::json j = {{"type", "eval"}, {"step", e.step}, {"loss", e.loss},
                         {"perplexity", e.perplexity}, {"tokens", e.tokens}};
     write_jsonl(j.dump());
+    if (tensorboard_) {
+      tensorboard_->add_scalars(e.step, {{"eval/loss", e.loss}, {"eval/perplexity", e.perplexity}});
+      tensorboard_->flush();
+    }
   }
   return e;
 }
@@ -415,6 +422,19 @@ void Trainer::log_step(const StepMetrics& m) {
     j["moe_max_load"] = m.moe_max_load;
   }
   write_jsonl(j.dump());
+  if (tensorboard_) {
+    std::vector<std::pair<std::string, double>> v = {
+        {"train/loss", m.loss},           {"train/lr", m.lr},
+        {"train/grad_norm", m.grad_norm}, {"perf/tokens_per_s", m.tokens_per_s},
+        {"perf/tflops_per_device", m.tflops_per_device}, {"perf/mfu", m.mfu},
+        {"memory/rss_gib", static_cast<double>(m.rss) / (1 << 30)}};
+    if (model_->spec().is_moe()) {
+      v.emplace_back("train/aux_loss", m.aux_loss);
+      v.emplace_back("moe/max_load", m.moe_max_load);
+    }
+    tensorboard_->add_scalars(m.step, v);
+    if (m.step % config_.train().log_every() == 0) tensorboard_->flush();
+  }
   const bool log_now = m.step % config_.train().log_every() == 0 || m.step == total || m.step == 1;
   if (log_now) {
     if (progress_) progress_->clear();

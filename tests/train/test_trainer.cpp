@@ -4,6 +4,8 @@
 #include <unistd.h>
 
 #include <cmath>
+#include <cstring>
+#include <map>
 #include <filesystem>
 #include <fstream>
 
@@ -58,6 +60,11 @@ loom::config::JobConfig tiny_job(bool moe = false) {
   t->set_peak_tflops(1.0);  // no GEMM probe in tests
   j.mutable_logging()->set_dir("");
   return j;
+}
+
+std::string read_file_bytes(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  return std::string((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
 }
 
 std::string temp_dir(const std::string& name) {
@@ -359,6 +366,159 @@ TEST(Trainer, TrainsOnAnIndexedDataset) {
 
   j.mutable_model()->set_vocab_size(32);  // the corpus uses ids up to 63
   expect_error([&] { Trainer bad(j); }, loom::ErrorKind::kIO, "outside the vocabulary [0, 32)");
+  fs::remove_all(dir);
+}
+}  // namespace
+
+#include "loom/train/tensorboard.h"
+
+namespace {
+// CRC-32C against the published check values (RFC 3720 B.4 and the CRC catalogue).
+TEST(TensorBoard, Crc32cKnownVectors) {
+  EXPECT_EQ(loom::train::crc32c("123456789", 9), 0xE3069283u);
+  std::string zeros(32, '\0'), ones(32, '\xff');
+  EXPECT_EQ(loom::train::crc32c(zeros.data(), 32), 0x8A9136AAu);
+  EXPECT_EQ(loom::train::crc32c(ones.data(), 32), 0x62A8AB43u);
+  std::string inc(32, '\0');
+  for (int i = 0; i < 32; ++i) inc[i] = static_cast<char>(i);
+  EXPECT_EQ(loom::train::crc32c(inc.data(), 32), 0x46DD794Eu);
+}
+
+// An independent reader: bitwise CRC-32C, TFRecord framing, and a generic protobuf field walker.
+uint32_t slow_crc32c(const std::string& s) {
+  uint32_t c = 0xFFFFFFFFu;
+  for (unsigned char b : s) {
+    c ^= b;
+    for (int k = 0; k < 8; ++k) c = (c >> 1) ^ (0x82F63B78u & (0u - (c & 1u)));
+  }
+  return ~c;
+}
+uint32_t slow_masked(const std::string& s) {
+  const uint32_t c = slow_crc32c(s);
+  return ((c >> 15) | (c << 17)) + 0xa282ead8u;
+}
+
+struct Field {
+  int number = 0;
+  int wire = 0;
+  uint64_t varint = 0;
+  std::string bytes;  // length-delimited and fixed payloads
+};
+
+std::vector<Field> parse_fields(const std::string& s) {
+  std::vector<Field> out;
+  size_t i = 0;
+  auto varint = [&]() {
+    uint64_t v = 0;
+    for (int shift = 0;; shift += 7) {
+      const auto b = static_cast<unsigned char>(s.at(i++));
+      v |= static_cast<uint64_t>(b & 0x7f) << shift;
+      if (!(b & 0x80)) return v;
+    }
+  };
+  while (i < s.size()) {
+    Field f;
+    const uint64_t key = varint();
+    f.number = static_cast<int>(key >> 3);
+    f.wire = static_cast<int>(key & 7);
+    if (f.wire == 0) {
+      f.varint = varint();
+    } else if (f.wire == 1) {
+      f.bytes = s.substr(i, 8);
+      i += 8;
+    } else if (f.wire == 5) {
+      f.bytes = s.substr(i, 4);
+      i += 4;
+    } else if (f.wire == 2) {
+      const auto n = static_cast<size_t>(varint());
+      f.bytes = s.substr(i, n);
+      i += n;
+    } else {
+      ADD_FAILURE() << "unexpected wire type " << f.wire;
+      return out;
+    }
+    out.push_back(f);
+  }
+  return out;
+}
+
+std::vector<std::string> read_records(const std::string& path) {
+  std::string bytes = read_file_bytes(path);
+  std::vector<std::string> records;
+  size_t i = 0;
+  while (i < bytes.size()) {
+    const std::string len = bytes.substr(i, 8);
+    uint64_t n = 0;
+    std::memcpy(&n, len.data(), 8);
+    uint32_t lc = 0, dc = 0;
+    std::memcpy(&lc, bytes.data() + i + 8, 4);
+    EXPECT_EQ(lc, slow_masked(len)) << "length CRC of record " << records.size();
+    std::string data = bytes.substr(i + 12, n);
+    std::memcpy(&dc, bytes.data() + i + 12 + n, 4);
+    EXPECT_EQ(dc, slow_masked(data)) << "data CRC of record " << records.size();
+    records.push_back(data);
+    i += 12 + n + 4;
+  }
+  EXPECT_EQ(i, bytes.size());
+  return records;
+}
+
+TEST(TensorBoard, EventFileDecodesWithAnIndependentReader) {
+  const std::string dir = temp_dir("tb");
+  {
+    loom::train::TensorBoardWriter w(dir);
+    w.add_scalars(7, {{"train/loss", 2.5}, {"train/lr", 1e-3}});
+  }
+  std::vector<std::string> files;
+  for (const auto& e : fs::directory_iterator(dir)) files.push_back(e.path().string());
+  ASSERT_EQ(files.size(), 1u);
+  EXPECT_NE(files[0].find("events.out.tfevents."), std::string::npos);
+  auto records = read_records(files[0]);
+  ASSERT_EQ(records.size(), 2u);
+  auto first = parse_fields(records[0]);
+  ASSERT_EQ(first.size(), 3u);
+  EXPECT_EQ(first[0].number, 1);  // wall_time
+  EXPECT_EQ(first[0].wire, 1);
+  EXPECT_EQ(first[2].number, 3);  // file_version
+  EXPECT_EQ(first[2].bytes, "brain.Event:2");
+  auto second = parse_fields(records[1]);
+  ASSERT_EQ(second.size(), 3u);
+  EXPECT_EQ(second[1].number, 2);
+  EXPECT_EQ(second[1].varint, 7u);  // step
+  EXPECT_EQ(second[2].number, 5);   // summary
+  auto values = parse_fields(second[2].bytes);
+  ASSERT_EQ(values.size(), 2u);
+  std::map<std::string, float> got;
+  for (const auto& v : values) {
+    EXPECT_EQ(v.number, 1);
+    auto inner = parse_fields(v.bytes);
+    ASSERT_EQ(inner.size(), 2u);
+    EXPECT_EQ(inner[0].number, 1);  // tag
+    EXPECT_EQ(inner[1].number, 2);  // simple_value
+    ASSERT_EQ(inner[1].wire, 5);
+    float f = 0;
+    std::memcpy(&f, inner[1].bytes.data(), 4);
+    got[inner[0].bytes] = f;
+  }
+  EXPECT_EQ(got["train/loss"], 2.5f);
+  EXPECT_EQ(got["train/lr"], 1e-3f);
+  fs::remove_all(dir);
+}
+
+TEST(TensorBoard, TrainerWritesOneEventPerStep) {
+  const std::string dir = temp_dir("tbtrain");
+  auto j = tiny_job();
+  j.mutable_train()->set_steps(3);
+  j.mutable_train()->set_tensorboard_dir(dir);
+  {
+    Trainer t(j);
+    t.fit();
+  }
+  std::vector<std::string> files;
+  for (const auto& e : fs::directory_iterator(dir)) files.push_back(e.path().string());
+  ASSERT_EQ(files.size(), 1u);
+  auto records = read_records(files[0]);
+  EXPECT_EQ(records.size(), 4u);  // version + 3 steps
   fs::remove_all(dir);
 }
 }  // namespace

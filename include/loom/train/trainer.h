@@ -26,6 +26,7 @@
 #include "loom/optim/adamw.h"
 #include "loom/optim/schedule.h"
 #include "loom/train/progress.h"
+#include "loom/train/tensorboard.h"
 
 namespace loom::train {
 
@@ -115,6 +116,7 @@ class Trainer {
   std::unique_ptr<optim::LrSchedule> schedule_;
   std::unique_ptr<Progress> progress_;
   std::ofstream jsonl_;
+  std::unique_ptr<TensorBoardWriter> tensorboard_;
   at::Device device_ = at::kCPU;
   int64_t seq_len_ = 0, micro_batch_ = 0, global_batch_ = 0, num_micro_ = 0;
   int64_t step_ = 0, consumed_samples_ = 0;
