@@ -522,3 +522,78 @@ TEST(TensorBoard, TrainerWritesOneEventPerStep) {
   fs::remove_all(dir);
 }
 }  // namespace
+
+#include "loom/checkpoint/hf.h"
+
+namespace {
+loom::model::ModelSpec hf_spec(bool moe) {
+  auto j = tiny_job(moe);
+  if (moe) j.mutable_model()->mutable_moe()->set_num_shared_experts(0);
+  return loom::model::ModelSpec::from_config(j.model());
+}
+
+TEST(HuggingFace, NamesAndLayoutsRoundTrip) {
+  for (bool moe : {false, true}) {
+    auto spec = hf_spec(moe);
+    loom::model::GptModel m(spec, 3);
+    loom::checkpoint::TensorMap loom;
+    for (const auto& p : m.parameters()) loom[p.name] = p.tensor.detach();
+    auto hf = loom::checkpoint::to_hf(spec, loom);
+    EXPECT_TRUE(hf.count("lm_head.weight"));
+    EXPECT_TRUE(hf.count(moe ? "model.layers.1.block_sparse_moe.experts.3.w3.weight" : "model.layers.1.mlp.up_proj.weight"));
+    // q_proj head j of KV group g is the fused QKV block (g, j); k_proj head g the block (g, group).
+    const int64_t d = spec.head_dim, g = spec.num_heads / spec.num_kv_heads;
+    at::Tensor qkv = loom.at("layers.0.attn.qkv.weight");
+    for (int64_t head = 0; head < spec.num_heads; ++head) {
+      const int64_t kv = head / g, j = head % g;
+      EXPECT_TRUE(at::equal(hf.at("model.layers.0.self_attn.q_proj.weight").narrow(0, head * d, d),
+                            qkv.narrow(0, (kv * (g + 2) + j) * d, d)));
+    }
+    for (int64_t kv = 0; kv < spec.num_kv_heads; ++kv) {
+      EXPECT_TRUE(at::equal(hf.at("model.layers.0.self_attn.k_proj.weight").narrow(0, kv * d, d),
+                            qkv.narrow(0, (kv * (g + 2) + g) * d, d)));
+    }
+    auto back = loom::checkpoint::from_hf(spec, hf);
+    ASSERT_EQ(back.size(), loom.size());
+    for (const auto& [name, t] : loom) EXPECT_TRUE(at::equal(back.at(name), t)) << name;
+    // config.json describes the same model.
+    auto mc = loom::checkpoint::model_config_from_hf(loom::checkpoint::hf_config_json(spec, "float32"));
+    auto spec2 = loom::model::ModelSpec::from_config(mc);
+    EXPECT_EQ(spec2.num_parameters(), spec.num_parameters());
+    EXPECT_EQ(spec2.num_kv_heads, spec.num_kv_heads);
+    EXPECT_EQ(spec2.moe.num_experts, spec.moe.num_experts);
+    // A missing tensor or a wrong shape is named.
+    hf.erase("model.norm.weight");
+    expect_error([&] { loom::checkpoint::from_hf(spec, hf); }, loom::ErrorKind::kIO, "have no 'model.norm.weight'");
+  }
+  auto j = tiny_job();
+  j.mutable_model()->set_arch(loom::config::ModelConfig::GPT2);
+  auto gpt2 = loom::model::ModelSpec::from_config(j.model());
+  expect_error([&] { loom::checkpoint::check_hf_compatible(gpt2); }, loom::ErrorKind::kUnsupported,
+               "model.norm must be RMSNORM");
+}
+
+// Loom checkpoint -> HF directory -> Loom step-0 checkpoint -> a Trainer resumed from it computes
+// the same loss as the original model.
+TEST(HuggingFace, ExportImportAndResumeFromIt) {
+  const std::string dir = temp_dir("hf");
+  auto j = tiny_job(true);
+  j.mutable_model()->mutable_moe()->set_num_shared_experts(0);
+  j.mutable_train()->set_checkpoint_dir(dir + "/loom");
+  Trainer a(j);
+  a.train_step();
+  const std::string ckpt = a.save_checkpoint();
+  loom::checkpoint::export_hf(ckpt, dir + "/hf");
+  EXPECT_TRUE(fs::exists(dir + "/hf/config.json"));
+  loom::checkpoint::import_hf(dir + "/hf", dir + "/init/step-00000000");
+  auto jb = j;
+  jb.mutable_train()->set_resume(dir + "/init/step-00000000");
+  jb.mutable_train()->set_checkpoint_dir("");
+  jb.mutable_train()->set_steps(1);
+  Trainer b(jb);
+  b.load_checkpoint(dir + "/init/step-00000000");
+  EXPECT_EQ(b.step(), 0);
+  EXPECT_TRUE(params_equal(a, b));
+  fs::remove_all(dir);
+}
+}  // namespace

@@ -1,0 +1,248 @@
+#include "loom/checkpoint/hf.h"
+
+#include <fmt/format.h>
+#include <nlohmann/json.hpp>
+
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+
+#include "loom/checkpoint/checkpoint.h"
+#include "loom/checkpoint/safetensors.h"
+#include "loom/core/config.h"
+#include "loom/core/error.h"
+
+#include <ATen/CPUGeneratorImpl.h>
+
+namespace loom::checkpoint {
+
+namespace {
+namespace fs = std::filesystem;
+
+const at::Tensor& get(const TensorMap& m, const std::string& name, const char* side) {
+  auto it = m.find(name);
+  LOOM_CHECK_KIND(ErrorKind::kIO, it != m.end(), "{} tensors have no '{}'", side, name);
+  return it->second;
+}
+}  // namespace
+
+void check_hf_compatible(const model::ModelSpec& s) {
+  auto need = [](bool ok, const char* what) {
+    LOOM_CHECK_KIND(ErrorKind::kUnsupported, ok, "Hugging Face export/import covers LLaMA/Mixtral-style models: {}", what);
+  };
+  need(s.norm == model::NormKind::kRmsNorm, "model.norm must be RMSNORM");
+  need(s.rope, "model.position must be ROPE");
+  need(s.swiglu, "model.activation must be SWIGLU");
+  need(!s.bias, "model.bias must be OFF");
+  if (s.is_moe()) {
+    need(s.moe.first_dense_layers == 0 && s.moe.layer_freq == 1, "every layer must be MoE (Mixtral)");
+    need(s.moe.num_shared_experts == 0, "model.moe.num_shared_experts must be 0");
+    need(s.moe.score == model::ScoreFunction::kSoftmax && !s.moe.pre_softmax,
+         "the router must be softmax over the top-k logits (score_function SOFTMAX, pre_softmax false)");
+    need(s.moe.scaling_factor == 1.0, "model.moe.router_scaling_factor must be 1");
+  }
+}
+
+TensorMap to_hf(const model::ModelSpec& s, const TensorMap& loom) {
+  check_hf_compatible(s);
+  const char* side = "Loom";
+  TensorMap hf;
+  const int64_t nh = s.num_heads, nkv = s.num_kv_heads, d = s.head_dim, g = nh / nkv;
+  hf["model.embed_tokens.weight"] = get(loom, "embedding.weight", side);
+  for (int64_t l = 0; l < s.num_layers; ++l) {
+    const std::string p = fmt::format("layers.{}.", l), q = fmt::format("model.layers.{}.", l);
+    hf[q + "input_layernorm.weight"] = get(loom, p + "attn_norm.weight", side);
+    hf[q + "post_attention_layernorm.weight"] = get(loom, p + "ffn_norm.weight", side);
+    at::Tensor qkv = get(loom, p + "attn.qkv.weight", side).view({nkv, g + 2, d, s.hidden});
+    hf[q + "self_attn.q_proj.weight"] = qkv.narrow(1, 0, g).reshape({nh * d, s.hidden}).contiguous();
+    hf[q + "self_attn.k_proj.weight"] = qkv.select(1, g).reshape({nkv * d, s.hidden}).contiguous();
+    hf[q + "self_attn.v_proj.weight"] = qkv.select(1, g + 1).reshape({nkv * d, s.hidden}).contiguous();
+    hf[q + "self_attn.o_proj.weight"] = get(loom, p + "attn.out.weight", side);
+    if (s.is_moe_layer(l)) {
+      hf[q + "block_sparse_moe.gate.weight"] = get(loom, p + "moe.router.weight", side);
+      at::Tensor fc1 = get(loom, p + "moe.experts.fc1.weight", side);
+      at::Tensor fc2 = get(loom, p + "moe.experts.fc2.weight", side);
+      const int64_t f = s.moe.expert_ffn;
+      for (int64_t e = 0; e < s.moe.num_experts; ++e) {
+        const std::string x = fmt::format("{}block_sparse_moe.experts.{}.", q, e);
+        hf[x + "w1.weight"] = fc1[e].narrow(0, 0, f).contiguous();
+        hf[x + "w3.weight"] = fc1[e].narrow(0, f, f).contiguous();
+        hf[x + "w2.weight"] = fc2[e].contiguous();
+      }
+    } else {
+      at::Tensor fc1 = get(loom, p + "mlp.fc1.weight", side);
+      hf[q + "mlp.gate_proj.weight"] = fc1.narrow(0, 0, s.ffn).contiguous();
+      hf[q + "mlp.up_proj.weight"] = fc1.narrow(0, s.ffn, s.ffn).contiguous();
+      hf[q + "mlp.down_proj.weight"] = get(loom, p + "mlp.fc2.weight", side);
+    }
+  }
+  hf["model.norm.weight"] = get(loom, "final_norm.weight", side);
+  if (!s.tie_embeddings) hf["lm_head.weight"] = get(loom, "output.weight", side);
+  return hf;
+}
+
+TensorMap from_hf(const model::ModelSpec& s, const TensorMap& hf) {
+  check_hf_compatible(s);
+  const char* side = "Hugging Face";
+  auto shaped = [&](const std::string& name, std::vector<int64_t> shape) {
+    const at::Tensor& t = get(hf, name, side);
+    LOOM_CHECK_KIND(ErrorKind::kIO, t.sizes().vec() == shape, "Hugging Face tensor '{}' has shape {}, the config needs {}",
+                    name, t.sizes(), at::IntArrayRef(shape));
+    return t.to(at::kFloat);
+  };
+  TensorMap loom;
+  const int64_t nh = s.num_heads, nkv = s.num_kv_heads, d = s.head_dim, g = nh / nkv, h = s.hidden;
+  loom["embedding.weight"] = shaped("model.embed_tokens.weight", {s.vocab_size, h});
+  for (int64_t l = 0; l < s.num_layers; ++l) {
+    const std::string p = fmt::format("layers.{}.", l), q = fmt::format("model.layers.{}.", l);
+    loom[p + "attn_norm.weight"] = shaped(q + "input_layernorm.weight", {h});
+    loom[p + "ffn_norm.weight"] = shaped(q + "post_attention_layernorm.weight", {h});
+    at::Tensor wq = shaped(q + "self_attn.q_proj.weight", {nh * d, h}).view({nkv, g, d, h});
+    at::Tensor wk = shaped(q + "self_attn.k_proj.weight", {nkv * d, h}).view({nkv, 1, d, h});
+    at::Tensor wv = shaped(q + "self_attn.v_proj.weight", {nkv * d, h}).view({nkv, 1, d, h});
+    loom[p + "attn.qkv.weight"] = at::cat({wq, wk, wv}, 1).reshape({(nh + 2 * nkv) * d, h});
+    loom[p + "attn.out.weight"] = shaped(q + "self_attn.o_proj.weight", {h, nh * d});
+    if (s.is_moe_layer(l)) {
+      const int64_t f = s.moe.expert_ffn;
+      loom[p + "moe.router.weight"] = shaped(q + "block_sparse_moe.gate.weight", {s.moe.num_experts, h});
+      std::vector<at::Tensor> fc1, fc2;
+      for (int64_t e = 0; e < s.moe.num_experts; ++e) {
+        const std::string x = fmt::format("{}block_sparse_moe.experts.{}.", q, e);
+        fc1.push_back(at::cat({shaped(x + "w1.weight", {f, h}), shaped(x + "w3.weight", {f, h})}, 0));
+        fc2.push_back(shaped(x + "w2.weight", {h, f}));
+      }
+      loom[p + "moe.experts.fc1.weight"] = at::stack(fc1);
+      loom[p + "moe.experts.fc2.weight"] = at::stack(fc2);
+    } else {
+      loom[p + "mlp.fc1.weight"] = at::cat({shaped(q + "mlp.gate_proj.weight", {s.ffn, h}),
+                                            shaped(q + "mlp.up_proj.weight", {s.ffn, h})}, 0);
+      loom[p + "mlp.fc2.weight"] = shaped(q + "mlp.down_proj.weight", {h, s.ffn});
+    }
+  }
+  loom["final_norm.weight"] = shaped("model.norm.weight", {h});
+  if (!s.tie_embeddings) loom["output.weight"] = shaped("lm_head.weight", {s.vocab_size, h});
+  return loom;
+}
+
+std::string hf_config_json(const model::ModelSpec& s, const std::string& torch_dtype) {
+  check_hf_compatible(s);
+  nlohmann::ordered_json j;
+  j["architectures"] = {s.is_moe() ? "MixtralForCausalLM" : "LlamaForCausalLM"};
+  j["model_type"] = s.is_moe() ? "mixtral" : "llama";
+  j["vocab_size"] = s.vocab_size;
+  j["hidden_size"] = s.hidden;
+  j["intermediate_size"] = s.is_moe() ? s.moe.expert_ffn : s.ffn;
+  j["num_hidden_layers"] = s.num_layers;
+  j["num_attention_heads"] = s.num_heads;
+  j["num_key_value_heads"] = s.num_kv_heads;
+  j["head_dim"] = s.head_dim;
+  j["hidden_act"] = "silu";
+  j["max_position_embeddings"] = s.max_seq_len;
+  j["rms_norm_eps"] = s.norm_eps;
+  j["rope_theta"] = s.rope_theta;
+  j["tie_word_embeddings"] = s.tie_embeddings;
+  j["attention_bias"] = false;
+  j["mlp_bias"] = false;
+  if (s.is_moe()) {
+    j["num_local_experts"] = s.moe.num_experts;
+    j["num_experts_per_tok"] = s.moe.top_k;
+    j["router_aux_loss_coef"] = s.moe.aux_loss_coeff;
+    j["output_router_logits"] = false;
+  }
+  j["torch_dtype"] = torch_dtype;
+  j["initializer_range"] = s.init_std;
+  return j.dump(2);
+}
+
+config::ModelConfig model_config_from_hf(const std::string& text) {
+  nlohmann::json j;
+  try {
+    j = nlohmann::json::parse(text);
+  } catch (const std::exception& e) {
+    LOOM_THROW(ErrorKind::kIO, "config.json is not valid JSON: {}", e.what());
+  }
+  const std::string type = j.value("model_type", "");
+  LOOM_CHECK_KIND(ErrorKind::kUnsupported, type == "llama" || type == "mistral" || type == "mixtral",
+                  "config.json model_type '{}' is not llama, mistral or mixtral", type);
+  auto num = [&](const char* key) {
+    LOOM_CHECK_KIND(ErrorKind::kIO, j.contains(key) && j[key].is_number(), "config.json has no number '{}'", key);
+    return j[key];
+  };
+  config::ModelConfig c;
+  c.set_arch(config::ModelConfig::LLAMA);
+  c.set_vocab_size(num("vocab_size").get<int>());
+  c.set_hidden_size(num("hidden_size").get<int>());
+  c.set_num_layers(num("num_hidden_layers").get<int>());
+  c.set_num_heads(num("num_attention_heads").get<int>());
+  c.set_num_kv_heads(j.contains("num_key_value_heads") ? j["num_key_value_heads"].get<int>() : c.num_heads());
+  if (j.contains("head_dim") && !j["head_dim"].is_null()) {
+    LOOM_CHECK_KIND(ErrorKind::kUnsupported, j["head_dim"].get<int>() * c.num_heads() == c.hidden_size(),
+                    "config.json head_dim {} x heads {} != hidden_size {} (Loom derives head_dim)",
+                    j["head_dim"].get<int>(), c.num_heads(), c.hidden_size());
+  }
+  c.set_max_seq_len(j.value("max_position_embeddings", 4096));
+  c.set_norm_eps(j.value("rms_norm_eps", 1e-5));
+  c.set_rope_theta(j.value("rope_theta", 10000.0));
+  c.set_tie_embeddings(j.value("tie_word_embeddings", false) ? config::ModelConfig::ON : config::ModelConfig::OFF);
+  LOOM_CHECK_KIND(ErrorKind::kUnsupported, !j.value("attention_bias", false) && !j.value("mlp_bias", false),
+                  "config.json has attention_bias or mlp_bias: Loom's LLaMA-style models have no biases");
+  LOOM_CHECK_KIND(ErrorKind::kUnsupported, !j.contains("rope_scaling") || j["rope_scaling"].is_null(),
+                  "config.json uses rope_scaling, which Loom does not implement yet");
+  if (type == "mixtral") {
+    auto* m = c.mutable_moe();
+    m->set_num_experts(num("num_local_experts").get<int>());
+    m->set_top_k(num("num_experts_per_tok").get<int>());
+    m->set_expert_ffn_hidden_size(num("intermediate_size").get<int>());
+    m->set_aux_loss_coeff(j.value("router_aux_loss_coef", 0.01));
+    c.set_ffn_hidden_size(num("intermediate_size").get<int>());
+  } else {
+    c.set_ffn_hidden_size(num("intermediate_size").get<int>());
+  }
+  return c;
+}
+
+void export_hf(const std::string& loom_checkpoint, const std::string& hf_dir) {
+  CheckpointData data = load_checkpoint(loom_checkpoint);
+  auto it = data.metadata.find("config");
+  LOOM_CHECK_KIND(ErrorKind::kIO, it != data.metadata.end(), "checkpoint '{}' carries no config", loom_checkpoint);
+  config::JobConfig job;
+  config::parse_text(it->second, loom_checkpoint + " (config)", &job);
+  model::ModelSpec spec = model::ModelSpec::from_config(job.model());
+  TensorMap hf = to_hf(spec, data.model);
+  fs::create_directories(hf_dir);
+  save_safetensors((fs::path(hf_dir) / "model.safetensors").string(), hf, {{"format", "pt"}});
+  std::ofstream(fs::path(hf_dir) / "config.json") << hf_config_json(spec, "float32") << "\n";
+}
+
+void import_hf(const std::string& hf_dir, const std::string& loom_checkpoint) {
+  std::ifstream cfg(fs::path(hf_dir) / "config.json");
+  LOOM_CHECK_KIND(ErrorKind::kIO, cfg.good(), "'{}' has no config.json", hf_dir);
+  std::stringstream ss;
+  ss << cfg.rdbuf();
+  config::JobConfig job;
+  *job.mutable_model() = model_config_from_hf(ss.str());
+  model::ModelSpec spec = model::ModelSpec::from_config(job.model());
+  TensorMap hf;
+  for (const auto& e : fs::directory_iterator(hf_dir)) {
+    if (e.path().extension() == ".safetensors") {
+      for (auto& [k, v] : load_safetensors(e.path().string()).tensors) hf[k] = v;
+    }
+  }
+  LOOM_CHECK_KIND(ErrorKind::kIO, !hf.empty(), "'{}' has no .safetensors files", hf_dir);
+  CheckpointData data;
+  data.model = from_hf(spec, hf);
+  for (const auto& [name, t] : data.model) {
+    data.state["optim." + name + ".exp_avg"] = at::zeros_like(t);
+    data.state["optim." + name + ".exp_avg_sq"] = at::zeros_like(t);
+  }
+  data.state["rng.cpu"] = at::detail::getDefaultCPUGenerator().get_state();
+  data.metadata = {{"format", "loom-single-1"}, {"step", "0"}, {"consumed_samples", "0"},
+                   {"optimizer_step", "0"}, {"world_size", "1"}, {"config", config::to_text(job)},
+                   {"source", "hugging face: " + hf_dir}};
+  const fs::path dir(loom_checkpoint);
+  fs::create_directories(dir);
+  save_safetensors((dir / "model.safetensors").string(), data.model);
+  save_safetensors((dir / "state.safetensors").string(), data.state, data.metadata);
+}
+
+}  // namespace loom::checkpoint
