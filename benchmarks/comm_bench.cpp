@@ -231,10 +231,7 @@ int run(int argc, char** argv) {
        {"warmup", "3", "untimed iterations per size"},
        {"json", "", "also write the table as JSON to this path (rank 0)"}},
       "Loom collectives vs raw MPI, nccl-tests style (run under mpirun).");
-  if (cl.help_requested()) {
-    std::printf("%s", cl.usage().c_str());
-    return 0;
-  }
+  if (cl.handled_help()) return 0;
   at::set_num_threads(1);
   loom::comm::Bootstrap boot({}, &argc, &argv);
   auto world = std::dynamic_pointer_cast<MpiCommunicator>(boot.world());

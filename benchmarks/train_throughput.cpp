@@ -95,10 +95,7 @@ int run(int argc, char** argv) {
                              {"no-peer", "", "skip the PyTorch peer", true},
                              {"json", "", "also write the results as JSON here"}},
                             "Loom training throughput vs the same model in PyTorch eager.");
-  if (cl.help_requested()) {
-    std::printf("%s", cl.usage().c_str());
-    return 0;
-  }
+  if (cl.handled_help()) return 0;
   loom::log::LogOptions lo;
   lo.level = "warn";
   loom::log::init(lo);

@@ -20,10 +20,7 @@ int main(int argc, char** argv) try {
                              {"batch", "8", "sequences per step"},
                              {"seq", "64", "tokens per sequence"}},
                             "A hand-written training loop over Loom's model, optimizer and data.");
-  if (cl.help_requested()) {
-    std::printf("%s", cl.usage().c_str());
-    return 0;
-  }
+  if (cl.handled_help()) return 0;
   const int64_t steps = cl.get_int("steps"), batch = cl.get_int("batch"), seq = cl.get_int("seq");
 
   // 1. The model: a config (here written in code; a .pbtxt works the same) resolved into a spec.

@@ -18,10 +18,7 @@ int main(int argc, char** argv) try {
                              {"from", "", "source directory"},
                              {"to", "", "destination directory"}},
                             "Convert Loom checkpoints to and from Hugging Face (LLaMA / Mixtral).");
-  if (cl.help_requested()) {
-    std::printf("%s", cl.usage().c_str());
-    return 0;
-  }
+  if (cl.handled_help()) return 0;
   const bool to_hf = cl.get_bool("to-hf"), to_loom = cl.get_bool("to-loom");
   LOOM_CHECK_CONFIG(to_hf != to_loom, "give exactly one of --to-hf and --to-loom");
   LOOM_CHECK_CONFIG(!cl.get("from").empty() && !cl.get("to").empty(), "flags --from and --to are required");

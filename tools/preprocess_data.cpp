@@ -120,10 +120,7 @@ int run(int argc, char** argv) {
                              {"batch", "2048", "documents per batch"},
                              {"no-eod", "", "do not append the end-of-document id", true}},
                             "Tokenise text or JSONL into a Megatron indexed dataset (.bin/.idx).");
-  if (cl.help_requested()) {
-    std::printf("%s", cl.usage().c_str());
-    return 0;
-  }
+  if (cl.handled_help()) return 0;
   Reader r;
   r.files = cl.get_list("input");
   LOOM_CHECK_CONFIG(!r.files.empty() && !r.files[0].empty(), "flag --input is required");

@@ -15,10 +15,7 @@ int main(int argc, char** argv) try {
                              {"model-type", "bpe", "bpe or unigram"},
                              {"threads", "0", "0: all cores"}},
                             "Train a SentencePiece tokenizer.");
-  if (cl.help_requested()) {
-    std::printf("%s", cl.usage().c_str());
-    return 0;
-  }
+  if (cl.handled_help()) return 0;
   LOOM_CHECK_CONFIG(!cl.get("model-prefix").empty(), "flag --model-prefix is required");
   int threads = static_cast<int>(cl.get_int("threads"));
   if (threads <= 0) threads = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));

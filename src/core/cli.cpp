@@ -1,5 +1,7 @@
 #include "loom/core/cli.h"
 
+#include <cstdio>
+
 #include <cerrno>
 #include <cstdlib>
 #include <sstream>
@@ -128,6 +130,11 @@ std::vector<std::string> CommandLine::get_list(const std::string& name) const {
     if (!item.empty()) out.push_back(item);
   }
   return out;
+}
+
+bool CommandLine::handled_help() const {
+  if (help_) std::printf("%s", usage().c_str());
+  return help_;
 }
 
 }  // namespace loom::cli

@@ -22,6 +22,8 @@ class CommandLine {
   CommandLine(int argc, const char* const* argv, std::vector<Flag> flags, std::string description);
 
   bool help_requested() const { return help_; }
+  // Prints usage() to stdout and returns true when --help was given: `if (cl.handled_help()) return 0;`
+  bool handled_help() const;
   std::string usage() const;
   const std::string& config_path() const { return config_path_; }
   const std::vector<std::string>& overrides() const { return overrides_; }
