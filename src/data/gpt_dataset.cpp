@@ -278,3 +278,42 @@ std::string IndexedSource::describe() const {
 }
 
 }  // namespace loom::data
+
+namespace loom::data {
+
+DocumentSampler::DocumentSampler(std::shared_ptr<const IndexedDataset> dataset, double first, double last,
+                                 int64_t max_len, uint64_t seed)
+    : dataset_(std::move(dataset)), max_len_(max_len), seed_(seed) {
+  LOOM_CHECK(max_len >= 1, "document sampler: max_len must be >= 1, got {}", max_len);
+  const int64_t docs = dataset_->num_documents();
+  begin_ = static_cast<int64_t>(std::llround(first * static_cast<double>(docs)));
+  end_ = static_cast<int64_t>(std::llround(last * static_cast<double>(docs)));
+  LOOM_CHECK_KIND(ErrorKind::kConfig, end_ > begin_, "dataset '{}': the split [{}, {}) holds no documents",
+                  dataset_->prefix(), first, last);
+}
+
+int64_t DocumentSampler::document(int64_t index) const {
+  const int64_t n = end_ - begin_;
+  const auto epoch = static_cast<size_t>(index / n);
+  // Permutations are built on first use; a sampler is used from one thread (the loader's).
+  while (epochs_.size() <= epoch) {
+    std::vector<int64_t> perm(static_cast<size_t>(n));
+    std::iota(perm.begin(), perm.end(), begin_);
+    shuffle(perm, 0, perm.size(), seed_ * 2654435761ull + epochs_.size());
+    epochs_.push_back(std::move(perm));
+  }
+  return epochs_[epoch][static_cast<size_t>(index % n)];
+}
+
+int64_t DocumentSampler::length(int64_t index) const {
+  return std::min(max_len_, document_tokens(*dataset_, document(index)));
+}
+
+std::vector<int64_t> DocumentSampler::sample(int64_t index) const {
+  const int64_t doc = document(index);
+  std::vector<int64_t> out(static_cast<size_t>(std::min(max_len_, document_tokens(*dataset_, doc))));
+  read_document(*dataset_, doc, 0, static_cast<int64_t>(out.size()), out.data());
+  return out;
+}
+
+}  // namespace loom::data

@@ -160,6 +160,15 @@ model::Batch Trainer::make_micro_batch(data::Split split, int64_t first_sample, 
   return b;
 }
 
+std::vector<model::Batch> Trainer::load_step(int64_t consumed) const {
+  const int64_t base = consumed + rank_ * (global_batch_ / dp_);
+  std::vector<model::Batch> batches;
+  for (int64_t i = 0; i < num_micro_; ++i) {
+    batches.push_back(make_micro_batch(data::Split::kTrain, base + i * micro_batch_, micro_batch_));
+  }
+  return batches;
+}
+
 double Trainer::all_reduce_sum(double v) {
   if (dp_ == 1) return v;
   at::Tensor t = at::full({1}, v, at::kDouble);
@@ -198,16 +207,20 @@ StepMetrics Trainer::train_step() {
   Stopwatch clock;
   timers_.reset();
   StepMetrics m;
-  const int64_t per_rank = global_batch_ / dp_;
-  const int64_t base = consumed_samples_ + rank_ * per_rank;
-
   timers_.start("data");
   std::vector<model::Batch> batches;
-  int64_t local_tokens = 0;
-  for (int64_t i = 0; i < num_micro_; ++i) {
-    batches.push_back(make_micro_batch(data::Split::kTrain, base + i * micro_batch_, micro_batch_));
-    local_tokens += batches.back().num_loss_tokens();
+  if (prefetch_.valid()) {
+    auto ready = prefetch_.get();  // waits only if the read is slower than a step
+    if (prefetch_consumed_ == consumed_samples_) batches = std::move(ready);
   }
+  if (batches.empty()) batches = load_step(consumed_samples_);
+  const int64_t next = consumed_samples_ + global_batch_;
+  if (config_.train().prefetch() && step_ + 1 < config_.train().steps()) {
+    prefetch_consumed_ = next;
+    prefetch_ = std::async(std::launch::async, [this, next] { return load_step(next); });
+  }
+  int64_t local_tokens = 0;
+  for (const auto& b : batches) local_tokens += b.num_loss_tokens();
   timers_.stop("data");
   timers_.start("comm");
   const double total_tokens = all_reduce_sum(static_cast<double>(local_tokens));

@@ -318,3 +318,34 @@ TEST(Preprocess, JsonlRoundTripThroughTheTool) {
       << read_all(dir + "/err.txt");
 }
 }  // namespace
+
+namespace {
+TEST(DocumentSampler, WholeDocumentsOncePerEpochTruncated) {
+  auto d = distinct_dataset("varlen", 40, 8);
+  loom::data::DocumentSampler s(d, 0.0, 1.0, 12, 3);
+  ASSERT_EQ(s.num_documents(), 40);
+  for (int epoch = 0; epoch < 2; ++epoch) {
+    std::map<int64_t, int> seen;
+    for (int64_t i = epoch * 40; i < (epoch + 1) * 40; ++i) {
+      const int64_t doc = s.document(i);
+      seen[doc]++;
+      const int64_t full = d->sequence_length(doc);
+      auto tokens = s.sample(i);
+      EXPECT_EQ(static_cast<int64_t>(tokens.size()), std::min<int64_t>(full, 12));
+      EXPECT_EQ(s.length(i), static_cast<int64_t>(tokens.size()));
+      std::vector<int64_t> expect(tokens.size());
+      d->read(doc, 0, static_cast<int64_t>(expect.size()), expect.data());
+      EXPECT_EQ(tokens, expect);
+    }
+    EXPECT_EQ(seen.size(), 40u) << "epoch " << epoch;
+  }
+  // Epochs are shuffled differently, and the same seed gives the same order.
+  int same = 0;
+  loom::data::DocumentSampler t(d, 0.0, 1.0, 12, 3);
+  for (int64_t i = 0; i < 40; ++i) {
+    same += s.document(i) == s.document(i + 40);
+    EXPECT_EQ(s.document(i), t.document(i));
+  }
+  EXPECT_LT(same, 10);
+}
+}  // namespace

@@ -597,3 +597,28 @@ TEST(HuggingFace, ExportImportAndResumeFromIt) {
   fs::remove_all(dir);
 }
 }  // namespace
+
+namespace {
+// Reading the next step's batches in the background changes nothing: bit-identical to reading them
+// in the step, and a prefetched batch for a position the run left (a checkpoint load) is discarded.
+TEST(Trainer, PrefetchIsInvisible) {
+  auto j = tiny_job();
+  auto jn = j;
+  jn.mutable_train()->set_prefetch(false);
+  Trainer a(j), b(jn);
+  for (int s = 0; s < 4; ++s) EXPECT_EQ(a.train_step().loss, b.train_step().loss) << s;
+  EXPECT_TRUE(params_equal(a, b));
+  const std::string dir = temp_dir("prefetch");
+  auto jc = j;
+  jc.mutable_train()->set_checkpoint_dir(dir);
+  Trainer c(jc);
+  c.train_step();
+  const std::string at1 = c.save_checkpoint();  // step 1
+  c.train_step();                               // prefetched step 3's batches
+  c.load_checkpoint(at1);                       // back to step 1: step 2's batches must be read
+  Trainer d(jn);
+  d.train_step();
+  EXPECT_EQ(c.train_step().loss, d.train_step().loss);
+  fs::remove_all(dir);
+}
+}  // namespace

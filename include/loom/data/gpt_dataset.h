@@ -85,3 +85,31 @@ class IndexedSource : public DataSource {
 };
 
 }  // namespace loom::data
+
+namespace loom::data {
+
+// [Note: variable-length mode]
+// Whole documents instead of fixed windows, for the balance scheduler: sample i is document
+// order[i mod D] of epoch i / D (each epoch a seeded shuffle of the split's documents), truncated to
+// `max_len` tokens. Every document of the split appears exactly once per epoch; the lengths are
+// known without reading the tokens, so a scheduler can plan a global batch before it is loaded.
+class DocumentSampler {
+ public:
+  DocumentSampler(std::shared_ptr<const IndexedDataset> dataset, double first, double last, int64_t max_len,
+                  uint64_t seed);
+  int64_t num_documents() const { return end_ - begin_; }
+  // Length of sample i after truncation.
+  int64_t length(int64_t index) const;
+  // The tokens of sample i (length(index) of them).
+  std::vector<int64_t> sample(int64_t index) const;
+  // The document id behind sample i.
+  int64_t document(int64_t index) const;
+
+ private:
+  std::shared_ptr<const IndexedDataset> dataset_;
+  int64_t begin_ = 0, end_ = 0, max_len_ = 0;
+  uint64_t seed_ = 0;
+  mutable std::vector<std::vector<int64_t>> epochs_;  // lazily built permutations
+};
+
+}  // namespace loom::data

@@ -14,6 +14,7 @@
 
 #include <cstdint>
 #include <fstream>
+#include <future>
 #include <memory>
 #include <string>
 #include <vector>
@@ -102,6 +103,8 @@ class Trainer {
 
  private:
   model::Batch make_micro_batch(data::Split split, int64_t first_sample, int64_t count) const;
+  // This rank's micro-batches of the global batch that starts at sample `consumed`.
+  std::vector<model::Batch> load_step(int64_t consumed) const;
   void reduce_gradients();
   double all_reduce_sum(double v);
   void log_step(const StepMetrics& m);
@@ -122,6 +125,10 @@ class Trainer {
   int64_t step_ = 0, consumed_samples_ = 0;
   double peak_flops_ = 0, flops_per_token_ = 0;
   std::vector<StepMetrics> history_;
+  // [Note: prefetch] The next step's micro-batches are read on a background thread while this step
+  // computes; they are used only if the data position still matches (a resume discards them).
+  std::future<std::vector<model::Batch>> prefetch_;
+  int64_t prefetch_consumed_ = -1;
   Timers timers_;
   std::string last_checkpoint_;
 };
