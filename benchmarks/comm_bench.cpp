@@ -300,10 +300,5 @@ int run(int argc, char** argv) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  try {
-    return run(argc, argv);
-  } catch (const loom::Error& e) {
-    std::fprintf(stderr, "comm_bench: %s\n", e.what());
-    return 2;
-  }
+  return loom::cli::guarded_main("comm_bench", [&] { return run(argc, argv); }, 2);
 }

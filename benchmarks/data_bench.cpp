@@ -144,10 +144,5 @@ int run(int argc, char** argv) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  try {
-    return run(argc, argv);
-  } catch (const loom::Error& e) {
-    std::fprintf(stderr, "data_bench: %s\n", e.what());
-    return 2;
-  }
+  return loom::cli::guarded_main("data_bench", [&] { return run(argc, argv); }, 2);
 }

@@ -228,10 +228,5 @@ int run(int argc, char** argv) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  try {
-    return run(argc, argv);
-  } catch (const loom::Error& e) {
-    std::fprintf(stderr, "train_throughput: %s\n", e.what());
-    return 2;
-  }
+  return loom::cli::guarded_main("train_throughput", [&] { return run(argc, argv); }, 2);
 }

@@ -132,6 +132,15 @@ std::vector<std::string> CommandLine::get_list(const std::string& name) const {
   return out;
 }
 
+int guarded_main(const char* program, const std::function<int()>& body, int error_status) {
+  try {
+    return body();
+  } catch (const Error& e) {
+    std::fprintf(stderr, "%s: %s\n", program, e.what());
+    return error_status;
+  }
+}
+
 bool CommandLine::handled_help() const {
   if (help_) std::printf("%s", usage().c_str());
   return help_;

@@ -3,6 +3,7 @@
 // Unknown flags, missing values and values that do not parse are errors that name the flag.
 #pragma once
 
+#include <functional>
 #include <map>
 #include <string>
 #include <vector>
@@ -47,5 +48,9 @@ class CommandLine {
   std::vector<std::string> overrides_;
   bool help_ = false;
 };
+
+// The body of a program's main(): runs `body` and turns a loom::Error into "<program>: <message>"
+// on stderr and `error_status`.
+int guarded_main(const char* program, const std::function<int()>& body, int error_status = 1);
 
 }  // namespace loom::cli
