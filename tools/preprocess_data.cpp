@@ -199,10 +199,5 @@ int run(int argc, char** argv) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  try {
-    return run(argc, argv);
-  } catch (const loom::Error& e) {
-    std::fprintf(stderr, "preprocess_data: %s\n", e.what());
-    return 1;
-  }
+  return loom::cli::guarded_main("preprocess_data", [&] { return run(argc, argv); });
 }

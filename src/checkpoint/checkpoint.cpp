@@ -40,12 +40,10 @@ std::vector<std::pair<int64_t, fs::path>> complete_checkpoints(const std::string
 }
 }  // namespace
 
-std::string save_checkpoint(const std::string& root, int64_t step, const CheckpointData& data, int keep) {
+void write_checkpoint(const std::string& dir, const CheckpointData& data) {
   std::error_code ec;
-  fs::create_directories(root, ec);
-  LOOM_CHECK_KIND(ErrorKind::kIO, !ec, "cannot create checkpoint directory '{}': {}", root, ec.message());
-  const fs::path final_dir = fs::path(root) / fmt::format("step-{:08d}", step);
-  const fs::path tmp = fs::path(root) / fmt::format("step-{:08d}.tmp", step);
+  const fs::path final_dir(dir);
+  const fs::path tmp(dir + ".tmp");
   fs::remove_all(tmp, ec);
   fs::create_directories(tmp, ec);
   LOOM_CHECK_KIND(ErrorKind::kIO, !ec, "cannot create '{}': {}", tmp.string(), ec.message());
@@ -56,6 +54,14 @@ std::string save_checkpoint(const std::string& root, int64_t step, const Checkpo
   fs::rename(tmp, final_dir, ec);
   LOOM_CHECK_KIND(ErrorKind::kIO, !ec, "cannot rename '{}' to '{}': {}", tmp.string(),
                   final_dir.string(), ec.message());
+}
+
+std::string save_checkpoint(const std::string& root, int64_t step, const CheckpointData& data, int keep) {
+  std::error_code ec;
+  fs::create_directories(root, ec);
+  LOOM_CHECK_KIND(ErrorKind::kIO, !ec, "cannot create checkpoint directory '{}': {}", root, ec.message());
+  const fs::path final_dir = fs::path(root) / fmt::format("step-{:08d}", step);
+  write_checkpoint(final_dir.string(), data);
   if (keep > 0) {
     auto all = complete_checkpoints(root);
     for (size_t i = 0; i + static_cast<size_t>(keep) < all.size(); ++i) fs::remove_all(all[i].second, ec);

@@ -236,13 +236,11 @@ void import_hf(const std::string& hf_dir, const std::string& loom_checkpoint) {
     data.state["optim." + name + ".exp_avg_sq"] = at::zeros_like(t);
   }
   data.state["rng.cpu"] = at::detail::getDefaultCPUGenerator().get_state();
-  data.metadata = {{"format", "loom-single-1"}, {"step", "0"}, {"consumed_samples", "0"},
+  data.metadata = {{"format", kSingleProcessFormat}, {"step", "0"}, {"consumed_samples", "0"},
                    {"optimizer_step", "0"}, {"world_size", "1"}, {"config", config::to_text(job)},
                    {"source", "hugging face: " + hf_dir}};
-  const fs::path dir(loom_checkpoint);
-  fs::create_directories(dir);
-  save_safetensors((dir / "model.safetensors").string(), data.model);
-  save_safetensors((dir / "state.safetensors").string(), data.state, data.metadata);
+  if (auto parent = fs::path(loom_checkpoint).parent_path(); !parent.empty()) fs::create_directories(parent);
+  write_checkpoint(loom_checkpoint, data);
 }
 
 }  // namespace loom::checkpoint

@@ -10,32 +10,17 @@
 #include <sstream>
 
 #include "loom/core/error.h"
+#include "loom/core/hash.h"
 #include "loom/core/logging.h"
 
 namespace loom::data {
 
 namespace {
-uint64_t mix(uint64_t x) {
-  x += 0x9E3779B97F4A7C15ull;
-  x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
-  x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
-  return x ^ (x >> 31);
-}
-
-uint64_t hash_string(const std::string& s) {
-  uint64_t h = 0xCBF29CE484222325ull;
-  for (unsigned char c : s) {
-    h ^= c;
-    h *= 0x100000001B3ull;
-  }
-  return h;
-}
-
 // Fisher-Yates with splitmix64: the same permutation on every machine and standard library.
 void shuffle(std::vector<int64_t>& v, size_t begin, size_t end, uint64_t seed) {
-  uint64_t state = mix(seed);
+  uint64_t state = splitmix64(seed);
   for (size_t i = end - begin; i > 1; --i) {
-    state = mix(state);
+    state = splitmix64(state);
     const size_t j = static_cast<size_t>(state % i);
     std::swap(v[begin + i - 1], v[begin + j]);
   }
@@ -80,9 +65,9 @@ WindowSampler::WindowSampler(std::shared_ptr<const IndexedDataset> dataset, cons
   epochs_ = 1;
   while ((epochs_ * tokens - 1) / (window_ - 1) < o.num_samples) ++epochs_;
 
-  const uint64_t key = mix(hash_string(dataset_->prefix()) ^ mix(static_cast<uint64_t>(dataset_->num_tokens())) ^
-                           mix(static_cast<uint64_t>(doc_begin_) * 1315423911ull + static_cast<uint64_t>(doc_end_)) ^
-                           mix(static_cast<uint64_t>(window_) << 20 ^ static_cast<uint64_t>(epochs_)) ^ mix(o.seed + 7));
+  const uint64_t key = splitmix64(fnv1a64(dataset_->prefix()) ^ splitmix64(static_cast<uint64_t>(dataset_->num_tokens())) ^
+                           splitmix64(static_cast<uint64_t>(doc_begin_) * 1315423911ull + static_cast<uint64_t>(doc_end_)) ^
+                           splitmix64(static_cast<uint64_t>(window_) << 20 ^ static_cast<uint64_t>(epochs_)) ^ splitmix64(o.seed + 7));
   std::string path;
   if (!o.cache_dir.empty()) {
     path = fmt::format("{}/{}-{:016x}.samples", o.cache_dir,

@@ -4,19 +4,11 @@
 #include <random>
 
 #include "loom/core/error.h"
+#include "loom/core/hash.h"
 #include "loom/data/gpt_dataset.h"
 #include "loom/data/source.h"
 
 namespace loom::data {
-
-namespace {
-uint64_t mix(uint64_t x) {
-  x += 0x9E3779B97F4A7C15ull;
-  x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
-  x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
-  return x ^ (x >> 31);
-}
-}  // namespace
 
 SyntheticMarkovCorpus::SyntheticMarkovCorpus(int64_t vocab_size, int32_t branching, uint64_t seed)
     : vocab_(vocab_size), branching_(branching), seed_(seed) {
@@ -27,7 +19,7 @@ SyntheticMarkovCorpus::SyntheticMarkovCorpus(int64_t vocab_size, int32_t branchi
   for (int64_t v = 0; v < vocab_; ++v) {
     for (int32_t j = 0; j < branching_; ++j) {
       successors_[v * branching_ + j] =
-          static_cast<int64_t>(mix(mix(seed_ ^ static_cast<uint64_t>(v)) + static_cast<uint64_t>(j)) %
+          static_cast<int64_t>(splitmix64(splitmix64(seed_ ^ static_cast<uint64_t>(v)) + static_cast<uint64_t>(j)) %
                                static_cast<uint64_t>(vocab_));
     }
   }
@@ -42,7 +34,7 @@ SyntheticMarkovCorpus::SyntheticMarkovCorpus(int64_t vocab_size, int32_t branchi
 }
 
 void SyntheticMarkovCorpus::sample(Split split, int64_t index, int64_t len, int64_t* out) const {
-  std::mt19937_64 rng(mix(seed_ * 0x100000001B3ull + static_cast<uint64_t>(index) * 2 +
+  std::mt19937_64 rng(splitmix64(seed_ * 0x100000001B3ull + static_cast<uint64_t>(index) * 2 +
                           (split == Split::kValid ? 1 : 0)));
   std::uniform_real_distribution<double> u(0.0, 1.0);
   int64_t tok = static_cast<int64_t>(rng() % static_cast<uint64_t>(vocab_));

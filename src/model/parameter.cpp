@@ -3,25 +3,12 @@
 #include <ATen/CPUGeneratorImpl.h>
 
 #include "loom/core/error.h"
+#include "loom/core/hash.h"
 
 namespace loom::model {
 
-namespace {
-uint64_t splitmix64(uint64_t x) {
-  x += 0x9E3779B97F4A7C15ull;
-  x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
-  x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
-  return x ^ (x >> 31);
-}
-}  // namespace
-
 uint64_t parameter_seed(uint64_t job_seed, const std::string& name) {
-  uint64_t h = 0xCBF29CE484222325ull;  // FNV-1a
-  for (unsigned char c : name) {
-    h ^= c;
-    h *= 0x100000001B3ull;
-  }
-  return splitmix64(splitmix64(job_seed) ^ h);
+  return splitmix64(splitmix64(job_seed) ^ fnv1a64(name));
 }
 
 at::Tensor initial_value(uint64_t job_seed, const std::string& name, at::IntArrayRef shape,

@@ -20,10 +20,7 @@ int pretrain_main(int argc, char** argv, const std::string& description,
   std::unique_ptr<comm::Bootstrap> boot;
   try {
     cli::CommandLine cl(argc, argv, {}, description);
-    if (cl.help_requested()) {
-      std::printf("%s", cl.usage().c_str());
-      return 0;
-    }
+    if (cl.handled_help()) return 0;
     config::JobConfig job = defaults;
     if (!cl.config_path().empty()) config::load_text_file(cl.config_path(), &job);
     for (const auto& o : cl.overrides()) config::apply_override(o, &job);

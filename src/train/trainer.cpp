@@ -23,8 +23,6 @@
 namespace loom::train {
 
 namespace {
-constexpr const char* kCheckpointFormat = "loom-single-1";
-
 // NaN prints as "NaN" whatever its sign bit (which BLAS kernels do not agree on).
 std::string show(double v) {
   if (std::isnan(v)) return "NaN";
@@ -345,7 +343,7 @@ std::string Trainer::save_checkpoint() {
       std::lock_guard<std::mutex> lock(gen.mutex());
       data.state["rng.cpu"] = gen.get_state();
     }
-    data.metadata = {{"format", kCheckpointFormat},
+    data.metadata = {{"format", checkpoint::kSingleProcessFormat},
                      {"step", std::to_string(step_)},
                      {"consumed_samples", std::to_string(consumed_samples_)},
                      {"optimizer_step", std::to_string(optimizer_->step_count())},
@@ -368,8 +366,9 @@ void Trainer::load_checkpoint(const std::string& dir) {
                     dir, key);
     return it->second;
   };
-  LOOM_CHECK_KIND(ErrorKind::kIO, meta("format") == kCheckpointFormat,
-                  "checkpoint '{}' has format '{}', this build reads '{}'", dir, meta("format"), kCheckpointFormat);
+  LOOM_CHECK_KIND(ErrorKind::kIO, meta("format") == checkpoint::kSingleProcessFormat,
+                  "checkpoint '{}' has format '{}', this build reads '{}'", dir, meta("format"),
+                  checkpoint::kSingleProcessFormat);
   at::NoGradGuard no_grad;
   for (auto& p : model_->parameters()) {
     auto it = data.model.find(p.name);

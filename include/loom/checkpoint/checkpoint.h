@@ -14,11 +14,17 @@
 
 namespace loom::checkpoint {
 
+// The "format" metadata value of a single-process checkpoint.
+inline constexpr const char* kSingleProcessFormat = "loom-single-1";
+
 struct CheckpointData {
   std::map<std::string, at::Tensor> model;
   std::map<std::string, at::Tensor> state;
   std::map<std::string, std::string> metadata;
 };
+
+// Writes `data` into directory `dir` atomically (into `<dir>.tmp`, then renamed), replacing it.
+void write_checkpoint(const std::string& dir, const CheckpointData& data);
 
 // Writes <root>/step-<step>/ and returns its path. keep > 0 removes all but the newest `keep`.
 std::string save_checkpoint(const std::string& root, int64_t step, const CheckpointData& data, int keep);
