@@ -8,15 +8,25 @@
 // clip, AdamW) on a batch of the same shape; medians are reported.
 //
 //   train_throughput [--cases dense,moe] [--steps 6] [--warmup 2] [--json out.json]
+//   train_throughput --device cuda --precision bf16 --cases dense_large,moe_large --python python3
+//
+// On a GPU both sides synchronise the device before reading the clock at the end of each step; the
+// matmul ceiling is then measured on the device in the compute dtype (4096^3), and the peer uses
+// PyTorch's scaled_dot_product_attention and torch.autocast for bf16, as a PyTorch user would.
 #include <ATen/Parallel.h>
+#include <ATen/core/grad_mode.h>
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
 
+#include <unistd.h>
+
 #include <algorithm>
+#include <chrono>
 #include <cstdio>
 #include <filesystem>
 #include <memory>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "loom/checkpoint/safetensors.h"
@@ -24,6 +34,7 @@
 #include "loom/core/error.h"
 #include "loom/core/logging.h"
 #include "loom/data/source.h"
+#include "loom/model/gpt.h"
 #include "loom/train/system.h"
 #include "loom/train/trainer.h"
 
@@ -31,7 +42,7 @@ namespace {
 
 using loom::config::JobConfig;
 
-JobConfig make_case(const std::string& name, int steps) {
+JobConfig make_case(const std::string& name, int steps, const std::string& device, const std::string& precision) {
   JobConfig j;
   j.set_seed(5);
   auto* m = j.mutable_model();
@@ -52,12 +63,33 @@ JobConfig make_case(const std::string& name, int steps) {
     moe->set_top_k(2);
     moe->set_expert_ffn_hidden_size(512);
     moe->set_aux_loss_coeff(0.01);
+  } else if (name == "dense_large") {
+    // Sized for one GPU: a 0.5B LLaMA-style model at sequence 2048.
+    m->set_vocab_size(32000);
+    m->set_hidden_size(2048);
+    m->set_num_layers(8);
+    m->set_num_heads(16);
+    m->set_num_kv_heads(8);
+  } else if (name == "moe_large") {
+    m->set_vocab_size(32000);
+    m->set_hidden_size(1024);
+    m->set_num_layers(8);
+    m->set_num_heads(8);
+    auto* moe = m->mutable_moe();
+    moe->set_num_experts(8);
+    moe->set_top_k(2);
+    moe->set_expert_ffn_hidden_size(2816);
+    moe->set_aux_loss_coeff(0.01);
   } else {
-    LOOM_THROW(loom::ErrorKind::kConfig, "flag --cases: unknown case '{}' (dense, moe)", name);
+    LOOM_THROW(loom::ErrorKind::kConfig, "flag --cases: unknown case '{}' (dense, moe, dense_large, moe_large)", name);
   }
-  m->set_max_seq_len(256);
-  t->set_seq_len(256);
-  t->set_micro_batch_size(8);
+  const bool large = name.find("_large") != std::string::npos;
+  m->set_max_seq_len(large ? 2048 : 256);
+  t->set_seq_len(large ? 2048 : 256);
+  t->set_micro_batch_size(large ? 4 : 8);
+  t->set_device(device);
+  LOOM_CHECK_CONFIG(precision == "fp32" || precision == "bf16", "flag --precision: '{}' (fp32 or bf16)", precision);
+  m->set_precision(precision == "bf16" ? loom::config::ModelConfig::BF16 : loom::config::ModelConfig::FP32);
   t->set_steps(steps);
   t->set_progress("off");
   t->set_peak_tflops(1.0);  // replaced by the ceiling measured below
@@ -90,6 +122,8 @@ int run(int argc, char** argv) {
                              {"steps", "6", "timed training steps per side"},
                              {"warmup", "2", "untimed steps first"},
                              {"threads", "0", "intra-op threads for both sides (0: LibTorch's default)"},
+                             {"device", "cpu", "cpu or cuda"},
+                             {"precision", "fp32", "fp32 or bf16 (compute; master weights stay fp32)"},
                              {"python", "/usr/bin/python3", "the Python with torch for the peer"},
                              {"peer", "", "peer script (default: next to this source)"},
                              {"no-peer", "", "skip the PyTorch peer", true},
@@ -113,44 +147,36 @@ int run(int argc, char** argv) {
                     "or pass --no-peer",
                     cl.get("python"));
   }
-  // The matmul ceiling, fp32, as used for MFU.
-  const double ceiling = loom::train::probe_matmul_flops(at::kCPU, at::kFloat, 1024, 7);
-  std::printf("# train_throughput: %d intra-op threads; BLAS: %s\n", threads, loom::train::blas_description().c_str());
-  std::printf("# fp32 matmul ceiling (1024^3 GEMM, median of 7): %.1f GFLOP/s\n", ceiling / 1e9);
-  std::printf("# %-6s %11s %11s %11s %7s %7s %9s %7s %9s %s\n", "case", "loom tok/s", "torch tok/s",
-              "torch+tune", "ratio", "ratio+", "GFLOP/s", "MFU", "loss", "check");
-  nlohmann::json results = nlohmann::json::array();
+  const at::Device device(cl.get("device"));
+  const std::string precision = cl.get("precision");
+  const bool gpu = device.is_cuda();
   const auto tmp = std::filesystem::temp_directory_path() / ("loom-tt-" + std::to_string(getpid()));
   std::filesystem::create_directories(tmp);
-  int failures = 0;
-  for (const auto& name : cl.get_list("cases")) {
-    JobConfig job = make_case(name, warmup + steps);
-    job.mutable_train()->set_peak_tflops(ceiling / 1e12);
-    loom::train::Trainer trainer(job);
-    auto& model = trainer.model();
-    const auto& spec = model.spec();
-    const int64_t b = job.train().micro_batch_size(), s = job.train().seq_len();
 
-    // The first batch, as the trainer will draw it, and Loom's first loss on it.
-    auto source = loom::data::make_source(job, spec.vocab_size, b);
+  // The first batch of a case, as the trainer will draw it.
+  auto first_batch = [](const JobConfig& job, int64_t vocab) {
+    const int64_t b = job.train().micro_batch_size(), s = job.train().seq_len();
+    auto source = loom::data::make_source(job, vocab, b);
     at::Tensor buf = at::empty({b, s + 1}, at::kLong);
     for (int64_t i = 0; i < b; ++i) source->sample(loom::data::Split::kTrain, i, s + 1, buf.data_ptr<int64_t>() + i * (s + 1));
     loom::model::Batch batch;
     batch.tokens = buf.narrow(1, 0, s).contiguous();
     batch.targets = buf.narrow(1, 1, s).contiguous();
-    double loom_loss = 0, loom_aux = 0;
-    {
-      at::NoGradGuard g;
-      auto out = model.forward(batch);
-      loom_loss = out.loss_sum.item<double>() / static_cast<double>(out.num_tokens);
-      loom_aux = out.aux_loss.item<double>();
-    }
+    return batch;
+  };
 
-    nlohmann::json peer_plain, peer_tuned;
-    std::string check = "no peer";
-    if (with_peer) {
+  // The PyTorch peers run first, before this process touches the GPU: a child started after CUDA is
+  // initialised here made this process crash at exit on the GPU machine (seen 2026-11-22). The
+  // initial parameters come from a CPU model: initialisation is by (seed, name), whatever the device.
+  std::map<std::string, std::pair<nlohmann::json, nlohmann::json>> peers;  // case -> (plain, tuned)
+  if (with_peer) {
+    for (const auto& name : cl.get_list("cases")) {
+      JobConfig job = make_case(name, warmup + steps, "cpu", precision);
+      const auto spec = loom::model::ModelSpec::from_config(job.model());
+      loom::model::GptModel cpu_model(spec, job.seed(), at::kCPU);
+      loom::model::Batch batch = first_batch(job, spec.vocab_size);
       std::map<std::string, at::Tensor> tensors;
-      for (const auto& p : model.parameters()) tensors[p.name] = p.tensor.detach();
+      for (const auto& p : cpu_model.parameters()) tensors[p.name] = p.tensor.detach();
       tensors["batch.tokens"] = batch.tokens;
       tensors["batch.targets"] = batch.targets;
       nlohmann::json cfg = {{"heads", spec.num_heads}, {"kv_heads", spec.num_kv_heads},
@@ -160,13 +186,56 @@ int run(int argc, char** argv) {
                             {"aux_coeff", spec.moe.aux_loss_coeff}};
       const std::string weights = (tmp / (name + ".safetensors")).string();
       loom::checkpoint::save_safetensors(weights, tensors, {{"config", cfg.dump()}});
-      const std::string cmd = fmt::format("{} {} --weights {} --steps {} --warmup {} --threads {}", cl.get("python"),
-                                          peer, weights, steps, warmup, threads);
-      peer_plain = nlohmann::json::parse(run_command(cmd));
-      peer_tuned = nlohmann::json::parse(run_command(cmd + " --tune-malloc"));
+      const std::string cmd = fmt::format("{} {} --weights {} --steps {} --warmup {} --threads {} --device {} --precision {}",
+                                          cl.get("python"), peer, weights, steps, warmup, threads,
+                                          gpu ? "cuda" : "cpu", precision);
+      auto plain = nlohmann::json::parse(run_command(cmd));
+      // The allocator tuning concerns host memory: on a GPU the second peer run would time the same thing.
+      auto tuned = gpu ? plain : nlohmann::json::parse(run_command(cmd + " --tune-malloc"));
+      peers[name] = {plain, tuned};
+      std::filesystem::remove(weights);
+    }
+  }
+
+  // The matmul ceiling in the compute dtype, as used for MFU.
+  const int64_t probe_n = gpu ? 4096 : 1024;
+  const double ceiling = loom::train::probe_matmul_flops(device, precision == "bf16" ? at::kBFloat16 : at::kFloat,
+                                                         probe_n, 7);
+  std::printf("# train_throughput on %s (%s): %d intra-op threads; BLAS: %s\n", device.str().c_str(),
+              precision.c_str(), threads, loom::train::blas_description().c_str());
+  std::printf("# %s matmul ceiling (%ld^3 GEMM, median of 7): %.1f GFLOP/s\n", precision.c_str(),
+              static_cast<long>(probe_n), ceiling / 1e9);
+  std::printf("# %-6s %11s %11s %11s %7s %7s %9s %7s %9s %s\n", "case", "loom tok/s", "torch tok/s",
+              "torch+tune", "ratio", "ratio+", "GFLOP/s", "MFU", "loss", "check");
+  nlohmann::json results = nlohmann::json::array();
+  int failures = 0;
+  for (const auto& name : cl.get_list("cases")) {
+    JobConfig job = make_case(name, warmup + steps, cl.get("device"), precision);
+    job.mutable_train()->set_peak_tflops(ceiling / 1e12);
+    loom::train::Trainer trainer(job);
+    auto& model = trainer.model();
+    const auto& spec = model.spec();
+    const int64_t b = job.train().micro_batch_size(), s = job.train().seq_len();
+
+    // Loom's first loss on the first batch, on the device.
+    loom::model::Batch batch = first_batch(job, spec.vocab_size);
+    double loom_loss = 0, loom_aux = 0;
+    {
+      at::NoGradGuard g;
+      auto out = model.forward(batch.to(model.parameters()[0].tensor.device()));
+      loom_loss = out.loss_sum.item<double>() / static_cast<double>(out.num_tokens);
+      loom_aux = out.aux_loss.item<double>();
+    }
+
+    nlohmann::json peer_plain, peer_tuned;
+    std::string check = "no peer";
+    if (with_peer) {
+      std::tie(peer_plain, peer_tuned) = peers.at(name);
       const double dl = std::abs(peer_plain["loss"].get<double>() - loom_loss) / loom_loss;
       const double da = std::abs(peer_plain["aux"].get<double>() - loom_aux) / std::max(loom_aux, 1e-12);
-      const bool ok = dl < 1e-4 && (spec.moe.num_experts == 0 || da < 1e-4);
+      // fp32: both sides compute the same function in the same dtype; bf16: rounding of the compute dtype.
+      const double tol = precision == "bf16" ? 2e-2 : 1e-4;
+      const bool ok = dl < tol && (spec.moe.num_experts == 0 || da < tol);
       check = ok ? fmt::format("ok (rel diff {:.1e})", std::max(dl, spec.is_moe() ? da : 0.0))
                  : fmt::format("MISMATCH loss {} vs {}, aux {} vs {}", loom_loss, peer_plain["loss"].get<double>(),
                                loom_aux, peer_plain["aux"].get<double>());
@@ -175,10 +244,14 @@ int run(int argc, char** argv) {
 
     std::vector<double> times;
     double mfu = 0, tflops = 0;
+    const at::Tensor probe = model.parameters()[0].tensor;
     for (int i = 0; i < warmup + steps; ++i) {
+      const auto t0 = std::chrono::steady_clock::now();
       auto m = trainer.train_step();
+      if (gpu) (void)probe.view(-1)[0].item<float>();  // waits for the step's device work
+      const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
       if (i >= warmup) {
-        times.push_back(m.seconds);
+        times.push_back(secs);
         mfu = m.mfu;
         tflops = m.tflops_per_device;
       }
@@ -217,7 +290,8 @@ int run(int argc, char** argv) {
   if (!cl.get("json").empty()) {
     std::FILE* f = std::fopen(cl.get("json").c_str(), "w");
     LOOM_CHECK_KIND(loom::ErrorKind::kIO, f != nullptr, "cannot write '{}'", cl.get("json"));
-    nlohmann::json doc = {{"threads", threads}, {"ceiling_flops", ceiling}, {"results", results}};
+    nlohmann::json doc = {{"threads", threads}, {"device", device.str()}, {"precision", precision},
+                          {"ceiling_flops", ceiling}, {"results", results}};
     std::fputs(doc.dump(2).c_str(), f);
     std::fclose(f);
   }

@@ -86,8 +86,11 @@ class Block(torch.nn.Module):
         if g > 1:
             k = k.repeat_interleave(g, 1)
             v = v.repeat_interleave(g, 1)
+        if x.is_cuda:  # what a PyTorch user writes on a GPU
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            return F.linear(o.transpose(1, 2).reshape(b, s, nh * d), self.out)
         scores = (q @ k.transpose(-1, -2)) / math.sqrt(d)
-        mask = torch.ones(s, s, dtype=torch.bool).tril()
+        mask = torch.ones(s, s, dtype=torch.bool, device=x.device).tril()
         probs = torch.softmax(scores.masked_fill(~mask, float("-inf")), -1)
         o = (probs @ v).transpose(1, 2).reshape(b, s, nh * d)
         return F.linear(o, self.out)
@@ -137,8 +140,9 @@ class Model(torch.nn.Module):
     def forward(self, tokens, targets):
         b, s = tokens.shape
         d = self.cfg["head_dim"]
-        inv = self.cfg["theta"] ** (-2.0 * torch.arange(d // 2, dtype=torch.float32) / d)
-        ang = torch.arange(s, dtype=torch.float32)[:, None] * inv
+        dev = tokens.device
+        inv = self.cfg["theta"] ** (-2.0 * torch.arange(d // 2, dtype=torch.float32, device=dev) / d)
+        ang = torch.arange(s, dtype=torch.float32, device=dev)[:, None] * inv
         cos, sin = ang.cos(), ang.sin()
         x = F.embedding(tokens, self.embedding)
         aux = x.new_zeros(())
@@ -146,7 +150,7 @@ class Model(torch.nn.Module):
             x, a = blk(x, cos, sin)
             aux = aux + a
         logits = F.linear(self.final_norm(x), self.head)
-        loss = F.cross_entropy(logits.view(b * s, -1), targets.reshape(-1))
+        loss = F.cross_entropy(logits.view(b * s, -1).float(), targets.reshape(-1))
         return loss, aux
 
 
@@ -157,6 +161,8 @@ def main():
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--tune-malloc", action="store_true")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     a = ap.parse_args()
     if a.tune_malloc:
         tune_malloc()
@@ -164,26 +170,32 @@ def main():
         torch.set_num_threads(a.threads)
     p, meta = load_safetensors(a.weights)
     cfg = json.loads(meta["config"])
+    dev = torch.device(a.device)
+    p = {k: v.to(dev) for k, v in p.items()}
     tokens, targets = p.pop("batch.tokens"), p.pop("batch.targets")
     model = Model(p, cfg)
+    amp = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=a.precision == "bf16")
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     decay = [q for n, q in model.named_parameters() if q.dim() > 1]
     no_decay = [q for n, q in model.named_parameters() if q.dim() <= 1]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
                             lr=1e-4, betas=(0.9, 0.95), eps=1e-8, foreach=True)
-    with torch.no_grad():
+    with torch.no_grad(), amp:
         first_loss, first_aux = model(tokens, targets)
     times = []
     for i in range(a.warmup + a.steps):
         t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
-        loss, aux = model(tokens, targets)
+        with amp:
+            loss, aux = model(tokens, targets)
         (loss + aux).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
+        sync()
         if i >= a.warmup:
             times.append(time.perf_counter() - t0)
     times.sort()
-    print(json.dumps({"loss": first_loss.item(), "aux": first_aux.item(), "median_step_s": times[len(times) // 2],
+    print(json.dumps({"loss": first_loss.item(), "aux": float(first_aux), "median_step_s": times[len(times) // 2],
                       "threads": torch.get_num_threads(), "torch": torch.__version__}))
 
 

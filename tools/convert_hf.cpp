@@ -3,36 +3,65 @@
 //   convert_hf --to-loom --from hf/llama --to checkpoints/init/step-00000000  (a step-0 Loom checkpoint)
 // A step-0 checkpoint starts a run from the HF weights: --set train.resume=checkpoints/init/step-00000000
 // with a model config of the same shape (convert_hf prints it).
+//
+// --logits FILE also writes Loom's fp32 logits for --tokens (from the Loom side of the conversion) into a
+// safetensors file {tokens [1, s], logits [1, s, V]}; tools/check_hf_logits.py compares them with what
+// transformers computes from the HF directory.
+#include <ATen/ATen.h>
+
+#include <fmt/format.h>
+
 #include <cstdio>
 
 #include "loom/checkpoint/checkpoint.h"
 #include "loom/checkpoint/hf.h"
+#include "loom/checkpoint/safetensors.h"
 #include "loom/core/cli.h"
 #include "loom/core/config.h"
 #include "loom/core/error.h"
 
-int main(int argc, char** argv) try {
-  loom::cli::CommandLine cl(argc, argv,
-                            {{"to-hf", "", "Loom checkpoint -> Hugging Face directory", true},
-                             {"to-loom", "", "Hugging Face directory -> Loom checkpoint", true},
-                             {"from", "", "source directory"},
-                             {"to", "", "destination directory"}},
-                            "Convert Loom checkpoints to and from Hugging Face (LLaMA / Mixtral).");
-  if (cl.handled_help()) return 0;
-  const bool to_hf = cl.get_bool("to-hf"), to_loom = cl.get_bool("to-loom");
-  LOOM_CHECK_CONFIG(to_hf != to_loom, "give exactly one of --to-hf and --to-loom");
-  LOOM_CHECK_CONFIG(!cl.get("from").empty() && !cl.get("to").empty(), "flags --from and --to are required");
-  if (to_hf) {
-    loom::checkpoint::export_hf(cl.get("from"), cl.get("to"));
-    std::printf("wrote %s/model.safetensors and config.json\n", cl.get("to").c_str());
-  } else {
-    loom::checkpoint::import_hf(cl.get("from"), cl.get("to"));
-    auto data = loom::checkpoint::load_checkpoint(cl.get("to"));
-    std::printf("wrote Loom checkpoint %s; its model config:\n%s", cl.get("to").c_str(),
-                data.metadata.at("config").c_str());
-  }
-  return 0;
-} catch (const loom::Error& e) {
-  std::fprintf(stderr, "convert_hf: %s\n", e.what());
-  return 1;
+int main(int argc, char** argv) {
+  return loom::cli::guarded_main("convert_hf", [&] {
+    loom::cli::CommandLine cl(argc, argv,
+                              {{"to-hf", "", "Loom checkpoint -> Hugging Face directory", true},
+                               {"to-loom", "", "Hugging Face directory -> Loom checkpoint", true},
+                               {"from", "", "source directory"},
+                               {"to", "", "destination directory"},
+                               {"logits", "", "also write Loom's logits for --tokens to this .safetensors file"},
+                               {"tokens", "1,2,3,5,8,13,21,34,55,89,144,233", "token ids for --logits"}},
+                              "Convert Loom checkpoints to and from Hugging Face (LLaMA / Mixtral).");
+    if (cl.handled_help()) return 0;
+    const bool to_hf = cl.get_bool("to-hf"), to_loom = cl.get_bool("to-loom");
+    LOOM_CHECK_CONFIG(to_hf != to_loom, "give exactly one of --to-hf and --to-loom");
+    LOOM_CHECK_CONFIG(!cl.get("from").empty() && !cl.get("to").empty(), "flags --from and --to are required");
+    std::string loom_side;
+    if (to_hf) {
+      loom::checkpoint::export_hf(cl.get("from"), cl.get("to"));
+      std::printf("wrote %s/model.safetensors and config.json\n", cl.get("to").c_str());
+      loom_side = cl.get("from");
+    } else {
+      loom::checkpoint::import_hf(cl.get("from"), cl.get("to"));
+      auto data = loom::checkpoint::load_checkpoint(cl.get("to"));
+      std::printf("wrote Loom checkpoint %s; its model config:\n%s", cl.get("to").c_str(),
+                  data.metadata.at("config").c_str());
+      loom_side = cl.get("to");
+    }
+    if (!cl.get("logits").empty()) {
+      std::vector<int64_t> ids;
+      for (const auto& t : cl.get_list("tokens")) {
+        try {
+          ids.push_back(std::stoll(t));
+        } catch (const std::exception&) {
+          LOOM_THROW(loom::ErrorKind::kConfig, "flag --tokens: '{}' is not an integer", t);
+        }
+      }
+      LOOM_CHECK_CONFIG(!ids.empty(), "flag --tokens is empty");
+      at::Tensor tokens = at::tensor(ids, at::kLong).unsqueeze(0);
+      at::Tensor logits = loom::checkpoint::checkpoint_logits(loom_side, tokens);
+      loom::checkpoint::save_safetensors(cl.get("logits"), {{"tokens", tokens}, {"logits", logits.contiguous()}},
+                                         {{"checkpoint", loom_side}});
+      std::printf("%s\n", fmt::format("wrote Loom's logits {} to {}", logits.sizes(), cl.get("logits")).c_str());
+    }
+    return 0;
+  }, 1);
 }

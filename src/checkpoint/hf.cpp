@@ -11,8 +11,10 @@
 #include "loom/checkpoint/safetensors.h"
 #include "loom/core/config.h"
 #include "loom/core/error.h"
+#include "loom/model/gpt.h"
 
 #include <ATen/CPUGeneratorImpl.h>
+#include <ATen/core/grad_mode.h>
 
 namespace loom::checkpoint {
 
@@ -174,7 +176,9 @@ config::ModelConfig model_config_from_hf(const std::string& text) {
   c.set_hidden_size(num("hidden_size").get<int>());
   c.set_num_layers(num("num_hidden_layers").get<int>());
   c.set_num_heads(num("num_attention_heads").get<int>());
-  c.set_num_kv_heads(j.contains("num_key_value_heads") ? j["num_key_value_heads"].get<int>() : c.num_heads());
+  c.set_num_kv_heads(j.contains("num_key_value_heads") && !j["num_key_value_heads"].is_null()
+                         ? num("num_key_value_heads").get<int>()
+                         : c.num_heads());
   if (j.contains("head_dim") && !j["head_dim"].is_null()) {
     LOOM_CHECK_KIND(ErrorKind::kUnsupported, j["head_dim"].get<int>() * c.num_heads() == c.hidden_size(),
                     "config.json head_dim {} x heads {} != hidden_size {} (Loom derives head_dim)",
@@ -182,7 +186,25 @@ config::ModelConfig model_config_from_hf(const std::string& text) {
   }
   c.set_max_seq_len(j.value("max_position_embeddings", 4096));
   c.set_norm_eps(j.value("rms_norm_eps", 1e-5));
-  c.set_rope_theta(j.value("rope_theta", 10000.0));
+  // RoPE: transformers >= 5 writes {"rope_parameters": {"rope_type": "default", "rope_theta": ...}}
+  // and no top-level rope_theta; older versions write rope_theta (and rope_scaling for variants).
+  double theta = 10000.0;
+  if (j.contains("rope_parameters") && j["rope_parameters"].is_object()) {
+    const auto& rp = j["rope_parameters"];
+    const std::string rope_type = rp.value("rope_type", "default");
+    LOOM_CHECK_KIND(ErrorKind::kUnsupported, rope_type == "default",
+                    "config.json rope_parameters.rope_type is '{}'; Loom implements plain RoPE ('default') only",
+                    rope_type);
+    LOOM_CHECK_KIND(ErrorKind::kIO, rp.contains("rope_theta") && rp["rope_theta"].is_number(),
+                    "config.json rope_parameters has no number 'rope_theta'");
+    theta = rp["rope_theta"].get<double>();
+  } else if (j.contains("rope_theta") && !j["rope_theta"].is_null()) {
+    theta = num("rope_theta").get<double>();
+  }
+  c.set_rope_theta(theta);
+  LOOM_CHECK_KIND(ErrorKind::kUnsupported, !j.contains("sliding_window") || j["sliding_window"].is_null(),
+                  "config.json sets sliding_window ({}); Loom's attention is full causal attention",
+                  j.contains("sliding_window") ? j["sliding_window"].dump() : "");
   c.set_tie_embeddings(j.value("tie_word_embeddings", false) ? config::ModelConfig::ON : config::ModelConfig::OFF);
   LOOM_CHECK_KIND(ErrorKind::kUnsupported, !j.value("attention_bias", false) && !j.value("mlp_bias", false),
                   "config.json has attention_bias or mlp_bias: Loom's LLaMA-style models have no biases");
@@ -241,6 +263,37 @@ void import_hf(const std::string& hf_dir, const std::string& loom_checkpoint) {
                    {"source", "hugging face: " + hf_dir}};
   if (auto parent = fs::path(loom_checkpoint).parent_path(); !parent.empty()) fs::create_directories(parent);
   write_checkpoint(loom_checkpoint, data);
+}
+
+at::Tensor checkpoint_logits(const std::string& loom_checkpoint, const at::Tensor& tokens) {
+  CheckpointData data = load_checkpoint(loom_checkpoint);
+  auto it = data.metadata.find("config");
+  LOOM_CHECK_KIND(ErrorKind::kIO, it != data.metadata.end(), "checkpoint '{}' carries no config", loom_checkpoint);
+  config::JobConfig job;
+  config::parse_text(it->second, loom_checkpoint + " (config)", &job);
+  job.mutable_model()->set_precision(config::ModelConfig::FP32);
+  job.mutable_model()->set_recompute(config::ModelConfig::NO_RECOMPUTE);
+  model::ModelSpec spec = model::ModelSpec::from_config(job.model());
+  LOOM_CHECK_CONFIG(tokens.dim() == 2 && tokens.size(1) <= spec.max_seq_len,
+                    "tokens must be [batch, seq] with seq <= model.max_seq_len ({}), got {}", spec.max_seq_len,
+                    tokens.sizes());
+  LOOM_CHECK_CONFIG(tokens.min().item<int64_t>() >= 0 && tokens.max().item<int64_t>() < spec.vocab_size,
+                    "token ids must lie in [0, {})", spec.vocab_size);
+  model::GptModel model(spec, 0);
+  at::NoGradGuard no_grad;
+  for (auto& p : model.parameters()) {
+    auto t = data.model.find(p.name);
+    LOOM_CHECK_KIND(ErrorKind::kIO, t != data.model.end(), "checkpoint '{}' has no parameter '{}'", loom_checkpoint,
+                    p.name);
+    LOOM_CHECK_KIND(ErrorKind::kIO, t->second.sizes() == p.tensor.sizes(),
+                    "checkpoint '{}': parameter '{}' has shape {}, the config needs {}", loom_checkpoint, p.name,
+                    t->second.sizes(), p.tensor.sizes());
+    p.tensor.copy_(t->second);
+  }
+  model::Batch batch;
+  batch.tokens = tokens.to(at::kLong).contiguous();
+  batch.targets = batch.tokens;  // unused by logits(); the batch's shape check wants them
+  return model.logits(batch);
 }
 
 }  // namespace loom::checkpoint

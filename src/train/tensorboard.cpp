@@ -50,8 +50,10 @@ std::string event_header(double wall_time, int64_t step) {
   std::string e;
   put_varint(&e, 1 << 3 | 1);  // wall_time, fixed64
   put_fixed(&e, wall_time);
-  put_varint(&e, 2 << 3 | 0);  // step, varint
-  put_varint(&e, static_cast<uint64_t>(step));
+  if (step != 0) {  // proto3: a zero field is not written (TensorBoard's own writer omits it too)
+    put_varint(&e, 2 << 3 | 0);  // step, varint
+    put_varint(&e, static_cast<uint64_t>(step));
+  }
   return e;
 }
 }  // namespace
@@ -69,7 +71,8 @@ uint32_t masked_crc32c(const void* data, size_t size) {
   return ((c >> 15) | (c << 17)) + 0xa282ead8u;
 }
 
-TensorBoardWriter::TensorBoardWriter(const std::string& dir) {
+TensorBoardWriter::TensorBoardWriter(const std::string& dir, std::function<double()> clock)
+    : clock_(clock ? std::move(clock) : std::function<double()>(now_seconds)) {
   std::error_code ec;
   std::filesystem::create_directories(dir, ec);
   LOOM_CHECK_KIND(ErrorKind::kIO, !ec, "cannot create TensorBoard directory '{}': {}", dir, ec.message());
@@ -78,7 +81,7 @@ TensorBoardWriter::TensorBoardWriter(const std::string& dir) {
   path_ = fmt::format("{}/events.out.tfevents.{}.{}.{}", dir, static_cast<int64_t>(now_seconds()), host, getpid());
   out_.open(path_, std::ios::binary | std::ios::trunc);
   LOOM_CHECK_KIND(ErrorKind::kIO, out_.good(), "cannot create '{}'", path_);
-  std::string e = event_header(now_seconds(), 0);
+  std::string e = event_header(clock_(), 0);
   put_bytes(&e, 3, "brain.Event:2");
   write_record(e);
   flush();
@@ -93,7 +96,7 @@ void TensorBoardWriter::add_scalars(int64_t step, const std::vector<std::pair<st
     put_fixed(&value, static_cast<float>(v));
     put_bytes(&summary, 1, value);
   }
-  std::string e = event_header(now_seconds(), step);
+  std::string e = event_header(clock_(), step);
   put_bytes(&e, 5, summary);
   write_record(e);
 }

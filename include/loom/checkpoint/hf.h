@@ -46,4 +46,9 @@ config::ModelConfig model_config_from_hf(const std::string& config_json);
 void export_hf(const std::string& loom_checkpoint, const std::string& hf_dir);
 void import_hf(const std::string& hf_dir, const std::string& loom_checkpoint);
 
+// The fp32 logits [b, s, V] of the model in a Loom checkpoint directory for `tokens` [b, s] (int64,
+// positions 0..s-1): what `convert_hf --logits` writes so a conversion can be checked against
+// transformers (tools/check_hf_logits.py).
+at::Tensor checkpoint_logits(const std::string& loom_checkpoint, const at::Tensor& tokens);
+
 }  // namespace loom::checkpoint

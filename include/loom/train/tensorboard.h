@@ -11,6 +11,7 @@
 
 #include <cstdint>
 #include <fstream>
+#include <functional>
 #include <string>
 #include <utility>
 #include <vector>
@@ -23,13 +24,15 @@ uint32_t masked_crc32c(const void* data, size_t size);
 class TensorBoardWriter {
  public:
   // Creates <dir>/events.out.tfevents.<unix time>.<host>.<pid> and writes the version record.
-  explicit TensorBoardWriter(const std::string& dir);
+  // `clock` gives each event's wall time (default: the system clock; tests pass fixed times).
+  explicit TensorBoardWriter(const std::string& dir, std::function<double()> clock = {});
   void add_scalars(int64_t step, const std::vector<std::pair<std::string, double>>& values);
   void flush();
   const std::string& path() const { return path_; }
 
  private:
   void write_record(const std::string& data);
+  std::function<double()> clock_;
   std::string path_;
   std::ofstream out_;
 };
