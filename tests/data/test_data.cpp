@@ -9,6 +9,7 @@
 #include <fstream>
 #include <map>
 #include <random>
+#include <thread>
 
 #include "loom/core/error.h"
 #include "loom/data/gpt_dataset.h"
@@ -347,5 +348,102 @@ TEST(DocumentSampler, WholeDocumentsOncePerEpochTruncated) {
     EXPECT_EQ(s.document(i), t.document(i));
   }
   EXPECT_LT(same, 10);
+}
+}  // namespace
+
+namespace {
+// SentencePiece runs in worker processes (Note: SentencePiece in its own process), so it works in a
+// process that also holds libloom's protobuf. The fixtures were trained and encoded by Python's
+// sentencepiece 0.2.2 (tests/interop/device_interop.py); Debian's library must give the same ids.
+#define REQUIRE_SPM()                                                                      \
+  do {                                                                                     \
+    if (!loom::data::sentencepiece_available()) GTEST_SKIP() << "built without SentencePiece"; \
+  } while (0)
+
+const std::string kSpmFixtures = std::string(LOOM_SOURCE_DIR) + "/tests/fixtures/sentencepiece";
+
+TEST(SentencePiece, SameIdsAsPythonSentencePiece) {
+  REQUIRE_SPM();
+  auto enc = nlohmann::json::parse(read_all(kSpmFixtures + "/encodings.json"));
+  for (const char* kind : {"bpe", "unigram"}) {
+    auto tok = loom::data::make_tokenizer("sentencepiece", kSpmFixtures + "/" + kind + ".model");
+    const auto& e = enc[kind];
+    EXPECT_EQ(tok->vocab_size(), e["vocab_size"].get<int64_t>()) << kind;
+    EXPECT_EQ(tok->eod(), e["eos_id"].get<int64_t>()) << kind;
+    for (size_t i = 0; i < enc["samples"].size(); ++i) {
+      const auto text = enc["samples"][i].get<std::string>();
+      EXPECT_EQ(tok->encode(text), e["ids"][i].get<std::vector<int64_t>>()) << kind << " sample " << i;
+      EXPECT_EQ(tok->decode(e["ids"][i].get<std::vector<int64_t>>()), e["decoded"][i].get<std::string>())
+          << kind << " sample " << i;
+    }
+  }
+}
+
+TEST(SentencePiece, ConcurrentCallersGetTheirOwnAnswers) {
+  REQUIRE_SPM();
+  auto tok = loom::data::make_tokenizer("sentencepiece", kSpmFixtures + "/bpe.model");
+  std::vector<std::string> texts;
+  for (int i = 0; i < 40; ++i) texts.push_back("text number " + std::to_string(i * 7919) + std::string(i, 'z'));
+  std::vector<std::vector<int64_t>> serial;
+  for (const auto& t : texts) serial.push_back(tok->encode(t));
+  std::vector<std::vector<int64_t>> parallel(texts.size());
+  std::vector<std::thread> threads;
+  for (int w = 0; w < 4; ++w) {
+    threads.emplace_back([&, w] {
+      for (size_t i = static_cast<size_t>(w); i < texts.size(); i += 4) parallel[i] = tok->encode(texts[i]);
+    });
+  }
+  for (auto& t : threads) t.join();
+  EXPECT_EQ(parallel, serial);
+  EXPECT_THROW(tok->decode({tok->vocab_size()}), loom::Error);
+  EXPECT_EQ(tok->decode(tok->encode("still answering")), "still answering");
+}
+
+TEST(SentencePiece, BadModelAndTrainingErrors) {
+  REQUIRE_SPM();
+  const std::string dir = temp_prefix("spm-bad");
+  fs::create_directories(dir);
+  write_all(dir + "/junk.model", "this is not a model");
+  try {
+    loom::data::make_tokenizer("sentencepiece", dir + "/junk.model");
+    ADD_FAILURE() << "a junk model loaded";
+  } catch (const loom::Error& e) {
+    EXPECT_NE(std::string(e.what()).find("cannot load SentencePiece model '" + dir + "/junk.model'"), std::string::npos)
+        << e.what();
+  }
+  EXPECT_THROW(loom::data::make_tokenizer("sentencepiece", dir + "/missing.model"), loom::Error);
+  EXPECT_THROW(loom::data::train_sentencepiece({dir + "/missing.txt"}, dir + "/m", 300, "bpe", 1), loom::Error);
+}
+
+// Train a model here, then preprocess with it: the .bin holds exactly the tokenizer's ids + EOD.
+TEST(SentencePiece, TrainThenPreprocess) {
+  REQUIRE_SPM();
+  const std::string dir = temp_prefix("spm-train");
+  fs::create_directories(dir);
+  const std::string corpus = std::string(LOOM_SOURCE_DIR) + "/LICENSE";
+  loom::data::train_sentencepiece({corpus}, dir + "/tok", 320, "unigram", 2);
+  auto tok = loom::data::make_tokenizer("sentencepiece", dir + "/tok.model");
+  EXPECT_EQ(tok->vocab_size(), 320);
+  std::vector<std::string> docs = {"Permission is hereby granted", "THE SOFTWARE IS PROVIDED \"AS IS\"",
+                                   "émoji ✓ and bytes"};
+  {
+    std::ofstream out(dir + "/in.jsonl");
+    for (const auto& d : docs) out << nlohmann::json{{"text", d}}.dump() << "\n";
+  }
+  const std::string cmd = std::string(LOOM_PREPROCESS_TOOL) + " --input " + dir + "/in.jsonl --output-prefix " + dir +
+                          "/out --tokenizer sentencepiece --tokenizer-model " + dir + "/tok.model --workers 2 2>/dev/null";
+  ASSERT_EQ(std::system(cmd.c_str()), 0) << cmd;
+  IndexedDataset d(dir + "/out");
+  ASSERT_EQ(d.num_documents(), 3);
+  for (int i = 0; i < 3; ++i) {
+    std::vector<int64_t> ids(static_cast<size_t>(d.sequence_length(i)));
+    d.read(i, 0, static_cast<int64_t>(ids.size()), ids.data());
+    auto want = tok->encode(docs[i]);
+    want.push_back(tok->eod());
+    EXPECT_EQ(ids, want) << i;
+    ids.pop_back();
+    EXPECT_EQ(tok->decode(ids), docs[i]) << i;  // byte fallback: nothing is lost
+  }
+  fs::remove_all(dir);
 }
 }  // namespace

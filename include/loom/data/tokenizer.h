@@ -29,11 +29,17 @@ class ByteTokenizer : public Tokenizer {
   std::string describe() const override { return "byte-level (256 bytes + end-of-document 256)"; }
 };
 
-// kind: "byte" or "sentencepiece" (then `model` is the .model file).
+// kind: "byte" or "sentencepiece" (then `model` is the .model file). SentencePiece runs in worker
+// processes (tools/loom_spm; see Note: SentencePiece in its own process in tokenizer.cpp).
+// The tokenizers are safe to call from several threads.
 std::unique_ptr<Tokenizer> make_tokenizer(const std::string& kind, const std::string& model = "");
 
-// Trains a SentencePiece model on text files; writes <model_prefix>.model and .vocab.
-// model_type: "bpe" or "unigram". Throws kUnsupported when built without SentencePiece.
+// Whether this build has the SentencePiece worker (libsentencepiece-dev was found).
+bool sentencepiece_available();
+
+// Trains a SentencePiece model on text files (in a worker process); writes <model_prefix>.model and
+// .vocab. model_type: "bpe" or "unigram". Throws kUnsupported when built without SentencePiece.
+
 void train_sentencepiece(const std::vector<std::string>& inputs, const std::string& model_prefix,
                          int vocab_size, const std::string& model_type, int threads);
 
