@@ -8,14 +8,14 @@
 
 namespace loom::model {
 
-Block::Block(const ModelSpec& spec, const ParameterFactory& f, int64_t index)
-    : norm1_(spec, f.child("attn_norm")),
-      norm2_(spec, f.child("ffn_norm")),
-      attn_(spec, f.child("attn")) {
+Block::Block(const ModelSpec& spec, const ParameterFactory& f, int64_t index, const parallel::TensorParallel& tp)
+    : norm1_(spec, f.child("attn_norm"), tp),
+      norm2_(spec, f.child("ffn_norm"), tp),
+      attn_(spec, f.child("attn"), tp) {
   if (spec.is_moe_layer(index)) {
-    moe_ = std::make_unique<MoeLayer>(spec, f.child("moe"));
+    moe_ = std::make_unique<MoeLayer>(spec, f.child("moe"), tp);
   } else {
-    mlp_ = std::make_unique<Mlp>(spec, f.child("mlp"), spec.ffn);
+    mlp_ = std::make_unique<Mlp>(spec, f.child("mlp"), spec.ffn, tp);
   }
   for (const at::Tensor* t :
        {&norm1_.weight, &norm1_.bias, &attn_.qkv_weight, &attn_.qkv_bias, &attn_.out_weight,
@@ -105,21 +105,32 @@ struct RecomputedBlock : public torch::autograd::Function<RecomputedBlock> {
 
 }  // namespace
 
-GptModel::GptModel(const ModelSpec& spec, uint64_t seed, at::Device device)
-    : spec_(spec), params_(std::make_shared<std::vector<Parameter>>()) {
-  ParameterFactory f(params_, seed, at::TensorOptions().dtype(spec.param_dtype).device(device));
-  embedding_ = f.make("embedding.weight", {spec.vocab_size, spec.hidden}, Init::kNormal, spec.init_std);
+GptModel::GptModel(const ModelSpec& spec, uint64_t seed, at::Device device, const parallel::TensorParallel& tp,
+                   int64_t vocab_divisible_by)
+    : spec_(spec), tp_(tp), params_(std::make_shared<std::vector<Parameter>>()) {
+  spec.check_tensor_parallel(tp.size());
+  padded_vocab_ = spec.padded_vocab(tp.size(), vocab_divisible_by);
+  ParameterFactory f(params_, seed, at::TensorOptions().dtype(spec.param_dtype).device(device), "", tp.size(),
+                     tp.rank());
+  // [Note: vocab-parallel embedding and head] Rows of the (padded) vocabulary are split over TP.
+  TpShard vocab_rows;
+  vocab_rows.dim = 0;
+  vocab_rows.padded = padded_vocab_;
+  embedding_ = f.make("embedding.weight", {spec.vocab_size, spec.hidden}, Init::kNormal, spec.init_std, -1,
+                      vocab_rows);
   if (!spec.rope) {
+    TpShard positions;
+    positions.partial_grad = tp.sp();  // added to this rank's sequence shard
     positions_ = f.make("position_embedding.weight", {spec.max_seq_len, spec.hidden}, Init::kNormal,
-                        spec.init_std);
+                        spec.init_std, -1, positions);
   }
   for (int64_t i = 0; i < spec.num_layers; ++i) {
-    blocks_.push_back(std::make_unique<Block>(spec, f.child("layers." + std::to_string(i)), i));
+    blocks_.push_back(std::make_unique<Block>(spec, f.child("layers." + std::to_string(i)), i, tp));
   }
-  final_norm_ = std::make_unique<Norm>(spec, f.child("final_norm"));
-  head_ = spec.tie_embeddings
-              ? embedding_
-              : f.make("output.weight", {spec.vocab_size, spec.hidden}, Init::kNormal, spec.init_std);
+  final_norm_ = std::make_unique<Norm>(spec, f.child("final_norm"), tp);
+  head_ = spec.tie_embeddings ? embedding_
+                              : f.make("output.weight", {spec.vocab_size, spec.hidden}, Init::kNormal,
+                                       spec.init_std, -1, vocab_rows);
   // Embedding rows are looked up, not multiplied: Megatron and TorchTitan decay them anyway
   // (they are 2-D); so does Loom.
 }
@@ -131,13 +142,32 @@ at::Tensor GptModel::hidden_states(const Batch& batch, at::Tensor* aux) {
   const int64_t b = batch.batch_size(), s = batch.seq_len();
   LOOM_CHECK(s <= spec_.max_seq_len, "batch: sequence length {} exceeds model.max_seq_len {}", s,
              spec_.max_seq_len);
+  LOOM_CHECK_CONFIG(!tp_.sp() || s % tp_.size() == 0,
+                    "sequence parallelism splits the sequence over parallel.tp = {} ranks: the sequence length "
+                    "{} is not divisible by it",
+                    tp_.size(), s);
   const auto compute = spec_.param_dtype == at::kDouble ? at::kDouble : spec_.compute_dtype;
   at::Tensor tokens = batch.tokens.t();  // [s, b]
   at::Tensor pos = batch.position_ids.defined()
                        ? batch.position_ids.t()
                        : at::arange(s, batch.tokens.options()).unsqueeze(1).expand({s, b});
-  at::Tensor x = at::embedding(embedding_, tokens);  // [s, b, h]
-  if (!spec_.rope) x = x + at::embedding(positions_, pos);
+  at::Tensor x;
+  if (!tp_.enabled()) {
+    x = at::embedding(embedding_, tokens);  // [s, b, h]
+    if (!spec_.rope) x = x + at::embedding(positions_, pos);
+  } else {
+    // Each rank looks up the ids in its vocabulary rows (others give zeros); the sum over TP (or its
+    // sequence reduce-scatter under SP) is the embedding.
+    const int64_t rows = padded_vocab_ / tp_.size(), start = rows * tp_.rank();
+    at::Tensor mine = tokens.ge(start).logical_and(tokens.lt(start + rows));
+    at::Tensor local = at::where(mine, tokens - start, at::zeros_like(tokens));
+    x = at::embedding(embedding_, local) * mine.unsqueeze(-1).to(embedding_.scalar_type());
+    x = tp_.sp() ? parallel::reduce_scatter_to_sp(x, tp_) : parallel::reduce_from_tp(x, tp_);
+    if (!spec_.rope) {
+      at::Tensor p = tp_.sp() ? pos.chunk(tp_.size(), 0)[tp_.rank()] : pos;
+      x = x + at::embedding(positions_, p);
+    }
+  }
   x = x.to(compute);
 
   ForwardContext ctx;
@@ -167,20 +197,31 @@ at::Tensor GptModel::hidden_states(const Batch& batch, at::Tensor* aux) {
   return final_norm_->forward(x);
 }
 
+at::Tensor GptModel::local_logits(const at::Tensor& h) {
+  // Column-parallel head: the whole sequence in (gathered under SP), this rank's vocabulary out.
+  return model::linear(parallel::enter_tp_region(h, tp_), head_);
+}
+
 at::Tensor GptModel::logits(const Batch& batch) {
   at::Tensor aux;
   at::Tensor h = hidden_states(batch, &aux);  // [s, b, h]
   const auto out = spec_.param_dtype == at::kDouble ? at::kDouble : at::kFloat;
-  return model::linear(h, head_).to(out).transpose(0, 1);  // [b, s, V]
+  at::Tensor l = local_logits(h);
+  if (tp_.enabled()) l = parallel::gather_last_dim(l, tp_).narrow(2, 0, spec_.vocab_size);
+  return l.to(out).transpose(0, 1);  // [b, s, V]
 }
 
 ModelOutput GptModel::forward(const Batch& batch) {
   ModelOutput out;
-  at::Tensor h = hidden_states(batch, &out.aux_loss);  // [s, b, h]
-  const int64_t s = h.size(0), b = h.size(1);
-  at::Tensor logits = model::linear(h, head_).view({s * b, spec_.vocab_size});  // rows in [s, b] order
+  at::Tensor h = hidden_states(batch, &out.aux_loss);  // [s, b, h] (SP: [s/tp, b, h])
+  const int64_t s = batch.seq_len(), b = batch.batch_size();
+  at::Tensor logits = local_logits(h);
+  logits = logits.view({s * b, logits.size(2)});  // rows in [s, b] order
   at::Tensor targets = batch.targets.t().reshape({s * b});
-  at::Tensor losses = ops::cross_entropy(logits, targets);  // [s*b] fp32
+  const int64_t start = padded_vocab_ / tp_.size() * tp_.rank();
+  at::Tensor losses = tp_.enabled()
+                          ? parallel::vocab_parallel_cross_entropy(logits, targets, start, spec_.vocab_size, tp_)
+                          : ops::cross_entropy(logits, targets);  // [s*b] fp32
   if (batch.loss_mask.defined()) {
     losses = losses * batch.loss_mask.t().reshape({s * b}).to(losses.scalar_type());
   }

@@ -10,9 +10,25 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const at::Tenso
   return at::linear(x, weight.to(dt), bias.defined() ? bias.to(dt) : at::Tensor());
 }
 
-Norm::Norm(const ModelSpec& spec, const ParameterFactory& f) : kind_(spec.norm), eps_(spec.norm_eps) {
-  weight = f.make("weight", {spec.hidden}, Init::kOnes);
-  if (kind_ == NormKind::kLayerNorm) bias = f.make("bias", {spec.hidden}, Init::kZeros);
+namespace {
+// A parameter replicated over TP; its gradient is partial when it acts on a sequence shard.
+TpShard replicated(bool partial_grad) {
+  TpShard s;
+  s.partial_grad = partial_grad;
+  return s;
+}
+TpShard split(int dim, int64_t blocks = 1) {
+  TpShard s;
+  s.dim = dim;
+  s.blocks = blocks;
+  return s;
+}
+}  // namespace
+
+Norm::Norm(const ModelSpec& spec, const ParameterFactory& f, const parallel::TensorParallel& tp)
+    : kind_(spec.norm), eps_(spec.norm_eps) {
+  weight = f.make("weight", {spec.hidden}, Init::kOnes, 0.0, -1, replicated(tp.sp()));
+  if (kind_ == NormKind::kLayerNorm) bias = f.make("bias", {spec.hidden}, Init::kZeros, 0.0, -1, replicated(tp.sp()));
 }
 
 at::Tensor Norm::forward(const at::Tensor& x) const {
@@ -20,16 +36,20 @@ at::Tensor Norm::forward(const at::Tensor& x) const {
                                      : ops::layer_norm(x, weight, bias, eps_);
 }
 
-Attention::Attention(const ModelSpec& spec, const ParameterFactory& f)
-    : nh_(spec.num_heads), nkv_(spec.num_kv_heads), d_(spec.head_dim), rope_(spec.rope) {
-  const int64_t qkv_rows = (nh_ + 2 * nkv_) * d_;
-  qkv_weight = f.make("qkv.weight", {qkv_rows, spec.hidden}, Init::kNormal, spec.init_std);
-  if (spec.bias) qkv_bias = f.make("qkv.bias", {qkv_rows}, Init::kZeros);
-  out_weight = f.make("out.weight", {spec.hidden, nh_ * d_}, Init::kNormal, spec.output_init_std);
-  if (spec.bias) out_bias = f.make("out.bias", {spec.hidden}, Init::kZeros);
+Attention::Attention(const ModelSpec& spec, const ParameterFactory& f, const parallel::TensorParallel& tp)
+    : nh_(spec.num_heads / tp.size()), nkv_(spec.num_kv_heads / tp.size()), d_(spec.head_dim), rope_(spec.rope),
+      tp_(tp) {
+  spec.check_tensor_parallel(tp.size());
+  const int64_t qkv_rows = (spec.num_heads + 2 * spec.num_kv_heads) * d_;
+  qkv_weight = f.make("qkv.weight", {qkv_rows, spec.hidden}, Init::kNormal, spec.init_std, -1, split(0));
+  if (spec.bias) qkv_bias = f.make("qkv.bias", {qkv_rows}, Init::kZeros, 0.0, -1, split(0));
+  out_weight = f.make("out.weight", {spec.hidden, spec.num_heads * d_}, Init::kNormal, spec.output_init_std, -1,
+                      split(1));
+  if (spec.bias) out_bias = f.make("out.bias", {spec.hidden}, Init::kZeros, 0.0, -1, replicated(tp.sp()));
 }
 
-at::Tensor Attention::forward(const at::Tensor& x, const ForwardContext& ctx) const {
+at::Tensor Attention::forward(const at::Tensor& input, const ForwardContext& ctx) const {
+  const at::Tensor x = parallel::enter_tp_region(input, tp_);  // [s, b, h], the whole sequence
   const int64_t s = x.size(0), b = x.size(1);
   const int64_t group = nh_ / nkv_;
   // [s, b, nkv, group + 2, d]: per KV group, its query heads, then K, then V.
@@ -45,21 +65,37 @@ at::Tensor Attention::forward(const at::Tensor& x, const ForwardContext& ctx) co
   at::Tensor o = ops::causal_attention(q.permute({1, 2, 0, 3}), k.permute({1, 2, 0, 3}),
                                        v.permute({1, 2, 0, 3}), ctx.doc_ids);
   o = o.permute({2, 0, 1, 3}).reshape({s, b, nh_ * d_});
-  return model::linear(o, out_weight, out_bias);
+  if (!tp_.enabled()) return model::linear(o, out_weight, out_bias);
+  at::Tensor y = parallel::leave_tp_region(model::linear(o, out_weight), tp_);
+  return out_bias.defined() ? y + out_bias.to(y.scalar_type()) : y;
 }
 
-Mlp::Mlp(const ModelSpec& spec, const ParameterFactory& f, int64_t ffn) : swiglu_(spec.swiglu) {
+Mlp::Mlp(const ModelSpec& spec, const ParameterFactory& f, int64_t ffn, const parallel::TensorParallel& tp)
+    : swiglu_(spec.swiglu), tp_(tp) {
+  LOOM_CHECK_CONFIG(ffn % tp.size() == 0, "'{}': the FFN width {} is not divisible by the tensor-parallel size {}",
+                    f.prefix(), ffn, tp.size());
   const int64_t rows = swiglu_ ? 2 * ffn : ffn;
-  fc1_weight = f.make("fc1.weight", {rows, spec.hidden}, Init::kNormal, spec.init_std);
-  if (spec.bias) fc1_bias = f.make("fc1.bias", {rows}, Init::kZeros);
-  fc2_weight = f.make("fc2.weight", {spec.hidden, ffn}, Init::kNormal, spec.output_init_std);
-  if (spec.bias) fc2_bias = f.make("fc2.bias", {spec.hidden}, Init::kZeros);
+  const int64_t blocks = swiglu_ ? 2 : 1;
+  fc1_weight = f.make("fc1.weight", {rows, spec.hidden}, Init::kNormal, spec.init_std, -1, split(0, blocks));
+  if (spec.bias) fc1_bias = f.make("fc1.bias", {rows}, Init::kZeros, 0.0, -1, split(0, blocks));
+  fc2_weight = f.make("fc2.weight", {spec.hidden, ffn}, Init::kNormal, spec.output_init_std, -1, split(1));
+  if (spec.bias) fc2_bias = f.make("fc2.bias", {spec.hidden}, Init::kZeros, 0.0, -1, replicated(tp.sp()));
+}
+
+at::Tensor Mlp::partial(const at::Tensor& x) const {
+  at::Tensor h = model::linear(x, fc1_weight, fc1_bias);
+  h = swiglu_ ? ops::swiglu(h) : at::gelu(h, "tanh");
+  return model::linear(h, fc2_weight);
 }
 
 at::Tensor Mlp::forward(const at::Tensor& x) const {
-  at::Tensor h = model::linear(x, fc1_weight, fc1_bias);
-  h = swiglu_ ? ops::swiglu(h) : at::gelu(h, "tanh");
-  return model::linear(h, fc2_weight, fc2_bias);
+  if (!tp_.enabled()) {
+    at::Tensor h = model::linear(x, fc1_weight, fc1_bias);
+    h = swiglu_ ? ops::swiglu(h) : at::gelu(h, "tanh");
+    return model::linear(h, fc2_weight, fc2_bias);
+  }
+  at::Tensor y = parallel::leave_tp_region(partial(parallel::enter_tp_region(x, tp_)), tp_);
+  return fc2_bias.defined() ? y + fc2_bias.to(y.scalar_type()) : y;
 }
 
 }  // namespace loom::model

@@ -2,6 +2,8 @@
 
 #include <fmt/format.h>
 
+#include <algorithm>
+
 #include "loom/core/error.h"
 
 namespace loom::model {
@@ -11,6 +13,30 @@ using config::ModelConfig;
 
 int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 }  // namespace
+
+void ModelSpec::check_tensor_parallel(int tp) const {
+  if (tp <= 1) return;
+  auto check = [tp](int64_t v, const char* field, const char* what) {
+    LOOM_CHECK_CONFIG(v % tp == 0, "{} ({} = {}) is not divisible by the tensor-parallel size parallel.tp = {}", what,
+                      field, v, tp);
+  };
+  check(num_heads, "model.num_heads", "the number of attention heads");
+  check(num_kv_heads, "model.num_kv_heads", "the number of KV heads (each TP rank needs whole GQA groups)");
+  if (num_moe_layers() < num_layers) check(ffn, "model.ffn_hidden_size", "the FFN width");
+  if (is_moe()) {
+    check(moe.expert_ffn, "model.moe.expert_ffn_hidden_size", "the expert FFN width");
+    if (moe.num_shared_experts > 0) {
+      check(moe.num_shared_experts * moe.shared_ffn, "model.moe.num_shared_experts x shared_expert_ffn_hidden_size",
+            "the shared experts' FFN width");
+    }
+  }
+}
+
+int64_t ModelSpec::padded_vocab(int tp, int64_t divisible_by) const {
+  if (tp <= 1) return vocab_size;
+  const int64_t m = std::max<int64_t>(1, divisible_by) * tp;
+  return (vocab_size + m - 1) / m * m;
+}
 
 ModelSpec ModelSpec::from_config(const ModelConfig& c) {
   ModelSpec s;

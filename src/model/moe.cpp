@@ -8,16 +8,36 @@
 
 namespace loom::model {
 
-MoeLayer::MoeLayer(const ModelSpec& spec, const ParameterFactory& f) : moe_(spec.moe) {
+// [Note: MoE under tensor parallelism]
+// The layer opens one TP region around everything: the input is all-gathered (SP) or copied, every
+// rank routes the same, whole set of tokens with the replicated router (so routing, capacity drops
+// and statistics equal the single-process layer's), computes its column/row slice of each chosen
+// expert and of the shared experts, and the partial outputs leave the region summed (all-reduce or
+// sequence reduce-scatter). The gates multiply partial outputs, so the router's gradient is a partial
+// sum on each rank (TpShard::partial_grad, all-reduced by the trainer). The auxiliary losses are
+// computed identically on every TP rank; their gradient is scaled by 1/tp so that, once the input
+// gradient is all-reduced by the region, it counts once.
+MoeLayer::MoeLayer(const ModelSpec& spec, const ParameterFactory& f, const parallel::TensorParallel& tp)
+    : moe_(spec.moe), tp_(tp) {
   const int64_t e = moe_.num_experts, ffn = moe_.expert_ffn, h = spec.hidden;
-  router_weight = f.make("router.weight", {e, h}, Init::kNormal, moe_.router_init_std);
-  fc1_weight = f.make("experts.fc1.weight", {e, 2 * ffn, h}, Init::kNormal, spec.init_std);
-  fc2_weight = f.make("experts.fc2.weight", {e, h, ffn}, Init::kNormal, spec.output_init_std);
+  LOOM_CHECK_CONFIG(ffn % tp.size() == 0,
+                    "the expert FFN width (model.moe.expert_ffn_hidden_size = {}) is not divisible by the "
+                    "tensor-parallel size parallel.tp = {}",
+                    ffn, tp.size());
+  TpShard router;
+  router.partial_grad = tp.enabled();
+  TpShard fc1, fc2;
+  fc1.dim = 1;
+  fc1.blocks = 2;  // [gate | up] rows of each expert
+  fc2.dim = 2;
+  router_weight = f.make("router.weight", {e, h}, Init::kNormal, moe_.router_init_std, -1, router);
+  fc1_weight = f.make("experts.fc1.weight", {e, 2 * ffn, h}, Init::kNormal, spec.init_std, -1, fc1);
+  fc2_weight = f.make("experts.fc2.weight", {e, h, ffn}, Init::kNormal, spec.output_init_std, -1, fc2);
   if (moe_.num_shared_experts > 0) {
     ModelSpec dense = spec;
     dense.bias = false;
     dense.swiglu = true;
-    shared = std::make_unique<Mlp>(dense, f.child("shared"), moe_.num_shared_experts * moe_.shared_ffn);
+    shared = std::make_unique<Mlp>(dense, f.child("shared"), moe_.num_shared_experts * moe_.shared_ffn, tp);
   }
 }
 
@@ -104,14 +124,16 @@ at::Tensor MoeLayer::dispatch_and_compute(const at::Tensor& x2d, const Routing& 
   return y.index_add(0, token_of, ys);
 }
 
-MoeLayer::Output MoeLayer::forward(const at::Tensor& x, const ForwardContext& ctx) {
+MoeLayer::Output MoeLayer::forward(const at::Tensor& input, const ForwardContext& ctx) {
+  const at::Tensor x = parallel::enter_tp_region(input, tp_);  // every token of the micro-batch
   const int64_t s = x.size(0), b = x.size(1), h = x.size(2);
   const int64_t t = s * b;
   at::Tensor x2d = x.reshape({t, h});
   Routing r = route(x2d);
   int64_t dropped = 0;
   at::Tensor y = dispatch_and_compute(x2d, r, &dropped);
-  if (shared) y = y + shared->forward(x2d);
+  if (shared) y = y + (tp_.enabled() ? shared->partial(x2d) : shared->forward(x2d));
+  if (tp_.enabled()) y = parallel::leave_tp_region(y.view({s, b, h}), tp_);
 
   at::Tensor counts = at::bincount(r.experts.reshape({-1}), {}, moe_.num_experts);  // [E]
   at::Tensor aux = at::zeros({}, r.logits.options());
@@ -128,13 +150,14 @@ MoeLayer::Output MoeLayer::forward(const at::Tensor& x, const ForwardContext& ct
     aux = aux + z;
     if (ctx.record_stats) z_value = z.item<double>();
   }
+  if (tp_.enabled()) aux = parallel::scale_gradient(aux, 1.0 / tp_.size());
   if (ctx.record_stats) {
     stats_.tokens_per_expert = counts.cpu();
     stats_.dropped = dropped;
     stats_.aux_loss = aux_value;
     stats_.z_loss = z_value;
   }
-  return {y.view({s, b, h}), aux};
+  return {tp_.enabled() ? y : y.view({s, b, h}), aux};
 }
 
 }  // namespace loom::model

@@ -6,20 +6,28 @@
 
 namespace loom::optim {
 
-double grad_norm(const std::vector<model::Parameter>& params) {
-  std::vector<at::Tensor> squares;
+double grad_norm(const std::vector<model::Parameter>& params, comm::Communicator* tp) {
+  std::vector<at::Tensor> squares[2];  // [replicated, sharded]
   for (const auto& p : params) {
     const at::Tensor& g = p.tensor.grad();
     if (!g.defined()) continue;
     const auto dt = g.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-    squares.push_back(g.to(dt).pow(2).sum().to(at::kDouble));
+    squares[p.tp_sharded() ? 1 : 0].push_back(g.to(dt).pow(2).sum().to(at::kDouble));
   }
-  if (squares.empty()) return 0.0;
-  return std::sqrt(at::stack(squares).sum().item<double>());
+  auto total = [](const std::vector<at::Tensor>& v) {
+    return v.empty() ? at::zeros({1}, at::kDouble) : at::stack(v).sum().reshape({1}).cpu();
+  };
+  at::Tensor sharded = total(squares[1]);
+  if (tp != nullptr && tp->size() > 1) {
+    at::Tensor t = sharded.to(tp->device());
+    tp->all_reduce(t);
+    sharded = t.cpu();
+  }
+  return std::sqrt(total(squares[0]).item<double>() + sharded.item<double>());
 }
 
-double clip_grad_norm(const std::vector<model::Parameter>& params, double max_norm) {
-  const double norm = grad_norm(params);
+double clip_grad_norm(const std::vector<model::Parameter>& params, double max_norm, comm::Communicator* tp) {
+  const double norm = grad_norm(params, tp);
   if (max_norm <= 0 || !std::isfinite(norm) || norm <= max_norm) return norm;
   const double coeff = max_norm / (norm + 1e-6);
   at::NoGradGuard no_grad;

@@ -8,6 +8,7 @@
 
 #include <cmath>
 #include <filesystem>
+#include <map>
 #include <mutex>
 
 #include "loom/checkpoint/checkpoint.h"
@@ -61,12 +62,19 @@ Trainer::Trainer(const config::JobConfig& config, comm::CommunicatorPtr world,
   if (!world_) world_ = std::make_shared<comm::LocalCommunicator>();
   rank_ = world_->rank();
   const auto dims = mesh::ParallelDims::from_config(config_.parallel(), world_->size());
-  LOOM_CHECK_KIND(ErrorKind::kUnsupported, dims.tp == 1 && dims.cp == 1 && dims.pp == 1 && dims.ep == 1,
-                  "this build's trainer runs data parallelism only; parallel.tp={}, cp={}, pp={}, ep={} "
-                  "need the tensor/context/pipeline/expert-parallel layers, which are not in yet",
-                  dims.tp, dims.cp, dims.pp, dims.ep);
+  LOOM_CHECK_KIND(ErrorKind::kUnsupported, dims.cp == 1 && dims.pp == 1 && dims.ep == 1,
+                  "this build's trainer runs tensor (with sequence) and data parallelism; parallel.cp={}, pp={}, "
+                  "ep={} need the context/pipeline/expert-parallel layers, which are not in yet",
+                  dims.cp, dims.pp, dims.ep);
+  LOOM_CHECK_CONFIG(config_.parallel().vocab_divisible_by() >= 1,
+                    "field 'parallel.vocab_divisible_by' must be >= 1, got {}", config_.parallel().vocab_divisible_by());
+  groups_ = std::make_unique<mesh::ProcessGroups>(dims, world_);
   dp_ = dims.dp;
-  LOOM_INTERNAL_CHECK(dp_ == world_->size(), "dp {} != world {}", dp_, world_->size());
+  tp_ = dims.tp;
+  dp_rank_ = groups_->dp_rank();
+  dp_comm_ = groups_->dp_group();
+  tp_comm_ = groups_->tp_group();
+  log::set_coordinates(groups_->coords_string());
 
   const auto& t = config_.train();
   try {
@@ -105,7 +113,16 @@ Trainer::Trainer(const config::JobConfig& config, comm::CommunicatorPtr world,
                     "the data's vocabulary ({} tokens) does not fit model.vocab_size = {}",
                     source_->vocab_size(), spec.vocab_size);
 
-  model_ = std::make_unique<model::GptModel>(spec, config_.seed(), device_);
+  parallel::TensorParallel tp;
+  if (tp_ > 1) tp.comm = tp_comm_;
+  tp.sequence_parallel = config_.parallel().sequence_parallel();
+  if (tp.sp()) {
+    LOOM_CHECK_CONFIG(seq_len_ % tp_ == 0,
+                      "parallel.sequence_parallel splits the sequence over parallel.tp = {} ranks: train.seq_len = "
+                      "{} is not divisible by it",
+                      tp_, seq_len_);
+  }
+  model_ = std::make_unique<model::GptModel>(spec, config_.seed(), device_, tp, config_.parallel().vocab_divisible_by());
   optimizer_ = std::make_unique<optim::AdamW>(&model_->parameters(), optim::AdamWOptions::from_config(config_.optim()));
   schedule_ = std::make_unique<optim::LrSchedule>(config_.optim(), t.steps());
   LOOM_CHECK_CONFIG(config_.optim().clip_grad() >= 0, "field 'optim.clip_grad' must be >= 0, got {}",
@@ -136,6 +153,13 @@ Trainer::Trainer(const config::JobConfig& config, comm::CommunicatorPtr world,
   LOOM_LOG_INFO("data: {}", source_->describe());
   LOOM_LOG_INFO("batch: {} sequences x {} tokens per step = {} micro-batches of {} on each of {} DP rank(s)",
                 global_batch_, seq_len_, num_micro_, micro_batch_, dp_);
+  LOOM_LOG_INFO("parallel: tp={}{} dp={} ({} ranks)", tp_, tp.sp() ? " with sequence parallelism" : "", dp_,
+                world_->size());
+  if (model_->padded_vocab() != spec.vocab_size) {
+    LOOM_LOG_INFO("vocabulary padded from {} to {} rows (a multiple of parallel.vocab_divisible_by {} x tp {}) for "
+                  "the vocab-parallel embedding and head",
+                  spec.vocab_size, model_->padded_vocab(), config_.parallel().vocab_divisible_by(), tp_);
+  }
   LOOM_LOG_INFO("compute: {} ({}), {:.3g} GFLOP per token; peak {:.2f} TFLOP/s per device ({})",
                 c10::toString(spec.compute_dtype), spec.recompute ? "full recomputation" : "no recomputation",
                 flops_per_token_ / 1e9, peak_flops_ / 1e12,
@@ -159,7 +183,7 @@ model::Batch Trainer::make_micro_batch(data::Split split, int64_t first_sample, 
 }
 
 std::vector<model::Batch> Trainer::load_step(int64_t consumed) const {
-  const int64_t base = consumed + rank_ * (global_batch_ / dp_);
+  const int64_t base = consumed + dp_rank_ * (global_batch_ / dp_);
   std::vector<model::Batch> batches;
   for (int64_t i = 0; i < num_micro_; ++i) {
     batches.push_back(make_micro_batch(data::Split::kTrain, base + i * micro_batch_, micro_batch_));
@@ -170,35 +194,67 @@ std::vector<model::Batch> Trainer::load_step(int64_t consumed) const {
 double Trainer::all_reduce_sum(double v) {
   if (dp_ == 1) return v;
   at::Tensor t = at::full({1}, v, at::kDouble);
-  world_->all_reduce(t);
+  dp_comm_->all_reduce(t);
   return t.item<double>();
 }
 
-void Trainer::reduce_gradients() {
-  if (dp_ == 1) return;
-  // One flat buffer, one all-reduce (the bucketed, overlapped version comes with the DP issue).
-  auto& params = model_->parameters();
+namespace {
+// Sums the gradients of `params` over `comm` through one flat buffer; an undefined gradient counts
+// as zeros (and is materialised: a rank whose expert saw no token still holds the others' sum).
+void all_reduce_gradients(const std::vector<model::Parameter*>& params, comm::Communicator& comm,
+                          at::Device device) {
+  if (params.empty()) return;
   std::vector<at::Tensor> flat;
-  for (auto& p : params) {
-    const at::Tensor& g = p.tensor.grad();
-    flat.push_back(g.defined() ? g.reshape({-1}) : at::zeros({p.tensor.numel()}, p.tensor.options()));
+  for (auto* p : params) {
+    const at::Tensor& g = p->tensor.grad();
+    flat.push_back(g.defined() ? g.reshape({-1}) : at::zeros({p->tensor.numel()}, p->tensor.options()));
   }
   at::Tensor buf = at::cat(flat);
-  const bool staged = buf.device() != world_->device();  // e.g. CUDA gradients over the MPI world
-  if (staged) buf = buf.to(world_->device());
-  world_->all_reduce(buf);
-  if (staged) buf = buf.to(device_);
+  const bool staged = buf.device() != comm.device();  // e.g. CUDA gradients over the MPI world
+  if (staged) buf = buf.to(comm.device());
+  comm.all_reduce(buf);
+  if (staged) buf = buf.to(device);
   int64_t off = 0;
   at::NoGradGuard no_grad;
-  for (auto& p : params) {
-    at::Tensor view = buf.narrow(0, off, p.tensor.numel()).view(p.tensor.sizes());
-    if (p.tensor.grad().defined()) {
-      p.tensor.mutable_grad().copy_(view);
+  for (auto* p : params) {
+    at::Tensor view = buf.narrow(0, off, p->tensor.numel()).view(p->tensor.sizes());
+    if (p->tensor.grad().defined()) {
+      p->tensor.mutable_grad().copy_(view);
     } else {
-      p.tensor.mutable_grad() = view.clone();
+      p->tensor.mutable_grad() = view.clone();
     }
-    off += p.tensor.numel();
+    off += p->tensor.numel();
   }
+}
+}  // namespace
+
+void Trainer::reduce_gradients() {
+  auto& params = model_->parameters();
+  // Replicated parameters whose gradient is a partial sum on each TP rank (Note: tensor-parallel
+  // shards): norms and biases under SP, the MoE router.
+  if (tp_ > 1) {
+    std::vector<model::Parameter*> partial;
+    for (auto& p : params) {
+      if (p.shard.partial_grad) partial.push_back(&p);
+    }
+    all_reduce_gradients(partial, *tp_comm_, device_);
+  }
+  if (dp_ > 1) {
+    // One flat buffer, one all-reduce (the bucketed, overlapped version comes with the DP issue).
+    std::vector<model::Parameter*> all;
+    for (auto& p : params) all.push_back(&p);
+    all_reduce_gradients(all, *dp_comm_, device_);
+  }
+}
+
+at::Tensor Trainer::full_tensor(const model::Parameter& p, const at::Tensor& local) const {
+  if (!p.tp_sharded()) return local.detach();
+  at::Tensor in = local.detach().contiguous().view({-1}).to(tp_comm_->device());
+  at::Tensor out = at::empty({tp_ * in.numel()}, in.options());
+  tp_comm_->all_gather(out, in);
+  std::vector<at::Tensor> shards;
+  for (const auto& c : out.chunk(tp_)) shards.push_back(c.view(local.sizes()));
+  return model::unshard(shards, p.shard, p.global_shape);
 }
 
 StepMetrics Trainer::train_step() {
@@ -221,7 +277,7 @@ StepMetrics Trainer::train_step() {
   for (const auto& b : batches) local_tokens += b.num_loss_tokens();
   timers_.stop("data");
   timers_.start("comm");
-  const double total_tokens = all_reduce_sum(static_cast<double>(local_tokens));
+  const double total_tokens = all_reduce_sum(static_cast<double>(local_tokens));  // over DP
   timers_.stop("comm");
   LOOM_CHECK(total_tokens > 0, "step {}: the global batch has no loss tokens", step_ + 1);
 
@@ -242,7 +298,7 @@ StepMetrics Trainer::train_step() {
   }
   timers_.start("comm");
   reduce_gradients();
-  if (dp_ > 1) world_->all_reduce(loss_acc);
+  if (dp_ > 1) dp_comm_->all_reduce(loss_acc);
   timers_.stop("comm");
   m.step = step_ + 1;
   m.loss = loss_acc[0].item<double>() / total_tokens;
@@ -254,7 +310,7 @@ StepMetrics Trainer::train_step() {
                   m.step, show(m.loss), m.tokens, step_);
 
   timers_.start("optimizer");
-  m.grad_norm = optim::clip_grad_norm(model_->parameters(), config_.optim().clip_grad());
+  m.grad_norm = optim::clip_grad_norm(model_->parameters(), config_.optim().clip_grad(), tp_comm_.get());
   LOOM_CHECK_KIND(ErrorKind::kNumerics, std::isfinite(m.grad_norm),
                   "step {}: the gradient norm is {} (loss {}); no update was applied, so the parameters "
                   "are those after step {}",
@@ -273,7 +329,7 @@ StepMetrics Trainer::train_step() {
   m.optimizer_s = timers_.elapsed("optimizer");
   const double all_tokens = static_cast<double>(global_batch_ * seq_len_);
   m.tokens_per_s = all_tokens / m.seconds;
-  m.tokens_per_s_per_device = m.tokens_per_s / dp_;
+  m.tokens_per_s_per_device = m.tokens_per_s / world_->size();
   m.tflops_per_device = flops_per_token_ * m.tokens_per_s_per_device / 1e12;
   m.mfu = peak_flops_ > 0 ? m.tflops_per_device * 1e12 / peak_flops_ : 0;
   const MemoryStats mem = memory_stats(device_);
@@ -299,7 +355,7 @@ EvalMetrics Trainer::evaluate() {
   const int64_t per_rank = global_batch_ / dp_;
   double sums[2] = {0, 0};
   for (int64_t g = 0; g < config_.train().eval_batches(); ++g) {
-    const int64_t base = g * global_batch_ + rank_ * per_rank;
+    const int64_t base = g * global_batch_ + dp_rank_ * per_rank;
     for (int64_t i = 0; i < num_micro_; ++i) {
       model::Batch b = make_micro_batch(data::Split::kValid, base + i * micro_batch_, micro_batch_);
       model::ModelOutput out = model_->forward(b);
@@ -309,7 +365,7 @@ EvalMetrics Trainer::evaluate() {
   }
   if (dp_ > 1) {
     at::Tensor t = at::tensor({sums[0], sums[1]}, at::kDouble);
-    world_->all_reduce(t);
+    dp_comm_->all_reduce(t);
     sums[0] = t[0].item<double>();
     sums[1] = t[1].item<double>();
   }
@@ -334,10 +390,21 @@ std::string Trainer::save_checkpoint() {
   const std::string& root = config_.train().checkpoint_dir();
   LOOM_CHECK_CONFIG(!root.empty(), "cannot save a checkpoint: field 'train.checkpoint_dir' is empty");
   std::string dir;
+  // The checkpoint holds full, unpadded tensors whatever the layout (the first DP replica gathers
+  // its TP shards; world rank 0 writes), so it loads under any tp (Note: tensor-parallel shards).
+  checkpoint::CheckpointData data;
+  if (dp_rank_ == 0) {
+    std::map<std::string, const model::Parameter*> by_name;
+    for (const auto& p : model_->parameters()) {
+      data.model[p.name] = full_tensor(p, p.tensor);
+      by_name[p.name] = &p;
+    }
+    for (const auto& s : optimizer_->state()) {
+      const model::Parameter* owner = by_name.at(s.name.substr(0, s.name.rfind('.')));
+      data.state["optim." + s.name] = full_tensor(*owner, s.tensor);
+    }
+  }
   if (rank_ == 0) {
-    checkpoint::CheckpointData data;
-    for (const auto& p : model_->parameters()) data.model[p.name] = p.tensor.detach();
-    for (const auto& s : optimizer_->state()) data.state["optim." + s.name] = s.tensor;
     {
       at::Generator gen = at::detail::getDefaultCPUGenerator();
       std::lock_guard<std::mutex> lock(gen.mutex());
@@ -370,15 +437,17 @@ void Trainer::load_checkpoint(const std::string& dir) {
                   "checkpoint '{}' has format '{}', this build reads '{}'", dir, meta("format"),
                   checkpoint::kSingleProcessFormat);
   at::NoGradGuard no_grad;
+  std::map<std::string, const model::Parameter*> by_name;
   for (auto& p : model_->parameters()) {
     auto it = data.model.find(p.name);
     LOOM_CHECK_KIND(ErrorKind::kIO, it != data.model.end(),
                     "checkpoint '{}' has no parameter '{}': was it written for a different model config?",
                     dir, p.name);
-    LOOM_CHECK_KIND(ErrorKind::kIO, it->second.sizes() == p.tensor.sizes(),
+    LOOM_CHECK_KIND(ErrorKind::kIO, it->second.sizes() == at::IntArrayRef(p.global_shape),
                     "checkpoint '{}': parameter '{}' has shape {}, the model needs {}", dir, p.name,
-                    it->second.sizes(), p.tensor.sizes());
-    p.tensor.copy_(it->second);
+                    it->second.sizes(), at::IntArrayRef(p.global_shape));
+    p.tensor.copy_(model::shard_of(it->second, p.shard, p.tp_size, p.tp_rank));
+    by_name[p.name] = &p;
   }
   LOOM_CHECK_KIND(ErrorKind::kIO, data.model.size() == model_->parameters().size(),
                   "checkpoint '{}' holds {} parameters, the model has {}: was it written for a different "
@@ -386,7 +455,13 @@ void Trainer::load_checkpoint(const std::string& dir) {
                   dir, data.model.size(), model_->parameters().size());
   std::vector<optim::NamedTensor> state;
   for (const auto& [name, t] : data.state) {
-    if (name.rfind("optim.", 0) == 0) state.push_back({name.substr(6), t});
+    if (name.rfind("optim.", 0) != 0) continue;
+    const std::string key = name.substr(6);
+    auto owner = by_name.find(key.substr(0, key.rfind('.')));
+    state.push_back({key, owner == by_name.end()
+                              ? t
+                              : model::shard_of(t, owner->second->shard, owner->second->tp_size,
+                                                owner->second->tp_rank)});
   }
   optimizer_->load_state(state, std::stoll(meta("optimizer_step")));
   auto rng = data.state.find("rng.cpu");

@@ -19,7 +19,7 @@ namespace loom::model {
 // One pre-norm block: x + attn(norm1(x)), then + mlp(norm2(x)) (or the MoE layer).
 class Block {
  public:
-  Block(const ModelSpec& spec, const ParameterFactory& f, int64_t index);
+  Block(const ModelSpec& spec, const ParameterFactory& f, int64_t index, const parallel::TensorParallel& tp = {});
 
   struct Output {
     at::Tensor hidden;  // [s, b, h]
@@ -47,16 +47,23 @@ struct ModelOutput {
 
 class GptModel {
  public:
-  // Parameters are created on `device` in spec.param_dtype, initialised from `seed` by name.
-  GptModel(const ModelSpec& spec, uint64_t seed, at::Device device = at::kCPU);
+  // Parameters are created on `device` in spec.param_dtype, initialised from `seed` by name: the
+  // full tensor is drawn and, with tensor parallelism, this rank's shard kept, so every layout starts
+  // from the same model. With tp > 1 the vocabulary is padded to a multiple of
+  // `vocab_divisible_by` x tp (zero rows, masked out of the softmax: the same function).
+  GptModel(const ModelSpec& spec, uint64_t seed, at::Device device = at::kCPU,
+           const parallel::TensorParallel& tp = {}, int64_t vocab_divisible_by = 128);
 
   // Loss pieces for one micro-batch (the caller normalises: see train/ and Note: loss scaling).
   ModelOutput forward(const Batch& batch);
 
-  // Logits [b, s, V] in fp32 (fp64 for an fp64 model), for evaluation and tests.
+  // Logits [b, s, V] in fp32 (fp64 for an fp64 model), for evaluation and tests (with TP, gathered:
+  // every rank gets the whole vocabulary).
   at::Tensor logits(const Batch& batch);
 
   const ModelSpec& spec() const { return spec_; }
+  const parallel::TensorParallel& tensor_parallel() const { return tp_; }
+  int64_t padded_vocab() const { return padded_vocab_; }
   const std::vector<Parameter>& parameters() const { return *params_; }
   std::vector<Parameter>& parameters() { return *params_; }
   const Parameter* find(const std::string& name) const;
@@ -66,9 +73,12 @@ class GptModel {
   void zero_grad();
 
  private:
-  at::Tensor hidden_states(const Batch& batch, at::Tensor* aux);  // -> final-normed [s, b, h]
+  at::Tensor hidden_states(const Batch& batch, at::Tensor* aux);  // -> final-normed [s, b, h] (SP: shard)
+  at::Tensor local_logits(const at::Tensor& h);  // [s, b, V / tp]: this rank's vocabulary columns
 
   ModelSpec spec_;
+  parallel::TensorParallel tp_;
+  int64_t padded_vocab_ = 0;
   std::shared_ptr<std::vector<Parameter>> params_;
   at::Tensor embedding_;   // [V, h]
   at::Tensor positions_;   // [max_seq, h] (learned positions)

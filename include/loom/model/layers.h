@@ -1,12 +1,23 @@
 // The dense building blocks of a transformer layer. Activations are [s, b, h] (sequence first, as
 // Megatron-Core lays them out, so sequence parallelism later splits the contiguous dim 0).
 // Weights are fp32 (or fp64) masters; each forward casts them to the compute dtype.
+//
+// [Note: tensor-parallel layers]
+// Every layer takes the model's TensorParallel group. With a group of one nothing changes. Otherwise
+// (Megatron's column/row pairs): QKV and fc1 are column-parallel (rows split: whole KV-head groups,
+// and SwiGLU's gate and up halves split alike), the attention output projection and fc2 are
+// row-parallel (columns split). A layer's input enters the TP region (copy_to_tp, or the
+// sequence all-gather under SP) and its output leaves it (all-reduce, or the sequence
+// reduce-scatter) before the replicated output bias is added. Under sequence parallelism the norms
+// and biases outside the regions see a sequence shard, so their gradients are partial sums
+// (TpShard::partial_grad) that the trainer all-reduces over TP.
 #pragma once
 
 #include <ATen/ATen.h>
 
 #include "loom/model/model_spec.h"
 #include "loom/model/parameter.h"
+#include "loom/parallel/tensor_parallel.h"
 
 namespace loom::model {
 
@@ -23,7 +34,7 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const at::Tenso
 
 class Norm {
  public:
-  Norm(const ModelSpec& spec, const ParameterFactory& f);
+  Norm(const ModelSpec& spec, const ParameterFactory& f, const parallel::TensorParallel& tp = {});
   at::Tensor forward(const at::Tensor& x) const;
 
   at::Tensor weight;  // [h]
@@ -40,31 +51,37 @@ class Norm {
 // of the rows over tensor-parallel ranks therefore gives each rank whole groups (nkv % tp == 0).
 class Attention {
  public:
-  Attention(const ModelSpec& spec, const ParameterFactory& f);
-  // x [s, b, h] -> [s, b, h]
+  Attention(const ModelSpec& spec, const ParameterFactory& f, const parallel::TensorParallel& tp = {});
+  // x [s, b, h] -> [s, b, h] (under SP: this rank's [s/tp, b, h] shard in and out)
   at::Tensor forward(const at::Tensor& x, const ForwardContext& ctx) const;
 
+  // Shapes are global; with TP each rank holds rows (qkv) or columns (out) of its heads.
   at::Tensor qkv_weight;  // [(nh + 2 nkv) d, h]
   at::Tensor qkv_bias;    // [(nh + 2 nkv) d] (bias models)
   at::Tensor out_weight;  // [h, nh d]
   at::Tensor out_bias;    // [h]
 
  private:
-  int64_t nh_, nkv_, d_;
+  int64_t nh_, nkv_, d_;  // this rank's query and KV heads
   bool rope_;
+  parallel::TensorParallel tp_;
 };
 
 // SwiGLU (fc1 = [gate | up] rows, [2f, h]) or GELU (fc1 [f, h]) feed-forward.
 class Mlp {
  public:
-  Mlp(const ModelSpec& spec, const ParameterFactory& f, int64_t ffn);
-  at::Tensor forward(const at::Tensor& x) const;  // [..., h] -> [..., h]
+  Mlp(const ModelSpec& spec, const ParameterFactory& f, int64_t ffn, const parallel::TensorParallel& tp = {});
+  at::Tensor forward(const at::Tensor& x) const;  // [..., h] -> [..., h] (SP: sequence shards)
+  // This rank's partial output for an input already inside the TP region, without fc2's bias (the
+  // MoE layer's shared experts, whose region the MoE layer opens and closes).
+  at::Tensor partial(const at::Tensor& x) const;
 
   at::Tensor fc1_weight, fc1_bias;  // [2f or f, h], [2f or f]
   at::Tensor fc2_weight, fc2_bias;  // [h, f], [h]
 
  private:
   bool swiglu_;
+  parallel::TensorParallel tp_;
 };
 
 }  // namespace loom::model

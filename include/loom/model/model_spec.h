@@ -60,6 +60,15 @@ struct ModelSpec {
   // Resolves and validates; errors are kConfig and name the field ("model.num_kv_heads").
   static ModelSpec from_config(const config::ModelConfig& c);
 
+  // Refuses (kConfig, naming the field) a tensor-parallel size that does not divide the attention
+  // heads, the KV heads (GQA groups stay whole on a rank), or the dense, expert or shared-expert FFN
+  // width. The hidden size is never split (only heads, FFN columns and, under sequence parallelism,
+  // the sequence are), so it needs no divisibility.
+  void check_tensor_parallel(int tp) const;
+  // The vocabulary rounded up to a multiple of `divisible_by` x tp when tp > 1 (Megatron's
+  // make_vocab_size_divisible_by); tp = 1 keeps it exact.
+  int64_t padded_vocab(int tp, int64_t divisible_by) const;
+
   bool is_moe() const { return moe.num_experts > 0; }
   bool is_moe_layer(int64_t layer) const;
   int64_t num_moe_layers() const;

@@ -31,13 +31,16 @@ struct MoeStats {
 
 class MoeLayer {
  public:
-  MoeLayer(const ModelSpec& spec, const ParameterFactory& f);
+  // With TP (expert TP = TP, no EP yet) every expert's FFN is split like a dense SwiGLU (fc1 rows,
+  // fc2 columns) and the shared experts likewise; the router is replicated. See Note: MoE under
+  // tensor parallelism in moe.cpp.
+  MoeLayer(const ModelSpec& spec, const ParameterFactory& f, const parallel::TensorParallel& tp = {});
 
   struct Output {
     at::Tensor y;    // [s, b, h]
     at::Tensor aux;  // scalar: aux_loss_coeff * balance loss + z_loss_coeff * z loss
   };
-  Output forward(const at::Tensor& x, const ForwardContext& ctx);  // x [s, b, h]
+  Output forward(const at::Tensor& x, const ForwardContext& ctx);  // x [s, b, h] (SP: a shard)
 
   // [Note: router]
   // softmax, pre_softmax false (Megatron's default): top-k on the logits, softmax over the k.
@@ -61,6 +64,7 @@ class MoeLayer {
 
   MoeSpec moe_;
   MoeStats stats_;
+  parallel::TensorParallel tp_;
 };
 
 }  // namespace loom::model

@@ -21,12 +21,36 @@ enum class Init {
   kZeros,
 };
 
+// [Note: tensor-parallel shards]
+// A parameter split over the TP group keeps, on each rank, the rank's part of dimension `dim` of
+// the full tensor after zero-padding that dimension to `padded` (the vocabulary rows). When the
+// dimension is made of `blocks` equal blocks (SwiGLU's [gate | up] rows), each block is split and
+// the rank's parts are concatenated, so a column-parallel SwiGLU keeps its gate and up halves
+// together. Replicated parameters (dim -1) whose gradients are partial sums on each TP rank (norm
+// weights under sequence parallelism, the MoE router) set `tp_partial_grad`; their gradients are
+// all-reduced over TP after backward.
+struct TpShard {
+  int dim = -1;            // -1: replicated over TP
+  int64_t blocks = 1;
+  int64_t padded = 0;      // the padded size of `dim` (0: no padding)
+  bool partial_grad = false;
+};
+
 struct Parameter {
   std::string name;
   at::Tensor tensor;                 // the trainable leaf (requires_grad), master dtype
   std::vector<int64_t> global_shape;
   bool weight_decay = true;          // false for norms, biases (and 1-D tensors generally)
+  TpShard shard;
+  int tp_size = 1, tp_rank = 0;
+
+  bool tp_sharded() const { return shard.dim >= 0 && tp_size > 1; }
 };
+
+// This rank's shard of a full tensor (Note: tensor-parallel shards).
+at::Tensor shard_of(const at::Tensor& full, const TpShard& shard, int tp_size, int tp_rank);
+// The full tensor from every rank's shard (in TP rank order), padding removed.
+at::Tensor unshard(const std::vector<at::Tensor>& shards, const TpShard& shard, at::IntArrayRef global_shape);
 
 // 64-bit seed for a parameter: splitmix64 over the job seed and an FNV-1a hash of the name.
 uint64_t parameter_seed(uint64_t job_seed, const std::string& name);
@@ -40,14 +64,18 @@ at::Tensor initial_value(uint64_t job_seed, const std::string& name, at::IntArra
 class ParameterFactory {
  public:
   ParameterFactory(std::shared_ptr<std::vector<Parameter>> registry, uint64_t job_seed,
-                   at::TensorOptions options, std::string prefix = "");
+                   at::TensorOptions options, std::string prefix = "", int tp_size = 1, int tp_rank = 0);
 
   ParameterFactory child(const std::string& name) const;
 
   // Creates, initialises, registers and returns the parameter "<prefix>.<name>". `weight_decay`
   // defaults to false for tensors of one dimension (norm weights, biases).
+  // `shape` is the global shape; with a TP shard the returned tensor is this rank's part.
   at::Tensor make(const std::string& name, at::IntArrayRef shape, Init init, double std = 0.0,
-                  int weight_decay = -1) const;
+                  int weight_decay = -1, TpShard shard = {}) const;
+  const std::string& prefix() const { return prefix_; }
+  int tp_size() const { return tp_size_; }
+  int tp_rank() const { return tp_rank_; }
 
   const at::TensorOptions& options() const { return options_; }
   uint64_t job_seed() const { return job_seed_; }
@@ -57,6 +85,7 @@ class ParameterFactory {
   uint64_t job_seed_;
   at::TensorOptions options_;
   std::string prefix_;
+  int tp_size_ = 1, tp_rank_ = 0;
 };
 
 }  // namespace loom::model

@@ -23,6 +23,7 @@
 #include "loom/config.pb.h"
 #include "loom/core/timer.h"
 #include "loom/data/source.h"
+#include "loom/mesh/process_groups.h"
 #include "loom/model/gpt.h"
 #include "loom/optim/adamw.h"
 #include "loom/optim/schedule.h"
@@ -98,6 +99,10 @@ class Trainer {
   const std::vector<StepMetrics>& history() const { return history_; }
   double peak_flops() const { return peak_flops_; }
 
+  const mesh::ProcessGroups& groups() const { return *groups_; }
+  // The full (unpadded) tensor of parameter `p` whose local value (or optimizer state) is `local`:
+  // gathered over TP for sharded parameters. Collective over the TP group.
+  at::Tensor full_tensor(const model::Parameter& p, const at::Tensor& local) const;
   int64_t global_batch_size() const { return global_batch_; }
   int64_t micro_batches_per_rank() const { return num_micro_; }
 
@@ -106,13 +111,15 @@ class Trainer {
   // This rank's micro-batches of the global batch that starts at sample `consumed`.
   std::vector<model::Batch> load_step(int64_t consumed) const;
   void reduce_gradients();
-  double all_reduce_sum(double v);
+  double all_reduce_sum(double v);  // over the DP group
   void log_step(const StepMetrics& m);
   void write_jsonl(const std::string& line);
 
   config::JobConfig config_;
   comm::CommunicatorPtr world_;
-  int rank_ = 0, dp_ = 1;
+  std::unique_ptr<mesh::ProcessGroups> groups_;
+  comm::CommunicatorPtr dp_comm_, tp_comm_;
+  int rank_ = 0, dp_ = 1, dp_rank_ = 0, tp_ = 1;
   std::unique_ptr<data::DataSource> source_;
   std::unique_ptr<model::GptModel> model_;
   std::unique_ptr<optim::AdamW> optimizer_;
