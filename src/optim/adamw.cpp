@@ -33,32 +33,34 @@ AdamW::AdamW(std::vector<model::Parameter>* params, const AdamWOptions& options)
   }
 }
 
+void adamw_update(at::Tensor& w, const at::Tensor& g, at::Tensor& m, at::Tensor& v, bool decay, double lr,
+                  int64_t step, const AdamWOptions& o) {
+  const double b1 = o.beta1, b2 = o.beta2;
+  const double bc1 = 1.0 - std::pow(b1, static_cast<double>(step));
+  const double bc2 = 1.0 - std::pow(b2, static_cast<double>(step));
+  const double step_size = lr / bc1;
+  const double bc2_sqrt = std::sqrt(bc2);
+  if (g.defined()) {
+    const at::Tensor gg = g.scalar_type() == m.scalar_type() ? g : g.to(m.scalar_type());
+    m.mul_(b1).add_(gg, 1.0 - b1);
+    v.mul_(b2).addcmul_(gg, gg, 1.0 - b2);
+  } else {
+    m.mul_(b1);
+    v.mul_(b2);
+  }
+  if (decay && o.weight_decay != 0.0) w.mul_(1.0 - lr * o.weight_decay);
+  // w -= step_size * m / (sqrt(v) / sqrt(bc2) + eps)
+  at::Tensor denom = v.sqrt().div_(bc2_sqrt).add_(o.eps);
+  w.addcdiv_(m, denom, -step_size);
+}
+
 void AdamW::step(double lr) {
   at::NoGradGuard no_grad;
   ++step_;
-  const double b1 = options_.beta1, b2 = options_.beta2;
-  const double bc1 = 1.0 - std::pow(b1, static_cast<double>(step_));
-  const double bc2 = 1.0 - std::pow(b2, static_cast<double>(step_));
-  const double step_size = lr / bc1;
-  const double bc2_sqrt = std::sqrt(bc2);
   for (size_t i = 0; i < params_->size(); ++i) {
     auto& p = (*params_)[i];
     at::Tensor w = p.tensor;
-    const at::Tensor& g = w.grad();
-    at::Tensor& m = exp_avg_[i];
-    at::Tensor& v = exp_avg_sq_[i];
-    if (g.defined()) {
-      const at::Tensor gg = g.scalar_type() == m.scalar_type() ? g : g.to(m.scalar_type());
-      m.mul_(b1).add_(gg, 1.0 - b1);
-      v.mul_(b2).addcmul_(gg, gg, 1.0 - b2);
-    } else {
-      m.mul_(b1);
-      v.mul_(b2);
-    }
-    if (p.weight_decay && options_.weight_decay != 0.0) w.mul_(1.0 - lr * options_.weight_decay);
-    // p -= step_size * m / (sqrt(v) / sqrt(bc2) + eps)
-    at::Tensor denom = v.sqrt().div_(bc2_sqrt).add_(options_.eps);
-    w.addcdiv_(m, denom, -step_size);
+    adamw_update(w, w.grad(), exp_avg_[i], exp_avg_sq_[i], p.weight_decay, lr, step_, options_);
   }
 }
 

@@ -123,7 +123,15 @@ Trainer::Trainer(const config::JobConfig& config, comm::CommunicatorPtr world,
                       tp_, seq_len_);
   }
   model_ = std::make_unique<model::GptModel>(spec, config_.seed(), device_, tp, config_.parallel().vocab_divisible_by());
-  optimizer_ = std::make_unique<optim::AdamW>(&model_->parameters(), optim::AdamWOptions::from_config(config_.optim()));
+  const auto adamw = optim::AdamWOptions::from_config(config_.optim());
+  if (config_.parallel().distributed_optimizer()) {
+    auto zero = std::make_unique<optim::DistributedAdamW>(&model_->parameters(), adamw, dp_comm_,
+                                                          tp_ > 1 ? tp_comm_ : nullptr);
+    zero_ = zero.get();
+    optimizer_ = std::move(zero);
+  } else {
+    optimizer_ = std::make_unique<optim::AdamW>(&model_->parameters(), adamw);
+  }
   schedule_ = std::make_unique<optim::LrSchedule>(config_.optim(), t.steps());
   LOOM_CHECK_CONFIG(config_.optim().clip_grad() >= 0, "field 'optim.clip_grad' must be >= 0, got {}",
                     config_.optim().clip_grad());
@@ -153,8 +161,10 @@ Trainer::Trainer(const config::JobConfig& config, comm::CommunicatorPtr world,
   LOOM_LOG_INFO("data: {}", source_->describe());
   LOOM_LOG_INFO("batch: {} sequences x {} tokens per step = {} micro-batches of {} on each of {} DP rank(s)",
                 global_batch_, seq_len_, num_micro_, micro_batch_, dp_);
-  LOOM_LOG_INFO("parallel: tp={}{} dp={} ({} ranks)", tp_, tp.sp() ? " with sequence parallelism" : "", dp_,
-                world_->size());
+  LOOM_LOG_INFO("parallel: tp={}{} dp={} ({} ranks); optimizer state {} per rank{}", tp_,
+                tp.sp() ? " with sequence parallelism" : "", dp_, world_->size(),
+                format_bytes(static_cast<double>(optimizer_->state_bytes())),
+                zero_ ? fmt::format(" (distributed optimizer: 1/{} of the moments)", dp_) : "");
   if (model_->padded_vocab() != spec.vocab_size) {
     LOOM_LOG_INFO("vocabulary padded from {} to {} rows (a multiple of parallel.vocab_divisible_by {} x tp {}) for "
                   "the vocab-parallel embedding and head",
@@ -239,7 +249,7 @@ void Trainer::reduce_gradients() {
     }
     all_reduce_gradients(partial, *tp_comm_, device_);
   }
-  if (dp_ > 1) {
+  if (dp_ > 1 && zero_ == nullptr) {
     // One flat buffer, one all-reduce (the bucketed, overlapped version comes with the DP issue).
     std::vector<model::Parameter*> all;
     for (auto& p : params) all.push_back(&p);
@@ -298,6 +308,7 @@ StepMetrics Trainer::train_step() {
   }
   timers_.start("comm");
   reduce_gradients();
+  if (zero_) zero_->reduce_scatter_gradients();
   if (dp_ > 1) dp_comm_->all_reduce(loss_acc);
   timers_.stop("comm");
   m.step = step_ + 1;
@@ -310,7 +321,8 @@ StepMetrics Trainer::train_step() {
                   m.step, show(m.loss), m.tokens, step_);
 
   timers_.start("optimizer");
-  m.grad_norm = optim::clip_grad_norm(model_->parameters(), config_.optim().clip_grad(), tp_comm_.get());
+  m.grad_norm = zero_ ? zero_->clip_grad_norm(config_.optim().clip_grad())
+                      : optim::clip_grad_norm(model_->parameters(), config_.optim().clip_grad(), tp_comm_.get());
   LOOM_CHECK_KIND(ErrorKind::kNumerics, std::isfinite(m.grad_norm),
                   "step {}: the gradient norm is {} (loss {}); no update was applied, so the parameters "
                   "are those after step {}",
@@ -393,13 +405,14 @@ std::string Trainer::save_checkpoint() {
   // The checkpoint holds full, unpadded tensors whatever the layout (the first DP replica gathers
   // its TP shards; world rank 0 writes), so it loads under any tp (Note: tensor-parallel shards).
   checkpoint::CheckpointData data;
+  const std::vector<optim::NamedTensor> optim_state = optimizer_->state();  // collective with ZeRO-1
   if (dp_rank_ == 0) {
     std::map<std::string, const model::Parameter*> by_name;
     for (const auto& p : model_->parameters()) {
       data.model[p.name] = full_tensor(p, p.tensor);
       by_name[p.name] = &p;
     }
-    for (const auto& s : optimizer_->state()) {
+    for (const auto& s : optim_state) {
       const model::Parameter* owner = by_name.at(s.name.substr(0, s.name.rfind('.')));
       data.state["optim." + s.name] = full_tensor(*owner, s.tensor);
     }

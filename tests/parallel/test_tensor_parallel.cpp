@@ -346,13 +346,15 @@ double max_param_diff(Trainer& par, Trainer& single) {
   return t.item<double>();
 }
 
-void expect_matches_single(loom::config::JobConfig j, int tp, bool sp, int accum, const std::string& what) {
+void expect_matches_single(loom::config::JobConfig j, int tp, bool sp, int accum, const std::string& what,
+                           bool zero = false) {
   auto world = loom::testing::world();
   const int dp = world->size() / tp;
   j.mutable_train()->set_micro_batch_size(16 / (dp * accum));
   Trainer single(j, std::make_shared<loom::comm::LocalCommunicator>());
   j.mutable_parallel()->set_tp(tp);
   j.mutable_parallel()->set_sequence_parallel(sp);
+  j.mutable_parallel()->set_distributed_optimizer(zero);
   Trainer par(j, world);
   ASSERT_EQ(par.micro_batches_per_rank(), accum) << what;
   double worst = 0;
@@ -382,17 +384,22 @@ std::vector<int> tp_sizes() {
   return {};
 }
 
-// Every layout of this world size with SP off and on (tp > 1) and accumulation 1 and 4.
+// Every layout of this world size with SP off and on (tp > 1), ZeRO-1 off and on (dp > 1) and
+// accumulation 1 and 4.
 void expect_all_layouts_match(bool moe) {
   const int n = loom::testing::world()->size();
   for (int tp : tp_sizes()) {
+    const int dp = n / tp;
     for (bool sp : tp > 1 ? std::vector<bool>{false, true} : std::vector<bool>{false}) {
-      for (int accum : {1, 4}) {
-        const int dp = n / tp;
-        if (16 % (dp * accum) != 0) continue;
-        expect_matches_single(tiny_job(moe), tp, sp, accum,
-                              std::string(moe ? "moe" : "gpt") + " tp" + std::to_string(tp) + " dp" +
-                                  std::to_string(dp) + (sp ? " sp" : "") + " accum" + std::to_string(accum));
+      for (bool zero : dp > 1 ? std::vector<bool>{false, true} : std::vector<bool>{false}) {
+        for (int accum : {1, 4}) {
+          if (16 % (dp * accum) != 0) continue;
+          expect_matches_single(tiny_job(moe), tp, sp, accum,
+                                std::string(moe ? "moe" : "gpt") + " tp" + std::to_string(tp) + " dp" +
+                                    std::to_string(dp) + (sp ? " sp" : "") + (zero ? " zero1" : "") + " accum" +
+                                    std::to_string(accum),
+                                zero);
+        }
       }
     }
   }
@@ -427,6 +434,7 @@ TEST(TensorDataParallel, CheckpointReshardsOnLoad) {
   auto jp = j;
   jp.mutable_parallel()->set_tp(tp);
   jp.mutable_parallel()->set_sequence_parallel(true);
+  jp.mutable_parallel()->set_distributed_optimizer(true);  // dp > 1 at np8: moments gathered and resharded
   Trainer par(jp, world);
   for (int s = 0; s < 3; ++s) par.train_step();
   const std::string saved = par.save_checkpoint();
@@ -451,6 +459,40 @@ TEST(TensorDataParallel, CheckpointReshardsOnLoad) {
   EXPECT_LT(max_param_diff(par2, single2), kParamTol);
   world->barrier();
   if (world->rank() == 0) std::filesystem::remove_all(dir);
+}
+
+TEST(DistributedOptimizer, StateFallsAsOneOverDp) {
+  // Optimizer-state bytes per rank with ZeRO-1 against the replicated AdamW of the same layout
+  // (tp = 1, dp = world): 1/dp, plus at most dp - 1 padding elements.
+  auto world = loom::testing::world();
+  const int n = world->size();
+  auto j = tiny_job(true);
+  j.mutable_train()->set_micro_batch_size(16 / n);
+  Trainer plain(j, world);
+  j.mutable_parallel()->set_distributed_optimizer(true);
+  Trainer zero(j, world);
+  const double ratio = static_cast<double>(zero.optimizer().state_bytes()) /
+                       static_cast<double>(plain.optimizer().state_bytes());
+  const double pad = 2.0 * 4 * (n - 1) / static_cast<double>(plain.optimizer().state_bytes());
+  EXPECT_GE(ratio, 1.0 / n);
+  EXPECT_LE(ratio, 1.0 / n + pad);
+  if (world->rank() == 0) {
+    std::printf("[ memory ] dp %d: optimizer state %lld bytes per rank with ZeRO-1, %lld without (ratio %.4f)\n", n,
+                static_cast<long long>(zero.optimizer().state_bytes()),
+                static_cast<long long>(plain.optimizer().state_bytes()), ratio);
+  }
+  // And a ZeRO-1 checkpoint holds the same full state as a replicated run's after the same steps.
+  plain.train_step();
+  zero.train_step();
+  auto a = plain.optimizer().state(), b = zero.optimizer().state();
+  ASSERT_EQ(a.size(), b.size());
+  double worst = 0;
+  for (size_t i = 0; i < a.size(); ++i) {
+    EXPECT_EQ(a[i].name, b[i].name);
+    worst = std::max(worst, (a[i].tensor - b[i].tensor).abs().max().item<double>() /
+                                std::max(1e-30, a[i].tensor.abs().max().item<double>()));
+  }
+  EXPECT_LT(worst, 1e-5);
 }
 
 TEST(TensorDataParallel, BadLayoutsAreClearErrors) {

@@ -33,19 +33,36 @@ struct NamedTensor {
   at::Tensor tensor;
 };
 
-class AdamW {
+// What the trainer needs of an optimizer: AdamW (replicated state) or DistributedAdamW (ZeRO-1).
+class Optimizer {
+ public:
+  virtual ~Optimizer() = default;
+  // One update with learning rate `lr`; increments step_count().
+  virtual void step(double lr) = 0;
+  virtual int64_t step_count() const = 0;
+  // "<param>.exp_avg" and "<param>.exp_avg_sq" for every parameter in order, each shaped like the
+  // parameter's local tensor (a distributed optimizer gathers them: collective over its DP group).
+  virtual std::vector<NamedTensor> state() const = 0;
+  // Loads state saved by state(); every tensor must be present with the right shape.
+  virtual void load_state(const std::vector<NamedTensor>& state, int64_t step) = 0;
+  // Bytes of optimizer state this rank holds.
+  virtual int64_t state_bytes() const = 0;
+};
+
+// The update of one tensor (or a contiguous slice of one): `g` undefined counts as zeros.
+void adamw_update(at::Tensor& w, const at::Tensor& g, at::Tensor& m, at::Tensor& v, bool decay, double lr,
+                  int64_t step, const AdamWOptions& o);
+
+class AdamW : public Optimizer {
  public:
   // Keeps references to the parameters; the vector must outlive the optimizer.
   AdamW(std::vector<model::Parameter>* params, const AdamWOptions& options);
 
-  // One update with learning rate `lr`; increments step().
-  void step(double lr);
-  int64_t step_count() const { return step_; }
-
-  std::vector<NamedTensor> state() const;
-  // Loads state saved by state(); every tensor must be present with the right shape and dtype.
-  void load_state(const std::vector<NamedTensor>& state, int64_t step);
-  int64_t state_bytes() const;
+  void step(double lr) override;
+  int64_t step_count() const override { return step_; }
+  std::vector<NamedTensor> state() const override;
+  void load_state(const std::vector<NamedTensor>& state, int64_t step) override;
+  int64_t state_bytes() const override;
 
  private:
   std::vector<model::Parameter>* params_;

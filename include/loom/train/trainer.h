@@ -26,6 +26,7 @@
 #include "loom/mesh/process_groups.h"
 #include "loom/model/gpt.h"
 #include "loom/optim/adamw.h"
+#include "loom/optim/distributed.h"
 #include "loom/optim/schedule.h"
 #include "loom/train/progress.h"
 #include "loom/train/tensorboard.h"
@@ -91,7 +92,7 @@ class Trainer {
   void load_checkpoint(const std::string& dir);
 
   model::GptModel& model() { return *model_; }
-  optim::AdamW& optimizer() { return *optimizer_; }
+  optim::Optimizer& optimizer() { return *optimizer_; }
   const optim::LrSchedule& schedule() const { return *schedule_; }
   int64_t step() const { return step_; }
   int64_t consumed_samples() const { return consumed_samples_; }
@@ -122,7 +123,8 @@ class Trainer {
   int rank_ = 0, dp_ = 1, dp_rank_ = 0, tp_ = 1;
   std::unique_ptr<data::DataSource> source_;
   std::unique_ptr<model::GptModel> model_;
-  std::unique_ptr<optim::AdamW> optimizer_;
+  std::unique_ptr<optim::Optimizer> optimizer_;
+  optim::DistributedAdamW* zero_ = nullptr;  // optimizer_ when parallel.distributed_optimizer
   std::unique_ptr<optim::LrSchedule> schedule_;
   std::unique_ptr<Progress> progress_;
   std::ofstream jsonl_;
