@@ -131,6 +131,13 @@ Trainer::Trainer(const config::JobConfig& config, comm::CommunicatorPtr world,
     optimizer_ = std::move(zero);
   } else {
     optimizer_ = std::make_unique<optim::AdamW>(&model_->parameters(), adamw);
+    if (dp_ > 1) {
+      LOOM_CHECK_CONFIG(config_.parallel().grad_bucket_mb() > 0, "field 'parallel.grad_bucket_mb' must be > 0, got {}",
+                        config_.parallel().grad_bucket_mb());
+      buckets_ = std::make_unique<parallel::GradBuckets>(
+          &model_->parameters(), dp_comm_, static_cast<int64_t>(config_.parallel().grad_bucket_mb() * (1 << 20)),
+          config_.parallel().overlap_grad_reduce());
+    }
   }
   schedule_ = std::make_unique<optim::LrSchedule>(config_.optim(), t.steps());
   LOOM_CHECK_CONFIG(config_.optim().clip_grad() >= 0, "field 'optim.clip_grad' must be >= 0, got {}",
@@ -240,6 +247,9 @@ void all_reduce_gradients(const std::vector<model::Parameter*>& params, comm::Co
 
 void Trainer::reduce_gradients() {
   auto& params = model_->parameters();
+  // DP first (Note: gradient buckets): its all-reduces may still be in flight on the buffers the
+  // TP reduction below writes. Sums commute, so the order does not change the result.
+  if (buckets_) buckets_->finish();
   // Replicated parameters whose gradient is a partial sum on each TP rank (Note: tensor-parallel
   // shards): norms and biases under SP, the MoE router.
   if (tp_ > 1) {
@@ -248,12 +258,6 @@ void Trainer::reduce_gradients() {
       if (p.shard.partial_grad) partial.push_back(&p);
     }
     all_reduce_gradients(partial, *tp_comm_, device_);
-  }
-  if (dp_ > 1 && zero_ == nullptr) {
-    // One flat buffer, one all-reduce (the bucketed, overlapped version comes with the DP issue).
-    std::vector<model::Parameter*> all;
-    for (auto& p : params) all.push_back(&p);
-    all_reduce_gradients(all, *dp_comm_, device_);
   }
 }
 
@@ -291,10 +295,16 @@ StepMetrics Trainer::train_step() {
   timers_.stop("comm");
   LOOM_CHECK(total_tokens > 0, "step {}: the global batch has no loss tokens", step_ + 1);
 
-  model_->zero_grad();
+  if (buckets_) {
+    buckets_->zero();
+  } else {
+    model_->zero_grad();
+  }
   const double aux_scale = 1.0 / static_cast<double>(num_micro_ * dp_);
   at::Tensor loss_acc = at::zeros({2}, at::kDouble);  // [lm loss sum, aux sum]
-  for (auto& b : batches) {
+  for (size_t i = 0; i < batches.size(); ++i) {
+    const model::Batch& b = batches[i];
+    if (buckets_) buckets_->arm(i + 1 == batches.size());
     timers_.start("forward");
     model::ModelOutput out = model_->forward(b);
     at::Tensor loss = out.loss_sum / total_tokens;
@@ -339,6 +349,7 @@ StepMetrics Trainer::train_step() {
   m.backward_s = timers_.elapsed("backward");
   m.comm_s = timers_.elapsed("comm");
   m.optimizer_s = timers_.elapsed("optimizer");
+  if (buckets_) m.grad_reduce_wait_s = buckets_->stats().wait_s;
   const double all_tokens = static_cast<double>(global_batch_ * seq_len_);
   m.tokens_per_s = all_tokens / m.seconds;
   m.tokens_per_s_per_device = m.tokens_per_s / world_->size();

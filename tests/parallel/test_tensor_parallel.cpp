@@ -321,6 +321,7 @@ loom::config::JobConfig tiny_job(bool moe, bool gpt2 = false) {
   t->set_progress("off");
   t->set_peak_tflops(1.0);
   j.mutable_logging()->set_dir("");
+  j.mutable_parallel()->set_grad_bucket_mb(0.01);  // ~10 KB: several DP gradient buckets
   return j;
 }
 
@@ -367,6 +368,12 @@ void expect_matches_single(loom::config::JobConfig j, int tp, bool sp, int accum
     EXPECT_NEAR(b.grad_norm, a.grad_norm, 1e-4 * a.grad_norm) << what << " step " << s;
   }
   EXPECT_LT(worst, kLossTol) << what;
+  if (dp > 1 && !zero) {
+    // The replicated optimizer's DP reduction ran in several buckets, started during backward.
+    ASSERT_NE(par.grad_buckets(), nullptr);
+    EXPECT_GT(par.grad_buckets()->num_buckets(), 3) << what;
+    EXPECT_GT(par.grad_buckets()->stats().launched_in_backward, 0) << what;
+  }
   const double diff = max_param_diff(par, single);
   EXPECT_LT(diff, kParamTol) << what;
   if (world->rank() == 0) {

@@ -28,6 +28,7 @@
 #include "loom/optim/adamw.h"
 #include "loom/optim/distributed.h"
 #include "loom/optim/schedule.h"
+#include "loom/parallel/data_parallel.h"
 #include "loom/train/progress.h"
 #include "loom/train/tensorboard.h"
 
@@ -42,6 +43,7 @@ struct StepMetrics {
   int64_t tokens = 0;        // loss tokens in the global batch
   double seconds = 0;        // wall time of the step
   double data_s = 0, forward_s = 0, backward_s = 0, comm_s = 0, optimizer_s = 0;
+  double grad_reduce_wait_s = 0;       // DP all-reduce time left after backward (not overlapped)
   double tokens_per_s = 0;             // global
   double tokens_per_s_per_device = 0;
   double tflops_per_device = 0;        // achieved
@@ -101,6 +103,8 @@ class Trainer {
   double peak_flops() const { return peak_flops_; }
 
   const mesh::ProcessGroups& groups() const { return *groups_; }
+  // The DP gradient buckets (nullptr when dp = 1 or with the distributed optimizer).
+  const parallel::GradBuckets* grad_buckets() const { return buckets_.get(); }
   // The full (unpadded) tensor of parameter `p` whose local value (or optimizer state) is `local`:
   // gathered over TP for sharded parameters. Collective over the TP group.
   at::Tensor full_tensor(const model::Parameter& p, const at::Tensor& local) const;
@@ -125,6 +129,7 @@ class Trainer {
   std::unique_ptr<model::GptModel> model_;
   std::unique_ptr<optim::Optimizer> optimizer_;
   optim::DistributedAdamW* zero_ = nullptr;  // optimizer_ when parallel.distributed_optimizer
+  std::unique_ptr<parallel::GradBuckets> buckets_;  // dp > 1 with the replicated optimizer
   std::unique_ptr<optim::LrSchedule> schedule_;
   std::unique_ptr<Progress> progress_;
   std::ofstream jsonl_;
