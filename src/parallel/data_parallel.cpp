@@ -110,6 +110,11 @@ void GradBuckets::on_grad_ready(size_t param) {
   // embedding and head sum in its input buffer first).
   if (b.pending > 0) --b.pending;
   if (b.pending == 0) launch_ready();
+  // MPI moves a non-blocking collective forward only inside MPI calls: poll the ones in flight each
+  // time backward reports, so they progress while it computes (NCCL progresses on its own).
+  for (size_t k = 0; k < next_; ++k) {
+    if (buckets_[k].work) buckets_[k].work->is_completed();
+  }
 }
 
 void GradBuckets::launch_ready() {
