@@ -7,7 +7,10 @@
 //   - the fraction of the DP gradient all-reduce hidden behind backward: 1 - (time finish() waited
 //     with overlap) / (time it waited with the all-reduces issued after backward);
 //   - tokens/s against DP = 1 (a world-of-one run of the same global batch on rank 0, measured
-//     in the same job while the other ranks wait).
+//     in the same job while the other ranks wait);
+//   - with TP, tokens/s with the column-parallel linears' backward collectives started
+//     asynchronously behind a GEMM (parallel.overlap_tp_comm) against the same run with them
+//     serial ("TP async").
 //
 // Analytical volume (nccl-tests sizes: all-reduce the buffer, all-gather the output, reduce-scatter
 // the input), per step with M micro-batches of N = s b tokens, L layers, hidden h, fp32 activations
@@ -17,8 +20,10 @@
 //               +1 embedding forward, +1 head-input backward; the cross-entropy's max, target logit
 //               and sum-exp, N fp32 each; `partial`: TP-replicated gradients (MoE router, and the
 //               norms under SP), 4 bytes per element; 8: the grad-norm's double)
-//   TP, SP:    all-gather and reduce-scatter M (4L + 2) N h 4 each, all-reduce M 3 N 4 + partial + 8
-//              (Korthikanti et al.: the same bus traffic as the all-reduces they replace)
+//   TP, SP:    reduce-scatter M (4L + 2) N h 4, all-gather M (6L + 3) N h 4, all-reduce M 3 N 4 +
+//              partial + 8 (Korthikanti et al.: the gathers and scatters replace the all-reduces with
+//              the same bus traffic; the 2L + 1 extra gathers are the column-parallel linears'
+//              backward re-gathers of their input, which SP saves only as its 1/tp sequence chunk)
 //   DP:        replicated: all-reduce 4 P_local + 24 (the token count and the [loss, aux] doubles)
 //              ZeRO-1: reduce-scatter 4 P_pad, all-gather 4 P_pad, all-reduce 24 + 16 (norm sums)
 //
@@ -47,7 +52,8 @@ struct Sizes {
   int64_t hidden, layers, seq, micro, global;
 };
 
-loom::config::JobConfig job(const Sizes& z, int tp, bool sp, int dp, bool zero, bool overlap, int steps) {
+loom::config::JobConfig job(const Sizes& z, int tp, bool sp, int dp, bool zero, bool overlap, int steps,
+                            bool tp_overlap = true) {
   loom::config::JobConfig j;
   j.set_seed(7);
   auto* m = j.mutable_model();
@@ -72,6 +78,7 @@ loom::config::JobConfig job(const Sizes& z, int tp, bool sp, int dp, bool zero, 
   p->set_sequence_parallel(sp);
   p->set_distributed_optimizer(zero);
   p->set_overlap_grad_reduce(overlap);
+  p->set_overlap_tp_comm(tp_overlap);
   p->set_grad_bucket_mb(1.0);
   (void)dp;
   return j;
@@ -158,8 +165,8 @@ int run(int argc, char** argv) {
                 world_size, static_cast<long long>(z.hidden), static_cast<long long>(z.layers),
                 static_cast<long long>(z.seq), static_cast<long long>(z.micro), static_cast<long long>(z.global),
                 base_tps);
-    std::printf("%-22s %12s %12s %7s %12s %12s %7s %18s %9s %7s\n", "layout", "TP bytes", "TP formula", "ratio",
-                "DP bytes", "DP formula", "ratio", "hidden", "tok/s", "vs DP1");
+    std::printf("%-22s %12s %12s %7s %12s %12s %7s %18s %9s %7s %9s\n", "layout", "TP bytes", "TP formula", "ratio",
+                "DP bytes", "DP formula", "ratio", "hidden", "tok/s", "vs DP1", "TP async");
   }
   for (int tp : {1, 2, 4}) {
     if (world_size % tp != 0) continue;
@@ -176,6 +183,11 @@ int run(int argc, char** argv) {
           hidden = serial.wait_s > 0 ? 1.0 - m.wait_s / serial.wait_s : std::nan("");
           serial_ms = serial.wait_s * 1e3;
         }
+        double tp_async = std::nan("");
+        if (tp > 1 && !zero) {
+          Measured serial_tp = measure(job(z, tp, sp, dp, zero, true, steps, /*tp_overlap=*/false), world, steps);
+          tp_async = m.tokens_per_s / serial_tp.tokens_per_s;
+        }
         const double M = static_cast<double>(z.global / (z.micro * dp));
         const double N = static_cast<double>(z.seq * z.micro), h = static_cast<double>(z.hidden);
         const double L = static_cast<double>(z.layers);
@@ -184,7 +196,8 @@ int run(int argc, char** argv) {
           const double act = M * (4 * L + 2) * N * h * 4;
           const double partial = sp ? (2 * L + 1) * h * 4 : 0;  // RMSNorm weights
           const double ar = M * 3 * N * 4 + partial + 8;
-          tp_formula = sp ? 2 * act + ar : act + ar;
+          const double regather = M * (2 * L + 1) * N * h * 4;
+          tp_formula = sp ? 2 * act + regather + ar : act + ar;
           tp_counted = static_cast<double>(m.tp[0].bytes + m.tp[1].bytes + m.tp[2].bytes);
         }
         double dp_formula = 0, dp_counted = 0;
@@ -196,16 +209,18 @@ int run(int argc, char** argv) {
         if (world->rank() == 0) {
           std::string name = "tp" + std::to_string(tp) + " dp" + std::to_string(dp) + (sp ? " sp" : "") +
                              (zero ? " zero1" : "");
-          std::printf("%-22s %12.0f %12.0f %7.4f %12.0f %12.0f %7.4f %18s %9.0f %7.3f\n", name.c_str(), tp_counted,
+          std::printf("%-22s %12.0f %12.0f %7.4f %12.0f %12.0f %7.4f %18s %9.0f %7.3f %9s\n", name.c_str(), tp_counted,
                       tp_formula, tp > 1 ? tp_counted / tp_formula : 1.0, dp_counted, dp_formula,
                       dp > 1 ? dp_counted / dp_formula : 1.0,
                       std::isnan(hidden) ? "-" : fmt::format("{:.0f}% of {:.2f}ms", 100 * hidden, serial_ms).c_str(), m.tokens_per_s,
-                      m.tokens_per_s / base_tps);
+                      m.tokens_per_s / base_tps,
+                      std::isnan(tp_async) ? "-" : fmt::format("{:.3f}", tp_async).c_str());
           rows.push_back({{"layout", name}, {"tp_bytes", tp_counted}, {"tp_formula", tp_formula},
                           {"dp_bytes", dp_counted}, {"dp_formula", dp_formula},
                           {"hidden_fraction", std::isnan(hidden) ? nlohmann::json() : nlohmann::json(hidden)},
                           {"serial_allreduce_ms", serial_ms},
-                          {"tokens_per_s", m.tokens_per_s}, {"vs_dp1", m.tokens_per_s / base_tps}});
+                          {"tokens_per_s", m.tokens_per_s}, {"vs_dp1", m.tokens_per_s / base_tps},
+                          {"tp_async_vs_serial", std::isnan(tp_async) ? nlohmann::json() : nlohmann::json(tp_async)}});
         }
       }
     }

@@ -199,7 +199,7 @@ at::Tensor GptModel::hidden_states(const Batch& batch, at::Tensor* aux) {
 
 at::Tensor GptModel::local_logits(const at::Tensor& h) {
   // Column-parallel head: the whole sequence in (gathered under SP), this rank's vocabulary out.
-  return model::linear(parallel::enter_tp_region(h, tp_), head_);
+  return column_linear(h, head_, at::Tensor(), tp_);
 }
 
 at::Tensor GptModel::logits(const Batch& batch) {

@@ -10,6 +10,12 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const at::Tenso
   return at::linear(x, weight.to(dt), bias.defined() ? bias.to(dt) : at::Tensor());
 }
 
+at::Tensor column_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+                         const parallel::TensorParallel& tp) {
+  const auto dt = x.scalar_type();
+  return parallel::column_parallel_linear(x, weight.to(dt), bias.defined() ? bias.to(dt) : at::Tensor(), tp);
+}
+
 namespace {
 // A parameter replicated over TP; its gradient is partial when it acts on a sequence shard.
 TpShard replicated(bool partial_grad) {
@@ -49,11 +55,12 @@ Attention::Attention(const ModelSpec& spec, const ParameterFactory& f, const par
 }
 
 at::Tensor Attention::forward(const at::Tensor& input, const ForwardContext& ctx) const {
-  const at::Tensor x = parallel::enter_tp_region(input, tp_);  // [s, b, h], the whole sequence
-  const int64_t s = x.size(0), b = x.size(1);
+  // [s, b, nkv, group + 2, d] over the whole sequence (gathered under SP): per KV group, its query
+  // heads, then K, then V.
+  at::Tensor qkv = column_linear(input, qkv_weight, qkv_bias, tp_);
+  const int64_t s = qkv.size(0), b = qkv.size(1);
   const int64_t group = nh_ / nkv_;
-  // [s, b, nkv, group + 2, d]: per KV group, its query heads, then K, then V.
-  at::Tensor qkv = model::linear(x, qkv_weight, qkv_bias).view({s, b, nkv_, group + 2, d_});
+  qkv = qkv.view({s, b, nkv_, group + 2, d_});
   at::Tensor q = qkv.narrow(3, 0, group).reshape({s, b, nh_, d_});
   at::Tensor k = qkv.select(3, group);      // [s, b, nkv, d]
   at::Tensor v = qkv.select(3, group + 1);  // [s, b, nkv, d]
@@ -94,7 +101,9 @@ at::Tensor Mlp::forward(const at::Tensor& x) const {
     h = swiglu_ ? ops::swiglu(h) : at::gelu(h, "tanh");
     return model::linear(h, fc2_weight, fc2_bias);
   }
-  at::Tensor y = parallel::leave_tp_region(partial(parallel::enter_tp_region(x, tp_)), tp_);
+  at::Tensor h = column_linear(x, fc1_weight, fc1_bias, tp_);
+  h = swiglu_ ? ops::swiglu(h) : at::gelu(h, "tanh");
+  at::Tensor y = parallel::leave_tp_region(model::linear(h, fc2_weight), tp_);
   return fc2_bias.defined() ? y + fc2_bias.to(y.scalar_type()) : y;
 }
 

@@ -128,6 +128,66 @@ struct ReduceScatterToSp : torch::autograd::Function<ReduceScatterToSp> {
   }
 };
 
+struct ColumnParallelLinearFn : torch::autograd::Function<ColumnParallelLinearFn> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
+                            const at::Tensor& bias, int64_t comm, bool sp, bool overlap) {
+    ctx->saved_data["comm"] = comm;
+    ctx->saved_data["sp"] = sp;
+    ctx->saved_data["overlap"] = overlap;
+    const bool has_bias = bias.numel() > 0;  // an empty tensor stands for none (autograd needs a defined one)
+    ctx->saved_data["bias"] = has_bias;
+    ctx->save_for_backward({x, weight});  // under SP the local chunk only; backward gathers it again
+    const at::Tensor total = sp ? all_gather_dim0(x, *reinterpret_cast<comm::Communicator*>(comm)) : x;
+    return at::linear(total, weight, has_bias ? bias : at::Tensor());
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list g) {
+    comm::Communicator& c = from_handle(ctx);
+    const bool sp = ctx->saved_data["sp"].toBool();
+    const bool overlap = ctx->saved_data["overlap"].toBool();
+    const bool has_bias = ctx->saved_data["bias"].toBool();
+    auto saved = ctx->get_saved_variables();
+    const at::Tensor& w = saved[1];
+    const at::Tensor x = saved[0].contiguous();  // alive until the gather has finished
+    const at::Tensor gy = g[0].contiguous();
+    const int64_t out = w.size(0), in = w.size(1);
+
+    at::Tensor total = x;
+    comm::WorkPtr gather;
+    if (sp) {
+      auto shape = x.sizes().vec();
+      shape[0] *= c.size();
+      total = at::empty(shape, x.options());
+      gather = c.iall_gather(total, x);
+      if (!overlap) gather->wait();
+    }
+    at::Tensor gx, gx_total;  // gx_total stays alive until the reduction has finished
+    comm::WorkPtr reduce;
+    if (ctx->needs_input_grad(0)) {
+      gx_total = at::matmul(gy, w);  // behind the all-gather
+      if (sp) {
+        gather->wait();
+        LOOM_CHECK(gx_total.size(0) % c.size() == 0, "column-parallel linear: sequence {} not divisible by TP {}",
+                   gx_total.size(0), c.size());
+        auto shape = gx_total.sizes().vec();
+        shape[0] /= c.size();
+        gx = at::empty(shape, gx_total.options());
+        reduce = c.ireduce_scatter(gx, gx_total);
+      } else {
+        gx = gx_total;
+        reduce = c.iall_reduce(gx);
+      }
+      if (!overlap) reduce->wait();
+    }
+    if (gather) gather->wait();
+    // The weight gradient runs behind the input-gradient reduction.
+    at::Tensor gy2 = gy.reshape({-1, out});
+    at::Tensor gw = gy2.t().mm(total.reshape({-1, in}));
+    at::Tensor gb = has_bias ? gy2.sum(0) : at::Tensor();
+    if (reduce) reduce->wait();
+    return {gx, gw, gb, at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
 struct ScaleGradient : torch::autograd::Function<ScaleGradient> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, double factor) {
     ctx->saved_data["factor"] = factor;
@@ -202,6 +262,15 @@ at::Tensor gather_from_sp(const at::Tensor& x, const TensorParallel& tp) {
 }
 at::Tensor reduce_scatter_to_sp(const at::Tensor& x, const TensorParallel& tp) {
   return tp.enabled() ? ReduceScatterToSp::apply(x, handle(tp.comm)) : x;
+}
+
+at::Tensor column_parallel_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+                                  const TensorParallel& tp) {
+  if (!tp.enabled()) return at::linear(x, weight, bias);
+  LOOM_CHECK(weight.dim() == 2 && x.size(-1) == weight.size(1),
+             "column-parallel linear: input [..., {}] against weight {}", x.size(-1), weight.sizes());
+  return ColumnParallelLinearFn::apply(x, weight, bias.defined() ? bias : at::empty({0}, weight.options()),
+                                       handle(tp.comm), tp.sp(), tp.overlap_comm);
 }
 
 at::Tensor scale_gradient(const at::Tensor& x, double factor) { return ScaleGradient::apply(x, factor); }

@@ -116,6 +116,7 @@ Trainer::Trainer(const config::JobConfig& config, comm::CommunicatorPtr world,
   parallel::TensorParallel tp;
   if (tp_ > 1) tp.comm = tp_comm_;
   tp.sequence_parallel = config_.parallel().sequence_parallel();
+  tp.overlap_comm = config_.parallel().overlap_tp_comm();
   if (tp.sp()) {
     LOOM_CHECK_CONFIG(seq_len_ % tp_ == 0,
                       "parallel.sequence_parallel splits the sequence over parallel.tp = {} ranks: train.seq_len = "

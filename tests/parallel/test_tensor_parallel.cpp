@@ -26,6 +26,7 @@
 #include "loom/model/model_spec.h"
 #include "loom/model/moe.h"
 #include "loom/ops/functional.h"
+#include "loom/optim/distributed.h"
 #include "loom/parallel/tensor_parallel.h"
 #include "loom/train/trainer.h"
 #include "test_world.h"
@@ -259,6 +260,58 @@ TEST(TensorParallelLayers, RegionsAreConjugate) {
                              at::ones({5, 2}, at::kDouble));
     EXPECT_EQ(world_wrong(y2, mine), 0);
     EXPECT_EQ(dx2.sum().item<double>(), 5 * 2 * n);  // all-gathered ones
+  }
+}
+
+TEST(TensorParallelLayers, ColumnParallelLinearEqualsTheUnshardedLinear) {
+  // The fused enter-region + linear against the unsharded fp64 linear: output columns, input
+  // gradient (the sequence chunk under SP), weight and bias gradients; with its backward collectives
+  // overlapped and not, which must give bit-identical results.
+  auto world = loom::testing::world();
+  const int n = world->size(), r = world->rank();
+  const int64_t s = 4 * n, b = 3, in = 10, out = 6 * n;
+  at::Tensor x = randn({s, b, in}, 21);
+  at::Tensor w = randn({out, in}, 22);
+  at::Tensor bias = randn({out}, 23);
+  at::Tensor dy = randn({s, b, out}, 24);
+  for (bool with_bias : {true, false}) {
+    at::Tensor xf = x.clone().requires_grad_(true), wf = w.clone().requires_grad_(true);
+    at::Tensor bf = with_bias ? bias.clone().requires_grad_(true) : at::Tensor();
+    at::Tensor yf = at::linear(xf, wf, bf);
+    (yf * dy).sum().backward();
+    for (bool sp : {false, true}) {
+      std::vector<at::Tensor> results;
+      for (bool overlap : {true, false}) {
+        TensorParallel tp = world_tp(sp);
+        tp.overlap_comm = overlap;
+        at::Tensor xp = (sp ? x.chunk(n, 0)[r] : x).clone().requires_grad_(true);
+        at::Tensor wp = w.chunk(n, 0)[r].clone().requires_grad_(true);
+        at::Tensor bp = with_bias ? bias.chunk(n, 0)[r].clone().requires_grad_(true) : at::Tensor();
+        at::Tensor yp = loom::parallel::column_parallel_linear(xp, wp, bp, tp);
+        (yp * dy.chunk(n, 2)[r]).sum().backward();
+        const std::string what = std::string(sp ? "sp" : "no sp") + (overlap ? " overlap" : " serial") +
+                                 (with_bias ? " bias" : "");
+        const double tol = 1e-12;
+        EXPECT_LT(world_rel_diff(yp, yf.detach().chunk(n, 2)[r]), tol) << what << ": output";
+        EXPECT_LT(world_rel_diff(xp.grad(), sp ? xf.grad().chunk(n, 0)[r] : xf.grad()), tol) << what << ": dx";
+        EXPECT_LT(world_rel_diff(wp.grad(), wf.grad().chunk(n, 0)[r]), tol) << what << ": dW";
+        if (with_bias) {
+          EXPECT_LT(world_rel_diff(bp.grad(), bf.grad().chunk(n, 0)[r]), tol) << what << ": db";
+        }
+        results.push_back(at::cat({yp.detach().flatten(), xp.grad().flatten(), wp.grad().flatten()}));
+      }
+      EXPECT_TRUE(at::equal(results[0], results[1])) << (sp ? "sp" : "no sp") << ": overlap changed the result";
+    }
+  }
+  {  // An input that needs no gradient (the weight's gradient alone, still gathered under SP).
+    TensorParallel tp = world_tp(true);
+    at::Tensor wf = w.clone().requires_grad_(true);
+    (at::linear(x, wf) * dy).sum().backward();
+    at::Tensor wp = w.chunk(n, 0)[r].clone().requires_grad_(true);
+    (loom::parallel::column_parallel_linear(x.chunk(n, 0)[r], wp, at::Tensor(), tp) * dy.chunk(n, 2)[r])
+        .sum()
+        .backward();
+    EXPECT_LT(world_rel_diff(wp.grad(), wf.grad().chunk(n, 0)[r]), 1e-12) << "dW with a constant input";
   }
 }
 
@@ -500,6 +553,38 @@ TEST(DistributedOptimizer, StateFallsAsOneOverDp) {
                                 std::max(1e-30, a[i].tensor.abs().max().item<double>()));
   }
   EXPECT_LT(worst, 1e-5);
+}
+
+TEST(DistributedOptimizer, MixedDtypesAreRefusedByName) {
+  // ZeRO-1 shards every tp x dp layout (the flat space is padded to a multiple of dp); what it cannot
+  // shard is parameters of different dtypes in one flat buffer: refused, naming both.
+  std::vector<Parameter> params(2);
+  params[0].name = "a.weight";
+  params[0].tensor = at::zeros({3, 5}, at::kFloat).requires_grad_(true);
+  params[1].name = "b.weight";
+  params[1].tensor = at::zeros({7}, at::kDouble).requires_grad_(true);
+  try {
+    loom::optim::DistributedAdamW opt(&params, {}, loom::testing::world(), nullptr);
+    ADD_FAILURE() << "mixed dtypes were accepted";
+  } catch (const loom::Error& e) {
+    const std::string m = e.what();
+    EXPECT_NE(m.find("'b.weight' is Double"), std::string::npos) << m;
+    EXPECT_NE(m.find("'a.weight' is Float"), std::string::npos) << m;
+  }
+  // Fewer elements than ranks still shards (every range padded), and one step updates them all.
+  std::vector<Parameter> tiny(1);
+  tiny[0].name = "t";
+  tiny[0].tensor = at::ones({1}, at::kDouble).requires_grad_(true);
+  tiny[0].tensor.mutable_grad() = at::ones({1}, at::kDouble);
+  loom::optim::DistributedAdamW opt(&tiny, {}, loom::testing::world(), nullptr);
+  EXPECT_EQ(opt.flat_size(), loom::testing::world()->size());
+  opt.reduce_scatter_gradients();
+  opt.step(0.1);
+  // The gradients are summed over DP (the loss is already normalised globally): g = dp. Adam's first
+  // step moves by lr g / (|g| + eps) (bias-corrected), after the decoupled decay lr * wd * p.
+  const double g = loom::testing::world()->size();
+  const double expected = 1.0 - 0.1 * 0.1 - 0.1 * g / (g + 1e-8);
+  EXPECT_NEAR(tiny[0].tensor.item<double>(), expected, 1e-12);
 }
 
 TEST(TensorDataParallel, BadLayoutsAreClearErrors) {

@@ -635,7 +635,9 @@ TEST(HuggingFace, TransformersWrittenCheckpoints) {
     auto a = loom::checkpoint::model_config_from_hf(read_file_bytes(fixture + "/config.json"));
     auto b = loom::checkpoint::model_config_from_hf(read_file_bytes(dir + "/hf/config.json"));
     EXPECT_EQ(a.SerializeAsString(), b.SerializeAsString()) << name;
-    if (std::string(name) == "hf_llama") EXPECT_EQ(a.rope_theta(), 500000.0);
+    if (std::string(name) == "hf_llama") {
+      EXPECT_EQ(a.rope_theta(), 500000.0);
+    }
     fs::remove_all(dir);
   }
   // transformers 5 variants Loom does not implement are refused by name, not imported wrongly.

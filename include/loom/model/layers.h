@@ -31,6 +31,10 @@ struct ForwardContext {
 
 // x @ w^T + b with w (and b) cast to x's dtype.
 at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias = {});
+// parallel::column_parallel_linear with the weight and bias cast to x's dtype (enter the TP region,
+// then the local columns; the plain linear without TP).
+at::Tensor column_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+                         const parallel::TensorParallel& tp);
 
 class Norm {
  public:

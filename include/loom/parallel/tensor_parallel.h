@@ -25,6 +25,9 @@ namespace loom::parallel {
 struct TensorParallel {
   comm::CommunicatorPtr comm;
   bool sequence_parallel = false;
+  // Column-parallel linears start their backward collective (the input all-gather under SP, the
+  // input-gradient all-reduce or reduce-scatter) asynchronously and compute a GEMM while it runs.
+  bool overlap_comm = true;
 
   int size() const { return comm ? comm->size() : 1; }
   int rank() const { return comm ? comm->rank() : 0; }
@@ -47,6 +50,21 @@ inline at::Tensor enter_tp_region(const at::Tensor& x, const TensorParallel& tp)
 inline at::Tensor leave_tp_region(const at::Tensor& x, const TensorParallel& tp) {
   return tp.sp() ? reduce_scatter_to_sp(x, tp) : reduce_from_tp(x, tp);
 }
+
+// [Note: column-parallel linear]
+// enter_tp_region followed by a linear, as one autograd function (Megatron-Core's
+// LinearWithGradAccumulationAndAsyncCommunication). x: [s, b, in] (this rank's sequence chunk under
+// SP), weight: [out/tp, in] (already in x's dtype), bias: [out/tp] or undefined. Forward all-gathers x
+// under SP and keeps only the local chunk for backward, so SP stores 1/tp of the input activation.
+// Backward, when tp.overlap_comm:
+//   SP:     start all-gather(x) | grad_x = grad_y W         | wait | start reduce-scatter(grad_x)
+//           | grad_W = grad_y^T x_total                      | wait
+//   no SP:  grad_x = grad_y W | start all-reduce(grad_x) | grad_W = grad_y^T x | wait
+// so each collective runs behind a GEMM (on its own stream with NCCL; on MPI it progresses as far as
+// the MPI library progresses it without calls). Without overlap the same operations run one after
+// another; the results are bit-identical either way.
+at::Tensor column_parallel_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+                                  const TensorParallel& tp);
 
 // Forward identity, backward multiplies the gradient by `factor` (a loss computed identically on
 // every TP rank whose gradient the regions would otherwise sum tp times).
