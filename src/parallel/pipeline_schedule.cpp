@@ -132,20 +132,18 @@ Table interleaved(const ScheduleOptions& o, int rank) {
   return t;
 }
 
+// 1F1B's order of F and B with a W after each B, except that the first min(r, m - w) steady-state
+// B passes of rank r leave theirs for the end.
 Table zb_h1(const ScheduleOptions& o, int rank) {
   const int m = o.microbatches;
-  const int warm = std::min(o.stages - rank - 1, m);
+  const int steady = m - std::min(o.stages - rank - 1, m);
   Table t;
-  int next_w = 0;
-  for (int i = 0; i < warm; ++i) t.push_back(F(i));
-  for (int i = 0; i < m - warm; ++i) {
-    t.push_back(F(warm + i));
-    t.push_back(B(i));
-    if (i >= rank) t.push_back(W(next_w++));  // rank r defers its first r weight passes
-  }
-  for (int i = m - warm; i < m; ++i) {
-    t.push_back(B(i));
-    t.push_back(W(next_w++));
+  int next_w = 0, backwards = 0;
+  for (const Action& a : one_f_one_b(o, rank)) {
+    t.push_back(a);
+    if (a.pass != Pass::kBackward) continue;
+    const int i = backwards++;
+    if (i >= steady || i >= rank) t.push_back(W(next_w++));
   }
   while (next_w < m) t.push_back(W(next_w++));
   return t;
