@@ -105,10 +105,60 @@ struct RecomputedBlock : public torch::autograd::Function<RecomputedBlock> {
 
 }  // namespace
 
+std::vector<StageLayout> partition_stages(int64_t num_layers, int pp, int vp, int64_t first, int64_t last) {
+  LOOM_CHECK_CONFIG(pp >= 1 && vp >= 1, "parallel.pp = {} and parallel.virtual_pp = {} must be at least 1", pp, vp);
+  const int64_t stages = static_cast<int64_t>(pp) * vp;
+  std::vector<StageLayout> out(static_cast<size_t>(stages));
+  if (stages == 1) {
+    LOOM_CHECK_CONFIG((first < 0 || first == num_layers) && (last < 0 || last == num_layers),
+                      "parallel.pp_first_stage_layers / pp_last_stage_layers need more than one pipeline stage");
+    out[0].num_layers = num_layers;
+    return out;
+  }
+  LOOM_CHECK_CONFIG(first >= -1 && last >= -1, "parallel.pp_first_stage_layers = {} and pp_last_stage_layers = {}: "
+                    "-1 (an even share) or a number of layers", first, last);
+  const int64_t fixed = (first >= 0 ? first : 0) + (last >= 0 ? last : 0);
+  const int64_t free_stages = stages - (first >= 0 ? 1 : 0) - (last >= 0 ? 1 : 0);
+  LOOM_CHECK_CONFIG(fixed <= num_layers,
+                    "parallel.pp_first_stage_layers + pp_last_stage_layers = {} exceed model.num_layers = {}", fixed,
+                    num_layers);
+  const int64_t rest = num_layers - fixed;
+  int64_t each = 0;
+  if (free_stages > 0) {
+    LOOM_CHECK_CONFIG(rest % free_stages == 0,
+                      "model.num_layers = {} does not split over the pipeline: {} layers left after the first/last "
+                      "stage's {} for {} virtual stages (parallel.pp = {} x parallel.virtual_pp = {}{}), {} % {} = {}",
+                      num_layers, rest, fixed, free_stages, pp, vp,
+                      fixed > 0 ? " minus the fixed ones" : "", rest, free_stages, rest % free_stages);
+    each = rest / free_stages;
+  } else {
+    LOOM_CHECK_CONFIG(rest == 0, "model.num_layers = {}: the first and last stage hold {} layers and there is no other "
+                      "stage for the remaining {}", num_layers, fixed, rest);
+  }
+  int64_t next = 0;
+  for (int64_t s = 0; s < stages; ++s) {
+    StageLayout& st = out[static_cast<size_t>(s)];
+    st.first_layer = next;
+    st.num_layers = (s == 0 && first >= 0) ? first : (s == stages - 1 && last >= 0) ? last : each;
+    st.pre_process = s == 0;
+    st.post_process = s == stages - 1;
+    next += st.num_layers;
+    LOOM_CHECK_CONFIG(st.num_layers > 0 || st.pre_process || st.post_process,
+                      "virtual pipeline stage {} of {} would hold no layers (model.num_layers = {}, parallel.pp = {}, "
+                      "parallel.virtual_pp = {}): use fewer stages or more layers",
+                      s, stages, num_layers, pp, vp);
+  }
+  return out;
+}
+
 GptModel::GptModel(const ModelSpec& spec, uint64_t seed, at::Device device, const parallel::TensorParallel& tp,
-                   int64_t vocab_divisible_by)
-    : spec_(spec), tp_(tp), params_(std::make_shared<std::vector<Parameter>>()) {
+                   int64_t vocab_divisible_by, const StageLayout& stage)
+    : spec_(spec), tp_(tp), stage_(stage), params_(std::make_shared<std::vector<Parameter>>()) {
   spec.check_tensor_parallel(tp.size());
+  if (stage_.num_layers < 0) stage_.num_layers = spec.num_layers - stage_.first_layer;
+  LOOM_CHECK(stage_.first_layer >= 0 && stage_.first_layer + stage_.num_layers <= spec.num_layers,
+             "pipeline stage: layers [{}, {}) outside the model's {}", stage_.first_layer,
+             stage_.first_layer + stage_.num_layers, spec.num_layers);
   padded_vocab_ = spec.padded_vocab(tp.size(), vocab_divisible_by);
   ParameterFactory f(params_, seed, at::TensorOptions().dtype(spec.param_dtype).device(device), "", tp.size(),
                      tp.rank());
@@ -116,26 +166,31 @@ GptModel::GptModel(const ModelSpec& spec, uint64_t seed, at::Device device, cons
   TpShard vocab_rows;
   vocab_rows.dim = 0;
   vocab_rows.padded = padded_vocab_;
-  embedding_ = f.make("embedding.weight", {spec.vocab_size, spec.hidden}, Init::kNormal, spec.init_std, -1,
-                      vocab_rows);
-  if (!spec.rope) {
+  // The last stage of a tied model keeps its own copy of the embedding as its head.
+  if (stage_.pre_process || (stage_.post_process && spec.tie_embeddings)) {
+    embedding_ = f.make("embedding.weight", {spec.vocab_size, spec.hidden}, Init::kNormal, spec.init_std, -1,
+                        vocab_rows);
+  }
+  if (!spec.rope && stage_.pre_process) {
     TpShard positions;
     positions.partial_grad = tp.sp();  // added to this rank's sequence shard
     positions_ = f.make("position_embedding.weight", {spec.max_seq_len, spec.hidden}, Init::kNormal,
                         spec.init_std, -1, positions);
   }
-  for (int64_t i = 0; i < spec.num_layers; ++i) {
+  for (int64_t i = stage_.first_layer; i < stage_.first_layer + stage_.num_layers; ++i) {
     blocks_.push_back(std::make_unique<Block>(spec, f.child("layers." + std::to_string(i)), i, tp));
   }
-  final_norm_ = std::make_unique<Norm>(spec, f.child("final_norm"), tp);
-  head_ = spec.tie_embeddings ? embedding_
-                              : f.make("output.weight", {spec.vocab_size, spec.hidden}, Init::kNormal,
-                                       spec.init_std, -1, vocab_rows);
+  if (stage_.post_process) {
+    final_norm_ = std::make_unique<Norm>(spec, f.child("final_norm"), tp);
+    head_ = spec.tie_embeddings ? embedding_
+                                : f.make("output.weight", {spec.vocab_size, spec.hidden}, Init::kNormal,
+                                         spec.init_std, -1, vocab_rows);
+  }
   // Embedding rows are looked up, not multiplied: Megatron and TorchTitan decay them anyway
   // (they are 2-D); so does Loom.
 }
 
-at::Tensor GptModel::hidden_states(const Batch& batch, at::Tensor* aux) {
+at::Tensor GptModel::hidden_states(const Batch& batch, at::Tensor* aux, const at::Tensor& input) {
   LOOM_CHECK(batch.tokens.dim() == 2 && batch.targets.sizes() == batch.tokens.sizes(),
              "batch: tokens and targets must both be [b, s], got {} and {}", batch.tokens.sizes(),
              batch.targets.sizes());
@@ -152,7 +207,14 @@ at::Tensor GptModel::hidden_states(const Batch& batch, at::Tensor* aux) {
                        ? batch.position_ids.t()
                        : at::arange(s, batch.tokens.options()).unsqueeze(1).expand({s, b});
   at::Tensor x;
-  if (!tp_.enabled()) {
+  if (!stage_.pre_process) {
+    const int64_t rows = tp_.sp() ? s / tp_.size() : s;
+    LOOM_CHECK(input.defined() && input.dim() == 3 && input.size(0) == rows && input.size(1) == b &&
+                   input.size(2) == spec_.hidden,
+               "pipeline stage {}: expected the previous stage's hidden states [{}, {}, {}], got {}",
+               stage_.first_layer, rows, b, spec_.hidden, input.defined() ? input.sizes() : at::IntArrayRef{});
+    x = input;
+  } else if (!tp_.enabled()) {
     x = at::embedding(embedding_, tokens);  // [s, b, h]
     if (!spec_.rope) x = x + at::embedding(positions_, pos);
   } else {
@@ -194,7 +256,7 @@ at::Tensor GptModel::hidden_states(const Batch& batch, at::Tensor* aux) {
     }
     if (block->moe()) *aux = *aux + block_aux.to(aux->scalar_type());
   }
-  return final_norm_->forward(x);
+  return stage_.post_process ? final_norm_->forward(x) : x;
 }
 
 at::Tensor GptModel::local_logits(const at::Tensor& h) {
@@ -203,6 +265,7 @@ at::Tensor GptModel::local_logits(const at::Tensor& h) {
 }
 
 at::Tensor GptModel::logits(const Batch& batch) {
+  LOOM_CHECK(stage_.pre_process && stage_.post_process, "logits() needs the whole model, not a pipeline stage");
   at::Tensor aux;
   at::Tensor h = hidden_states(batch, &aux);  // [s, b, h]
   const auto out = spec_.param_dtype == at::kDouble ? at::kDouble : at::kFloat;
@@ -212,8 +275,30 @@ at::Tensor GptModel::logits(const Batch& batch) {
 }
 
 ModelOutput GptModel::forward(const Batch& batch) {
+  LOOM_CHECK(stage_.pre_process && stage_.post_process,
+             "forward() needs the whole model; a pipeline stage runs forward_stage()");
+  at::Tensor aux;
+  at::Tensor h = hidden_states(batch, &aux);  // [s, b, h] (SP: [s/tp, b, h])
+  ModelOutput out = loss_of(batch, h);
+  out.aux_loss = aux;
+  return out;
+}
+
+GptModel::StageOutput GptModel::forward_stage(const Batch& batch, const at::Tensor& input) {
+  StageOutput out;
+  at::Tensor h = hidden_states(batch, &out.loss.aux_loss, input);
+  if (!stage_.post_process) {
+    out.hidden = h;
+    return out;
+  }
+  at::Tensor aux = out.loss.aux_loss;
+  out.loss = loss_of(batch, h);
+  out.loss.aux_loss = aux;
+  return out;
+}
+
+ModelOutput GptModel::loss_of(const Batch& batch, const at::Tensor& h) {
   ModelOutput out;
-  at::Tensor h = hidden_states(batch, &out.aux_loss);  // [s, b, h] (SP: [s/tp, b, h])
   const int64_t s = batch.seq_len(), b = batch.batch_size();
   at::Tensor logits = local_logits(h);
   logits = logits.view({s * b, logits.size(2)});  // rows in [s, b] order

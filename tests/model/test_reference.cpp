@@ -17,6 +17,8 @@
 
 #include "loom/core/config.h"
 #include "loom/core/error.h"
+#include <torch/csrc/autograd/autograd.h>
+
 #include "loom/model/gpt.h"
 
 namespace {
@@ -686,3 +688,117 @@ TEST(Configs, RecipesResolveToTheirPublishedSizes) {
   }
 }
 }  // namespace
+
+// [Note: pipeline stages]: the model cut into stages and chained by hand (each stage's input a
+// fresh leaf, its gradient handed back) computes the same loss and gradients as the whole model.
+// float64; the only difference allowed is the tied embedding's two gradient contributions being
+// summed in a different order (1e-13).
+TEST(PipelineStages, ChainedStagesEqualTheWholeModel) {
+  struct Case {
+    std::string kind;
+    int pp, vp;
+    int64_t first, last, layers;
+    bool recompute;
+  };
+  const std::vector<Case> cases = {
+      {"llama", 2, 1, -1, -1, 4, false}, {"llama", 4, 1, -1, -1, 4, false}, {"llama", 2, 2, -1, -1, 4, true},
+      {"gpt2", 2, 1, -1, -1, 2, false},  {"gpt2", 3, 1, 0, 0, 3, false},    {"moe_shared", 2, 1, -1, -1, 4, false},
+      {"moe_sigmoid", 3, 1, 2, 1, 6, true}, {"llama", 2, 2, 0, 3, 5, false}};
+  for (const Case& c : cases) {
+    auto cfg = tiny_config(c.kind);
+    cfg.set_num_layers(c.layers);
+    ModelSpec spec = f64_spec(cfg);
+    spec.recompute = c.recompute;
+    const std::string what = c.kind + " pp" + std::to_string(c.pp) + " vp" + std::to_string(c.vp);
+    GptModel whole(spec, 9);
+    Batch batch = random_batch(2, 6, 13, 4);
+    whole.zero_grad();
+    auto ref = whole.forward(batch);
+    (ref.loss_sum / 12.0 + ref.aux_loss).backward();
+
+    const auto layouts = loom::model::partition_stages(c.layers, c.pp, c.vp, c.first, c.last);
+    std::vector<std::unique_ptr<GptModel>> stages;
+    for (const auto& l : layouts) stages.push_back(std::make_unique<GptModel>(spec, 9, at::kCPU, loom::parallel::TensorParallel{}, 128, l));
+    // Forward through the chain; every stage's input is a new leaf, as after a receive.
+    std::vector<at::Tensor> inputs, outputs, auxes;
+    at::Tensor x;
+    double aux_total = 0;
+    GptModel::StageOutput last;
+    for (auto& st : stages) {
+      st->zero_grad();
+      at::Tensor in = x.defined() ? x.detach().requires_grad_(true) : at::Tensor();
+      last = st->forward_stage(batch, in);
+      inputs.push_back(in);
+      outputs.push_back(last.hidden);
+      auxes.push_back(last.loss.aux_loss);
+      aux_total += last.loss.aux_loss.item<double>();
+      x = last.hidden;
+    }
+    EXPECT_EQ(last.loss.loss_sum.item<double>(), ref.loss_sum.item<double>()) << what;
+    EXPECT_NEAR(aux_total, ref.aux_loss.item<double>(), 1e-15) << what;
+    // Backward from the last stage to the first, handing each input's gradient back.
+    at::Tensor grad;
+    for (size_t k = stages.size(); k-- > 0;) {
+      std::vector<at::Tensor> outs, grads;
+      if (k + 1 == stages.size()) {
+        outs.push_back(last.loss.loss_sum / 12.0 + auxes[k]);
+        grads.push_back(at::ones({}, at::kDouble));
+      } else {
+        outs.push_back(outputs[k]);
+        grads.push_back(grad);
+        if (auxes[k].requires_grad()) {
+          outs.push_back(auxes[k]);
+          grads.push_back(at::ones({}, at::kDouble));
+        }
+      }
+      torch::autograd::backward(outs, grads);
+      if (inputs[k].defined()) grad = inputs[k].grad();
+    }
+    // Every whole-model parameter lives on exactly one stage, except a tied embedding (first and
+    // last stage, gradients summed).
+    for (const auto& p : whole.parameters()) {
+      at::Tensor sum;
+      int holders = 0;
+      for (auto& st : stages) {
+        if (const auto* q = st->find(p.name)) {
+          EXPECT_TRUE(at::equal(q->tensor, p.tensor)) << what << ": initial " << p.name;
+          at::Tensor g = q->tensor.grad().defined() ? q->tensor.grad() : at::zeros_like(q->tensor);
+          sum = sum.defined() ? sum + g : g;
+          ++holders;
+        }
+      }
+      const bool tied_copy = p.name == "embedding.weight" && spec.tie_embeddings && stages.size() > 1;
+      EXPECT_EQ(holders, tied_copy ? 2 : 1) << what << ": " << p.name;
+      ASSERT_TRUE(sum.defined()) << what << ": " << p.name;
+      at::Tensor g = p.tensor.grad().defined() ? p.tensor.grad() : at::zeros_like(p.tensor);
+      EXPECT_LT((sum - g).abs().max().item<double>(), 1e-13) << what << ": gradient of " << p.name;
+    }
+  }
+}
+
+TEST(PipelineStages, PartitionRulesAndErrors) {
+  auto layers = [](const std::vector<loom::model::StageLayout>& v) {
+    std::string s;
+    for (const auto& l : v) s += std::to_string(l.num_layers) + (l.pre_process ? "e" : "") + (l.post_process ? "h" : "") + " ";
+    return s;
+  };
+  EXPECT_EQ(layers(loom::model::partition_stages(8, 4, 1)), "2e 2 2 2h ");
+  EXPECT_EQ(layers(loom::model::partition_stages(8, 2, 2)), "2e 2 2 2h ");  // virtual stages 0..3
+  EXPECT_EQ(layers(loom::model::partition_stages(9, 4, 1, 1, 2)), "1e 3 3 2h ");
+  EXPECT_EQ(layers(loom::model::partition_stages(6, 4, 1, 0, 0)), "0e 3 3 0h ");
+  EXPECT_EQ(loom::model::partition_stages(8, 4, 1)[2].first_layer, 4);
+  auto expect_config = [](auto&& fn, const std::string& needle) {
+    try {
+      fn();
+      ADD_FAILURE() << "accepted: " << needle;
+    } catch (const loom::Error& e) {
+      EXPECT_EQ(e.kind(), loom::ErrorKind::kConfig) << e.what();
+      EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
+    }
+  };
+  expect_config([] { loom::model::partition_stages(7, 2, 1); }, "model.num_layers = 7 does not split over the pipeline");
+  expect_config([] { loom::model::partition_stages(8, 3, 1, 1, -1); }, "7 % 2 = 1");
+  expect_config([] { loom::model::partition_stages(4, 2, 1, 3, 3); }, "exceed model.num_layers = 4");
+  expect_config([] { loom::model::partition_stages(2, 4, 1); }, "does not split");
+  expect_config([] { loom::model::partition_stages(4, 3, 1, 2, 2); }, "virtual pipeline stage 1 of 3 would hold no layers");
+}

@@ -45,6 +45,29 @@ struct ModelOutput {
   at::Tensor aux_loss;     // scalar: sum over MoE layers (zero for dense models)
 };
 
+// [Note: pipeline stages]
+// A GptModel can hold one contiguous piece of the model: the layers [first_layer, first_layer +
+// num_layers) under their global names and indices (so initialisation, MoE placement and
+// checkpoints match the whole model), the embedding when `pre_process` and the final norm, head and
+// loss when `post_process`. Chained, the pieces compute the whole model's function exactly. With
+// tied embeddings a last stage without the embedding holds its own copy of `embedding.weight` as
+// the head (initialised identically); the trainer keeps the copies equal by all-reducing their
+// gradients over the embedding group (first and last stage), as Megatron-Core does.
+struct StageLayout {
+  int64_t first_layer = 0;
+  int64_t num_layers = -1;  // -1: every layer from first_layer on
+  bool pre_process = true;
+  bool post_process = true;
+};
+
+// Layers of each virtual pipeline stage, in pipeline order (virtual stage s = chunk * pp + rank, as
+// in [Note: pipeline schedule tables]). `first` / `last` (-1 = even share) fix the layers of virtual
+// stage 0, which also holds the embedding, and of the last one, which holds the head and the loss;
+// the other layers are split evenly over the remaining virtual stages. kConfig errors name
+// model.num_layers / parallel.pp_first_stage_layers / parallel.pp_last_stage_layers with the
+// arithmetic when the split is not exact or leaves a virtual stage with nothing to do.
+std::vector<StageLayout> partition_stages(int64_t num_layers, int pp, int vp, int64_t first = -1, int64_t last = -1);
+
 class GptModel {
  public:
   // Parameters are created on `device` in spec.param_dtype, initialised from `seed` by name: the
@@ -52,10 +75,21 @@ class GptModel {
   // from the same model. With tp > 1 the vocabulary is padded to a multiple of
   // `vocab_divisible_by` x tp (zero rows, masked out of the softmax: the same function).
   GptModel(const ModelSpec& spec, uint64_t seed, at::Device device = at::kCPU,
-           const parallel::TensorParallel& tp = {}, int64_t vocab_divisible_by = 128);
+           const parallel::TensorParallel& tp = {}, int64_t vocab_divisible_by = 128, const StageLayout& stage = {});
 
   // Loss pieces for one micro-batch (the caller normalises: see train/ and Note: loss scaling).
+  // The whole model only (pre_process and post_process).
   ModelOutput forward(const Batch& batch);
+
+  // One pipeline stage's forward. `input`: the previous stage's hidden states [s, b, h] (SP: this
+  // rank's [s/tp, b, h] chunk) in the compute dtype; ignored (may be undefined) on a pre_process
+  // stage, which embeds batch.tokens. Every stage reads the batch's positions and document ids.
+  struct StageOutput {
+    at::Tensor hidden;  // [s, b, h] to send on (not post_process)
+    ModelOutput loss;   // loss_sum and num_tokens (post_process); aux_loss: this stage's MoE layers
+  };
+  StageOutput forward_stage(const Batch& batch, const at::Tensor& input);
+  const StageLayout& stage() const { return stage_; }
 
   // Logits [b, s, V] in fp32 (fp64 for an fp64 model), for evaluation and tests (with TP, gathered:
   // every rank gets the whole vocabulary).
@@ -73,11 +107,14 @@ class GptModel {
   void zero_grad();
 
  private:
-  at::Tensor hidden_states(const Batch& batch, at::Tensor* aux);  // -> final-normed [s, b, h] (SP: shard)
+  // -> [s, b, h] (SP: shard) after this stage's blocks, final-normed when post_process.
+  at::Tensor hidden_states(const Batch& batch, at::Tensor* aux, const at::Tensor& input = {});
+  ModelOutput loss_of(const Batch& batch, const at::Tensor& h);
   at::Tensor local_logits(const at::Tensor& h);  // [s, b, V / tp]: this rank's vocabulary columns
 
   ModelSpec spec_;
   parallel::TensorParallel tp_;
+  StageLayout stage_;
   int64_t padded_vocab_ = 0;
   std::shared_ptr<std::vector<Parameter>> params_;
   at::Tensor embedding_;   // [V, h]
