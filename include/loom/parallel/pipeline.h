@@ -1,0 +1,79 @@
+// The pipeline runner: executes one rank's schedule table ([Note: pipeline schedule tables]) on its
+// model chunks, moving activations and their gradients between neighbouring stages.
+//
+// [Note: pipeline runner]
+// For each action of the table, in order:
+//   F(mb, c): the input comes from the previous virtual stage (none on the first), received into a
+//             fresh leaf that requires grad; `forward` runs the chunk; the output is sent to the next
+//             virtual stage (none on the last), and input, output and losses are kept for B.
+//   B(mb, c): the output gradient comes from the next virtual stage (on the last one the losses are
+//             the roots); backward runs; the input gradient is sent to the previous virtual stage.
+//             With a split backward (ZB-H1) only the input gradient is computed, the graph is kept.
+//   W(mb, c): the weight gradients of that micro-batch (backward into the chunk's parameters).
+// Virtual stage of chunk c on pipeline rank r: c * pp + r. Messages are tagged by (direction, chunk,
+// micro-batch), so a receive matches its send whatever order the neighbours post them in; sends are
+// non-blocking and waited for at the end of the step, and a rank blocks only on the receive its next
+// pass needs. Under this model every table that check_table() accepts and simulate() completes runs
+// without deadlock. Shapes need no exchange: every stage reads the micro-batch, so `shape(mb)` is
+// known on both sides even when sequence lengths vary from micro-batch to micro-batch.
+//
+// The runner knows nothing of the loss: `forward` returns the terms to differentiate, already
+// scaled ([Note: loss scaling]).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <functional>
+#include <vector>
+
+#include "loom/comm/communicator.h"
+#include "loom/parallel/pipeline_schedule.h"
+
+namespace loom::parallel::pipeline {
+
+struct ChunkOutput {
+  at::Tensor hidden;  // [s, b, h] to send on (undefined on the last virtual stage)
+  at::Tensor loss;    // scalar to differentiate on this stage (the scaled loss on the last virtual
+                      // stage, the scaled MoE auxiliary losses elsewhere); undefined if none
+};
+
+struct RunnerCallbacks {
+  // Runs chunk `chunk` on micro-batch `mb`. `input` is undefined on the first virtual stage.
+  std::function<ChunkOutput(int chunk, int mb, const at::Tensor& input)> forward;
+  // Shape of the activation entering virtual stage > 0 for micro-batch `mb` ([s, b, h]; SP: [s/tp, b, h]).
+  std::function<std::vector<int64_t>(int mb)> shape;
+  // The parameters of a chunk (for W of a split backward).
+  std::function<std::vector<at::Tensor>(int chunk)> parameters;
+  at::TensorOptions activation_options;  // dtype and device of activations on the wire
+};
+
+struct RunnerStats {
+  int64_t sends = 0, recvs = 0;
+  int64_t bytes_sent = 0;
+  double recv_wait_s = 0;   // time blocked on receives (the bubble as this rank sees it, plus transfer)
+  double compute_s = 0;     // time in forward / backward / weight passes
+  int peak_in_flight = 0;   // most micro-batch-chunks holding activations at once
+};
+
+class PipelineRunner {
+ public:
+  // `pp`: the pipeline communicator (rank r = pipeline stage r); null or size 1 for one stage.
+  PipelineRunner(const ScheduleOptions& options, comm::CommunicatorPtr pp);
+
+  // Runs this rank's table for one training step. Parameter gradients accumulate in .grad().
+  RunnerStats run(const RunnerCallbacks& cb);
+
+  const ScheduleOptions& options() const { return options_; }
+  const Table& table() const { return table_; }
+  int rank() const { return rank_; }
+
+ private:
+  int tag(int direction, int chunk, int mb) const;
+
+  ScheduleOptions options_;
+  comm::CommunicatorPtr pp_;
+  int rank_ = 0;
+  Table table_;
+};
+
+}  // namespace loom::parallel::pipeline

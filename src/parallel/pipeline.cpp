@@ -1,0 +1,142 @@
+#include "loom/parallel/pipeline.h"
+
+#include <torch/csrc/autograd/autograd.h>
+
+#include <map>
+#include <utility>
+
+#include "loom/core/error.h"
+#include "loom/core/timer.h"
+
+namespace loom::parallel::pipeline {
+
+namespace {
+constexpr int kForwardDir = 0;   // activations, towards the next virtual stage
+constexpr int kBackwardDir = 1;  // their gradients, towards the previous one
+constexpr int kMaxTag = 32767;   // the MPI standard's smallest allowed MPI_TAG_UB
+
+// What F keeps for B and W of one (micro-batch, chunk).
+struct Saved {
+  at::Tensor input;                  // the received leaf (undefined on the first virtual stage)
+  std::vector<at::Tensor> roots;     // tensors backward starts from
+  std::vector<at::Tensor> root_grads;
+  bool last_stage = false;
+};
+}  // namespace
+
+PipelineRunner::PipelineRunner(const ScheduleOptions& options, comm::CommunicatorPtr pp)
+    : options_(options), pp_(std::move(pp)) {
+  const int size = pp_ ? pp_->size() : 1;
+  LOOM_CHECK_CONFIG(size == options_.stages, "the pipeline communicator has {} ranks but parallel.pp = {}", size,
+                    options_.stages);
+  rank_ = pp_ ? pp_->rank() : 0;
+  table_ = build_table(options_, rank_);
+  check_table(options_, rank_, table_);
+  LOOM_CHECK_CONFIG(2 * options_.chunks * options_.microbatches <= kMaxTag + 1,
+                    "pipeline: {} micro-batches x {} chunks need more message tags than MPI guarantees ({})",
+                    options_.microbatches, options_.chunks, kMaxTag + 1);
+}
+
+int PipelineRunner::tag(int direction, int chunk, int mb) const {
+  return (direction * options_.chunks + chunk) * options_.microbatches + mb;
+}
+
+RunnerStats PipelineRunner::run(const RunnerCallbacks& cb) {
+  const int p = options_.stages, v = options_.chunks;
+  const int last_vs = p * v - 1;
+  RunnerStats stats;
+  std::map<std::pair<int, int>, Saved> saved;  // (mb, chunk) -> what B and W need
+  std::vector<std::pair<comm::WorkPtr, at::Tensor>> sends;
+  const int prev = (rank_ + p - 1) % p, next = (rank_ + 1) % p;
+  auto vstage = [&](int chunk) { return chunk * p + rank_; };
+
+  auto receive = [&](int direction, int chunk, int mb) {
+    at::Tensor buf = at::empty(cb.shape(mb), cb.activation_options);
+    Stopwatch wait;
+    pp_->irecv(buf, direction == kForwardDir ? prev : next, tag(direction, chunk, mb))->wait();
+    stats.recv_wait_s += wait.seconds();
+    ++stats.recvs;
+    return buf;
+  };
+  auto send = [&](const at::Tensor& t, int direction, int to_chunk, int mb) {
+    at::Tensor buf = t.detach().contiguous();
+    sends.emplace_back(pp_->isend(buf, direction == kForwardDir ? next : prev, tag(direction, to_chunk, mb)), buf);
+    ++stats.sends;
+    stats.bytes_sent += static_cast<int64_t>(buf.nbytes());
+  };
+
+  int in_flight = 0;
+  for (const Action& a : table_) {
+    const int s = vstage(a.chunk);
+    const auto key = std::make_pair(a.microbatch, a.chunk);
+    if (a.pass == Pass::kForward) {
+      Saved sv;
+      if (s > 0) {
+        // From the previous virtual stage: rank r - 1 with the same chunk, or rank p - 1 with the previous chunk.
+        sv.input = receive(kForwardDir, a.chunk, a.microbatch).requires_grad_(true);
+      }
+      Stopwatch compute;
+      ChunkOutput out = cb.forward(a.chunk, a.microbatch, sv.input);
+      stats.compute_s += compute.seconds();
+      sv.last_stage = s == last_vs;
+      if (!sv.last_stage) {
+        LOOM_CHECK(out.hidden.defined(), "pipeline: chunk {} returned no hidden states for micro-batch {}", a.chunk,
+                   a.microbatch);
+        send(out.hidden, kForwardDir, rank_ == p - 1 ? a.chunk + 1 : a.chunk, a.microbatch);
+        sv.roots.push_back(out.hidden);
+        sv.root_grads.emplace_back();  // filled by B
+      }
+      if (out.loss.defined() && out.loss.requires_grad()) {
+        sv.roots.push_back(out.loss);
+        sv.root_grads.push_back(at::ones_like(out.loss));
+      }
+      saved.emplace(key, std::move(sv));
+      stats.peak_in_flight = std::max(stats.peak_in_flight, ++in_flight);
+      continue;
+    }
+    auto it = saved.find(key);
+    LOOM_INTERNAL_CHECK(it != saved.end(), "pipeline: {} without its forward", a.str());
+    Saved& sv = it->second;
+    if (a.pass == Pass::kBackward) {
+      if (!sv.last_stage) sv.root_grads[0] = receive(kBackwardDir, a.chunk, a.microbatch);
+      Stopwatch compute;
+      const bool split = options_.split_backward();
+      if (split && sv.input.defined()) {
+        // Input gradient only; the graph stays for W.
+        auto g = torch::autograd::grad(sv.roots, {sv.input}, sv.root_grads, /*retain_graph=*/true,
+                                       /*create_graph=*/false, /*allow_unused=*/true);
+        sv.input.mutable_grad() = g[0].defined() ? g[0] : at::zeros_like(sv.input);
+      } else if (!split) {
+        torch::autograd::backward(sv.roots, sv.root_grads);
+      }
+      stats.compute_s += compute.seconds();
+      if (s > 0) {
+        at::Tensor grad = sv.input.grad().defined() ? sv.input.grad() : at::zeros_like(sv.input);
+        send(grad, kBackwardDir, rank_ == 0 ? a.chunk - 1 : a.chunk, a.microbatch);
+      }
+      if (!split) {
+        saved.erase(it);
+        --in_flight;
+      }
+      continue;
+    }
+    // W: the weight gradients (on the first virtual stage, where B had no input gradient to compute,
+    // the whole backward).
+    Stopwatch compute;
+    std::vector<at::Tensor> params = cb.parameters(a.chunk);
+    std::vector<at::Tensor> wanted;
+    for (const auto& t : params) {
+      if (t.requires_grad()) wanted.push_back(t);
+    }
+    if (!wanted.empty()) torch::autograd::backward(sv.roots, sv.root_grads, /*retain_graph=*/false, false, wanted);
+    stats.compute_s += compute.seconds();
+    saved.erase(it);
+    --in_flight;
+  }
+  LOOM_INTERNAL_CHECK(saved.empty(), "pipeline: {} micro-batch-chunks still hold activations after the step",
+                      saved.size());
+  for (auto& [work, buf] : sends) work->wait();
+  return stats;
+}
+
+}  // namespace loom::parallel::pipeline
