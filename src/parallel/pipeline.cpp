@@ -20,6 +20,7 @@ struct Saved {
   at::Tensor input;                  // the received leaf (undefined on the first virtual stage)
   std::vector<at::Tensor> roots;     // tensors backward starts from
   std::vector<at::Tensor> root_grads;
+  at::Tensor b_target;               // see ChunkOutput::b_target
   bool last_stage = false;
 };
 }  // namespace
@@ -79,6 +80,7 @@ RunnerStats PipelineRunner::run(const RunnerCallbacks& cb) {
       ChunkOutput out = cb.forward(a.chunk, a.microbatch, sv.input);
       stats.compute_s += compute.seconds();
       sv.last_stage = s == last_vs;
+      sv.b_target = out.b_target;
       if (!sv.last_stage) {
         LOOM_CHECK(out.hidden.defined(), "pipeline: chunk {} returned no hidden states for micro-batch {}", a.chunk,
                    a.microbatch);
@@ -106,6 +108,9 @@ RunnerStats PipelineRunner::run(const RunnerCallbacks& cb) {
         auto g = torch::autograd::grad(sv.roots, {sv.input}, sv.root_grads, /*retain_graph=*/true,
                                        /*create_graph=*/false, /*allow_unused=*/true);
         sv.input.mutable_grad() = g[0].defined() ? g[0] : at::zeros_like(sv.input);
+      } else if (split && sv.b_target.defined()) {
+        torch::autograd::grad(sv.roots, {sv.b_target}, sv.root_grads, /*retain_graph=*/true,
+                              /*create_graph=*/false, /*allow_unused=*/true);
       } else if (!split) {
         torch::autograd::backward(sv.roots, sv.root_grads);
       }

@@ -35,6 +35,10 @@ struct ChunkOutput {
   at::Tensor hidden;  // [s, b, h] to send on (undefined on the last virtual stage)
   at::Tensor loss;    // scalar to differentiate on this stage (the scaled loss on the last virtual
                       // stage, the scaled MoE auxiliary losses elsewhere); undefined if none
+  // First virtual stage with a split backward: an activation B differentiates down to (e.g. the
+  // embedding's output), so B covers the activation gradients there too and W only the weights.
+  // Undefined: B has nothing to do on the first virtual stage and W runs its whole backward.
+  at::Tensor b_target;
 };
 
 struct RunnerCallbacks {
