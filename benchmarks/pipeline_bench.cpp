@@ -89,11 +89,11 @@ int run(int argc, char** argv) {
       const bool split = o.split_backward();
       // Per chunk, the pass times of a whole stage divided by the chunks.
       const double cf = tf / o.chunks, cb = tb / o.chunks, cw = tw / o.chunks;
-      RunnerCallbacks cb_;
-      cb_.activation_options = at::TensorOptions().dtype(at::kDouble);
-      cb_.shape = [&](int) { return std::vector<int64_t>{s, 2, h}; };
-      cb_.parameters = [&](int) { return std::vector<at::Tensor>{weight}; };
-      cb_.forward = [&](int, int, const at::Tensor& input) {
+      RunnerCallbacks callbacks;
+      callbacks.activation_options = at::TensorOptions().dtype(at::kDouble);
+      callbacks.shape = [&](int) { return std::vector<int64_t>{s, 2, h}; };
+      callbacks.parameters = [&](int) { return std::vector<at::Tensor>{weight}; };
+      callbacks.forward = [&](int, int, const at::Tensor& input) {
         at::Tensor x = input.defined() ? input : at::zeros({s, 2, h}, at::kDouble).requires_grad_(true);
         // B's time sits on the input path; W's on a branch only the weight reaches (so a split
         // backward runs them in different passes, a plain one both).
@@ -105,10 +105,10 @@ int run(int argc, char** argv) {
         return out;
       };
       PipelineRunner runner(o, world);
-      runner.run(cb_);  // warm-up
+      runner.run(callbacks);  // warm-up
       world->barrier();
       loom::Stopwatch clock;
-      RunnerStats st = runner.run(cb_);
+      RunnerStats st = runner.run(callbacks);
       world->barrier();
       const double step = clock.seconds() * 1e3;
       const double work = m * (tf + tb + tw);

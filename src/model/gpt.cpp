@@ -277,11 +277,7 @@ at::Tensor GptModel::logits(const Batch& batch) {
 ModelOutput GptModel::forward(const Batch& batch) {
   LOOM_CHECK(stage_.pre_process && stage_.post_process,
              "forward() needs the whole model; a pipeline stage runs forward_stage()");
-  at::Tensor aux;
-  at::Tensor h = hidden_states(batch, &aux);  // [s, b, h] (SP: [s/tp, b, h])
-  ModelOutput out = loss_of(batch, h);
-  out.aux_loss = aux;
-  return out;
+  return forward_stage(batch, at::Tensor()).loss;
 }
 
 GptModel::StageOutput GptModel::forward_stage(const Batch& batch, const at::Tensor& input) {
