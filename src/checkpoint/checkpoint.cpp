@@ -90,4 +90,41 @@ CheckpointData load_checkpoint(const std::string& dir) {
   return data;
 }
 
+void gather_checkpoint_data(CheckpointData& data, comm::Communicator& comm, int root) {
+  if (comm.size() == 1) return;
+  const at::Device device = comm.device();
+  if (comm.rank() != root) {
+    std::map<std::string, at::Tensor> all;
+    for (const auto& [name, t] : data.model) all["model/" + name] = t;
+    for (const auto& [name, t] : data.state) all["state/" + name] = t;
+    std::string bytes = encode_safetensors(all);
+    at::Tensor len = at::full({1}, static_cast<int64_t>(bytes.size()), at::kLong).to(device);
+    comm.send(len, root);
+    at::Tensor buf = at::from_blob(bytes.data(), {static_cast<int64_t>(bytes.size())}, at::kByte).to(device);
+    comm.send(buf, root);
+    return;
+  }
+  std::map<std::string, int> holder;
+  for (const auto& [name, t] : data.model) holder["model/" + name] = root;
+  for (const auto& [name, t] : data.state) holder["state/" + name] = root;
+  for (int r = 0; r < comm.size(); ++r) {
+    if (r == root) continue;
+    at::Tensor len = at::empty({1}, at::TensorOptions().dtype(at::kLong).device(device));
+    comm.recv(len, r);
+    at::Tensor buf = at::empty({len.cpu().item<int64_t>()}, at::TensorOptions().dtype(at::kByte).device(device));
+    comm.recv(buf, r);
+    buf = buf.cpu();
+    TensorFile f = parse_safetensors(
+        std::string(static_cast<const char*>(buf.data_ptr()), static_cast<size_t>(buf.numel())),
+        fmt::format("checkpoint tensors from rank {} of '{}'", r, comm.name()));
+    for (auto& [key, t] : f.tensors) {
+      auto [it, fresh] = holder.emplace(key, r);
+      LOOM_CHECK_KIND(ErrorKind::kInternal, fresh, "checkpoint: '{}' is held by ranks {} and {} of '{}'", key,
+                      it->second, r, comm.name());
+      const bool model = key.rfind("model/", 0) == 0;
+      (model ? data.model : data.state)[key.substr(6)] = std::move(t);
+    }
+  }
+}
+
 }  // namespace loom::checkpoint

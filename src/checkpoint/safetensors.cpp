@@ -31,11 +31,12 @@ const char* dtype_name(at::ScalarType t) {
 
 }  // namespace
 
-void save_safetensors(const std::string& path, const std::map<std::string, at::Tensor>& tensors,
-                      const std::map<std::string, std::string>& metadata) {
+namespace {
+// The 8-byte length and the padded JSON header; `data` gets the CPU tensors in file order.
+std::string encode_header(const std::map<std::string, at::Tensor>& tensors,
+                          const std::map<std::string, std::string>& metadata, std::vector<at::Tensor>* data) {
   nlohmann::ordered_json header = nlohmann::ordered_json::object();
   if (!metadata.empty()) header["__metadata__"] = metadata;
-  std::vector<at::Tensor> data;
   uint64_t offset = 0;
   for (const auto& [name, t] : tensors) {
     LOOM_CHECK(name != "__metadata__", "safetensors: '__metadata__' is not a valid tensor name");
@@ -45,22 +46,37 @@ void save_safetensors(const std::string& path, const std::map<std::string, at::T
                     {"shape", c.sizes().vec()},
                     {"data_offsets", {offset, offset + bytes}}};
     offset += bytes;
-    data.push_back(c);
+    data->push_back(c);
   }
   std::string text = header.dump();
   while (text.size() % 8 != 0) text.push_back(' ');
+  const uint64_t n = text.size();
+  std::string out(8, '\0');
+  for (int i = 0; i < 8; ++i) out[static_cast<size_t>(i)] = static_cast<char>((n >> (8 * i)) & 0xff);
+  return out + text;
+}
+}  // namespace
+
+void save_safetensors(const std::string& path, const std::map<std::string, at::Tensor>& tensors,
+                      const std::map<std::string, std::string>& metadata) {
+  std::vector<at::Tensor> data;
+  const std::string header = encode_header(tensors, metadata, &data);
   std::ofstream out(path, std::ios::binary | std::ios::trunc);
   LOOM_CHECK_KIND(ErrorKind::kIO, out.good(), "cannot open '{}' for writing: {}", path, std::strerror(errno));
-  uint64_t n = text.size();
-  unsigned char len[8];
-  for (int i = 0; i < 8; ++i) len[i] = static_cast<unsigned char>((n >> (8 * i)) & 0xff);
-  out.write(reinterpret_cast<const char*>(len), 8);
-  out.write(text.data(), static_cast<std::streamsize>(text.size()));
+  out.write(header.data(), static_cast<std::streamsize>(header.size()));
   for (const auto& c : data) {
     out.write(static_cast<const char*>(c.data_ptr()), static_cast<std::streamsize>(c.nbytes()));
   }
   out.flush();
   LOOM_CHECK_KIND(ErrorKind::kIO, out.good(), "writing '{}' failed: {}", path, std::strerror(errno));
+}
+
+std::string encode_safetensors(const std::map<std::string, at::Tensor>& tensors,
+                               const std::map<std::string, std::string>& metadata) {
+  std::vector<at::Tensor> data;
+  std::string out = encode_header(tensors, metadata, &data);
+  for (const auto& c : data) out.append(static_cast<const char*>(c.data_ptr()), c.nbytes());
+  return out;
 }
 
 TensorFile parse_safetensors(const std::string& bytes, const std::string& source) {

@@ -170,6 +170,7 @@ GptModel::GptModel(const ModelSpec& spec, uint64_t seed, at::Device device, cons
   if (stage_.pre_process || (stage_.post_process && spec.tie_embeddings)) {
     embedding_ = f.make("embedding.weight", {spec.vocab_size, spec.hidden}, Init::kNormal, spec.init_std, -1,
                         vocab_rows);
+    params_->back().pipeline_copy = !stage_.pre_process;
   }
   if (!spec.rope && stage_.pre_process) {
     TpShard positions;
@@ -190,7 +191,8 @@ GptModel::GptModel(const ModelSpec& spec, uint64_t seed, at::Device device, cons
   // (they are 2-D); so does Loom.
 }
 
-at::Tensor GptModel::hidden_states(const Batch& batch, at::Tensor* aux, const at::Tensor& input) {
+at::Tensor GptModel::hidden_states(const Batch& batch, at::Tensor* aux, const at::Tensor& input,
+                                   at::Tensor* embedded) {
   LOOM_CHECK(batch.tokens.dim() == 2 && batch.targets.sizes() == batch.tokens.sizes(),
              "batch: tokens and targets must both be [b, s], got {} and {}", batch.tokens.sizes(),
              batch.targets.sizes());
@@ -231,6 +233,7 @@ at::Tensor GptModel::hidden_states(const Batch& batch, at::Tensor* aux, const at
     }
   }
   x = x.to(compute);
+  if (embedded != nullptr && stage_.pre_process) *embedded = x;
 
   ForwardContext ctx;
   ctx.doc_ids = batch.doc_ids;
@@ -282,7 +285,7 @@ ModelOutput GptModel::forward(const Batch& batch) {
 
 GptModel::StageOutput GptModel::forward_stage(const Batch& batch, const at::Tensor& input) {
   StageOutput out;
-  at::Tensor h = hidden_states(batch, &out.loss.aux_loss, input);
+  at::Tensor h = hidden_states(batch, &out.loss.aux_loss, input, &out.embedded);
   if (!stage_.post_process) {
     out.hidden = h;
     return out;

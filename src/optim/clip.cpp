@@ -6,11 +6,11 @@
 
 namespace loom::optim {
 
-double grad_norm(const std::vector<model::Parameter>& params, comm::Communicator* tp) {
+double grad_norm(const std::vector<model::Parameter>& params, comm::Communicator* tp, comm::Communicator* pp) {
   std::vector<at::Tensor> squares[2];  // [replicated, sharded]
   for (const auto& p : params) {
     const at::Tensor& g = p.tensor.grad();
-    if (!g.defined()) continue;
+    if (!g.defined() || p.pipeline_copy) continue;
     const auto dt = g.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
     squares[p.tp_sharded() ? 1 : 0].push_back(g.to(dt).pow(2).sum().to(at::kDouble));
   }
@@ -23,11 +23,18 @@ double grad_norm(const std::vector<model::Parameter>& params, comm::Communicator
     tp->all_reduce(t);
     sharded = t.cpu();
   }
-  return std::sqrt(total(squares[0]).item<double>() + sharded.item<double>());
+  double sq = total(squares[0]).item<double>() + sharded.item<double>();
+  if (pp != nullptr && pp->size() > 1) {
+    at::Tensor t = at::full({1}, sq, at::kDouble).to(pp->device());
+    pp->all_reduce(t);
+    sq = t.cpu().item<double>();
+  }
+  return std::sqrt(sq);
 }
 
-double clip_grad_norm(const std::vector<model::Parameter>& params, double max_norm, comm::Communicator* tp) {
-  const double norm = grad_norm(params, tp);
+double clip_grad_norm(const std::vector<model::Parameter>& params, double max_norm, comm::Communicator* tp,
+                      comm::Communicator* pp) {
+  const double norm = grad_norm(params, tp, pp);
   if (max_norm <= 0 || !std::isfinite(norm) || norm <= max_norm) return norm;
   const double coeff = max_norm / (norm + 1e-6);
   at::NoGradGuard no_grad;

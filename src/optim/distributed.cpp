@@ -11,8 +11,8 @@
 namespace loom::optim {
 
 DistributedAdamW::DistributedAdamW(std::vector<model::Parameter>* params, const AdamWOptions& options,
-                                   comm::CommunicatorPtr dp, comm::CommunicatorPtr tp)
-    : params_(params), options_(options), dp_(std::move(dp)), tp_(std::move(tp)) {
+                                   comm::CommunicatorPtr dp, comm::CommunicatorPtr tp, comm::CommunicatorPtr pp)
+    : params_(params), options_(options), dp_(std::move(dp)), tp_(std::move(tp)), pp_(std::move(pp)) {
   LOOM_INTERNAL_CHECK(dp_ != nullptr, "distributed optimizer without a DP communicator");
   LOOM_CHECK(!params_->empty(), "distributed optimizer: the model has no parameters");
   const auto dtype = params_->front().tensor.scalar_type();
@@ -68,6 +68,7 @@ double DistributedAdamW::clip_grad_norm(double max_norm) {
   at::Tensor sums = at::zeros({2}, at::kDouble);
   for (const auto& s : segments_) {
     const auto& p = (*params_)[s.param];
+    if (p.pipeline_copy) continue;
     const at::Tensor g = grad_.narrow(0, s.shard_offset, s.numel);
     const auto dt = g.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
     sums[p.tp_sharded() ? 1 : 0] += g.to(dt).pow(2).sum().to(at::kDouble).cpu();
@@ -78,6 +79,11 @@ double DistributedAdamW::clip_grad_norm(double max_norm) {
     at::Tensor sharded = t.narrow(0, 1, 1).clone();
     tp_->all_reduce(sharded);
     t.narrow(0, 1, 1).copy_(sharded);
+  }
+  if (pp_ && pp_->size() > 1) {
+    at::Tensor both = t.sum().reshape({1}).to(pp_->device());
+    pp_->all_reduce(both);
+    t = at::stack({both.cpu()[0], at::zeros({}, at::kDouble)});
   }
   t = t.cpu();
   const double norm = std::sqrt(t[0].item<double>() + t[1].item<double>());

@@ -2,6 +2,7 @@
 
 #include <torch/csrc/autograd/autograd.h>
 
+#include <algorithm>
 #include <map>
 #include <utility>
 
@@ -60,6 +61,10 @@ RunnerStats PipelineRunner::run(const RunnerCallbacks& cb) {
     return buf;
   };
   auto send = [&](const at::Tensor& t, int direction, int to_chunk, int mb) {
+    // Completed sends release their buffers as the step goes (activation memory stays bounded by
+    // what the schedule holds, not by the step's total traffic).
+    sends.erase(std::remove_if(sends.begin(), sends.end(), [](auto& w) { return w.first->is_completed(); }),
+                sends.end());
     at::Tensor buf = t.detach().contiguous();
     sends.emplace_back(pp_->isend(buf, direction == kForwardDir ? next : prev, tag(direction, to_chunk, mb)), buf);
     ++stats.sends;
@@ -68,6 +73,7 @@ RunnerStats PipelineRunner::run(const RunnerCallbacks& cb) {
 
   int in_flight = 0;
   for (const Action& a : table_) {
+    if (cb.before_pass) cb.before_pass(a);
     const int s = vstage(a.chunk);
     const auto key = std::make_pair(a.microbatch, a.chunk);
     if (a.pass == Pass::kForward) {
@@ -78,7 +84,7 @@ RunnerStats PipelineRunner::run(const RunnerCallbacks& cb) {
       }
       Stopwatch compute;
       ChunkOutput out = cb.forward(a.chunk, a.microbatch, sv.input);
-      stats.compute_s += compute.seconds();
+      stats.forward_s += compute.seconds();
       sv.last_stage = s == last_vs;
       sv.b_target = out.b_target;
       if (!sv.last_stage) {
@@ -114,7 +120,7 @@ RunnerStats PipelineRunner::run(const RunnerCallbacks& cb) {
       } else if (!split) {
         torch::autograd::backward(sv.roots, sv.root_grads);
       }
-      stats.compute_s += compute.seconds();
+      stats.backward_s += compute.seconds();
       if (s > 0) {
         at::Tensor grad = sv.input.grad().defined() ? sv.input.grad() : at::zeros_like(sv.input);
         send(grad, kBackwardDir, rank_ == 0 ? a.chunk - 1 : a.chunk, a.microbatch);
@@ -134,13 +140,54 @@ RunnerStats PipelineRunner::run(const RunnerCallbacks& cb) {
       if (t.requires_grad()) wanted.push_back(t);
     }
     if (!wanted.empty()) torch::autograd::backward(sv.roots, sv.root_grads, /*retain_graph=*/false, false, wanted);
-    stats.compute_s += compute.seconds();
+    stats.backward_s += compute.seconds();
     saved.erase(it);
     --in_flight;
   }
   LOOM_INTERNAL_CHECK(saved.empty(), "pipeline: {} micro-batch-chunks still hold activations after the step",
                       saved.size());
   for (auto& [work, buf] : sends) work->wait();
+  stats.compute_s = stats.forward_s + stats.backward_s;
+  return stats;
+}
+
+RunnerStats PipelineRunner::forward_only(const RunnerCallbacks& cb, int microbatches) {
+  LOOM_CHECK(microbatches >= 0 && microbatches <= options_.microbatches,
+             "pipeline: forward_only over {} micro-batches, the runner was built for at most {}", microbatches,
+             options_.microbatches);
+  const int p = options_.stages, v = options_.chunks;
+  const int last_vs = p * v - 1;
+  RunnerStats stats;
+  std::vector<std::pair<comm::WorkPtr, at::Tensor>> sends;
+  const int prev = (rank_ + p - 1) % p, next = (rank_ + 1) % p;
+  // (chunk, micro-batch) in lexicographic order on every rank: each forward's input comes from an
+  // earlier entry of the same order on the previous virtual stage, so no rank waits in a cycle.
+  for (int c = 0; c < v; ++c) {
+    const int s = c * p + rank_;
+    for (int mb = 0; mb < microbatches; ++mb) {
+      if (cb.before_pass) cb.before_pass(Action{Pass::kForward, mb, c});
+      at::Tensor input;
+      if (s > 0) {
+        input = at::empty(cb.shape(mb), cb.activation_options);
+        Stopwatch wait;
+        pp_->irecv(input, prev, tag(kForwardDir, c, mb))->wait();
+        stats.recv_wait_s += wait.seconds();
+        ++stats.recvs;
+      }
+      Stopwatch compute;
+      ChunkOutput out = cb.forward(c, mb, input);
+      stats.forward_s += compute.seconds();
+      if (s != last_vs) {
+        LOOM_CHECK(out.hidden.defined(), "pipeline: chunk {} returned no hidden states for micro-batch {}", c, mb);
+        at::Tensor buf = out.hidden.detach().contiguous();
+        sends.emplace_back(pp_->isend(buf, next, tag(kForwardDir, rank_ == p - 1 ? c + 1 : c, mb)), buf);
+        ++stats.sends;
+        stats.bytes_sent += static_cast<int64_t>(buf.nbytes());
+      }
+    }
+  }
+  for (auto& [work, buf] : sends) work->wait();
+  stats.compute_s = stats.forward_s;
   return stats;
 }
 

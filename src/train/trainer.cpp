@@ -62,18 +62,21 @@ Trainer::Trainer(const config::JobConfig& config, comm::CommunicatorPtr world,
   if (!world_) world_ = std::make_shared<comm::LocalCommunicator>();
   rank_ = world_->rank();
   const auto dims = mesh::ParallelDims::from_config(config_.parallel(), world_->size());
-  LOOM_CHECK_KIND(ErrorKind::kUnsupported, dims.cp == 1 && dims.pp == 1 && dims.ep == 1,
-                  "this build's trainer runs tensor (with sequence) and data parallelism; parallel.cp={}, pp={}, "
-                  "ep={} need the context/pipeline/expert-parallel layers, which are not in yet",
-                  dims.cp, dims.pp, dims.ep);
+  LOOM_CHECK_KIND(ErrorKind::kUnsupported, dims.cp == 1 && dims.ep == 1,
+                  "this build's trainer runs tensor (with sequence), pipeline and data parallelism; parallel.cp={}, "
+                  "ep={} need the context/expert-parallel layers, which are not in yet",
+                  dims.cp, dims.ep);
   LOOM_CHECK_CONFIG(config_.parallel().vocab_divisible_by() >= 1,
                     "field 'parallel.vocab_divisible_by' must be >= 1, got {}", config_.parallel().vocab_divisible_by());
   groups_ = std::make_unique<mesh::ProcessGroups>(dims, world_);
   dp_ = dims.dp;
   tp_ = dims.tp;
+  pp_ = dims.pp;
   dp_rank_ = groups_->dp_rank();
+  pp_rank_ = groups_->pp_rank();
   dp_comm_ = groups_->dp_group();
   tp_comm_ = groups_->tp_group();
+  pp_comm_ = groups_->pp_group();
   log::set_coordinates(groups_->coords_string());
 
   const auto& t = config_.train();
@@ -123,20 +126,53 @@ Trainer::Trainer(const config::JobConfig& config, comm::CommunicatorPtr world,
                       "{} is not divisible by it",
                       tp_, seq_len_);
   }
-  model_ = std::make_unique<model::GptModel>(spec, config_.seed(), device_, tp, config_.parallel().vocab_divisible_by());
+  // Pipeline stages: chunk c of this rank is virtual stage c * pp + pp rank (Note: pipeline stages).
+  const auto& par = config_.parallel();
+  const int vp = par.virtual_pp();
+  LOOM_CHECK_CONFIG(vp >= 1, "field 'parallel.virtual_pp' must be >= 1, got {}", vp);
+  LOOM_CHECK_CONFIG(vp == 1 || pp_ > 1,
+                    "field 'parallel.virtual_pp' = {} interleaves model chunks over pipeline ranks and needs "
+                    "parallel.pp > 1 (got pp = {})",
+                    vp, pp_);
+  const auto layouts = model::partition_stages(spec.num_layers, pp_, vp, par.pp_first_stage_layers(),
+                                               par.pp_last_stage_layers());
+  for (int c = 0; c < vp; ++c) {
+    chunks_.push_back(std::make_unique<model::GptModel>(spec, config_.seed(), device_, tp, par.vocab_divisible_by(),
+                                                        layouts[static_cast<size_t>(c * pp_ + pp_rank_)]));
+    for (const auto& p : chunks_.back()->parameters()) params_.push_back(p);
+  }
+  {
+    parallel::pipeline::ScheduleOptions o;
+    o.kind = !par.pp_schedule().empty()
+                 ? parallel::pipeline::parse_schedule(par.pp_schedule())
+                 : (vp > 1 ? parallel::pipeline::ScheduleKind::kInterleaved1F1B : parallel::pipeline::ScheduleKind::k1F1B);
+    o.stages = pp_;
+    o.chunks = vp;
+    o.microbatches = static_cast<int>(num_micro_);
+    o.group = par.pp_microbatch_group();
+    if (pp_ > 1) {
+      parallel::pipeline::check_options(o);
+      runner_ = std::make_unique<parallel::pipeline::PipelineRunner>(o, pp_comm_);
+    }
+  }
+  if (pp_ > 1 && spec.tie_embeddings && (pp_rank_ == 0 || pp_rank_ == pp_ - 1)) {
+    embedding_comm_ = groups_->embedding_group();
+    LOOM_INTERNAL_CHECK(embedding_comm_ && embedding_comm_->size() == 2,
+                        "pipeline stage {} of {} has no two-rank embedding group", pp_rank_, pp_);
+  }
   const auto adamw = optim::AdamWOptions::from_config(config_.optim());
   if (config_.parallel().distributed_optimizer()) {
-    auto zero = std::make_unique<optim::DistributedAdamW>(&model_->parameters(), adamw, dp_comm_,
-                                                          tp_ > 1 ? tp_comm_ : nullptr);
+    auto zero = std::make_unique<optim::DistributedAdamW>(&params_, adamw, dp_comm_, tp_ > 1 ? tp_comm_ : nullptr,
+                                                          pp_ > 1 ? pp_comm_ : nullptr);
     zero_ = zero.get();
     optimizer_ = std::move(zero);
   } else {
-    optimizer_ = std::make_unique<optim::AdamW>(&model_->parameters(), adamw);
+    optimizer_ = std::make_unique<optim::AdamW>(&params_, adamw);
     if (dp_ > 1) {
       LOOM_CHECK_CONFIG(config_.parallel().grad_bucket_mb() > 0, "field 'parallel.grad_bucket_mb' must be > 0, got {}",
                         config_.parallel().grad_bucket_mb());
       buckets_ = std::make_unique<parallel::GradBuckets>(
-          &model_->parameters(), dp_comm_, static_cast<int64_t>(config_.parallel().grad_bucket_mb() * (1 << 20)),
+          &params_, dp_comm_, static_cast<int64_t>(config_.parallel().grad_bucket_mb() * (1 << 20)),
           config_.parallel().overlap_grad_reduce());
     }
   }
@@ -169,14 +205,28 @@ Trainer::Trainer(const config::JobConfig& config, comm::CommunicatorPtr world,
   LOOM_LOG_INFO("data: {}", source_->describe());
   LOOM_LOG_INFO("batch: {} sequences x {} tokens per step = {} micro-batches of {} on each of {} DP rank(s)",
                 global_batch_, seq_len_, num_micro_, micro_batch_, dp_);
-  LOOM_LOG_INFO("parallel: tp={}{} dp={} ({} ranks); optimizer state {} per rank{}", tp_,
-                tp.sp() ? " with sequence parallelism" : "", dp_, world_->size(),
+  LOOM_LOG_INFO("parallel: tp={}{} pp={} dp={} ({} ranks); optimizer state {} per rank{}", tp_,
+                tp.sp() ? " with sequence parallelism" : "", pp_, dp_, world_->size(),
                 format_bytes(static_cast<double>(optimizer_->state_bytes())),
                 zero_ ? fmt::format(" (distributed optimizer: 1/{} of the moments)", dp_) : "");
-  if (model_->padded_vocab() != spec.vocab_size) {
+  if (runner_) {
+    const auto& o = runner_->options();
+    LOOM_LOG_INFO("pipeline: {} schedule, {} stages x {} chunk(s), {} micro-batches per step; this rank: layers {}",
+                  parallel::pipeline::schedule_name(o.kind), o.stages, o.chunks, o.microbatches, [&] {
+                    std::string r;
+                    for (const auto& c : chunks_) {
+                      const auto& st = c->stage();
+                      r += fmt::format("{}[{}, {}){}{}", r.empty() ? "" : " + ", st.first_layer,
+                                       st.first_layer + st.num_layers, st.pre_process ? " +embedding" : "",
+                                       st.post_process ? " +head" : "");
+                    }
+                    return r;
+                  }());
+  }
+  if (chunks_.front()->padded_vocab() != spec.vocab_size) {
     LOOM_LOG_INFO("vocabulary padded from {} to {} rows (a multiple of parallel.vocab_divisible_by {} x tp {}) for "
                   "the vocab-parallel embedding and head",
-                  spec.vocab_size, model_->padded_vocab(), config_.parallel().vocab_divisible_by(), tp_);
+                  spec.vocab_size, chunks_.front()->padded_vocab(), config_.parallel().vocab_divisible_by(), tp_);
   }
   LOOM_LOG_INFO("compute: {} ({}), {:.3g} GFLOP per token; peak {:.2f} TFLOP/s per device ({})",
                 c10::toString(spec.compute_dtype), spec.recompute ? "full recomputation" : "no recomputation",
@@ -208,6 +258,16 @@ std::vector<model::Batch> Trainer::load_step(int64_t consumed) const {
   }
   return batches;
 }
+
+namespace {
+// All-reduces a host tensor over `comm` (through the communicator's device when it is not the CPU).
+void all_reduce_host(at::Tensor& t, comm::Communicator& comm, comm::ReduceOp op = comm::ReduceOp::kSum) {
+  if (comm.size() == 1) return;
+  at::Tensor d = t.to(comm.device());
+  comm.all_reduce(d, {op});
+  if (d.data_ptr() != t.data_ptr()) t.copy_(d.cpu());
+}
+}  // namespace
 
 double Trainer::all_reduce_sum(double v) {
   if (dp_ == 1) return v;
@@ -247,7 +307,7 @@ void all_reduce_gradients(const std::vector<model::Parameter*>& params, comm::Co
 }  // namespace
 
 void Trainer::reduce_gradients() {
-  auto& params = model_->parameters();
+  auto& params = params_;
   // DP first (Note: gradient buckets): its all-reduces may still be in flight on the buffers the
   // TP reduction below writes. Sums commute, so the order does not change the result.
   if (buckets_) buckets_->finish();
@@ -260,6 +320,17 @@ void Trainer::reduce_gradients() {
     }
     all_reduce_gradients(partial, *tp_comm_, device_);
   }
+  // The tied embedding's two copies (first stage's lookup, last stage's head) each get the sum of
+  // both gradients, after the DP sum (Note: loss scaling). Before a ZeRO-1 reduce-scatter, which
+  // runs after this, the order is the same: the sum is over both copies and every DP rank.
+  if (embedding_comm_) {
+    std::vector<model::Parameter*> tied;
+    for (auto& p : params) {
+      if (p.name == "embedding.weight") tied.push_back(&p);
+    }
+    LOOM_INTERNAL_CHECK(tied.size() == 1, "pipeline stage {}: {} tied embedding tensors", pp_rank_, tied.size());
+    all_reduce_gradients(tied, *embedding_comm_, device_);
+  }
 }
 
 at::Tensor Trainer::full_tensor(const model::Parameter& p, const at::Tensor& local) const {
@@ -270,6 +341,82 @@ at::Tensor Trainer::full_tensor(const model::Parameter& p, const at::Tensor& loc
   std::vector<at::Tensor> shards;
   for (const auto& c : out.chunk(tp_)) shards.push_back(c.view(local.sizes()));
   return model::unshard(shards, p.shard, p.global_shape);
+}
+
+parallel::pipeline::RunnerCallbacks Trainer::pipeline_callbacks(const std::vector<model::Batch>& batches) const {
+  const model::ModelSpec& spec = chunks_.front()->spec();
+  const bool sp = chunks_.front()->tensor_parallel().sp();
+  parallel::pipeline::RunnerCallbacks cb;
+  cb.activation_options = at::TensorOptions()
+                              .dtype(spec.param_dtype == at::kDouble ? at::kDouble : spec.compute_dtype)
+                              .device(device_);
+  const int64_t hidden = spec.hidden, tp = tp_;
+  cb.shape = [&batches, sp, hidden, tp](int mb) {
+    const model::Batch& b = batches[static_cast<size_t>(mb)];
+    return std::vector<int64_t>{sp ? b.seq_len() / tp : b.seq_len(), b.batch_size(), hidden};
+  };
+  cb.parameters = [this](int c) {
+    std::vector<at::Tensor> out;
+    for (const auto& p : chunks_[static_cast<size_t>(c)]->parameters()) out.push_back(p.tensor);
+    return out;
+  };
+  return cb;
+}
+
+void Trainer::forward_backward(const std::vector<model::Batch>& batches, double total_tokens, at::Tensor& acc,
+                               StepMetrics& m) {
+  const bool moe = chunks_.front()->spec().is_moe();
+  const double aux_scale = 1.0 / static_cast<double>(num_micro_ * dp_);
+  if (!runner_) {
+    for (size_t i = 0; i < batches.size(); ++i) {
+      const model::Batch& b = batches[i];
+      if (buckets_) buckets_->arm(i + 1 == batches.size());
+      timers_.start("forward");
+      model::ModelOutput out = chunks_.front()->forward(b);
+      at::Tensor loss = out.loss_sum / total_tokens;
+      if (moe) loss = loss + out.aux_loss * aux_scale;
+      timers_.stop("forward");
+      timers_.start("backward");
+      loss.backward();
+      timers_.stop("backward");
+      acc[0] += out.loss_sum.detach().to(at::kDouble).cpu();
+      acc[1] += out.aux_loss.detach().to(at::kDouble).cpu();
+    }
+    return;
+  }
+  // Pipeline: each stage differentiates its part of the objective (Note: loss scaling).
+  parallel::pipeline::RunnerCallbacks cb = pipeline_callbacks(batches);
+  const bool split = runner_->options().split_backward();
+  cb.forward = [&](int c, int mb, const at::Tensor& input) {
+    model::GptModel& chunk = *chunks_[static_cast<size_t>(c)];
+    model::GptModel::StageOutput out = chunk.forward_stage(batches[static_cast<size_t>(mb)], input);
+    parallel::pipeline::ChunkOutput co;
+    co.hidden = out.hidden;
+    at::Tensor loss;
+    if (chunk.stage().post_process) {
+      loss = out.loss.loss_sum / total_tokens;
+      acc[0] += out.loss.loss_sum.detach().to(at::kDouble).cpu();
+    }
+    if (moe && out.loss.aux_loss.requires_grad()) {
+      at::Tensor aux = out.loss.aux_loss * aux_scale;
+      loss = loss.defined() ? loss + aux : aux;
+      acc[1] += out.loss.aux_loss.detach().to(at::kDouble).cpu();
+    }
+    co.loss = loss;
+    if (split && chunk.stage().pre_process && !chunk.stage().post_process) co.b_target = out.embedded;
+    return co;
+  };
+  if (buckets_) {
+    // A chunk's gradients are complete after the last micro-batch's backward through it (its B, or
+    // its W when the backward is split); only then may the hooks start their buckets.
+    cb.before_pass = [this](const parallel::pipeline::Action& a) {
+      if (a.pass != parallel::pipeline::Pass::kForward) buckets_->arm(a.microbatch + 1 == num_micro_);
+    };
+  }
+  const parallel::pipeline::RunnerStats st = runner_->run(cb);
+  m.forward_s = st.forward_s;
+  m.backward_s = st.backward_s;
+  m.pp_wait_s = st.recv_wait_s;
 }
 
 StepMetrics Trainer::train_step() {
@@ -299,28 +446,16 @@ StepMetrics Trainer::train_step() {
   if (buckets_) {
     buckets_->zero();
   } else {
-    model_->zero_grad();
+    for (auto& c : chunks_) c->zero_grad();
   }
   const double aux_scale = 1.0 / static_cast<double>(num_micro_ * dp_);
   at::Tensor loss_acc = at::zeros({2}, at::kDouble);  // [lm loss sum, aux sum]
-  for (size_t i = 0; i < batches.size(); ++i) {
-    const model::Batch& b = batches[i];
-    if (buckets_) buckets_->arm(i + 1 == batches.size());
-    timers_.start("forward");
-    model::ModelOutput out = model_->forward(b);
-    at::Tensor loss = out.loss_sum / total_tokens;
-    if (model_->spec().is_moe()) loss = loss + out.aux_loss * aux_scale;
-    timers_.stop("forward");
-    timers_.start("backward");
-    loss.backward();
-    timers_.stop("backward");
-    loss_acc[0] += out.loss_sum.detach().to(at::kDouble).cpu();
-    loss_acc[1] += out.aux_loss.detach().to(at::kDouble).cpu();
-  }
+  forward_backward(batches, total_tokens, loss_acc, m);
   timers_.start("comm");
   reduce_gradients();
   if (zero_) zero_->reduce_scatter_gradients();
-  if (dp_ > 1) dp_comm_->all_reduce(loss_acc);
+  if (pp_ > 1) all_reduce_host(loss_acc, *pp_comm_);  // the last stage's loss, every stage's aux
+  if (dp_ > 1) all_reduce_host(loss_acc, *dp_comm_);
   timers_.stop("comm");
   m.step = step_ + 1;
   m.loss = loss_acc[0].item<double>() / total_tokens;
@@ -333,7 +468,7 @@ StepMetrics Trainer::train_step() {
 
   timers_.start("optimizer");
   m.grad_norm = zero_ ? zero_->clip_grad_norm(config_.optim().clip_grad())
-                      : optim::clip_grad_norm(model_->parameters(), config_.optim().clip_grad(), tp_comm_.get());
+                      : optim::clip_grad_norm(params_, config_.optim().clip_grad(), tp_comm_.get(), pp_comm_.get());
   LOOM_CHECK_KIND(ErrorKind::kNumerics, std::isfinite(m.grad_norm),
                   "step {}: the gradient norm is {} (loss {}); no update was applied, so the parameters "
                   "are those after step {}",
@@ -346,8 +481,10 @@ StepMetrics Trainer::train_step() {
 
   m.seconds = clock.seconds();
   m.data_s = timers_.elapsed("data");
-  m.forward_s = timers_.elapsed("forward");
-  m.backward_s = timers_.elapsed("backward");
+  if (!runner_) {
+    m.forward_s = timers_.elapsed("forward");
+    m.backward_s = timers_.elapsed("backward");
+  }
   m.comm_s = timers_.elapsed("comm");
   m.optimizer_s = timers_.elapsed("optimizer");
   if (buckets_) m.grad_reduce_wait_s = buckets_->stats().wait_s;
@@ -360,13 +497,23 @@ StepMetrics Trainer::train_step() {
   m.device_peak = mem.device_peak;
   m.rss = mem.rss;
   m.peak_rss = mem.peak_rss;
-  for (const auto& [layer, st] : model_->moe_stats()) {
-    m.moe_dropped += st.dropped;
-    if (st.tokens_per_expert.defined()) {
-      const double mean = st.tokens_per_expert.to(at::kDouble).mean().item<double>();
-      const double mx = st.tokens_per_expert.max().item<int64_t>();
-      if (mean > 0) m.moe_max_load = std::max(m.moe_max_load, mx / mean);
+  for (const auto& chunk : chunks_) {
+    for (const auto& [layer, st] : chunk->moe_stats()) {
+      m.moe_dropped += st.dropped;
+      if (st.tokens_per_expert.defined()) {
+        const double mean = st.tokens_per_expert.to(at::kDouble).mean().item<double>();
+        const double mx = st.tokens_per_expert.max().item<int64_t>();
+        if (mean > 0) m.moe_max_load = std::max(m.moe_max_load, mx / mean);
+      }
     }
+  }
+  if (pp_ > 1 && chunks_.front()->spec().is_moe()) {  // every stage's MoE layers
+    at::Tensor dropped = at::full({1}, static_cast<double>(m.moe_dropped), at::kDouble);
+    at::Tensor load = at::full({1}, m.moe_max_load, at::kDouble);
+    all_reduce_host(dropped, *pp_comm_);
+    all_reduce_host(load, *pp_comm_, comm::ReduceOp::kMax);
+    m.moe_dropped = static_cast<int64_t>(dropped.item<double>());
+    m.moe_max_load = load.item<double>();
   }
   history_.push_back(m);
   return m;
@@ -380,16 +527,36 @@ EvalMetrics Trainer::evaluate() {
   double sums[2] = {0, 0};
   for (int64_t g = 0; g < config_.train().eval_batches(); ++g) {
     const int64_t base = g * global_batch_ + dp_rank_ * per_rank;
+    std::vector<model::Batch> batches;
     for (int64_t i = 0; i < num_micro_; ++i) {
-      model::Batch b = make_micro_batch(data::Split::kValid, base + i * micro_batch_, micro_batch_);
-      model::ModelOutput out = model_->forward(b);
-      sums[0] += out.loss_sum.item<double>();
-      sums[1] += static_cast<double>(out.num_tokens);
+      batches.push_back(make_micro_batch(data::Split::kValid, base + i * micro_batch_, micro_batch_));
     }
+    if (!runner_) {
+      for (const auto& b : batches) {
+        model::ModelOutput out = chunks_.front()->forward(b);
+        sums[0] += out.loss_sum.item<double>();
+        sums[1] += static_cast<double>(out.num_tokens);
+      }
+      continue;
+    }
+    parallel::pipeline::RunnerCallbacks cb = pipeline_callbacks(batches);
+    cb.forward = [&](int c, int mb, const at::Tensor& input) {
+      model::GptModel& chunk = *chunks_[static_cast<size_t>(c)];
+      model::GptModel::StageOutput out = chunk.forward_stage(batches[static_cast<size_t>(mb)], input);
+      if (chunk.stage().post_process) {  // only the last stage has the loss (summed over PP below)
+        sums[0] += out.loss.loss_sum.item<double>();
+        sums[1] += static_cast<double>(out.loss.num_tokens);
+      }
+      parallel::pipeline::ChunkOutput co;
+      co.hidden = out.hidden;
+      return co;
+    };
+    runner_->forward_only(cb, static_cast<int>(num_micro_));
   }
-  if (dp_ > 1) {
+  if (dp_ > 1 || pp_ > 1) {
     at::Tensor t = at::tensor({sums[0], sums[1]}, at::kDouble);
-    dp_comm_->all_reduce(t);
+    if (pp_ > 1) all_reduce_host(t, *pp_comm_);
+    if (dp_ > 1) all_reduce_host(t, *dp_comm_);
     sums[0] = t[0].item<double>();
     sums[1] = t[1].item<double>();
   }
@@ -418,16 +585,21 @@ std::string Trainer::save_checkpoint() {
   // its TP shards; world rank 0 writes), so it loads under any tp (Note: tensor-parallel shards).
   checkpoint::CheckpointData data;
   const std::vector<optim::NamedTensor> optim_state = optimizer_->state();  // collective with ZeRO-1
+  // With pipeline parallelism each stage's first DP replica gathers its TP shards, and the stages'
+  // (tp 0) ranks send theirs to world rank 0 over the pipeline group.
   if (dp_rank_ == 0) {
     std::map<std::string, const model::Parameter*> by_name;
-    for (const auto& p : model_->parameters()) {
+    for (const auto& p : params_) {
+      if (p.pipeline_copy) continue;  // saved by its owner
       data.model[p.name] = full_tensor(p, p.tensor);
       by_name[p.name] = &p;
     }
     for (const auto& s : optim_state) {
-      const model::Parameter* owner = by_name.at(s.name.substr(0, s.name.rfind('.')));
-      data.state["optim." + s.name] = full_tensor(*owner, s.tensor);
+      auto owner = by_name.find(s.name.substr(0, s.name.rfind('.')));
+      if (owner == by_name.end()) continue;  // a pipeline copy's state
+      data.state["optim." + s.name] = full_tensor(*owner->second, s.tensor);
     }
+    if (pp_ > 1 && groups_->tp_rank() == 0) checkpoint::gather_checkpoint_data(data, *pp_comm_, 0);
   }
   if (rank_ == 0) {
     {
@@ -463,7 +635,8 @@ void Trainer::load_checkpoint(const std::string& dir) {
                   checkpoint::kSingleProcessFormat);
   at::NoGradGuard no_grad;
   std::map<std::string, const model::Parameter*> by_name;
-  for (auto& p : model_->parameters()) {
+  int64_t owned = 0;  // parameters this rank saves (not pipeline copies), summed over stages below
+  for (auto& p : params_) {
     auto it = data.model.find(p.name);
     LOOM_CHECK_KIND(ErrorKind::kIO, it != data.model.end(),
                     "checkpoint '{}' has no parameter '{}': was it written for a different model config?",
@@ -473,20 +646,24 @@ void Trainer::load_checkpoint(const std::string& dir) {
                     it->second.sizes(), at::IntArrayRef(p.global_shape));
     p.tensor.copy_(model::shard_of(it->second, p.shard, p.tp_size, p.tp_rank));
     by_name[p.name] = &p;
+    if (!p.pipeline_copy) ++owned;
   }
-  LOOM_CHECK_KIND(ErrorKind::kIO, data.model.size() == model_->parameters().size(),
+  if (pp_ > 1) {
+    at::Tensor n = at::full({1}, static_cast<double>(owned), at::kDouble);
+    all_reduce_host(n, *pp_comm_);
+    owned = static_cast<int64_t>(n.item<double>());
+  }
+  LOOM_CHECK_KIND(ErrorKind::kIO, static_cast<int64_t>(data.model.size()) == owned,
                   "checkpoint '{}' holds {} parameters, the model has {}: was it written for a different "
                   "model config?",
-                  dir, data.model.size(), model_->parameters().size());
+                  dir, data.model.size(), owned);
   std::vector<optim::NamedTensor> state;
   for (const auto& [name, t] : data.state) {
     if (name.rfind("optim.", 0) != 0) continue;
     const std::string key = name.substr(6);
     auto owner = by_name.find(key.substr(0, key.rfind('.')));
-    state.push_back({key, owner == by_name.end()
-                              ? t
-                              : model::shard_of(t, owner->second->shard, owner->second->tp_size,
-                                                owner->second->tp_rank)});
+    if (owner == by_name.end()) continue;  // another pipeline stage's
+    state.push_back({key, model::shard_of(t, owner->second->shard, owner->second->tp_size, owner->second->tp_rank)});
   }
   optimizer_->load_state(state, std::stoll(meta("optimizer_step")));
   auto rng = data.state.find("rng.cpu");
@@ -528,8 +705,8 @@ void Trainer::log_step(const StepMetrics& m) {
                       {"peak_rss_bytes", m.peak_rss},
                       {"device_peak_bytes", m.device_peak},
                       {"time", {{"data", m.data_s}, {"forward", m.forward_s}, {"backward", m.backward_s},
-                                {"comm", m.comm_s}, {"optimizer", m.optimizer_s}}}};
-  if (model_->spec().is_moe()) {
+                                {"comm", m.comm_s}, {"optimizer", m.optimizer_s}, {"pp_wait", m.pp_wait_s}}}};
+  if (chunks_.front()->spec().is_moe()) {
     j["moe_dropped"] = m.moe_dropped;
     j["moe_max_load"] = m.moe_max_load;
   }
@@ -540,7 +717,7 @@ void Trainer::log_step(const StepMetrics& m) {
         {"train/grad_norm", m.grad_norm}, {"perf/tokens_per_s", m.tokens_per_s},
         {"perf/tflops_per_device", m.tflops_per_device}, {"perf/mfu", m.mfu},
         {"memory/rss_gib", static_cast<double>(m.rss) / (1 << 30)}};
-    if (model_->spec().is_moe()) {
+    if (chunks_.front()->spec().is_moe()) {
       v.emplace_back("train/aux_loss", m.aux_loss);
       v.emplace_back("moe/max_load", m.moe_max_load);
     }
@@ -559,7 +736,8 @@ void Trainer::log_step(const StepMetrics& m) {
                           : format_bytes(static_cast<double>(m.rss)),
         100 * m.data_s / t, 100 * m.forward_s / t,
         100 * m.backward_s / t, 100 * m.comm_s / t, 100 * m.optimizer_s / t);
-    if (model_->spec().is_moe()) {
+    if (runner_) line += fmt::format(" | pp wait {:.0f}%", 100 * m.pp_wait_s / t);
+    if (chunks_.front()->spec().is_moe()) {
       line += fmt::format(" | aux {:.4f} | max load {:.2f}", m.aux_loss, m.moe_max_load);
       if (m.moe_dropped > 0) line += fmt::format(" | dropped {}", m.moe_dropped);
     }

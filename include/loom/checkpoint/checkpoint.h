@@ -12,6 +12,8 @@
 #include <optional>
 #include <string>
 
+#include "loom/comm/communicator.h"
+
 namespace loom::checkpoint {
 
 // The "format" metadata value of a single-process checkpoint.
@@ -34,5 +36,11 @@ std::optional<std::string> latest_checkpoint(const std::string& root);
 
 // Loads a checkpoint directory; a missing directory or file is a kIO error naming it.
 CheckpointData load_checkpoint(const std::string& dir);
+
+// Collective over `comm`: rank `root` receives every other rank's model and state tensors (as
+// safetensors bytes) and merges them into its `data` (e.g. the pipeline stages' parameters into the
+// writer's). A name held by two ranks is a kInternal error naming it and both ranks. Other ranks'
+// `data` is left as it was; metadata is not sent.
+void gather_checkpoint_data(CheckpointData& data, comm::Communicator& comm, int root = 0);
 
 }  // namespace loom::checkpoint

@@ -24,6 +24,10 @@ struct TensorFile {
 void save_safetensors(const std::string& path, const std::map<std::string, at::Tensor>& tensors,
                       const std::map<std::string, std::string>& metadata = {});
 
+// The bytes save_safetensors writes, in memory (e.g. to send a stage's tensors to another rank).
+std::string encode_safetensors(const std::map<std::string, at::Tensor>& tensors,
+                               const std::map<std::string, std::string>& metadata = {});
+
 TensorFile load_safetensors(const std::string& path);
 
 // Same, from bytes in memory (`source` names them in errors).

@@ -43,6 +43,10 @@ struct Parameter {
   bool weight_decay = true;          // false for norms, biases (and 1-D tensors generally)
   TpShard shard;
   int tp_size = 1, tp_rank = 0;
+  // Another pipeline stage owns this parameter and this rank holds a copy that the trainer keeps
+  // equal to it (the tied embedding used as the head on the last stage: [Note: pipeline stages]).
+  // Norms and checkpoints count the owner's only.
+  bool pipeline_copy = false;
 
   bool tp_sharded() const { return shard.dim >= 0 && tp_size > 1; }
 };

@@ -30,8 +30,10 @@ namespace loom::optim {
 class DistributedAdamW : public Optimizer {
  public:
   // Collective-free. `dp` must be non-null; `tp` may be null (no tensor parallelism).
+  // `pp` (may be null): the pipeline group, over which the norm's squared sums are also summed
+  // (a stage's Parameter::pipeline_copy is left out of them).
   DistributedAdamW(std::vector<model::Parameter>* params, const AdamWOptions& options, comm::CommunicatorPtr dp,
-                   comm::CommunicatorPtr tp);
+                   comm::CommunicatorPtr tp, comm::CommunicatorPtr pp = nullptr);
 
   // Steps 1 and 2 of the note; collective over DP (and TP for the norm). Returns the norm before
   // clipping (max_norm <= 0: no clipping). Parameters' .grad() are left as they were (DP-unreduced).
@@ -60,7 +62,7 @@ class DistributedAdamW : public Optimizer {
 
   std::vector<model::Parameter>* params_;
   AdamWOptions options_;
-  comm::CommunicatorPtr dp_, tp_;
+  comm::CommunicatorPtr dp_, tp_, pp_;
   std::vector<int64_t> offsets_;  // flat offset of each parameter
   int64_t total_ = 0, shard_ = 0, begin_ = 0;
   std::vector<Segment> segments_;

@@ -49,6 +49,9 @@ struct RunnerCallbacks {
   // The parameters of a chunk (for W of a split backward).
   std::function<std::vector<at::Tensor>(int chunk)> parameters;
   at::TensorOptions activation_options;  // dtype and device of activations on the wire
+  // Optional: called before every pass (e.g. to tell data-parallel gradient buckets whether the
+  // backward that follows is the last micro-batch's for that chunk).
+  std::function<void(const Action&)> before_pass;
 };
 
 struct RunnerStats {
@@ -56,6 +59,8 @@ struct RunnerStats {
   int64_t bytes_sent = 0;
   double recv_wait_s = 0;   // time blocked on receives (the bubble as this rank sees it, plus transfer)
   double compute_s = 0;     // time in forward / backward / weight passes
+  double forward_s = 0;     // the F part of compute_s
+  double backward_s = 0;    // the B and W part of compute_s
   int peak_in_flight = 0;   // most micro-batch-chunks holding activations at once
 };
 
@@ -66,6 +71,11 @@ class PipelineRunner {
 
   // Runs this rank's table for one training step. Parameter gradients accumulate in .grad().
   RunnerStats run(const RunnerCallbacks& cb);
+
+  // Forward passes only (evaluation; the caller holds a NoGradGuard): every chunk in order, every
+  // micro-batch through it, activations passed on as in run(). `microbatches` may differ from the
+  // options' (at most the options' count, which sizes the message tags).
+  RunnerStats forward_only(const RunnerCallbacks& cb, int microbatches);
 
   const ScheduleOptions& options() const { return options_; }
   const Table& table() const { return table_; }

@@ -10,6 +10,14 @@
 // and all-reduced over DP). The language-model part is therefore the per-token mean over the global
 // batch, whatever the split into ranks and micro-batches; the MoE auxiliary losses are averaged over
 // micro-batches. Gradients are summed over DP.
+//
+// With pipeline parallelism the same objective is split by stage: the last virtual stage
+// differentiates loss_sum_mb / N plus its own MoE layers' aux_mb / (M * DP), every other stage only
+// its MoE layers' aux term (N is known on every stage: each reads the micro-batch). The sum over
+// stages is the objective above. The reported loss and aux loss are summed over the pipeline group.
+// A tied embedding's two copies (first stage: the lookup, last stage: the head) get the sum of both
+// gradients from an all-reduce over the embedding group after the data-parallel reduction; the
+// gradient norm counts the owner only (Parameter::pipeline_copy).
 #pragma once
 
 #include <cstdint>
@@ -29,6 +37,7 @@
 #include "loom/optim/distributed.h"
 #include "loom/optim/schedule.h"
 #include "loom/parallel/data_parallel.h"
+#include "loom/parallel/pipeline.h"
 #include "loom/train/progress.h"
 #include "loom/train/tensorboard.h"
 
@@ -44,6 +53,7 @@ struct StepMetrics {
   double seconds = 0;        // wall time of the step
   double data_s = 0, forward_s = 0, backward_s = 0, comm_s = 0, optimizer_s = 0;
   double grad_reduce_wait_s = 0;       // DP all-reduce time left after backward (not overlapped)
+  double pp_wait_s = 0;                // pipeline: time blocked on activation / gradient receives
   double tokens_per_s = 0;             // global
   double tokens_per_s_per_device = 0;
   double tflops_per_device = 0;        // achieved
@@ -93,7 +103,14 @@ class Trainer {
   // Restores model, optimizer, step, data position and RNG from a checkpoint directory.
   void load_checkpoint(const std::string& dir);
 
-  model::GptModel& model() { return *model_; }
+  // This rank's model: its first pipeline chunk (the whole model without pipeline parallelism).
+  model::GptModel& model() { return *chunks_.front(); }
+  // Every model chunk of this rank (virtual stage c * pp + pp rank for chunk c).
+  const std::vector<std::unique_ptr<model::GptModel>>& chunks() const { return chunks_; }
+  // This rank's parameters, every chunk's in chunk order (shared with the chunks: the same tensors).
+  std::vector<model::Parameter>& parameters() { return params_; }
+  // The pipeline runner (nullptr without pipeline parallelism).
+  const parallel::pipeline::PipelineRunner* pipeline() const { return runner_.get(); }
   optim::Optimizer& optimizer() { return *optimizer_; }
   const optim::LrSchedule& schedule() const { return *schedule_; }
   int64_t step() const { return step_; }
@@ -117,16 +134,23 @@ class Trainer {
   std::vector<model::Batch> load_step(int64_t consumed) const;
   void reduce_gradients();
   double all_reduce_sum(double v);  // over the DP group
+  // Forward and backward of this rank's micro-batches; adds [loss sum, aux sum] to `acc`.
+  void forward_backward(const std::vector<model::Batch>& batches, double total_tokens, at::Tensor& acc,
+                        StepMetrics& m);
+  parallel::pipeline::RunnerCallbacks pipeline_callbacks(const std::vector<model::Batch>& batches) const;
   void log_step(const StepMetrics& m);
   void write_jsonl(const std::string& line);
 
   config::JobConfig config_;
   comm::CommunicatorPtr world_;
   std::unique_ptr<mesh::ProcessGroups> groups_;
-  comm::CommunicatorPtr dp_comm_, tp_comm_;
-  int rank_ = 0, dp_ = 1, dp_rank_ = 0, tp_ = 1;
+  comm::CommunicatorPtr dp_comm_, tp_comm_, pp_comm_;
+  comm::CommunicatorPtr embedding_comm_;  // pp > 1, tied embeddings, first or last stage
+  int rank_ = 0, dp_ = 1, dp_rank_ = 0, tp_ = 1, pp_ = 1, pp_rank_ = 0;
   std::unique_ptr<data::DataSource> source_;
-  std::unique_ptr<model::GptModel> model_;
+  std::vector<std::unique_ptr<model::GptModel>> chunks_;
+  std::vector<model::Parameter> params_;
+  std::unique_ptr<parallel::pipeline::PipelineRunner> runner_;
   std::unique_ptr<optim::Optimizer> optimizer_;
   optim::DistributedAdamW* zero_ = nullptr;  // optimizer_ when parallel.distributed_optimizer
   std::unique_ptr<parallel::GradBuckets> buckets_;  // dp > 1 with the replicated optimizer
