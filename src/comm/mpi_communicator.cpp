@@ -2,7 +2,11 @@
 
 #include <fmt/format.h>
 
+#include <algorithm>
+#include <chrono>
 #include <climits>
+#include <mutex>
+#include <thread>
 #include <numeric>
 
 #include "loom/core/error.h"
@@ -79,14 +83,39 @@ class MpiWork final : public Work {
         arrays_(std::move(arrays)) {}
 
   ~MpiWork() override {
-    // MPI may still write into the buffers held by keep_: never free them under a pending request.
-    if (!done_) {
-      int finalized = 0;
-      MPI_Finalized(&finalized);
-      if (!finalized) {
-        LOOM_LOG_WARN("{} destroyed before wait(); waiting for it", describe());
-        MPI_Waitall(static_cast<int>(requests_.size()), requests_.data(), MPI_STATUSES_IGNORE);
+    // MPI may still write into (or read from) the buffers held by keep_: never free them under a
+    // pending request. A Work destroyed before completion was usually abandoned by an exception,
+    // e.g. a receive that timed out because its peer stopped responding, so waiting for it could
+    // block the unwinding (and the abort that follows) forever. A receive is cancelled; anything
+    // else gets a bounded wait; what is still pending after that keeps its buffers until the
+    // process exits (never freed under MPI).
+    if (done_) return;
+    int finalized = 0;
+    MPI_Finalized(&finalized);
+    if (finalized) return;
+    if (info().kind == OpKind::kRecv) {
+      for (auto& r : requests_) {
+        if (r != MPI_REQUEST_NULL) MPI_Cancel(&r);
       }
+    }
+    const double limit_s = std::min(info().default_timeout_s, 10.0);
+    LOOM_LOG_WARN("{} destroyed before wait(); {} up to {:.0f} s", describe(),
+                  info().kind == OpKind::kRecv ? "cancelling it" : "waiting for it", limit_s);
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::duration<double>(limit_s);
+    int flag = 0;
+    while (MPI_Testall(static_cast<int>(requests_.size()), requests_.data(), &flag, MPI_STATUSES_IGNORE) ==
+               MPI_SUCCESS &&
+           !flag && std::chrono::steady_clock::now() < deadline) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    }
+    if (!flag) {
+      LOOM_LOG_WARN("{} is still pending (a peer failed or stopped responding?): its buffers are kept until exit",
+                    describe());
+      static std::mutex mu;
+      // Never destroyed: MPI may use these until the process ends.
+      static auto* abandoned = new std::vector<std::pair<std::vector<at::Tensor>, std::vector<std::vector<int>>>>();
+      std::lock_guard<std::mutex> lock(mu);
+      abandoned->emplace_back(std::move(keep_), std::move(arrays_));
     }
   }
 

@@ -43,6 +43,24 @@ int PipelineRunner::tag(int direction, int chunk, int mb) const {
   return (direction * options_.chunks + chunk) * options_.microbatches + mb;
 }
 
+void PipelineRunner::wait_for(at::Tensor& buf, int direction, int chunk, int mb) {
+  const int p = options_.stages;
+  const int peer = direction == kForwardDir ? (rank_ + p - 1) % p : (rank_ + 1) % p;
+  try {
+    pp_->irecv(buf, peer, tag(direction, chunk, mb))->wait();
+  } catch (const Error& e) {
+    if (e.kind() != ErrorKind::kTimeout) throw;
+    // Name what was awaited from whom: a stage that failed or stopped responding mid-schedule.
+    LOOM_THROW(ErrorKind::kTimeout,
+               "pipeline stage {} (world rank {}) waited {:.0f} s for the {} of micro-batch {} (chunk {}) from "
+               "pipeline stage {} (world rank {}): that stage, or one it waits for, failed or stopped responding, "
+               "and the job cannot go on. {}",
+               rank_, pp_->world_ranks()[static_cast<size_t>(rank_)], pp_->timeout_s(),
+               direction == kForwardDir ? "activations" : "activation gradient", mb, chunk, peer,
+               pp_->world_ranks()[static_cast<size_t>(peer)], e.message());
+  }
+}
+
 RunnerStats PipelineRunner::run(const RunnerCallbacks& cb) {
   const int p = options_.stages, v = options_.chunks;
   const int last_vs = p * v - 1;
@@ -55,7 +73,7 @@ RunnerStats PipelineRunner::run(const RunnerCallbacks& cb) {
   auto receive = [&](int direction, int chunk, int mb) {
     at::Tensor buf = at::empty(cb.shape(mb), cb.activation_options);
     Stopwatch wait;
-    pp_->irecv(buf, direction == kForwardDir ? prev : next, tag(direction, chunk, mb))->wait();
+    wait_for(buf, direction, chunk, mb);
     stats.recv_wait_s += wait.seconds();
     ++stats.recvs;
     return buf;
@@ -159,7 +177,7 @@ RunnerStats PipelineRunner::forward_only(const RunnerCallbacks& cb, int microbat
   const int last_vs = p * v - 1;
   RunnerStats stats;
   std::vector<std::pair<comm::WorkPtr, at::Tensor>> sends;
-  const int prev = (rank_ + p - 1) % p, next = (rank_ + 1) % p;
+  const int next = (rank_ + 1) % p;
   // (chunk, micro-batch) in lexicographic order on every rank: each forward's input comes from an
   // earlier entry of the same order on the previous virtual stage, so no rank waits in a cycle.
   for (int c = 0; c < v; ++c) {
@@ -170,7 +188,7 @@ RunnerStats PipelineRunner::forward_only(const RunnerCallbacks& cb, int microbat
       if (s > 0) {
         input = at::empty(cb.shape(mb), cb.activation_options);
         Stopwatch wait;
-        pp_->irecv(input, prev, tag(kForwardDir, c, mb))->wait();
+        wait_for(input, kForwardDir, c, mb);
         stats.recv_wait_s += wait.seconds();
         ++stats.recvs;
       }

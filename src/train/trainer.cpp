@@ -97,6 +97,10 @@ Trainer::Trainer(const config::JobConfig& config, comm::CommunicatorPtr world,
     }
   }
   if (t.num_threads() > 0) at::set_num_threads(t.num_threads());
+  fault_ = FaultInjection::from_env();
+  if (fault_ && fault_->rank == rank_) {
+    LOOM_LOG_WARN("LOOM_FAULT_INJECT is set: this rank will fail at step {}", fault_->step);
+  }
   if (t.tune_host_allocator() && !tune_host_allocator()) {
     LOOM_LOG_WARN("glibc refused the host-allocator settings (mallopt); fresh pages will be faulted in each step");
   }
@@ -151,6 +155,16 @@ Trainer::Trainer(const config::JobConfig& config, comm::CommunicatorPtr world,
     o.microbatches = static_cast<int>(num_micro_);
     o.group = par.pp_microbatch_group();
     if (pp_ > 1) {
+      // [Note: pipeline runner] matches sends and receives by tag, with independent progress (MPI's
+      // model). NCCL has no tags and matches in posting order on one stream, where 1F1B's crossing
+      // transfers (activations one way, gradients the other) can block each other; that ordering
+      // is not built yet, and CUDA activations are not staged through MPI.
+      LOOM_CHECK_KIND(ErrorKind::kUnsupported,
+                      std::string(pp_comm_->backend()) != "nccl" && pp_comm_->device() == device_,
+                      "parallel.pp = {} on train.device '{}' over the {} backend: the pipeline runner needs "
+                      "tag-matched point-to-point on the activations' device, which this build has only for CPU "
+                      "tensors over MPI (see docs/parallelism.md)",
+                      pp_, device_.str(), pp_comm_->backend());
       parallel::pipeline::check_options(o);
       runner_ = std::make_unique<parallel::pipeline::PipelineRunner>(o, pp_comm_);
     }
@@ -367,6 +381,11 @@ void Trainer::forward_backward(const std::vector<model::Batch>& batches, double 
                                StepMetrics& m) {
   const bool moe = chunks_.front()->spec().is_moe();
   const double aux_scale = 1.0 / static_cast<double>(num_micro_ * dp_);
+  bool fault_checked = false;  // LOOM_FAULT_INJECT fires before this rank's first backward of the step
+  auto fault_point = [&] {
+    if (fault_ && !fault_checked) fault_->maybe_trigger(rank_, step_ + 1);
+    fault_checked = true;
+  };
   if (!runner_) {
     for (size_t i = 0; i < batches.size(); ++i) {
       const model::Batch& b = batches[i];
@@ -377,6 +396,7 @@ void Trainer::forward_backward(const std::vector<model::Batch>& batches, double 
       if (moe) loss = loss + out.aux_loss * aux_scale;
       timers_.stop("forward");
       timers_.start("backward");
+      fault_point();
       loss.backward();
       timers_.stop("backward");
       acc[0] += out.loss_sum.detach().to(at::kDouble).cpu();
@@ -406,13 +426,13 @@ void Trainer::forward_backward(const std::vector<model::Batch>& batches, double 
     if (split && chunk.stage().pre_process && !chunk.stage().post_process) co.b_target = out.embedded;
     return co;
   };
-  if (buckets_) {
+  cb.before_pass = [&](const parallel::pipeline::Action& a) {
+    if (a.pass == parallel::pipeline::Pass::kForward) return;
+    fault_point();
     // A chunk's gradients are complete after the last micro-batch's backward through it (its B, or
     // its W when the backward is split); only then may the hooks start their buckets.
-    cb.before_pass = [this](const parallel::pipeline::Action& a) {
-      if (a.pass != parallel::pipeline::Pass::kForward) buckets_->arm(a.microbatch + 1 == num_micro_);
-    };
-  }
+    if (buckets_) buckets_->arm(a.microbatch + 1 == num_micro_);
+  };
   const parallel::pipeline::RunnerStats st = runner_->run(cb);
   m.forward_s = st.forward_s;
   m.backward_s = st.backward_s;
@@ -623,31 +643,59 @@ std::string Trainer::save_checkpoint() {
 }
 
 void Trainer::load_checkpoint(const std::string& dir) {
-  checkpoint::CheckpointData data = checkpoint::load_checkpoint(dir);
-  auto meta = [&](const char* key) -> std::string {
-    auto it = data.metadata.find(key);
-    LOOM_CHECK_KIND(ErrorKind::kIO, it != data.metadata.end(), "checkpoint '{}': metadata '{}' is missing",
-                    dir, key);
-    return it->second;
-  };
-  LOOM_CHECK_KIND(ErrorKind::kIO, meta("format") == checkpoint::kSingleProcessFormat,
-                  "checkpoint '{}' has format '{}', this build reads '{}'", dir, meta("format"),
-                  checkpoint::kSingleProcessFormat);
-  at::NoGradGuard no_grad;
+  // Everything is checked before anything is changed, and every rank learns whether any rank's
+  // check failed: a pipeline stage whose parameters are missing must not leave the other stages
+  // waiting in a collective (and a failed load leaves the model as it was).
+  checkpoint::CheckpointData data;
   std::map<std::string, const model::Parameter*> by_name;
-  int64_t owned = 0;  // parameters this rank saves (not pipeline copies), summed over stages below
-  for (auto& p : params_) {
-    auto it = data.model.find(p.name);
-    LOOM_CHECK_KIND(ErrorKind::kIO, it != data.model.end(),
-                    "checkpoint '{}' has no parameter '{}': was it written for a different model config?",
-                    dir, p.name);
-    LOOM_CHECK_KIND(ErrorKind::kIO, it->second.sizes() == at::IntArrayRef(p.global_shape),
-                    "checkpoint '{}': parameter '{}' has shape {}, the model needs {}", dir, p.name,
-                    it->second.sizes(), at::IntArrayRef(p.global_shape));
-    p.tensor.copy_(model::shard_of(it->second, p.shard, p.tp_size, p.tp_rank));
-    by_name[p.name] = &p;
-    if (!p.pipeline_copy) ++owned;
+  std::vector<optim::NamedTensor> state;
+  std::exception_ptr failure;
+  try {
+    data = checkpoint::load_checkpoint(dir);
+    auto meta = [&](const char* key) -> std::string {
+      auto it = data.metadata.find(key);
+      LOOM_CHECK_KIND(ErrorKind::kIO, it != data.metadata.end(), "checkpoint '{}': metadata '{}' is missing",
+                      dir, key);
+      return it->second;
+    };
+    LOOM_CHECK_KIND(ErrorKind::kIO, meta("format") == checkpoint::kSingleProcessFormat,
+                    "checkpoint '{}' has format '{}', this build reads '{}'", dir, meta("format"),
+                    checkpoint::kSingleProcessFormat);
+    for (const char* key : {"step", "consumed_samples", "optimizer_step"}) (void)meta(key);
+    LOOM_CHECK_KIND(ErrorKind::kIO, data.state.count("rng.cpu") == 1, "checkpoint '{}': 'rng.cpu' is missing", dir);
+    for (const auto& p : params_) {
+      auto it = data.model.find(p.name);
+      LOOM_CHECK_KIND(ErrorKind::kIO, it != data.model.end(),
+                      "checkpoint '{}' has no parameter '{}': was it written for a different model config?",
+                      dir, p.name);
+      LOOM_CHECK_KIND(ErrorKind::kIO, it->second.sizes() == at::IntArrayRef(p.global_shape),
+                      "checkpoint '{}': parameter '{}' has shape {}, the model needs {}", dir, p.name,
+                      it->second.sizes(), at::IntArrayRef(p.global_shape));
+      by_name[p.name] = &p;
+    }
+    for (const auto& [name, t] : data.state) {
+      if (name.rfind("optim.", 0) != 0) continue;
+      const std::string key = name.substr(6);
+      auto owner = by_name.find(key.substr(0, key.rfind('.')));
+      if (owner == by_name.end()) continue;  // another pipeline stage's
+      LOOM_CHECK_KIND(ErrorKind::kIO, t.sizes() == at::IntArrayRef(owner->second->global_shape),
+                      "checkpoint '{}': optimizer state '{}' has shape {}, the parameter needs {}", dir, key,
+                      t.sizes(), at::IntArrayRef(owner->second->global_shape));
+      state.push_back({key, model::shard_of(t, owner->second->shard, owner->second->tp_size, owner->second->tp_rank)});
+    }
+  } catch (const Error&) {
+    failure = std::current_exception();
   }
+  // Parameters this rank saves (not pipeline copies), summed over the stages; and whether any rank failed.
+  int64_t owned = 0;
+  for (const auto& p : params_) owned += p.pipeline_copy ? 0 : 1;
+  at::Tensor failed = at::full({1}, failure ? 1.0 : 0.0, at::kDouble);
+  all_reduce_host(failed, *world_, comm::ReduceOp::kMax);
+  if (failure) std::rethrow_exception(failure);
+  LOOM_CHECK_KIND(ErrorKind::kIO, failed.item<double>() == 0,
+                  "checkpoint '{}' does not fit this model on another rank (see that rank's error): was it written "
+                  "for a different model config?",
+                  dir);
   if (pp_ > 1) {
     at::Tensor n = at::full({1}, static_cast<double>(owned), at::kDouble);
     all_reduce_host(n, *pp_comm_);
@@ -657,17 +705,11 @@ void Trainer::load_checkpoint(const std::string& dir) {
                   "checkpoint '{}' holds {} parameters, the model has {}: was it written for a different "
                   "model config?",
                   dir, data.model.size(), owned);
-  std::vector<optim::NamedTensor> state;
-  for (const auto& [name, t] : data.state) {
-    if (name.rfind("optim.", 0) != 0) continue;
-    const std::string key = name.substr(6);
-    auto owner = by_name.find(key.substr(0, key.rfind('.')));
-    if (owner == by_name.end()) continue;  // another pipeline stage's
-    state.push_back({key, model::shard_of(t, owner->second->shard, owner->second->tp_size, owner->second->tp_rank)});
-  }
+  auto meta = [&](const char* key) { return data.metadata.at(key); };
+  at::NoGradGuard no_grad;
+  for (auto& p : params_) p.tensor.copy_(model::shard_of(data.model.at(p.name), p.shard, p.tp_size, p.tp_rank));
   optimizer_->load_state(state, std::stoll(meta("optimizer_step")));
   auto rng = data.state.find("rng.cpu");
-  LOOM_CHECK_KIND(ErrorKind::kIO, rng != data.state.end(), "checkpoint '{}': 'rng.cpu' is missing", dir);
   {
     at::Generator gen = at::detail::getDefaultCPUGenerator();
     std::lock_guard<std::mutex> lock(gen.mutex());

@@ -2,10 +2,18 @@
 // pipeline; each rank builds its model chunks, every schedule runs one step of m micro-batches, and
 // the loss and every parameter's gradient equal the whole model's (float64, 1e-12 relative: only
 // the order in which micro-batches' gradients accumulate differs).
+//
+// The Trainer over (tp, pp, dp) layouts of 2, 4 and 8 ranks, each schedule, 1 or 2 model chunks per
+// rank, GPT, GPT-2 (tied embeddings across the first and last stage) and MoE, with SP, ZeRO-1 and
+// the DP gradient buckets: 20 steps' losses, aux losses, gradient norms, evaluation loss and the
+// final parameters equal a single-process Trainer's (tolerances in trainer_layouts.h).
 #include <gtest/gtest.h>
 
 #include <ATen/CPUGeneratorImpl.h>
 
+#include <unistd.h>
+
+#include <filesystem>
 #include <map>
 #include <memory>
 #include <string>
@@ -15,7 +23,9 @@
 #include "loom/core/error.h"
 #include "loom/model/gpt.h"
 #include "loom/parallel/pipeline.h"
+#include "loom/comm/local_communicator.h"
 #include "test_world.h"
+#include "trainer_layouts.h"
 
 namespace {
 
@@ -164,6 +174,255 @@ TEST(PipelineRunner, EveryScheduleMatchesTheWholeModel) {
     }
     for (int m : {p, 2 * p}) expect_pipeline_matches(kind, ScheduleKind::kInterleaved1F1B, 2, m);
   }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The Trainer under pipeline layouts.
+
+using loom::train::Trainer;
+
+struct PipelineCase {
+  int tp = 1, pp = 2, vp = 1;
+  std::string schedule = "1f1b";
+  int micro = 4;    // micro-batches per step (per DP rank)
+  int layers = 4;
+  bool sp = false, zero = false;
+  int first = -1, last = -1;  // parallel.pp_first_stage_layers / pp_last_stage_layers
+  int first_dense = 0;        // model.moe.first_dense_layers
+
+  std::string str(const std::string& model, int dp) const {
+    std::string s = model + " tp" + std::to_string(tp) + " pp" + std::to_string(pp) + " dp" + std::to_string(dp) +
+                    " " + schedule + (vp > 1 ? " vp" + std::to_string(vp) : "") + " m" + std::to_string(micro) +
+                    " L" + std::to_string(layers) + (sp ? " sp" : "") + (zero ? " zero1" : "");
+    if (first >= 0 || last >= 0) s += " first" + std::to_string(first) + " last" + std::to_string(last);
+    return s;
+  }
+};
+
+loom::config::JobConfig pipeline_job(loom::config::JobConfig j, const PipelineCase& c) {
+  auto* par = j.mutable_parallel();
+  par->set_tp(c.tp);
+  par->set_pp(c.pp);
+  par->set_virtual_pp(c.vp);
+  par->set_pp_schedule(c.schedule);
+  par->set_sequence_parallel(c.sp);
+  par->set_distributed_optimizer(c.zero);
+  par->set_pp_first_stage_layers(c.first);
+  par->set_pp_last_stage_layers(c.last);
+  return j;
+}
+
+void expect_pipeline_trainer_matches(const std::string& model, const PipelineCase& c) {
+  auto world = loom::testing::world();
+  const int dp = world->size() / (c.tp * c.pp);
+  const std::string what = c.str(model, dp);
+  auto j = loom::testing::tiny_job(model == "moe", model == "gpt2");
+  j.mutable_model()->set_num_layers(c.layers);
+  if (model == "moe") j.mutable_model()->mutable_moe()->set_first_dense_layers(c.first_dense);
+  j.mutable_train()->set_micro_batch_size(16 / (dp * c.micro));
+  j.mutable_train()->set_eval_batches(2);
+  Trainer single(j, std::make_shared<loom::comm::LocalCommunicator>());
+  Trainer par(pipeline_job(j, c), world);
+  ASSERT_EQ(par.micro_batches_per_rank(), c.micro) << what;
+  ASSERT_NE(par.pipeline(), nullptr) << what;
+  const double worst = loom::testing::compare_steps(single, par, j.train().steps(), what);
+  EXPECT_LT(worst, loom::testing::kLossTol) << what;
+  if (dp > 1 && !c.zero) {
+    ASSERT_NE(par.grad_buckets(), nullptr);
+    EXPECT_GT(par.grad_buckets()->stats().launched_in_backward, 0) << what;
+  }
+  const double ea = single.evaluate().loss, eb = par.evaluate().loss;
+  EXPECT_NEAR(eb, ea, loom::testing::kLossTol * ea) << what << ": evaluation";
+  const double diff = loom::testing::max_param_diff(par, single);
+  EXPECT_LT(diff, loom::testing::kParamTol) << what;
+  if (world->rank() == 0) {
+    std::printf("[ layout ] %-48s max loss rel diff %.2e, max param diff %.2e\n", what.c_str(), worst, diff);
+  }
+}
+
+// The layouts of this world size: PP 2 and 4, one or two chunks per rank, every schedule, composed
+// with TP = 2 (with and without SP) and DP = 2 (ZeRO-1 or the bucketed all-reduce).
+std::vector<PipelineCase> pipeline_cases() {
+  const int n = loom::testing::world()->size();
+  std::vector<PipelineCase> v;
+  auto add = [&](int tp, int pp, int vp, const char* sched, int micro, int layers, bool sp = false, bool zero = false) {
+    PipelineCase c;
+    c.tp = tp, c.pp = pp, c.vp = vp, c.schedule = sched, c.micro = micro, c.layers = layers, c.sp = sp, c.zero = zero;
+    v.push_back(c);
+  };
+  if (n == 2) {
+    add(1, 2, 1, "afab", 4, 4);
+    add(1, 2, 1, "1f1b", 4, 4);
+    add(1, 2, 1, "zb-h1", 8, 4);
+    add(1, 2, 1, "zb-h1", 1, 2);
+    add(1, 2, 2, "interleaved", 4, 4);
+    add(1, 2, 2, "interleaved", 8, 8);
+  } else if (n == 4) {
+    add(1, 4, 1, "afab", 4, 4);
+    add(1, 4, 1, "1f1b", 8, 4);
+    add(1, 4, 1, "zb-h1", 8, 4);
+    add(1, 4, 2, "interleaved", 8, 8);
+    add(2, 2, 1, "zb-h1", 4, 4, /*sp=*/true);
+    add(2, 2, 2, "interleaved", 4, 4);
+    add(1, 2, 1, "1f1b", 4, 4, false, /*zero=*/true);
+    add(1, 2, 2, "interleaved", 4, 4);
+  } else if (n == 8) {
+    add(2, 2, 2, "interleaved", 4, 4, /*sp=*/true, /*zero=*/true);
+    add(2, 2, 1, "zb-h1", 4, 4, /*sp=*/true);
+    add(2, 2, 1, "afab", 2, 4);
+    add(2, 4, 1, "1f1b", 8, 4, /*sp=*/true);
+    add(2, 4, 2, "interleaved", 8, 8);
+    add(1, 4, 1, "zb-h1", 4, 4, false, /*zero=*/true);
+    add(1, 4, 2, "interleaved", 4, 8);
+  }
+  return v;
+}
+
+TEST(PipelineTrainer, GptMatchesSingleProcess) {
+  for (const auto& c : pipeline_cases()) expect_pipeline_trainer_matches("gpt", c);
+}
+
+TEST(PipelineTrainer, MoeMatchesSingleProcess) {
+  for (const auto& c : pipeline_cases()) expect_pipeline_trainer_matches("moe", c);
+}
+
+TEST(PipelineTrainer, Gpt2TiedEmbeddingsAcrossStages) {
+  // The embedding on the first stage and its copy as the head on the last: one gradient (the sum),
+  // one update, counted once in the norm. One chunk and two (the head on chunk 1 of the last rank).
+  const int n = loom::testing::world()->size();
+  PipelineCase c;
+  c.pp = n == 2 ? 2 : 4;
+  c.tp = n == 8 ? 2 : 1;
+  c.schedule = "zb-h1";
+  expect_pipeline_trainer_matches("gpt2", c);
+  c.vp = 2;
+  c.layers = 2 * c.pp;
+  c.schedule = "interleaved";
+  c.sp = c.tp > 1;
+  expect_pipeline_trainer_matches("gpt2", c);
+}
+
+TEST(PipelineTrainer, UnevenStagesAndDenseLayersInAnMoeModel) {
+  // The embedding alone on the first stage (0 layers), the rest on the last; an MoE model whose
+  // first layer is dense, so a stage can hold no MoE layer (no auxiliary loss of its own).
+  auto world = loom::testing::world();
+  if (world->size() != 2) GTEST_SKIP() << "two stages";
+  PipelineCase c;
+  c.layers = 3;
+  c.first = 0;
+  c.last = 3;
+  expect_pipeline_trainer_matches("gpt", c);
+  c.first = 1;
+  c.last = 2;
+  c.first_dense = 1;
+  c.schedule = "zb-h1";
+  expect_pipeline_trainer_matches("moe", c);
+}
+
+TEST(PipelineTrainer, CheckpointsGatherStagesAndReshardOnLoad) {
+  // Saved under a pipeline (the stages' full tensors gathered to the writer, the tied head's copy
+  // saved once, by its owner), loaded by a single process and by another pipeline layout
+  // (different stage boundaries and chunks): the same parameters, and the runs go on equal.
+  auto world = loom::testing::world();
+  const int n = world->size();
+  auto j = loom::testing::tiny_job(false, /*gpt2=*/true);
+  j.mutable_model()->set_num_layers(4);
+  j.mutable_train()->set_steps(3);
+  std::string dir;
+  {  // one directory for the whole job: rank 0's pid
+    at::Tensor pid = at::full({1}, static_cast<int64_t>(getpid()), at::kLong);
+    world->broadcast(pid, {0});
+    dir = (std::filesystem::temp_directory_path() / ("loom-pp-ckpt-" + std::to_string(pid.item<int64_t>()))).string();
+  }
+  j.mutable_train()->set_checkpoint_dir(dir);
+  PipelineCase a;  // np2: pp2; np4: tp2 pp2; np8: tp2 pp2 dp2 with ZeRO-1
+  a.tp = n >= 4 ? 2 : 1;
+  a.sp = a.tp > 1;
+  a.zero = n == 8;
+  a.schedule = "zb-h1";
+  const int dp = n / (a.tp * a.pp);
+  j.mutable_train()->set_micro_batch_size(16 / (dp * 4));
+  Trainer par(pipeline_job(j, a), world);
+  for (int s = 0; s < 3; ++s) par.train_step();
+  const std::string saved = par.save_checkpoint();
+  Trainer single(j, std::make_shared<loom::comm::LocalCommunicator>());
+  single.load_checkpoint(saved);
+  EXPECT_EQ(loom::testing::max_param_diff(par, single), 0.0);
+  for (int s = 0; s < 2; ++s) {
+    auto x = single.train_step();
+    auto y = par.train_step();
+    EXPECT_NEAR(y.loss, x.loss, loom::testing::kLossTol * x.loss);
+  }
+  // Another layout resumes from it: interleaved chunks with the last stage holding one layer.
+  PipelineCase b = a;
+  b.vp = 2;
+  b.schedule = "interleaved";
+  b.layers = 4;
+  auto jb = pipeline_job(j, b);
+  jb.mutable_model()->set_num_layers(5);  // virtual stages: 1 + 1 + 1 + 2 with last = 2
+  jb.mutable_parallel()->set_pp_last_stage_layers(2);
+  auto js = j;
+  js.mutable_model()->set_num_layers(5);
+  // A 5-layer model cannot load a 4-layer checkpoint: a clear error naming the parameter count.
+  try {
+    Trainer wrong(jb, world);
+    wrong.load_checkpoint(saved);
+    ADD_FAILURE() << "a 5-layer model loaded a 4-layer checkpoint";
+  } catch (const loom::Error& e) {
+    EXPECT_NE(std::string(e.what()).find("was it written for a different model config?"), std::string::npos)
+        << e.what();
+  }
+  jb.mutable_model()->set_num_layers(4);
+  jb.mutable_parallel()->set_pp_last_stage_layers(1);  // 1 + 1 + 1 + 1
+  Trainer par2(jb, world);
+  par2.load_checkpoint(saved);
+  Trainer single2(j, std::make_shared<loom::comm::LocalCommunicator>());
+  single2.load_checkpoint(saved);
+  EXPECT_EQ(loom::testing::max_param_diff(par2, single2), 0.0);
+  auto x = single2.train_step();
+  auto y = par2.train_step();
+  EXPECT_NEAR(y.loss, x.loss, loom::testing::kLossTol * x.loss);
+  EXPECT_LT(loom::testing::max_param_diff(par2, single2), loom::testing::kParamTol);
+  world->barrier();
+  if (world->rank() == 0) std::filesystem::remove_all(dir);
+}
+
+TEST(PipelineTrainer, BadLayoutsAreClearErrors) {
+  auto world = loom::testing::world();
+  const int n = world->size();
+  using loom::testing::expect_config_error;
+  auto base = loom::testing::tiny_job(false);
+  base.mutable_model()->set_num_layers(4);
+  base.mutable_train()->set_micro_batch_size(16 / (n / 2) / 4);  // pp 2: dp = n / 2, 4 micro-batches
+  PipelineCase c;
+  auto j = pipeline_job(base, c);
+  j.mutable_parallel()->set_pp_schedule("zb-v");
+  expect_config_error(j, "parallel.pp_schedule = 'zb-v' is not a schedule");
+  j = pipeline_job(base, c);
+  j.mutable_parallel()->set_virtual_pp(2);  // with 1f1b
+  expect_config_error(j, "parallel.virtual_pp");
+  j = pipeline_job(base, c);
+  j.mutable_model()->set_num_layers(3);
+  expect_config_error(j, "model.num_layers = 3 does not split over the pipeline");
+  j = pipeline_job(base, c);
+  j.mutable_parallel()->set_pp_first_stage_layers(5);
+  expect_config_error(j, "exceed model.num_layers = 4");
+  c.vp = 2;
+  c.schedule = "interleaved";
+  j = pipeline_job(base, c);
+  j.mutable_parallel()->set_pp_microbatch_group(3);  // 4 micro-batches: groups of 3 and 1 < pp
+  expect_config_error(j, "parallel.pp_microbatch_group");
+  j = pipeline_job(base, c);
+  j.mutable_parallel()->set_pp_first_stage_layers(4);  // nothing left for virtual stages 1 and 2
+  expect_config_error(j, "virtual pipeline stage 1 of 4 would hold no layers");
+  // Interleaving needs a pipeline.
+  auto k = base;
+  k.mutable_parallel()->set_virtual_pp(2);
+  k.mutable_parallel()->set_tp(n);
+  k.mutable_model()->set_num_kv_heads(n);
+  k.mutable_train()->set_micro_batch_size(16);
+  expect_config_error(k, "field 'parallel.virtual_pp' = 2 interleaves model chunks over pipeline ranks and needs "
+                         "parallel.pp > 1");
 }
 
 }  // namespace

@@ -30,6 +30,7 @@
 #include "loom/parallel/tensor_parallel.h"
 #include "loom/train/trainer.h"
 #include "test_world.h"
+#include "trainer_layouts.h"
 
 namespace {
 
@@ -38,16 +39,11 @@ using loom::model::Parameter;
 using loom::model::ParameterFactory;
 using loom::parallel::TensorParallel;
 using loom::train::Trainer;
-
-void quiet_logs() {
-  static bool once = [] {
-    loom::log::LogOptions o;
-    o.level = "warn";
-    loom::log::init(o);
-    return true;
-  }();
-  (void)once;
-}
+using loom::testing::kLossTol;
+using loom::testing::kParamTol;
+using loom::testing::max_param_diff;
+using loom::testing::quiet_logs;
+using loom::testing::tiny_job;
 
 at::Tensor randn(at::IntArrayRef shape, uint64_t seed, at::ScalarType dt = at::kDouble) {
   auto gen = at::make_generator<at::CPUGeneratorImpl>(seed);
@@ -342,64 +338,6 @@ TEST(TensorParallelLayers, VocabParallelCrossEntropyEqualsTheFullSoftmax) {
 // ---------------------------------------------------------------------------------------------
 // Model level.
 
-loom::config::JobConfig tiny_job(bool moe, bool gpt2 = false) {
-  quiet_logs();
-  loom::config::JobConfig j;
-  j.set_seed(91);
-  auto* m = j.mutable_model();
-  if (gpt2) m->set_arch(loom::config::ModelConfig::GPT2);
-  m->set_vocab_size(64);
-  m->set_hidden_size(32);
-  m->set_num_layers(2);
-  m->set_num_heads(8);
-  m->set_num_kv_heads(4);
-  m->set_ffn_hidden_size(64);
-  m->set_max_seq_len(16);
-  if (moe) {
-    m->mutable_moe()->set_num_experts(4);
-    m->mutable_moe()->set_top_k(2);
-    m->mutable_moe()->set_expert_ffn_hidden_size(16);
-    m->mutable_moe()->set_num_shared_experts(1);
-    m->mutable_moe()->set_z_loss_coeff(1e-3);
-  }
-  auto* o = j.mutable_optim();
-  o->set_lr(3e-3);
-  o->set_min_lr(3e-4);
-  o->set_warmup_steps(2);
-  o->set_clip_grad(1.0);
-  auto* t = j.mutable_train();
-  t->set_steps(20);
-  t->set_seq_len(16);
-  t->set_global_batch_size(16);
-  t->set_progress("off");
-  t->set_peak_tflops(1.0);
-  j.mutable_logging()->set_dir("");
-  j.mutable_parallel()->set_grad_bucket_mb(0.01);  // ~10 KB: several DP gradient buckets
-  return j;
-}
-
-// fp32 tolerances. The losses of the two runs differ only by reduction order (rel. ~1e-7 per step;
-// it grows slowly as the trajectories drift), so each step's loss must agree within 1e-5 relative.
-// Parameters: AdamW steps are ~lr = 3e-3 whatever the gradient's scale, so a mis-scaled or
-// mis-reduced gradient moves parameters by ~1e-3 within a few steps; rounding keeps honest runs
-// within 1e-4 after 20 steps (measured: see the note on issue 5).
-constexpr double kLossTol = 1e-5;
-constexpr double kParamTol = 1e-4;
-
-// Max over parameters of |full(parallel) - single|, the same on every rank.
-double max_param_diff(Trainer& par, Trainer& single) {
-  double m = 0;
-  auto& pp = par.model().parameters();
-  auto& ps = single.model().parameters();
-  for (size_t i = 0; i < pp.size(); ++i) {
-    at::Tensor full = par.full_tensor(pp[i], pp[i].tensor);
-    m = std::max(m, full.sizes() == ps[i].tensor.sizes() ? (full - ps[i].tensor).abs().max().item<double>() : 1e30);
-  }
-  at::Tensor t = at::full({1}, m, at::kDouble);
-  loom::testing::world()->all_reduce(t, {loom::comm::ReduceOp::kMax});
-  return t.item<double>();
-}
-
 void expect_matches_single(loom::config::JobConfig j, int tp, bool sp, int accum, const std::string& what,
                            bool zero = false) {
   auto world = loom::testing::world();
@@ -411,15 +349,7 @@ void expect_matches_single(loom::config::JobConfig j, int tp, bool sp, int accum
   j.mutable_parallel()->set_distributed_optimizer(zero);
   Trainer par(j, world);
   ASSERT_EQ(par.micro_batches_per_rank(), accum) << what;
-  double worst = 0;
-  for (int s = 0; s < j.train().steps(); ++s) {
-    auto a = single.train_step();
-    auto b = par.train_step();
-    worst = std::max(worst, std::abs(b.loss - a.loss) / a.loss);
-    EXPECT_EQ(b.tokens, a.tokens);
-    EXPECT_NEAR(b.aux_loss, a.aux_loss, kLossTol * a.aux_loss + 1e-9) << what << " step " << s;
-    EXPECT_NEAR(b.grad_norm, a.grad_norm, 1e-4 * a.grad_norm) << what << " step " << s;
-  }
+  const double worst = loom::testing::compare_steps(single, par, j.train().steps(), what);
   EXPECT_LT(worst, kLossTol) << what;
   if (dp > 1 && !zero) {
     // The replicated optimizer's DP reduction ran in several buckets, started during backward.
@@ -590,15 +520,7 @@ TEST(DistributedOptimizer, MixedDtypesAreRefusedByName) {
 TEST(TensorDataParallel, BadLayoutsAreClearErrors) {
   auto world = loom::testing::world();
   const int n = world->size();
-  auto expect_config_error = [&](loom::config::JobConfig j, const std::string& needle) {
-    try {
-      Trainer t(j, world);
-      ADD_FAILURE() << "expected an error containing '" << needle << "'";
-    } catch (const loom::Error& e) {
-      EXPECT_EQ(e.kind(), loom::ErrorKind::kConfig) << e.what();
-      EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
-    }
-  };
+  using loom::testing::expect_config_error;
   auto j = tiny_job(false);
   j.mutable_train()->set_micro_batch_size(16);  // dp = 1
   j.mutable_parallel()->set_tp(n);

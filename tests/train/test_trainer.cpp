@@ -273,6 +273,43 @@ TEST(Safetensors, RoundTripWithMetadataAndDtypes) {
   fs::remove_all(dir);
 }
 
+TEST(Safetensors, InMemoryBytesEqualTheFile) {
+  // encode_safetensors (what pipeline stages send to the checkpoint writer) is the file's bytes.
+  const std::string dir = temp_dir("st-mem");
+  fs::create_directories(dir);
+  std::map<std::string, at::Tensor> tensors = {{"w", at::arange(10, at::kFloat)}, {"z", at::ones({3}, at::kLong)}};
+  loom::checkpoint::save_safetensors(dir + "/a.safetensors", tensors, {{"k", "v"}});
+  std::ifstream in(dir + "/a.safetensors", std::ios::binary);
+  std::string bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  EXPECT_EQ(loom::checkpoint::encode_safetensors(tensors, {{"k", "v"}}), bytes);
+  auto f = loom::checkpoint::parse_safetensors(loom::checkpoint::encode_safetensors(tensors), "memory");
+  EXPECT_TRUE(at::equal(f.tensors.at("w"), tensors.at("w")));
+  fs::remove_all(dir);
+}
+
+TEST(FaultInjection, ParsesAndRefusesMalformedValues) {
+  using loom::train::FaultInjection;
+  auto f = FaultInjection::parse("rank=3,step=7,kind=hang");
+  EXPECT_EQ(f.rank, 3);
+  EXPECT_EQ(f.step, 7);
+  EXPECT_EQ(f.kind, FaultInjection::Kind::kHang);
+  EXPECT_EQ(FaultInjection::parse("kind=exit,step=1,rank=0").kind, FaultInjection::Kind::kExit);
+  auto bad = [](const std::string& v, const std::string& needle) {
+    expect_error([&] { FaultInjection::parse(v); }, loom::ErrorKind::kConfig, needle);
+  };
+  bad("rank=1,step=2", "LOOM_FAULT_INJECT='rank=1,step=2' needs rank=, step= and kind=");
+  bad("rank=1,step=0,kind=exit", "'step=0' needs an integer >= 1");
+  bad("rank=x,step=2,kind=exit", "'rank=x' needs an integer >= 0");
+  bad("rank=1,step=2,kind=crash", "kind 'crash' is not one of exit, hang, error");
+  bad("rank=1,step=2,kind=exit,when=now", "unknown key 'when'");
+  bad("rank", "'rank' is not key=value");
+  // error: thrown on the named rank and step only.
+  auto e = FaultInjection::parse("rank=0,step=2,kind=error");
+  e.maybe_trigger(1, 2);
+  e.maybe_trigger(0, 1);
+  expect_error([&] { e.maybe_trigger(0, 2); }, loom::ErrorKind::kInternal, "rank 0 fails at step 2");
+}
+
 std::string file_with_header(const std::string& json, size_t data_bytes) {
   std::string out(8, '\0');
   uint64_t n = json.size();

@@ -14,8 +14,11 @@
 // micro-batch), so a receive matches its send whatever order the neighbours post them in; sends are
 // non-blocking and waited for at the end of the step, and a rank blocks only on the receive its next
 // pass needs. Under this model every table that check_table() accepts and simulate() completes runs
-// without deadlock. Shapes need no exchange: every stage reads the micro-batch, so `shape(mb)` is
-// known on both sides even when sequence lengths vary from micro-batch to micro-batch.
+// without deadlock. A receive that does not complete within comm.timeout_s (the peer stage failed or
+// stopped responding) is a kTimeout error naming both stages and the micro-batch, which the launcher
+// turns into an abort of the job. Shapes need no exchange: every stage reads the micro-batch, so
+// `shape(mb)` is known on both sides even when sequence lengths vary from micro-batch to
+// micro-batch.
 //
 // The runner knows nothing of the loss: `forward` returns the terms to differentiate, already
 // scaled ([Note: loss scaling]).
@@ -83,6 +86,9 @@ class PipelineRunner {
 
  private:
   int tag(int direction, int chunk, int mb) const;
+  // Receives into `buf` from the neighbour `direction` names; a timeout (comm.timeout_s) becomes a
+  // kTimeout error naming this stage, the peer stage and the awaited micro-batch.
+  void wait_for(at::Tensor& buf, int direction, int chunk, int mb);
 
   ScheduleOptions options_;
   comm::CommunicatorPtr pp_;

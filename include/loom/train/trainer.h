@@ -24,6 +24,7 @@
 #include <fstream>
 #include <future>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -38,6 +39,7 @@
 #include "loom/optim/schedule.h"
 #include "loom/parallel/data_parallel.h"
 #include "loom/parallel/pipeline.h"
+#include "loom/train/fault.h"
 #include "loom/train/progress.h"
 #include "loom/train/tensorboard.h"
 
@@ -169,6 +171,7 @@ class Trainer {
   int64_t prefetch_consumed_ = -1;
   Timers timers_;
   std::string last_checkpoint_;
+  std::optional<FaultInjection> fault_;  // LOOM_FAULT_INJECT (tests of failure handling)
 };
 
 }  // namespace loom::train
