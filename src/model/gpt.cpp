@@ -191,8 +191,7 @@ GptModel::GptModel(const ModelSpec& spec, uint64_t seed, at::Device device, cons
   // (they are 2-D); so does Loom.
 }
 
-at::Tensor GptModel::hidden_states(const Batch& batch, at::Tensor* aux, const at::Tensor& input,
-                                   at::Tensor* embedded) {
+at::Tensor GptModel::hidden_states(const Batch& batch, at::Tensor* aux, const at::Tensor& input) {
   LOOM_CHECK(batch.tokens.dim() == 2 && batch.targets.sizes() == batch.tokens.sizes(),
              "batch: tokens and targets must both be [b, s], got {} and {}", batch.tokens.sizes(),
              batch.targets.sizes());
@@ -233,7 +232,6 @@ at::Tensor GptModel::hidden_states(const Batch& batch, at::Tensor* aux, const at
     }
   }
   x = x.to(compute);
-  if (embedded != nullptr && stage_.pre_process) *embedded = x;
 
   ForwardContext ctx;
   ctx.doc_ids = batch.doc_ids;
@@ -285,7 +283,7 @@ ModelOutput GptModel::forward(const Batch& batch) {
 
 GptModel::StageOutput GptModel::forward_stage(const Batch& batch, const at::Tensor& input) {
   StageOutput out;
-  at::Tensor h = hidden_states(batch, &out.loss.aux_loss, input, &out.embedded);
+  at::Tensor h = hidden_states(batch, &out.loss.aux_loss, input);
   if (!stage_.post_process) {
     out.hidden = h;
     return out;

@@ -2,12 +2,13 @@
 
 #include "loom/core/error.h"
 #include "loom/ops/functional.h"
+#include "loom/parallel/weight_grad_store.h"
 
 namespace loom::model {
 
 at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias) {
   const auto dt = x.scalar_type();
-  return at::linear(x, weight.to(dt), bias.defined() ? bias.to(dt) : at::Tensor());
+  return parallel::linear(x, weight.to(dt), bias.defined() ? bias.to(dt) : at::Tensor());
 }
 
 at::Tensor column_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,

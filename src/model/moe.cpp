@@ -5,6 +5,7 @@
 
 #include "loom/core/error.h"
 #include "loom/ops/functional.h"
+#include "loom/parallel/weight_grad_store.h"
 
 namespace loom::model {
 
@@ -115,7 +116,7 @@ at::Tensor MoeLayer::dispatch_and_compute(const at::Tensor& x2d, const Routing& 
   for (int64_t i = 0; i < e; ++i) {
     if (counts[i] == 0) continue;  // an idle expert: no compute, no gradient
     at::Tensor xe = xs.narrow(0, off, counts[i]);
-    outs.push_back(at::linear(ops::swiglu(at::linear(xe, w1[i])), w2[i]));
+    outs.push_back(parallel::linear(ops::swiglu(parallel::linear(xe, w1[i])), w2[i]));
     off += counts[i];
   }
   at::Tensor y = at::zeros_like(x2d);

@@ -56,8 +56,10 @@ GradBuckets::GradBuckets(std::vector<model::Parameter>* params, comm::Communicat
       auto acc = torch::autograd::impl::grad_accumulator((*params_)[k].tensor);
       LOOM_INTERNAL_CHECK(acc != nullptr, "parameter '{}' has no gradient accumulator", (*params_)[k].name);
       acc->add_post_hook(std::make_unique<torch::autograd::utils::LambdaPostHook>(
-          [this, k](const torch::autograd::variable_list& outputs, const torch::autograd::variable_list&) {
-            on_grad_ready(k);
+          [this, k](const torch::autograd::variable_list& outputs, const torch::autograd::variable_list& inputs) {
+            // An accumulator called with no gradient (a split backward's deferred weight, whose
+            // gradient comes in W: Note: deferred weight gradients) has nothing to add yet.
+            if (!inputs.empty() && inputs[0].defined()) on_grad_ready(k);
             return outputs;
           }));
       accumulators_.push_back(std::move(acc));
@@ -90,24 +92,28 @@ void GradBuckets::zero() {
     at::Tensor& t = (*params_)[k].tensor;
     t.mutable_grad() = buckets_[bucket_of_[k]].buffer.narrow(0, offset_of_[k], t.numel()).view(t.sizes());
   }
+  counted_.assign(params_->size(), 0);
   next_ = 0;
   armed_ = false;
   stats_.launched_in_backward = 0;
   stats_.wait_s = 0;
 }
 
-void GradBuckets::arm(bool last_micro_batch) {
-  armed_ = last_micro_batch && overlap_;
-  if (armed_) {
-    for (auto& b : buckets_) b.pending = static_cast<int64_t>(b.params.size());
-  }
-}
+void GradBuckets::arm(bool last_micro_batch) { armed_ = last_micro_batch && overlap_; }
 
 void GradBuckets::on_grad_ready(size_t param) {
-  if (!armed_) return;
+  // A parameter counts once per step, in the first armed pass that gives it a gradient: an
+  // undivided backward runs a leaf's accumulator once, whatever the number of uses (the tied
+  // embedding and head sum in its input buffer first); a pipeline arms each chunk's last B and,
+  // with a split backward, its last W, where each parameter gets its final gradient in one of them
+  // (Note: deferred weight gradients).
+  LOOM_INTERNAL_CHECK(!buckets_[bucket_of_[param]].launched,
+                      "gradient buckets: '{}' received a gradient after its bucket's all-reduce started (a "
+                      "backward pass ran after the one armed as its last)",
+                      (*params_)[param].name);
+  if (!armed_ || counted_[param]) return;
+  counted_[param] = 1;
   Bucket& b = buckets_[bucket_of_[param]];
-  // The engine runs a leaf's accumulator once per backward, whatever the number of uses (the tied
-  // embedding and head sum in its input buffer first).
   if (b.pending > 0) --b.pending;
   if (b.pending == 0) launch_ready();
   // MPI moves a non-blocking collective forward only inside MPI calls: poll the ones in flight each

@@ -1,6 +1,7 @@
 #include "loom/parallel/pipeline.h"
 
-#include <torch/csrc/autograd/autograd.h>
+#include <torch/csrc/autograd/engine.h>
+#include <torch/csrc/autograd/variable.h>
 
 #include <algorithm>
 #include <map>
@@ -8,6 +9,7 @@
 
 #include "loom/core/error.h"
 #include "loom/core/timer.h"
+#include "loom/parallel/weight_grad_store.h"
 
 namespace loom::parallel::pipeline {
 
@@ -21,9 +23,25 @@ struct Saved {
   at::Tensor input;                  // the received leaf (undefined on the first virtual stage)
   std::vector<at::Tensor> roots;     // tensors backward starts from
   std::vector<at::Tensor> root_grads;
-  at::Tensor b_target;               // see ChunkOutput::b_target
+  std::vector<DeferredGrad> deferred;  // a split backward's weight gradients, for W
   bool last_stage = false;
 };
+// Backward from `roots` (with `grads`) through the autograd engine, accumulating into every leaf's
+// .grad(). Unlike autograd::backward it does not compare each gradient's shape with its root's
+// current shape: a sent output's storage is released after F (Note: pipeline runner), and the
+// graph keeps the shape it was recorded with.
+void run_backward(const std::vector<at::Tensor>& roots, const std::vector<at::Tensor>& grads) {
+  torch::autograd::edge_list root_edges;
+  torch::autograd::variable_list root_grads;
+  for (size_t i = 0; i < roots.size(); ++i) {
+    if (!roots[i].requires_grad()) continue;
+    root_edges.push_back(torch::autograd::impl::gradient_edge(roots[i]));
+    root_grads.push_back(grads[i]);
+  }
+  if (root_edges.empty()) return;
+  torch::autograd::Engine::get_default_engine().execute(root_edges, root_grads, /*keep_graph=*/false,
+                                                        /*create_graph=*/false, /*accumulate_grad=*/true);
+}
 }  // namespace
 
 PipelineRunner::PipelineRunner(const ScheduleOptions& options, comm::CommunicatorPtr pp)
@@ -104,11 +122,16 @@ RunnerStats PipelineRunner::run(const RunnerCallbacks& cb) {
       ChunkOutput out = cb.forward(a.chunk, a.microbatch, sv.input);
       stats.forward_s += compute.seconds();
       sv.last_stage = s == last_vs;
-      sv.b_target = out.b_target;
       if (!sv.last_stage) {
         LOOM_CHECK(out.hidden.defined(), "pipeline: chunk {} returned no hidden states for micro-batch {}", a.chunk,
                    a.microbatch);
         send(out.hidden, kForwardDir, rank_ == p - 1 ? a.chunk + 1 : a.chunk, a.microbatch);
+        if (out.hidden.grad_fn()) {
+          // Megatron's deallocate_output_tensor: B needs the output's place in the graph, not its
+          // values (the next stage holds those). The send keeps its own reference until complete.
+          stats.released_bytes += static_cast<int64_t>(out.hidden.nbytes());
+          out.hidden.set_data(at::empty({0}, out.hidden.options()));
+        }
         sv.roots.push_back(out.hidden);
         sv.root_grads.emplace_back();  // filled by B
       }
@@ -127,16 +150,13 @@ RunnerStats PipelineRunner::run(const RunnerCallbacks& cb) {
       if (!sv.last_stage) sv.root_grads[0] = receive(kBackwardDir, a.chunk, a.microbatch);
       Stopwatch compute;
       const bool split = options_.split_backward();
-      if (split && sv.input.defined()) {
-        // Input gradient only; the graph stays for W.
-        auto g = torch::autograd::grad(sv.roots, {sv.input}, sv.root_grads, /*retain_graph=*/true,
-                                       /*create_graph=*/false, /*allow_unused=*/true);
-        sv.input.mutable_grad() = g[0].defined() ? g[0] : at::zeros_like(sv.input);
-      } else if (split && sv.b_target.defined()) {
-        torch::autograd::grad(sv.roots, {sv.b_target}, sv.root_grads, /*retain_graph=*/true,
-                              /*create_graph=*/false, /*allow_unused=*/true);
-      } else if (!split) {
-        torch::autograd::backward(sv.roots, sv.root_grads);
+      if (split) {
+        // The whole backward except the deferred weight GEMMs (Note: deferred weight gradients).
+        WeightGradStore::Capture capture;
+        run_backward(sv.roots, sv.root_grads);
+        sv.deferred = capture.take();
+      } else {
+        run_backward(sv.roots, sv.root_grads);
       }
       stats.backward_s += compute.seconds();
       if (s > 0) {
@@ -146,18 +166,17 @@ RunnerStats PipelineRunner::run(const RunnerCallbacks& cb) {
       if (!split) {
         saved.erase(it);
         --in_flight;
+      } else {
+        sv.roots.clear();  // the graph is freed; W needs only what the deferred work holds
+        sv.root_grads.clear();
+        sv.input = at::Tensor();
       }
       continue;
     }
-    // W: the weight gradients (on the first virtual stage, where B had no input gradient to compute,
-    // the whole backward).
+    // W: the weight gradients B deferred.
     Stopwatch compute;
-    std::vector<at::Tensor> params = cb.parameters(a.chunk);
-    std::vector<at::Tensor> wanted;
-    for (const auto& t : params) {
-      if (t.requires_grad()) wanted.push_back(t);
-    }
-    if (!wanted.empty()) torch::autograd::backward(sv.roots, sv.root_grads, /*retain_graph=*/false, false, wanted);
+    stats.deferred_grads += static_cast<int64_t>(sv.deferred.size());
+    WeightGradStore::run(sv.deferred);
     stats.backward_s += compute.seconds();
     saved.erase(it);
     --in_flight;

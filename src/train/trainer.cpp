@@ -6,6 +6,7 @@
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
 
+#include <algorithm>
 #include <cmath>
 #include <filesystem>
 #include <map>
@@ -369,11 +370,6 @@ parallel::pipeline::RunnerCallbacks Trainer::pipeline_callbacks(const std::vecto
     const model::Batch& b = batches[static_cast<size_t>(mb)];
     return std::vector<int64_t>{sp ? b.seq_len() / tp : b.seq_len(), b.batch_size(), hidden};
   };
-  cb.parameters = [this](int c) {
-    std::vector<at::Tensor> out;
-    for (const auto& p : chunks_[static_cast<size_t>(c)]->parameters()) out.push_back(p.tensor);
-    return out;
-  };
   return cb;
 }
 
@@ -406,7 +402,6 @@ void Trainer::forward_backward(const std::vector<model::Batch>& batches, double 
   }
   // Pipeline: each stage differentiates its part of the objective (Note: loss scaling).
   parallel::pipeline::RunnerCallbacks cb = pipeline_callbacks(batches);
-  const bool split = runner_->options().split_backward();
   cb.forward = [&](int c, int mb, const at::Tensor& input) {
     model::GptModel& chunk = *chunks_[static_cast<size_t>(c)];
     model::GptModel::StageOutput out = chunk.forward_stage(batches[static_cast<size_t>(mb)], input);
@@ -423,15 +418,30 @@ void Trainer::forward_backward(const std::vector<model::Batch>& batches, double 
       acc[1] += out.loss.aux_loss.detach().to(at::kDouble).cpu();
     }
     co.loss = loss;
-    if (split && chunk.stage().pre_process && !chunk.stage().post_process) co.b_target = out.embedded;
     return co;
   };
+  // A chunk's gradients are final after the last pass that adds to them: its last B in the table,
+  // and with a split backward also its last W (the deferred weight GEMMs; ZB-H1 may run a deferred
+  // W of an early micro-batch after the last micro-batch's). The DP bucket hooks count a parameter
+  // only during those passes, and only when it receives a gradient, so no bucket starts its
+  // all-reduce while a pass may still add to it.
+  std::vector<parallel::pipeline::Action> final_passes;
+  for (const auto& a : runner_->table()) {
+    if (a.pass == parallel::pipeline::Pass::kForward) continue;
+    auto same = [&](const parallel::pipeline::Action& b) { return b.pass == a.pass && b.chunk == a.chunk; };
+    auto it = std::find_if(final_passes.begin(), final_passes.end(), same);
+    if (it == final_passes.end()) {
+      final_passes.push_back(a);
+    } else {
+      *it = a;
+    }
+  }
   cb.before_pass = [&](const parallel::pipeline::Action& a) {
     if (a.pass == parallel::pipeline::Pass::kForward) return;
     fault_point();
-    // A chunk's gradients are complete after the last micro-batch's backward through it (its B, or
-    // its W when the backward is split); only then may the hooks start their buckets.
-    if (buckets_) buckets_->arm(a.microbatch + 1 == num_micro_);
+    if (buckets_) {
+      buckets_->arm(std::find(final_passes.begin(), final_passes.end(), a) != final_passes.end());
+    }
   };
   const parallel::pipeline::RunnerStats st = runner_->run(cb);
   m.forward_s = st.forward_s;

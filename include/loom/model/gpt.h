@@ -87,9 +87,6 @@ class GptModel {
   struct StageOutput {
     at::Tensor hidden;  // [s, b, h] to send on (not post_process)
     ModelOutput loss;   // loss_sum and num_tokens (post_process); aux_loss: this stage's MoE layers
-    // pre_process: the embedding's output entering the first block (compute dtype), the last
-    // activation before the parameters a split backward's input-gradient pass can stop at.
-    at::Tensor embedded;
   };
   StageOutput forward_stage(const Batch& batch, const at::Tensor& input);
   const StageLayout& stage() const { return stage_; }
@@ -111,9 +108,7 @@ class GptModel {
 
  private:
   // -> [s, b, h] (SP: shard) after this stage's blocks, final-normed when post_process.
-  // `embedded` (optional): set to the embedding's output on a pre_process stage.
-  at::Tensor hidden_states(const Batch& batch, at::Tensor* aux, const at::Tensor& input = {},
-                           at::Tensor* embedded = nullptr);
+  at::Tensor hidden_states(const Batch& batch, at::Tensor* aux, const at::Tensor& input = {});
   ModelOutput loss_of(const Batch& batch, const at::Tensor& h);
   at::Tensor local_logits(const at::Tensor& h);  // [s, b, V / tp]: this rank's vocabulary columns
 

@@ -46,7 +46,8 @@ class GradBuckets {
 
   // Zeroes every bucket and points each parameter's .grad() at its slice (replaces zero_grad()).
   void zero();
-  // Whether the next backward is the step's last micro-batch (hooks launch all-reduces only then).
+  // Whether the next backward pass gives parameters their final gradients of the step (the last
+  // micro-batch's; with a pipeline, a chunk's last B or W): hooks count parameters only then.
   void arm(bool last_micro_batch);
   // Launches the buckets not yet launched, in order, and waits for all. Collective over DP.
   void finish();
@@ -74,6 +75,7 @@ class GradBuckets {
   std::vector<int64_t> offset_of_;
   std::vector<std::shared_ptr<torch::autograd::Node>> accumulators_;
   bool armed_ = false;
+  std::vector<uint8_t> counted_;  // per parameter: counted towards its bucket this step
   size_t next_ = 0;  // next bucket to launch
   BucketStats stats_;
 };

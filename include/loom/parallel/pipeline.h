@@ -5,11 +5,14 @@
 // For each action of the table, in order:
 //   F(mb, c): the input comes from the previous virtual stage (none on the first), received into a
 //             fresh leaf that requires grad; `forward` runs the chunk; the output is sent to the next
-//             virtual stage (none on the last), and input, output and losses are kept for B.
+//             virtual stage (none on the last), and input, output and losses are kept for B. The
+//             output's storage is released once sent (Megatron's deallocate_output_tensor): B needs
+//             its place in the graph, not its values, so only the send holds them, until it completes.
 //   B(mb, c): the output gradient comes from the next virtual stage (on the last one the losses are
 //             the roots); backward runs; the input gradient is sent to the previous virtual stage.
-//             With a split backward (ZB-H1) only the input gradient is computed, the graph is kept.
-//   W(mb, c): the weight gradients of that micro-batch (backward into the chunk's parameters).
+//             With a split backward (ZB-H1) the weight GEMMs are deferred ([Note: deferred weight
+//             gradients]) and B frees the graph.
+//   W(mb, c): the deferred weight gradients of that micro-batch.
 // Virtual stage of chunk c on pipeline rank r: c * pp + r. Messages are tagged by (direction, chunk,
 // micro-batch), so a receive matches its send whatever order the neighbours post them in; sends are
 // non-blocking and waited for at the end of the step, and a rank blocks only on the receive its next
@@ -38,10 +41,6 @@ struct ChunkOutput {
   at::Tensor hidden;  // [s, b, h] to send on (undefined on the last virtual stage)
   at::Tensor loss;    // scalar to differentiate on this stage (the scaled loss on the last virtual
                       // stage, the scaled MoE auxiliary losses elsewhere); undefined if none
-  // First virtual stage with a split backward: an activation B differentiates down to (e.g. the
-  // embedding's output), so B covers the activation gradients there too and W only the weights.
-  // Undefined: B has nothing to do on the first virtual stage and W runs its whole backward.
-  at::Tensor b_target;
 };
 
 struct RunnerCallbacks {
@@ -49,8 +48,6 @@ struct RunnerCallbacks {
   std::function<ChunkOutput(int chunk, int mb, const at::Tensor& input)> forward;
   // Shape of the activation entering virtual stage > 0 for micro-batch `mb` ([s, b, h]; SP: [s/tp, b, h]).
   std::function<std::vector<int64_t>(int mb)> shape;
-  // The parameters of a chunk (for W of a split backward).
-  std::function<std::vector<at::Tensor>(int chunk)> parameters;
   at::TensorOptions activation_options;  // dtype and device of activations on the wire
   // Optional: called before every pass (e.g. to tell data-parallel gradient buckets whether the
   // backward that follows is the last micro-batch's for that chunk).
@@ -65,6 +62,8 @@ struct RunnerStats {
   double forward_s = 0;     // the F part of compute_s
   double backward_s = 0;    // the B and W part of compute_s
   int peak_in_flight = 0;   // most micro-batch-chunks holding activations at once
+  int64_t released_bytes = 0;  // sent outputs whose storage was released after F (see the note)
+  int64_t deferred_grads = 0;  // weight-gradient GEMMs a split backward moved from B to W
 };
 
 class PipelineRunner {
