@@ -94,6 +94,14 @@ loom::config::JobConfig trainer_job(int p, int v, const char* schedule, int64_t 
   return j;
 }
 
+// Writes `j` to `path` (nothing when the path is empty).
+void write_json(const std::string& path, const nlohmann::json& j) {
+  if (path.empty()) return;
+  std::ofstream out(path);
+  LOOM_CHECK_KIND(loom::ErrorKind::kIO, out.good(), "cannot write '{}'", path);
+  out << j.dump(2) << "\n";
+}
+
 int run_trainer(const loom::cli::CommandLine& cl, const loom::comm::CommunicatorPtr& world) {
   const int p = world->size();
   const int m = static_cast<int>(cl.get_int("micro"));
@@ -135,11 +143,7 @@ int run_trainer(const loom::cli::CommandLine& cl, const loom::comm::Communicator
                       {"pp_wait_fraction", wait_frac}, {"p2p_bytes", bytes}, {"formula", formula}});
     }
   }
-  if (world->rank() == 0 && !cl.get("json").empty()) {
-    std::ofstream out(cl.get("json"));
-    LOOM_CHECK_KIND(loom::ErrorKind::kIO, out.good(), "cannot write '{}'", cl.get("json"));
-    out << nlohmann::json{{"stages", p}, {"trainer", rows}}.dump(2) << "\n";
-  }
+  if (world->rank() == 0) write_json(cl.get("json"), {{"stages", p}, {"trainer", rows}});
   return 0;
 }
 
@@ -228,11 +232,7 @@ int run(int argc, char** argv) {
       }
     }
   }
-  if (world->rank() == 0 && !cl.get("json").empty()) {
-    std::ofstream out(cl.get("json"));
-    LOOM_CHECK_KIND(loom::ErrorKind::kIO, out.good(), "cannot write '{}'", cl.get("json"));
-    out << nlohmann::json{{"stages", p}, {"rows", rows}}.dump(2) << "\n";
-  }
+  if (world->rank() == 0) write_json(cl.get("json"), {{"stages", p}, {"rows", rows}});
   return 0;
 }
 

@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <map>
+#include <optional>
 #include <utility>
 
 #include "loom/core/error.h"
@@ -61,6 +62,29 @@ int PipelineRunner::tag(int direction, int chunk, int mb) const {
   return (direction * options_.chunks + chunk) * options_.microbatches + mb;
 }
 
+at::Tensor PipelineRunner::receive(const RunnerCallbacks& cb, int direction, int chunk, int mb, RunnerStats& stats) {
+  at::Tensor buf = at::empty(cb.shape(mb), cb.activation_options);
+  Stopwatch wait;
+  wait_for(buf, direction, chunk, mb);
+  stats.recv_wait_s += wait.seconds();
+  ++stats.recvs;
+  return buf;
+}
+
+void PipelineRunner::send(const at::Tensor& t, int direction, int to_chunk, int mb, Sends& sends,
+                          RunnerStats& stats) {
+  // Completed sends release their buffers as the step goes (activation memory stays bounded by
+  // what the schedule holds, not by the step's total traffic).
+  sends.erase(std::remove_if(sends.begin(), sends.end(), [](auto& w) { return w.first->is_completed(); }),
+              sends.end());
+  const int p = options_.stages;
+  const int peer = direction == kForwardDir ? (rank_ + 1) % p : (rank_ + p - 1) % p;
+  at::Tensor buf = t.detach().contiguous();
+  sends.emplace_back(pp_->isend(buf, peer, tag(direction, to_chunk, mb)), buf);
+  ++stats.sends;
+  stats.bytes_sent += static_cast<int64_t>(buf.nbytes());
+}
+
 void PipelineRunner::wait_for(at::Tensor& buf, int direction, int chunk, int mb) {
   const int p = options_.stages;
   const int peer = direction == kForwardDir ? (rank_ + p - 1) % p : (rank_ + 1) % p;
@@ -84,28 +108,8 @@ RunnerStats PipelineRunner::run(const RunnerCallbacks& cb) {
   const int last_vs = p * v - 1;
   RunnerStats stats;
   std::map<std::pair<int, int>, Saved> saved;  // (mb, chunk) -> what B and W need
-  std::vector<std::pair<comm::WorkPtr, at::Tensor>> sends;
-  const int prev = (rank_ + p - 1) % p, next = (rank_ + 1) % p;
+  Sends sends;
   auto vstage = [&](int chunk) { return chunk * p + rank_; };
-
-  auto receive = [&](int direction, int chunk, int mb) {
-    at::Tensor buf = at::empty(cb.shape(mb), cb.activation_options);
-    Stopwatch wait;
-    wait_for(buf, direction, chunk, mb);
-    stats.recv_wait_s += wait.seconds();
-    ++stats.recvs;
-    return buf;
-  };
-  auto send = [&](const at::Tensor& t, int direction, int to_chunk, int mb) {
-    // Completed sends release their buffers as the step goes (activation memory stays bounded by
-    // what the schedule holds, not by the step's total traffic).
-    sends.erase(std::remove_if(sends.begin(), sends.end(), [](auto& w) { return w.first->is_completed(); }),
-                sends.end());
-    at::Tensor buf = t.detach().contiguous();
-    sends.emplace_back(pp_->isend(buf, direction == kForwardDir ? next : prev, tag(direction, to_chunk, mb)), buf);
-    ++stats.sends;
-    stats.bytes_sent += static_cast<int64_t>(buf.nbytes());
-  };
 
   int in_flight = 0;
   for (const Action& a : table_) {
@@ -116,7 +120,7 @@ RunnerStats PipelineRunner::run(const RunnerCallbacks& cb) {
       Saved sv;
       if (s > 0) {
         // From the previous virtual stage: rank r - 1 with the same chunk, or rank p - 1 with the previous chunk.
-        sv.input = receive(kForwardDir, a.chunk, a.microbatch).requires_grad_(true);
+        sv.input = receive(cb, kForwardDir, a.chunk, a.microbatch, stats).requires_grad_(true);
       }
       Stopwatch compute;
       ChunkOutput out = cb.forward(a.chunk, a.microbatch, sv.input);
@@ -125,7 +129,7 @@ RunnerStats PipelineRunner::run(const RunnerCallbacks& cb) {
       if (!sv.last_stage) {
         LOOM_CHECK(out.hidden.defined(), "pipeline: chunk {} returned no hidden states for micro-batch {}", a.chunk,
                    a.microbatch);
-        send(out.hidden, kForwardDir, rank_ == p - 1 ? a.chunk + 1 : a.chunk, a.microbatch);
+        send(out.hidden, kForwardDir, rank_ == p - 1 ? a.chunk + 1 : a.chunk, a.microbatch, sends, stats);
         if (out.hidden.grad_fn()) {
           // Megatron's deallocate_output_tensor: B needs the output's place in the graph, not its
           // values (the next stage holds those). The send keeps its own reference until complete.
@@ -147,21 +151,20 @@ RunnerStats PipelineRunner::run(const RunnerCallbacks& cb) {
     LOOM_INTERNAL_CHECK(it != saved.end(), "pipeline: {} without its forward", a.str());
     Saved& sv = it->second;
     if (a.pass == Pass::kBackward) {
-      if (!sv.last_stage) sv.root_grads[0] = receive(kBackwardDir, a.chunk, a.microbatch);
+      if (!sv.last_stage) sv.root_grads[0] = receive(cb, kBackwardDir, a.chunk, a.microbatch, stats);
       Stopwatch compute;
       const bool split = options_.split_backward();
-      if (split) {
-        // The whole backward except the deferred weight GEMMs (Note: deferred weight gradients).
-        WeightGradStore::Capture capture;
+      {
+        // Split: the whole backward except the deferred weight GEMMs (Note: deferred weight gradients).
+        std::optional<WeightGradStore::Capture> capture;
+        if (split) capture.emplace();
         run_backward(sv.roots, sv.root_grads);
-        sv.deferred = capture.take();
-      } else {
-        run_backward(sv.roots, sv.root_grads);
+        if (split) sv.deferred = capture->take();
       }
       stats.backward_s += compute.seconds();
       if (s > 0) {
         at::Tensor grad = sv.input.grad().defined() ? sv.input.grad() : at::zeros_like(sv.input);
-        send(grad, kBackwardDir, rank_ == 0 ? a.chunk - 1 : a.chunk, a.microbatch);
+        send(grad, kBackwardDir, rank_ == 0 ? a.chunk - 1 : a.chunk, a.microbatch, sends, stats);
       }
       if (!split) {
         saved.erase(it);
@@ -195,8 +198,7 @@ RunnerStats PipelineRunner::forward_only(const RunnerCallbacks& cb, int microbat
   const int p = options_.stages, v = options_.chunks;
   const int last_vs = p * v - 1;
   RunnerStats stats;
-  std::vector<std::pair<comm::WorkPtr, at::Tensor>> sends;
-  const int next = (rank_ + 1) % p;
+  Sends sends;
   // (chunk, micro-batch) in lexicographic order on every rank: each forward's input comes from an
   // earlier entry of the same order on the previous virtual stage, so no rank waits in a cycle.
   for (int c = 0; c < v; ++c) {
@@ -204,22 +206,13 @@ RunnerStats PipelineRunner::forward_only(const RunnerCallbacks& cb, int microbat
     for (int mb = 0; mb < microbatches; ++mb) {
       if (cb.before_pass) cb.before_pass(Action{Pass::kForward, mb, c});
       at::Tensor input;
-      if (s > 0) {
-        input = at::empty(cb.shape(mb), cb.activation_options);
-        Stopwatch wait;
-        wait_for(input, kForwardDir, c, mb);
-        stats.recv_wait_s += wait.seconds();
-        ++stats.recvs;
-      }
+      if (s > 0) input = receive(cb, kForwardDir, c, mb, stats);
       Stopwatch compute;
       ChunkOutput out = cb.forward(c, mb, input);
       stats.forward_s += compute.seconds();
       if (s != last_vs) {
         LOOM_CHECK(out.hidden.defined(), "pipeline: chunk {} returned no hidden states for micro-batch {}", c, mb);
-        at::Tensor buf = out.hidden.detach().contiguous();
-        sends.emplace_back(pp_->isend(buf, next, tag(kForwardDir, rank_ == p - 1 ? c + 1 : c, mb)), buf);
-        ++stats.sends;
-        stats.bytes_sent += static_cast<int64_t>(buf.nbytes());
+        send(out.hidden, kForwardDir, rank_ == p - 1 ? c + 1 : c, mb, sends, stats);
       }
     }
   }

@@ -2,7 +2,6 @@
 
 #include <ATen/core/grad_mode.h>
 #include <torch/csrc/autograd/custom_function.h>
-#include <torch/csrc/autograd/variable.h>
 
 #include "loom/core/error.h"
 #include "loom/parallel/weight_grad_store.h"
@@ -184,12 +183,7 @@ struct ColumnParallelLinearFn : torch::autograd::Function<ColumnParallelLinearFn
     // The weight gradient runs behind the input-gradient reduction, or in a later W pass
     // (Note: deferred weight gradients).
     at::Tensor gy2 = gy.reshape({-1, out});
-    at::Tensor total2 = total.reshape({-1, in});
-    at::Tensor gw;
-    if (!WeightGradStore::defer({{torch::autograd::impl::gradient_edge(w)},
-                                 [gy2, total2] { return std::vector<at::Tensor>{gy2.t().mm(total2)}; }})) {
-      gw = gy2.t().mm(total2);
-    }
+    at::Tensor gw = WeightGradStore::linear_weight_grad(w, gy2, total.reshape({-1, in}));
     at::Tensor gb = has_bias ? gy2.sum(0) : at::Tensor();
     if (reduce) reduce->wait();
     return {gx, gw, gb, at::Tensor(), at::Tensor(), at::Tensor()};

@@ -40,14 +40,8 @@ struct LinearFn : torch::autograd::Function<LinearFn> {
     at::Tensor gx = ctx->needs_input_grad(0) ? at::matmul(gy, w) : at::Tensor();
     at::Tensor gy2 = gy.reshape({-1, out});
     at::Tensor gb = ctx->saved_data["bias"].toBool() ? gy2.sum(0) : at::Tensor();
-    at::Tensor gw;
-    if (ctx->needs_input_grad(1)) {
-      at::Tensor x2 = x.reshape({-1, in});
-      if (!WeightGradStore::defer({{torch::autograd::impl::gradient_edge(w)},
-                                   [gy2, x2] { return std::vector<at::Tensor>{gy2.t().mm(x2)}; }})) {
-        gw = gy2.t().mm(x2);
-      }
-    }
+    at::Tensor gw = ctx->needs_input_grad(1) ? WeightGradStore::linear_weight_grad(w, gy2, x.reshape({-1, in}))
+                                             : at::Tensor();
     return {gx, gw, gb};
   }
 };
@@ -73,14 +67,21 @@ std::vector<DeferredGrad> WeightGradStore::Capture::take() {
   return out;
 }
 
-bool WeightGradStore::capturing() { return g_capturing.load(); }
-
 bool WeightGradStore::defer(DeferredGrad d) {
   if (!g_capturing.load()) return false;
   std::lock_guard<std::mutex> lock(g_mu);
   if (!g_capturing.load()) return false;
   pending().push_back(std::move(d));
   return true;
+}
+
+at::Tensor WeightGradStore::linear_weight_grad(const at::Tensor& weight, const at::Tensor& gy2d,
+                                               const at::Tensor& x2d) {
+  if (defer({{torch::autograd::impl::gradient_edge(weight)},
+             [gy2d, x2d] { return std::vector<at::Tensor>{gy2d.t().mm(x2d)}; }})) {
+    return at::Tensor();
+  }
+  return gy2d.t().mm(x2d);
 }
 
 void WeightGradStore::run(std::vector<DeferredGrad>& work) {

@@ -168,12 +168,29 @@ Trainer::Trainer(const config::JobConfig& config, comm::CommunicatorPtr world,
                       pp_, device_.str(), pp_comm_->backend());
       parallel::pipeline::check_options(o);
       runner_ = std::make_unique<parallel::pipeline::PipelineRunner>(o, pp_comm_);
+      // A chunk's gradients are final after the last pass that adds to them: its last B in the
+      // table, and with a split backward also its last W (the deferred weight GEMMs). The DP bucket
+      // hooks count a parameter only during those passes, and only when it receives a gradient,
+      // so no bucket starts its all-reduce while a pass may still add to it.
+      for (const auto& a : runner_->table()) {
+        if (a.pass == parallel::pipeline::Pass::kForward) continue;
+        auto it = std::find_if(final_passes_.begin(), final_passes_.end(),
+                               [&](const auto& b) { return b.pass == a.pass && b.chunk == a.chunk; });
+        if (it == final_passes_.end()) {
+          final_passes_.push_back(a);
+        } else {
+          *it = a;
+        }
+      }
     }
   }
   if (pp_ > 1 && spec.tie_embeddings && (pp_rank_ == 0 || pp_rank_ == pp_ - 1)) {
     embedding_comm_ = groups_->embedding_group();
     LOOM_INTERNAL_CHECK(embedding_comm_ && embedding_comm_->size() == 2,
                         "pipeline stage {} of {} has no two-rank embedding group", pp_rank_, pp_);
+    auto it = std::find_if(params_.begin(), params_.end(), [](const auto& p) { return p.name == "embedding.weight"; });
+    LOOM_INTERNAL_CHECK(it != params_.end(), "pipeline stage {} has no tied embedding tensor", pp_rank_);
+    tied_embedding_ = static_cast<size_t>(it - params_.begin());
   }
   const auto adamw = optim::AdamWOptions::from_config(config_.optim());
   if (config_.parallel().distributed_optimizer()) {
@@ -285,9 +302,8 @@ void all_reduce_host(at::Tensor& t, comm::Communicator& comm, comm::ReduceOp op 
 }  // namespace
 
 double Trainer::all_reduce_sum(double v) {
-  if (dp_ == 1) return v;
   at::Tensor t = at::full({1}, v, at::kDouble);
-  dp_comm_->all_reduce(t);
+  all_reduce_host(t, *dp_comm_);
   return t.item<double>();
 }
 
@@ -338,14 +354,7 @@ void Trainer::reduce_gradients() {
   // The tied embedding's two copies (first stage's lookup, last stage's head) each get the sum of
   // both gradients, after the DP sum (Note: loss scaling). Before a ZeRO-1 reduce-scatter, which
   // runs after this, the order is the same: the sum is over both copies and every DP rank.
-  if (embedding_comm_) {
-    std::vector<model::Parameter*> tied;
-    for (auto& p : params) {
-      if (p.name == "embedding.weight") tied.push_back(&p);
-    }
-    LOOM_INTERNAL_CHECK(tied.size() == 1, "pipeline stage {}: {} tied embedding tensors", pp_rank_, tied.size());
-    all_reduce_gradients(tied, *embedding_comm_, device_);
-  }
+  if (embedding_comm_) all_reduce_gradients({&params[tied_embedding_]}, *embedding_comm_, device_);
 }
 
 at::Tensor Trainer::full_tensor(const model::Parameter& p, const at::Tensor& local) const {
@@ -420,27 +429,11 @@ void Trainer::forward_backward(const std::vector<model::Batch>& batches, double 
     co.loss = loss;
     return co;
   };
-  // A chunk's gradients are final after the last pass that adds to them: its last B in the table,
-  // and with a split backward also its last W (the deferred weight GEMMs; ZB-H1 may run a deferred
-  // W of an early micro-batch after the last micro-batch's). The DP bucket hooks count a parameter
-  // only during those passes, and only when it receives a gradient, so no bucket starts its
-  // all-reduce while a pass may still add to it.
-  std::vector<parallel::pipeline::Action> final_passes;
-  for (const auto& a : runner_->table()) {
-    if (a.pass == parallel::pipeline::Pass::kForward) continue;
-    auto same = [&](const parallel::pipeline::Action& b) { return b.pass == a.pass && b.chunk == a.chunk; };
-    auto it = std::find_if(final_passes.begin(), final_passes.end(), same);
-    if (it == final_passes.end()) {
-      final_passes.push_back(a);
-    } else {
-      *it = a;
-    }
-  }
   cb.before_pass = [&](const parallel::pipeline::Action& a) {
     if (a.pass == parallel::pipeline::Pass::kForward) return;
     fault_point();
     if (buckets_) {
-      buckets_->arm(std::find(final_passes.begin(), final_passes.end(), a) != final_passes.end());
+      buckets_->arm(std::find(final_passes_.begin(), final_passes_.end(), a) != final_passes_.end());
     }
   };
   const parallel::pipeline::RunnerStats st = runner_->run(cb);

@@ -30,6 +30,7 @@
 #include <ATen/ATen.h>
 
 #include <functional>
+#include <utility>
 #include <vector>
 
 #include "loom/comm/communicator.h"
@@ -84,7 +85,13 @@ class PipelineRunner {
   int rank() const { return rank_; }
 
  private:
+  using Sends = std::vector<std::pair<comm::WorkPtr, at::Tensor>>;  // in flight, with their buffers
+
   int tag(int direction, int chunk, int mb) const;
+  // A fresh buffer of `cb.shape(mb)` received from the neighbour `direction` names (counted in stats).
+  at::Tensor receive(const RunnerCallbacks& cb, int direction, int chunk, int mb, RunnerStats& stats);
+  // Sends `t` to the neighbour `direction` names, for its chunk `to_chunk`; drops completed sends.
+  void send(const at::Tensor& t, int direction, int to_chunk, int mb, Sends& sends, RunnerStats& stats);
   // Receives into `buf` from the neighbour `direction` names; a timeout (comm.timeout_s) becomes a
   // kTimeout error naming this stage, the peer stage and the awaited micro-batch.
   void wait_for(at::Tensor& buf, int direction, int chunk, int mb);

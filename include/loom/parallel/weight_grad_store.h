@@ -42,10 +42,13 @@ class WeightGradStore {
     std::vector<DeferredGrad> take();
   };
 
-  static bool capturing();
   // From a backward function: defers `d` if a capture is alive (returns true), else returns false
   // and the caller computes the gradients itself.
   static bool defer(DeferredGrad d);
+  // For a linear's backward: its weight gradient gy2d^T x2d ([out, n] x [n, in]), where `weight` is
+  // the weight input as the function saw it (its gradient edge is where the result goes). Deferred
+  // while a capture is alive (returns an undefined tensor), else computed and returned.
+  static at::Tensor linear_weight_grad(const at::Tensor& weight, const at::Tensor& gy2d, const at::Tensor& x2d);
   // Computes the gradients of `work` and backpropagates them from its edges in one pass.
   static void run(std::vector<DeferredGrad>& work);
 };

@@ -153,6 +153,8 @@ class Trainer {
   std::vector<std::unique_ptr<model::GptModel>> chunks_;
   std::vector<model::Parameter> params_;
   std::unique_ptr<parallel::pipeline::PipelineRunner> runner_;
+  std::vector<parallel::pipeline::Action> final_passes_;  // each chunk's last B (and W) of the table
+  size_t tied_embedding_ = 0;  // index in params_ of embedding.weight when embedding_comm_ is set
   std::unique_ptr<optim::Optimizer> optimizer_;
   optim::DistributedAdamW* zero_ = nullptr;  // optimizer_ when parallel.distributed_optimizer
   std::unique_ptr<parallel::GradBuckets> buckets_;  // dp > 1 with the replicated optimizer
