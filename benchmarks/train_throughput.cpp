@@ -7,7 +7,13 @@
 // reported. Each side runs `--warmup` untimed and `--steps` timed training steps (forward, backward,
 // clip, AdamW) on a batch of the same shape; medians are reported.
 //
-//   train_throughput [--cases dense,moe] [--steps 6] [--warmup 2] [--json out.json]
+//   train_throughput [--cases dense,moe,dense_docs] [--steps 6] [--warmup 2] [--json out.json]
+//
+// dense_docs is the dense model on packed documents (data.mode DOCUMENTS: synthetic documents of
+// 2..256 tokens with a tail to 1024 cut into pieces of 256, 16 per step, packed first-fit into
+// micro-batches of at most 2048 tokens). Its tokens/s counts real tokens only; there is no PyTorch
+// peer for packing, so it is reported against Loom's own WINDOWS dense case of the same run (the
+// packed step's correctness is tests/train's PackedDocuments against the documents run one by one).
 //   train_throughput --device cuda --precision bf16 --cases dense_large,moe_large --python python3
 //
 // On a GPU both sides synchronise the device before reading the clock at the end of each step; the
@@ -47,6 +53,13 @@ JobConfig make_case(const std::string& name, int steps, const std::string& devic
   j.set_seed(5);
   auto* m = j.mutable_model();
   auto* t = j.mutable_train();
+  if (name == "dense_docs") {
+    j = make_case("dense", steps, device, precision);
+    j.mutable_data()->set_mode(loom::config::DataConfig::DOCUMENTS);
+    j.mutable_train()->set_global_batch_size(16);  // documents per step
+    j.mutable_train()->set_micro_batch_tokens(2048);
+    return j;
+  }
   if (name == "dense") {
     // The fixed config: vocab 8192, d_model 512, 8 layers, 8 heads, seq 256, batch 8, fp32.
     m->set_vocab_size(8192);
@@ -81,7 +94,8 @@ JobConfig make_case(const std::string& name, int steps, const std::string& devic
     moe->set_expert_ffn_hidden_size(2816);
     moe->set_aux_loss_coeff(0.01);
   } else {
-    LOOM_THROW(loom::ErrorKind::kConfig, "flag --cases: unknown case '{}' (dense, moe, dense_large, moe_large)", name);
+    LOOM_THROW(loom::ErrorKind::kConfig,
+               "flag --cases: unknown case '{}' (dense, moe, dense_docs, dense_large, moe_large)", name);
   }
   const bool large = name.find("_large") != std::string::npos;
   m->set_max_seq_len(large ? 2048 : 256);
@@ -171,6 +185,7 @@ int run(int argc, char** argv) {
   std::map<std::string, std::pair<nlohmann::json, nlohmann::json>> peers;  // case -> (plain, tuned)
   if (with_peer) {
     for (const auto& name : cl.get_list("cases")) {
+      if (name == "dense_docs") continue;  // no packing peer (see the top of this file)
       JobConfig job = make_case(name, warmup + steps, "cpu", precision);
       const auto spec = loom::model::ModelSpec::from_config(job.model());
       loom::model::GptModel cpu_model(spec, job.seed(), at::kCPU);
@@ -209,6 +224,7 @@ int run(int argc, char** argv) {
               "torch+tune", "ratio", "ratio+", "GFLOP/s", "MFU", "loss", "check");
   nlohmann::json results = nlohmann::json::array();
   int failures = 0;
+  double dense_tps = 0;  // the dense WINDOWS case's, for dense_docs
   for (const auto& name : cl.get_list("cases")) {
     JobConfig job = make_case(name, warmup + steps, cl.get("device"), precision);
     job.mutable_train()->set_peak_tflops(ceiling / 1e12);
@@ -229,7 +245,8 @@ int run(int argc, char** argv) {
 
     nlohmann::json peer_plain, peer_tuned;
     std::string check = "no peer";
-    if (with_peer) {
+    const bool has_peer = with_peer && peers.count(name) == 1;
+    if (has_peer) {
       std::tie(peer_plain, peer_tuned) = peers.at(name);
       const double dl = std::abs(peer_plain["loss"].get<double>() - loom_loss) / loom_loss;
       const double da = std::abs(peer_plain["aux"].get<double>() - loom_aux) / std::max(loom_aux, 1e-12);
@@ -243,7 +260,7 @@ int run(int argc, char** argv) {
     }
 
     std::vector<double> times;
-    double mfu = 0, tflops = 0;
+    double mfu = 0, tflops = 0, real_tokens = 0;
     const at::Tensor probe = model.parameters()[0].tensor;
     for (int i = 0; i < warmup + steps; ++i) {
       const auto t0 = std::chrono::steady_clock::now();
@@ -252,24 +269,32 @@ int run(int argc, char** argv) {
       const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
       if (i >= warmup) {
         times.push_back(secs);
+        real_tokens += static_cast<double>(m.tokens);
         mfu = m.mfu;
         tflops = m.tflops_per_device;
       }
     }
     const double t = median(times);
     const double tokens = static_cast<double>(b * s);
-    const double loom_tps = tokens / t;
+    // WINDOWS: every step has b x s tokens (median step time); DOCUMENTS: steps differ, so real
+    // tokens over the timed steps' total time.
+    double total = 0;
+    for (double x : times) total += x;
+    const bool docs = job.data().mode() == loom::config::DataConfig::DOCUMENTS;
+    const double loom_tps = docs ? real_tokens / total : tokens / t;
+    if (name == "dense") dense_tps = loom_tps;
+    if (docs && dense_tps > 0) check = fmt::format("no peer; {:.2f}x the dense WINDOWS case", loom_tps / dense_tps);
     const double achieved = spec.flops_per_token(s) * loom_tps;
     mfu = achieved / ceiling;
     (void)tflops;
     double torch_tps = 0, torch_tuned_tps = 0;
-    if (with_peer) {
+    if (has_peer) {
       torch_tps = tokens / peer_plain["median_step_s"].get<double>();
       torch_tuned_tps = tokens / peer_tuned["median_step_s"].get<double>();
     }
     std::printf("  %-6s %11.0f %11.0f %11.0f %7.2f %7.2f %9.1f %6.1f%% %9.4f %s\n", name.c_str(), loom_tps,
-                torch_tps, torch_tuned_tps, with_peer ? loom_tps / torch_tps : 0.0,
-                with_peer ? loom_tps / torch_tuned_tps : 0.0, achieved / 1e9, mfu * 100, loom_loss, check.c_str());
+                torch_tps, torch_tuned_tps, has_peer ? loom_tps / torch_tps : 0.0,
+                has_peer ? loom_tps / torch_tuned_tps : 0.0, achieved / 1e9, mfu * 100, loom_loss, check.c_str());
     results.push_back({{"case", name},
                        {"params", spec.num_parameters()},
                        {"flops_per_token", spec.flops_per_token(s)},
@@ -277,8 +302,9 @@ int run(int argc, char** argv) {
                        {"loom_median_step_s", t},
                        {"torch_tokens_per_s", torch_tps},
                        {"torch_tuned_tokens_per_s", torch_tuned_tps},
-                       {"ratio_vs_torch", with_peer ? loom_tps / torch_tps : 0.0},
-                       {"ratio_vs_torch_tuned", with_peer ? loom_tps / torch_tuned_tps : 0.0},
+                       {"ratio_vs_torch", has_peer ? loom_tps / torch_tps : 0.0},
+                       {"ratio_vs_torch_tuned", has_peer ? loom_tps / torch_tuned_tps : 0.0},
+                       {"mode", docs ? "DOCUMENTS" : "WINDOWS"},
                        {"achieved_flops", achieved},
                        {"matmul_ceiling_flops", ceiling},
                        {"mfu", mfu},

@@ -1,79 +1,101 @@
-// A user's own training loop over Loom's pieces: build the model from a spec, draw batches from a
-// data source, and write forward / backward / clip / AdamW / schedule by hand. Useful as a template
-// when the Trainer's loop is not the one you want (a custom loss, curriculum, RL fine-tuning...).
+// A user's own training loop over Loom's library pieces: the loader and its step plan, the step
+// executor, gradient synchronisation, clipping, the optimizer and the schedule, written out by hand
+// (docs/training.md, "A step"). Useful as a template when the Trainer's loop is not the one you want
+// (a custom loss, curriculum, RL fine-tuning...). It reads the same config as gpt_pretrain and, on
+// the same config, prints the same losses (tests: examples.custom_trainer_same_losses*). Alone it
+// trains in one process; under mpirun the ranks are data parallel (this example builds no tensor or
+// pipeline groups: use the Trainer for those).
 //
-//   custom_trainer [--steps 200] [--lr 1e-3]
-#include <cstdio>
+//   custom_trainer --config configs/tiny_gpt.pbtxt [--set train.steps=50 ...]
+//   mpirun -np 2 custom_trainer --config configs/tiny_gpt.pbtxt
+#include <ATen/Parallel.h>
 
+#include <cmath>
+#include <cstdio>
+#include <memory>
+
+#include "loom/comm/bootstrap.h"
 #include "loom/core/cli.h"
+#include "loom/core/config.h"
 #include "loom/core/error.h"
-#include "loom/data/source.h"
+#include "loom/core/logging.h"
+#include "loom/data/loader.h"
 #include "loom/model/gpt.h"
 #include "loom/optim/adamw.h"
 #include "loom/optim/clip.h"
 #include "loom/optim/schedule.h"
+#include "loom/parallel/grad_sync.h"
+#include "loom/train/executor.h"
 
-int main(int argc, char** argv) try {
-  loom::cli::CommandLine cl(argc, argv,
-                            {{"steps", "200", "optimizer steps"},
-                             {"lr", "1e-3", "peak learning rate"},
-                             {"batch", "8", "sequences per step"},
-                             {"seq", "64", "tokens per sequence"}},
-                            "A hand-written training loop over Loom's model, optimizer and data.");
-  if (cl.handled_help()) return 0;
-  const int64_t steps = cl.get_int("steps"), batch = cl.get_int("batch"), seq = cl.get_int("seq");
+int main(int argc, char** argv) {
+  std::unique_ptr<loom::comm::Bootstrap> boot;
+  try {
+    loom::cli::CommandLine cl(argc, argv, {}, "A hand-written training loop over Loom's library pieces.");
+    if (cl.handled_help()) return 0;
+    loom::config::JobConfig job;
+    if (!cl.config_path().empty()) loom::config::load_text_file(cl.config_path(), &job);
+    for (const auto& o : cl.overrides()) loom::config::apply_override(o, &job);
+    loom::config::validate(job);
+    boot = std::make_unique<loom::comm::Bootstrap>(loom::comm::BootstrapOptions::from_config(job.comm()), &argc,
+                                                   &argv);
+    loom::log::init(loom::log::LogOptions::from_config(job.logging(), boot->rank(), boot->size()));
+    const auto& t = job.train();
+    if (t.num_threads() > 0) at::set_num_threads(t.num_threads());
+    const int dp = boot->size(), rank = boot->rank();
+    LOOM_CHECK_CONFIG(job.parallel().tp() == 1 && job.parallel().pp() == 1,
+                      "custom_trainer is data parallel only; use gpt_pretrain for parallel.tp / parallel.pp");
 
-  // 1. The model: a config (here written in code; a .pbtxt works the same) resolved into a spec.
-  loom::config::ModelConfig mc;
-  mc.set_vocab_size(512);
-  mc.set_hidden_size(128);
-  mc.set_num_layers(2);
-  mc.set_num_heads(4);
-  mc.set_num_kv_heads(2);
-  mc.set_max_seq_len(seq);
-  loom::model::GptModel model(loom::model::ModelSpec::from_config(mc), /*seed=*/42);
-  std::printf("model: %s\n", model.spec().summary().c_str());
+    // 1. The model: the config resolved into a spec; parameters initialised from their names.
+    const loom::model::ModelSpec spec = loom::model::ModelSpec::from_config(job.model());
+    loom::model::GptModel model(spec, job.seed());
+    if (rank == 0) std::printf("model: %s\n", spec.summary().c_str());
 
-  // 2. Optimizer and schedule.
-  loom::config::OptimConfig oc;
-  oc.set_lr(cl.get_double("lr"));
-  oc.set_min_lr(cl.get_double("lr") / 10);
-  oc.set_warmup_steps(steps / 10);
-  loom::optim::AdamW adamw(&model.parameters(), loom::optim::AdamWOptions::from_config(oc));
-  loom::optim::LrSchedule schedule(oc, steps);
+    // 2. Data: the config's source, and the loader that plans each step (Note: step plan).
+    const int64_t global = t.global_batch_size() > 0 ? t.global_batch_size() : t.micro_batch_size() * dp;
+    auto source = loom::data::make_source(job, spec.vocab_size, global);
+    loom::data::LoaderOptions lo;
+    lo.mode = job.data().mode() == loom::config::DataConfig::DOCUMENTS ? loom::data::BatchMode::kDocuments
+                                                                        : loom::data::BatchMode::kWindows;
+    lo.seq_len = t.seq_len();
+    lo.global_batch = global;
+    lo.micro_batch_size = t.micro_batch_size();
+    lo.micro_batch_tokens = t.micro_batch_tokens() > 0 ? t.micro_batch_tokens() : t.micro_batch_size() * t.seq_len();
+    lo.dp_size = dp;
+    lo.dp_rank = rank;
+    loom::data::MicroBatchLoader loader(source.get(), lo);
 
-  // 3. Data: any DataSource; the synthetic Markov corpus needs no files.
-  loom::data::SyntheticMarkovCorpus corpus(mc.vocab_size(), /*branching=*/4, /*seed=*/7);
+    // 3. Optimizer, schedule, gradient synchronisation over the data-parallel ranks (the world).
+    loom::optim::AdamW optimizer(&model.parameters(), loom::optim::AdamWOptions::from_config(job.optim()));
+    loom::optim::LrSchedule schedule(job.optim(), t.steps());
+    loom::parallel::GradSyncOptions sync;
+    sync.dp = boot->world();
+    sync.bucket_bytes = static_cast<int64_t>(job.parallel().grad_bucket_mb() * (1 << 20));
+    loom::parallel::GradSync grad_sync(&model.parameters(), sync);
 
-  // 4. The loop: two micro-batches per step, loss normalised per token over the whole step.
-  const int64_t micro = batch / 2;
-  for (int64_t step = 0; step < steps; ++step) {
-    model.zero_grad();
-    double loss_sum = 0;
-    const double tokens = static_cast<double>(batch * seq);
-    for (int64_t mb = 0; mb < 2; ++mb) {
-      at::Tensor buf = at::empty({micro, seq + 1}, at::kLong);
-      for (int64_t i = 0; i < micro; ++i) {
-        corpus.sample(loom::data::Split::kTrain, step * batch + mb * micro + i, seq + 1,
-                      buf.data_ptr<int64_t>() + i * (seq + 1));
+    // 4. The executor: one pipeline stage, so a one-stage 1F1B table (Note: step executor).
+    loom::train::StepExecutor executor({&model}, {}, nullptr, &grad_sync, at::kCPU);
+
+    // 5. The loop.
+    for (int64_t step = 0; step < t.steps(); ++step) {
+      const loom::data::StepData data = loader.next(step + 1 < t.steps());
+      const double tokens = static_cast<double>(data.plan.loss_tokens);  // N over the global batch
+      grad_sync.zero_grad();
+      const auto sums = executor.train(data.batches, tokens, 1.0 / static_cast<double>(data.plan.global_micro_batches));
+      grad_sync.finish();
+      at::Tensor loss = at::tensor({sums.loss_sum}, at::kDouble);
+      boot->world()->all_reduce(loss);  // the reported loss: every rank's tokens
+      const double norm = loom::optim::clip_grad_norm(model.parameters(), job.optim().clip_grad());
+      const double lr = schedule.lr_at(step);
+      optimizer.step(lr);
+      if (rank == 0) {
+        std::printf("step %lld/%lld | loss %.4f | lr %.3e | grad %.3f\n", static_cast<long long>(step + 1),
+                    static_cast<long long>(t.steps()), loss.item<double>() / tokens, lr, norm);
       }
-      loom::model::Batch b;
-      b.tokens = buf.narrow(1, 0, seq).contiguous();
-      b.targets = buf.narrow(1, 1, seq).contiguous();
-      loom::model::ModelOutput out = model.forward(b);
-      (out.loss_sum / tokens).backward();
-      loss_sum += out.loss_sum.item<double>();
     }
-    const double norm = loom::optim::clip_grad_norm(model.parameters(), 1.0);
-    adamw.step(schedule.lr_at(step));
-    if (step % 20 == 0 || step + 1 == steps) {
-      std::printf("step %4lld  loss %.4f  grad norm %.3f  lr %.2e\n", static_cast<long long>(step + 1),
-                  loss_sum / tokens, norm, schedule.lr_at(step));
-    }
+    return 0;
+  } catch (const std::exception& e) {
+    if (boot && boot->size() > 1) boot->abort(1, e.what());
+    std::fprintf(stderr, "custom_trainer: %s\n", e.what());
+    return 1;
   }
-  std::printf("corpus entropy (the best achievable loss): %.4f\n", corpus.entropy());
-  return 0;
-} catch (const loom::Error& e) {
-  std::fprintf(stderr, "custom_trainer: %s\n", e.what());
-  return 1;
 }

@@ -16,6 +16,7 @@ PACKAGES=(
   libisal-dev
   libsentencepiece-dev
   fortunes
+  clang-format
 )
 # --bench adds Debian's PyTorch (python3-torch, the same 1.13 as libtorch-dev): the eager peer that
 # benchmarks/train_throughput compares against. Tests and the demo do not need it.

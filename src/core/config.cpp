@@ -291,6 +291,34 @@ void validate(const JobConfig& c) {
                     p.expert_tp());
   LOOM_CHECK_CONFIG(c.comm().timeout_s() > 0, "field 'comm.timeout_s' must be > 0, got {}",
                     c.comm().timeout_s());
+  // The train section (the model's context bounds train.seq_len).
+  {
+    const auto& t = c.train();
+    const int64_t max_seq_len = c.model().max_seq_len();
+  LOOM_CHECK_CONFIG(t.steps() >= 1, "field 'train.steps' must be >= 1, got {}", t.steps());
+  LOOM_CHECK_CONFIG(t.seq_len() >= 1 && (t.seq_len() <= max_seq_len || max_seq_len < 1),
+                    "field 'train.seq_len' must be in [1, model.max_seq_len = {}], got {}", max_seq_len,
+                    t.seq_len());
+  LOOM_CHECK_CONFIG(t.micro_batch_size() >= 1, "field 'train.micro_batch_size' must be >= 1, got {}",
+                    t.micro_batch_size());
+  LOOM_CHECK_CONFIG(t.global_batch_size() >= 0,
+                    "field 'train.global_batch_size' must be >= 0 (0 = micro_batch_size x dp), got {}",
+                    t.global_batch_size());
+  LOOM_CHECK_CONFIG(t.log_every() >= 1, "field 'train.log_every' must be >= 1, got {}", t.log_every());
+  LOOM_CHECK_CONFIG(t.eval_every() >= 0 && t.save_every() >= 0,
+                    "fields 'train.eval_every' ({}) and 'train.save_every' ({}) must be >= 0",
+                    t.eval_every(), t.save_every());
+  LOOM_CHECK_CONFIG(t.eval_batches() >= 1, "field 'train.eval_batches' must be >= 1, got {}",
+                    t.eval_batches());
+  LOOM_CHECK_CONFIG(t.keep_checkpoints() >= 0, "field 'train.keep_checkpoints' must be >= 0, got {}",
+                    t.keep_checkpoints());
+  LOOM_CHECK_CONFIG(t.peak_tflops() >= 0, "field 'train.peak_tflops' must be >= 0, got {}",
+                    t.peak_tflops());
+  LOOM_CHECK_CONFIG(t.num_threads() >= 0, "field 'train.num_threads' must be >= 0, got {}",
+                    t.num_threads());
+  LOOM_CHECK_CONFIG(t.progress() == "auto" || t.progress() == "bar" || t.progress() == "lines" || t.progress() == "off",
+                    "field 'train.progress' must be auto, bar, lines or off, got '{}'", t.progress());
+  }
   try {
     log::parse_level(c.logging().level());
   } catch (const Error& e) {

@@ -6,6 +6,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <limits>
 #include <numeric>
 #include <sstream>
 
@@ -202,8 +203,8 @@ std::vector<std::pair<int32_t, int64_t>> blend(const std::vector<double>& weight
 }
 
 IndexedSource::IndexedSource(const config::DataConfig& c, uint64_t seed, int64_t seq_len, int64_t vocab_size,
-                             int64_t train_samples, int64_t valid_samples)
-    : vocab_(vocab_size), window_(seq_len + 1) {
+                             int64_t train_samples, int64_t valid_samples, bool documents)
+    : vocab_(vocab_size), window_(seq_len + 1), documents_(documents) {
   LOOM_CHECK_CONFIG(c.paths_size() > 0, "data.source is INDEXED but 'data.paths' is empty");
   LOOM_CHECK_CONFIG(c.weights_size() == 0 || c.weights_size() == c.paths_size(),
                     "'data.weights' has {} entries for {} paths", c.weights_size(), c.paths_size());
@@ -227,6 +228,13 @@ IndexedSource::IndexedSource(const config::DataConfig& c, uint64_t seed, int64_t
     std::vector<int64_t> per(datasets_.size(), 0);
     for (const auto& [d, i] : split->blend) per[static_cast<size_t>(d)] = std::max(per[static_cast<size_t>(d)], i + 1);
     for (size_t d = 0; d < datasets_.size(); ++d) {
+      if (documents_) {  // whole documents, no window indices to build (Note: variable-length mode)
+        split->documents.push_back(weights_[d] > 0 ? std::make_unique<DocumentSampler>(
+                                                         datasets_[d], first, last,
+                                                         std::numeric_limits<int64_t>::max() / 4, split_seed + d * 101)
+                                                   : nullptr);
+        continue;
+      }
       WindowOptions o;
       o.seq_len_plus_one = window_;
       o.num_samples = std::max<int64_t>(per[d], 1);
@@ -241,10 +249,30 @@ IndexedSource::IndexedSource(const config::DataConfig& c, uint64_t seed, int64_t
   if (b > 0 && valid_samples > 0) make_split(&valid_, cut, 1.0, valid_samples, seed + 1);
 }
 
-void IndexedSource::sample(Split split, int64_t index, int64_t len, int64_t* out) const {
-  LOOM_CHECK(len == window_, "indexed source: built for samples of {} tokens, asked for {}", window_, len);
+const IndexedSource::SplitData& IndexedSource::split_data(Split split) const {
   const SplitData& s = split == Split::kTrain ? train_ : valid_;
   LOOM_CHECK_CONFIG(!s.blend.empty(), "there is no validation data: 'data.split' gives it no documents");
+  return s;
+}
+
+int64_t IndexedSource::document_length(Split split, int64_t index) const {
+  if (!documents_) return DataSource::document_length(split, index);
+  const SplitData& s = split_data(split);
+  const auto& [d, i] = s.blend[static_cast<size_t>(index % static_cast<int64_t>(s.blend.size()))];
+  return s.documents[static_cast<size_t>(d)]->length(i);
+}
+
+void IndexedSource::document(Split split, int64_t index, int64_t begin, int64_t len, int64_t* out) const {
+  if (!documents_) return DataSource::document(split, index, begin, len, out);
+  const SplitData& s = split_data(split);
+  const auto& [d, i] = s.blend[static_cast<size_t>(index % static_cast<int64_t>(s.blend.size()))];
+  s.documents[static_cast<size_t>(d)]->read(i, begin, len, out);
+}
+
+void IndexedSource::sample(Split split, int64_t index, int64_t len, int64_t* out) const {
+  LOOM_CHECK(!documents_, "indexed source: built for whole documents (data.mode DOCUMENTS), asked for a window");
+  LOOM_CHECK(len == window_, "indexed source: built for samples of {} tokens, asked for {}", window_, len);
+  const SplitData& s = split_data(split);
   // Past the planned samples (a run longer than its config said), the stream starts over.
   const auto& [d, i] = s.blend[static_cast<size_t>(index % static_cast<int64_t>(s.blend.size()))];
   s.samplers[static_cast<size_t>(d)]->sample(i, out);
@@ -256,8 +284,10 @@ std::string IndexedSource::describe() const {
     s += fmt::format(" {} ({} docs, {} tokens, {}, weight {:.3g}; {} train epochs{})", datasets_[d]->prefix(),
                      datasets_[d]->num_documents(), datasets_[d]->num_tokens(),
                      dtype_code_name(datasets_[d]->dtype_code()), weights_[d],
-                     train_.samplers[d] ? train_.samplers[d]->num_epochs() : 0,
-                     train_.samplers[d] && train_.samplers[d]->loaded_from_cache() ? ", cached indices" : "");
+                     d < train_.samplers.size() && train_.samplers[d] ? train_.samplers[d]->num_epochs() : 0,
+                     d < train_.samplers.size() && train_.samplers[d] && train_.samplers[d]->loaded_from_cache()
+                         ? ", cached indices"
+                         : "");
   }
   return s;
 }
@@ -292,6 +322,13 @@ int64_t DocumentSampler::document(int64_t index) const {
 
 int64_t DocumentSampler::length(int64_t index) const {
   return std::min(max_len_, document_tokens(*dataset_, document(index)));
+}
+
+void DocumentSampler::read(int64_t index, int64_t begin, int64_t len, int64_t* out) const {
+  const int64_t n = length(index);
+  LOOM_CHECK(begin >= 0 && len >= 0 && begin + len <= n, "dataset '{}': sample {} has {} tokens; asked for [{}, {})",
+             dataset_->prefix(), index, n, begin, begin + len);
+  read_document(*dataset_, document(index), begin, len, out);
 }
 
 std::vector<int64_t> DocumentSampler::sample(int64_t index) const {

@@ -196,8 +196,16 @@ at::Tensor GptModel::hidden_states(const Batch& batch, at::Tensor* aux, const at
              "batch: tokens and targets must both be [b, s], got {} and {}", batch.tokens.sizes(),
              batch.targets.sizes());
   const int64_t b = batch.batch_size(), s = batch.seq_len();
-  LOOM_CHECK(s <= spec_.max_seq_len, "batch: sequence length {} exceeds model.max_seq_len {}", s,
-             spec_.max_seq_len);
+  if (!batch.position_ids.defined()) {
+    LOOM_CHECK(s <= spec_.max_seq_len, "batch: sequence length {} exceeds model.max_seq_len {}", s,
+               spec_.max_seq_len);
+  } else if (batch.position_ids.is_cpu()) {
+    // Packed rows may be longer than the context; each document's positions must fit in it
+    // (Note: packed sequences). (On a GPU this check would synchronise the host; skipped.)
+    const int64_t last = batch.position_ids.max().item<int64_t>();
+    LOOM_CHECK(last < spec_.max_seq_len, "batch: position {} of a packed document reaches model.max_seq_len {}",
+               last, spec_.max_seq_len);
+  }
   LOOM_CHECK_CONFIG(!tp_.sp() || s % tp_.size() == 0,
                     "sequence parallelism splits the sequence over parallel.tp = {} ranks: the sequence length "
                     "{} is not divisible by it",

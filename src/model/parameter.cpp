@@ -28,34 +28,6 @@ at::Tensor initial_value(uint64_t job_seed, const std::string& name, at::IntArra
   LOOM_THROW(ErrorKind::kInternal, "unknown init for parameter '{}'", name);
 }
 
-at::Tensor shard_of(const at::Tensor& full, const TpShard& sh, int tp_size, int tp_rank) {
-  if (sh.dim < 0 || tp_size == 1) return full;
-  at::Tensor t = full;
-  const int64_t size = t.size(sh.dim);
-  if (sh.padded > size) {
-    auto pad_shape = t.sizes().vec();
-    pad_shape[sh.dim] = sh.padded - size;
-    t = at::cat({t, at::zeros(pad_shape, t.options())}, sh.dim);
-  }
-  LOOM_CHECK(t.size(sh.dim) % (sh.blocks * tp_size) == 0,
-             "cannot split dimension {} of size {} into {} block(s) x {} TP ranks", sh.dim, t.size(sh.dim), sh.blocks,
-             tp_size);
-  std::vector<at::Tensor> parts;
-  for (const auto& block : t.chunk(sh.blocks, sh.dim)) parts.push_back(block.chunk(tp_size, sh.dim)[tp_rank]);
-  return at::cat(parts, sh.dim).contiguous();
-}
-
-at::Tensor unshard(const std::vector<at::Tensor>& shards, const TpShard& sh, at::IntArrayRef global_shape) {
-  if (sh.dim < 0 || shards.size() == 1) return shards.at(0);
-  std::vector<at::Tensor> blocks;
-  for (int64_t b = 0; b < sh.blocks; ++b) {
-    std::vector<at::Tensor> pieces;
-    for (const auto& s : shards) pieces.push_back(s.chunk(sh.blocks, sh.dim)[b]);
-    blocks.push_back(at::cat(pieces, sh.dim));
-  }
-  return at::cat(blocks, sh.dim).narrow(sh.dim, 0, global_shape[sh.dim]).contiguous();
-}
-
 ParameterFactory::ParameterFactory(std::shared_ptr<std::vector<Parameter>> registry,
                                    uint64_t job_seed, at::TensorOptions options, std::string prefix,
                                    int tp_size, int tp_rank)

@@ -18,6 +18,7 @@ AdamWOptions AdamWOptions::from_config(const config::OptimConfig& c) {
   LOOM_CHECK_CONFIG(c.weight_decay() >= 0, "field 'optim.weight_decay' must be >= 0, got {}",
                     c.weight_decay());
   AdamWOptions o;
+  o.rule = c.optimizer() == config::OptimConfig::SGD ? AdamWOptions::Rule::kSgd : AdamWOptions::Rule::kAdamW;
   o.beta1 = c.beta1();
   o.beta2 = c.beta2();
   o.eps = c.eps();
@@ -27,6 +28,7 @@ AdamWOptions AdamWOptions::from_config(const config::OptimConfig& c) {
 
 AdamW::AdamW(std::vector<model::Parameter>* params, const AdamWOptions& options)
     : params_(params), options_(options) {
+  if (options_.rule == AdamWOptions::Rule::kSgd) return;  // no state
   for (const auto& p : *params_) {
     exp_avg_.push_back(at::zeros_like(p.tensor, at::MemoryFormat::Contiguous));
     exp_avg_sq_.push_back(at::zeros_like(p.tensor, at::MemoryFormat::Contiguous));
@@ -35,6 +37,11 @@ AdamW::AdamW(std::vector<model::Parameter>* params, const AdamWOptions& options)
 
 void adamw_update(at::Tensor& w, const at::Tensor& g, at::Tensor& m, at::Tensor& v, bool decay, double lr,
                   int64_t step, const AdamWOptions& o) {
+  if (o.rule == AdamWOptions::Rule::kSgd) {
+    if (decay && o.weight_decay != 0.0) w.mul_(1.0 - lr * o.weight_decay);
+    if (g.defined()) w.sub_(g.scalar_type() == w.scalar_type() ? g : g.to(w.scalar_type()), lr);
+    return;
+  }
   const double b1 = o.beta1, b2 = o.beta2;
   const double bc1 = 1.0 - std::pow(b1, static_cast<double>(step));
   const double bc2 = 1.0 - std::pow(b2, static_cast<double>(step));
@@ -57,16 +64,19 @@ void adamw_update(at::Tensor& w, const at::Tensor& g, at::Tensor& m, at::Tensor&
 void AdamW::step(double lr) {
   at::NoGradGuard no_grad;
   ++step_;
+  const bool sgd = options_.rule == AdamWOptions::Rule::kSgd;
+  at::Tensor none;
   for (size_t i = 0; i < params_->size(); ++i) {
     auto& p = (*params_)[i];
     at::Tensor w = p.tensor;
-    adamw_update(w, w.grad(), exp_avg_[i], exp_avg_sq_[i], p.weight_decay, lr, step_, options_);
+    adamw_update(w, w.grad(), sgd ? none : exp_avg_[i], sgd ? none : exp_avg_sq_[i], p.weight_decay, lr, step_,
+                 options_);
   }
 }
 
 std::vector<NamedTensor> AdamW::state() const {
   std::vector<NamedTensor> out;
-  for (size_t i = 0; i < params_->size(); ++i) {
+  for (size_t i = 0; i < exp_avg_.size(); ++i) {
     out.push_back({(*params_)[i].name + ".exp_avg", exp_avg_[i]});
     out.push_back({(*params_)[i].name + ".exp_avg_sq", exp_avg_sq_[i]});
   }
@@ -77,7 +87,7 @@ void AdamW::load_state(const std::vector<NamedTensor>& state, int64_t step) {
   std::unordered_map<std::string, const at::Tensor*> by_name;
   for (const auto& s : state) by_name[s.name] = &s.tensor;
   at::NoGradGuard no_grad;
-  for (size_t i = 0; i < params_->size(); ++i) {
+  for (size_t i = 0; i < exp_avg_.size(); ++i) {
     for (auto [suffix, dst] : {std::pair<const char*, at::Tensor*>{".exp_avg", &exp_avg_[i]},
                                {".exp_avg_sq", &exp_avg_sq_[i]}}) {
       const std::string name = (*params_)[i].name + suffix;
@@ -91,6 +101,18 @@ void AdamW::load_state(const std::vector<NamedTensor>& state, int64_t step) {
   }
   step_ = step;
 }
+
+std::vector<std::string> moment_names(const std::vector<model::Parameter>& params, const AdamWOptions& o) {
+  std::vector<std::string> names;
+  if (o.rule == AdamWOptions::Rule::kSgd) return names;
+  for (const auto& p : params) {
+    names.push_back(p.name + ".exp_avg");
+    names.push_back(p.name + ".exp_avg_sq");
+  }
+  return names;
+}
+
+std::vector<std::string> AdamW::state_names() const { return moment_names(*params_, options_); }
 
 int64_t AdamW::state_bytes() const {
   int64_t n = 0;

@@ -35,6 +35,7 @@ DistributedAdamW::DistributedAdamW(std::vector<model::Parameter>* params, const 
   }
   const auto opts = params_->front().tensor.options();
   grad_ = at::zeros({shard_}, opts);
+  if (options_.rule == AdamWOptions::Rule::kSgd) return;  // no state
   exp_avg_ = at::zeros({shard_}, opts);
   exp_avg_sq_ = at::zeros({shard_}, opts);
 }
@@ -91,6 +92,19 @@ double DistributedAdamW::clip_grad_norm(double max_norm) {
   return norm;
 }
 
+std::vector<at::Tensor> DistributedAdamW::reduced_gradients() const {
+  at::Tensor in = to_comm(grad_);
+  at::Tensor all = at::empty({total_}, in.options());
+  dp_->all_gather(all, in);
+  all = from_comm(all);
+  std::vector<at::Tensor> out;
+  for (size_t i = 0; i < params_->size(); ++i) {
+    const at::Tensor& w = (*params_)[i].tensor;
+    out.push_back(all.narrow(0, offsets_[i], w.numel()).view(w.sizes()));
+  }
+  return out;
+}
+
 void DistributedAdamW::step(double lr) {
   at::NoGradGuard no_grad;
   ++step_;
@@ -102,8 +116,11 @@ void DistributedAdamW::step(double lr) {
   for (const auto& s : segments_) {
     at::Tensor w = master.narrow(0, s.shard_offset, s.numel);
     at::Tensor g = grad_.narrow(0, s.shard_offset, s.numel);
-    at::Tensor m = exp_avg_.narrow(0, s.shard_offset, s.numel);
-    at::Tensor v = exp_avg_sq_.narrow(0, s.shard_offset, s.numel);
+    at::Tensor m, v;  // undefined for SGD
+    if (exp_avg_.defined()) {
+      m = exp_avg_.narrow(0, s.shard_offset, s.numel);
+      v = exp_avg_sq_.narrow(0, s.shard_offset, s.numel);
+    }
     adamw_update(w, g, m, v, (*params_)[s.param].weight_decay, lr, step_, options_);
   }
   at::Tensor in = to_comm(master);
@@ -118,6 +135,7 @@ void DistributedAdamW::step(double lr) {
 
 std::vector<NamedTensor> DistributedAdamW::state() const {
   std::vector<NamedTensor> out;
+  if (!exp_avg_.defined()) return out;  // SGD
   at::Tensor full[2];
   const at::Tensor* mine[2] = {&exp_avg_, &exp_avg_sq_};
   for (int k = 0; k < 2; ++k) {
@@ -138,6 +156,8 @@ void DistributedAdamW::load_state(const std::vector<NamedTensor>& state, int64_t
   std::unordered_map<std::string, const at::Tensor*> by_name;
   for (const auto& s : state) by_name[s.name] = &s.tensor;
   at::NoGradGuard no_grad;
+  step_ = step;
+  if (!exp_avg_.defined()) return;  // SGD
   for (auto [suffix, dst] : {std::pair<const char*, at::Tensor*>{".exp_avg", &exp_avg_}, {".exp_avg_sq", &exp_avg_sq_}}) {
     for (const auto& p : *params_) {
       const std::string name = p.name + suffix;
@@ -153,9 +173,10 @@ void DistributedAdamW::load_state(const std::vector<NamedTensor>& state, int64_t
       dst->narrow(0, s.shard_offset, s.numel).copy_(src.reshape({-1}).narrow(0, s.param_offset, s.numel));
     }
   }
-  step_ = step;
 }
 
-int64_t DistributedAdamW::state_bytes() const { return exp_avg_.nbytes() + exp_avg_sq_.nbytes(); }
+int64_t DistributedAdamW::state_bytes() const {
+  return exp_avg_.defined() ? exp_avg_.nbytes() + exp_avg_sq_.nbytes() : 0;
+}
 
 }  // namespace loom::optim

@@ -10,7 +10,7 @@
 
 namespace loom::parallel {
 
-GradBuckets::GradBuckets(std::vector<model::Parameter>* params, comm::CommunicatorPtr dp, int64_t bucket_bytes,
+GradBuckets::GradBuckets(std::vector<Parameter>* params, comm::CommunicatorPtr dp, int64_t bucket_bytes,
                          bool overlap)
     : params_(params), dp_(std::move(dp)), overlap_(overlap) {
   LOOM_INTERNAL_CHECK(dp_ != nullptr, "gradient buckets without a DP communicator");

@@ -43,6 +43,22 @@ ScheduleKind parse_schedule(const std::string& name) {
              name);
 }
 
+ScheduleOptions schedule_from_config(const config::ParallelConfig& par, int stages) {
+  const int vp = par.virtual_pp();
+  LOOM_CHECK_CONFIG(vp >= 1, "field 'parallel.virtual_pp' must be >= 1, got {}", vp);
+  LOOM_CHECK_CONFIG(vp == 1 || stages > 1,
+                    "field 'parallel.virtual_pp' = {} interleaves model chunks over pipeline ranks and needs "
+                    "parallel.pp > 1 (got pp = {})",
+                    vp, stages);
+  ScheduleOptions o;
+  o.kind = !par.pp_schedule().empty() ? parse_schedule(par.pp_schedule())
+                                      : (vp > 1 ? ScheduleKind::kInterleaved1F1B : ScheduleKind::k1F1B);
+  o.stages = stages;
+  o.chunks = vp;
+  o.group = par.pp_microbatch_group();
+  return o;
+}
+
 void check_options(const ScheduleOptions& o) {
   LOOM_CHECK_CONFIG(o.stages >= 1, "parallel.pp = {}: the pipeline needs at least one stage", o.stages);
   LOOM_CHECK_CONFIG(o.microbatches >= 1, "the pipeline needs at least one micro-batch per step, got {}",

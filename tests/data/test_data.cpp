@@ -447,3 +447,203 @@ TEST(SentencePiece, TrainThenPreprocess) {
   fs::remove_all(dir);
 }
 }  // namespace
+
+// ---------------------------------------------------------------------------------------------
+// The step plan (a pure function) and the micro-batch loader.
+
+#include "loom/data/loader.h"
+#include "loom/data/step_plan.h"
+
+namespace {
+
+using loom::data::BatchMode;
+using loom::data::PlanLayout;
+using loom::data::SampleRef;
+
+// WINDOWS: rank r's micro-batches hold samples [r G/dp, (r+1) G/dp) in order, micro_batch_size
+// rows each; N = G * seq_len; M_all = micro-batches x dp (the Trainer's split before the planner).
+TEST(StepPlan, WindowsAreTheContiguousDpShareInMicroBatches) {
+  std::vector<SampleRef> samples;
+  for (int64_t i = 0; i < 16; ++i) samples.push_back({100 + i, 9});
+  for (int dp : {1, 2, 4}) {
+    for (int r = 0; r < dp; ++r) {
+      PlanLayout l;
+      l.dp_size = dp;
+      l.dp_rank = r;
+      l.micro_batch_size = 2;
+      const auto plan = loom::data::plan_step(samples, l);
+      EXPECT_EQ(plan.loss_tokens, 16 * 8);
+      EXPECT_EQ(plan.global_micro_batches, 8);
+      ASSERT_EQ(static_cast<int>(plan.micro_batches.size()), 8 / dp);
+      int64_t next = r * (16 / dp);
+      for (const auto& mb : plan.micro_batches) {
+        EXPECT_EQ(mb.row_len, 8);
+        ASSERT_EQ(mb.rows.size(), 2u);
+        for (const auto& row : mb.rows) {
+          ASSERT_EQ(row.size(), 1u);
+          EXPECT_EQ(row[0].sample, next++);
+          EXPECT_EQ(row[0].begin, 0);
+          EXPECT_EQ(row[0].tokens, 8);
+        }
+      }
+    }
+  }
+  PlanLayout bad;
+  bad.dp_size = 3;
+  EXPECT_THROW(loom::data::plan_step(samples, bad), loom::Error);  // 16 samples over 3 ranks
+  bad.dp_size = 2;
+  bad.micro_batch_size = 3;
+  EXPECT_THROW(loom::data::plan_step(samples, bad), loom::Error);  // 8 per rank in micro-batches of 3
+}
+
+// DOCUMENTS: over all DP ranks' plans, every target of every document is predicted exactly once;
+// pieces are at most max_piece_tokens and contiguous; micro-batches hold at most the budget; each
+// piece went to the first micro-batch with room (first-fit); N and M_all are the same on every rank.
+TEST(StepPlan, DocumentsArePackedFirstFitAndCoverEveryTargetOnce) {
+  std::mt19937_64 rng(5);
+  for (int trial = 0; trial < 50; ++trial) {
+    const int dp = 1 << (trial % 3);
+    std::vector<SampleRef> samples;
+    int64_t targets = 0;
+    for (int64_t i = 0; i < 8 * dp; ++i) {
+      const int64_t len = 2 + static_cast<int64_t>(rng() % (trial % 2 ? 70 : 20));
+      samples.push_back({i * 3, len});
+      targets += len - 1;
+    }
+    PlanLayout l;
+    l.mode = BatchMode::kDocuments;
+    l.dp_size = dp;
+    l.micro_batch_tokens = 24 + trial % 9;
+    l.max_piece_tokens = 16;
+    l.pad_multiple = 1 + trial % 4;
+    std::vector<std::vector<int>> covered(samples.size());
+    for (size_t s = 0; s < samples.size(); ++s) covered[s].assign(static_cast<size_t>(samples[s].length - 1), 0);
+    for (int r = 0; r < dp; ++r) {
+      l.dp_rank = r;
+      const auto plan = loom::data::plan_step(samples, l);
+      EXPECT_EQ(plan.loss_tokens, targets);
+      for (const auto& mb : plan.micro_batches) {
+        ASSERT_EQ(mb.rows.size(), 1u);
+        int64_t sum = 0;
+        for (const auto& p : mb.rows[0]) {
+          EXPECT_GE(p.sample, r * 8);  // this rank's share of the documents
+          EXPECT_LT(p.sample, (r + 1) * 8);
+          EXPECT_LE(p.tokens, l.max_piece_tokens);
+          EXPECT_GE(p.tokens, 1);
+          for (int64_t t = p.begin; t < p.begin + p.tokens; ++t) ++covered[static_cast<size_t>(p.sample)][static_cast<size_t>(t)];
+          sum += p.tokens;
+        }
+        EXPECT_EQ(sum, mb.tokens);
+        EXPECT_LE(mb.tokens, l.micro_batch_tokens);
+        EXPECT_EQ(mb.row_len % l.pad_multiple, 0);
+        EXPECT_GE(mb.row_len, mb.tokens);
+        EXPECT_LT(mb.row_len, mb.tokens + l.pad_multiple);
+      }
+      // First-fit: replaying the pieces in document order, each lands in the first micro-batch that
+      // had room for it at that moment.
+      std::vector<int64_t> fill;
+      std::map<std::pair<int64_t, int64_t>, size_t> home;
+      for (size_t m = 0; m < plan.micro_batches.size(); ++m) {
+        for (const auto& p : plan.micro_batches[m].rows[0]) home[{p.sample, p.begin}] = m;
+      }
+      for (const auto& [key, m] : home) {
+        int64_t tokens = 0;
+        for (const auto& p : plan.micro_batches[m].rows[0]) {
+          if (p.sample == key.first && p.begin == key.second) tokens = p.tokens;
+        }
+        size_t first = 0;
+        while (first < fill.size() && fill[first] + tokens > l.micro_batch_tokens) ++first;
+        EXPECT_EQ(first, m) << "piece (" << key.first << ", " << key.second << ") is not first-fit";
+        if (first == fill.size()) fill.push_back(0);
+        fill[first] += tokens;
+      }
+      EXPECT_EQ(plan.global_micro_batches, [&] {
+        int64_t n = 0;
+        for (int q = 0; q < dp; ++q) {
+          PlanLayout o = l;
+          o.dp_rank = q;
+          n += static_cast<int64_t>(loom::data::plan_step(samples, o).micro_batches.size());
+        }
+        return n;
+      }());
+    }
+    for (size_t s = 0; s < samples.size(); ++s) {
+      for (size_t t = 0; t < covered[s].size(); ++t) ASSERT_EQ(covered[s][t], 1) << "sample " << s << " target " << t;
+    }
+  }
+  PlanLayout l;
+  l.mode = BatchMode::kDocuments;
+  l.micro_batch_tokens = 8;
+  l.max_piece_tokens = 16;  // a piece longer than the budget
+  EXPECT_THROW(loom::data::plan_step({{0, 5}}, l), loom::Error);
+  l.max_piece_tokens = 8;
+  EXPECT_THROW(loom::data::plan_step({{0, 1}}, l), loom::Error);  // one token: no target
+}
+
+// The loader's packed micro-batches: each piece's inputs and targets are its document's tokens,
+// positions restart at 0 in each piece, doc ids separate pieces, padding does not count.
+TEST(MicroBatchLoader, PackedRowsHoldTheDocumentsPieces) {
+  loom::data::SyntheticMarkovCorpus corpus(64, 4, 9, /*max_document_len=*/12);
+  loom::data::LoaderOptions o;
+  o.mode = BatchMode::kDocuments;
+  o.seq_len = 12;
+  o.global_batch = 10;
+  o.micro_batch_tokens = 30;
+  o.pad_multiple = 4;
+  o.prefetch = false;
+  loom::data::MicroBatchLoader loader(&corpus, o);
+  const auto step = loader.next();
+  EXPECT_EQ(loader.position(), 10);
+  const auto samples = loader.global_samples(loom::data::Split::kTrain, 0);
+  ASSERT_EQ(step.batches.size(), step.plan.micro_batches.size());
+  int64_t counted = 0;
+  for (size_t m = 0; m < step.batches.size(); ++m) {
+    const auto& b = step.batches[m];
+    const auto& mb = step.plan.micro_batches[m];
+    ASSERT_EQ(b.seq_len(), mb.row_len);
+    int64_t at = 0, doc = -1;
+    for (const auto& p : mb.rows[0]) {
+      std::vector<int64_t> want(static_cast<size_t>(p.tokens + 1));
+      corpus.document(loom::data::Split::kTrain, samples[static_cast<size_t>(p.sample)].index, p.begin, p.tokens + 1,
+                      want.data());
+      for (int64_t t = 0; t < p.tokens; ++t) {
+        EXPECT_EQ(b.tokens[0][at + t].item<int64_t>(), want[static_cast<size_t>(t)]);
+        EXPECT_EQ(b.targets[0][at + t].item<int64_t>(), want[static_cast<size_t>(t + 1)]);
+        EXPECT_EQ(b.position_ids[0][at + t].item<int64_t>(), t);
+      }
+      EXPECT_NE(b.doc_ids[0][at].item<int64_t>(), doc);
+      doc = b.doc_ids[0][at].item<int64_t>();
+      at += p.tokens;
+    }
+    counted += b.num_loss_tokens();
+    if (at < mb.row_len) {
+      ASSERT_TRUE(b.loss_mask.defined());
+      EXPECT_EQ(b.loss_mask.sum().item<double>(), static_cast<double>(at));
+    }
+  }
+  EXPECT_EQ(counted, step.plan.loss_tokens);  // one DP rank: every loss token of the global batch
+  // The position is the resumable state, by name.
+  auto state = loader.state();
+  EXPECT_EQ(state.at("data.consumed_samples"), 10);
+  loom::data::MicroBatchLoader again(&corpus, o);
+  again.load_state(state);
+  const auto a = loader.next(), b = again.next();
+  ASSERT_EQ(a.batches.size(), b.batches.size());
+  for (size_t m = 0; m < a.batches.size(); ++m) EXPECT_TRUE(at::equal(a.batches[m].tokens, b.batches[m].tokens));
+  EXPECT_THROW(again.load_state({}), loom::Error);
+  // A source without documents cannot run DOCUMENTS mode: a clear error.
+  loom::data::LoaderOptions w = o;
+  struct WindowsOnly : loom::data::DataSource {
+    void sample(loom::data::Split, int64_t, int64_t, int64_t*) const override {}
+    int64_t vocab_size() const override { return 2; }
+    std::string describe() const override { return "windows-only test source"; }
+  } windows_only;
+  try {
+    loom::data::MicroBatchLoader bad(&windows_only, w);
+    ADD_FAILURE() << "a windows-only source was accepted for DOCUMENTS mode";
+  } catch (const loom::Error& e) {
+    EXPECT_NE(std::string(e.what()).find("windows-only test source"), std::string::npos) << e.what();
+  }
+}
+
+}  // namespace

@@ -23,6 +23,36 @@ Parameter make_param(const std::string& name, at::Tensor value, bool decay) {
   return p;
 }
 
+TEST(Sgd, MatchesClosedFormAndHoldsNoState) {
+  // optim.optimizer = SGD: p -= lr * wd * p (decayed parameters), then p -= lr * g; an undefined
+  // gradient leaves only the decay. No moments: nothing in state(), nothing to load.
+  std::vector<Parameter> params;
+  params.push_back(make_param("w", at::tensor({0.5, -1.0}), true));
+  params.push_back(make_param("b", at::tensor({2.0}), false));
+  loom::config::OptimConfig c;
+  c.set_optimizer(loom::config::OptimConfig::SGD);
+  c.set_weight_decay(0.1);
+  loom::optim::AdamW sgd(&params, loom::optim::AdamWOptions::from_config(c));
+  std::vector<double> w = {0.5, -1.0}, b = {2.0};
+  const std::vector<std::vector<double>> gw = {{0.3, -0.2}, {1.0, 4.0}};
+  for (int step = 0; step < 2; ++step) {
+    const double lr = step == 0 ? 0.5 : 0.25;
+    params[0].tensor.mutable_grad() = at::tensor(gw[step], at::kDouble);
+    params[1].tensor.mutable_grad() = step == 0 ? at::tensor({-1.0}, at::kDouble) : at::Tensor();
+    sgd.step(lr);
+    for (size_t i = 0; i < 2; ++i) w[i] = w[i] - lr * 0.1 * w[i] - lr * gw[step][i];
+    if (step == 0) b[0] -= lr * -1.0;
+    EXPECT_NEAR(params[0].tensor[0].item<double>(), w[0], 1e-15);
+    EXPECT_NEAR(params[0].tensor[1].item<double>(), w[1], 1e-15);
+    EXPECT_NEAR(params[1].tensor[0].item<double>(), b[0], 1e-15);
+  }
+  EXPECT_EQ(sgd.step_count(), 2);
+  EXPECT_TRUE(sgd.state().empty());
+  EXPECT_EQ(sgd.state_bytes(), 0);
+  sgd.load_state({}, 7);
+  EXPECT_EQ(sgd.step_count(), 7);
+}
+
 TEST(AdamW, MatchesClosedFormOverSeveralSteps) {
   std::vector<Parameter> params;
   params.push_back(make_param("w", at::tensor({0.5, -1.0, 2.0, 0.25}).view({2, 2}), true));

@@ -29,7 +29,7 @@
 #include "loom/parallel/weight_grad_store.h"
 #include "loom/comm/local_communicator.h"
 #include "test_world.h"
-#include "trainer_layouts.h"
+#include "trainer_fixture.h"
 
 namespace {
 
@@ -283,72 +283,30 @@ TEST(PipelineRunner, EveryScheduleMatchesTheWholeModel) {
 
 using loom::train::Trainer;
 
-struct PipelineCase {
-  int tp = 1, pp = 2, vp = 1;
-  std::string schedule = "1f1b";
-  int micro = 4;    // micro-batches per step (per DP rank)
-  int layers = 4;
-  bool sp = false, zero = false;
-  int first = -1, last = -1;  // parallel.pp_first_stage_layers / pp_last_stage_layers
-  int first_dense = 0;        // model.moe.first_dense_layers
+using loom::testing::Layout;
 
-  std::string str(const std::string& model, int dp) const {
-    std::string s = model + " tp" + std::to_string(tp) + " pp" + std::to_string(pp) + " dp" + std::to_string(dp) +
-                    " " + schedule + (vp > 1 ? " vp" + std::to_string(vp) : "") + " m" + std::to_string(micro) +
-                    " L" + std::to_string(layers) + (sp ? " sp" : "") + (zero ? " zero1" : "");
-    if (first >= 0 || last >= 0) s += " first" + std::to_string(first) + " last" + std::to_string(last);
-    return s;
-  }
-};
-
-loom::config::JobConfig pipeline_job(loom::config::JobConfig j, const PipelineCase& c) {
-  auto* par = j.mutable_parallel();
-  par->set_tp(c.tp);
-  par->set_pp(c.pp);
-  par->set_virtual_pp(c.vp);
-  par->set_pp_schedule(c.schedule);
-  par->set_sequence_parallel(c.sp);
-  par->set_distributed_optimizer(c.zero);
-  par->set_pp_first_stage_layers(c.first);
-  par->set_pp_last_stage_layers(c.last);
-  return j;
+// A pipeline layout's defaults: 2 stages of a 4-layer model, 1F1B, 4 micro-batches per step.
+Layout pipeline_case() {
+  Layout c;
+  c.pp = 2;
+  c.schedule = "1f1b";
+  c.micro = 4;
+  c.layers = 4;
+  return c;
 }
 
-void expect_pipeline_trainer_matches(const std::string& model, const PipelineCase& c) {
-  auto world = loom::testing::world();
-  const int dp = world->size() / (c.tp * c.pp);
-  const std::string what = c.str(model, dp);
-  auto j = loom::testing::tiny_job(model == "moe", model == "gpt2");
-  j.mutable_model()->set_num_layers(c.layers);
-  if (model == "moe") j.mutable_model()->mutable_moe()->set_first_dense_layers(c.first_dense);
-  j.mutable_train()->set_micro_batch_size(16 / (dp * c.micro));
-  j.mutable_train()->set_eval_batches(2);
-  Trainer single(j, std::make_shared<loom::comm::LocalCommunicator>());
-  Trainer par(pipeline_job(j, c), world);
-  ASSERT_EQ(par.micro_batches_per_rank(), c.micro) << what;
-  ASSERT_NE(par.pipeline(), nullptr) << what;
-  const double worst = loom::testing::compare_steps(single, par, j.train().steps(), what);
-  EXPECT_LT(worst, loom::testing::kLossTol) << what;
-  if (dp > 1 && !c.zero) {
-    ASSERT_NE(par.grad_buckets(), nullptr);
-    EXPECT_GT(par.grad_buckets()->stats().launched_in_backward, 0) << what;
-  }
-  const double ea = single.evaluate().loss, eb = par.evaluate().loss;
-  EXPECT_NEAR(eb, ea, loom::testing::kLossTol * ea) << what << ": evaluation";
-  const double diff = loom::testing::max_param_diff(par, single);
-  EXPECT_LT(diff, loom::testing::kParamTol) << what;
-  if (world->rank() == 0) {
-    std::printf("[ layout ] %-48s max loss rel diff %.2e, max param diff %.2e\n", what.c_str(), worst, diff);
-  }
+void expect_pipeline_trainer_matches(const std::string& model, Layout c) {
+  c.model = model;
+  loom::testing::expect_layout_matches(c);
 }
 
 // The layouts of this world size: PP 2 and 4, one or two chunks per rank, every schedule, composed
 // with TP = 2 (with and without SP) and DP = 2 (ZeRO-1 or the bucketed all-reduce).
-std::vector<PipelineCase> pipeline_cases() {
+std::vector<Layout> pipeline_cases() {
   const int n = loom::testing::world()->size();
-  std::vector<PipelineCase> v;
+  std::vector<Layout> v;
   auto add = [&](int tp, int pp, int vp, const char* sched, int micro, int layers, bool sp = false, bool zero = false) {
-    PipelineCase c;
+    Layout c = pipeline_case();
     c.tp = tp, c.pp = pp, c.vp = vp, c.schedule = sched, c.micro = micro, c.layers = layers, c.sp = sp, c.zero = zero;
     v.push_back(c);
   };
@@ -382,18 +340,25 @@ std::vector<PipelineCase> pipeline_cases() {
 }
 
 TEST(PipelineTrainer, GptMatchesSingleProcess) {
-  for (const auto& c : pipeline_cases()) expect_pipeline_trainer_matches("gpt", c);
+  LOOM_REQUIRE_PARALLEL_WORLD();
+  const auto cases = pipeline_cases();
+  ASSERT_FALSE(cases.empty()) << "no pipeline layout for " << loom::testing::world()->size() << " ranks";
+  for (const auto& c : cases) expect_pipeline_trainer_matches("gpt", c);
 }
 
 TEST(PipelineTrainer, MoeMatchesSingleProcess) {
-  for (const auto& c : pipeline_cases()) expect_pipeline_trainer_matches("moe", c);
+  LOOM_REQUIRE_PARALLEL_WORLD();
+  const auto cases = pipeline_cases();
+  ASSERT_FALSE(cases.empty()) << "no pipeline layout for " << loom::testing::world()->size() << " ranks";
+  for (const auto& c : cases) expect_pipeline_trainer_matches("moe", c);
 }
 
 TEST(PipelineTrainer, Gpt2TiedEmbeddingsAcrossStages) {
   // The embedding on the first stage and its copy as the head on the last: one gradient (the sum),
   // one update, counted once in the norm. One chunk and two (the head on chunk 1 of the last rank).
+  LOOM_REQUIRE_PARALLEL_WORLD();
   const int n = loom::testing::world()->size();
-  PipelineCase c;
+  Layout c = pipeline_case();
   c.pp = n == 2 ? 2 : 4;
   c.tp = n == 8 ? 2 : 1;
   c.schedule = "zb-h1";
@@ -410,7 +375,7 @@ TEST(PipelineTrainer, UnevenStagesAndDenseLayersInAnMoeModel) {
   // first layer is dense, so a stage can hold no MoE layer (no auxiliary loss of its own).
   auto world = loom::testing::world();
   if (world->size() != 2) GTEST_SKIP() << "two stages";
-  PipelineCase c;
+  Layout c = pipeline_case();
   c.layers = 3;
   c.first = 0;
   c.last = 3;
@@ -438,14 +403,14 @@ TEST(PipelineTrainer, CheckpointsGatherStagesAndReshardOnLoad) {
     dir = (std::filesystem::temp_directory_path() / ("loom-pp-ckpt-" + std::to_string(pid.item<int64_t>()))).string();
   }
   j.mutable_train()->set_checkpoint_dir(dir);
-  PipelineCase a;  // np2: pp2; np4: tp2 pp2; np8: tp2 pp2 dp2 with ZeRO-1
+  Layout a = pipeline_case();  // np2: pp2; np4: tp2 pp2; np8: tp2 pp2 dp2 with ZeRO-1
   a.tp = n >= 4 ? 2 : 1;
   a.sp = a.tp > 1;
   a.zero = n == 8;
   a.schedule = "zb-h1";
   const int dp = n / (a.tp * a.pp);
   j.mutable_train()->set_micro_batch_size(16 / (dp * 4));
-  Trainer par(pipeline_job(j, a), world);
+  Trainer par(loom::testing::with_layout(j, a), world);
   for (int s = 0; s < 3; ++s) par.train_step();
   const std::string saved = par.save_checkpoint();
   Trainer single(j, std::make_shared<loom::comm::LocalCommunicator>());
@@ -457,11 +422,11 @@ TEST(PipelineTrainer, CheckpointsGatherStagesAndReshardOnLoad) {
     EXPECT_NEAR(y.loss, x.loss, loom::testing::kLossTol * x.loss);
   }
   // Another layout resumes from it: interleaved chunks with the last stage holding one layer.
-  PipelineCase b = a;
+  Layout b = a;
   b.vp = 2;
   b.schedule = "interleaved";
   b.layers = 4;
-  auto jb = pipeline_job(j, b);
+  auto jb = loom::testing::with_layout(j, b);
   jb.mutable_model()->set_num_layers(5);  // virtual stages: 1 + 1 + 1 + 2 with last = 2
   jb.mutable_parallel()->set_pp_last_stage_layers(2);
   auto js = j;
@@ -497,25 +462,25 @@ TEST(PipelineTrainer, BadLayoutsAreClearErrors) {
   auto base = loom::testing::tiny_job(false);
   base.mutable_model()->set_num_layers(4);
   base.mutable_train()->set_micro_batch_size(16 / (n / 2) / 4);  // pp 2: dp = n / 2, 4 micro-batches
-  PipelineCase c;
-  auto j = pipeline_job(base, c);
+  Layout c = pipeline_case();
+  auto j = loom::testing::with_layout(base, c);
   j.mutable_parallel()->set_pp_schedule("zb-v");
   expect_config_error(j, "parallel.pp_schedule = 'zb-v' is not a schedule");
-  j = pipeline_job(base, c);
+  j = loom::testing::with_layout(base, c);
   j.mutable_parallel()->set_virtual_pp(2);  // with 1f1b
   expect_config_error(j, "parallel.virtual_pp");
-  j = pipeline_job(base, c);
+  j = loom::testing::with_layout(base, c);
   j.mutable_model()->set_num_layers(3);
   expect_config_error(j, "model.num_layers = 3 does not split over the pipeline");
-  j = pipeline_job(base, c);
+  j = loom::testing::with_layout(base, c);
   j.mutable_parallel()->set_pp_first_stage_layers(5);
   expect_config_error(j, "exceed model.num_layers = 4");
   c.vp = 2;
   c.schedule = "interleaved";
-  j = pipeline_job(base, c);
+  j = loom::testing::with_layout(base, c);
   j.mutable_parallel()->set_pp_microbatch_group(3);  // 4 micro-batches: groups of 3 and 1 < pp
   expect_config_error(j, "parallel.pp_microbatch_group");
-  j = pipeline_job(base, c);
+  j = loom::testing::with_layout(base, c);
   j.mutable_parallel()->set_pp_first_stage_layers(4);  // nothing left for virtual stages 1 and 2
   expect_config_error(j, "virtual pipeline stage 1 of 4 would hold no layers");
   // Interleaving needs a pipeline.

@@ -30,7 +30,7 @@
 #include "loom/parallel/tensor_parallel.h"
 #include "loom/train/trainer.h"
 #include "test_world.h"
-#include "trainer_layouts.h"
+#include "trainer_fixture.h"
 
 namespace {
 
@@ -338,30 +338,16 @@ TEST(TensorParallelLayers, VocabParallelCrossEntropyEqualsTheFullSoftmax) {
 // ---------------------------------------------------------------------------------------------
 // Model level.
 
-void expect_matches_single(loom::config::JobConfig j, int tp, bool sp, int accum, const std::string& what,
-                           bool zero = false) {
-  auto world = loom::testing::world();
-  const int dp = world->size() / tp;
-  j.mutable_train()->set_micro_batch_size(16 / (dp * accum));
-  Trainer single(j, std::make_shared<loom::comm::LocalCommunicator>());
-  j.mutable_parallel()->set_tp(tp);
-  j.mutable_parallel()->set_sequence_parallel(sp);
-  j.mutable_parallel()->set_distributed_optimizer(zero);
-  Trainer par(j, world);
-  ASSERT_EQ(par.micro_batches_per_rank(), accum) << what;
-  const double worst = loom::testing::compare_steps(single, par, j.train().steps(), what);
-  EXPECT_LT(worst, kLossTol) << what;
-  if (dp > 1 && !zero) {
-    // The replicated optimizer's DP reduction ran in several buckets, started during backward.
-    ASSERT_NE(par.grad_buckets(), nullptr);
-    EXPECT_GT(par.grad_buckets()->num_buckets(), 3) << what;
-    EXPECT_GT(par.grad_buckets()->stats().launched_in_backward, 0) << what;
-  }
-  const double diff = max_param_diff(par, single);
-  EXPECT_LT(diff, kParamTol) << what;
-  if (world->rank() == 0) {
-    std::printf("[ layout ] %-40s max loss rel diff %.2e, max param diff %.2e\n", what.c_str(), worst, diff);
-  }
+using loom::testing::Layout;
+
+void expect_matches_single(const std::string& model, int tp, bool sp, int accum, bool zero = false) {
+  Layout c;
+  c.model = model;
+  c.tp = tp;
+  c.sp = sp;
+  c.micro = accum;
+  c.zero = zero;
+  loom::testing::expect_layout_matches(c);
 }
 
 // Every (tp, dp) layout of this world size, from the list {(2,1), (4,1), (1,2), (1,4),
@@ -377,18 +363,16 @@ std::vector<int> tp_sizes() {
 // Every layout of this world size with SP off and on (tp > 1), ZeRO-1 off and on (dp > 1) and
 // accumulation 1 and 4.
 void expect_all_layouts_match(bool moe) {
+  LOOM_REQUIRE_PARALLEL_WORLD();
   const int n = loom::testing::world()->size();
+  ASSERT_FALSE(tp_sizes().empty()) << "no (tp, dp) layout for " << n << " ranks";
   for (int tp : tp_sizes()) {
     const int dp = n / tp;
     for (bool sp : tp > 1 ? std::vector<bool>{false, true} : std::vector<bool>{false}) {
       for (bool zero : dp > 1 ? std::vector<bool>{false, true} : std::vector<bool>{false}) {
         for (int accum : {1, 4}) {
           if (16 % (dp * accum) != 0) continue;
-          expect_matches_single(tiny_job(moe), tp, sp, accum,
-                                std::string(moe ? "moe" : "gpt") + " tp" + std::to_string(tp) + " dp" +
-                                    std::to_string(dp) + (sp ? " sp" : "") + (zero ? " zero1" : "") + " accum" +
-                                    std::to_string(accum),
-                                zero);
+          expect_matches_single(moe ? "moe" : "gpt", tp, sp, accum, zero);
         }
       }
     }
@@ -401,9 +385,10 @@ TEST(TensorDataParallel, MoeMatchesSingleProcess) { expect_all_layouts_match(tru
 TEST(TensorDataParallel, Gpt2WithBiasesTiedAndLearnedPositions) {
   // LayerNorm biases, attention/FFN biases outside the regions, tied vocab-parallel embedding and
   // head, learned positions on sequence shards.
+  LOOM_REQUIRE_PARALLEL_WORLD();
   const int n = loom::testing::world()->size();
   const int tp = n == 8 ? 2 : n;
-  expect_matches_single(tiny_job(false, /*gpt2=*/true), tp, true, 1, "gpt2 sp tp" + std::to_string(tp));
+  expect_matches_single("gpt2", tp, true, 1);
 }
 
 TEST(TensorDataParallel, CheckpointReshardsOnLoad) {

@@ -1,6 +1,8 @@
 // The Trainer: gradient accumulation, resume, bad input, data parallelism; and the checkpoint
 // format (safetensors). Runs with no launcher (everything) and under mpirun (DataParallel.*).
 #include <gtest/gtest.h>
+#include <ATen/CPUGeneratorImpl.h>
+#include <ATen/core/grad_mode.h>
 #include <nlohmann/json.hpp>
 #include <unistd.h>
 
@@ -16,6 +18,9 @@
 #include "loom/core/error.h"
 #include "loom/core/logging.h"
 #include "test_world.h"
+#include "trainer_fixture.h"
+#include "loom/data/loader.h"
+#include "loom/train/executor.h"
 #include "loom/train/trainer.h"
 
 namespace {
@@ -23,43 +28,12 @@ namespace {
 namespace fs = std::filesystem;
 using loom::train::Trainer;
 
+// The shared tiny job (tests/common/trainer_fixture.h), 6 steps of 4 micro-batches of 4 sequences.
 loom::config::JobConfig tiny_job(bool moe = false) {
-  static bool quiet = [] {
-    loom::log::LogOptions o;
-    o.level = "warn";
-    loom::log::init(o);
-    return true;
-  }();
-  (void)quiet;
-  loom::config::JobConfig j;
-  j.set_seed(77);
-  auto* m = j.mutable_model();
-  m->set_vocab_size(64);
-  m->set_hidden_size(32);
-  m->set_num_layers(2);
-  m->set_num_heads(4);
-  m->set_num_kv_heads(2);
-  m->set_ffn_hidden_size(48);
-  m->set_max_seq_len(16);
-  if (moe) {
-    m->mutable_moe()->set_num_experts(4);
-    m->mutable_moe()->set_top_k(2);
-    m->mutable_moe()->set_expert_ffn_hidden_size(16);
-    m->mutable_moe()->set_num_shared_experts(1);
-    m->mutable_moe()->set_z_loss_coeff(1e-3);
-  }
-  auto* o = j.mutable_optim();
-  o->set_lr(3e-3);
-  o->set_min_lr(3e-4);
-  o->set_warmup_steps(2);
-  auto* t = j.mutable_train();
-  t->set_steps(6);
-  t->set_seq_len(16);
-  t->set_micro_batch_size(4);
-  t->set_global_batch_size(16);
-  t->set_progress("off");
-  t->set_peak_tflops(1.0);  // no GEMM probe in tests
-  j.mutable_logging()->set_dir("");
+  auto j = loom::testing::tiny_job(moe);
+  j.mutable_train()->set_steps(6);
+  j.mutable_train()->set_micro_batch_size(4);
+  j.mutable_parallel()->clear_grad_bucket_mb();
   return j;
 }
 
@@ -101,6 +75,127 @@ void expect_error(F&& f, loom::ErrorKind kind, const std::string& needle) {
   } catch (const loom::Error& e) {
     EXPECT_EQ(e.kind(), kind) << e.what();
     EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
+  }
+}
+
+// The one executor with a one-stage table (Note: step executor) against the hand-written loop it
+// replaced (forward, scale the loss, backward, micro-batch after micro-batch): the same operations
+// in the same order, so gradients and loss sums are bit-identical, in fp64 and in fp32, dense and
+// MoE, with micro-batches of different lengths.
+TEST(StepExecutor, OneStageEqualsTheHandWrittenLoopBitForBit) {
+  for (bool fp64 : {true, false}) {
+    for (bool moe : {false, true}) {
+      const std::string what = std::string(fp64 ? "fp64" : "fp32") + (moe ? " moe" : " dense");
+      loom::model::ModelSpec spec = loom::model::ModelSpec::from_config(tiny_job(moe).model());
+      if (fp64) spec.param_dtype = at::kDouble;
+      loom::model::GptModel a(spec, 5), b(spec, 5);
+      std::vector<loom::model::Batch> batches;
+      at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(3);
+      for (int64_t len : {16, 9, 12}) {
+        loom::model::Batch mb;
+        mb.tokens = at::randint(64, {2, len}, gen, at::kLong);
+        mb.targets = at::randint(64, {2, len}, gen, at::kLong);
+        batches.push_back(mb);
+      }
+      const double tokens = 2.0 * (16 + 9 + 12), aux_scale = 1.0 / 3;
+      double loss_sum = 0, aux_sum = 0;
+      for (const auto& mb : batches) {
+        loom::model::ModelOutput out = a.forward(mb);
+        at::Tensor loss = out.loss_sum / tokens;
+        if (moe) loss = loss + out.aux_loss * aux_scale;
+        loss.backward();
+        loss_sum += out.loss_sum.item<double>();
+        aux_sum += out.aux_loss.item<double>();
+      }
+      loom::parallel::pipeline::ScheduleOptions o;  // one stage, one chunk
+      loom::train::StepExecutor exec({&b}, o, nullptr, nullptr, at::kCPU);
+      const loom::train::StepSums sums = exec.train(batches, tokens, aux_scale);
+      EXPECT_EQ(sums.loss_sum, loss_sum) << what;
+      if (moe) {
+        EXPECT_EQ(sums.aux_sum, aux_sum) << what;
+      }
+      for (size_t i = 0; i < a.parameters().size(); ++i) {
+        const at::Tensor& ga = a.parameters()[i].tensor.grad();
+        const at::Tensor& gb = b.parameters()[i].tensor.grad();
+        ASSERT_EQ(ga.defined(), gb.defined()) << what << " " << a.parameters()[i].name;
+        if (ga.defined()) {
+          EXPECT_TRUE(at::equal(ga, gb)) << what << " " << a.parameters()[i].name;
+        }
+      }
+      // Evaluation on the same path: the forward's loss sum and token count.
+      at::NoGradGuard no_grad;
+      const loom::train::EvalSums e = exec.evaluate(batches);
+      EXPECT_EQ(e.tokens, tokens) << what;
+      EXPECT_NEAR(e.loss_sum, loss_sum, 1e-12 * loss_sum) << what;
+    }
+  }
+}
+
+// DOCUMENTS mode at model level: one step on the loader's packed micro-batches (several documents
+// per row, long documents cut into pieces, padding) equals every piece run alone, unpacked, with the
+// same per-token normalisation (fp64, 1e-12 relative): attention never crosses a piece, positions
+// restart in each, padding does not count. LLaMA, GPT-2 (learned positions, tied head) and MoE. The
+// MoE balance and z losses are off here: they are statistics of a micro-batch's tokens, so packing
+// changes them by design (the LM loss and its gradients must not change).
+TEST(PackedDocuments, AStepEqualsTheDocumentsRunOneByOne) {
+  for (const std::string kind : {"llama", "gpt2", "moe"}) {
+    auto j = tiny_job(kind == "moe");
+    if (kind == "gpt2") j.mutable_model()->set_arch(loom::config::ModelConfig::GPT2);
+    if (kind == "moe") {
+      j.mutable_model()->mutable_moe()->set_aux_loss_coeff(0);
+      j.mutable_model()->mutable_moe()->set_z_loss_coeff(0);
+    }
+    loom::model::ModelSpec spec = loom::model::ModelSpec::from_config(j.model());
+    spec.param_dtype = at::kDouble;
+    loom::model::GptModel packed(spec, 11), alone(spec, 11);
+    loom::data::SyntheticMarkovCorpus corpus(64, 4, 21, /*max_document_len=*/10);
+    loom::data::LoaderOptions o;
+    o.mode = loom::data::BatchMode::kDocuments;
+    o.seq_len = 16;
+    o.global_batch = 20;
+    o.micro_batch_tokens = 24;
+    o.pad_multiple = 4;
+    o.prefetch = false;
+    loom::data::MicroBatchLoader loader(&corpus, o);
+    const auto step = loader.next();
+    ASSERT_GT(step.batches.size(), 1u) << kind;
+    const double n = static_cast<double>(step.plan.loss_tokens);
+    loom::parallel::pipeline::ScheduleOptions one;
+    loom::train::StepExecutor exec({&packed}, one, nullptr, nullptr, at::kCPU);
+    const auto sums = exec.train(step.batches, n, 1.0 / static_cast<double>(step.batches.size()));
+    // Every piece alone: a batch of one row holding just its tokens.
+    const auto samples = loader.global_samples(loom::data::Split::kTrain, 0);
+    double loss_sum = 0;
+    int64_t pieces = 0, longest = 0;
+    for (const auto& mb : step.plan.micro_batches) {
+      for (const auto& p : mb.rows[0]) {
+        std::vector<int64_t> t(static_cast<size_t>(p.tokens + 1));
+        corpus.document(loom::data::Split::kTrain, samples[static_cast<size_t>(p.sample)].index, p.begin,
+                        p.tokens + 1, t.data());
+        at::Tensor all = at::tensor(t, at::kLong).view({1, -1});
+        loom::model::Batch b;
+        b.tokens = all.narrow(1, 0, p.tokens).contiguous();
+        b.targets = all.narrow(1, 1, p.tokens).contiguous();
+        loom::model::ModelOutput out = alone.forward(b);
+        (out.loss_sum / n).backward();
+        loss_sum += out.loss_sum.item<double>();
+        ++pieces;
+        longest = std::max(longest, samples[static_cast<size_t>(p.sample)].length);
+      }
+    }
+    EXPECT_GT(pieces, static_cast<int64_t>(step.batches.size())) << kind << ": rows must hold several documents";
+    EXPECT_GT(longest, 17) << kind << ": some document must be cut into pieces";
+    EXPECT_NEAR(sums.loss_sum, loss_sum, 1e-12 * loss_sum) << kind;
+    double worst = 0;
+    for (size_t i = 0; i < packed.parameters().size(); ++i) {
+      const at::Tensor& ga = packed.parameters()[i].tensor.grad();
+      const at::Tensor& gb = alone.parameters()[i].tensor.grad();
+      ASSERT_EQ(ga.defined(), gb.defined()) << kind << " " << packed.parameters()[i].name;
+      if (!ga.defined()) continue;
+      const double scale = gb.abs().max().item<double>();
+      worst = std::max(worst, (ga - gb).abs().max().item<double>() / std::max(scale, 1e-300));
+    }
+    EXPECT_LT(worst, 1e-12) << kind;
   }
 }
 
@@ -206,9 +301,10 @@ TEST(Trainer, MissingOrMismatchedCheckpointIsAClearError) {
   Trainer small(js);
   std::string saved = small.save_checkpoint();
   auto jb = tiny_job();
-  jb.mutable_model()->set_ffn_hidden_size(64);
-  Trainer big(jb);
-  expect_error([&] { big.load_checkpoint(saved); }, loom::ErrorKind::kIO, "parameter 'layers.0.mlp.fc1.weight' has shape [96, 32], the model needs [128, 32]");
+  jb.mutable_model()->set_ffn_hidden_size(48);
+  Trainer other(jb);
+  expect_error([&] { other.load_checkpoint(saved); }, loom::ErrorKind::kIO,
+               "parameter 'layers.0.mlp.fc1.weight' has shape [128, 32], the model needs [96, 32]");
   fs::remove(fs::path(saved) / "state.safetensors");
   expect_error([&] { small.load_checkpoint(saved); }, loom::ErrorKind::kIO, "'state.safetensors' is missing");
   // An incomplete directory is not "latest".
@@ -237,9 +333,8 @@ TEST(Trainer, BadTrainConfigsAreRefused) {
     expect_error([&] { Trainer t(j); }, loom::ErrorKind::kUnsupported, "this LibTorch has no CUDA");
   }
   j = tiny_job();
-  j.mutable_train()->set_progress("fancy");
-  Trainer t(j);
-  expect_error([&] { t.fit(); }, loom::ErrorKind::kConfig, "'train.progress' must be auto, bar, lines or off");
+  j.mutable_train()->set_progress("fancy");  // refused on every rank, before anything runs
+  expect_error([&] { Trainer t(j); }, loom::ErrorKind::kConfig, "'train.progress' must be auto, bar, lines or off");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -361,11 +456,8 @@ TEST(DataParallel, MatchesSingleProcess) {
     }
     const double diff = max_param_diff(single, dp);
     EXPECT_LT(diff, 2e-5) << "moe " << moe;
-    // Every rank holds the same parameters.
-    at::Tensor d = at::full({1}, diff, at::kDouble), lo = d.clone();
-    world->all_reduce(d, {loom::comm::ReduceOp::kMax});
-    world->all_reduce(lo, {loom::comm::ReduceOp::kMin});
-    EXPECT_EQ(d.item<double>(), lo.item<double>());
+    // Every rank holds the same parameters: every tensor, element by element.
+    loom::testing::expect_replicas_identical(dp, moe ? "moe" : "gpt");
   }
 }
 
@@ -374,22 +466,26 @@ TEST(DataParallel, MatchesSingleProcess) {
 #include "loom/data/indexed_dataset.h"
 
 namespace {
+// A Megatron dataset at `prefix` of `docs` documents from the synthetic corpus (vocabulary 64),
+// document i of min_len + (37 i mod spread) tokens.
+void write_corpus(const std::string& prefix, int docs, int min_len, int spread) {
+  fs::create_directories(fs::path(prefix).parent_path());
+  loom::data::SyntheticMarkovCorpus corpus(64, 4, 3);
+  loom::data::IndexedDatasetBuilder b(prefix, 8);
+  std::vector<int64_t> doc;
+  for (int i = 0; i < docs; ++i) {
+    doc.resize(static_cast<size_t>(min_len + (i * 37) % spread));
+    corpus.sample(loom::data::Split::kTrain, i, static_cast<int64_t>(doc.size()), doc.data());
+    b.add_document(doc);
+  }
+  b.finish();
+}
+
 // The trainer on a Megatron indexed dataset (written here from the synthetic corpus, documents of
 // varied length): the loss falls, and a dataset with ids beyond the model's vocabulary is refused.
 TEST(Trainer, TrainsOnAnIndexedDataset) {
   const std::string dir = temp_dir("indexed");
-  fs::create_directories(dir);
-  loom::data::SyntheticMarkovCorpus corpus(64, 4, 3);
-  {
-    loom::data::IndexedDatasetBuilder b(dir + "/corpus", 8);
-    std::vector<int64_t> doc;
-    for (int i = 0; i < 400; ++i) {
-      doc.resize(static_cast<size_t>(5 + (i * 37) % 90));
-      corpus.sample(loom::data::Split::kTrain, i, static_cast<int64_t>(doc.size()), doc.data());
-      b.add_document(doc);
-    }
-    b.finish();
-  }
+  write_corpus(dir + "/corpus", 400, 5, 90);
   auto j = tiny_job();
   j.mutable_data()->set_source(loom::config::DataConfig::INDEXED);
   j.mutable_data()->add_paths(dir + "/corpus");
@@ -404,6 +500,51 @@ TEST(Trainer, TrainsOnAnIndexedDataset) {
 
   j.mutable_model()->set_vocab_size(32);  // the corpus uses ids up to 63
   expect_error([&] { Trainer bad(j); }, loom::ErrorKind::kIO, "outside the vocabulary [0, 32)");
+  fs::remove_all(dir);
+}
+
+// DOCUMENTS mode on a Megatron dataset: whole documents of an epoch-shuffled split, packed. A run
+// resumed in the middle of an epoch (step 3 of 6; the 39-document epoch ends inside step 3)
+// continues with the same documents in the same order and packing: its losses equal the
+// uninterrupted run's bit for bit, and it reads the documents the straight run read.
+TEST(Trainer, DocumentsResumeMidEpochInTheSameOrder) {
+  const std::string dir = temp_dir("documents");
+  write_corpus(dir + "/corpus", 40, 3, 40);
+  auto j = tiny_job();
+  j.mutable_data()->set_source(loom::config::DataConfig::INDEXED);
+  j.mutable_data()->set_mode(loom::config::DataConfig::DOCUMENTS);
+  j.mutable_data()->add_paths(dir + "/corpus");
+  j.mutable_data()->set_cache_dir(dir + "/cache");
+  j.mutable_train()->set_micro_batch_tokens(48);
+  j.mutable_train()->set_checkpoint_dir(dir + "/ckpt");
+  Trainer straight(j);
+  std::vector<double> losses;
+  std::vector<int64_t> tokens;
+  for (int s = 0; s < 6; ++s) {
+    const auto m = straight.train_step();
+    losses.push_back(m.loss);
+    tokens.push_back(m.tokens);
+  }
+  EXPECT_EQ(straight.consumed_samples(), 6 * 16);
+  {
+    Trainer first(j);
+    for (int s = 0; s < 3; ++s) first.train_step();
+    first.save_checkpoint();
+  }
+  auto jr = j;
+  jr.mutable_train()->set_resume("latest");
+  Trainer resumed(jr);
+  resumed.fit();
+  ASSERT_EQ(resumed.history().size(), 3u);
+  for (int s = 0; s < 3; ++s) {
+    EXPECT_EQ(resumed.history()[s].loss, losses[3 + s]) << "step " << 4 + s;
+    EXPECT_EQ(resumed.history()[s].tokens, tokens[3 + s]) << "step " << 4 + s;
+  }
+  EXPECT_TRUE(params_equal(straight, resumed));
+  // Real tokens only: a step's token count is its documents' targets, not padded rows.
+  int64_t expect = 0;
+  for (const auto& s : resumed.loader().global_samples(loom::data::Split::kTrain, 5 * 16)) expect += s.length - 1;
+  EXPECT_EQ(tokens[5], expect);
   fs::remove_all(dir);
 }
 }  // namespace

@@ -63,22 +63,32 @@ class WindowSampler {
 // whole samples allow. Returns, per sample, (dataset, index within that dataset).
 std::vector<std::pair<int32_t, int64_t>> blend(const std::vector<double>& weights, int64_t num_samples);
 
+class DocumentSampler;
+
 // The INDEXED data source: datasets, blended, train and validation splits.
 class IndexedSource : public DataSource {
  public:
   // `train_samples` / `valid_samples`: what the run will draw from each split.
+  // `documents`: serve whole documents (data.mode DOCUMENTS: DocumentSampler per dataset, blended
+  // by the same weights) instead of fixed windows.
   IndexedSource(const config::DataConfig& config, uint64_t seed, int64_t seq_len, int64_t vocab_size,
-                int64_t train_samples, int64_t valid_samples);
+                int64_t train_samples, int64_t valid_samples, bool documents = false);
   void sample(Split split, int64_t index, int64_t len, int64_t* out) const override;
+  bool has_documents() const override { return documents_; }
+  int64_t document_length(Split split, int64_t index) const override;
+  void document(Split split, int64_t index, int64_t begin, int64_t len, int64_t* out) const override;
   int64_t vocab_size() const override { return vocab_; }
   std::string describe() const override;
 
  private:
   struct SplitData {
-    std::vector<std::unique_ptr<WindowSampler>> samplers;  // one per dataset
+    std::vector<std::unique_ptr<WindowSampler>> samplers;  // one per dataset (WINDOWS)
+    std::vector<std::unique_ptr<DocumentSampler>> documents;  // one per dataset (DOCUMENTS)
     std::vector<std::pair<int32_t, int64_t>> blend;
   };
+  const SplitData& split_data(Split split) const;
   int64_t vocab_, window_;
+  bool documents_ = false;
   std::vector<std::shared_ptr<const IndexedDataset>> datasets_;
   std::vector<double> weights_;
   SplitData train_, valid_;
@@ -104,6 +114,8 @@ class DocumentSampler {
   std::vector<int64_t> sample(int64_t index) const;
   // The document id behind sample i.
   int64_t document(int64_t index) const;
+  // Tokens [begin, begin + len) of sample i into out.
+  void read(int64_t index, int64_t begin, int64_t len, int64_t* out) const;
 
  private:
   std::shared_ptr<const IndexedDataset> dataset_;

@@ -20,6 +20,13 @@ class DataSource {
   virtual ~DataSource() = default;
   // Fills out[0 .. len) with the tokens of sample `index` of `split`.
   virtual void sample(Split split, int64_t index, int64_t len, int64_t* out) const = 0;
+  // DOCUMENTS mode (Note: step plan): whole documents. document_length() is known without reading
+  // the tokens, so a step can be planned before it is loaded; document() fills out[0 .. len) with
+  // tokens [begin, begin + len) of document `index` of `split`. Sources without documents throw a
+  // kUnsupported error naming themselves.
+  virtual bool has_documents() const { return false; }
+  virtual int64_t document_length(Split split, int64_t index) const;
+  virtual void document(Split split, int64_t index, int64_t begin, int64_t len, int64_t* out) const;
   virtual int64_t vocab_size() const = 0;
   virtual std::string describe() const = 0;
 };
@@ -30,10 +37,17 @@ class DataSource {
 // (seed, v, j), so the corpus is fixed by its seed and needs no files. A model that learns the
 // chain reaches the chain's entropy (about 1.14 nats for branching 4, H = -sum p_j ln p_j), against
 // ln(vocab) for one that learned nothing: the demo and the tests can see learning happen.
+//
+// As documents (DOCUMENTS mode), document i is sample i's chain cut to a length drawn from (seed,
+// split, i): with probability 7/8 uniform in [2, max_document_len], else uniform in
+// (max_document_len, 4 max_document_len] (a long tail, so some documents need splitting).
 class SyntheticMarkovCorpus : public DataSource {
  public:
-  SyntheticMarkovCorpus(int64_t vocab_size, int32_t branching, uint64_t seed);
+  SyntheticMarkovCorpus(int64_t vocab_size, int32_t branching, uint64_t seed, int64_t max_document_len = 256);
   void sample(Split split, int64_t index, int64_t len, int64_t* out) const override;
+  bool has_documents() const override { return true; }
+  int64_t document_length(Split split, int64_t index) const override;
+  void document(Split split, int64_t index, int64_t begin, int64_t len, int64_t* out) const override;
   int64_t vocab_size() const override { return vocab_; }
   std::string describe() const override;
   // The chain's entropy rate in nats per token: the loss a perfect model reaches.
@@ -43,6 +57,7 @@ class SyntheticMarkovCorpus : public DataSource {
   int64_t vocab_;
   int32_t branching_;
   uint64_t seed_;
+  int64_t max_document_len_;
   std::vector<int64_t> successors_;  // [vocab, branching]
   std::vector<double> cumulative_;   // [branching]
 };

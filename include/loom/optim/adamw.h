@@ -6,6 +6,11 @@
 // A parameter whose gradient is undefined this step (an MoE expert no token chose) is treated as
 // having a zero gradient: its moments decay and decoupled weight decay still applies, exactly as in
 // a run where the gradient was materialised as zeros (so sharded and unsharded runs agree).
+//
+// `optim.optimizer: SGD` selects plain SGD through the same classes (p = p - lr * wd * p for
+// decayed parameters, then p = p - lr * g; no moments, no state): a gradient that is off by a
+// factor moves the parameters by that factor, which is what the layout tests need (AdamW's
+// update is nearly blind to a uniform gradient scale).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -19,6 +24,8 @@
 namespace loom::optim {
 
 struct AdamWOptions {
+  enum class Rule { kAdamW, kSgd };
+  Rule rule = Rule::kAdamW;
   double beta1 = 0.9;
   double beta2 = 0.95;
   double eps = 1e-8;
@@ -45,13 +52,19 @@ class Optimizer {
   virtual std::vector<NamedTensor> state() const = 0;
   // Loads state saved by state(); every tensor must be present with the right shape.
   virtual void load_state(const std::vector<NamedTensor>& state, int64_t step) = 0;
+  // The names state() returns, without the tensors (no communication): what a checkpoint must hold.
+  virtual std::vector<std::string> state_names() const = 0;
   // Bytes of optimizer state this rank holds.
   virtual int64_t state_bytes() const = 0;
 };
 
-// The update of one tensor (or a contiguous slice of one): `g` undefined counts as zeros.
+// The update of one tensor (or a contiguous slice of one): `g` undefined counts as zeros. With
+// Rule::kSgd, `m` and `v` are not used (and may be undefined).
 void adamw_update(at::Tensor& w, const at::Tensor& g, at::Tensor& m, at::Tensor& v, bool decay, double lr,
                   int64_t step, const AdamWOptions& o);
+
+// "<param>.exp_avg" and "<param>.exp_avg_sq" of every parameter (AdamW), nothing (SGD).
+std::vector<std::string> moment_names(const std::vector<model::Parameter>& params, const AdamWOptions& o);
 
 class AdamW : public Optimizer {
  public:
@@ -62,6 +75,7 @@ class AdamW : public Optimizer {
   int64_t step_count() const override { return step_; }
   std::vector<NamedTensor> state() const override;
   void load_state(const std::vector<NamedTensor>& state, int64_t step) override;
+  std::vector<std::string> state_names() const override;
   int64_t state_bytes() const override;
 
  private:

@@ -24,10 +24,11 @@
 
 #include "loom/comm/communicator.h"
 #include "loom/optim/adamw.h"
+#include "loom/parallel/grad_sync.h"
 
 namespace loom::optim {
 
-class DistributedAdamW : public Optimizer {
+class DistributedAdamW : public Optimizer, public parallel::GradientShards {
  public:
   // Collective-free. `dp` must be non-null; `tp` may be null (no tensor parallelism).
   // `pp` (may be null): the pipeline group, over which the norm's squared sums are also summed
@@ -37,13 +38,19 @@ class DistributedAdamW : public Optimizer {
 
   // Steps 1 and 2 of the note; collective over DP (and TP for the norm). Returns the norm before
   // clipping (max_norm <= 0: no clipping). Parameters' .grad() are left as they were (DP-unreduced).
-  void reduce_scatter_gradients();
+  void reduce_scatter_gradients() override;
   double clip_grad_norm(double max_norm);
+
+  // The DP-reduced gradient of every parameter (local TP shards, in parameter order), gathered from
+  // the owners' ranges: valid between reduce_scatter_gradients() and clip_grad_norm() (which scales
+  // them). Collective over DP; for tests and diagnostics (it costs a full all-gather).
+  std::vector<at::Tensor> reduced_gradients() const;
 
   void step(double lr) override;  // step 3; collective over DP
   int64_t step_count() const override { return step_; }
   std::vector<NamedTensor> state() const override;  // collective over DP
   void load_state(const std::vector<NamedTensor>& state, int64_t step) override;
+  std::vector<std::string> state_names() const override { return moment_names(*params_, options_); }
   int64_t state_bytes() const override;
 
   int64_t shard_size() const { return shard_; }

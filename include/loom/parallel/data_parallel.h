@@ -21,7 +21,7 @@
 
 #include "loom/comm/communicator.h"
 #include "loom/comm/work.h"
-#include "loom/model/parameter.h"
+#include "loom/parallel/sharding.h"
 
 namespace torch::autograd {
 struct Node;
@@ -39,7 +39,7 @@ class GradBuckets {
  public:
   // `overlap` false: the all-reduces run in finish() (still bucketed). Registers hooks on the
   // parameters' gradient accumulators; the parameters must outlive this object.
-  GradBuckets(std::vector<model::Parameter>* params, comm::CommunicatorPtr dp, int64_t bucket_bytes, bool overlap);
+  GradBuckets(std::vector<Parameter>* params, comm::CommunicatorPtr dp, int64_t bucket_bytes, bool overlap);
   ~GradBuckets();
   GradBuckets(const GradBuckets&) = delete;
   GradBuckets& operator=(const GradBuckets&) = delete;
@@ -67,7 +67,7 @@ class GradBuckets {
   void launch_ready();
   void launch(Bucket& b);
 
-  std::vector<model::Parameter>* params_;
+  std::vector<Parameter>* params_;
   comm::CommunicatorPtr dp_;
   bool overlap_;
   std::vector<Bucket> buckets_;

@@ -36,6 +36,8 @@
 #include <string>
 #include <vector>
 
+#include "loom/config.pb.h"
+
 namespace loom::parallel::pipeline {
 
 enum class Pass : uint8_t {
@@ -60,6 +62,12 @@ enum class ScheduleKind : uint8_t { kAllForwardAllBackward, k1F1B, kInterleaved1
 const char* schedule_name(ScheduleKind k);  // "afab", "1f1b", "interleaved", "zb-h1"
 // Parses the names above (the config's `parallel.pp_schedule`); a kConfig error lists them.
 ScheduleKind parse_schedule(const std::string& name);
+
+struct ScheduleOptions;
+// The schedule a job's `parallel` section asks for on `stages` pipeline ranks (kind: pp_schedule,
+// or interleaved when virtual_pp > 1, else 1F1B; chunks: virtual_pp; group: pp_microbatch_group).
+// The micro-batch count is left at 1: it is the step's. kConfig errors name the field.
+ScheduleOptions schedule_from_config(const config::ParallelConfig& par, int stages);
 
 struct ScheduleOptions {
   ScheduleKind kind = ScheduleKind::k1F1B;

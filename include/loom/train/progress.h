@@ -18,6 +18,11 @@ class Progress {
   // Clears the bar's line before something else prints to the terminal; update() redraws it.
   void clear();
   void finish();
+  // Starts counting again from `first_step` (a run that resumed: the ETA covers the steps left).
+  void restart(int64_t first_step) {
+    first_ = first_step;
+    clock_.reset();
+  }
   bool active() const { return active_; }
   // Estimated seconds left after `step`, from the mean step time so far.
   double eta(int64_t step) const;

@@ -35,6 +35,10 @@ bool blas_core_forced();
 // train.tune_host_allocator is true (the default). Returns false if glibc refused.
 bool tune_host_allocator();
 
+// The device `train.device` names ("cpu", "cuda", "cuda:N"); "cuda" is the GPU whose index is the
+// process's local rank under mpirun/srun/torchrun. kConfig / kUnsupported errors name the field.
+at::Device resolve_device(const std::string& name);
+
 std::string format_bytes(double bytes);
 std::string format_duration(double seconds);
 

@@ -22,56 +22,31 @@
 
 #include <cstdint>
 #include <fstream>
+#include <functional>
 #include <future>
 #include <memory>
 #include <optional>
 #include <string>
 #include <vector>
 
+#include "loom/checkpoint/training_state.h"
 #include "loom/comm/communicator.h"
 #include "loom/config.pb.h"
 #include "loom/core/timer.h"
+#include "loom/data/loader.h"
 #include "loom/data/source.h"
 #include "loom/mesh/process_groups.h"
 #include "loom/model/gpt.h"
 #include "loom/optim/adamw.h"
 #include "loom/optim/distributed.h"
 #include "loom/optim/schedule.h"
-#include "loom/parallel/data_parallel.h"
+#include "loom/parallel/grad_sync.h"
 #include "loom/parallel/pipeline.h"
+#include "loom/train/executor.h"
 #include "loom/train/fault.h"
-#include "loom/train/progress.h"
-#include "loom/train/tensorboard.h"
+#include "loom/train/metrics.h"
 
 namespace loom::train {
-
-struct StepMetrics {
-  int64_t step = 0;          // steps completed, including this one
-  double loss = 0;           // LM cross-entropy per token over the global batch
-  double aux_loss = 0;       // MoE auxiliary losses (balance + z), mean over micro-batches
-  double lr = 0;
-  double grad_norm = 0;      // before clipping
-  int64_t tokens = 0;        // loss tokens in the global batch
-  double seconds = 0;        // wall time of the step
-  double data_s = 0, forward_s = 0, backward_s = 0, comm_s = 0, optimizer_s = 0;
-  double grad_reduce_wait_s = 0;       // DP all-reduce time left after backward (not overlapped)
-  double pp_wait_s = 0;                // pipeline: time blocked on activation / gradient receives
-  double tokens_per_s = 0;             // global
-  double tokens_per_s_per_device = 0;
-  double tflops_per_device = 0;        // achieved
-  double mfu = 0;                      // achieved / peak, per device
-  int64_t rss = 0, peak_rss = 0;
-  int64_t device_peak = 0;             // GPU caching-allocator peak (CUDA devices)
-  int64_t moe_dropped = 0;             // (token, expert) assignments dropped by capacity
-  double moe_max_load = 0;             // max over layers and experts of tokens / mean tokens
-};
-
-struct EvalMetrics {
-  int64_t step = 0;
-  double loss = 0;
-  double perplexity = 0;
-  int64_t tokens = 0;
-};
 
 struct TrainSummary {
   int64_t first_step = 0, last_step = 0;
@@ -111,69 +86,71 @@ class Trainer {
   const std::vector<std::unique_ptr<model::GptModel>>& chunks() const { return chunks_; }
   // This rank's parameters, every chunk's in chunk order (shared with the chunks: the same tensors).
   std::vector<model::Parameter>& parameters() { return params_; }
-  // The pipeline runner (nullptr without pipeline parallelism).
-  const parallel::pipeline::PipelineRunner* pipeline() const { return runner_.get(); }
+  // The pipeline runner of the configured micro-batch count (nullptr without pipeline parallelism;
+  // the executor runs a one-stage table then).
+  const parallel::pipeline::PipelineRunner* pipeline() const { return pipeline_; }
+  StepExecutor& executor() { return *executor_; }
   optim::Optimizer& optimizer() { return *optimizer_; }
   const optim::LrSchedule& schedule() const { return *schedule_; }
   int64_t step() const { return step_; }
-  int64_t consumed_samples() const { return consumed_samples_; }
+  int64_t consumed_samples() const { return loader_->position(); }
   const config::JobConfig& config() const { return config_; }
   const std::vector<StepMetrics>& history() const { return history_; }
   double peak_flops() const { return peak_flops_; }
 
   const mesh::ProcessGroups& groups() const { return *groups_; }
   // The DP gradient buckets (nullptr when dp = 1 or with the distributed optimizer).
-  const parallel::GradBuckets* grad_buckets() const { return buckets_.get(); }
+  const parallel::GradBuckets* grad_buckets() const { return grad_sync_->buckets(); }
   // The full (unpadded) tensor of parameter `p` whose local value (or optimizer state) is `local`:
   // gathered over TP for sharded parameters. Collective over the TP group.
   at::Tensor full_tensor(const model::Parameter& p, const at::Tensor& local) const;
+  // [Note: gradient observer] `f` runs on every rank of every step after the step's gradients are
+  // final (reduced over DP, TP and the embedding group) and before clipping and the update; it may
+  // call full_gradients() (a collective: every rank's observer must call it the same way). Tests
+  // compare each parameter's gradient with a single process's through it.
+  void set_gradient_observer(std::function<void()> f) { gradient_observer_ = std::move(f); }
+  // The step's final gradient of each of parameters() (full, unpadded tensors; zeros for a
+  // parameter that got none). Valid in the gradient observer. Collective over TP (and DP with the
+  // distributed optimizer, whose reduced gradients live in shards).
+  std::vector<at::Tensor> full_gradients() const;
   int64_t global_batch_size() const { return global_batch_; }
+  // Micro-batches per step on each DP rank (WINDOWS mode; 0 in DOCUMENTS mode, where it varies).
   int64_t micro_batches_per_rank() const { return num_micro_; }
+  data::MicroBatchLoader& loader() { return *loader_; }
 
  private:
-  model::Batch make_micro_batch(data::Split split, int64_t first_sample, int64_t count) const;
-  // This rank's micro-batches of the global batch that starts at sample `consumed`.
-  std::vector<model::Batch> load_step(int64_t consumed) const;
-  void reduce_gradients();
-  double all_reduce_sum(double v);  // over the DP group
-  // Forward and backward of this rank's micro-batches; adds [loss sum, aux sum] to `acc`.
-  void forward_backward(const std::vector<model::Batch>& batches, double total_tokens, at::Tensor& acc,
-                        StepMetrics& m);
-  parallel::pipeline::RunnerCallbacks pipeline_callbacks(const std::vector<model::Batch>& batches) const;
-  void log_step(const StepMetrics& m);
-  void write_jsonl(const std::string& line);
+  // The pieces, in the order the constructor builds them.
+  void build_data(const model::ModelSpec& spec);       // batch sizes, data source, loader
+  void build_model(const model::ModelSpec& spec);      // this rank's chunks and parameters
+  void build_optimizer(const model::ModelSpec& spec);  // optimizer, gradient sync, schedule, state
+  void build_executor();                               // schedule and step executor
+  void log_setup(const model::ModelSpec& spec);
 
   config::JobConfig config_;
   comm::CommunicatorPtr world_;
   std::unique_ptr<mesh::ProcessGroups> groups_;
-  comm::CommunicatorPtr dp_comm_, tp_comm_, pp_comm_;
-  comm::CommunicatorPtr embedding_comm_;  // pp > 1, tied embeddings, first or last stage
-  int rank_ = 0, dp_ = 1, dp_rank_ = 0, tp_ = 1, pp_ = 1, pp_rank_ = 0;
   std::unique_ptr<data::DataSource> source_;
   std::vector<std::unique_ptr<model::GptModel>> chunks_;
   std::vector<model::Parameter> params_;
-  std::unique_ptr<parallel::pipeline::PipelineRunner> runner_;
-  std::vector<parallel::pipeline::Action> final_passes_;  // each chunk's last B (and W) of the table
-  size_t tied_embedding_ = 0;  // index in params_ of embedding.weight when embedding_comm_ is set
+  std::unique_ptr<StepExecutor> executor_;
+  const parallel::pipeline::PipelineRunner* pipeline_ = nullptr;  // pp > 1: the executor's runner
   std::unique_ptr<optim::Optimizer> optimizer_;
   optim::DistributedAdamW* zero_ = nullptr;  // optimizer_ when parallel.distributed_optimizer
-  std::unique_ptr<parallel::GradBuckets> buckets_;  // dp > 1 with the replicated optimizer
+  std::unique_ptr<parallel::GradSync> grad_sync_;  // after optimizer_: ZeRO-1 reduce-scatters through it
   std::unique_ptr<optim::LrSchedule> schedule_;
-  std::unique_ptr<Progress> progress_;
-  std::ofstream jsonl_;
-  std::unique_ptr<TensorBoardWriter> tensorboard_;
+  std::unique_ptr<checkpoint::TrainingState> state_;  // Note: training state
+  std::unique_ptr<MetricsSinks> sinks_;  // rank 0: console, progress, JSONL, TensorBoard
   at::Device device_ = at::kCPU;
   int64_t seq_len_ = 0, micro_batch_ = 0, global_batch_ = 0, num_micro_ = 0;
-  int64_t step_ = 0, consumed_samples_ = 0;
+  int64_t step_ = 0;
+  bool documents_ = false;  // data.mode DOCUMENTS
+  std::unique_ptr<data::MicroBatchLoader> loader_;
   double peak_flops_ = 0, flops_per_token_ = 0;
   std::vector<StepMetrics> history_;
-  // [Note: prefetch] The next step's micro-batches are read on a background thread while this step
-  // computes; they are used only if the data position still matches (a resume discards them).
-  std::future<std::vector<model::Batch>> prefetch_;
-  int64_t prefetch_consumed_ = -1;
   Timers timers_;
   std::string last_checkpoint_;
   std::optional<FaultInjection> fault_;  // LOOM_FAULT_INJECT (tests of failure handling)
+  std::function<void()> gradient_observer_;
 };
 
 }  // namespace loom::train

@@ -1,0 +1,86 @@
+// The micro-batch loader: owns the data position, asks the planner for this rank's share of each
+// global batch ([Note: step plan]), assembles the micro-batches (fixed windows, or packed documents
+// with their boundaries), and reads the next step on a background thread while this one computes.
+//
+// [Note: loader position]
+// The position is the number of samples (windows or documents) consumed from the training split:
+// step k reads samples [position, position + global_batch). It is the loader's whole resumable
+// state, saved and restored by name ("data.consumed_samples"), so a run resumed from a checkpoint
+// continues with the same samples in the same order (in DOCUMENTS mode, the same documents in the
+// same packing). A prefetched step is used only if the position still matches when it is asked for
+// (a resume in between discards it).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cstdint>
+#include <future>
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "loom/data/source.h"
+#include "loom/data/step_plan.h"
+#include "loom/model/batch.h"
+
+namespace loom::data {
+
+struct LoaderOptions {
+  BatchMode mode = BatchMode::kWindows;
+  int64_t seq_len = 0;             // WINDOWS: tokens per window (inputs); DOCUMENTS: longest piece
+  int64_t global_batch = 1;        // samples (windows or documents) per step
+  int64_t micro_batch_size = 1;    // WINDOWS: rows per micro-batch
+  int64_t micro_batch_tokens = 0;  // DOCUMENTS: tokens per micro-batch
+  int64_t pad_multiple = 1;        // DOCUMENTS: row length rounded up to this (sequence parallelism)
+  int dp_size = 1, dp_rank = 0;
+  at::Device device = at::kCPU;
+  bool prefetch = true;
+
+  PlanLayout layout() const;
+};
+
+// One step of this rank: its plan and its micro-batches (in the plan's order).
+struct StepData {
+  int64_t first_sample = 0;  // position of the step's first sample
+  StepPlan plan;
+  std::vector<model::Batch> batches;
+};
+
+class MicroBatchLoader {
+ public:
+  // `source` must outlive the loader. Throws a kConfig error when the options cannot be planned.
+  MicroBatchLoader(const DataSource* source, LoaderOptions options);
+  ~MicroBatchLoader();
+  MicroBatchLoader(const MicroBatchLoader&) = delete;
+  MicroBatchLoader& operator=(const MicroBatchLoader&) = delete;
+
+  // The training step at the current position; advances the position by one global batch and, if
+  // asked (`prefetch_next` and options.prefetch), starts reading the following step.
+  StepData next(bool prefetch_next = true);
+  // Any global batch of a split (evaluation: kValid from sample `first_sample`); no position change.
+  StepData load(Split split, int64_t first_sample) const;
+
+  // Samples consumed from the training split (Note: loader position).
+  int64_t position() const { return position_; }
+  void set_position(int64_t consumed_samples);
+  // The resumable state by name: {"data.consumed_samples": position}.
+  std::map<std::string, int64_t> state() const;
+  // Restores state(); a missing or negative entry is a kIO error naming it.
+  void load_state(const std::map<std::string, int64_t>& state);
+
+  const LoaderOptions& options() const { return options_; }
+  // The samples (index, length) of the global batch of `split` from `first_sample`.
+  std::vector<SampleRef> global_samples(Split split, int64_t first_sample) const;
+
+ private:
+  model::Batch assemble(Split split, const std::vector<SampleRef>& samples, const MicroBatchPlan& mb) const;
+
+  const DataSource* source_;
+  LoaderOptions options_;
+  int64_t position_ = 0;
+  std::future<StepData> prefetch_;
+  int64_t prefetch_position_ = -1;
+};
+
+}  // namespace loom::data

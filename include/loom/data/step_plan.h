@@ -1,0 +1,86 @@
+// The step plan: what this rank computes in one training step, produced by a pure function from
+// the global batch's samples and the layout. This is the seam where the balance scheduler plugs in
+// (DESIGN.md decision 5): the executor runs whatever plan it is handed.
+//
+// [Note: step plan]
+//
+//     loader: the global batch's samples     planner (pure, no communicator)        executor
+//     [(index, length), ...] of step k  -->  StepPlan for (dp rank, layout)   -->  micro-batches through
+//                                            - micro-batches: rows of pieces        the pipeline runner,
+//                                              (packed documents), token counts      loss / N, aux / M_all
+//                                            - N: loss tokens of the global batch
+//                                            - M_all: micro-batches over all DP ranks
+//
+// A sample is a token sequence of `length` tokens whose length - 1 next-token targets all count in
+// the loss: a fixed window (seq_len + 1 tokens) or a whole document. A piece is a contiguous part of
+// one sample, [begin, begin + tokens + 1): `tokens` inputs and `tokens` targets; a sample longer
+// than the budget is cut into consecutive pieces that share their boundary token, so every target of
+// the sample is predicted exactly once. A row of a micro-batch holds pieces back to back; attention
+// never crosses a piece and positions restart at 0 in each one ([Note: packed sequences]).
+//
+// Modes:
+//   WINDOWS: DP rank r takes samples [r G/dp, (r+1) G/dp) of the G samples, in micro-batches of
+//            micro_batch_size rows of one window each (today's fixed-shape batches).
+//   DOCUMENTS: DP rank r takes the same contiguous share of the documents, cuts each into pieces of
+//            at most max_piece_tokens tokens (the context length; every piece but a document's
+//            last is that long), and packs them first-fit, in order, into micro-batches of one row
+//            of at most micro_batch_tokens tokens (padded up to a multiple of pad_multiple with
+//            positions that do not count, for sequence parallelism).
+// Either way N = sum of (length - 1) over the whole global batch and M_all is the number of
+// micro-batches of every DP rank, both computed here for all ranks (so no communication is needed),
+// which makes the loss per token over the global batch whatever the packing and the split.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace loom::data {
+
+enum class BatchMode { kWindows, kDocuments };
+
+struct SampleRef {
+  int64_t index = 0;   // the sample's index in its split
+  int64_t length = 0;  // its tokens (inputs + the last target), >= 2
+};
+
+// Tokens [begin, begin + tokens + 1) of global-batch sample `sample` (an index into the samples
+// handed to plan_step): `tokens` inputs, `tokens` targets.
+struct Piece {
+  int64_t sample = 0;
+  int64_t begin = 0;
+  int64_t tokens = 0;
+};
+
+struct MicroBatchPlan {
+  std::vector<std::vector<Piece>> rows;  // [rows][pieces in the row]
+  int64_t row_len = 0;                   // positions per row, padding included
+  int64_t tokens = 0;                    // real (non-padding) input tokens = loss tokens
+};
+
+struct StepPlan {
+  std::vector<MicroBatchPlan> micro_batches;  // this rank's, in execution order
+  int64_t loss_tokens = 0;                    // N: over the whole global batch
+  int64_t global_micro_batches = 0;           // M_all: over every DP rank
+  int64_t global_samples = 0;
+  int64_t local_tokens() const;               // real tokens of this rank's micro-batches
+};
+
+struct PlanLayout {
+  BatchMode mode = BatchMode::kWindows;
+  int dp_size = 1, dp_rank = 0;
+  int64_t micro_batch_size = 1;    // WINDOWS: rows per micro-batch
+  int64_t micro_batch_tokens = 0;  // DOCUMENTS: token budget of a micro-batch (its one row)
+  int64_t max_piece_tokens = 0;    // DOCUMENTS: longest piece (the model's context, train.seq_len)
+  int64_t pad_multiple = 1;        // DOCUMENTS: row length rounded up to a multiple of this
+};
+
+// The plan of this rank (layout.dp_rank) for a global batch. Pure and deterministic: every rank
+// computes every rank's share the same way. Throws a kConfig error when the samples cannot be
+// planned (WINDOWS: samples not divisible over dp x micro_batch_size or of unequal lengths).
+StepPlan plan_step(const std::vector<SampleRef>& samples, const PlanLayout& layout);
+
+// "WINDOWS" / "DOCUMENTS".
+std::string batch_mode_name(BatchMode mode);
+
+}  // namespace loom::data

@@ -1,0 +1,107 @@
+// Per-step and evaluation metrics, and the sinks that report them: the console line, the progress
+// bar, JSONL records and TensorBoard scalars. The Trainer fills one StepMetrics per step and hands
+// it to the sink set; a custom trainer can build the same set (make_metrics_sinks) or its own.
+#pragma once
+
+#include <cstdint>
+#include <fstream>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "loom/comm/communicator.h"
+#include "loom/config.pb.h"
+#include "loom/model/gpt.h"
+#include "loom/train/progress.h"
+#include "loom/train/tensorboard.h"
+
+namespace loom::train {
+
+struct StepMetrics {
+  int64_t step = 0;          // steps completed, including this one
+  double loss = 0;           // LM cross-entropy per token over the global batch
+  double aux_loss = 0;       // MoE auxiliary losses (balance + z), mean over micro-batches
+  double lr = 0;
+  double grad_norm = 0;      // before clipping
+  int64_t tokens = 0;        // loss tokens in the global batch (real tokens: padding never counts)
+  int64_t micro_batches = 0;           // this rank's micro-batches (DOCUMENTS mode: varies)
+  double seconds = 0;        // wall time of the step
+  double data_s = 0, forward_s = 0, backward_s = 0, comm_s = 0, optimizer_s = 0;
+  double grad_reduce_wait_s = 0;       // DP all-reduce time left after backward (not overlapped)
+  double pp_wait_s = 0;                // pipeline: time blocked on activation / gradient receives
+  double tokens_per_s = 0;             // global
+  double tokens_per_s_per_device = 0;
+  double tflops_per_device = 0;        // achieved
+  double mfu = 0;                      // achieved / peak, per device
+  int64_t rss = 0, peak_rss = 0;
+  int64_t device_peak = 0;             // GPU caching-allocator peak (CUDA devices)
+  int64_t moe_dropped = 0;             // (token, expert) assignments dropped by capacity
+  double moe_max_load = 0;             // max over layers and experts of tokens / mean tokens
+};
+
+struct EvalMetrics {
+  int64_t step = 0;
+  double loss = 0;
+  double perplexity = 0;
+  int64_t tokens = 0;
+};
+
+// What the sinks need to know about the run.
+struct MetricsContext {
+  int64_t first_step = 0, total_steps = 0;
+  int64_t log_every = 1;
+  bool moe = false;       // report the aux loss, expert load and drops
+  bool pipeline = false;  // report the pipeline wait
+  bool cuda = false;      // memory: the GPU peak instead of the host RSS
+};
+
+class MetricsSink {
+ public:
+  virtual ~MetricsSink() = default;
+  virtual void step(const StepMetrics& m) = 0;
+  virtual void eval(const EvalMetrics&) {}
+  virtual void finish() {}
+};
+
+// The set the Trainer writes to: each sink in turn. Rank 0 holds the sinks; other ranks an empty
+// set. Anything else printed while a progress bar is drawn goes through message() (or after
+// clear()) so the bar's line is cleared first.
+class MetricsSinks {
+ public:
+  MetricsSinks() = default;
+  void add(std::unique_ptr<MetricsSink> sink) { sinks_.push_back(std::move(sink)); }
+  void set_progress(std::shared_ptr<Progress> progress) { progress_ = std::move(progress); }
+  // The run starts (or resumes) at `first_step`: the progress bar and its ETA count from there.
+  void start(int64_t first_step);
+  void step(const StepMetrics& m);
+  void eval(const EvalMetrics& e);
+  void clear();   // clears the progress bar's line (it is redrawn at the next step)
+  void finish();  // ends the progress bar
+  size_t size() const { return sinks_.size(); }
+
+ private:
+  std::vector<std::unique_ptr<MetricsSink>> sinks_;
+  std::shared_ptr<Progress> progress_;
+};
+
+// Fills m.moe_dropped (summed) and m.moe_max_load (max over layers and experts of tokens / mean)
+// from the step's MoE statistics of this rank's chunks, over every pipeline stage (`pp`, may be
+// null). Collective over `pp` when the model is MoE.
+void add_moe_stats(StepMetrics& m, const std::vector<std::unique_ptr<model::GptModel>>& chunks,
+                   comm::Communicator* pp);
+
+// The console line (every log_every steps, the first and the last; with an ETA when no bar is
+// drawn) and the progress bar.
+std::unique_ptr<MetricsSink> make_console_sink(const MetricsContext& ctx, std::shared_ptr<Progress> progress);
+// One JSON object per line: {"type": "train", ...} per step and {"type": "eval", ...}.
+std::unique_ptr<MetricsSink> make_jsonl_sink(const std::string& path, const MetricsContext& ctx);
+// TensorBoard scalars (train/, perf/, memory/, moe/, eval/), flushed every log_every steps.
+std::unique_ptr<MetricsSink> make_tensorboard_sink(const std::string& dir, const MetricsContext& ctx);
+
+// The sinks a job's config asks for on this rank (all on rank 0, none elsewhere): the console and
+// progress (train.progress), JSONL (train.metrics_jsonl or <logging.dir>/metrics.jsonl) and
+// TensorBoard (train.tensorboard_dir or <logging.dir>/tensorboard; "off": none).
+std::unique_ptr<MetricsSinks> make_metrics_sinks(const config::JobConfig& job, const MetricsContext& ctx,
+                                                 bool rank0);
+
+}  // namespace loom::train

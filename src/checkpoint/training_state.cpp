@@ -1,0 +1,155 @@
+#include "loom/checkpoint/training_state.h"
+
+#include <ATen/CPUGeneratorImpl.h>
+#include <ATen/core/grad_mode.h>
+
+#include <exception>
+#include <mutex>
+
+#include "loom/core/error.h"
+
+namespace loom::checkpoint {
+
+namespace {
+// A max/sum over `comm` of a host scalar (through the communicator's device).
+double all_reduce_scalar(double v, comm::Communicator& comm, comm::ReduceOp op) {
+  if (comm.size() == 1) return v;
+  at::Tensor t = at::full({1}, v, at::kDouble).to(comm.device());
+  comm.all_reduce(t, {op});
+  return t.cpu().item<double>();
+}
+}  // namespace
+
+TrainingState::TrainingState(StateParts parts) : parts_(std::move(parts)) {
+  LOOM_INTERNAL_CHECK(parts_.params && parts_.optimizer && parts_.loader && parts_.world,
+                      "training state: parameters, optimizer, loader and world are required");
+}
+
+CheckpointData TrainingState::gather(int64_t step, const std::map<std::string, std::string>& metadata) const {
+  CheckpointData data;
+  const std::vector<optim::NamedTensor> optim_state = parts_.optimizer->state();  // collective with ZeRO-1
+  comm::Communicator* tp = parts_.tp ? parts_.tp.get() : nullptr;
+  if (parts_.dp_rank == 0) {
+    std::map<std::string, const parallel::Parameter*> by_name;
+    for (const auto& p : *parts_.params) {
+      if (p.pipeline_copy) continue;  // saved by its owner
+      data.model[p.name] = parallel::full_tensor(p, p.tensor, tp);
+      by_name[p.name] = &p;
+    }
+    for (const auto& s : optim_state) {
+      auto owner = by_name.find(s.name.substr(0, s.name.rfind('.')));
+      if (owner == by_name.end()) continue;  // a pipeline copy's state
+      data.state["optim." + s.name] = parallel::full_tensor(*owner->second, s.tensor, tp);
+    }
+    // Each stage's (tp 0, dp 0) rank sends its tensors to world rank 0 over the pipeline group.
+    if (parts_.pp && parts_.pp->size() > 1 && parts_.tp_rank == 0) gather_checkpoint_data(data, *parts_.pp, 0);
+  }
+  if (parts_.world->rank() != 0) return {};
+  {
+    at::Generator gen = at::detail::getDefaultCPUGenerator();
+    std::lock_guard<std::mutex> lock(gen.mutex());
+    data.state["rng.cpu"] = gen.get_state();
+  }
+  data.metadata = metadata;
+  data.metadata["format"] = kSingleProcessFormat;
+  data.metadata["step"] = std::to_string(step);
+  for (const auto& [name, value] : parts_.loader->state()) {
+    // The loader's position under the name checkpoints have always used.
+    data.metadata[name == "data.consumed_samples" ? "consumed_samples" : name] = std::to_string(value);
+  }
+  data.metadata["optimizer_step"] = std::to_string(parts_.optimizer->step_count());
+  data.metadata["world_size"] = std::to_string(parts_.world->size());
+  return data;
+}
+
+RestoredState TrainingState::load(const std::string& dir) {
+  // Everything is checked before anything is changed, and every rank learns whether any rank's
+  // check failed: a pipeline stage whose parameters are missing must not leave the other stages
+  // waiting in a collective (and a failed load leaves the model as it was).
+  CheckpointData data;
+  std::vector<optim::NamedTensor> state;
+  std::exception_ptr failure;
+  auto& params = *parts_.params;
+  try {
+    data = load_checkpoint(dir);
+    auto meta = [&](const char* key) -> std::string {
+      auto it = data.metadata.find(key);
+      LOOM_CHECK_KIND(ErrorKind::kIO, it != data.metadata.end(), "checkpoint '{}': metadata '{}' is missing", dir,
+                      key);
+      return it->second;
+    };
+    LOOM_CHECK_KIND(ErrorKind::kIO, meta("format") == kSingleProcessFormat,
+                    "checkpoint '{}' has format '{}', this build reads '{}'", dir, meta("format"), kSingleProcessFormat);
+    for (const char* key : {"step", "consumed_samples", "optimizer_step"}) {
+      const std::string v = meta(key);
+      LOOM_CHECK_KIND(ErrorKind::kIO, !v.empty() && v.find_first_not_of("0123456789") == std::string::npos,
+                      "checkpoint '{}': metadata '{}' is '{}', not a count", dir, key, v);
+    }
+    LOOM_CHECK_KIND(ErrorKind::kIO, data.state.count("rng.cpu") == 1, "checkpoint '{}': 'rng.cpu' is missing", dir);
+    std::map<std::string, const parallel::Parameter*> by_name;
+    for (const auto& p : params) {
+      auto it = data.model.find(p.name);
+      LOOM_CHECK_KIND(ErrorKind::kIO, it != data.model.end(),
+                      "checkpoint '{}' has no parameter '{}': was it written for a different model config?", dir,
+                      p.name);
+      LOOM_CHECK_KIND(ErrorKind::kIO, it->second.sizes() == at::IntArrayRef(p.global_shape),
+                      "checkpoint '{}': parameter '{}' has shape {}, the model needs {}", dir, p.name,
+                      it->second.sizes(), at::IntArrayRef(p.global_shape));
+      by_name[p.name] = &p;
+    }
+    for (const auto& [name, t] : data.state) {
+      if (name.rfind("optim.", 0) != 0) continue;
+      const std::string key = name.substr(6);
+      auto owner = by_name.find(key.substr(0, key.rfind('.')));
+      if (owner == by_name.end()) continue;  // another pipeline stage's
+      LOOM_CHECK_KIND(ErrorKind::kIO, t.sizes() == at::IntArrayRef(owner->second->global_shape),
+                      "checkpoint '{}': optimizer state '{}' has shape {}, the parameter needs {}", dir, key,
+                      t.sizes(), at::IntArrayRef(owner->second->global_shape));
+      state.push_back({key, parallel::shard_of(t, owner->second->shard, owner->second->tp_size,
+                                               owner->second->tp_rank)});
+    }
+    // The optimizer's own names (none for SGD): all present, or nothing is loaded.
+    std::map<std::string, bool> have;
+    for (const auto& s : state) have[s.name] = true;
+    for (const auto& name : parts_.optimizer->state_names()) {
+      LOOM_CHECK_KIND(ErrorKind::kIO, have.count(name) == 1,
+                      "checkpoint '{}' has no optimizer state '{}': was it written with another optim.optimizer?",
+                      dir, name);
+    }
+  } catch (const Error&) {
+    failure = std::current_exception();
+  }
+  // Parameters this rank saves (not pipeline copies), summed over the stages; and whether any rank failed.
+  int64_t owned = 0;
+  for (const auto& p : params) owned += p.pipeline_copy ? 0 : 1;
+  const double failed = all_reduce_scalar(failure ? 1.0 : 0.0, *parts_.world, comm::ReduceOp::kMax);
+  if (failure) std::rethrow_exception(failure);
+  LOOM_CHECK_KIND(ErrorKind::kIO, failed == 0,
+                  "checkpoint '{}' does not fit this model on another rank (see that rank's error): was it written "
+                  "for a different model config?",
+                  dir);
+  if (parts_.pp && parts_.pp->size() > 1) {
+    owned = static_cast<int64_t>(all_reduce_scalar(static_cast<double>(owned), *parts_.pp, comm::ReduceOp::kSum));
+  }
+  LOOM_CHECK_KIND(ErrorKind::kIO, static_cast<int64_t>(data.model.size()) == owned,
+                  "checkpoint '{}' holds {} parameters, the model has {}: was it written for a different "
+                  "model config?",
+                  dir, data.model.size(), owned);
+  // Restore: nothing below can fail on a checked checkpoint.
+  auto meta = [&](const char* key) { return std::stoll(data.metadata.at(key)); };
+  at::NoGradGuard no_grad;
+  for (auto& p : params) p.tensor.copy_(parallel::shard_of(data.model.at(p.name), p.shard, p.tp_size, p.tp_rank));
+  parts_.optimizer->load_state(state, meta("optimizer_step"));
+  {
+    at::Generator gen = at::detail::getDefaultCPUGenerator();
+    std::lock_guard<std::mutex> lock(gen.mutex());
+    gen.set_state(data.state.at("rng.cpu"));
+  }
+  parts_.loader->load_state({{"data.consumed_samples", meta("consumed_samples")}});
+  RestoredState r;
+  r.step = meta("step");
+  r.consumed_samples = parts_.loader->position();
+  return r;
+}
+
+}  // namespace loom::checkpoint

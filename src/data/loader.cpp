@@ -1,0 +1,145 @@
+#include "loom/data/loader.h"
+
+#include "loom/core/error.h"
+
+namespace loom::data {
+
+PlanLayout LoaderOptions::layout() const {
+  PlanLayout l;
+  l.mode = mode;
+  l.dp_size = dp_size;
+  l.dp_rank = dp_rank;
+  l.micro_batch_size = micro_batch_size;
+  l.micro_batch_tokens = micro_batch_tokens;
+  l.max_piece_tokens = seq_len;
+  l.pad_multiple = pad_multiple;
+  return l;
+}
+
+MicroBatchLoader::MicroBatchLoader(const DataSource* source, LoaderOptions options)
+    : source_(source), options_(std::move(options)) {
+  LOOM_INTERNAL_CHECK(source_ != nullptr, "loader without a data source");
+  LOOM_CHECK_CONFIG(options_.seq_len >= 1, "the loader needs train.seq_len >= 1, got {}", options_.seq_len);
+  if (options_.mode == BatchMode::kDocuments) {
+    LOOM_CHECK_KIND(ErrorKind::kConfig, source_->has_documents(),
+                    "data.mode is DOCUMENTS, but the data source ({}) does not provide whole documents",
+                    source_->describe());
+  }
+  // Plan a batch of the right count once, so a layout that cannot be planned fails now, naming the
+  // fields, not at the first step.
+  std::vector<SampleRef> probe(static_cast<size_t>(std::max<int64_t>(options_.global_batch, 0)),
+                               SampleRef{0, options_.seq_len + 1});
+  (void)plan_step(probe, options_.layout());
+}
+
+MicroBatchLoader::~MicroBatchLoader() {
+  if (prefetch_.valid()) prefetch_.wait();
+}
+
+std::vector<SampleRef> MicroBatchLoader::global_samples(Split split, int64_t first) const {
+  std::vector<SampleRef> v;
+  v.reserve(static_cast<size_t>(options_.global_batch));
+  for (int64_t i = 0; i < options_.global_batch; ++i) {
+    const int64_t index = first + i;
+    const int64_t len =
+        options_.mode == BatchMode::kWindows ? options_.seq_len + 1 : source_->document_length(split, index);
+    v.push_back({index, len});
+  }
+  return v;
+}
+
+model::Batch MicroBatchLoader::assemble(Split split, const std::vector<SampleRef>& samples,
+                                        const MicroBatchPlan& mb) const {
+  const auto rows = static_cast<int64_t>(mb.rows.size());
+  const int64_t len = mb.row_len;
+  at::Tensor inputs = at::zeros({rows, len}, at::kLong);    // [b, s]
+  at::Tensor targets = at::zeros({rows, len}, at::kLong);   // [b, s]
+  if (options_.mode == BatchMode::kWindows) {
+    // One window per row, read as seq_len + 1 tokens: inputs are the first seq_len, targets the last.
+    at::Tensor buf = at::empty({rows, len + 1}, at::kLong);
+    int64_t* p = buf.data_ptr<int64_t>();
+    for (int64_t r = 0; r < rows; ++r) {
+      const Piece& piece = mb.rows[static_cast<size_t>(r)].front();
+      source_->sample(split, samples[static_cast<size_t>(piece.sample)].index, len + 1, p + r * (len + 1));
+    }
+    model::Batch b;
+    b.tokens = buf.narrow(1, 0, len).contiguous().to(options_.device);
+    b.targets = buf.narrow(1, 1, len).contiguous().to(options_.device);
+    return b;
+  }
+  // Packed pieces (Note: packed sequences): each piece is its own document for attention and
+  // positions; padding at the end of a row is one more "document" whose positions do not count.
+  std::vector<std::vector<int64_t>> cu(static_cast<size_t>(rows));
+  std::vector<int64_t> real(static_cast<size_t>(rows), 0);  // non-padding positions of each row
+  std::vector<int64_t> buf;
+  for (int64_t r = 0; r < rows; ++r) {
+    auto& c = cu[static_cast<size_t>(r)];
+    int64_t& at = real[static_cast<size_t>(r)];
+    c.push_back(0);
+    for (const Piece& piece : mb.rows[static_cast<size_t>(r)]) {
+      buf.resize(static_cast<size_t>(piece.tokens + 1));
+      source_->document(split, samples[static_cast<size_t>(piece.sample)].index, piece.begin, piece.tokens + 1,
+                        buf.data());
+      inputs[r].narrow(0, at, piece.tokens).copy_(at::from_blob(buf.data(), {piece.tokens}, at::kLong));
+      targets[r].narrow(0, at, piece.tokens).copy_(at::from_blob(buf.data() + 1, {piece.tokens}, at::kLong));
+      at += piece.tokens;
+      c.push_back(at);
+    }
+    if (at < len) c.push_back(len);
+  }
+  model::Batch b = model::packed_batch(inputs, targets, cu);
+  bool padded = false;
+  for (int64_t n : real) padded = padded || n < len;
+  if (padded) {
+    at::Tensor mask = at::zeros({rows, len}, at::kFloat);  // [b, s]
+    for (int64_t r = 0; r < rows; ++r) mask[r].narrow(0, 0, real[static_cast<size_t>(r)]).fill_(1.0);
+    b.loss_mask = mask;
+  }
+  return b.to(options_.device);
+}
+
+StepData MicroBatchLoader::load(Split split, int64_t first_sample) const {
+  StepData d;
+  d.first_sample = first_sample;
+  const std::vector<SampleRef> samples = global_samples(split, first_sample);
+  d.plan = plan_step(samples, options_.layout());
+  for (const auto& mb : d.plan.micro_batches) d.batches.push_back(assemble(split, samples, mb));
+  return d;
+}
+
+StepData MicroBatchLoader::next(bool prefetch_next) {
+  StepData d;
+  bool have = false;
+  if (prefetch_.valid()) {
+    StepData ready = prefetch_.get();  // waits only if reading is slower than a step
+    if (prefetch_position_ == position_) {
+      d = std::move(ready);
+      have = true;
+    }
+  }
+  if (!have) d = load(Split::kTrain, position_);
+  position_ += options_.global_batch;
+  if (prefetch_next && options_.prefetch) {
+    prefetch_position_ = position_;
+    const int64_t at = position_;
+    prefetch_ = std::async(std::launch::async, [this, at] { return load(Split::kTrain, at); });
+  }
+  return d;
+}
+
+void MicroBatchLoader::set_position(int64_t consumed_samples) {
+  LOOM_CHECK(consumed_samples >= 0, "loader position must be >= 0, got {}", consumed_samples);
+  position_ = consumed_samples;
+}
+
+std::map<std::string, int64_t> MicroBatchLoader::state() const { return {{"data.consumed_samples", position_}}; }
+
+void MicroBatchLoader::load_state(const std::map<std::string, int64_t>& state) {
+  auto it = state.find("data.consumed_samples");
+  LOOM_CHECK_KIND(ErrorKind::kIO, it != state.end(), "loader state: 'data.consumed_samples' is missing");
+  LOOM_CHECK_KIND(ErrorKind::kIO, it->second >= 0, "loader state: 'data.consumed_samples' is {}, must be >= 0",
+                  it->second);
+  position_ = it->second;
+}
+
+}  // namespace loom::data

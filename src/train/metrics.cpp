@@ -1,0 +1,222 @@
+#include "loom/train/metrics.h"
+
+#include <fmt/format.h>
+#include <nlohmann/json.hpp>
+
+#include <algorithm>
+#include <filesystem>
+
+#include "loom/core/error.h"
+#include "loom/core/logging.h"
+#include "loom/train/system.h"
+
+namespace loom::train {
+
+void MetricsSinks::start(int64_t first_step) {
+  if (progress_) progress_->restart(first_step);
+}
+
+void MetricsSinks::step(const StepMetrics& m) {
+  for (auto& s : sinks_) s->step(m);
+}
+
+void MetricsSinks::eval(const EvalMetrics& e) {
+  clear();
+  for (auto& s : sinks_) s->eval(e);
+}
+
+void MetricsSinks::clear() {
+  if (progress_) progress_->clear();
+}
+
+void MetricsSinks::finish() {
+  for (auto& s : sinks_) s->finish();
+  if (progress_) progress_->finish();
+}
+
+namespace {
+
+class ConsoleSink : public MetricsSink {
+ public:
+  ConsoleSink(const MetricsContext& ctx, std::shared_ptr<Progress> progress)
+      : ctx_(ctx), progress_(std::move(progress)) {}
+
+  void step(const StepMetrics& m) override {
+    const bool log_now = m.step % ctx_.log_every == 0 || m.step == ctx_.total_steps || m.step == 1;
+    if (log_now) {
+      if (progress_) progress_->clear();
+      const double t = std::max(m.seconds, 1e-12);
+      std::string line = fmt::format(
+          "step {}/{} | loss {:.4f} | lr {:.3e} | grad {:.3f} | {:.0f} tok/s | {:.3f} TFLOP/s | MFU {:.1f}% "
+          "| mem {} | data {:.0f}% fwd {:.0f}% bwd {:.0f}% comm {:.0f}% opt {:.0f}%",
+          m.step, ctx_.total_steps, m.loss, m.lr, m.grad_norm, m.tokens_per_s, m.tflops_per_device, m.mfu * 100,
+          ctx_.cuda ? format_bytes(static_cast<double>(m.device_peak)) + " GPU peak"
+                    : format_bytes(static_cast<double>(m.rss)),
+          100 * m.data_s / t, 100 * m.forward_s / t, 100 * m.backward_s / t, 100 * m.comm_s / t,
+          100 * m.optimizer_s / t);
+      if (ctx_.pipeline) line += fmt::format(" | pp wait {:.0f}%", 100 * m.pp_wait_s / t);
+      if (ctx_.moe) {
+        line += fmt::format(" | aux {:.4f} | max load {:.2f}", m.aux_loss, m.moe_max_load);
+        if (m.moe_dropped > 0) line += fmt::format(" | dropped {}", m.moe_dropped);
+      }
+      if (progress_ && !progress_->active()) line += fmt::format(" | ETA {}", format_duration(progress_->eta(m.step)));
+      LOOM_LOG_INFO("{}", line);
+    }
+    if (progress_) {
+      progress_->update(m.step, fmt::format("loss {:.4f} | lr {:.2e} | {:.0f} tok/s | MFU {:.1f}%", m.loss, m.lr,
+                                            m.tokens_per_s, m.mfu * 100));
+    }
+  }
+
+  void eval(const EvalMetrics& e) override {
+    LOOM_LOG_INFO("eval step {} | loss {:.4f} | perplexity {:.2f} | {} tokens", e.step, e.loss, e.perplexity,
+                  e.tokens);
+  }
+
+ private:
+  MetricsContext ctx_;
+  std::shared_ptr<Progress> progress_;
+};
+
+class JsonlSink : public MetricsSink {
+ public:
+  JsonlSink(const std::string& path, const MetricsContext& ctx) : ctx_(ctx) {
+    std::error_code ec;
+    auto parent = std::filesystem::path(path).parent_path();
+    if (!parent.empty()) std::filesystem::create_directories(parent, ec);
+    out_.open(path, std::ios::app);
+    LOOM_CHECK_KIND(ErrorKind::kIO, out_.good(), "cannot open metrics file '{}'", path);
+  }
+
+  void step(const StepMetrics& m) override {
+    nlohmann::json j = {{"type", "train"},
+                        {"step", m.step},
+                        {"loss", m.loss},
+                        {"aux_loss", m.aux_loss},
+                        {"lr", m.lr},
+                        {"grad_norm", m.grad_norm},
+                        {"tokens", m.tokens},
+                        {"micro_batches", m.micro_batches},
+                        {"seconds", m.seconds},
+                        {"tokens_per_s", m.tokens_per_s},
+                        {"tokens_per_s_per_device", m.tokens_per_s_per_device},
+                        {"tflops_per_device", m.tflops_per_device},
+                        {"mfu", m.mfu},
+                        {"rss_bytes", m.rss},
+                        {"peak_rss_bytes", m.peak_rss},
+                        {"device_peak_bytes", m.device_peak},
+                        {"time",
+                         {{"data", m.data_s},
+                          {"forward", m.forward_s},
+                          {"backward", m.backward_s},
+                          {"comm", m.comm_s},
+                          {"optimizer", m.optimizer_s},
+                          {"pp_wait", m.pp_wait_s}}}};
+    if (ctx_.moe) {
+      j["moe_dropped"] = m.moe_dropped;
+      j["moe_max_load"] = m.moe_max_load;
+    }
+    write(j.dump());
+  }
+
+  void eval(const EvalMetrics& e) override {
+    nlohmann::json j = {
+        {"type", "eval"}, {"step", e.step}, {"loss", e.loss}, {"perplexity", e.perplexity}, {"tokens", e.tokens}};
+    write(j.dump());
+  }
+
+ private:
+  void write(const std::string& line) {
+    out_ << line << '\n';
+    out_.flush();
+  }
+  MetricsContext ctx_;
+  std::ofstream out_;
+};
+
+class TensorBoardSink : public MetricsSink {
+ public:
+  TensorBoardSink(const std::string& dir, const MetricsContext& ctx) : ctx_(ctx), writer_(dir) {}
+
+  void step(const StepMetrics& m) override {
+    std::vector<std::pair<std::string, double>> v = {{"train/loss", m.loss},
+                                                     {"train/lr", m.lr},
+                                                     {"train/grad_norm", m.grad_norm},
+                                                     {"perf/tokens_per_s", m.tokens_per_s},
+                                                     {"perf/tflops_per_device", m.tflops_per_device},
+                                                     {"perf/mfu", m.mfu},
+                                                     {"memory/rss_gib", static_cast<double>(m.rss) / (1 << 30)}};
+    if (ctx_.moe) {
+      v.emplace_back("train/aux_loss", m.aux_loss);
+      v.emplace_back("moe/max_load", m.moe_max_load);
+    }
+    writer_.add_scalars(m.step, v);
+    if (m.step % ctx_.log_every == 0) writer_.flush();
+  }
+
+  void eval(const EvalMetrics& e) override {
+    writer_.add_scalars(e.step, {{"eval/loss", e.loss}, {"eval/perplexity", e.perplexity}});
+    writer_.flush();
+  }
+
+  void finish() override { writer_.flush(); }
+
+ private:
+  MetricsContext ctx_;
+  TensorBoardWriter writer_;
+};
+
+}  // namespace
+
+void add_moe_stats(StepMetrics& m, const std::vector<std::unique_ptr<model::GptModel>>& chunks,
+                   comm::Communicator* pp) {
+  if (chunks.empty() || !chunks.front()->spec().is_moe()) return;
+  for (const auto& chunk : chunks) {
+    for (const auto& [layer, st] : chunk->moe_stats()) {
+      m.moe_dropped += st.dropped;
+      if (st.tokens_per_expert.defined()) {
+        const double mean = st.tokens_per_expert.to(at::kDouble).mean().item<double>();
+        const double mx = static_cast<double>(st.tokens_per_expert.max().item<int64_t>());
+        if (mean > 0) m.moe_max_load = std::max(m.moe_max_load, mx / mean);
+      }
+    }
+  }
+  if (pp == nullptr || pp->size() == 1) return;  // every stage's MoE layers:
+  at::Tensor dropped = at::full({1}, static_cast<double>(m.moe_dropped), at::kDouble).to(pp->device());
+  at::Tensor load = at::full({1}, m.moe_max_load, at::kDouble).to(pp->device());
+  pp->all_reduce(dropped);
+  pp->all_reduce(load, {comm::ReduceOp::kMax});
+  m.moe_dropped = static_cast<int64_t>(dropped.cpu().item<double>());
+  m.moe_max_load = load.cpu().item<double>();
+}
+
+std::unique_ptr<MetricsSink> make_console_sink(const MetricsContext& ctx, std::shared_ptr<Progress> progress) {
+  return std::make_unique<ConsoleSink>(ctx, std::move(progress));
+}
+
+std::unique_ptr<MetricsSink> make_jsonl_sink(const std::string& path, const MetricsContext& ctx) {
+  return std::make_unique<JsonlSink>(path, ctx);
+}
+
+std::unique_ptr<MetricsSink> make_tensorboard_sink(const std::string& dir, const MetricsContext& ctx) {
+  return std::make_unique<TensorBoardSink>(dir, ctx);
+}
+
+std::unique_ptr<MetricsSinks> make_metrics_sinks(const config::JobConfig& job, const MetricsContext& ctx,
+                                                 bool rank0) {
+  auto sinks = std::make_unique<MetricsSinks>();
+  if (!rank0) return sinks;
+  const auto& t = job.train();
+  std::string path = t.metrics_jsonl();
+  if (path.empty() && !job.logging().dir().empty()) path = job.logging().dir() + "/metrics.jsonl";
+  if (!path.empty()) sinks->add(make_jsonl_sink(path, ctx));
+  std::string tb = t.tensorboard_dir();
+  if (tb.empty() && !job.logging().dir().empty()) tb = job.logging().dir() + "/tensorboard";
+  if (!tb.empty() && tb != "off") sinks->add(make_tensorboard_sink(tb, ctx));
+  auto progress = std::make_shared<Progress>(t.progress(), ctx.first_step, ctx.total_steps, t.progress() != "off");
+  sinks->add(make_console_sink(ctx, progress));
+  sinks->set_progress(progress);
+  return sinks;
+}
+
+}  // namespace loom::train
