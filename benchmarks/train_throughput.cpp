@@ -4,8 +4,8 @@
 //
 // Validate, then time: the peer loads Loom's initial parameters and the first batch, and its
 // first loss (and MoE auxiliary loss) must match Loom's within 1e-4 relative before any number is
-// reported. Each side runs `--warmup` untimed and `--steps` timed training steps (forward, backward,
-// clip, AdamW) on a batch of the same shape; medians are reported.
+// reported. Each side runs `--warmup` untimed and `--steps` timed training steps (forward,
+// backward, clip, AdamW) on a batch of the same shape; medians are reported.
 //
 //   train_throughput [--cases dense,moe,dense_docs] [--steps 6] [--warmup 2] [--json out.json]
 //
@@ -22,8 +22,6 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/grad_mode.h>
 #include <fmt/format.h>
-#include <nlohmann/json.hpp>
-
 #include <unistd.h>
 
 #include <algorithm>
@@ -31,6 +29,7 @@
 #include <cstdio>
 #include <filesystem>
 #include <memory>
+#include <nlohmann/json.hpp>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -48,7 +47,8 @@ namespace {
 
 using loom::config::JobConfig;
 
-JobConfig make_case(const std::string& name, int steps, const std::string& device, const std::string& precision) {
+JobConfig make_case(const std::string& name, int steps, const std::string& device,
+                    const std::string& precision) {
   JobConfig j;
   j.set_seed(5);
   auto* m = j.mutable_model();
@@ -95,15 +95,18 @@ JobConfig make_case(const std::string& name, int steps, const std::string& devic
     moe->set_aux_loss_coeff(0.01);
   } else {
     LOOM_THROW(loom::ErrorKind::kConfig,
-               "flag --cases: unknown case '{}' (dense, moe, dense_docs, dense_large, moe_large)", name);
+               "flag --cases: unknown case '{}' (dense, moe, dense_docs, dense_large, moe_large)",
+               name);
   }
   const bool large = name.find("_large") != std::string::npos;
   m->set_max_seq_len(large ? 2048 : 256);
   t->set_seq_len(large ? 2048 : 256);
   t->set_micro_batch_size(large ? 4 : 8);
   t->set_device(device);
-  LOOM_CHECK_CONFIG(precision == "fp32" || precision == "bf16", "flag --precision: '{}' (fp32 or bf16)", precision);
-  m->set_precision(precision == "bf16" ? loom::config::ModelConfig::BF16 : loom::config::ModelConfig::FP32);
+  LOOM_CHECK_CONFIG(precision == "fp32" || precision == "bf16",
+                    "flag --precision: '{}' (fp32 or bf16)", precision);
+  m->set_precision(precision == "bf16" ? loom::config::ModelConfig::BF16
+                                       : loom::config::ModelConfig::FP32);
   t->set_steps(steps);
   t->set_progress("off");
   t->set_peak_tflops(1.0);  // replaced by the ceiling measured below
@@ -131,23 +134,25 @@ double median(std::vector<double> v) {
 }
 
 int run(int argc, char** argv) {
-  loom::cli::CommandLine cl(argc, argv,
-                            {{"cases", "dense,moe", "which models: dense (the issue's fixed config), moe"},
-                             {"steps", "6", "timed training steps per side"},
-                             {"warmup", "2", "untimed steps first"},
-                             {"threads", "0", "intra-op threads for both sides (0: LibTorch's default)"},
-                             {"device", "cpu", "cpu or cuda"},
-                             {"precision", "fp32", "fp32 or bf16 (compute; master weights stay fp32)"},
-                             {"python", "/usr/bin/python3", "the Python with torch for the peer"},
-                             {"peer", "", "peer script (default: next to this source)"},
-                             {"no-peer", "", "skip the PyTorch peer", true},
-                             {"json", "", "also write the results as JSON here"}},
-                            "Loom training throughput vs the same model in PyTorch eager.");
+  loom::cli::CommandLine cl(
+      argc, argv,
+      {{"cases", "dense,moe", "which models: dense (the issue's fixed config), moe"},
+       {"steps", "6", "timed training steps per side"},
+       {"warmup", "2", "untimed steps first"},
+       {"threads", "0", "intra-op threads for both sides (0: LibTorch's default)"},
+       {"device", "cpu", "cpu or cuda"},
+       {"precision", "fp32", "fp32 or bf16 (compute; master weights stay fp32)"},
+       {"python", "/usr/bin/python3", "the Python with torch for the peer"},
+       {"peer", "", "peer script (default: next to this source)"},
+       {"no-peer", "", "skip the PyTorch peer", true},
+       {"json", "", "also write the results as JSON here"}},
+      "Loom training throughput vs the same model in PyTorch eager.");
   if (cl.handled_help()) return 0;
   loom::log::LogOptions lo;
   lo.level = "warn";
   loom::log::init(lo);
-  const int steps = static_cast<int>(cl.get_int("steps")), warmup = static_cast<int>(cl.get_int("warmup"));
+  const int steps = static_cast<int>(cl.get_int("steps")),
+            warmup = static_cast<int>(cl.get_int("warmup"));
   LOOM_CHECK_CONFIG(steps >= 1 && warmup >= 0, "need --steps >= 1 and --warmup >= 0");
   if (cl.get_int("threads") > 0) at::set_num_threads(static_cast<int>(cl.get_int("threads")));
   const int threads = at::get_num_threads();
@@ -156,10 +161,11 @@ int run(int argc, char** argv) {
   const bool with_peer = !cl.get_bool("no-peer");
   if (with_peer) {
     const int rc = std::system((cl.get("python") + " -c 'import torch' 2>/dev/null").c_str());
-    LOOM_CHECK_KIND(loom::ErrorKind::kUnsupported, rc == 0,
-                    "{} cannot import torch: install Debian's python3-torch (scripts/install-deps.sh --bench) "
-                    "or pass --no-peer",
-                    cl.get("python"));
+    LOOM_CHECK_KIND(
+        loom::ErrorKind::kUnsupported, rc == 0,
+        "{} cannot import torch: install Debian's python3-torch (scripts/install-deps.sh --bench) "
+        "or pass --no-peer",
+        cl.get("python"));
   }
   const at::Device device(cl.get("device"));
   const std::string precision = cl.get("precision");
@@ -172,7 +178,8 @@ int run(int argc, char** argv) {
     const int64_t b = job.train().micro_batch_size(), s = job.train().seq_len();
     auto source = loom::data::make_source(job, vocab, b);
     at::Tensor buf = at::empty({b, s + 1}, at::kLong);
-    for (int64_t i = 0; i < b; ++i) source->sample(loom::data::Split::kTrain, i, s + 1, buf.data_ptr<int64_t>() + i * (s + 1));
+    for (int64_t i = 0; i < b; ++i)
+      source->sample(loom::data::Split::kTrain, i, s + 1, buf.data_ptr<int64_t>() + i * (s + 1));
     loom::model::Batch batch;
     batch.tokens = buf.narrow(1, 0, s).contiguous();
     batch.targets = buf.narrow(1, 1, s).contiguous();
@@ -181,7 +188,8 @@ int run(int argc, char** argv) {
 
   // The PyTorch peers run first, before this process touches the GPU: a child started after CUDA is
   // initialised here made this process crash at exit on the GPU machine (seen 2026-11-22). The
-  // initial parameters come from a CPU model: initialisation is by (seed, name), whatever the device.
+  // initial parameters come from a CPU model: initialisation is by (seed, name), whatever the
+  // device.
   std::map<std::string, std::pair<nlohmann::json, nlohmann::json>> peers;  // case -> (plain, tuned)
   if (with_peer) {
     for (const auto& name : cl.get_list("cases")) {
@@ -194,18 +202,23 @@ int run(int argc, char** argv) {
       for (const auto& p : cpu_model.parameters()) tensors[p.name] = p.tensor.detach();
       tensors["batch.tokens"] = batch.tokens;
       tensors["batch.targets"] = batch.targets;
-      nlohmann::json cfg = {{"heads", spec.num_heads}, {"kv_heads", spec.num_kv_heads},
-                            {"head_dim", spec.head_dim}, {"layers", spec.num_layers},
-                            {"eps", spec.norm_eps},      {"theta", spec.rope_theta},
-                            {"experts", spec.moe.num_experts}, {"top_k", spec.moe.top_k},
+      nlohmann::json cfg = {{"heads", spec.num_heads},
+                            {"kv_heads", spec.num_kv_heads},
+                            {"head_dim", spec.head_dim},
+                            {"layers", spec.num_layers},
+                            {"eps", spec.norm_eps},
+                            {"theta", spec.rope_theta},
+                            {"experts", spec.moe.num_experts},
+                            {"top_k", spec.moe.top_k},
                             {"aux_coeff", spec.moe.aux_loss_coeff}};
       const std::string weights = (tmp / (name + ".safetensors")).string();
       loom::checkpoint::save_safetensors(weights, tensors, {{"config", cfg.dump()}});
-      const std::string cmd = fmt::format("{} {} --weights {} --steps {} --warmup {} --threads {} --device {} --precision {}",
-                                          cl.get("python"), peer, weights, steps, warmup, threads,
-                                          gpu ? "cuda" : "cpu", precision);
+      const std::string cmd = fmt::format(
+          "{} {} --weights {} --steps {} --warmup {} --threads {} --device {} --precision {}",
+          cl.get("python"), peer, weights, steps, warmup, threads, gpu ? "cuda" : "cpu", precision);
       auto plain = nlohmann::json::parse(run_command(cmd));
-      // The allocator tuning concerns host memory: on a GPU the second peer run would time the same thing.
+      // The allocator tuning concerns host memory: on a GPU the second peer run would time the same
+      // thing.
       auto tuned = gpu ? plain : nlohmann::json::parse(run_command(cmd + " --tune-malloc"));
       peers[name] = {plain, tuned};
       std::filesystem::remove(weights);
@@ -214,10 +227,11 @@ int run(int argc, char** argv) {
 
   // The matmul ceiling in the compute dtype, as used for MFU.
   const int64_t probe_n = gpu ? 4096 : 1024;
-  const double ceiling = loom::train::probe_matmul_flops(device, precision == "bf16" ? at::kBFloat16 : at::kFloat,
-                                                         probe_n, 7);
-  std::printf("# train_throughput on %s (%s): %d intra-op threads; BLAS: %s\n", device.str().c_str(),
-              precision.c_str(), threads, loom::train::blas_description().c_str());
+  const double ceiling = loom::train::probe_matmul_flops(
+      device, precision == "bf16" ? at::kBFloat16 : at::kFloat, probe_n, 7);
+  std::printf("# train_throughput on %s (%s): %d intra-op threads; BLAS: %s\n",
+              device.str().c_str(), precision.c_str(), threads,
+              loom::train::blas_description().c_str());
   std::printf("# %s matmul ceiling (%ld^3 GEMM, median of 7): %.1f GFLOP/s\n", precision.c_str(),
               static_cast<long>(probe_n), ceiling / 1e9);
   std::printf("# %-6s %11s %11s %11s %7s %7s %9s %7s %9s %s\n", "case", "loom tok/s", "torch tok/s",
@@ -249,13 +263,16 @@ int run(int argc, char** argv) {
     if (has_peer) {
       std::tie(peer_plain, peer_tuned) = peers.at(name);
       const double dl = std::abs(peer_plain["loss"].get<double>() - loom_loss) / loom_loss;
-      const double da = std::abs(peer_plain["aux"].get<double>() - loom_aux) / std::max(loom_aux, 1e-12);
-      // fp32: both sides compute the same function in the same dtype; bf16: rounding of the compute dtype.
+      const double da =
+          std::abs(peer_plain["aux"].get<double>() - loom_aux) / std::max(loom_aux, 1e-12);
+      // fp32: both sides compute the same function in the same dtype; bf16: rounding of the compute
+      // dtype.
       const double tol = precision == "bf16" ? 2e-2 : 1e-4;
       const bool ok = dl < tol && (spec.moe.num_experts == 0 || da < tol);
       check = ok ? fmt::format("ok (rel diff {:.1e})", std::max(dl, spec.is_moe() ? da : 0.0))
-                 : fmt::format("MISMATCH loss {} vs {}, aux {} vs {}", loom_loss, peer_plain["loss"].get<double>(),
-                               loom_aux, peer_plain["aux"].get<double>());
+                 : fmt::format("MISMATCH loss {} vs {}, aux {} vs {}", loom_loss,
+                               peer_plain["loss"].get<double>(), loom_aux,
+                               peer_plain["aux"].get<double>());
       if (!ok) ++failures;
     }
 
@@ -266,7 +283,8 @@ int run(int argc, char** argv) {
       const auto t0 = std::chrono::steady_clock::now();
       auto m = trainer.train_step();
       if (gpu) (void)probe.view(-1)[0].item<float>();  // waits for the step's device work
-      const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      const double secs =
+          std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
       if (i >= warmup) {
         times.push_back(secs);
         real_tokens += static_cast<double>(m.tokens);
@@ -283,7 +301,8 @@ int run(int argc, char** argv) {
     const bool docs = job.data().mode() == loom::config::DataConfig::DOCUMENTS;
     const double loom_tps = docs ? real_tokens / total : tokens / t;
     if (name == "dense") dense_tps = loom_tps;
-    if (docs && dense_tps > 0) check = fmt::format("no peer; {:.2f}x the dense WINDOWS case", loom_tps / dense_tps);
+    if (docs && dense_tps > 0)
+      check = fmt::format("no peer; {:.2f}x the dense WINDOWS case", loom_tps / dense_tps);
     const double achieved = spec.flops_per_token(s) * loom_tps;
     mfu = achieved / ceiling;
     (void)tflops;
@@ -292,9 +311,10 @@ int run(int argc, char** argv) {
       torch_tps = tokens / peer_plain["median_step_s"].get<double>();
       torch_tuned_tps = tokens / peer_tuned["median_step_s"].get<double>();
     }
-    std::printf("  %-6s %11.0f %11.0f %11.0f %7.2f %7.2f %9.1f %6.1f%% %9.4f %s\n", name.c_str(), loom_tps,
-                torch_tps, torch_tuned_tps, has_peer ? loom_tps / torch_tps : 0.0,
-                has_peer ? loom_tps / torch_tuned_tps : 0.0, achieved / 1e9, mfu * 100, loom_loss, check.c_str());
+    std::printf("  %-6s %11.0f %11.0f %11.0f %7.2f %7.2f %9.1f %6.1f%% %9.4f %s\n", name.c_str(),
+                loom_tps, torch_tps, torch_tuned_tps, has_peer ? loom_tps / torch_tps : 0.0,
+                has_peer ? loom_tps / torch_tuned_tps : 0.0, achieved / 1e9, mfu * 100, loom_loss,
+                check.c_str());
     results.push_back({{"case", name},
                        {"params", spec.num_parameters()},
                        {"flops_per_token", spec.flops_per_token(s)},
@@ -311,13 +331,19 @@ int run(int argc, char** argv) {
                        {"loom_first_loss", loom_loss},
                        {"check", check}});
   }
-  std::printf("# ratio = Loom tokens/s over PyTorch eager (default glibc malloc); ratio+ = over PyTorch with the\n"
-              "# same allocator tuning Loom applies (mallopt: no mmap, no trim). MFU = achieved / the ceiling above.\n");
+  std::printf(
+      "# ratio = Loom tokens/s over PyTorch eager (default glibc malloc); ratio+ = over PyTorch "
+      "with the\n"
+      "# same allocator tuning Loom applies (mallopt: no mmap, no trim). MFU = achieved / the "
+      "ceiling above.\n");
   if (!cl.get("json").empty()) {
     std::FILE* f = std::fopen(cl.get("json").c_str(), "w");
     LOOM_CHECK_KIND(loom::ErrorKind::kIO, f != nullptr, "cannot write '{}'", cl.get("json"));
-    nlohmann::json doc = {{"threads", threads}, {"device", device.str()}, {"precision", precision},
-                          {"ceiling_flops", ceiling}, {"results", results}};
+    nlohmann::json doc = {{"threads", threads},
+                          {"device", device.str()},
+                          {"precision", precision},
+                          {"ceiling_flops", ceiling},
+                          {"results", results}};
     std::fputs(doc.dump(2).c_str(), f);
     std::fclose(f);
   }
@@ -328,5 +354,6 @@ int run(int argc, char** argv) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  return loom::cli::guarded_main("train_throughput", [&] { return run(argc, argv); }, 2);
+  return loom::cli::guarded_main(
+      "train_throughput", [&] { return run(argc, argv); }, 2);
 }

@@ -1,10 +1,10 @@
 // A user's own training loop over Loom's library pieces: the loader and its step plan, the step
 // executor, gradient synchronisation, clipping, the optimizer and the schedule, written out by hand
-// (docs/training.md, "A step"). Useful as a template when the Trainer's loop is not the one you want
-// (a custom loss, curriculum, RL fine-tuning...). It reads the same config as gpt_pretrain and, on
-// the same config, prints the same losses (tests: examples.custom_trainer_same_losses*). Alone it
-// trains in one process; under mpirun the ranks are data parallel (this example builds no tensor or
-// pipeline groups: use the Trainer for those).
+// (docs/training.md, "A step"). Useful as a template when the Trainer's loop is not the one you
+// want (a custom loss, curriculum, RL fine-tuning...). It reads the same config as gpt_pretrain
+// and, on the same config, prints the same losses (tests: examples.custom_trainer_same_losses*).
+// Alone it trains in one process; under mpirun the ranks are data parallel (this example builds no
+// tensor or pipeline groups: use the Trainer for those).
 //
 //   custom_trainer --config configs/tiny_gpt.pbtxt [--set train.steps=50 ...]
 //   mpirun -np 2 custom_trainer --config configs/tiny_gpt.pbtxt
@@ -30,20 +30,30 @@
 int main(int argc, char** argv) {
   std::unique_ptr<loom::comm::Bootstrap> boot;
   try {
-    loom::cli::CommandLine cl(argc, argv, {}, "A hand-written training loop over Loom's library pieces.");
+    loom::cli::CommandLine cl(argc, argv, {},
+                              "A hand-written training loop over Loom's library pieces.");
     if (cl.handled_help()) return 0;
     loom::config::JobConfig job;
     if (!cl.config_path().empty()) loom::config::load_text_file(cl.config_path(), &job);
     for (const auto& o : cl.overrides()) loom::config::apply_override(o, &job);
     loom::config::validate(job);
-    boot = std::make_unique<loom::comm::Bootstrap>(loom::comm::BootstrapOptions::from_config(job.comm()), &argc,
-                                                   &argv);
+    boot = std::make_unique<loom::comm::Bootstrap>(
+        loom::comm::BootstrapOptions::from_config(job.comm()), &argc, &argv);
     loom::log::init(loom::log::LogOptions::from_config(job.logging(), boot->rank(), boot->size()));
     const auto& t = job.train();
     if (t.num_threads() > 0) at::set_num_threads(t.num_threads());
     const int dp = boot->size(), rank = boot->rank();
-    LOOM_CHECK_CONFIG(job.parallel().tp() == 1 && job.parallel().pp() == 1,
-                      "custom_trainer is data parallel only; use gpt_pretrain for parallel.tp / parallel.pp");
+    // What this example does not build, refused by name rather than ignored.
+    LOOM_CHECK_CONFIG(
+        job.parallel().tp() == 1 && job.parallel().pp() == 1 && job.parallel().cp() == 1 &&
+            job.parallel().ep() == 1,
+        "custom_trainer is data parallel only; use gpt_pretrain for parallel.tp / pp / cp / ep");
+    LOOM_CHECK_CONFIG(!job.parallel().distributed_optimizer(),
+                      "custom_trainer uses the replicated AdamW; use gpt_pretrain for "
+                      "parallel.distributed_optimizer");
+    LOOM_CHECK_CONFIG(t.device() == "cpu",
+                      "custom_trainer runs on the CPU; use gpt_pretrain for train.device '{}'",
+                      t.device());
 
     // 1. The model: the config resolved into a spec; parameters initialised from their names.
     const loom::model::ModelSpec spec = loom::model::ModelSpec::from_config(job.model());
@@ -51,25 +61,29 @@ int main(int argc, char** argv) {
     if (rank == 0) std::printf("model: %s\n", spec.summary().c_str());
 
     // 2. Data: the config's source, and the loader that plans each step (Note: step plan).
-    const int64_t global = t.global_batch_size() > 0 ? t.global_batch_size() : t.micro_batch_size() * dp;
+    const int64_t global =
+        t.global_batch_size() > 0 ? t.global_batch_size() : t.micro_batch_size() * dp;
     auto source = loom::data::make_source(job, spec.vocab_size, global);
     loom::data::LoaderOptions lo;
-    lo.mode = job.data().mode() == loom::config::DataConfig::DOCUMENTS ? loom::data::BatchMode::kDocuments
-                                                                        : loom::data::BatchMode::kWindows;
+    lo.mode = job.data().mode() == loom::config::DataConfig::DOCUMENTS
+                  ? loom::data::BatchMode::kDocuments
+                  : loom::data::BatchMode::kWindows;
     lo.seq_len = t.seq_len();
     lo.global_batch = global;
     lo.micro_batch_size = t.micro_batch_size();
-    lo.micro_batch_tokens = t.micro_batch_tokens() > 0 ? t.micro_batch_tokens() : t.micro_batch_size() * t.seq_len();
+    lo.micro_batch_tokens = t.micro_batch_tokens() > 0 ? t.micro_batch_tokens() : t.seq_len();
     lo.dp_size = dp;
     lo.dp_rank = rank;
     loom::data::MicroBatchLoader loader(source.get(), lo);
 
     // 3. Optimizer, schedule, gradient synchronisation over the data-parallel ranks (the world).
-    loom::optim::AdamW optimizer(&model.parameters(), loom::optim::AdamWOptions::from_config(job.optim()));
+    loom::optim::AdamW optimizer(&model.parameters(),
+                                 loom::optim::AdamWOptions::from_config(job.optim()));
     loom::optim::LrSchedule schedule(job.optim(), t.steps());
     loom::parallel::GradSyncOptions sync;
     sync.dp = boot->world();
     sync.bucket_bytes = static_cast<int64_t>(job.parallel().grad_bucket_mb() * (1 << 20));
+    sync.overlap = job.parallel().overlap_grad_reduce();
     loom::parallel::GradSync grad_sync(&model.parameters(), sync);
 
     // 4. The executor: one pipeline stage, so a one-stage 1F1B table (Note: step executor).
@@ -80,7 +94,8 @@ int main(int argc, char** argv) {
       const loom::data::StepData data = loader.next(step + 1 < t.steps());
       const double tokens = static_cast<double>(data.plan.loss_tokens);  // N over the global batch
       grad_sync.zero_grad();
-      const auto sums = executor.train(data.batches, tokens, 1.0 / static_cast<double>(data.plan.global_micro_batches));
+      const auto sums = executor.train(data.batches, tokens,
+                                       1.0 / static_cast<double>(data.plan.global_micro_batches));
       grad_sync.finish();
       at::Tensor loss = at::tensor({sums.loss_sum}, at::kDouble);
       boot->world()->all_reduce(loss);  // the reported loss: every rank's tokens
@@ -88,8 +103,9 @@ int main(int argc, char** argv) {
       const double lr = schedule.lr_at(step);
       optimizer.step(lr);
       if (rank == 0) {
-        std::printf("step %lld/%lld | loss %.4f | lr %.3e | grad %.3f\n", static_cast<long long>(step + 1),
-                    static_cast<long long>(t.steps()), loss.item<double>() / tokens, lr, norm);
+        std::printf("step %lld/%lld | loss %.4f | lr %.3e | grad %.3f\n",
+                    static_cast<long long>(step + 1), static_cast<long long>(t.steps()),
+                    loss.item<double>() / tokens, lr, norm);
       }
     }
     return 0;

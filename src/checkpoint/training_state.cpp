@@ -18,6 +18,20 @@ double all_reduce_scalar(double v, comm::Communicator& comm, comm::ReduceOp op) 
   comm.all_reduce(t, {op});
   return t.cpu().item<double>();
 }
+// The loader's named state from a checkpoint's metadata ("consumed_samples" is the position's name
+// in checkpoints written before the loader had one of its own).
+std::map<std::string, int64_t> loader_state(const std::map<std::string, std::string>& metadata) {
+  std::map<std::string, int64_t> state;
+  for (const auto& [name, value] : metadata) {
+    const bool position = name == "consumed_samples";
+    if (!position && name.rfind("data.", 0) != 0) continue;
+    const bool digits =
+        !value.empty() && value.find_first_not_of("0123456789") == std::string::npos;
+    LOOM_CHECK_KIND(ErrorKind::kIO, digits, "metadata '{}' is '{}', not a count", name, value);
+    state[position ? "data.consumed_samples" : name] = std::stoll(value);
+  }
+  return state;
+}
 }  // namespace
 
 TrainingState::TrainingState(StateParts parts) : parts_(std::move(parts)) {
@@ -25,9 +39,11 @@ TrainingState::TrainingState(StateParts parts) : parts_(std::move(parts)) {
                       "training state: parameters, optimizer, loader and world are required");
 }
 
-CheckpointData TrainingState::gather(int64_t step, const std::map<std::string, std::string>& metadata) const {
+CheckpointData TrainingState::gather(int64_t step,
+                                     const std::map<std::string, std::string>& metadata) const {
   CheckpointData data;
-  const std::vector<optim::NamedTensor> optim_state = parts_.optimizer->state();  // collective with ZeRO-1
+  const std::vector<optim::NamedTensor> optim_state =
+      parts_.optimizer->state();  // collective with ZeRO-1
   comm::Communicator* tp = parts_.tp ? parts_.tp.get() : nullptr;
   if (parts_.dp_rank == 0) {
     std::map<std::string, const parallel::Parameter*> by_name;
@@ -42,7 +58,8 @@ CheckpointData TrainingState::gather(int64_t step, const std::map<std::string, s
       data.state["optim." + s.name] = parallel::full_tensor(*owner->second, s.tensor, tp);
     }
     // Each stage's (tp 0, dp 0) rank sends its tensors to world rank 0 over the pipeline group.
-    if (parts_.pp && parts_.pp->size() > 1 && parts_.tp_rank == 0) gather_checkpoint_data(data, *parts_.pp, 0);
+    if (parts_.pp && parts_.pp->size() > 1 && parts_.tp_rank == 0)
+      gather_checkpoint_data(data, *parts_.pp, 0);
   }
   if (parts_.world->rank() != 0) return {};
   {
@@ -55,7 +72,8 @@ CheckpointData TrainingState::gather(int64_t step, const std::map<std::string, s
   data.metadata["step"] = std::to_string(step);
   for (const auto& [name, value] : parts_.loader->state()) {
     // The loader's position under the name checkpoints have always used.
-    data.metadata[name == "data.consumed_samples" ? "consumed_samples" : name] = std::to_string(value);
+    data.metadata[name == "data.consumed_samples" ? "consumed_samples" : name] =
+        std::to_string(value);
   }
   data.metadata["optimizer_step"] = std::to_string(parts_.optimizer->step_count());
   data.metadata["world_size"] = std::to_string(parts_.world->size());
@@ -74,27 +92,36 @@ RestoredState TrainingState::load(const std::string& dir) {
     data = load_checkpoint(dir);
     auto meta = [&](const char* key) -> std::string {
       auto it = data.metadata.find(key);
-      LOOM_CHECK_KIND(ErrorKind::kIO, it != data.metadata.end(), "checkpoint '{}': metadata '{}' is missing", dir,
-                      key);
+      LOOM_CHECK_KIND(ErrorKind::kIO, it != data.metadata.end(),
+                      "checkpoint '{}': metadata '{}' is missing", dir, key);
       return it->second;
     };
     LOOM_CHECK_KIND(ErrorKind::kIO, meta("format") == kSingleProcessFormat,
-                    "checkpoint '{}' has format '{}', this build reads '{}'", dir, meta("format"), kSingleProcessFormat);
+                    "checkpoint '{}' has format '{}', this build reads '{}'", dir, meta("format"),
+                    kSingleProcessFormat);
     for (const char* key : {"step", "consumed_samples", "optimizer_step"}) {
       const std::string v = meta(key);
-      LOOM_CHECK_KIND(ErrorKind::kIO, !v.empty() && v.find_first_not_of("0123456789") == std::string::npos,
+      LOOM_CHECK_KIND(ErrorKind::kIO,
+                      !v.empty() && v.find_first_not_of("0123456789") == std::string::npos,
                       "checkpoint '{}': metadata '{}' is '{}', not a count", dir, key, v);
     }
-    LOOM_CHECK_KIND(ErrorKind::kIO, data.state.count("rng.cpu") == 1, "checkpoint '{}': 'rng.cpu' is missing", dir);
+    LOOM_CHECK_KIND(ErrorKind::kIO, data.state.count("rng.cpu") == 1,
+                    "checkpoint '{}': 'rng.cpu' is missing", dir);
+    try {
+      parts_.loader->check_state(loader_state(data.metadata));
+    } catch (const Error& e) {
+      LOOM_THROW(ErrorKind::kIO, "checkpoint '{}': {}", dir, e.message());
+    }
     std::map<std::string, const parallel::Parameter*> by_name;
     for (const auto& p : params) {
       auto it = data.model.find(p.name);
-      LOOM_CHECK_KIND(ErrorKind::kIO, it != data.model.end(),
-                      "checkpoint '{}' has no parameter '{}': was it written for a different model config?", dir,
-                      p.name);
+      LOOM_CHECK_KIND(
+          ErrorKind::kIO, it != data.model.end(),
+          "checkpoint '{}' has no parameter '{}': was it written for a different model config?",
+          dir, p.name);
       LOOM_CHECK_KIND(ErrorKind::kIO, it->second.sizes() == at::IntArrayRef(p.global_shape),
-                      "checkpoint '{}': parameter '{}' has shape {}, the model needs {}", dir, p.name,
-                      it->second.sizes(), at::IntArrayRef(p.global_shape));
+                      "checkpoint '{}': parameter '{}' has shape {}, the model needs {}", dir,
+                      p.name, it->second.sizes(), at::IntArrayRef(p.global_shape));
       by_name[p.name] = &p;
     }
     for (const auto& [name, t] : data.state) {
@@ -103,8 +130,8 @@ RestoredState TrainingState::load(const std::string& dir) {
       auto owner = by_name.find(key.substr(0, key.rfind('.')));
       if (owner == by_name.end()) continue;  // another pipeline stage's
       LOOM_CHECK_KIND(ErrorKind::kIO, t.sizes() == at::IntArrayRef(owner->second->global_shape),
-                      "checkpoint '{}': optimizer state '{}' has shape {}, the parameter needs {}", dir, key,
-                      t.sizes(), at::IntArrayRef(owner->second->global_shape));
+                      "checkpoint '{}': optimizer state '{}' has shape {}, the parameter needs {}",
+                      dir, key, t.sizes(), at::IntArrayRef(owner->second->global_shape));
       state.push_back({key, parallel::shard_of(t, owner->second->shard, owner->second->tp_size,
                                                owner->second->tp_rank)});
     }
@@ -113,39 +140,45 @@ RestoredState TrainingState::load(const std::string& dir) {
     for (const auto& s : state) have[s.name] = true;
     for (const auto& name : parts_.optimizer->state_names()) {
       LOOM_CHECK_KIND(ErrorKind::kIO, have.count(name) == 1,
-                      "checkpoint '{}' has no optimizer state '{}': was it written with another optim.optimizer?",
+                      "checkpoint '{}' has no optimizer state '{}': was it written with another "
+                      "optim.optimizer?",
                       dir, name);
     }
   } catch (const Error&) {
     failure = std::current_exception();
   }
-  // Parameters this rank saves (not pipeline copies), summed over the stages; and whether any rank failed.
+  // Parameters this rank saves (not pipeline copies), summed over the stages; and whether any rank
+  // failed.
   int64_t owned = 0;
   for (const auto& p : params) owned += p.pipeline_copy ? 0 : 1;
   const double failed = all_reduce_scalar(failure ? 1.0 : 0.0, *parts_.world, comm::ReduceOp::kMax);
   if (failure) std::rethrow_exception(failure);
   LOOM_CHECK_KIND(ErrorKind::kIO, failed == 0,
-                  "checkpoint '{}' does not fit this model on another rank (see that rank's error): was it written "
+                  "checkpoint '{}' does not fit this model on another rank (see that rank's "
+                  "error): was it written "
                   "for a different model config?",
                   dir);
   if (parts_.pp && parts_.pp->size() > 1) {
-    owned = static_cast<int64_t>(all_reduce_scalar(static_cast<double>(owned), *parts_.pp, comm::ReduceOp::kSum));
+    owned = static_cast<int64_t>(
+        all_reduce_scalar(static_cast<double>(owned), *parts_.pp, comm::ReduceOp::kSum));
   }
-  LOOM_CHECK_KIND(ErrorKind::kIO, static_cast<int64_t>(data.model.size()) == owned,
-                  "checkpoint '{}' holds {} parameters, the model has {}: was it written for a different "
-                  "model config?",
-                  dir, data.model.size(), owned);
+  LOOM_CHECK_KIND(
+      ErrorKind::kIO, static_cast<int64_t>(data.model.size()) == owned,
+      "checkpoint '{}' holds {} parameters, the model has {}: was it written for a different "
+      "model config?",
+      dir, data.model.size(), owned);
   // Restore: nothing below can fail on a checked checkpoint.
   auto meta = [&](const char* key) { return std::stoll(data.metadata.at(key)); };
   at::NoGradGuard no_grad;
-  for (auto& p : params) p.tensor.copy_(parallel::shard_of(data.model.at(p.name), p.shard, p.tp_size, p.tp_rank));
+  for (auto& p : params)
+    p.tensor.copy_(parallel::shard_of(data.model.at(p.name), p.shard, p.tp_size, p.tp_rank));
   parts_.optimizer->load_state(state, meta("optimizer_step"));
   {
     at::Generator gen = at::detail::getDefaultCPUGenerator();
     std::lock_guard<std::mutex> lock(gen.mutex());
     gen.set_state(data.state.at("rng.cpu"));
   }
-  parts_.loader->load_state({{"data.consumed_samples", meta("consumed_samples")}});
+  parts_.loader->load_state(loader_state(data.metadata));
   RestoredState r;
   r.step = meta("step");
   r.consumed_samples = parts_.loader->position();

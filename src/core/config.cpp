@@ -43,16 +43,26 @@ std::string field_names(const pb::Descriptor* d) {
 
 const char* type_name(const pb::FieldDescriptor* f) {
   switch (f->cpp_type()) {
-    case pb::FieldDescriptor::CPPTYPE_INT32: return "an int32";
-    case pb::FieldDescriptor::CPPTYPE_INT64: return "an int64";
-    case pb::FieldDescriptor::CPPTYPE_UINT32: return "a uint32";
-    case pb::FieldDescriptor::CPPTYPE_UINT64: return "a uint64";
-    case pb::FieldDescriptor::CPPTYPE_DOUBLE: return "a double";
-    case pb::FieldDescriptor::CPPTYPE_FLOAT: return "a float";
-    case pb::FieldDescriptor::CPPTYPE_BOOL: return "a bool (true/false)";
-    case pb::FieldDescriptor::CPPTYPE_ENUM: return "an enum name";
-    case pb::FieldDescriptor::CPPTYPE_STRING: return "a string";
-    case pb::FieldDescriptor::CPPTYPE_MESSAGE: return "a message";
+    case pb::FieldDescriptor::CPPTYPE_INT32:
+      return "an int32";
+    case pb::FieldDescriptor::CPPTYPE_INT64:
+      return "an int64";
+    case pb::FieldDescriptor::CPPTYPE_UINT32:
+      return "a uint32";
+    case pb::FieldDescriptor::CPPTYPE_UINT64:
+      return "a uint64";
+    case pb::FieldDescriptor::CPPTYPE_DOUBLE:
+      return "a double";
+    case pb::FieldDescriptor::CPPTYPE_FLOAT:
+      return "a float";
+    case pb::FieldDescriptor::CPPTYPE_BOOL:
+      return "a bool (true/false)";
+    case pb::FieldDescriptor::CPPTYPE_ENUM:
+      return "an enum name";
+    case pb::FieldDescriptor::CPPTYPE_STRING:
+      return "a string";
+    case pb::FieldDescriptor::CPPTYPE_MESSAGE:
+      return "a message";
   }
   return "a value";
 }
@@ -171,9 +181,8 @@ void set_scalar(pb::Message* m, const pb::FieldDescriptor* f, const std::string&
       break;
     }
     case pb::FieldDescriptor::CPPTYPE_MESSAGE:
-      LOOM_THROW(ErrorKind::kConfig,
-                 "field '{}' is a message ({}); set one of its fields: {}", path,
-                 f->message_type()->full_name(), field_names(f->message_type()));
+      LOOM_THROW(ErrorKind::kConfig, "field '{}' is a message ({}); set one of its fields: {}",
+                 path, f->message_type()->full_name(), field_names(f->message_type()));
   }
 }
 
@@ -220,13 +229,14 @@ void apply_override(const std::string& assignment, pb::Message* message) {
   size_t start = 0;
   while (true) {
     size_t dot = path.find('.', start);
-    std::string name = path.substr(start, dot == std::string::npos ? std::string::npos : dot - start);
+    std::string name =
+        path.substr(start, dot == std::string::npos ? std::string::npos : dot - start);
     const pb::Descriptor* d = m->GetDescriptor();
     const pb::FieldDescriptor* f = d->FindFieldByName(name);
     std::string here = walked.empty() ? name : walked + "." + name;
     if (!f) {
-      LOOM_THROW(ErrorKind::kConfig, "--set {}: no field '{}' in {} (fields: {})", assignment,
-                 here, d->full_name(), field_names(d));
+      LOOM_THROW(ErrorKind::kConfig, "--set {}: no field '{}' in {} (fields: {})", assignment, here,
+                 d->full_name(), field_names(d));
     }
     if (dot == std::string::npos) {
       const pb::Reflection* r = m->GetReflection();
@@ -295,29 +305,33 @@ void validate(const JobConfig& c) {
   {
     const auto& t = c.train();
     const int64_t max_seq_len = c.model().max_seq_len();
-  LOOM_CHECK_CONFIG(t.steps() >= 1, "field 'train.steps' must be >= 1, got {}", t.steps());
-  LOOM_CHECK_CONFIG(t.seq_len() >= 1 && (t.seq_len() <= max_seq_len || max_seq_len < 1),
-                    "field 'train.seq_len' must be in [1, model.max_seq_len = {}], got {}", max_seq_len,
-                    t.seq_len());
-  LOOM_CHECK_CONFIG(t.micro_batch_size() >= 1, "field 'train.micro_batch_size' must be >= 1, got {}",
-                    t.micro_batch_size());
-  LOOM_CHECK_CONFIG(t.global_batch_size() >= 0,
-                    "field 'train.global_batch_size' must be >= 0 (0 = micro_batch_size x dp), got {}",
-                    t.global_batch_size());
-  LOOM_CHECK_CONFIG(t.log_every() >= 1, "field 'train.log_every' must be >= 1, got {}", t.log_every());
-  LOOM_CHECK_CONFIG(t.eval_every() >= 0 && t.save_every() >= 0,
-                    "fields 'train.eval_every' ({}) and 'train.save_every' ({}) must be >= 0",
-                    t.eval_every(), t.save_every());
-  LOOM_CHECK_CONFIG(t.eval_batches() >= 1, "field 'train.eval_batches' must be >= 1, got {}",
-                    t.eval_batches());
-  LOOM_CHECK_CONFIG(t.keep_checkpoints() >= 0, "field 'train.keep_checkpoints' must be >= 0, got {}",
-                    t.keep_checkpoints());
-  LOOM_CHECK_CONFIG(t.peak_tflops() >= 0, "field 'train.peak_tflops' must be >= 0, got {}",
-                    t.peak_tflops());
-  LOOM_CHECK_CONFIG(t.num_threads() >= 0, "field 'train.num_threads' must be >= 0, got {}",
-                    t.num_threads());
-  LOOM_CHECK_CONFIG(t.progress() == "auto" || t.progress() == "bar" || t.progress() == "lines" || t.progress() == "off",
-                    "field 'train.progress' must be auto, bar, lines or off, got '{}'", t.progress());
+    LOOM_CHECK_CONFIG(t.steps() >= 1, "field 'train.steps' must be >= 1, got {}", t.steps());
+    LOOM_CHECK_CONFIG(t.seq_len() >= 1 && (t.seq_len() <= max_seq_len || max_seq_len < 1),
+                      "field 'train.seq_len' must be in [1, model.max_seq_len = {}], got {}",
+                      max_seq_len, t.seq_len());
+    LOOM_CHECK_CONFIG(t.micro_batch_size() >= 1,
+                      "field 'train.micro_batch_size' must be >= 1, got {}", t.micro_batch_size());
+    LOOM_CHECK_CONFIG(
+        t.global_batch_size() >= 0,
+        "field 'train.global_batch_size' must be >= 0 (0 = micro_batch_size x dp), got {}",
+        t.global_batch_size());
+    LOOM_CHECK_CONFIG(t.log_every() >= 1, "field 'train.log_every' must be >= 1, got {}",
+                      t.log_every());
+    LOOM_CHECK_CONFIG(t.eval_every() >= 0 && t.save_every() >= 0,
+                      "fields 'train.eval_every' ({}) and 'train.save_every' ({}) must be >= 0",
+                      t.eval_every(), t.save_every());
+    LOOM_CHECK_CONFIG(t.eval_batches() >= 1, "field 'train.eval_batches' must be >= 1, got {}",
+                      t.eval_batches());
+    LOOM_CHECK_CONFIG(t.keep_checkpoints() >= 0,
+                      "field 'train.keep_checkpoints' must be >= 0, got {}", t.keep_checkpoints());
+    LOOM_CHECK_CONFIG(t.peak_tflops() >= 0, "field 'train.peak_tflops' must be >= 0, got {}",
+                      t.peak_tflops());
+    LOOM_CHECK_CONFIG(t.num_threads() >= 0, "field 'train.num_threads' must be >= 0, got {}",
+                      t.num_threads());
+    LOOM_CHECK_CONFIG(t.progress() == "auto" || t.progress() == "bar" || t.progress() == "lines" ||
+                          t.progress() == "off",
+                      "field 'train.progress' must be auto, bar, lines or off, got '{}'",
+                      t.progress());
   }
   try {
     log::parse_level(c.logging().level());

@@ -29,12 +29,14 @@ void shuffle(std::vector<int64_t>& v, size_t begin, size_t end, uint64_t seed) {
 
 int64_t document_tokens(const IndexedDataset& d, int64_t doc) {
   int64_t n = 0;
-  for (int64_t s = d.document_start(doc); s < d.document_start(doc + 1); ++s) n += d.sequence_length(s);
+  for (int64_t s = d.document_start(doc); s < d.document_start(doc + 1); ++s)
+    n += d.sequence_length(s);
   return n;
 }
 
 // Copies `len` tokens of document `doc` from `offset` (across its sequences).
-void read_document(const IndexedDataset& d, int64_t doc, int64_t offset, int64_t len, int64_t* out) {
+void read_document(const IndexedDataset& d, int64_t doc, int64_t offset, int64_t len,
+                   int64_t* out) {
   for (int64_t s = d.document_start(doc); s < d.document_start(doc + 1) && len > 0; ++s) {
     const int64_t n = d.sequence_length(s);
     if (offset >= n) {
@@ -58,17 +60,21 @@ WindowSampler::WindowSampler(std::shared_ptr<const IndexedDataset> dataset, cons
   doc_end_ = static_cast<int64_t>(std::llround(o.last * static_cast<double>(docs)));
   int64_t tokens = 0;
   for (int64_t d = doc_begin_; d < doc_end_; ++d) tokens += document_tokens(*dataset_, d);
-  LOOM_CHECK_KIND(ErrorKind::kConfig, tokens >= window_,
-                  "dataset '{}': the split [{:.3f}, {:.3f}) holds documents {}..{} with {} tokens, fewer than "
-                  "one sample of {}",
-                  dataset_->prefix(), o.first, o.last, doc_begin_, doc_end_, tokens, window_);
+  LOOM_CHECK_KIND(
+      ErrorKind::kConfig, tokens >= window_,
+      "dataset '{}': the split [{:.3f}, {:.3f}) holds documents {}..{} with {} tokens, fewer than "
+      "one sample of {}",
+      dataset_->prefix(), o.first, o.last, doc_begin_, doc_end_, tokens, window_);
   samples_per_epoch_ = (tokens - 1) / (window_ - 1);
   epochs_ = 1;
   while ((epochs_ * tokens - 1) / (window_ - 1) < o.num_samples) ++epochs_;
 
-  const uint64_t key = splitmix64(fnv1a64(dataset_->prefix()) ^ splitmix64(static_cast<uint64_t>(dataset_->num_tokens())) ^
-                           splitmix64(static_cast<uint64_t>(doc_begin_) * 1315423911ull + static_cast<uint64_t>(doc_end_)) ^
-                           splitmix64(static_cast<uint64_t>(window_) << 20 ^ static_cast<uint64_t>(epochs_)) ^ splitmix64(o.seed + 7));
+  const uint64_t key = splitmix64(
+      fnv1a64(dataset_->prefix()) ^ splitmix64(static_cast<uint64_t>(dataset_->num_tokens())) ^
+      splitmix64(static_cast<uint64_t>(doc_begin_) * 1315423911ull +
+                 static_cast<uint64_t>(doc_end_)) ^
+      splitmix64(static_cast<uint64_t>(window_) << 20 ^ static_cast<uint64_t>(epochs_)) ^
+      splitmix64(o.seed + 7));
   std::string path;
   if (!o.cache_dir.empty()) {
     path = fmt::format("{}/{}-{:016x}.samples", o.cache_dir,
@@ -86,8 +92,10 @@ void WindowSampler::build(uint64_t seed) {
   const int64_t docs = doc_end_ - doc_begin_;
   document_index_.resize(static_cast<size_t>(epochs_ * docs));
   for (int64_t e = 0; e < epochs_; ++e) {
-    std::iota(document_index_.begin() + e * docs, document_index_.begin() + (e + 1) * docs, doc_begin_);
-    shuffle(document_index_, static_cast<size_t>(e * docs), static_cast<size_t>((e + 1) * docs), seed * 1000003ull + e);
+    std::iota(document_index_.begin() + e * docs, document_index_.begin() + (e + 1) * docs,
+              doc_begin_);
+    shuffle(document_index_, static_cast<size_t>(e * docs), static_cast<size_t>((e + 1) * docs),
+            seed * 1000003ull + e);
   }
   int64_t total_tokens = 0;
   for (int64_t d = doc_begin_; d < doc_end_; ++d) total_tokens += document_tokens(*dataset_, d);
@@ -170,14 +178,17 @@ void WindowSampler::save_cache(const std::string& path, uint64_t key) const {
   out.write("LOOMSMP1", 8);
   out.write(reinterpret_cast<const char*>(&key), 8);
   out.write(reinterpret_cast<const char*>(n), 24);
-  out.write(reinterpret_cast<const char*>(document_index_.data()), static_cast<std::streamsize>(n[0] * 8));
-  out.write(reinterpret_cast<const char*>(sample_index_.data()), static_cast<std::streamsize>(n[1] * 8));
+  out.write(reinterpret_cast<const char*>(document_index_.data()),
+            static_cast<std::streamsize>(n[0] * 8));
+  out.write(reinterpret_cast<const char*>(sample_index_.data()),
+            static_cast<std::streamsize>(n[1] * 8));
   out.write(reinterpret_cast<const char*>(shuffle_.data()), static_cast<std::streamsize>(n[2] * 8));
   out.close();
   std::filesystem::rename(tmp, path, ec);  // atomic: concurrent ranks write identical content
 }
 
-std::vector<std::pair<int32_t, int64_t>> blend(const std::vector<double>& weights, int64_t num_samples) {
+std::vector<std::pair<int32_t, int64_t>> blend(const std::vector<double>& weights,
+                                               int64_t num_samples) {
   LOOM_CHECK(!weights.empty(), "blend: no datasets");
   double sum = 0;
   for (double w : weights) {
@@ -191,7 +202,8 @@ std::vector<std::pair<int32_t, int64_t>> blend(const std::vector<double>& weight
     size_t best = 0;
     double best_err = -1e300;
     for (size_t d = 0; d < weights.size(); ++d) {
-      const double err = weights[d] / sum * static_cast<double>(i + 1) - static_cast<double>(counts[d]);
+      const double err =
+          weights[d] / sum * static_cast<double>(i + 1) - static_cast<double>(counts[d]);
       if (err > best_err) {
         best_err = err;
         best = d;
@@ -202,8 +214,9 @@ std::vector<std::pair<int32_t, int64_t>> blend(const std::vector<double>& weight
   return out;
 }
 
-IndexedSource::IndexedSource(const config::DataConfig& c, uint64_t seed, int64_t seq_len, int64_t vocab_size,
-                             int64_t train_samples, int64_t valid_samples, bool documents)
+IndexedSource::IndexedSource(const config::DataConfig& c, uint64_t seed, int64_t seq_len,
+                             int64_t vocab_size, int64_t train_samples, int64_t valid_samples,
+                             bool documents)
     : vocab_(vocab_size), window_(seq_len + 1), documents_(documents) {
   LOOM_CHECK_CONFIG(c.paths_size() > 0, "data.source is INDEXED but 'data.paths' is empty");
   LOOM_CHECK_CONFIG(c.weights_size() == 0 || c.weights_size() == c.paths_size(),
@@ -213,8 +226,9 @@ IndexedSource::IndexedSource(const config::DataConfig& c, uint64_t seed, int64_t
     char comma = 0;
     std::istringstream ss(c.split());
     ss >> a >> comma >> b;
-    LOOM_CHECK_CONFIG(!ss.fail() && comma == ',' && a > 0 && b >= 0 && ss.peek() == EOF,
-                      "field 'data.split' must be 'train,valid' proportions like \"98,2\", got '{}'", c.split());
+    LOOM_CHECK_CONFIG(
+        !ss.fail() && comma == ',' && a > 0 && b >= 0 && ss.peek() == EOF,
+        "field 'data.split' must be 'train,valid' proportions like \"98,2\", got '{}'", c.split());
   }
   const double cut = a / (a + b);
   for (int i = 0; i < c.paths_size(); ++i) {
@@ -223,15 +237,18 @@ IndexedSource::IndexedSource(const config::DataConfig& c, uint64_t seed, int64_t
     datasets_.push_back(ds);
     weights_.push_back(c.weights_size() > 0 ? c.weights(i) : static_cast<double>(ds->num_tokens()));
   }
-  auto make_split = [&](SplitData* split, double first, double last, int64_t samples, uint64_t split_seed) {
+  auto make_split = [&](SplitData* split, double first, double last, int64_t samples,
+                        uint64_t split_seed) {
     split->blend = blend(weights_, std::max<int64_t>(samples, 1));
     std::vector<int64_t> per(datasets_.size(), 0);
-    for (const auto& [d, i] : split->blend) per[static_cast<size_t>(d)] = std::max(per[static_cast<size_t>(d)], i + 1);
+    for (const auto& [d, i] : split->blend)
+      per[static_cast<size_t>(d)] = std::max(per[static_cast<size_t>(d)], i + 1);
     for (size_t d = 0; d < datasets_.size(); ++d) {
       if (documents_) {  // whole documents, no window indices to build (Note: variable-length mode)
         split->documents.push_back(weights_[d] > 0 ? std::make_unique<DocumentSampler>(
                                                          datasets_[d], first, last,
-                                                         std::numeric_limits<int64_t>::max() / 4, split_seed + d * 101)
+                                                         std::numeric_limits<int64_t>::max() / 4,
+                                                         split_seed + d * 101)
                                                    : nullptr);
         continue;
       }
@@ -242,7 +259,8 @@ IndexedSource::IndexedSource(const config::DataConfig& c, uint64_t seed, int64_t
       o.first = first;
       o.last = last;
       o.cache_dir = c.cache_dir().empty() ? datasets_[d]->prefix() + ".cache" : c.cache_dir();
-      split->samplers.push_back(weights_[d] > 0 ? std::make_unique<WindowSampler>(datasets_[d], o) : nullptr);
+      split->samplers.push_back(weights_[d] > 0 ? std::make_unique<WindowSampler>(datasets_[d], o)
+                                                : nullptr);
     }
   };
   make_split(&train_, 0.0, cut, train_samples, seed);
@@ -251,7 +269,8 @@ IndexedSource::IndexedSource(const config::DataConfig& c, uint64_t seed, int64_t
 
 const IndexedSource::SplitData& IndexedSource::split_data(Split split) const {
   const SplitData& s = split == Split::kTrain ? train_ : valid_;
-  LOOM_CHECK_CONFIG(!s.blend.empty(), "there is no validation data: 'data.split' gives it no documents");
+  LOOM_CHECK_CONFIG(!s.blend.empty(),
+                    "there is no validation data: 'data.split' gives it no documents");
   return s;
 }
 
@@ -262,7 +281,8 @@ int64_t IndexedSource::document_length(Split split, int64_t index) const {
   return s.documents[static_cast<size_t>(d)]->length(i);
 }
 
-void IndexedSource::document(Split split, int64_t index, int64_t begin, int64_t len, int64_t* out) const {
+void IndexedSource::document(Split split, int64_t index, int64_t begin, int64_t len,
+                             int64_t* out) const {
   if (!documents_) return DataSource::document(split, index, begin, len, out);
   const SplitData& s = split_data(split);
   const auto& [d, i] = s.blend[static_cast<size_t>(index % static_cast<int64_t>(s.blend.size()))];
@@ -270,8 +290,10 @@ void IndexedSource::document(Split split, int64_t index, int64_t begin, int64_t 
 }
 
 void IndexedSource::sample(Split split, int64_t index, int64_t len, int64_t* out) const {
-  LOOM_CHECK(!documents_, "indexed source: built for whole documents (data.mode DOCUMENTS), asked for a window");
-  LOOM_CHECK(len == window_, "indexed source: built for samples of {} tokens, asked for {}", window_, len);
+  LOOM_CHECK(!documents_,
+             "indexed source: built for whole documents (data.mode DOCUMENTS), asked for a window");
+  LOOM_CHECK(len == window_, "indexed source: built for samples of {} tokens, asked for {}",
+             window_, len);
   const SplitData& s = split_data(split);
   // Past the planned samples (a run longer than its config said), the stream starts over.
   const auto& [d, i] = s.blend[static_cast<size_t>(index % static_cast<int64_t>(s.blend.size()))];
@@ -281,13 +303,14 @@ void IndexedSource::sample(Split split, int64_t index, int64_t len, int64_t* out
 std::string IndexedSource::describe() const {
   std::string s = "indexed datasets:";
   for (size_t d = 0; d < datasets_.size(); ++d) {
-    s += fmt::format(" {} ({} docs, {} tokens, {}, weight {:.3g}; {} train epochs{})", datasets_[d]->prefix(),
-                     datasets_[d]->num_documents(), datasets_[d]->num_tokens(),
-                     dtype_code_name(datasets_[d]->dtype_code()), weights_[d],
-                     d < train_.samplers.size() && train_.samplers[d] ? train_.samplers[d]->num_epochs() : 0,
-                     d < train_.samplers.size() && train_.samplers[d] && train_.samplers[d]->loaded_from_cache()
-                         ? ", cached indices"
-                         : "");
+    s += fmt::format(
+        " {} ({} docs, {} tokens, {}, weight {:.3g}; {} train epochs{})", datasets_[d]->prefix(),
+        datasets_[d]->num_documents(), datasets_[d]->num_tokens(),
+        dtype_code_name(datasets_[d]->dtype_code()), weights_[d],
+        d < train_.samplers.size() && train_.samplers[d] ? train_.samplers[d]->num_epochs() : 0,
+        d < train_.samplers.size() && train_.samplers[d] && train_.samplers[d]->loaded_from_cache()
+            ? ", cached indices"
+            : "");
   }
   return s;
 }
@@ -296,21 +319,24 @@ std::string IndexedSource::describe() const {
 
 namespace loom::data {
 
-DocumentSampler::DocumentSampler(std::shared_ptr<const IndexedDataset> dataset, double first, double last,
-                                 int64_t max_len, uint64_t seed)
+DocumentSampler::DocumentSampler(std::shared_ptr<const IndexedDataset> dataset, double first,
+                                 double last, int64_t max_len, uint64_t seed)
     : dataset_(std::move(dataset)), max_len_(max_len), seed_(seed) {
   LOOM_CHECK(max_len >= 1, "document sampler: max_len must be >= 1, got {}", max_len);
   const int64_t docs = dataset_->num_documents();
   begin_ = static_cast<int64_t>(std::llround(first * static_cast<double>(docs)));
   end_ = static_cast<int64_t>(std::llround(last * static_cast<double>(docs)));
-  LOOM_CHECK_KIND(ErrorKind::kConfig, end_ > begin_, "dataset '{}': the split [{}, {}) holds no documents",
-                  dataset_->prefix(), first, last);
+  LOOM_CHECK_KIND(ErrorKind::kConfig, end_ > begin_,
+                  "dataset '{}': the split [{}, {}) holds no documents", dataset_->prefix(), first,
+                  last);
 }
 
 int64_t DocumentSampler::document(int64_t index) const {
   const int64_t n = end_ - begin_;
   const auto epoch = static_cast<size_t>(index / n);
-  // Permutations are built on first use; a sampler is used from one thread (the loader's).
+  // Permutations are built on first use, under a lock: the loader's prefetch thread and its
+  // callers may ask at once.
+  std::lock_guard<std::mutex> lock(mutex_);
   while (epochs_.size() <= epoch) {
     std::vector<int64_t> perm(static_cast<size_t>(n));
     std::iota(perm.begin(), perm.end(), begin_);
@@ -326,14 +352,16 @@ int64_t DocumentSampler::length(int64_t index) const {
 
 void DocumentSampler::read(int64_t index, int64_t begin, int64_t len, int64_t* out) const {
   const int64_t n = length(index);
-  LOOM_CHECK(begin >= 0 && len >= 0 && begin + len <= n, "dataset '{}': sample {} has {} tokens; asked for [{}, {})",
-             dataset_->prefix(), index, n, begin, begin + len);
+  LOOM_CHECK(begin >= 0 && len >= 0 && begin + len <= n,
+             "dataset '{}': sample {} has {} tokens; asked for [{}, {})", dataset_->prefix(), index,
+             n, begin, begin + len);
   read_document(*dataset_, document(index), begin, len, out);
 }
 
 std::vector<int64_t> DocumentSampler::sample(int64_t index) const {
   const int64_t doc = document(index);
-  std::vector<int64_t> out(static_cast<size_t>(std::min(max_len_, document_tokens(*dataset_, doc))));
+  std::vector<int64_t> out(
+      static_cast<size_t>(std::min(max_len_, document_tokens(*dataset_, doc))));
   read_document(*dataset_, doc, 0, static_cast<int64_t>(out.size()), out.data());
   return out;
 }

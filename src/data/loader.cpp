@@ -19,11 +19,13 @@ PlanLayout LoaderOptions::layout() const {
 MicroBatchLoader::MicroBatchLoader(const DataSource* source, LoaderOptions options)
     : source_(source), options_(std::move(options)) {
   LOOM_INTERNAL_CHECK(source_ != nullptr, "loader without a data source");
-  LOOM_CHECK_CONFIG(options_.seq_len >= 1, "the loader needs train.seq_len >= 1, got {}", options_.seq_len);
+  LOOM_CHECK_CONFIG(options_.seq_len >= 1, "the loader needs train.seq_len >= 1, got {}",
+                    options_.seq_len);
   if (options_.mode == BatchMode::kDocuments) {
-    LOOM_CHECK_KIND(ErrorKind::kConfig, source_->has_documents(),
-                    "data.mode is DOCUMENTS, but the data source ({}) does not provide whole documents",
-                    source_->describe());
+    LOOM_CHECK_KIND(
+        ErrorKind::kConfig, source_->has_documents(),
+        "data.mode is DOCUMENTS, but the data source ({}) does not provide whole documents",
+        source_->describe());
   }
   // Plan a batch of the right count once, so a layout that cannot be planned fails now, naming the
   // fields, not at the first step.
@@ -41,8 +43,9 @@ std::vector<SampleRef> MicroBatchLoader::global_samples(Split split, int64_t fir
   v.reserve(static_cast<size_t>(options_.global_batch));
   for (int64_t i = 0; i < options_.global_batch; ++i) {
     const int64_t index = first + i;
-    const int64_t len =
-        options_.mode == BatchMode::kWindows ? options_.seq_len + 1 : source_->document_length(split, index);
+    const int64_t len = options_.mode == BatchMode::kWindows
+                            ? options_.seq_len + 1
+                            : source_->document_length(split, index);
     v.push_back({index, len});
   }
   return v;
@@ -52,15 +55,17 @@ model::Batch MicroBatchLoader::assemble(Split split, const std::vector<SampleRef
                                         const MicroBatchPlan& mb) const {
   const auto rows = static_cast<int64_t>(mb.rows.size());
   const int64_t len = mb.row_len;
-  at::Tensor inputs = at::zeros({rows, len}, at::kLong);    // [b, s]
-  at::Tensor targets = at::zeros({rows, len}, at::kLong);   // [b, s]
+  at::Tensor inputs = at::zeros({rows, len}, at::kLong);   // [b, s]
+  at::Tensor targets = at::zeros({rows, len}, at::kLong);  // [b, s]
   if (options_.mode == BatchMode::kWindows) {
-    // One window per row, read as seq_len + 1 tokens: inputs are the first seq_len, targets the last.
+    // One window per row, read as seq_len + 1 tokens: inputs are the first seq_len, targets the
+    // last.
     at::Tensor buf = at::empty({rows, len + 1}, at::kLong);
     int64_t* p = buf.data_ptr<int64_t>();
     for (int64_t r = 0; r < rows; ++r) {
       const Piece& piece = mb.rows[static_cast<size_t>(r)].front();
-      source_->sample(split, samples[static_cast<size_t>(piece.sample)].index, len + 1, p + r * (len + 1));
+      source_->sample(split, samples[static_cast<size_t>(piece.sample)].index, len + 1,
+                      p + r * (len + 1));
     }
     model::Batch b;
     b.tokens = buf.narrow(1, 0, len).contiguous().to(options_.device);
@@ -78,10 +83,14 @@ model::Batch MicroBatchLoader::assemble(Split split, const std::vector<SampleRef
     c.push_back(0);
     for (const Piece& piece : mb.rows[static_cast<size_t>(r)]) {
       buf.resize(static_cast<size_t>(piece.tokens + 1));
-      source_->document(split, samples[static_cast<size_t>(piece.sample)].index, piece.begin, piece.tokens + 1,
-                        buf.data());
-      inputs[r].narrow(0, at, piece.tokens).copy_(at::from_blob(buf.data(), {piece.tokens}, at::kLong));
-      targets[r].narrow(0, at, piece.tokens).copy_(at::from_blob(buf.data() + 1, {piece.tokens}, at::kLong));
+      source_->document(split, samples[static_cast<size_t>(piece.sample)].index, piece.begin,
+                        piece.tokens + 1, buf.data());
+      inputs[r]
+          .narrow(0, at, piece.tokens)
+          .copy_(at::from_blob(buf.data(), {piece.tokens}, at::kLong));
+      targets[r]
+          .narrow(0, at, piece.tokens)
+          .copy_(at::from_blob(buf.data() + 1, {piece.tokens}, at::kLong));
       at += piece.tokens;
       c.push_back(at);
     }
@@ -92,7 +101,8 @@ model::Batch MicroBatchLoader::assemble(Split split, const std::vector<SampleRef
   for (int64_t n : real) padded = padded || n < len;
   if (padded) {
     at::Tensor mask = at::zeros({rows, len}, at::kFloat);  // [b, s]
-    for (int64_t r = 0; r < rows; ++r) mask[r].narrow(0, 0, real[static_cast<size_t>(r)]).fill_(1.0);
+    for (int64_t r = 0; r < rows; ++r)
+      mask[r].narrow(0, 0, real[static_cast<size_t>(r)]).fill_(1.0);
     b.loss_mask = mask;
   }
   return b.to(options_.device);
@@ -132,14 +142,33 @@ void MicroBatchLoader::set_position(int64_t consumed_samples) {
   position_ = consumed_samples;
 }
 
-std::map<std::string, int64_t> MicroBatchLoader::state() const { return {{"data.consumed_samples", position_}}; }
+std::map<std::string, int64_t> MicroBatchLoader::state() const {
+  return {{"data.consumed_samples", position_},
+          {"data.documents", options_.mode == BatchMode::kDocuments ? 1 : 0}};
+}
+
+void MicroBatchLoader::check_state(const std::map<std::string, int64_t>& state) const {
+  auto it = state.find("data.consumed_samples");
+  LOOM_CHECK_KIND(ErrorKind::kIO, it != state.end(),
+                  "loader state: 'data.consumed_samples' is missing");
+  LOOM_CHECK_KIND(ErrorKind::kIO, it->second >= 0,
+                  "loader state: 'data.consumed_samples' is {}, must be >= 0", it->second);
+  // The position counts windows in one mode and documents in the other (absent: written before
+  // DOCUMENTS mode existed, so WINDOWS).
+  auto mode = state.find("data.documents");
+  const bool saved_docs = mode != state.end() && mode->second != 0;
+  const bool docs = options_.mode == BatchMode::kDocuments;
+  LOOM_CHECK_KIND(
+      ErrorKind::kIO, saved_docs == docs,
+      "loader state: the position was saved with data.mode {}, this run uses {}; it counts "
+      "{} there, so it cannot be resumed here (start fresh or keep the mode)",
+      saved_docs ? "DOCUMENTS" : "WINDOWS", docs ? "DOCUMENTS" : "WINDOWS",
+      saved_docs ? "documents" : "windows");
+}
 
 void MicroBatchLoader::load_state(const std::map<std::string, int64_t>& state) {
-  auto it = state.find("data.consumed_samples");
-  LOOM_CHECK_KIND(ErrorKind::kIO, it != state.end(), "loader state: 'data.consumed_samples' is missing");
-  LOOM_CHECK_KIND(ErrorKind::kIO, it->second >= 0, "loader state: 'data.consumed_samples' is {}, must be >= 0",
-                  it->second);
-  position_ = it->second;
+  check_state(state);
+  position_ = state.at("data.consumed_samples");
 }
 
 }  // namespace loom::data

@@ -1,5 +1,7 @@
 #include "loom/data/step_plan.h"
 
+#include <algorithm>
+
 #include "loom/core/error.h"
 
 namespace loom::data {
@@ -10,14 +12,17 @@ int64_t StepPlan::local_tokens() const {
   return n;
 }
 
-std::string batch_mode_name(BatchMode mode) { return mode == BatchMode::kWindows ? "WINDOWS" : "DOCUMENTS"; }
+std::string batch_mode_name(BatchMode mode) {
+  return mode == BatchMode::kWindows ? "WINDOWS" : "DOCUMENTS";
+}
 
 namespace {
 
 // First-fit packing of samples [first, last) into micro-batches of one row of at most `budget`
 // tokens (Note: step plan).
-std::vector<MicroBatchPlan> pack_documents(const std::vector<SampleRef>& samples, int64_t first, int64_t last,
-                                           int64_t budget, int64_t piece, int64_t pad_multiple) {
+std::vector<MicroBatchPlan> pack_documents(const std::vector<SampleRef>& samples, int64_t first,
+                                           int64_t last, int64_t budget, int64_t piece,
+                                           int64_t pad_multiple) {
   std::vector<MicroBatchPlan> mbs;
   for (int64_t s = first; s < last; ++s) {
     const int64_t targets = samples[static_cast<size_t>(s)].length - 1;
@@ -47,18 +52,22 @@ std::vector<MicroBatchPlan> pack_documents(const std::vector<SampleRef>& samples
 
 StepPlan plan_step(const std::vector<SampleRef>& samples, const PlanLayout& l) {
   const auto g = static_cast<int64_t>(samples.size());
-  LOOM_CHECK_CONFIG(l.dp_size >= 1 && l.dp_rank >= 0 && l.dp_rank < l.dp_size, "plan: DP rank {} of {}", l.dp_rank,
-                    l.dp_size);
-  LOOM_CHECK_CONFIG(g >= 1 && g % l.dp_size == 0,
-                    "the global batch holds {} samples, which do not split evenly over {} data-parallel ranks "
-                    "(train.global_batch_size must be a multiple of the DP size)",
-                    g, l.dp_size);
+  LOOM_CHECK_CONFIG(l.dp_size >= 1 && l.dp_rank >= 0 && l.dp_rank < l.dp_size,
+                    "plan: DP rank {} of {}", l.dp_rank, l.dp_size);
+  LOOM_CHECK_CONFIG(
+      g >= 1 && g % l.dp_size == 0,
+      "the global batch holds {} samples, which do not split evenly over {} data-parallel ranks "
+      "(train.global_batch_size must be a multiple of the DP size)",
+      g, l.dp_size);
   StepPlan plan;
   plan.global_samples = g;
   for (const auto& s : samples) {
-    LOOM_CHECK(s.length >= 2, "plan: sample {} has {} tokens; a training sample needs at least 2 (one target)",
+    // A window needs a target; a document of fewer than 2 tokens (an empty text plus its end token)
+    // has none and simply contributes nothing (pack_documents gives it no piece).
+    LOOM_CHECK(s.length >= 2 || (l.mode == BatchMode::kDocuments && s.length >= 0),
+               "plan: sample {} has {} tokens; a training window needs at least 2 (one target)",
                s.index, s.length);
-    plan.loss_tokens += s.length - 1;
+    plan.loss_tokens += std::max<int64_t>(s.length - 1, 0);
   }
   const int64_t share = g / l.dp_size;
   if (l.mode == BatchMode::kWindows) {
@@ -68,13 +77,15 @@ StepPlan plan_step(const std::vector<SampleRef>& samples, const PlanLayout& l) {
                       share, l.micro_batch_size);
     const int64_t len = samples.front().length;
     for (const auto& s : samples) {
-      LOOM_CHECK(s.length == len, "plan: WINDOWS mode needs samples of one length; sample {} has {}, not {}", s.index,
-                 s.length, len);
+      LOOM_CHECK(s.length == len,
+                 "plan: WINDOWS mode needs samples of one length; sample {} has {}, not {}",
+                 s.index, s.length, len);
     }
     const int64_t first = l.dp_rank * share;
     for (int64_t i = 0; i < share; i += l.micro_batch_size) {
       MicroBatchPlan mb;
-      for (int64_t r = 0; r < l.micro_batch_size; ++r) mb.rows.push_back({Piece{first + i + r, 0, len - 1}});
+      for (int64_t r = 0; r < l.micro_batch_size; ++r)
+        mb.rows.push_back({Piece{first + i + r, 0, len - 1}});
       mb.row_len = len - 1;
       mb.tokens = l.micro_batch_size * (len - 1);
       plan.micro_batches.push_back(std::move(mb));
@@ -82,16 +93,18 @@ StepPlan plan_step(const std::vector<SampleRef>& samples, const PlanLayout& l) {
     plan.global_micro_batches = static_cast<int64_t>(plan.micro_batches.size()) * l.dp_size;
     return plan;
   }
-  LOOM_CHECK_CONFIG(l.micro_batch_tokens >= 1, "DOCUMENTS mode needs train.micro_batch_tokens >= 1, got {}",
+  LOOM_CHECK_CONFIG(l.micro_batch_tokens >= 1,
+                    "DOCUMENTS mode needs train.micro_batch_tokens >= 1, got {}",
                     l.micro_batch_tokens);
   LOOM_CHECK_CONFIG(l.pad_multiple >= 1, "plan: pad multiple {}", l.pad_multiple);
   LOOM_CHECK_CONFIG(l.max_piece_tokens >= 1 && l.max_piece_tokens <= l.micro_batch_tokens,
-                    "DOCUMENTS mode: a micro-batch of train.micro_batch_tokens = {} must hold a piece of train.seq_len "
+                    "DOCUMENTS mode: a micro-batch of train.micro_batch_tokens = {} must hold a "
+                    "piece of train.seq_len "
                     "= {} tokens",
                     l.micro_batch_tokens, l.max_piece_tokens);
   for (int r = 0; r < l.dp_size; ++r) {
-    auto mbs = pack_documents(samples, r * share, (r + 1) * share, l.micro_batch_tokens, l.max_piece_tokens,
-                              l.pad_multiple);
+    auto mbs = pack_documents(samples, r * share, (r + 1) * share, l.micro_batch_tokens,
+                              l.max_piece_tokens, l.pad_multiple);
     plan.global_micro_batches += static_cast<int64_t>(mbs.size());
     if (r == l.dp_rank) plan.micro_batches = std::move(mbs);
   }

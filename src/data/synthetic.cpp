@@ -1,7 +1,7 @@
 #include <fmt/format.h>
 
-#include <cmath>
 #include <algorithm>
+#include <cmath>
 #include <random>
 #include <vector>
 
@@ -13,7 +13,8 @@
 namespace loom::data {
 
 int64_t DataSource::document_length(Split, int64_t) const {
-  LOOM_THROW(ErrorKind::kUnsupported, "data.mode DOCUMENTS needs whole documents, which the {} does not provide",
+  LOOM_THROW(ErrorKind::kUnsupported,
+             "data.mode DOCUMENTS needs whole documents, which the {} does not provide",
              describe());
 }
 
@@ -24,17 +25,19 @@ void DataSource::document(Split split, int64_t index, int64_t, int64_t, int64_t*
 SyntheticMarkovCorpus::SyntheticMarkovCorpus(int64_t vocab_size, int32_t branching, uint64_t seed,
                                              int64_t max_document_len)
     : vocab_(vocab_size), branching_(branching), seed_(seed), max_document_len_(max_document_len) {
-  LOOM_CHECK_CONFIG(max_document_len >= 2, "synthetic corpus: documents need at least 2 tokens, got a maximum of {}",
+  LOOM_CHECK_CONFIG(max_document_len >= 2,
+                    "synthetic corpus: documents need at least 2 tokens, got a maximum of {}",
                     max_document_len);
-  LOOM_CHECK_CONFIG(vocab_size >= 2, "synthetic corpus: vocab size must be >= 2, got {}", vocab_size);
+  LOOM_CHECK_CONFIG(vocab_size >= 2, "synthetic corpus: vocab size must be >= 2, got {}",
+                    vocab_size);
   LOOM_CHECK_CONFIG(branching >= 1 && branching <= 64,
                     "field 'data.synthetic_branching' must be in [1, 64], got {}", branching);
   successors_.resize(static_cast<size_t>(vocab_ * branching_));
   for (int64_t v = 0; v < vocab_; ++v) {
     for (int32_t j = 0; j < branching_; ++j) {
-      successors_[v * branching_ + j] =
-          static_cast<int64_t>(splitmix64(splitmix64(seed_ ^ static_cast<uint64_t>(v)) + static_cast<uint64_t>(j)) %
-                               static_cast<uint64_t>(vocab_));
+      successors_[v * branching_ + j] = static_cast<int64_t>(
+          splitmix64(splitmix64(seed_ ^ static_cast<uint64_t>(v)) + static_cast<uint64_t>(j)) %
+          static_cast<uint64_t>(vocab_));
     }
   }
   double total = 0;
@@ -49,7 +52,7 @@ SyntheticMarkovCorpus::SyntheticMarkovCorpus(int64_t vocab_size, int32_t branchi
 
 void SyntheticMarkovCorpus::sample(Split split, int64_t index, int64_t len, int64_t* out) const {
   std::mt19937_64 rng(splitmix64(seed_ * 0x100000001B3ull + static_cast<uint64_t>(index) * 2 +
-                          (split == Split::kValid ? 1 : 0)));
+                                 (split == Split::kValid ? 1 : 0)));
   std::uniform_real_distribution<double> u(0.0, 1.0);
   int64_t tok = static_cast<int64_t>(rng() % static_cast<uint64_t>(vocab_));
   for (int64_t i = 0; i < len; ++i) {
@@ -62,17 +65,20 @@ void SyntheticMarkovCorpus::sample(Split split, int64_t index, int64_t len, int6
 }
 
 int64_t SyntheticMarkovCorpus::document_length(Split split, int64_t index) const {
-  const uint64_t h = splitmix64(splitmix64(seed_ ^ 0x9E3779B97F4A7C15ull) + static_cast<uint64_t>(index) * 2 +
-                                (split == Split::kValid ? 1 : 0));
+  const uint64_t h =
+      splitmix64(splitmix64(seed_ ^ 0x9E3779B97F4A7C15ull) + static_cast<uint64_t>(index) * 2 +
+                 (split == Split::kValid ? 1 : 0));
   const auto m = static_cast<uint64_t>(max_document_len_);
   if ((h >> 61) == 0) return static_cast<int64_t>(m + 1 + (h % (3 * m)));  // 1 in 8: the long tail
   return static_cast<int64_t>(2 + h % (m - 1));
 }
 
-void SyntheticMarkovCorpus::document(Split split, int64_t index, int64_t begin, int64_t len, int64_t* out) const {
+void SyntheticMarkovCorpus::document(Split split, int64_t index, int64_t begin, int64_t len,
+                                     int64_t* out) const {
   const int64_t n = document_length(split, index);
-  LOOM_CHECK(begin >= 0 && len >= 0 && begin + len <= n, "synthetic document {} has {} tokens; asked for [{}, {})",
-             index, n, begin, begin + len);
+  LOOM_CHECK(begin >= 0 && len >= 0 && begin + len <= n,
+             "synthetic document {} has {} tokens; asked for [{}, {})", index, n, begin,
+             begin + len);
   std::vector<int64_t> all(static_cast<size_t>(begin + len));
   sample(split, index, begin + len, all.data());  // the chain's prefix: a document is a cut sample
   std::copy(all.begin() + begin, all.end(), out);
@@ -89,8 +95,9 @@ double SyntheticMarkovCorpus::entropy() const {
 }
 
 std::string SyntheticMarkovCorpus::describe() const {
-  return fmt::format("synthetic Markov corpus (vocab {}, branching {}, seed {}, entropy {:.3f} nats)",
-                     vocab_, branching_, seed_, entropy());
+  return fmt::format(
+      "synthetic Markov corpus (vocab {}, branching {}, seed {}, entropy {:.3f} nats)", vocab_,
+      branching_, seed_, entropy());
 }
 
 std::unique_ptr<DataSource> make_source(const config::JobConfig& job, int64_t vocab_size,
@@ -99,16 +106,17 @@ std::unique_ptr<DataSource> make_source(const config::JobConfig& job, int64_t vo
   const uint64_t seed = d.seed() != 0 ? d.seed() : job.seed();
   switch (d.source()) {
     case config::DataConfig::INDEXED:
-      return std::make_unique<IndexedSource>(d, seed, job.train().seq_len(), vocab_size,
-                                             job.train().steps() * global_batch,
-                                             static_cast<int64_t>(job.train().eval_batches()) * global_batch,
-                                             d.mode() == config::DataConfig::DOCUMENTS);
+      return std::make_unique<IndexedSource>(
+          d, seed, job.train().seq_len(), vocab_size, job.train().steps() * global_batch,
+          static_cast<int64_t>(job.train().eval_batches()) * global_batch,
+          d.mode() == config::DataConfig::DOCUMENTS);
     case config::DataConfig::SYNTHETIC:
       return std::make_unique<SyntheticMarkovCorpus>(vocab_size, d.synthetic_branching(),
                                                      d.seed() != 0 ? d.seed() : job.seed(),
                                                      std::max<int64_t>(2, job.train().seq_len()));
   }
-  LOOM_THROW(ErrorKind::kConfig, "field 'data.source': unknown source {}", static_cast<int>(d.source()));
+  LOOM_THROW(ErrorKind::kConfig, "field 'data.source': unknown source {}",
+             static_cast<int>(d.source()));
 }
 
 }  // namespace loom::data

@@ -8,7 +8,8 @@
 
 namespace loom::model {
 
-Block::Block(const ModelSpec& spec, const ParameterFactory& f, int64_t index, const parallel::TensorParallel& tp)
+Block::Block(const ModelSpec& spec, const ParameterFactory& f, int64_t index,
+             const parallel::TensorParallel& tp)
     : norm1_(spec, f.child("attn_norm"), tp),
       norm2_(spec, f.child("ffn_norm"), tp),
       attn_(spec, f.child("attn"), tp) {
@@ -17,13 +18,13 @@ Block::Block(const ModelSpec& spec, const ParameterFactory& f, int64_t index, co
   } else {
     mlp_ = std::make_unique<Mlp>(spec, f.child("mlp"), spec.ffn, tp);
   }
-  for (const at::Tensor* t :
-       {&norm1_.weight, &norm1_.bias, &attn_.qkv_weight, &attn_.qkv_bias, &attn_.out_weight,
-        &attn_.out_bias, &norm2_.weight, &norm2_.bias}) {
+  for (const at::Tensor* t : {&norm1_.weight, &norm1_.bias, &attn_.qkv_weight, &attn_.qkv_bias,
+                              &attn_.out_weight, &attn_.out_bias, &norm2_.weight, &norm2_.bias}) {
     if (t->defined()) params_.push_back(*t);
   }
   if (mlp_) {
-    for (const at::Tensor* t : {&mlp_->fc1_weight, &mlp_->fc1_bias, &mlp_->fc2_weight, &mlp_->fc2_bias}) {
+    for (const at::Tensor* t :
+         {&mlp_->fc1_weight, &mlp_->fc1_bias, &mlp_->fc2_weight, &mlp_->fc2_bias}) {
       if (t->defined()) params_.push_back(*t);
     }
   } else {
@@ -60,7 +61,8 @@ struct RecomputedBlock : public torch::autograd::Function<RecomputedBlock> {
                                                 const at::Tensor& x, at::TensorList params,
                                                 const c10::optional<at::Tensor>& cos_opt,
                                                 const c10::optional<at::Tensor>& sin_opt,
-                                                const c10::optional<at::Tensor>& doc_opt, Block* block) {
+                                                const c10::optional<at::Tensor>& doc_opt,
+                                                Block* block) {
     // Optional tensors: an undefined one (no RoPE, no document mask) is not an autograd input.
     const at::Tensor cos = cos_opt.value_or(at::Tensor());
     const at::Tensor sin = sin_opt.value_or(at::Tensor());
@@ -105,35 +107,47 @@ struct RecomputedBlock : public torch::autograd::Function<RecomputedBlock> {
 
 }  // namespace
 
-std::vector<StageLayout> partition_stages(int64_t num_layers, int pp, int vp, int64_t first, int64_t last) {
-  LOOM_CHECK_CONFIG(pp >= 1 && vp >= 1, "parallel.pp = {} and parallel.virtual_pp = {} must be at least 1", pp, vp);
+std::vector<StageLayout> partition_stages(int64_t num_layers, int pp, int vp, int64_t first,
+                                          int64_t last) {
+  LOOM_CHECK_CONFIG(pp >= 1 && vp >= 1,
+                    "parallel.pp = {} and parallel.virtual_pp = {} must be at least 1", pp, vp);
   const int64_t stages = static_cast<int64_t>(pp) * vp;
   std::vector<StageLayout> out(static_cast<size_t>(stages));
   if (stages == 1) {
-    LOOM_CHECK_CONFIG((first < 0 || first == num_layers) && (last < 0 || last == num_layers),
-                      "parallel.pp_first_stage_layers / pp_last_stage_layers need more than one pipeline stage");
+    LOOM_CHECK_CONFIG(
+        (first < 0 || first == num_layers) && (last < 0 || last == num_layers),
+        "parallel.pp_first_stage_layers / pp_last_stage_layers need more than one pipeline stage");
     out[0].num_layers = num_layers;
     return out;
   }
-  LOOM_CHECK_CONFIG(first >= -1 && last >= -1, "parallel.pp_first_stage_layers = {} and pp_last_stage_layers = {}: "
-                    "-1 (an even share) or a number of layers", first, last);
+  LOOM_CHECK_CONFIG(first >= -1 && last >= -1,
+                    "parallel.pp_first_stage_layers = {} and pp_last_stage_layers = {}: "
+                    "-1 (an even share) or a number of layers",
+                    first, last);
   const int64_t fixed = (first >= 0 ? first : 0) + (last >= 0 ? last : 0);
   const int64_t free_stages = stages - (first >= 0 ? 1 : 0) - (last >= 0 ? 1 : 0);
-  LOOM_CHECK_CONFIG(fixed <= num_layers,
-                    "parallel.pp_first_stage_layers + pp_last_stage_layers = {} exceed model.num_layers = {}", fixed,
-                    num_layers);
+  LOOM_CHECK_CONFIG(
+      fixed <= num_layers,
+      "parallel.pp_first_stage_layers + pp_last_stage_layers = {} exceed model.num_layers = {}",
+      fixed, num_layers);
   const int64_t rest = num_layers - fixed;
   int64_t each = 0;
   if (free_stages > 0) {
     LOOM_CHECK_CONFIG(rest % free_stages == 0,
-                      "model.num_layers = {} does not split over the pipeline: {} layers left after the first/last "
-                      "stage's {} for {} virtual stages (parallel.pp = {} x parallel.virtual_pp = {}{}), {} % {} = {}",
+                      "model.num_layers = {} does not split over the pipeline: {} layers left "
+                      "after the first/last "
+                      "stage's {} for {} virtual stages (parallel.pp = {} x parallel.virtual_pp = "
+                      "{}{}), {} % {} = {}",
                       num_layers, rest, fixed, free_stages, pp, vp,
-                      fixed > 0 ? " minus the fixed ones" : "", rest, free_stages, rest % free_stages);
+                      fixed > 0 ? " minus the fixed ones" : "", rest, free_stages,
+                      rest % free_stages);
     each = rest / free_stages;
   } else {
-    LOOM_CHECK_CONFIG(rest == 0, "model.num_layers = {}: the first and last stage hold {} layers and there is no other "
-                      "stage for the remaining {}", num_layers, fixed, rest);
+    LOOM_CHECK_CONFIG(
+        rest == 0,
+        "model.num_layers = {}: the first and last stage hold {} layers and there is no other "
+        "stage for the remaining {}",
+        num_layers, fixed, rest);
   }
   int64_t next = 0;
   for (int64_t s = 0; s < stages; ++s) {
@@ -144,15 +158,17 @@ std::vector<StageLayout> partition_stages(int64_t num_layers, int pp, int vp, in
     st.post_process = s == stages - 1;
     next += st.num_layers;
     LOOM_CHECK_CONFIG(st.num_layers > 0 || st.pre_process || st.post_process,
-                      "virtual pipeline stage {} of {} would hold no layers (model.num_layers = {}, parallel.pp = {}, "
+                      "virtual pipeline stage {} of {} would hold no layers (model.num_layers = "
+                      "{}, parallel.pp = {}, "
                       "parallel.virtual_pp = {}): use fewer stages or more layers",
                       s, stages, num_layers, pp, vp);
   }
   return out;
 }
 
-GptModel::GptModel(const ModelSpec& spec, uint64_t seed, at::Device device, const parallel::TensorParallel& tp,
-                   int64_t vocab_divisible_by, const StageLayout& stage)
+GptModel::GptModel(const ModelSpec& spec, uint64_t seed, at::Device device,
+                   const parallel::TensorParallel& tp, int64_t vocab_divisible_by,
+                   const StageLayout& stage)
     : spec_(spec), tp_(tp), stage_(stage), params_(std::make_shared<std::vector<Parameter>>()) {
   spec.check_tensor_parallel(tp.size());
   if (stage_.num_layers < 0) stage_.num_layers = spec.num_layers - stage_.first_layer;
@@ -160,16 +176,16 @@ GptModel::GptModel(const ModelSpec& spec, uint64_t seed, at::Device device, cons
              "pipeline stage: layers [{}, {}) outside the model's {}", stage_.first_layer,
              stage_.first_layer + stage_.num_layers, spec.num_layers);
   padded_vocab_ = spec.padded_vocab(tp.size(), vocab_divisible_by);
-  ParameterFactory f(params_, seed, at::TensorOptions().dtype(spec.param_dtype).device(device), "", tp.size(),
-                     tp.rank());
+  ParameterFactory f(params_, seed, at::TensorOptions().dtype(spec.param_dtype).device(device), "",
+                     tp.size(), tp.rank());
   // [Note: vocab-parallel embedding and head] Rows of the (padded) vocabulary are split over TP.
   TpShard vocab_rows;
   vocab_rows.dim = 0;
   vocab_rows.padded = padded_vocab_;
   // The last stage of a tied model keeps its own copy of the embedding as its head.
   if (stage_.pre_process || (stage_.post_process && spec.tie_embeddings)) {
-    embedding_ = f.make("embedding.weight", {spec.vocab_size, spec.hidden}, Init::kNormal, spec.init_std, -1,
-                        vocab_rows);
+    embedding_ = f.make("embedding.weight", {spec.vocab_size, spec.hidden}, Init::kNormal,
+                        spec.init_std, -1, vocab_rows);
     params_->back().pipeline_copy = !stage_.pre_process;
   }
   if (!spec.rope && stage_.pre_process) {
@@ -184,8 +200,8 @@ GptModel::GptModel(const ModelSpec& spec, uint64_t seed, at::Device device, cons
   if (stage_.post_process) {
     final_norm_ = std::make_unique<Norm>(spec, f.child("final_norm"), tp);
     head_ = spec.tie_embeddings ? embedding_
-                                : f.make("output.weight", {spec.vocab_size, spec.hidden}, Init::kNormal,
-                                         spec.init_std, -1, vocab_rows);
+                                : f.make("output.weight", {spec.vocab_size, spec.hidden},
+                                         Init::kNormal, spec.init_std, -1, vocab_rows);
   }
   // Embedding rows are looked up, not multiplied: Megatron and TorchTitan decay them anyway
   // (they are 2-D); so does Loom.
@@ -203,13 +219,15 @@ at::Tensor GptModel::hidden_states(const Batch& batch, at::Tensor* aux, const at
     // Packed rows may be longer than the context; each document's positions must fit in it
     // (Note: packed sequences). (On a GPU this check would synchronise the host; skipped.)
     const int64_t last = batch.position_ids.max().item<int64_t>();
-    LOOM_CHECK(last < spec_.max_seq_len, "batch: position {} of a packed document reaches model.max_seq_len {}",
-               last, spec_.max_seq_len);
+    LOOM_CHECK(last < spec_.max_seq_len,
+               "batch: position {} of a packed document reaches model.max_seq_len {}", last,
+               spec_.max_seq_len);
   }
-  LOOM_CHECK_CONFIG(!tp_.sp() || s % tp_.size() == 0,
-                    "sequence parallelism splits the sequence over parallel.tp = {} ranks: the sequence length "
-                    "{} is not divisible by it",
-                    tp_.size(), s);
+  LOOM_CHECK_CONFIG(
+      !tp_.sp() || s % tp_.size() == 0,
+      "sequence parallelism splits the sequence over parallel.tp = {} ranks: the sequence length "
+      "{} is not divisible by it",
+      tp_.size(), s);
   const auto compute = spec_.param_dtype == at::kDouble ? at::kDouble : spec_.compute_dtype;
   at::Tensor tokens = batch.tokens.t();  // [s, b]
   at::Tensor pos = batch.position_ids.defined()
@@ -218,17 +236,19 @@ at::Tensor GptModel::hidden_states(const Batch& batch, at::Tensor* aux, const at
   at::Tensor x;
   if (!stage_.pre_process) {
     const int64_t rows = tp_.sp() ? s / tp_.size() : s;
-    LOOM_CHECK(input.defined() && input.dim() == 3 && input.size(0) == rows && input.size(1) == b &&
-                   input.size(2) == spec_.hidden,
-               "pipeline stage {}: expected the previous stage's hidden states [{}, {}, {}], got {}",
-               stage_.first_layer, rows, b, spec_.hidden, input.defined() ? input.sizes() : at::IntArrayRef{});
+    LOOM_CHECK(
+        input.defined() && input.dim() == 3 && input.size(0) == rows && input.size(1) == b &&
+            input.size(2) == spec_.hidden,
+        "pipeline stage {}: expected the previous stage's hidden states [{}, {}, {}], got {}",
+        stage_.first_layer, rows, b, spec_.hidden,
+        input.defined() ? input.sizes() : at::IntArrayRef{});
     x = input;
   } else if (!tp_.enabled()) {
     x = at::embedding(embedding_, tokens);  // [s, b, h]
     if (!spec_.rope) x = x + at::embedding(positions_, pos);
   } else {
-    // Each rank looks up the ids in its vocabulary rows (others give zeros); the sum over TP (or its
-    // sequence reduce-scatter under SP) is the embedding.
+    // Each rank looks up the ids in its vocabulary rows (others give zeros); the sum over TP (or
+    // its sequence reduce-scatter under SP) is the embedding.
     const int64_t rows = padded_vocab_ / tp_.size(), start = rows * tp_.rank();
     at::Tensor mine = tokens.ge(start).logical_and(tokens.lt(start + rows));
     at::Tensor local = at::where(mine, tokens - start, at::zeros_like(tokens));
@@ -247,7 +267,8 @@ at::Tensor GptModel::hidden_states(const Batch& batch, at::Tensor* aux, const at
     std::tie(ctx.rope_cos, ctx.rope_sin) =
         ops::rope_tables(pos, spec_.head_dim, spec_.rope_theta, spec_.param_dtype);
   }
-  *aux = at::zeros({}, x.options().dtype(spec_.param_dtype == at::kDouble ? at::kDouble : at::kFloat));
+  *aux =
+      at::zeros({}, x.options().dtype(spec_.param_dtype == at::kDouble ? at::kDouble : at::kFloat));
   for (auto& block : blocks_) {
     at::Tensor block_aux;
     if (spec_.recompute && at::GradMode::is_enabled()) {
@@ -274,7 +295,8 @@ at::Tensor GptModel::local_logits(const at::Tensor& h) {
 }
 
 at::Tensor GptModel::logits(const Batch& batch) {
-  LOOM_CHECK(stage_.pre_process && stage_.post_process, "logits() needs the whole model, not a pipeline stage");
+  LOOM_CHECK(stage_.pre_process && stage_.post_process,
+             "logits() needs the whole model, not a pipeline stage");
   at::Tensor aux;
   at::Tensor h = hidden_states(batch, &aux);  // [s, b, h]
   const auto out = spec_.param_dtype == at::kDouble ? at::kDouble : at::kFloat;
@@ -309,9 +331,9 @@ ModelOutput GptModel::loss_of(const Batch& batch, const at::Tensor& h) {
   logits = logits.view({s * b, logits.size(2)});  // rows in [s, b] order
   at::Tensor targets = batch.targets.t().reshape({s * b});
   const int64_t start = padded_vocab_ / tp_.size() * tp_.rank();
-  at::Tensor losses = tp_.enabled()
-                          ? parallel::vocab_parallel_cross_entropy(logits, targets, start, spec_.vocab_size, tp_)
-                          : ops::cross_entropy(logits, targets);  // [s*b] fp32
+  at::Tensor losses = tp_.enabled() ? parallel::vocab_parallel_cross_entropy(logits, targets, start,
+                                                                             spec_.vocab_size, tp_)
+                                    : ops::cross_entropy(logits, targets);  // [s*b] fp32
   if (batch.loss_mask.defined()) {
     losses = losses * batch.loss_mask.t().reshape({s * b}).to(losses.scalar_type());
   }

@@ -15,8 +15,10 @@ at::Tensor initial_value(uint64_t job_seed, const std::string& name, at::IntArra
                          Init init, double std) {
   auto cpu = at::TensorOptions().dtype(at::kFloat).device(at::kCPU);
   switch (init) {
-    case Init::kOnes: return at::ones(shape, cpu);
-    case Init::kZeros: return at::zeros(shape, cpu);
+    case Init::kOnes:
+      return at::ones(shape, cpu);
+    case Init::kZeros:
+      return at::zeros(shape, cpu);
     case Init::kNormal: {
       LOOM_CHECK(std > 0.0, "parameter '{}': normal init needs std > 0, got {}", name, std);
       auto gen = at::make_generator<at::CPUGeneratorImpl>(parameter_seed(job_seed, name));
@@ -39,8 +41,8 @@ ParameterFactory::ParameterFactory(std::shared_ptr<std::vector<Parameter>> regis
       tp_rank_(tp_rank) {}
 
 ParameterFactory ParameterFactory::child(const std::string& name) const {
-  return ParameterFactory(registry_, job_seed_, options_, prefix_.empty() ? name : prefix_ + "." + name, tp_size_,
-                          tp_rank_);
+  return ParameterFactory(registry_, job_seed_, options_,
+                          prefix_.empty() ? name : prefix_ + "." + name, tp_size_, tp_rank_);
 }
 
 at::Tensor ParameterFactory::make(const std::string& name, at::IntArrayRef shape, Init init,
@@ -50,9 +52,10 @@ at::Tensor ParameterFactory::make(const std::string& name, at::IntArrayRef shape
     LOOM_INTERNAL_CHECK(p.name != full, "parameter '{}' registered twice", full);
   }
   // The full tensor is drawn, then sliced: every layout starts from the same numbers.
-  at::Tensor t = shard_of(initial_value(job_seed_, full, shape, init, std), shard, tp_size_, tp_rank_)
-                     .to(options_)
-                     .detach();
+  at::Tensor t =
+      shard_of(initial_value(job_seed_, full, shape, init, std), shard, tp_size_, tp_rank_)
+          .to(options_)
+          .detach();
   t.set_requires_grad(true);
   Parameter p;
   p.name = full;

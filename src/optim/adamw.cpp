@@ -10,15 +10,16 @@
 namespace loom::optim {
 
 AdamWOptions AdamWOptions::from_config(const config::OptimConfig& c) {
-  LOOM_CHECK_CONFIG(c.beta1() >= 0 && c.beta1() < 1, "field 'optim.beta1' must be in [0, 1), got {}",
-                    c.beta1());
-  LOOM_CHECK_CONFIG(c.beta2() >= 0 && c.beta2() < 1, "field 'optim.beta2' must be in [0, 1), got {}",
-                    c.beta2());
+  LOOM_CHECK_CONFIG(c.beta1() >= 0 && c.beta1() < 1,
+                    "field 'optim.beta1' must be in [0, 1), got {}", c.beta1());
+  LOOM_CHECK_CONFIG(c.beta2() >= 0 && c.beta2() < 1,
+                    "field 'optim.beta2' must be in [0, 1), got {}", c.beta2());
   LOOM_CHECK_CONFIG(c.eps() > 0, "field 'optim.eps' must be > 0, got {}", c.eps());
   LOOM_CHECK_CONFIG(c.weight_decay() >= 0, "field 'optim.weight_decay' must be >= 0, got {}",
                     c.weight_decay());
   AdamWOptions o;
-  o.rule = c.optimizer() == config::OptimConfig::SGD ? AdamWOptions::Rule::kSgd : AdamWOptions::Rule::kAdamW;
+  o.rule = c.optimizer() == config::OptimConfig::SGD ? AdamWOptions::Rule::kSgd
+                                                     : AdamWOptions::Rule::kAdamW;
   o.beta1 = c.beta1();
   o.beta2 = c.beta2();
   o.eps = c.eps();
@@ -35,8 +36,8 @@ AdamW::AdamW(std::vector<model::Parameter>* params, const AdamWOptions& options)
   }
 }
 
-void adamw_update(at::Tensor& w, const at::Tensor& g, at::Tensor& m, at::Tensor& v, bool decay, double lr,
-                  int64_t step, const AdamWOptions& o) {
+void adamw_update(at::Tensor& w, const at::Tensor& g, at::Tensor& m, at::Tensor& v, bool decay,
+                  double lr, int64_t step, const AdamWOptions& o) {
   if (o.rule == AdamWOptions::Rule::kSgd) {
     if (decay && o.weight_decay != 0.0) w.mul_(1.0 - lr * o.weight_decay);
     if (g.defined()) w.sub_(g.scalar_type() == w.scalar_type() ? g : g.to(w.scalar_type()), lr);
@@ -69,8 +70,8 @@ void AdamW::step(double lr) {
   for (size_t i = 0; i < params_->size(); ++i) {
     auto& p = (*params_)[i];
     at::Tensor w = p.tensor;
-    adamw_update(w, w.grad(), sgd ? none : exp_avg_[i], sgd ? none : exp_avg_sq_[i], p.weight_decay, lr, step_,
-                 options_);
+    adamw_update(w, w.grad(), sgd ? none : exp_avg_[i], sgd ? none : exp_avg_sq_[i], p.weight_decay,
+                 lr, step_, options_);
   }
 }
 
@@ -102,7 +103,8 @@ void AdamW::load_state(const std::vector<NamedTensor>& state, int64_t step) {
   step_ = step;
 }
 
-std::vector<std::string> moment_names(const std::vector<model::Parameter>& params, const AdamWOptions& o) {
+std::vector<std::string> moment_names(const std::vector<model::Parameter>& params,
+                                      const AdamWOptions& o) {
   std::vector<std::string> names;
   if (o.rule == AdamWOptions::Rule::kSgd) return names;
   for (const auto& p : params) {

@@ -10,16 +10,23 @@
 
 namespace loom::optim {
 
-DistributedAdamW::DistributedAdamW(std::vector<model::Parameter>* params, const AdamWOptions& options,
-                                   comm::CommunicatorPtr dp, comm::CommunicatorPtr tp, comm::CommunicatorPtr pp)
-    : params_(params), options_(options), dp_(std::move(dp)), tp_(std::move(tp)), pp_(std::move(pp)) {
+DistributedAdamW::DistributedAdamW(std::vector<model::Parameter>* params,
+                                   const AdamWOptions& options, comm::CommunicatorPtr dp,
+                                   comm::CommunicatorPtr tp, comm::CommunicatorPtr pp)
+    : params_(params),
+      options_(options),
+      dp_(std::move(dp)),
+      tp_(std::move(tp)),
+      pp_(std::move(pp)) {
   LOOM_INTERNAL_CHECK(dp_ != nullptr, "distributed optimizer without a DP communicator");
   LOOM_CHECK(!params_->empty(), "distributed optimizer: the model has no parameters");
   const auto dtype = params_->front().tensor.scalar_type();
   for (const auto& p : *params_) {
     LOOM_CHECK(p.tensor.scalar_type() == dtype,
-               "distributed optimizer: parameter '{}' is {} but '{}' is {}; one flat buffer needs one dtype",
-               p.name, c10::toString(p.tensor.scalar_type()), params_->front().name, c10::toString(dtype));
+               "distributed optimizer: parameter '{}' is {} but '{}' is {}; one flat buffer needs "
+               "one dtype",
+               p.name, c10::toString(p.tensor.scalar_type()), params_->front().name,
+               c10::toString(dtype));
     offsets_.push_back(total_);
     total_ += p.tensor.numel();
   }
@@ -53,7 +60,8 @@ void DistributedAdamW::reduce_scatter_gradients() {
   std::vector<at::Tensor> flat;
   for (const auto& p : *params_) {
     const at::Tensor& g = p.tensor.grad();
-    flat.push_back(g.defined() ? g.reshape({-1}).to(p.tensor.scalar_type()) : at::zeros({p.tensor.numel()}, p.tensor.options()));
+    flat.push_back(g.defined() ? g.reshape({-1}).to(p.tensor.scalar_type())
+                               : at::zeros({p.tensor.numel()}, p.tensor.options()));
   }
   const int64_t used = offsets_.empty() ? 0 : offsets_.back() + params_->back().tensor.numel();
   if (total_ > used) flat.push_back(at::zeros({total_ - used}, params_->front().tensor.options()));
@@ -111,7 +119,9 @@ void DistributedAdamW::step(double lr) {
   // The owned range of the parameters, as a flat copy the update works on.
   at::Tensor master = at::zeros({shard_}, grad_.options());
   for (const auto& s : segments_) {
-    master.narrow(0, s.shard_offset, s.numel).copy_((*params_)[s.param].tensor.detach().reshape({-1}).narrow(0, s.param_offset, s.numel));
+    master.narrow(0, s.shard_offset, s.numel)
+        .copy_(
+            (*params_)[s.param].tensor.detach().reshape({-1}).narrow(0, s.param_offset, s.numel));
   }
   for (const auto& s : segments_) {
     at::Tensor w = master.narrow(0, s.shard_offset, s.numel);
@@ -146,8 +156,10 @@ std::vector<NamedTensor> DistributedAdamW::state() const {
   }
   for (size_t i = 0; i < params_->size(); ++i) {
     const auto& p = (*params_)[i];
-    out.push_back({p.name + ".exp_avg", full[0].narrow(0, offsets_[i], p.tensor.numel()).view(p.tensor.sizes())});
-    out.push_back({p.name + ".exp_avg_sq", full[1].narrow(0, offsets_[i], p.tensor.numel()).view(p.tensor.sizes())});
+    out.push_back({p.name + ".exp_avg",
+                   full[0].narrow(0, offsets_[i], p.tensor.numel()).view(p.tensor.sizes())});
+    out.push_back({p.name + ".exp_avg_sq",
+                   full[1].narrow(0, offsets_[i], p.tensor.numel()).view(p.tensor.sizes())});
   }
   return out;
 }
@@ -158,19 +170,21 @@ void DistributedAdamW::load_state(const std::vector<NamedTensor>& state, int64_t
   at::NoGradGuard no_grad;
   step_ = step;
   if (!exp_avg_.defined()) return;  // SGD
-  for (auto [suffix, dst] : {std::pair<const char*, at::Tensor*>{".exp_avg", &exp_avg_}, {".exp_avg_sq", &exp_avg_sq_}}) {
+  for (auto [suffix, dst] : {std::pair<const char*, at::Tensor*>{".exp_avg", &exp_avg_},
+                             {".exp_avg_sq", &exp_avg_sq_}}) {
     for (const auto& p : *params_) {
       const std::string name = p.name + suffix;
       auto it = by_name.find(name);
       LOOM_CHECK_KIND(ErrorKind::kIO, it != by_name.end(), "optimizer state '{}' is missing", name);
       LOOM_CHECK_KIND(ErrorKind::kIO, it->second->sizes() == p.tensor.sizes(),
-                      "optimizer state '{}' has shape {}, the parameter needs {}", name, it->second->sizes(),
-                      p.tensor.sizes());
+                      "optimizer state '{}' has shape {}, the parameter needs {}", name,
+                      it->second->sizes(), p.tensor.sizes());
     }
     for (const auto& s : segments_) {
       const auto& p = (*params_)[s.param];
       const at::Tensor& src = *by_name.at(p.name + suffix);
-      dst->narrow(0, s.shard_offset, s.numel).copy_(src.reshape({-1}).narrow(0, s.param_offset, s.numel));
+      dst->narrow(0, s.shard_offset, s.numel)
+          .copy_(src.reshape({-1}).narrow(0, s.param_offset, s.numel));
     }
   }
 }

@@ -10,8 +10,8 @@
 
 namespace loom::parallel {
 
-GradBuckets::GradBuckets(std::vector<Parameter>* params, comm::CommunicatorPtr dp, int64_t bucket_bytes,
-                         bool overlap)
+GradBuckets::GradBuckets(std::vector<Parameter>* params, comm::CommunicatorPtr dp,
+                         int64_t bucket_bytes, bool overlap)
     : params_(params), dp_(std::move(dp)), overlap_(overlap) {
   LOOM_INTERNAL_CHECK(dp_ != nullptr, "gradient buckets without a DP communicator");
   const size_t n = params_->size();
@@ -49,14 +49,17 @@ GradBuckets::GradBuckets(std::vector<Parameter>* params, comm::CommunicatorPtr d
                c10::toString(buckets_[bucket_of_[k]].buffer.scalar_type()));
   }
   stats_.buckets = static_cast<int64_t>(buckets_.size());
-  // Overlap needs the buffers where the communicator works (a CUDA model over MPI stages in finish()).
+  // Overlap needs the buffers where the communicator works (a CUDA model over MPI stages in
+  // finish()).
   if (buckets_.front().buffer.device() != dp_->device()) overlap_ = false;
   if (overlap_) {
     for (size_t k = 0; k < n; ++k) {
       auto acc = torch::autograd::impl::grad_accumulator((*params_)[k].tensor);
-      LOOM_INTERNAL_CHECK(acc != nullptr, "parameter '{}' has no gradient accumulator", (*params_)[k].name);
+      LOOM_INTERNAL_CHECK(acc != nullptr, "parameter '{}' has no gradient accumulator",
+                          (*params_)[k].name);
       acc->add_post_hook(std::make_unique<torch::autograd::utils::LambdaPostHook>(
-          [this, k](const torch::autograd::variable_list& outputs, const torch::autograd::variable_list& inputs) {
+          [this, k](const torch::autograd::variable_list& outputs,
+                    const torch::autograd::variable_list& inputs) {
             // An accumulator called with no gradient (a split backward's deferred weight, whose
             // gradient comes in W: Note: deferred weight gradients) has nothing to add yet.
             if (!inputs.empty() && inputs[0].defined()) on_grad_ready(k);
@@ -90,7 +93,8 @@ void GradBuckets::zero() {
   }
   for (size_t k = 0; k < params_->size(); ++k) {
     at::Tensor& t = (*params_)[k].tensor;
-    t.mutable_grad() = buckets_[bucket_of_[k]].buffer.narrow(0, offset_of_[k], t.numel()).view(t.sizes());
+    t.mutable_grad() =
+        buckets_[bucket_of_[k]].buffer.narrow(0, offset_of_[k], t.numel()).view(t.sizes());
   }
   counted_.assign(params_->size(), 0);
   next_ = 0;
@@ -107,10 +111,11 @@ void GradBuckets::on_grad_ready(size_t param) {
   // embedding and head sum in its input buffer first); a pipeline arms each chunk's last B and,
   // with a split backward, its last W, where each parameter gets its final gradient in one of them
   // (Note: deferred weight gradients).
-  LOOM_INTERNAL_CHECK(!buckets_[bucket_of_[param]].launched,
-                      "gradient buckets: '{}' received a gradient after its bucket's all-reduce started (a "
-                      "backward pass ran after the one armed as its last)",
-                      (*params_)[param].name);
+  LOOM_INTERNAL_CHECK(
+      !buckets_[bucket_of_[param]].launched,
+      "gradient buckets: '{}' received a gradient after its bucket's all-reduce started (a "
+      "backward pass ran after the one armed as its last)",
+      (*params_)[param].name);
   if (!armed_ || counted_[param]) return;
   counted_[param] = 1;
   Bucket& b = buckets_[bucket_of_[param]];

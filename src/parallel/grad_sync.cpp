@@ -16,9 +16,11 @@ GradSync::GradSync(std::vector<Parameter>* params, GradSyncOptions options)
     : params_(params), options_(std::move(options)) {
   LOOM_INTERNAL_CHECK(params_ != nullptr, "GradSync without parameters");
   if (active(options_.dp) && options_.shards == nullptr) {
-    LOOM_CHECK_CONFIG(options_.bucket_bytes > 0, "the DP gradient bucket size must be > 0 bytes, got {}",
+    LOOM_CHECK_CONFIG(options_.bucket_bytes > 0,
+                      "the DP gradient bucket size must be > 0 bytes, got {}",
                       options_.bucket_bytes);
-    buckets_ = std::make_unique<GradBuckets>(params_, options_.dp, options_.bucket_bytes, options_.overlap);
+    buckets_ = std::make_unique<GradBuckets>(params_, options_.dp, options_.bucket_bytes,
+                                             options_.overlap);
   }
   if (active(options_.tp)) {
     for (size_t i = 0; i < params_->size(); ++i) {
@@ -28,7 +30,8 @@ GradSync::GradSync(std::vector<Parameter>* params, GradSyncOptions options)
   if (options_.embedding) {
     auto it = std::find_if(params_->begin(), params_->end(),
                            [&](const Parameter& p) { return p.name == options_.tied_parameter; });
-    LOOM_INTERNAL_CHECK(it != params_->end(), "an embedding group, but no parameter '{}' on this rank",
+    LOOM_INTERNAL_CHECK(it != params_->end(),
+                        "an embedding group, but no parameter '{}' on this rank",
                         options_.tied_parameter);
     tied_ = it - params_->begin();
   }
@@ -60,7 +63,8 @@ void GradSync::finish() {
     all_reduce_gradients(ps, *options_.tp);
   }
   // 3. The tied embedding's two copies, after the DP sum (Note: loss scaling).
-  if (tied_ >= 0) all_reduce_gradients({&(*params_)[static_cast<size_t>(tied_)]}, *options_.embedding);
+  if (tied_ >= 0)
+    all_reduce_gradients({&(*params_)[static_cast<size_t>(tied_)]}, *options_.embedding);
   // 4. ZeRO-1's reduce-scatter reads what 1-3 wrote.
   if (options_.shards) options_.shards->reduce_scatter_gradients();
 }
@@ -71,7 +75,8 @@ void all_reduce_gradients(const std::vector<Parameter*>& params, comm::Communica
   std::vector<at::Tensor> flat;
   for (auto* p : params) {
     const at::Tensor& g = p->tensor.grad();
-    flat.push_back(g.defined() ? g.reshape({-1}) : at::zeros({p->tensor.numel()}, p->tensor.options()));
+    flat.push_back(g.defined() ? g.reshape({-1})
+                               : at::zeros({p->tensor.numel()}, p->tensor.options()));
   }
   at::Tensor buf = at::cat(flat);
   const bool staged = buf.device() != comm.device();  // e.g. CUDA gradients over the MPI world

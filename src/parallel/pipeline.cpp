@@ -21,8 +21,8 @@ constexpr int kMaxTag = 32767;   // the MPI standard's smallest allowed MPI_TAG_
 
 // What F keeps for B and W of one (micro-batch, chunk).
 struct Saved {
-  at::Tensor input;                  // the received leaf (undefined on the first virtual stage)
-  std::vector<at::Tensor> roots;     // tensors backward starts from
+  at::Tensor input;               // the received leaf (undefined on the first virtual stage)
+  std::vector<at::Tensor> roots;  // tensors backward starts from
   std::vector<at::Tensor> root_grads;
   std::vector<DeferredGrad> deferred;  // a split backward's weight gradients, for W
   bool last_stage = false;
@@ -40,29 +40,33 @@ void run_backward(const std::vector<at::Tensor>& roots, const std::vector<at::Te
     root_grads.push_back(grads[i]);
   }
   if (root_edges.empty()) return;
-  torch::autograd::Engine::get_default_engine().execute(root_edges, root_grads, /*keep_graph=*/false,
-                                                        /*create_graph=*/false, /*accumulate_grad=*/true);
+  torch::autograd::Engine::get_default_engine().execute(
+      root_edges, root_grads, /*keep_graph=*/false,
+      /*create_graph=*/false, /*accumulate_grad=*/true);
 }
 }  // namespace
 
 PipelineRunner::PipelineRunner(const ScheduleOptions& options, comm::CommunicatorPtr pp)
     : options_(options), pp_(std::move(pp)) {
   const int size = pp_ ? pp_->size() : 1;
-  LOOM_CHECK_CONFIG(size == options_.stages, "the pipeline communicator has {} ranks but parallel.pp = {}", size,
+  LOOM_CHECK_CONFIG(size == options_.stages,
+                    "the pipeline communicator has {} ranks but parallel.pp = {}", size,
                     options_.stages);
   rank_ = pp_ ? pp_->rank() : 0;
   table_ = build_table(options_, rank_);
   check_table(options_, rank_, table_);
-  LOOM_CHECK_CONFIG(2 * options_.chunks * options_.microbatches <= kMaxTag + 1,
-                    "pipeline: {} micro-batches x {} chunks need more message tags than MPI guarantees ({})",
-                    options_.microbatches, options_.chunks, kMaxTag + 1);
+  LOOM_CHECK_CONFIG(
+      !pp_ || 2 * options_.chunks * options_.microbatches <= kMaxTag + 1,
+      "pipeline: {} micro-batches x {} chunks need more message tags than MPI guarantees ({})",
+      options_.microbatches, options_.chunks, kMaxTag + 1);
 }
 
 int PipelineRunner::tag(int direction, int chunk, int mb) const {
   return (direction * options_.chunks + chunk) * options_.microbatches + mb;
 }
 
-at::Tensor PipelineRunner::receive(const RunnerCallbacks& cb, int direction, int chunk, int mb, RunnerStats& stats) {
+at::Tensor PipelineRunner::receive(const RunnerCallbacks& cb, int direction, int chunk, int mb,
+                                   RunnerStats& stats) {
   at::Tensor buf = at::empty(cb.shape(mb), cb.activation_options);
   Stopwatch wait;
   wait_for(buf, direction, chunk, mb);
@@ -75,8 +79,9 @@ void PipelineRunner::send(const at::Tensor& t, int direction, int to_chunk, int 
                           RunnerStats& stats) {
   // Completed sends release their buffers as the step goes (activation memory stays bounded by
   // what the schedule holds, not by the step's total traffic).
-  sends.erase(std::remove_if(sends.begin(), sends.end(), [](auto& w) { return w.first->is_completed(); }),
-              sends.end());
+  sends.erase(
+      std::remove_if(sends.begin(), sends.end(), [](auto& w) { return w.first->is_completed(); }),
+      sends.end());
   const int p = options_.stages;
   const int peer = direction == kForwardDir ? (rank_ + 1) % p : (rank_ + p - 1) % p;
   at::Tensor buf = t.detach().contiguous();
@@ -94,8 +99,10 @@ void PipelineRunner::wait_for(at::Tensor& buf, int direction, int chunk, int mb)
     if (e.kind() != ErrorKind::kTimeout) throw;
     // Name what was awaited from whom: a stage that failed or stopped responding mid-schedule.
     LOOM_THROW(ErrorKind::kTimeout,
-               "pipeline stage {} (world rank {}) waited {:.0f} s for the {} of micro-batch {} (chunk {}) from "
-               "pipeline stage {} (world rank {}): that stage, or one it waits for, failed or stopped responding, "
+               "pipeline stage {} (world rank {}) waited {:.0f} s for the {} of micro-batch {} "
+               "(chunk {}) from "
+               "pipeline stage {} (world rank {}): that stage, or one it waits for, failed or "
+               "stopped responding, "
                "and the job cannot go on. {}",
                rank_, pp_->world_ranks()[static_cast<size_t>(rank_)], pp_->timeout_s(),
                direction == kForwardDir ? "activations" : "activation gradient", mb, chunk, peer,
@@ -119,7 +126,8 @@ RunnerStats PipelineRunner::run(const RunnerCallbacks& cb) {
     if (a.pass == Pass::kForward) {
       Saved sv;
       if (s > 0) {
-        // From the previous virtual stage: rank r - 1 with the same chunk, or rank p - 1 with the previous chunk.
+        // From the previous virtual stage: rank r - 1 with the same chunk, or rank p - 1 with the
+        // previous chunk.
         sv.input = receive(cb, kForwardDir, a.chunk, a.microbatch, stats).requires_grad_(true);
       }
       Stopwatch compute;
@@ -127,9 +135,11 @@ RunnerStats PipelineRunner::run(const RunnerCallbacks& cb) {
       stats.forward_s += compute.seconds();
       sv.last_stage = s == last_vs;
       if (!sv.last_stage) {
-        LOOM_CHECK(out.hidden.defined(), "pipeline: chunk {} returned no hidden states for micro-batch {}", a.chunk,
+        LOOM_CHECK(out.hidden.defined(),
+                   "pipeline: chunk {} returned no hidden states for micro-batch {}", a.chunk,
                    a.microbatch);
-        send(out.hidden, kForwardDir, rank_ == p - 1 ? a.chunk + 1 : a.chunk, a.microbatch, sends, stats);
+        send(out.hidden, kForwardDir, rank_ == p - 1 ? a.chunk + 1 : a.chunk, a.microbatch, sends,
+             stats);
         if (out.hidden.grad_fn()) {
           // Megatron's deallocate_output_tensor: B needs the output's place in the graph, not its
           // values (the next stage holds those). The send keeps its own reference until complete.
@@ -151,11 +161,13 @@ RunnerStats PipelineRunner::run(const RunnerCallbacks& cb) {
     LOOM_INTERNAL_CHECK(it != saved.end(), "pipeline: {} without its forward", a.str());
     Saved& sv = it->second;
     if (a.pass == Pass::kBackward) {
-      if (!sv.last_stage) sv.root_grads[0] = receive(cb, kBackwardDir, a.chunk, a.microbatch, stats);
+      if (!sv.last_stage)
+        sv.root_grads[0] = receive(cb, kBackwardDir, a.chunk, a.microbatch, stats);
       Stopwatch compute;
       const bool split = options_.split_backward();
       {
-        // Split: the whole backward except the deferred weight GEMMs (Note: deferred weight gradients).
+        // Split: the whole backward except the deferred weight GEMMs (Note: deferred weight
+        // gradients).
         std::optional<WeightGradStore::Capture> capture;
         if (split) capture.emplace();
         run_backward(sv.roots, sv.root_grads);
@@ -184,7 +196,8 @@ RunnerStats PipelineRunner::run(const RunnerCallbacks& cb) {
     saved.erase(it);
     --in_flight;
   }
-  LOOM_INTERNAL_CHECK(saved.empty(), "pipeline: {} micro-batch-chunks still hold activations after the step",
+  LOOM_INTERNAL_CHECK(saved.empty(),
+                      "pipeline: {} micro-batch-chunks still hold activations after the step",
                       saved.size());
   for (auto& [work, buf] : sends) work->wait();
   stats.compute_s = stats.forward_s + stats.backward_s;
@@ -193,8 +206,8 @@ RunnerStats PipelineRunner::run(const RunnerCallbacks& cb) {
 
 RunnerStats PipelineRunner::forward_only(const RunnerCallbacks& cb, int microbatches) {
   LOOM_CHECK(microbatches >= 0 && microbatches <= options_.microbatches,
-             "pipeline: forward_only over {} micro-batches, the runner was built for at most {}", microbatches,
-             options_.microbatches);
+             "pipeline: forward_only over {} micro-batches, the runner was built for at most {}",
+             microbatches, options_.microbatches);
   const int p = options_.stages, v = options_.chunks;
   const int last_vs = p * v - 1;
   RunnerStats stats;
@@ -211,7 +224,8 @@ RunnerStats PipelineRunner::forward_only(const RunnerCallbacks& cb, int microbat
       ChunkOutput out = cb.forward(c, mb, input);
       stats.forward_s += compute.seconds();
       if (s != last_vs) {
-        LOOM_CHECK(out.hidden.defined(), "pipeline: chunk {} returned no hidden states for micro-batch {}", c, mb);
+        LOOM_CHECK(out.hidden.defined(),
+                   "pipeline: chunk {} returned no hidden states for micro-batch {}", c, mb);
         send(out.hidden, kForwardDir, rank_ == p - 1 ? c + 1 : c, mb, sends, stats);
       }
     }

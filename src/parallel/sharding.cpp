@@ -14,14 +14,16 @@ at::Tensor shard_of(const at::Tensor& full, const TpShard& sh, int tp_size, int 
     t = at::cat({t, at::zeros(pad_shape, t.options())}, sh.dim);
   }
   LOOM_CHECK(t.size(sh.dim) % (sh.blocks * tp_size) == 0,
-             "cannot split dimension {} of size {} into {} block(s) x {} TP ranks", sh.dim, t.size(sh.dim), sh.blocks,
-             tp_size);
+             "cannot split dimension {} of size {} into {} block(s) x {} TP ranks", sh.dim,
+             t.size(sh.dim), sh.blocks, tp_size);
   std::vector<at::Tensor> parts;
-  for (const auto& block : t.chunk(sh.blocks, sh.dim)) parts.push_back(block.chunk(tp_size, sh.dim)[tp_rank]);
+  for (const auto& block : t.chunk(sh.blocks, sh.dim))
+    parts.push_back(block.chunk(tp_size, sh.dim)[tp_rank]);
   return at::cat(parts, sh.dim).contiguous();
 }
 
-at::Tensor unshard(const std::vector<at::Tensor>& shards, const TpShard& sh, at::IntArrayRef global_shape) {
+at::Tensor unshard(const std::vector<at::Tensor>& shards, const TpShard& sh,
+                   at::IntArrayRef global_shape) {
   if (sh.dim < 0 || shards.size() == 1) return shards.at(0);
   std::vector<at::Tensor> blocks;
   for (int64_t b = 0; b < sh.blocks; ++b) {
@@ -34,13 +36,16 @@ at::Tensor unshard(const std::vector<at::Tensor>& shards, const TpShard& sh, at:
 
 at::Tensor full_tensor(const Parameter& p, const at::Tensor& local, comm::Communicator* tp) {
   if (!p.tp_sharded()) return local.detach();
-  LOOM_INTERNAL_CHECK(tp != nullptr && tp->size() == p.tp_size, "parameter '{}' is sharded over {} TP ranks, but no "
-                      "such TP group was given", p.name, p.tp_size);
+  LOOM_INTERNAL_CHECK(tp != nullptr && tp->size() == p.tp_size,
+                      "parameter '{}' is sharded over {} TP ranks, but no "
+                      "such TP group was given",
+                      p.name, p.tp_size);
   at::Tensor in = local.detach().contiguous().view({-1}).to(tp->device());
   at::Tensor out = at::empty({tp->size() * in.numel()}, in.options());
   tp->all_gather(out, in);
   std::vector<at::Tensor> shards;
-  for (const auto& c : out.chunk(tp->size())) shards.push_back(c.view(local.sizes()).to(local.device()));
+  for (const auto& c : out.chunk(tp->size()))
+    shards.push_back(c.view(local.sizes()).to(local.device()));
   return unshard(shards, p.shard, p.global_shape);
 }
 

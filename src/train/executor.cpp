@@ -10,12 +10,18 @@ namespace pl = parallel::pipeline;
 
 StepExecutor::StepExecutor(std::vector<model::GptModel*> chunks, pl::ScheduleOptions schedule,
                            comm::CommunicatorPtr pp, parallel::GradSync* sync, at::Device device)
-    : chunks_(std::move(chunks)), schedule_(schedule), pp_(std::move(pp)), sync_(sync), device_(device) {
+    : chunks_(std::move(chunks)),
+      schedule_(schedule),
+      pp_(std::move(pp)),
+      sync_(sync),
+      device_(device) {
   LOOM_INTERNAL_CHECK(!chunks_.empty() && static_cast<int>(chunks_.size()) == schedule_.chunks,
-                      "executor: {} model chunks for a schedule of {}", chunks_.size(), schedule_.chunks);
+                      "executor: {} model chunks for a schedule of {}", chunks_.size(),
+                      schedule_.chunks);
   if (schedule_.stages == 1) {
     // One stage: the degenerate schedule (Note: step executor), whatever the configured kind.
-    LOOM_INTERNAL_CHECK(schedule_.chunks == 1, "executor: {} chunks on one pipeline stage", schedule_.chunks);
+    LOOM_INTERNAL_CHECK(schedule_.chunks == 1, "executor: {} chunks on one pipeline stage",
+                        schedule_.chunks);
     schedule_.kind = pl::ScheduleKind::k1F1B;
     pp_ = nullptr;
   }
@@ -48,7 +54,9 @@ StepExecutor::Runner& StepExecutor::runner_for(int microbatches) {
   return runners_.emplace(microbatches, std::move(r)).first->second;
 }
 
-const pl::PipelineRunner& StepExecutor::runner(int microbatches) { return *runner_for(microbatches).runner; }
+const pl::PipelineRunner& StepExecutor::runner(int microbatches) {
+  return *runner_for(microbatches).runner;
+}
 
 pl::RunnerCallbacks StepExecutor::callbacks(const std::vector<model::Batch>& batches) const {
   const model::ModelSpec& spec = chunks_.front()->spec();
@@ -56,7 +64,9 @@ pl::RunnerCallbacks StepExecutor::callbacks(const std::vector<model::Batch>& bat
   const int64_t tp = chunks_.front()->tensor_parallel().size();
   pl::RunnerCallbacks cb;
   cb.activation_options =
-      at::TensorOptions().dtype(spec.param_dtype == at::kDouble ? at::kDouble : spec.compute_dtype).device(device_);
+      at::TensorOptions()
+          .dtype(spec.param_dtype == at::kDouble ? at::kDouble : spec.compute_dtype)
+          .device(device_);
   const int64_t hidden = spec.hidden;
   cb.shape = [&batches, sp, hidden, tp](int mb) {
     const model::Batch& b = batches[static_cast<size_t>(mb)];
@@ -65,8 +75,8 @@ pl::RunnerCallbacks StepExecutor::callbacks(const std::vector<model::Batch>& bat
   return cb;
 }
 
-StepSums StepExecutor::train(const std::vector<model::Batch>& batches, double loss_tokens, double aux_scale,
-                             const std::function<void()>& before_backward) {
+StepSums StepExecutor::train(const std::vector<model::Batch>& batches, double loss_tokens,
+                             double aux_scale, const std::function<void()>& before_backward) {
   LOOM_CHECK(!batches.empty(), "executor: a step needs at least one micro-batch");
   Runner& r = runner_for(static_cast<int>(batches.size()));
   const bool moe = chunks_.front()->spec().is_moe();
@@ -97,7 +107,9 @@ StepSums StepExecutor::train(const std::vector<model::Batch>& batches, double lo
     if (a.pass == pl::Pass::kForward) return;
     if (first_backward && before_backward) before_backward();
     first_backward = false;
-    if (sync_) sync_->arm(std::find(r.final_passes.begin(), r.final_passes.end(), a) != r.final_passes.end());
+    if (sync_)
+      sync_->arm(std::find(r.final_passes.begin(), r.final_passes.end(), a) !=
+                 r.final_passes.end());
   };
   sums.stats = r.runner->run(cb);
   sums.loss_sum = acc[0].item<double>();

@@ -1,10 +1,10 @@
 #include "loom/train/metrics.h"
 
 #include <fmt/format.h>
-#include <nlohmann/json.hpp>
 
 #include <algorithm>
 #include <filesystem>
+#include <nlohmann/json.hpp>
 
 #include "loom/core/error.h"
 #include "loom/core/logging.h"
@@ -47,9 +47,11 @@ class ConsoleSink : public MetricsSink {
       if (progress_) progress_->clear();
       const double t = std::max(m.seconds, 1e-12);
       std::string line = fmt::format(
-          "step {}/{} | loss {:.4f} | lr {:.3e} | grad {:.3f} | {:.0f} tok/s | {:.3f} TFLOP/s | MFU {:.1f}% "
+          "step {}/{} | loss {:.4f} | lr {:.3e} | grad {:.3f} | {:.0f} tok/s | {:.3f} TFLOP/s | "
+          "MFU {:.1f}% "
           "| mem {} | data {:.0f}% fwd {:.0f}% bwd {:.0f}% comm {:.0f}% opt {:.0f}%",
-          m.step, ctx_.total_steps, m.loss, m.lr, m.grad_norm, m.tokens_per_s, m.tflops_per_device, m.mfu * 100,
+          m.step, ctx_.total_steps, m.loss, m.lr, m.grad_norm, m.tokens_per_s, m.tflops_per_device,
+          m.mfu * 100,
           ctx_.cuda ? format_bytes(static_cast<double>(m.device_peak)) + " GPU peak"
                     : format_bytes(static_cast<double>(m.rss)),
           100 * m.data_s / t, 100 * m.forward_s / t, 100 * m.backward_s / t, 100 * m.comm_s / t,
@@ -59,18 +61,19 @@ class ConsoleSink : public MetricsSink {
         line += fmt::format(" | aux {:.4f} | max load {:.2f}", m.aux_loss, m.moe_max_load);
         if (m.moe_dropped > 0) line += fmt::format(" | dropped {}", m.moe_dropped);
       }
-      if (progress_ && !progress_->active()) line += fmt::format(" | ETA {}", format_duration(progress_->eta(m.step)));
+      if (progress_ && !progress_->active())
+        line += fmt::format(" | ETA {}", format_duration(progress_->eta(m.step)));
       LOOM_LOG_INFO("{}", line);
     }
     if (progress_) {
-      progress_->update(m.step, fmt::format("loss {:.4f} | lr {:.2e} | {:.0f} tok/s | MFU {:.1f}%", m.loss, m.lr,
-                                            m.tokens_per_s, m.mfu * 100));
+      progress_->update(m.step, fmt::format("loss {:.4f} | lr {:.2e} | {:.0f} tok/s | MFU {:.1f}%",
+                                            m.loss, m.lr, m.tokens_per_s, m.mfu * 100));
     }
   }
 
   void eval(const EvalMetrics& e) override {
-    LOOM_LOG_INFO("eval step {} | loss {:.4f} | perplexity {:.2f} | {} tokens", e.step, e.loss, e.perplexity,
-                  e.tokens);
+    LOOM_LOG_INFO("eval step {} | loss {:.4f} | perplexity {:.2f} | {} tokens", e.step, e.loss,
+                  e.perplexity, e.tokens);
   }
 
  private:
@@ -120,8 +123,11 @@ class JsonlSink : public MetricsSink {
   }
 
   void eval(const EvalMetrics& e) override {
-    nlohmann::json j = {
-        {"type", "eval"}, {"step", e.step}, {"loss", e.loss}, {"perplexity", e.perplexity}, {"tokens", e.tokens}};
+    nlohmann::json j = {{"type", "eval"},
+                        {"step", e.step},
+                        {"loss", e.loss},
+                        {"perplexity", e.perplexity},
+                        {"tokens", e.tokens}};
     write(j.dump());
   }
 
@@ -139,13 +145,14 @@ class TensorBoardSink : public MetricsSink {
   TensorBoardSink(const std::string& dir, const MetricsContext& ctx) : ctx_(ctx), writer_(dir) {}
 
   void step(const StepMetrics& m) override {
-    std::vector<std::pair<std::string, double>> v = {{"train/loss", m.loss},
-                                                     {"train/lr", m.lr},
-                                                     {"train/grad_norm", m.grad_norm},
-                                                     {"perf/tokens_per_s", m.tokens_per_s},
-                                                     {"perf/tflops_per_device", m.tflops_per_device},
-                                                     {"perf/mfu", m.mfu},
-                                                     {"memory/rss_gib", static_cast<double>(m.rss) / (1 << 30)}};
+    std::vector<std::pair<std::string, double>> v = {
+        {"train/loss", m.loss},
+        {"train/lr", m.lr},
+        {"train/grad_norm", m.grad_norm},
+        {"perf/tokens_per_s", m.tokens_per_s},
+        {"perf/tflops_per_device", m.tflops_per_device},
+        {"perf/mfu", m.mfu},
+        {"memory/rss_gib", static_cast<double>(m.rss) / (1 << 30)}};
     if (ctx_.moe) {
       v.emplace_back("train/aux_loss", m.aux_loss);
       v.emplace_back("moe/max_load", m.moe_max_load);
@@ -182,7 +189,8 @@ void add_moe_stats(StepMetrics& m, const std::vector<std::unique_ptr<model::GptM
     }
   }
   if (pp == nullptr || pp->size() == 1) return;  // every stage's MoE layers:
-  at::Tensor dropped = at::full({1}, static_cast<double>(m.moe_dropped), at::kDouble).to(pp->device());
+  at::Tensor dropped =
+      at::full({1}, static_cast<double>(m.moe_dropped), at::kDouble).to(pp->device());
   at::Tensor load = at::full({1}, m.moe_max_load, at::kDouble).to(pp->device());
   pp->all_reduce(dropped);
   pp->all_reduce(load, {comm::ReduceOp::kMax});
@@ -190,7 +198,8 @@ void add_moe_stats(StepMetrics& m, const std::vector<std::unique_ptr<model::GptM
   m.moe_max_load = load.cpu().item<double>();
 }
 
-std::unique_ptr<MetricsSink> make_console_sink(const MetricsContext& ctx, std::shared_ptr<Progress> progress) {
+std::unique_ptr<MetricsSink> make_console_sink(const MetricsContext& ctx,
+                                               std::shared_ptr<Progress> progress) {
   return std::make_unique<ConsoleSink>(ctx, std::move(progress));
 }
 
@@ -198,12 +207,13 @@ std::unique_ptr<MetricsSink> make_jsonl_sink(const std::string& path, const Metr
   return std::make_unique<JsonlSink>(path, ctx);
 }
 
-std::unique_ptr<MetricsSink> make_tensorboard_sink(const std::string& dir, const MetricsContext& ctx) {
+std::unique_ptr<MetricsSink> make_tensorboard_sink(const std::string& dir,
+                                                   const MetricsContext& ctx) {
   return std::make_unique<TensorBoardSink>(dir, ctx);
 }
 
-std::unique_ptr<MetricsSinks> make_metrics_sinks(const config::JobConfig& job, const MetricsContext& ctx,
-                                                 bool rank0) {
+std::unique_ptr<MetricsSinks> make_metrics_sinks(const config::JobConfig& job,
+                                                 const MetricsContext& ctx, bool rank0) {
   auto sinks = std::make_unique<MetricsSinks>();
   if (!rank0) return sinks;
   const auto& t = job.train();
@@ -213,7 +223,8 @@ std::unique_ptr<MetricsSinks> make_metrics_sinks(const config::JobConfig& job, c
   std::string tb = t.tensorboard_dir();
   if (tb.empty() && !job.logging().dir().empty()) tb = job.logging().dir() + "/tensorboard";
   if (!tb.empty() && tb != "off") sinks->add(make_tensorboard_sink(tb, ctx));
-  auto progress = std::make_shared<Progress>(t.progress(), ctx.first_step, ctx.total_steps, t.progress() != "off");
+  auto progress = std::make_shared<Progress>(t.progress(), ctx.first_step, ctx.total_steps,
+                                             t.progress() != "off");
   sinks->add(make_console_sink(ctx, progress));
   sinks->set_progress(progress);
   return sinks;

@@ -12,10 +12,10 @@
 #include <sstream>
 #include <vector>
 
+#include "device_memory.h"
 #include "loom/core/env.h"
 #include "loom/core/error.h"
 #include "loom/core/timer.h"
-#include "device_memory.h"
 
 namespace loom::train {
 
@@ -121,15 +121,18 @@ at::Device resolve_device(const std::string& name) {
   try {
     device = at::Device(name);
   } catch (const std::exception&) {
-    LOOM_THROW(ErrorKind::kConfig, "field 'train.device': '{}' is not a device (cpu, cuda, cuda:N)", name);
+    LOOM_THROW(ErrorKind::kConfig, "field 'train.device': '{}' is not a device (cpu, cuda, cuda:N)",
+               name);
   }
-  LOOM_CHECK_CONFIG(device.is_cpu() || device.is_cuda(), "field 'train.device' must be cpu or cuda[:N], got '{}'",
-                    name);
+  LOOM_CHECK_CONFIG(device.is_cpu() || device.is_cuda(),
+                    "field 'train.device' must be cpu or cuda[:N], got '{}'", name);
   if (device.is_cuda()) {
     LOOM_CHECK_KIND(ErrorKind::kUnsupported, at::hasCUDA(),
-                    "train.device is '{}', but this LibTorch has no CUDA (or no GPU is visible)", name);
+                    "train.device is '{}', but this LibTorch has no CUDA (or no GPU is visible)",
+                    name);
     if (!device.has_index()) {
-      const auto local = env::first_int({"OMPI_COMM_WORLD_LOCAL_RANK", "SLURM_LOCALID", "LOCAL_RANK"});
+      const auto local =
+          env::first_int({"OMPI_COMM_WORLD_LOCAL_RANK", "SLURM_LOCALID", "LOCAL_RANK"});
       device = at::Device(at::kCUDA, static_cast<c10::DeviceIndex>(local.value_or(0)));
     }
   }

@@ -35,7 +35,8 @@ Trainer::Trainer(const config::JobConfig& config, comm::CommunicatorPtr world,
   if (!world_) world_ = std::make_shared<comm::LocalCommunicator>();
   const auto dims = mesh::ParallelDims::from_config(config_.parallel(), world_->size());
   LOOM_CHECK_KIND(ErrorKind::kUnsupported, dims.cp == 1 && dims.ep == 1,
-                  "this build's trainer runs tensor (with sequence), pipeline and data parallelism; parallel.cp={}, "
+                  "this build's trainer runs tensor (with sequence), pipeline and data "
+                  "parallelism; parallel.cp={}, "
                   "ep={} need the context/expert-parallel layers, which are not in yet",
                   dims.cp, dims.ep);
   groups_ = std::make_unique<mesh::ProcessGroups>(dims, world_);
@@ -48,7 +49,9 @@ Trainer::Trainer(const config::JobConfig& config, comm::CommunicatorPtr world,
     LOOM_LOG_WARN("LOOM_FAULT_INJECT is set: this rank will fail at step {}", fault_->step);
   }
   if (t.tune_host_allocator() && !tune_host_allocator()) {
-    LOOM_LOG_WARN("glibc refused the host-allocator settings (mallopt); fresh pages will be faulted in each step");
+    LOOM_LOG_WARN(
+        "glibc refused the host-allocator settings (mallopt); fresh pages will be faulted in each "
+        "step");
   }
   const model::ModelSpec spec = model::ModelSpec::from_config(config_.model());
   // The pieces of a step (DESIGN: the trainer builds them and calls them in order).
@@ -57,7 +60,8 @@ Trainer::Trainer(const config::JobConfig& config, comm::CommunicatorPtr world,
   build_optimizer(spec);
   build_executor();
   flops_per_token_ = spec.flops_per_token(seq_len_);
-  peak_flops_ = t.peak_tflops() > 0 ? t.peak_tflops() * 1e12 : probe_matmul_flops(device_, spec.compute_dtype);
+  peak_flops_ = t.peak_tflops() > 0 ? t.peak_tflops() * 1e12
+                                    : probe_matmul_flops(device_, spec.compute_dtype);
   MetricsContext ctx;
   ctx.total_steps = t.steps();
   ctx.log_every = t.log_every();
@@ -76,36 +80,40 @@ void Trainer::build_data(const model::ModelSpec& spec) {
   documents_ = config_.data().mode() == config::DataConfig::DOCUMENTS;
   global_batch_ = t.global_batch_size() > 0 ? t.global_batch_size() : micro_batch_ * dp;
   if (!documents_) {
-    LOOM_CHECK_CONFIG(global_batch_ % (micro_batch_ * dp) == 0,
-                      "field 'train.global_batch_size' ({}) must be a multiple of train.micro_batch_size "
-                      "({}) x data-parallel size ({}) = {}",
-                      global_batch_, micro_batch_, dp, micro_batch_ * dp);
+    LOOM_CHECK_CONFIG(
+        global_batch_ % (micro_batch_ * dp) == 0,
+        "field 'train.global_batch_size' ({}) must be a multiple of train.micro_batch_size "
+        "({}) x data-parallel size ({}) = {}",
+        global_batch_, micro_batch_, dp, micro_batch_ * dp);
     num_micro_ = global_batch_ / (micro_batch_ * dp);
   } else {
-    LOOM_CHECK_CONFIG(global_batch_ % dp == 0,
-                      "data.mode DOCUMENTS: field 'train.global_batch_size' ({} documents per step) must be a "
-                      "multiple of the data-parallel size ({})",
-                      global_batch_, dp);
-    LOOM_CHECK_CONFIG(t.micro_batch_tokens() >= 0, "field 'train.micro_batch_tokens' must be >= 0, got {}",
+    LOOM_CHECK_CONFIG(
+        global_batch_ % dp == 0,
+        "data.mode DOCUMENTS: field 'train.global_batch_size' ({} documents per step) must be a "
+        "multiple of the data-parallel size ({})",
+        global_batch_, dp);
+    LOOM_CHECK_CONFIG(t.micro_batch_tokens() >= 0,
+                      "field 'train.micro_batch_tokens' must be >= 0, got {}",
                       t.micro_batch_tokens());
   }
   const bool sp = config_.parallel().sequence_parallel() && groups_->tp_size() > 1;
   if (sp && !documents_) {
     LOOM_CHECK_CONFIG(seq_len_ % groups_->tp_size() == 0,
-                      "parallel.sequence_parallel splits the sequence over parallel.tp = {} ranks: train.seq_len = "
+                      "parallel.sequence_parallel splits the sequence over parallel.tp = {} ranks: "
+                      "train.seq_len = "
                       "{} is not divisible by it",
                       groups_->tp_size(), seq_len_);
   }
   if (!source_) source_ = data::make_source(config_, spec.vocab_size, global_batch_);
   LOOM_CHECK_CONFIG(source_->vocab_size() <= spec.vocab_size,
-                    "the data's vocabulary ({} tokens) does not fit model.vocab_size = {}", source_->vocab_size(),
-                    spec.vocab_size);
+                    "the data's vocabulary ({} tokens) does not fit model.vocab_size = {}",
+                    source_->vocab_size(), spec.vocab_size);
   data::LoaderOptions lo;
   lo.mode = documents_ ? data::BatchMode::kDocuments : data::BatchMode::kWindows;
   lo.seq_len = seq_len_;
   lo.global_batch = global_batch_;
   lo.micro_batch_size = micro_batch_;
-  lo.micro_batch_tokens = t.micro_batch_tokens() > 0 ? t.micro_batch_tokens() : micro_batch_ * seq_len_;
+  lo.micro_batch_tokens = t.micro_batch_tokens() > 0 ? t.micro_batch_tokens() : seq_len_;
   lo.pad_multiple = sp ? groups_->tp_size() : 1;
   lo.dp_size = dp;
   lo.dp_rank = groups_->dp_rank();
@@ -116,20 +124,22 @@ void Trainer::build_data(const model::ModelSpec& spec) {
 
 void Trainer::build_model(const model::ModelSpec& spec) {
   const auto& par = config_.parallel();
-  LOOM_CHECK_CONFIG(par.vocab_divisible_by() >= 1, "field 'parallel.vocab_divisible_by' must be >= 1, got {}",
+  LOOM_CHECK_CONFIG(par.vocab_divisible_by() >= 1,
+                    "field 'parallel.vocab_divisible_by' must be >= 1, got {}",
                     par.vocab_divisible_by());
   parallel::TensorParallel tp;
   if (groups_->tp_size() > 1) tp.comm = groups_->tp_group();
   tp.sequence_parallel = par.sequence_parallel();
   tp.overlap_comm = par.overlap_tp_comm();
-  // Pipeline stages: chunk c of this rank is virtual stage c * pp + pp rank (Note: pipeline stages).
+  // Pipeline stages: chunk c of this rank is virtual stage c * pp + pp rank (Note: pipeline
+  // stages).
   const int pp = groups_->pp_size(), vp = parallel::pipeline::schedule_from_config(par, pp).chunks;
-  const auto layouts =
-      model::partition_stages(spec.num_layers, pp, vp, par.pp_first_stage_layers(), par.pp_last_stage_layers());
+  const auto layouts = model::partition_stages(spec.num_layers, pp, vp, par.pp_first_stage_layers(),
+                                               par.pp_last_stage_layers());
   for (int c = 0; c < vp; ++c) {
     const auto& layout = layouts[static_cast<size_t>(c * pp + groups_->pp_rank())];
-    chunks_.push_back(
-        std::make_unique<model::GptModel>(spec, config_.seed(), device_, tp, par.vocab_divisible_by(), layout));
+    chunks_.push_back(std::make_unique<model::GptModel>(spec, config_.seed(), device_, tp,
+                                                        par.vocab_divisible_by(), layout));
     for (const auto& p : chunks_.back()->parameters()) params_.push_back(p);
   }
 }
@@ -138,19 +148,21 @@ void Trainer::build_optimizer(const model::ModelSpec& spec) {
   const auto& par = config_.parallel();
   const auto tp = groups_->tp_size() > 1 ? groups_->tp_group() : nullptr;
   const auto pp = groups_->pp_size() > 1 ? groups_->pp_group() : nullptr;
-  LOOM_CHECK_CONFIG(config_.optim().clip_grad() >= 0, "field 'optim.clip_grad' must be >= 0, got {}",
-                    config_.optim().clip_grad());
+  LOOM_CHECK_CONFIG(config_.optim().clip_grad() >= 0,
+                    "field 'optim.clip_grad' must be >= 0, got {}", config_.optim().clip_grad());
   parallel::GradSyncOptions sync;  // Note: gradient synchronisation
   sync.dp = groups_->dp_group();
   sync.tp = groups_->tp_group();
   if (pp && spec.tie_embeddings && (groups_->pp_is_first_stage() || groups_->pp_is_last_stage())) {
     sync.embedding = groups_->embedding_group();
     LOOM_INTERNAL_CHECK(sync.embedding && sync.embedding->size() == 2,
-                        "pipeline stage {} of {} has no two-rank embedding group", groups_->pp_rank(), pp->size());
+                        "pipeline stage {} of {} has no two-rank embedding group",
+                        groups_->pp_rank(), pp->size());
   }
   const auto options = optim::AdamWOptions::from_config(config_.optim());
   if (par.distributed_optimizer()) {
-    auto zero = std::make_unique<optim::DistributedAdamW>(&params_, options, groups_->dp_group(), tp, pp);
+    auto zero =
+        std::make_unique<optim::DistributedAdamW>(&params_, options, groups_->dp_group(), tp, pp);
     zero_ = zero.get();
     sync.shards = zero_;
     optimizer_ = std::move(zero);
@@ -177,22 +189,25 @@ void Trainer::build_optimizer(const model::ModelSpec& spec) {
 
 void Trainer::build_executor() {
   const int pp = groups_->pp_size();
-  const parallel::pipeline::ScheduleOptions o = parallel::pipeline::schedule_from_config(config_.parallel(), pp);
+  const parallel::pipeline::ScheduleOptions o =
+      parallel::pipeline::schedule_from_config(config_.parallel(), pp);
   if (pp > 1) {
     // [Note: pipeline runner] matches sends and receives by tag, with independent progress (MPI's
     // model). NCCL has no tags and matches in posting order on one stream, where 1F1B's crossing
     // transfers (activations one way, gradients the other) can block each other; that ordering
     // is not built yet, and CUDA activations are not staged through MPI.
     const auto& comm = *groups_->pp_group();
-    LOOM_CHECK_KIND(ErrorKind::kUnsupported, std::string(comm.backend()) != "nccl" && comm.device() == device_,
-                    "parallel.pp = {} on train.device '{}' over the {} backend: the pipeline runner needs "
-                    "tag-matched point-to-point on the activations' device, which this build has only for CPU "
-                    "tensors over MPI (see docs/parallelism.md)",
-                    pp, device_.str(), comm.backend());
+    LOOM_CHECK_KIND(
+        ErrorKind::kUnsupported, std::string(comm.backend()) != "nccl" && comm.device() == device_,
+        "parallel.pp = {} on train.device '{}' over the {} backend: the pipeline runner needs "
+        "tag-matched point-to-point on the activations' device, which this build has only for CPU "
+        "tensors over MPI (see docs/parallelism.md)",
+        pp, device_.str(), comm.backend());
   }
   std::vector<model::GptModel*> chunks;
   for (auto& c : chunks_) chunks.push_back(c.get());
-  executor_ = std::make_unique<StepExecutor>(chunks, o, groups_->pp_group(), grad_sync_.get(), device_);
+  executor_ =
+      std::make_unique<StepExecutor>(chunks, o, groups_->pp_group(), grad_sync_.get(), device_);
   if (documents_) {
     // Packed documents give each step its own number of micro-batches; the interleaved schedule's
     // constraints on that number (at least pp, whole groups) cannot be promised.
@@ -211,17 +226,24 @@ void Trainer::log_setup(const model::ModelSpec& spec) {
   LOOM_LOG_INFO("model: {}", spec.summary());
   LOOM_LOG_INFO("data: {}", source_->describe());
   if (documents_) {
-    LOOM_LOG_INFO("batch: {} documents per step over {} DP rank(s), packed into micro-batches of at most {} tokens "
-                  "(pieces of at most {}); the loss is per token over the global batch",
-                  global_batch_, groups_->dp_size(), loader_->options().micro_batch_tokens, seq_len_);
+    LOOM_LOG_INFO(
+        "batch: {} documents per step over {} DP rank(s), packed into micro-batches of at most {} "
+        "tokens "
+        "(pieces of at most {}); the loss is per token over the global batch",
+        global_batch_, groups_->dp_size(), loader_->options().micro_batch_tokens, seq_len_);
   } else {
-    LOOM_LOG_INFO("batch: {} sequences x {} tokens per step = {} micro-batches of {} on each of {} DP rank(s)",
-                  global_batch_, seq_len_, num_micro_, micro_batch_, groups_->dp_size());
+    LOOM_LOG_INFO(
+        "batch: {} sequences x {} tokens per step = {} micro-batches of {} on each of {} DP "
+        "rank(s)",
+        global_batch_, seq_len_, num_micro_, micro_batch_, groups_->dp_size());
   }
-  LOOM_LOG_INFO("parallel: tp={}{} pp={} dp={} ({} ranks); optimizer state {} per rank{}", groups_->tp_size(),
-                chunks_.front()->tensor_parallel().sp() ? " with sequence parallelism" : "", groups_->pp_size(),
-                groups_->dp_size(), world_->size(), format_bytes(static_cast<double>(optimizer_->state_bytes())),
-                zero_ ? fmt::format(" (distributed optimizer: 1/{} of the moments)", groups_->dp_size()) : "");
+  LOOM_LOG_INFO(
+      "parallel: tp={}{} pp={} dp={} ({} ranks); optimizer state {} per rank{}", groups_->tp_size(),
+      chunks_.front()->tensor_parallel().sp() ? " with sequence parallelism" : "",
+      groups_->pp_size(), groups_->dp_size(), world_->size(),
+      format_bytes(static_cast<double>(optimizer_->state_bytes())),
+      zero_ ? fmt::format(" (distributed optimizer: 1/{} of the moments)", groups_->dp_size())
+            : "");
   if (pipeline_) {
     std::string layers;
     for (const auto& c : chunks_) {
@@ -231,23 +253,29 @@ void Trainer::log_setup(const model::ModelSpec& spec) {
                             st.post_process ? " +head" : "");
     }
     const auto& o = pipeline_->options();
-    LOOM_LOG_INFO("pipeline: {} schedule, {} stages x {} chunk(s), {} micro-batches per step; this rank: layers {}",
-                  parallel::pipeline::schedule_name(o.kind), o.stages, o.chunks,
-                  documents_ ? std::string("varying") : std::to_string(o.microbatches), layers);
+    LOOM_LOG_INFO(
+        "pipeline: {} schedule, {} stages x {} chunk(s), {} micro-batches per step; this rank: "
+        "layers {}",
+        parallel::pipeline::schedule_name(o.kind), o.stages, o.chunks,
+        documents_ ? std::string("varying") : std::to_string(o.microbatches), layers);
   }
   if (chunks_.front()->padded_vocab() != spec.vocab_size) {
-    LOOM_LOG_INFO("vocabulary padded from {} to {} rows (a multiple of parallel.vocab_divisible_by {} x tp {}) for "
-                  "the vocab-parallel embedding and head",
-                  spec.vocab_size, chunks_.front()->padded_vocab(), config_.parallel().vocab_divisible_by(),
-                  groups_->tp_size());
+    LOOM_LOG_INFO(
+        "vocabulary padded from {} to {} rows (a multiple of parallel.vocab_divisible_by {} x tp "
+        "{}) for "
+        "the vocab-parallel embedding and head",
+        spec.vocab_size, chunks_.front()->padded_vocab(), config_.parallel().vocab_divisible_by(),
+        groups_->tp_size());
   }
   LOOM_LOG_INFO("compute: {} ({}), {:.3g} GFLOP per token; peak {:.2f} TFLOP/s per device ({})",
-                c10::toString(spec.compute_dtype), spec.recompute ? "full recomputation" : "no recomputation",
-                flops_per_token_ / 1e9, peak_flops_ / 1e12,
+                c10::toString(spec.compute_dtype),
+                spec.recompute ? "full recomputation" : "no recomputation", flops_per_token_ / 1e9,
+                peak_flops_ / 1e12,
                 t.peak_tflops() > 0 ? "train.peak_tflops" : "measured by a GEMM probe");
   LOOM_LOG_INFO("BLAS: {}", blas_description());
   if (world_->rank() == 0 && blas_core_forced()) {
-    LOOM_LOG_WARN("OPENBLAS_CORETYPE is set: OpenBLAS uses that core's kernels, which can halve GEMM speed");
+    LOOM_LOG_WARN(
+        "OPENBLAS_CORETYPE is set: OpenBLAS uses that core's kernels, which can halve GEMM speed");
   }
 }
 
@@ -255,14 +283,14 @@ Trainer::~Trainer() = default;
 
 namespace {
 // All-reduces a host tensor over `comm` (through the communicator's device when it is not the CPU).
-void all_reduce_host(at::Tensor& t, comm::Communicator& comm, comm::ReduceOp op = comm::ReduceOp::kSum) {
+void all_reduce_host(at::Tensor& t, comm::Communicator& comm,
+                     comm::ReduceOp op = comm::ReduceOp::kSum) {
   if (comm.size() == 1) return;
   at::Tensor d = t.to(comm.device());
   comm.all_reduce(d, {op});
   if (d.data_ptr() != t.data_ptr()) t.copy_(d.cpu());
 }
 }  // namespace
-
 
 at::Tensor Trainer::full_tensor(const model::Parameter& p, const at::Tensor& local) const {
   return parallel::full_tensor(p, local, groups_->tp_group().get());
@@ -279,7 +307,8 @@ std::vector<at::Tensor> Trainer::full_gradients() const {
     }
   }
   std::vector<at::Tensor> full;
-  for (size_t i = 0; i < params_.size(); ++i) full.push_back(full_tensor(params_[i], local[i]).clone());
+  for (size_t i = 0; i < params_.size(); ++i)
+    full.push_back(full_tensor(params_[i], local[i]).clone());
   return full;
 }
 
@@ -290,6 +319,16 @@ StepMetrics Trainer::train_step() {
   timers_.start("data");
   // This rank's plan and micro-batches (Note: step plan); N and the micro-batch count over all DP
   // ranks come with the plan, computed without communication.
+  // A step that fails (a non-finite loss, a peer's error) leaves the data position where it was,
+  // like the parameters: the loader advances only with the optimizer step.
+  struct KeepPosition {
+    data::MicroBatchLoader* loader;
+    int64_t position;
+    bool committed = false;
+    ~KeepPosition() {
+      if (!committed) loader->set_position(position);
+    }
+  } keep{loader_.get(), loader_->position()};
   const data::StepData data = loader_->next(/*prefetch_next=*/step_ + 1 < config_.train().steps());
   const std::vector<model::Batch>& batches = data.batches;
   const double total_tokens = static_cast<double>(data.plan.loss_tokens);
@@ -307,7 +346,8 @@ StepMetrics Trainer::train_step() {
   m.forward_s = sums.stats.forward_s;
   m.backward_s = sums.stats.backward_s;
   m.pp_wait_s = sums.stats.recv_wait_s;
-  at::Tensor loss_acc = at::tensor({sums.loss_sum, sums.aux_sum}, at::kDouble);  // [lm loss sum, aux sum]
+  at::Tensor loss_acc =
+      at::tensor({sums.loss_sum, sums.aux_sum}, at::kDouble);  // [lm loss sum, aux sum]
   timers_.start("comm");
   grad_sync_->finish();  // Note: gradient synchronisation
   timers_.stop("comm");
@@ -321,22 +361,25 @@ StepMetrics Trainer::train_step() {
   m.loss = loss_acc[0].item<double>() / total_tokens;
   m.aux_loss = loss_acc[1].item<double>() * aux_scale;
   m.tokens = static_cast<int64_t>(total_tokens);
-  m.micro_batches = static_cast<int64_t>(batches.size());
-  LOOM_CHECK_KIND(ErrorKind::kNumerics, std::isfinite(m.loss),
-                  "step {}: the loss is {} ({} tokens); no update was applied, so the parameters are "
-                  "those after step {}. Lower optim.lr, raise optim.warmup_steps, or check the data",
-                  m.step, show(m.loss), m.tokens, step_);
+  m.micro_batches = data.plan.global_micro_batches;
+  LOOM_CHECK_KIND(
+      ErrorKind::kNumerics, std::isfinite(m.loss),
+      "step {}: the loss is {} ({} tokens); no update was applied, so the parameters are "
+      "those after step {}. Lower optim.lr, raise optim.warmup_steps, or check the data",
+      m.step, show(m.loss), m.tokens, step_);
 
   timers_.start("optimizer");
   m.grad_norm = zero_ ? zero_->clip_grad_norm(config_.optim().clip_grad())
-                      : optim::clip_grad_norm(params_, config_.optim().clip_grad(), groups_->tp_group().get(),
-                                              groups_->pp_group().get());
-  LOOM_CHECK_KIND(ErrorKind::kNumerics, std::isfinite(m.grad_norm),
-                  "step {}: the gradient norm is {} (loss {}); no update was applied, so the parameters "
-                  "are those after step {}",
-                  m.step, show(m.grad_norm), show(m.loss), step_);
+                      : optim::clip_grad_norm(params_, config_.optim().clip_grad(),
+                                              groups_->tp_group().get(), groups_->pp_group().get());
+  LOOM_CHECK_KIND(
+      ErrorKind::kNumerics, std::isfinite(m.grad_norm),
+      "step {}: the gradient norm is {} (loss {}); no update was applied, so the parameters "
+      "are those after step {}",
+      m.step, show(m.grad_norm), show(m.loss), step_);
   m.lr = schedule_->lr_at(step_);
   optimizer_->step(m.lr);
+  keep.committed = true;
   timers_.stop("optimizer");
   ++step_;
 
@@ -386,16 +429,26 @@ EvalMetrics Trainer::evaluate() {
 
 std::string Trainer::save_checkpoint() {
   const std::string& root = config_.train().checkpoint_dir();
-  LOOM_CHECK_CONFIG(!root.empty(), "cannot save a checkpoint: field 'train.checkpoint_dir' is empty");
+  LOOM_CHECK_CONFIG(!root.empty(),
+                    "cannot save a checkpoint: field 'train.checkpoint_dir' is empty");
   // Full, unpadded tensors under their global names whatever the layout (Note: training state).
   checkpoint::CheckpointData data = state_->gather(step_, {{"config", config::to_text(config_)}});
-  std::string dir;
+  std::string dir, failure;
   if (world_->rank() == 0) {
-    dir = checkpoint::save_checkpoint(root, step_, data, config_.train().keep_checkpoints());
-    sinks_->clear();
-    LOOM_LOG_INFO("saved checkpoint {} (step {})", dir, step_);
+    try {
+      dir = checkpoint::save_checkpoint(root, step_, data, config_.train().keep_checkpoints());
+      sinks_->clear();
+      LOOM_LOG_INFO("saved checkpoint {} (step {})", dir, step_);
+    } catch (const Error& e) {
+      failure = e.what();
+    }
   }
-  world_->barrier();
+  // Every rank learns whether the write succeeded (a full disk must not leave the others waiting).
+  at::Tensor failed = at::full({1}, failure.empty() ? 0.0 : 1.0, at::kDouble);
+  all_reduce_host(failed, *world_, comm::ReduceOp::kMax);
+  LOOM_CHECK_KIND(ErrorKind::kIO, failed.item<double>() == 0,
+                  "writing the checkpoint of step {} under '{}' failed{}", step_, root,
+                  failure.empty() ? " on world rank 0 (see its error)" : ": " + failure);
   last_checkpoint_ = dir.empty() ? fmt::format("{}/step-{:08d}", root, step_) : dir;
   return last_checkpoint_;
 }
@@ -404,8 +457,9 @@ void Trainer::load_checkpoint(const std::string& dir) {
   const checkpoint::RestoredState r = state_->load(dir);  // checked on every rank first
   step_ = r.step;
   if (r.consumed_samples != step_ * global_batch_) {
-    LOOM_LOG_WARN("checkpoint consumed {} samples in {} steps; this run uses {} per step from here on",
-                  r.consumed_samples, step_, global_batch_);
+    LOOM_LOG_WARN(
+        "checkpoint consumed {} samples in {} steps; this run uses {} per step from here on",
+        r.consumed_samples, step_, global_batch_);
   }
   LOOM_LOG_INFO("resumed from {} at step {} ({} samples consumed)", dir, step_, r.consumed_samples);
 }
@@ -413,7 +467,8 @@ void Trainer::load_checkpoint(const std::string& dir) {
 TrainSummary Trainer::fit() {
   const auto& t = config_.train();
   if (t.resume() == "latest") {
-    LOOM_CHECK_CONFIG(!t.checkpoint_dir().empty(), "train.resume is 'latest' but train.checkpoint_dir is empty");
+    LOOM_CHECK_CONFIG(!t.checkpoint_dir().empty(),
+                      "train.resume is 'latest' but train.checkpoint_dir is empty");
     if (auto latest = checkpoint::latest_checkpoint(t.checkpoint_dir())) {
       load_checkpoint(*latest);
     } else {
@@ -457,14 +512,18 @@ TrainSummary Trainer::fit() {
   if (!t.checkpoint_dir().empty() && !saved_now && step_ > s.first_step) save_checkpoint();
   s.last_step = step_;
   s.seconds = clock.seconds();
-  s.mean_tokens_per_s = timed > 0 ? tps_sum / static_cast<double>(timed) : (history_.empty() ? 0 : history_.back().tokens_per_s);
-  s.mean_mfu = timed > 0 ? mfu_sum / static_cast<double>(timed) : (history_.empty() ? 0 : history_.back().mfu);
+  s.mean_tokens_per_s = timed > 0 ? tps_sum / static_cast<double>(timed)
+                                  : (history_.empty() ? 0 : history_.back().tokens_per_s);
+  s.mean_mfu = timed > 0 ? mfu_sum / static_cast<double>(timed)
+                         : (history_.empty() ? 0 : history_.back().mfu);
   s.checkpoint = last_checkpoint_;
   if (!have_eval) s.best_eval_loss = std::nan("");
-  LOOM_LOG_INFO("done: steps {}..{} in {} | loss {:.4f} -> {:.4f} | best eval loss {:.4f} | {:.0f} tok/s | MFU {:.1f}%{}",
-                s.first_step, s.last_step, format_duration(s.seconds), s.first_loss, s.last_loss,
-                s.best_eval_loss, s.mean_tokens_per_s, s.mean_mfu * 100,
-                s.checkpoint.empty() ? "" : " | checkpoint " + s.checkpoint);
+  LOOM_LOG_INFO(
+      "done: steps {}..{} in {} | loss {:.4f} -> {:.4f} | best eval loss {:.4f} | {:.0f} tok/s | "
+      "MFU {:.1f}%{}",
+      s.first_step, s.last_step, format_duration(s.seconds), s.first_loss, s.last_loss,
+      s.best_eval_loss, s.mean_tokens_per_s, s.mean_mfu * 100,
+      s.checkpoint.empty() ? "" : " | checkpoint " + s.checkpoint);
   return s;
 }
 

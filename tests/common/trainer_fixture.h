@@ -15,9 +15,9 @@
 #include <algorithm>
 #include <cmath>
 #include <map>
+#include <string>
 #include <utility>
 #include <vector>
-#include <string>
 
 #include "loom/comm/local_communicator.h"
 #include "loom/config.pb.h"
@@ -125,9 +125,9 @@ inline void copy_parameters(loom::train::Trainer& single, loom::train::Trainer& 
 }
 
 // Per-tensor gradient tolerance: max |g_parallel - g_single| over a tensor, relative to the largest
-// |g_single| of that tensor. The two runs sum the same fp32 terms in another order (TP partial sums,
-// DP reductions, micro-batch accumulation): measured worst ~2e-6 on the layouts of the suite; a
-// gradient that is mis-scaled or misses one rank's contribution is off by O(1).
+// |g_single| of that tensor. The two runs sum the same fp32 terms in another order (TP partial
+// sums, DP reductions, micro-batch accumulation): measured worst ~2e-6 on the layouts of the suite;
+// a gradient that is mis-scaled or misses one rank's contribution is off by O(1).
 constexpr double kGradTol = 1e-5;
 
 // What compare_steps() measured: the worst relative loss difference over the steps and the worst
@@ -136,7 +136,7 @@ struct StepComparison {
   double loss = 0;
   double grad = 0;
   int64_t grad_tensors = 0;  // tensors compared, over the world
-  int64_t dropped = 0;       // MoE (token, expert) assignments the single process dropped, all steps
+  int64_t dropped = 0;  // MoE (token, expert) assignments the single process dropped, all steps
 };
 
 // Tolerances of a comparison (fp32 defaults; bf16 runs state their own).
@@ -157,11 +157,13 @@ inline std::vector<std::pair<std::string, at::Tensor>> named_gradients(loom::tra
 }
 
 // Runs both trainers `steps` steps; every step's tokens, loss, aux loss and gradient norm must
-// agree, and at the first step and at step 5 (after warm-up and 4 updates, from equal parameters) every parameter's full gradient tensor
-// (pipeline copies included, each single-process parameter covered at least once over the ranks)
-// must agree per tensor within `tol.grad`. Returns what it measured (the same on every rank).
-inline StepComparison compare_steps(loom::train::Trainer& single, loom::train::Trainer& par, int steps,
-                                    const std::string& what, const Tolerances& tol = {}) {
+// agree, and at the first step and at step 5 (after warm-up and 4 updates, from equal parameters)
+// every parameter's full gradient tensor (pipeline copies included, each single-process parameter
+// covered at least once over the ranks) must agree per tensor within `tol.grad`. Returns what it
+// measured (the same on every rank).
+inline StepComparison compare_steps(loom::train::Trainer& single, loom::train::Trainer& par,
+                                    int steps, const std::string& what,
+                                    const Tolerances& tol = {}) {
   StepComparison r;
   bool capture = false;
   std::vector<std::pair<std::string, at::Tensor>> ga, gb;
@@ -198,7 +200,8 @@ inline StepComparison compare_steps(loom::train::Trainer& single, loom::train::T
       const auto& [name, g] = gb[i];
       auto it = by_name.find(name);
       if (it == by_name.end() || it->second->sizes() != g.sizes()) {
-        ADD_FAILURE() << what << ": gradient of '" << name << "' missing or of another shape in the single process";
+        ADD_FAILURE() << what << ": gradient of '" << name
+                      << "' missing or of another shape in the single process";
         worst = 1e30;
         continue;
       }
@@ -206,8 +209,8 @@ inline StepComparison compare_steps(loom::train::Trainer& single, loom::train::T
       const double scale = ref.abs().max().item<double>();
       const double diff = (got - ref).abs().max().item<double>();
       const double rel = scale > 0 ? diff / scale : (diff == 0 ? 0.0 : 1e30);
-      EXPECT_LT(rel, tol.grad) << what << " step " << s + 1 << ": gradient of '" << name << "' (scale " << scale
-                               << ", max diff " << diff << ")";
+      EXPECT_LT(rel, tol.grad) << what << " step " << s + 1 << ": gradient of '" << name
+                               << "' (scale " << scale << ", max diff " << diff << ")";
       worst = std::max(worst, rel);
       const auto& p = par.parameters()[i];
       if (!p.pipeline_copy && par.groups().tp_rank() == 0 && par.groups().dp_rank() == 0) ++owned;
@@ -253,24 +256,29 @@ struct Layout {
   bool recompute = false;     // model.recompute = FULL
   double capacity = 0;        // model.moe.capacity_factor (0: dropless)
   bool drop_by_position = false;  // model.moe.drop_policy = DROP_BY_POSITION (else by probability)
-  bool documents = false;     // data.mode = DOCUMENTS: 16 documents per step, micro-batches of <= 40 tokens
+  bool documents =
+      false;  // data.mode = DOCUMENTS: 16 documents per step, micro-batches of <= 40 tokens
   int steps = 20;
 
   int dp() const { return world()->size() / (tp * pp); }
   std::string str() const {
-    std::string s = model + " tp" + std::to_string(tp) + " pp" + std::to_string(pp) + " dp" + std::to_string(dp());
+    std::string s = model + " tp" + std::to_string(tp) + " pp" + std::to_string(pp) + " dp" +
+                    std::to_string(dp());
     if (pp > 1) s += " " + (schedule.empty() ? std::string("1f1b") : schedule);
     if (vp > 1) s += " vp" + std::to_string(vp);
     s += " m" + std::to_string(micro) + " L" + std::to_string(layers);
     if (sp) s += " sp";
     if (zero) s += " zero1";
-    if (first >= 0 || last >= 0) s += " first" + std::to_string(first) + " last" + std::to_string(last);
+    if (first >= 0 || last >= 0)
+      s += " first" + std::to_string(first) + " last" + std::to_string(last);
     if (first_dense > 0) s += " dense" + std::to_string(first_dense);
     if (documents) s += " documents";
     if (sgd) s += " sgd";
     if (bf16) s += " bf16";
     if (recompute) s += " recompute";
-    if (capacity > 0) s += " capacity" + std::to_string(capacity).substr(0, 4) + (drop_by_position ? " by-position" : "");
+    if (capacity > 0)
+      s += " capacity" + std::to_string(capacity).substr(0, 4) +
+           (drop_by_position ? " by-position" : "");
     return s;
   }
 };
@@ -282,7 +290,8 @@ inline loom::config::JobConfig layout_single_job(const Layout& c) {
   if (c.model == "moe") {
     j.mutable_model()->mutable_moe()->set_first_dense_layers(c.first_dense);
     j.mutable_model()->mutable_moe()->set_capacity_factor(c.capacity);
-    if (c.drop_by_position) j.mutable_model()->mutable_moe()->set_drop_policy(loom::config::MoeConfig::DROP_BY_POSITION);
+    if (c.drop_by_position)
+      j.mutable_model()->mutable_moe()->set_drop_policy(loom::config::MoeConfig::DROP_BY_POSITION);
   }
   if (c.bf16) j.mutable_model()->set_precision(loom::config::ModelConfig::BF16);
   if (c.recompute) j.mutable_model()->set_recompute(loom::config::ModelConfig::FULL);
@@ -317,7 +326,9 @@ inline loom::config::JobConfig with_layout(loom::config::JobConfig j, const Layo
 }
 
 // The single-process job under the layout.
-inline loom::config::JobConfig layout_job(const Layout& c) { return with_layout(layout_single_job(c), c); }
+inline loom::config::JobConfig layout_job(const Layout& c) {
+  return with_layout(layout_single_job(c), c);
+}
 
 struct LayoutResult {
   StepComparison steps;
@@ -328,11 +339,13 @@ struct LayoutResult {
 // loss, aux loss and gradient norm, every gradient tensor at two steps, the evaluation loss, the
 // final parameters, and bit-identical DP replicas. Tolerances: `tol` for the steps, `param_tol`
 // for the parameters.
-inline LayoutResult expect_layout_matches(const Layout& c, const Tolerances& tol = {}, double param_tol = kParamTol) {
+inline LayoutResult expect_layout_matches(const Layout& c, const Tolerances& tol = {},
+                                          double param_tol = kParamTol) {
   const std::string what = c.str();
   LayoutResult r;
   if (16 % (c.dp() * c.micro) != 0 || c.dp() < 1 || c.dp() * c.tp * c.pp != world()->size()) {
-    ADD_FAILURE() << what << ": not a layout of " << world()->size() << " ranks with a global batch of 16";
+    ADD_FAILURE() << what << ": not a layout of " << world()->size()
+                  << " ranks with a global batch of 16";
     return r;
   }
   auto j = layout_single_job(c);
@@ -359,15 +372,16 @@ inline LayoutResult expect_layout_matches(const Layout& c, const Tolerances& tol
   EXPECT_LT(r.params, tol.params) << what;
   expect_replicas_identical(par, what);
   if (world()->rank() == 0) {
-    std::printf("[ layout ] %-52s loss %.2e, grads %.2e (%lld tensors), params %.2e\n", what.c_str(), r.steps.loss,
-                r.steps.grad, static_cast<long long>(r.steps.grad_tensors), r.params);
+    std::printf("[ layout ] %-52s loss %.2e, grads %.2e (%lld tensors), params %.2e\n",
+                what.c_str(), r.steps.loss, r.steps.grad,
+                static_cast<long long>(r.steps.grad_tensors), r.params);
   }
   return r;
 }
 
 // A parallel test needs more than one rank: in a world of one it is skipped, not passed.
-#define LOOM_REQUIRE_PARALLEL_WORLD()                                                     \
-  do {                                                                                    \
+#define LOOM_REQUIRE_PARALLEL_WORLD()                                                       \
+  do {                                                                                      \
     if (::loom::testing::world()->size() < 2) GTEST_SKIP() << "needs mpirun with 2+ ranks"; \
   } while (0)
 

@@ -8,6 +8,7 @@
 #include <filesystem>
 #include <fstream>
 #include <map>
+#include <nlohmann/json.hpp>
 #include <random>
 #include <thread>
 
@@ -15,8 +16,6 @@
 #include "loom/data/gpt_dataset.h"
 #include "loom/data/indexed_dataset.h"
 #include "loom/data/tokenizer.h"
-
-#include <nlohmann/json.hpp>
 
 namespace {
 
@@ -36,7 +35,8 @@ std::string read_all(const std::string& path) {
 }
 
 void write_all(const std::string& path, const std::string& bytes) {
-  std::ofstream(path, std::ios::binary | std::ios::trunc).write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
+  std::ofstream(path, std::ios::binary | std::ios::trunc)
+      .write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
 }
 
 template <typename T>
@@ -44,13 +44,14 @@ void put(std::string* s, T v) {
   s->append(reinterpret_cast<const char*>(&v), sizeof(T));
 }
 
-// The .idx Megatron's _IndexWriter produces for uint16 documents {1, 2, 3} and {4, 5}, byte by byte.
+// The .idx Megatron's _IndexWriter produces for uint16 documents {1, 2, 3} and {4, 5}, byte by
+// byte.
 std::string known_idx() {
   std::string s("MMIDIDX\0\0", 9);
-  put<uint64_t>(&s, 1);   // version
-  put<uint8_t>(&s, 8);    // uint16
-  put<uint64_t>(&s, 2);   // sequences
-  put<uint64_t>(&s, 3);   // document index entries
+  put<uint64_t>(&s, 1);  // version
+  put<uint8_t>(&s, 8);   // uint16
+  put<uint64_t>(&s, 2);  // sequences
+  put<uint64_t>(&s, 3);  // document index entries
   put<int32_t>(&s, 3);
   put<int32_t>(&s, 2);
   put<int64_t>(&s, 0);
@@ -137,7 +138,9 @@ TEST(IndexedDataset, BadFilesAreRefusedNamingTheField) {
     expect_io_error([&] { IndexedDataset d(p); }, needle);
   };
   std::string idx = known_idx(), bin = known_bin();
-  with(idx, bin.substr(0, 8), "is 8 bytes, but '" + p + ".idx' describes 5 tokens of uint16 = 10 bytes: the .bin is truncated");
+  with(idx, bin.substr(0, 8),
+       "is 8 bytes, but '" + p +
+           ".idx' describes 5 tokens of uint16 = 10 bytes: the .bin is truncated");
   with(idx, bin + "xx", "the .bin has extra bytes");
   std::string m = idx;
   m[0] = 'X';
@@ -266,17 +269,19 @@ TEST(IndexedSource, SplitsAndBlendsTwoDatasets) {
   }
   EXPECT_THROW(src.sample(loom::data::Split::kTrain, 0, 5, buf.data()), loom::Error);
   c.set_split("90");
-  expect_io_error([&] { loom::data::IndexedSource s(c, 1, 8, 1 << 20, 10, 0); }, "field 'data.split'");
+  expect_io_error([&] { loom::data::IndexedSource s(c, 1, 8, 1 << 20, 10, 0); },
+                  "field 'data.split'");
   c.set_split("90,10");
   c.clear_paths();
-  expect_io_error([&] { loom::data::IndexedSource s(c, 1, 8, 1 << 20, 10, 0); }, "'data.paths' is empty");
+  expect_io_error([&] { loom::data::IndexedSource s(c, 1, 8, 1 << 20, 10, 0); },
+                  "'data.paths' is empty");
 }
 
 }  // namespace
 
 namespace {
-// JSONL -> tools/preprocess_data -> .bin/.idx -> the documents back, byte for byte, each followed by
-// the end-of-document id; with several workers the order is kept.
+// JSONL -> tools/preprocess_data -> .bin/.idx -> the documents back, byte for byte, each followed
+// by the end-of-document id; with several workers the order is kept.
 TEST(Preprocess, JsonlRoundTripThroughTheTool) {
   const std::string dir = temp_prefix("pre");
   fs::create_directories(dir);
@@ -284,7 +289,8 @@ TEST(Preprocess, JsonlRoundTripThroughTheTool) {
   {
     std::ofstream out(dir + "/in.jsonl");
     for (int i = 0; i < 500; ++i) {
-      std::string text = "document " + std::to_string(i) + std::string(static_cast<size_t>(i % 37), 'x') +
+      std::string text = "document " + std::to_string(i) +
+                         std::string(static_cast<size_t>(i % 37), 'x') +
                          " \xc3\xa9t\xc3\xa9 \"quoted\"\\n";
       docs.push_back(text);
       nlohmann::json j = {{"id", i}, {"body", text}};
@@ -292,8 +298,9 @@ TEST(Preprocess, JsonlRoundTripThroughTheTool) {
       if (i % 50 == 0) out << "\n";  // blank lines are skipped
     }
   }
-  const std::string cmd = std::string(LOOM_PREPROCESS_TOOL) + " --input " + dir + "/in.jsonl --json-key body " +
-                          "--output-prefix " + dir + "/out --workers 3 --batch 64 2>/dev/null";
+  const std::string cmd = std::string(LOOM_PREPROCESS_TOOL) + " --input " + dir +
+                          "/in.jsonl --json-key body " + "--output-prefix " + dir +
+                          "/out --workers 3 --batch 64 2>/dev/null";
   ASSERT_EQ(std::system(cmd.c_str()), 0) << cmd;
   IndexedDataset d(dir + "/out");
   ASSERT_EQ(d.num_documents(), 500);
@@ -312,10 +319,12 @@ TEST(Preprocess, JsonlRoundTripThroughTheTool) {
     std::ofstream out(dir + "/bad.jsonl");
     out << "{\"body\": \"fine\"}\n{\"text\": \"no body\"}\n";
   }
-  const std::string bad = std::string(LOOM_PREPROCESS_TOOL) + " --input " + dir + "/bad.jsonl --json-key body " +
-                          "--output-prefix " + dir + "/bad > " + dir + "/err.txt 2>&1";
+  const std::string bad = std::string(LOOM_PREPROCESS_TOOL) + " --input " + dir +
+                          "/bad.jsonl --json-key body " + "--output-prefix " + dir + "/bad > " +
+                          dir + "/err.txt 2>&1";
   EXPECT_NE(std::system(bad.c_str()), 0);
-  EXPECT_NE(read_all(dir + "/err.txt").find("bad.jsonl:2: no string field 'body'"), std::string::npos)
+  EXPECT_NE(read_all(dir + "/err.txt").find("bad.jsonl:2: no string field 'body'"),
+            std::string::npos)
       << read_all(dir + "/err.txt");
 }
 }  // namespace
@@ -355,8 +364,8 @@ namespace {
 // SentencePiece runs in worker processes (Note: SentencePiece in its own process), so it works in a
 // process that also holds libloom's protobuf. The fixtures were trained and encoded by Python's
 // sentencepiece 0.2.2 (tests/interop/device_interop.py); Debian's library must give the same ids.
-#define REQUIRE_SPM()                                                                      \
-  do {                                                                                     \
+#define REQUIRE_SPM()                                                                          \
+  do {                                                                                         \
     if (!loom::data::sentencepiece_available()) GTEST_SKIP() << "built without SentencePiece"; \
   } while (0)
 
@@ -372,8 +381,10 @@ TEST(SentencePiece, SameIdsAsPythonSentencePiece) {
     EXPECT_EQ(tok->eod(), e["eos_id"].get<int64_t>()) << kind;
     for (size_t i = 0; i < enc["samples"].size(); ++i) {
       const auto text = enc["samples"][i].get<std::string>();
-      EXPECT_EQ(tok->encode(text), e["ids"][i].get<std::vector<int64_t>>()) << kind << " sample " << i;
-      EXPECT_EQ(tok->decode(e["ids"][i].get<std::vector<int64_t>>()), e["decoded"][i].get<std::string>())
+      EXPECT_EQ(tok->encode(text), e["ids"][i].get<std::vector<int64_t>>())
+          << kind << " sample " << i;
+      EXPECT_EQ(tok->decode(e["ids"][i].get<std::vector<int64_t>>()),
+                e["decoded"][i].get<std::string>())
           << kind << " sample " << i;
     }
   }
@@ -383,14 +394,16 @@ TEST(SentencePiece, ConcurrentCallersGetTheirOwnAnswers) {
   REQUIRE_SPM();
   auto tok = loom::data::make_tokenizer("sentencepiece", kSpmFixtures + "/bpe.model");
   std::vector<std::string> texts;
-  for (int i = 0; i < 40; ++i) texts.push_back("text number " + std::to_string(i * 7919) + std::string(i, 'z'));
+  for (int i = 0; i < 40; ++i)
+    texts.push_back("text number " + std::to_string(i * 7919) + std::string(i, 'z'));
   std::vector<std::vector<int64_t>> serial;
   for (const auto& t : texts) serial.push_back(tok->encode(t));
   std::vector<std::vector<int64_t>> parallel(texts.size());
   std::vector<std::thread> threads;
   for (int w = 0; w < 4; ++w) {
     threads.emplace_back([&, w] {
-      for (size_t i = static_cast<size_t>(w); i < texts.size(); i += 4) parallel[i] = tok->encode(texts[i]);
+      for (size_t i = static_cast<size_t>(w); i < texts.size(); i += 4)
+        parallel[i] = tok->encode(texts[i]);
     });
   }
   for (auto& t : threads) t.join();
@@ -408,11 +421,14 @@ TEST(SentencePiece, BadModelAndTrainingErrors) {
     loom::data::make_tokenizer("sentencepiece", dir + "/junk.model");
     ADD_FAILURE() << "a junk model loaded";
   } catch (const loom::Error& e) {
-    EXPECT_NE(std::string(e.what()).find("cannot load SentencePiece model '" + dir + "/junk.model'"), std::string::npos)
+    EXPECT_NE(
+        std::string(e.what()).find("cannot load SentencePiece model '" + dir + "/junk.model'"),
+        std::string::npos)
         << e.what();
   }
   EXPECT_THROW(loom::data::make_tokenizer("sentencepiece", dir + "/missing.model"), loom::Error);
-  EXPECT_THROW(loom::data::train_sentencepiece({dir + "/missing.txt"}, dir + "/m", 300, "bpe", 1), loom::Error);
+  EXPECT_THROW(loom::data::train_sentencepiece({dir + "/missing.txt"}, dir + "/m", 300, "bpe", 1),
+               loom::Error);
 }
 
 // Train a model here, then preprocess with it: the .bin holds exactly the tokenizer's ids + EOD.
@@ -424,14 +440,16 @@ TEST(SentencePiece, TrainThenPreprocess) {
   loom::data::train_sentencepiece({corpus}, dir + "/tok", 320, "unigram", 2);
   auto tok = loom::data::make_tokenizer("sentencepiece", dir + "/tok.model");
   EXPECT_EQ(tok->vocab_size(), 320);
-  std::vector<std::string> docs = {"Permission is hereby granted", "THE SOFTWARE IS PROVIDED \"AS IS\"",
-                                   "émoji ✓ and bytes"};
+  std::vector<std::string> docs = {"Permission is hereby granted",
+                                   "THE SOFTWARE IS PROVIDED \"AS IS\"", "émoji ✓ and bytes"};
   {
     std::ofstream out(dir + "/in.jsonl");
     for (const auto& d : docs) out << nlohmann::json{{"text", d}}.dump() << "\n";
   }
-  const std::string cmd = std::string(LOOM_PREPROCESS_TOOL) + " --input " + dir + "/in.jsonl --output-prefix " + dir +
-                          "/out --tokenizer sentencepiece --tokenizer-model " + dir + "/tok.model --workers 2 2>/dev/null";
+  const std::string cmd = std::string(LOOM_PREPROCESS_TOOL) + " --input " + dir +
+                          "/in.jsonl --output-prefix " + dir +
+                          "/out --tokenizer sentencepiece --tokenizer-model " + dir +
+                          "/tok.model --workers 2 2>/dev/null";
   ASSERT_EQ(std::system(cmd.c_str()), 0) << cmd;
   IndexedDataset d(dir + "/out");
   ASSERT_EQ(d.num_documents(), 3);
@@ -493,12 +511,14 @@ TEST(StepPlan, WindowsAreTheContiguousDpShareInMicroBatches) {
   EXPECT_THROW(loom::data::plan_step(samples, bad), loom::Error);  // 16 samples over 3 ranks
   bad.dp_size = 2;
   bad.micro_batch_size = 3;
-  EXPECT_THROW(loom::data::plan_step(samples, bad), loom::Error);  // 8 per rank in micro-batches of 3
+  EXPECT_THROW(loom::data::plan_step(samples, bad),
+               loom::Error);  // 8 per rank in micro-batches of 3
 }
 
 // DOCUMENTS: over all DP ranks' plans, every target of every document is predicted exactly once;
 // pieces are at most max_piece_tokens and contiguous; micro-batches hold at most the budget; each
-// piece went to the first micro-batch with room (first-fit); N and M_all are the same on every rank.
+// piece went to the first micro-batch with room (first-fit); N and M_all are the same on every
+// rank.
 TEST(StepPlan, DocumentsArePackedFirstFitAndCoverEveryTargetOnce) {
   std::mt19937_64 rng(5);
   for (int trial = 0; trial < 50; ++trial) {
@@ -517,7 +537,8 @@ TEST(StepPlan, DocumentsArePackedFirstFitAndCoverEveryTargetOnce) {
     l.max_piece_tokens = 16;
     l.pad_multiple = 1 + trial % 4;
     std::vector<std::vector<int>> covered(samples.size());
-    for (size_t s = 0; s < samples.size(); ++s) covered[s].assign(static_cast<size_t>(samples[s].length - 1), 0);
+    for (size_t s = 0; s < samples.size(); ++s)
+      covered[s].assign(static_cast<size_t>(samples[s].length - 1), 0);
     for (int r = 0; r < dp; ++r) {
       l.dp_rank = r;
       const auto plan = loom::data::plan_step(samples, l);
@@ -530,7 +551,8 @@ TEST(StepPlan, DocumentsArePackedFirstFitAndCoverEveryTargetOnce) {
           EXPECT_LT(p.sample, (r + 1) * 8);
           EXPECT_LE(p.tokens, l.max_piece_tokens);
           EXPECT_GE(p.tokens, 1);
-          for (int64_t t = p.begin; t < p.begin + p.tokens; ++t) ++covered[static_cast<size_t>(p.sample)][static_cast<size_t>(t)];
+          for (int64_t t = p.begin; t < p.begin + p.tokens; ++t)
+            ++covered[static_cast<size_t>(p.sample)][static_cast<size_t>(t)];
           sum += p.tokens;
         }
         EXPECT_EQ(sum, mb.tokens);
@@ -568,7 +590,8 @@ TEST(StepPlan, DocumentsArePackedFirstFitAndCoverEveryTargetOnce) {
       }());
     }
     for (size_t s = 0; s < samples.size(); ++s) {
-      for (size_t t = 0; t < covered[s].size(); ++t) ASSERT_EQ(covered[s][t], 1) << "sample " << s << " target " << t;
+      for (size_t t = 0; t < covered[s].size(); ++t)
+        ASSERT_EQ(covered[s][t], 1) << "sample " << s << " target " << t;
     }
   }
   PlanLayout l;
@@ -577,7 +600,15 @@ TEST(StepPlan, DocumentsArePackedFirstFitAndCoverEveryTargetOnce) {
   l.max_piece_tokens = 16;  // a piece longer than the budget
   EXPECT_THROW(loom::data::plan_step({{0, 5}}, l), loom::Error);
   l.max_piece_tokens = 8;
-  EXPECT_THROW(loom::data::plan_step({{0, 1}}, l), loom::Error);  // one token: no target
+  // A document of one token (an empty text and its end token) has no target: it contributes
+  // nothing.
+  const auto short_docs = loom::data::plan_step({{0, 1}, {1, 5}, {2, 0}}, l);
+  EXPECT_EQ(short_docs.loss_tokens, 4);
+  ASSERT_EQ(short_docs.micro_batches.size(), 1u);
+  ASSERT_EQ(short_docs.micro_batches[0].rows[0].size(), 1u);
+  EXPECT_EQ(short_docs.micro_batches[0].rows[0][0].sample, 1);
+  PlanLayout w;  // a window must have a target
+  EXPECT_THROW(loom::data::plan_step({{0, 1}}, w), loom::Error);
 }
 
 // The loader's packed micro-batches: each piece's inputs and targets are its document's tokens,
@@ -604,8 +635,8 @@ TEST(MicroBatchLoader, PackedRowsHoldTheDocumentsPieces) {
     int64_t at = 0, doc = -1;
     for (const auto& p : mb.rows[0]) {
       std::vector<int64_t> want(static_cast<size_t>(p.tokens + 1));
-      corpus.document(loom::data::Split::kTrain, samples[static_cast<size_t>(p.sample)].index, p.begin, p.tokens + 1,
-                      want.data());
+      corpus.document(loom::data::Split::kTrain, samples[static_cast<size_t>(p.sample)].index,
+                      p.begin, p.tokens + 1, want.data());
       for (int64_t t = 0; t < p.tokens; ++t) {
         EXPECT_EQ(b.tokens[0][at + t].item<int64_t>(), want[static_cast<size_t>(t)]);
         EXPECT_EQ(b.targets[0][at + t].item<int64_t>(), want[static_cast<size_t>(t + 1)]);
@@ -629,7 +660,8 @@ TEST(MicroBatchLoader, PackedRowsHoldTheDocumentsPieces) {
   again.load_state(state);
   const auto a = loader.next(), b = again.next();
   ASSERT_EQ(a.batches.size(), b.batches.size());
-  for (size_t m = 0; m < a.batches.size(); ++m) EXPECT_TRUE(at::equal(a.batches[m].tokens, b.batches[m].tokens));
+  for (size_t m = 0; m < a.batches.size(); ++m)
+    EXPECT_TRUE(at::equal(a.batches[m].tokens, b.batches[m].tokens));
   EXPECT_THROW(again.load_state({}), loom::Error);
   // A source without documents cannot run DOCUMENTS mode: a clear error.
   loom::data::LoaderOptions w = o;
@@ -642,7 +674,8 @@ TEST(MicroBatchLoader, PackedRowsHoldTheDocumentsPieces) {
     loom::data::MicroBatchLoader bad(&windows_only, w);
     ADD_FAILURE() << "a windows-only source was accepted for DOCUMENTS mode";
   } catch (const loom::Error& e) {
-    EXPECT_NE(std::string(e.what()).find("windows-only test source"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("windows-only test source"), std::string::npos)
+        << e.what();
   }
 }
 

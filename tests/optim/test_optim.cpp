@@ -57,7 +57,8 @@ TEST(AdamW, MatchesClosedFormOverSeveralSteps) {
   std::vector<Parameter> params;
   params.push_back(make_param("w", at::tensor({0.5, -1.0, 2.0, 0.25}).view({2, 2}), true));
   params.push_back(make_param("norm.weight", at::tensor({1.0, -0.5}), false));
-  params.push_back(make_param("idle", at::tensor({0.3, 0.7}).view({1, 2}), true));  // never gets a gradient
+  params.push_back(
+      make_param("idle", at::tensor({0.3, 0.7}).view({1, 2}), true));  // never gets a gradient
   loom::optim::AdamWOptions o;
   o.beta1 = 0.8;
   o.beta2 = 0.9;
@@ -94,7 +95,8 @@ TEST(AdamW, MatchesClosedFormOverSeveralSteps) {
     for (size_t k = 0; k < p.size(); ++k) {
       at::Tensor actual = params[k].tensor.detach().reshape({-1});
       for (size_t i = 0; i < p[k].size(); ++i) {
-        EXPECT_NEAR(actual[i].item<double>(), p[k][i], 1e-14) << "step " << step << " param " << k << "[" << i << "]";
+        EXPECT_NEAR(actual[i].item<double>(), p[k][i], 1e-14)
+            << "step " << step << " param " << k << "[" << i << "]";
       }
     }
   }

@@ -7,13 +7,11 @@
 // rank, GPT, GPT-2 (tied embeddings across the first and last stage) and MoE, with SP, ZeRO-1 and
 // the DP gradient buckets: 20 steps' losses, aux losses, gradient norms, evaluation loss and the
 // final parameters equal a single-process Trainer's (tolerances in trainer_layouts.h).
-#include <gtest/gtest.h>
-
 #include <ATen/CPUGeneratorImpl.h>
+#include <gtest/gtest.h>
 #include <torch/csrc/autograd/function.h>
 #include <torch/csrc/autograd/utils/lambda_post_hook.h>
 #include <torch/csrc/autograd/variable.h>
-
 #include <unistd.h>
 
 #include <filesystem>
@@ -22,12 +20,12 @@
 #include <string>
 #include <vector>
 
+#include "loom/comm/local_communicator.h"
 #include "loom/core/config.h"
 #include "loom/core/error.h"
 #include "loom/model/gpt.h"
 #include "loom/parallel/pipeline.h"
 #include "loom/parallel/weight_grad_store.h"
-#include "loom/comm/local_communicator.h"
 #include "test_world.h"
 #include "trainer_fixture.h"
 
@@ -82,20 +80,22 @@ double rel(const at::Tensor& a, const at::Tensor& b) {
 // `steps` > 1: after each step both sides take the same SGD step (the pipeline's chunks with the
 // gradients it computed, a tied copy with the sum over its holders), each step on new micro-batches
 // of varying lengths; every step's loss and gradients and the final parameters must agree.
-void expect_pipeline_matches(const std::string& kind, ScheduleKind sched, int v, int m, int steps = 1) {
+void expect_pipeline_matches(const std::string& kind, ScheduleKind sched, int v, int m,
+                             int steps = 1) {
   auto world = loom::testing::world();
   const int p = world->size(), r = world->rank();
   const int64_t layers = 2 * p * v;
   ModelSpec spec = spec_of(kind, layers);
   const std::string what = kind + " " + schedule_name(sched) + " p" + std::to_string(p) + " v" +
-                           std::to_string(v) + " m" + std::to_string(m) + " steps " + std::to_string(steps);
+                           std::to_string(v) + " m" + std::to_string(m) + " steps " +
+                           std::to_string(steps);
   const double lr = 0.05;
   GptModel whole(spec, 3);
   const auto layouts = loom::model::partition_stages(layers, p, v);
   std::vector<std::unique_ptr<GptModel>> chunks;
   for (int c = 0; c < v; ++c) {
-    chunks.push_back(std::make_unique<GptModel>(spec, 3, at::kCPU, loom::parallel::TensorParallel{}, 128,
-                                                layouts[static_cast<size_t>(c * p + r)]));
+    chunks.push_back(std::make_unique<GptModel>(spec, 3, at::kCPU, loom::parallel::TensorParallel{},
+                                                128, layouts[static_cast<size_t>(c * p + r)]));
   }
   ScheduleOptions o;
   o.kind = sched;
@@ -158,7 +158,8 @@ void expect_pipeline_matches(const std::string& kind, ScheduleKind sched, int v,
 
     at::Tensor l = at::full({1}, loss_sum, at::kDouble);
     world->all_reduce(l);
-    EXPECT_LT(std::abs(l.item<double>() - ref_loss) / ref_loss, 1e-12) << what << ": loss at step " << step;
+    EXPECT_LT(std::abs(l.item<double>() - ref_loss) / ref_loss, 1e-12)
+        << what << ": loss at step " << step;
 
     int held = 0;
     at::NoGradGuard no_grad;
@@ -219,7 +220,8 @@ TEST(WeightGradStore, DefersAndReplaysTheWeightGradient) {
     *hook_calls = 0;
     auto acc = torch::autograd::impl::grad_accumulator(w);
     acc->add_post_hook(std::make_unique<torch::autograd::utils::LambdaPostHook>(
-        [hook_calls](const torch::autograd::variable_list& out, const torch::autograd::variable_list& in) {
+        [hook_calls](const torch::autograd::variable_list& out,
+                     const torch::autograd::variable_list& in) {
           if (!in.empty() && in[0].defined()) ++*hook_calls;
           return out;
         }));
@@ -231,7 +233,8 @@ TEST(WeightGradStore, DefersAndReplaysTheWeightGradient) {
         work = c.take();
       }
       EXPECT_EQ(work.size(), 1u);
-      EXPECT_FALSE(w.grad().defined() && w.grad().abs().sum().item<double>() > 0) << "weight gradient in B";
+      EXPECT_FALSE(w.grad().defined() && w.grad().abs().sum().item<double>() > 0)
+          << "weight gradient in B";
       EXPECT_EQ(*hook_calls, 0);
       WeightGradStore::run(work);
     } else {
@@ -305,9 +308,11 @@ void expect_pipeline_trainer_matches(const std::string& model, Layout c) {
 std::vector<Layout> pipeline_cases() {
   const int n = loom::testing::world()->size();
   std::vector<Layout> v;
-  auto add = [&](int tp, int pp, int vp, const char* sched, int micro, int layers, bool sp = false, bool zero = false) {
+  auto add = [&](int tp, int pp, int vp, const char* sched, int micro, int layers, bool sp = false,
+                 bool zero = false) {
     Layout c = pipeline_case();
-    c.tp = tp, c.pp = pp, c.vp = vp, c.schedule = sched, c.micro = micro, c.layers = layers, c.sp = sp, c.zero = zero;
+    c.tp = tp, c.pp = pp, c.vp = vp, c.schedule = sched, c.micro = micro, c.layers = layers,
+    c.sp = sp, c.zero = zero;
     v.push_back(c);
   };
   if (n == 2) {
@@ -342,14 +347,16 @@ std::vector<Layout> pipeline_cases() {
 TEST(PipelineTrainer, GptMatchesSingleProcess) {
   LOOM_REQUIRE_PARALLEL_WORLD();
   const auto cases = pipeline_cases();
-  ASSERT_FALSE(cases.empty()) << "no pipeline layout for " << loom::testing::world()->size() << " ranks";
+  ASSERT_FALSE(cases.empty()) << "no pipeline layout for " << loom::testing::world()->size()
+                              << " ranks";
   for (const auto& c : cases) expect_pipeline_trainer_matches("gpt", c);
 }
 
 TEST(PipelineTrainer, MoeMatchesSingleProcess) {
   LOOM_REQUIRE_PARALLEL_WORLD();
   const auto cases = pipeline_cases();
-  ASSERT_FALSE(cases.empty()) << "no pipeline layout for " << loom::testing::world()->size() << " ranks";
+  ASSERT_FALSE(cases.empty()) << "no pipeline layout for " << loom::testing::world()->size()
+                              << " ranks";
   for (const auto& c : cases) expect_pipeline_trainer_matches("moe", c);
 }
 
@@ -400,7 +407,9 @@ TEST(PipelineTrainer, CheckpointsGatherStagesAndReshardOnLoad) {
   {  // one directory for the whole job: rank 0's pid
     at::Tensor pid = at::full({1}, static_cast<int64_t>(getpid()), at::kLong);
     world->broadcast(pid, {0});
-    dir = (std::filesystem::temp_directory_path() / ("loom-pp-ckpt-" + std::to_string(pid.item<int64_t>()))).string();
+    dir = (std::filesystem::temp_directory_path() /
+           ("loom-pp-ckpt-" + std::to_string(pid.item<int64_t>())))
+              .string();
   }
   j.mutable_train()->set_checkpoint_dir(dir);
   Layout a = pipeline_case();  // np2: pp2; np4: tp2 pp2; np8: tp2 pp2 dp2 with ZeRO-1
@@ -437,7 +446,8 @@ TEST(PipelineTrainer, CheckpointsGatherStagesAndReshardOnLoad) {
     wrong.load_checkpoint(saved);
     ADD_FAILURE() << "a 5-layer model loaded a 4-layer checkpoint";
   } catch (const loom::Error& e) {
-    EXPECT_NE(std::string(e.what()).find("was it written for a different model config?"), std::string::npos)
+    EXPECT_NE(std::string(e.what()).find("was it written for a different model config?"),
+              std::string::npos)
         << e.what();
   }
   jb.mutable_model()->set_num_layers(4);
@@ -461,7 +471,8 @@ TEST(PipelineTrainer, BadLayoutsAreClearErrors) {
   using loom::testing::expect_config_error;
   auto base = loom::testing::tiny_job(false);
   base.mutable_model()->set_num_layers(4);
-  base.mutable_train()->set_micro_batch_size(16 / (n / 2) / 4);  // pp 2: dp = n / 2, 4 micro-batches
+  base.mutable_train()->set_micro_batch_size(16 / (n / 2) /
+                                             4);  // pp 2: dp = n / 2, 4 micro-batches
   Layout c = pipeline_case();
   auto j = loom::testing::with_layout(base, c);
   j.mutable_parallel()->set_pp_schedule("zb-v");
@@ -489,8 +500,10 @@ TEST(PipelineTrainer, BadLayoutsAreClearErrors) {
   k.mutable_parallel()->set_tp(n);
   k.mutable_model()->set_num_kv_heads(n);
   k.mutable_train()->set_micro_batch_size(16);
-  expect_config_error(k, "field 'parallel.virtual_pp' = 2 interleaves model chunks over pipeline ranks and needs "
-                         "parallel.pp > 1");
+  expect_config_error(
+      k,
+      "field 'parallel.virtual_pp' = 2 interleaves model chunks over pipeline ranks and needs "
+      "parallel.pp > 1");
 }
 
 }  // namespace

@@ -9,9 +9,8 @@
 // Model level (fp32): the Trainer under (tp, dp) layouts, SP on and off, gradient accumulation 1
 // and 4, GPT and MoE, 20 steps: every step's loss and the final (gathered) parameters equal a
 // single-process Trainer's on the same data. See kLossTol / kParamTol below for the tolerances.
-#include <gtest/gtest.h>
-
 #include <ATen/CPUGeneratorImpl.h>
+#include <gtest/gtest.h>
 #include <unistd.h>
 
 #include <filesystem>
@@ -38,12 +37,12 @@ using loom::model::ModelSpec;
 using loom::model::Parameter;
 using loom::model::ParameterFactory;
 using loom::parallel::TensorParallel;
-using loom::train::Trainer;
 using loom::testing::kLossTol;
 using loom::testing::kParamTol;
 using loom::testing::max_param_diff;
 using loom::testing::quiet_logs;
 using loom::testing::tiny_job;
+using loom::train::Trainer;
 
 at::Tensor randn(at::IntArrayRef shape, uint64_t seed, at::ScalarType dt = at::kDouble) {
   auto gen = at::make_generator<at::CPUGeneratorImpl>(seed);
@@ -52,9 +51,10 @@ at::Tensor randn(at::IntArrayRef shape, uint64_t seed, at::ScalarType dt = at::k
 
 // max |a - b| / max(1, max |b|), agreed over the world (the max over ranks).
 double world_rel_diff(const at::Tensor& a, const at::Tensor& b) {
-  double d = a.sizes() != b.sizes() ? 1e30
-                                    : (a.to(at::kDouble) - b.to(at::kDouble)).abs().max().item<double>() /
-                                          std::max(1.0, b.abs().max().item<double>());
+  double d = a.sizes() != b.sizes()
+                 ? 1e30
+                 : (a.to(at::kDouble) - b.to(at::kDouble)).abs().max().item<double>() /
+                       std::max(1.0, b.abs().max().item<double>());
   at::Tensor t = at::full({1}, d, at::kDouble);
   loom::testing::world()->all_reduce(t, {loom::comm::ReduceOp::kMax});
   return t.item<double>();
@@ -98,7 +98,8 @@ struct LayerPair {
     return ParameterFactory(full, 5, at::TensorOptions().dtype(at::kDouble), prefix);
   }
   ParameterFactory part_factory(const std::string& prefix, const TensorParallel& tp) const {
-    return ParameterFactory(part, 5, at::TensorOptions().dtype(at::kDouble), prefix, tp.size(), tp.rank());
+    return ParameterFactory(part, 5, at::TensorOptions().dtype(at::kDouble), prefix, tp.size(),
+                            tp.rank());
   }
 };
 
@@ -121,15 +122,18 @@ void compare_layer(const LayerPair& lp, const TensorParallel& tp, Full&& full_fn
   (yp * dyp).sum().add(extra_p).backward();
 
   const double tol = 1e-11;
-  EXPECT_LT(world_rel_diff(yp, tp.sp() ? y.detach().chunk(n, 0)[r] : y.detach()), tol) << what << ": output";
+  EXPECT_LT(world_rel_diff(yp, tp.sp() ? y.detach().chunk(n, 0)[r] : y.detach()), tol)
+      << what << ": output";
   EXPECT_LT(world_rel_diff(extra_p.detach(), extra.detach()), tol) << what << ": auxiliary loss";
-  EXPECT_LT(world_rel_diff(xp.grad(), tp.sp() ? x.grad().chunk(n, 0)[r] : x.grad()), tol) << what << ": dx";
+  EXPECT_LT(world_rel_diff(xp.grad(), tp.sp() ? x.grad().chunk(n, 0)[r] : x.grad()), tol)
+      << what << ": dx";
   ASSERT_EQ(lp.full->size(), lp.part->size());
   for (size_t i = 0; i < lp.full->size(); ++i) {
     const Parameter& pf = (*lp.full)[i];
     const Parameter& pp = (*lp.part)[i];
     ASSERT_EQ(pf.name, pp.name);
-    at::Tensor g = pp.tensor.grad().defined() ? pp.tensor.grad().clone() : at::zeros_like(pp.tensor);
+    at::Tensor g =
+        pp.tensor.grad().defined() ? pp.tensor.grad().clone() : at::zeros_like(pp.tensor);
     if (pp.shard.partial_grad) tp.comm->all_reduce(g);
     at::Tensor expected = loom::model::shard_of(pf.tensor.grad(), pp.shard, n, r);
     EXPECT_LT(world_rel_diff(g, expected), tol) << what << ": gradient of " << pp.name;
@@ -145,7 +149,9 @@ TEST(TensorParallelLayers, AttentionAndMlpEqualTheUnshardedLayers) {
       const std::string what = std::string(llama ? "llama" : "gpt2") + (sp ? " sp" : "");
       at::Tensor pos = at::arange(16, at::kLong).unsqueeze(1).expand({16, 2});
       loom::model::ForwardContext ctx;
-      if (spec.rope) std::tie(ctx.rope_cos, ctx.rope_sin) = loom::ops::rope_tables(pos, spec.head_dim, spec.rope_theta, at::kDouble);
+      if (spec.rope)
+        std::tie(ctx.rope_cos, ctx.rope_sin) =
+            loom::ops::rope_tables(pos, spec.head_dim, spec.rope_theta, at::kDouble);
       {
         LayerPair lp;
         loom::model::Norm norm_full(spec, lp.full_factory("norm"));
@@ -154,8 +160,13 @@ TEST(TensorParallelLayers, AttentionAndMlpEqualTheUnshardedLayers) {
         loom::model::Attention part(spec, lp.part_factory("attn", tp), tp);
         auto zero = at::zeros({}, at::kDouble);
         compare_layer(
-            lp, tp, [&](const at::Tensor& x) { return std::make_pair(full.forward(norm_full.forward(x), ctx), zero); },
-            [&](const at::Tensor& x) { return std::make_pair(part.forward(norm_part.forward(x), ctx), zero); },
+            lp, tp,
+            [&](const at::Tensor& x) {
+              return std::make_pair(full.forward(norm_full.forward(x), ctx), zero);
+            },
+            [&](const at::Tensor& x) {
+              return std::make_pair(part.forward(norm_part.forward(x), ctx), zero);
+            },
             "attention " + what);
       }
       {
@@ -165,7 +176,8 @@ TEST(TensorParallelLayers, AttentionAndMlpEqualTheUnshardedLayers) {
         auto zero = at::zeros({}, at::kDouble);
         compare_layer(
             lp, tp, [&](const at::Tensor& x) { return std::make_pair(full.forward(x), zero); },
-            [&](const at::Tensor& x) { return std::make_pair(part.forward(x), zero); }, "mlp " + what);
+            [&](const at::Tensor& x) { return std::make_pair(part.forward(x), zero); },
+            "mlp " + what);
       }
     }
   }
@@ -213,47 +225,55 @@ TEST(TensorParallelLayers, RegionsAreConjugate) {
   };
   using loom::testing::world_wrong;
   {  // copy_to_tp: identity forward, all-reduce backward
-    auto [y, dx] = grad_of([&](const at::Tensor& t) { return loom::parallel::copy_to_tp(t, tp); }, x, g);
+    auto [y, dx] =
+        grad_of([&](const at::Tensor& t) { return loom::parallel::copy_to_tp(t, tp); }, x, g);
     EXPECT_EQ(world_wrong(y, x), 0);
     EXPECT_EQ(world_wrong(dx, at::full_like(x, sum_g)), 0);
   }
   {  // reduce_from_tp: all-reduce forward, identity backward
-    auto [y, dx] = grad_of([&](const at::Tensor& t) { return loom::parallel::reduce_from_tp(t, tp); }, x, g);
+    auto [y, dx] =
+        grad_of([&](const at::Tensor& t) { return loom::parallel::reduce_from_tp(t, tp); }, x, g);
     EXPECT_EQ(world_wrong(y, x * n), 0);
     EXPECT_EQ(world_wrong(dx, g), 0);
   }
   {  // gather_from_sp: all-gather forward, reduce-scatter backward
     at::Tensor mine = x.chunk(n, 0)[r];
-    auto [y, dx] = grad_of([&](const at::Tensor& t) { return loom::parallel::gather_from_sp(t, tp); }, mine, g);
+    auto [y, dx] = grad_of(
+        [&](const at::Tensor& t) { return loom::parallel::gather_from_sp(t, tp); }, mine, g);
     EXPECT_EQ(world_wrong(y, x), 0);
     EXPECT_EQ(world_wrong(dx, at::full_like(mine, sum_g)), 0);
   }
   {  // reduce_scatter_to_sp: reduce-scatter forward, all-gather backward
     at::Tensor up = at::full({4, 3}, static_cast<double>(r + 1), at::kDouble);
-    auto [y, dx] = grad_of([&](const at::Tensor& t) { return loom::parallel::reduce_scatter_to_sp(t, tp); }, x, up);
+    auto [y, dx] = grad_of(
+        [&](const at::Tensor& t) { return loom::parallel::reduce_scatter_to_sp(t, tp); }, x, up);
     EXPECT_EQ(world_wrong(y, x.chunk(n, 0)[r] * n), 0);
     at::Tensor expected = at::cat([&] {
       std::vector<at::Tensor> v;
-      for (int k = 0; k < n; ++k) v.push_back(at::full({4, 3}, static_cast<double>(k + 1), at::kDouble));
+      for (int k = 0; k < n; ++k)
+        v.push_back(at::full({4, 3}, static_cast<double>(k + 1), at::kDouble));
       return v;
     }());
     EXPECT_EQ(world_wrong(dx, expected), 0);
   }
   {  // scatter_to_sp: chunk forward, all-gather backward
     at::Tensor up = at::full({4, 3}, static_cast<double>(r + 1), at::kDouble);
-    auto [y, dx] = grad_of([&](const at::Tensor& t) { return loom::parallel::scatter_to_sp(t, tp); }, x, up);
+    auto [y, dx] =
+        grad_of([&](const at::Tensor& t) { return loom::parallel::scatter_to_sp(t, tp); }, x, up);
     EXPECT_EQ(world_wrong(y, x.chunk(n, 0)[r]), 0);
     EXPECT_EQ(dx.size(0), 4 * n);
   }
   {  // gather_last_dim / scatter_last_dim
     at::Tensor cols = at::arange(5 * 2 * n, at::kDouble).view({5, 2 * n});
     at::Tensor mine = cols.chunk(n, 1)[r].contiguous();
-    auto [y, dx] = grad_of([&](const at::Tensor& t) { return loom::parallel::gather_last_dim(t, tp); }, mine,
-                           at::full({5, 2 * n}, 1.0, at::kDouble) * (r + 1));
+    auto [y, dx] =
+        grad_of([&](const at::Tensor& t) { return loom::parallel::gather_last_dim(t, tp); }, mine,
+                at::full({5, 2 * n}, 1.0, at::kDouble) * (r + 1));
     EXPECT_EQ(world_wrong(y, cols), 0);
     EXPECT_EQ(world_wrong(dx, at::full_like(mine, r + 1.0)), 0);
-    auto [y2, dx2] = grad_of([&](const at::Tensor& t) { return loom::parallel::scatter_last_dim(t, tp); }, cols,
-                             at::ones({5, 2}, at::kDouble));
+    auto [y2, dx2] =
+        grad_of([&](const at::Tensor& t) { return loom::parallel::scatter_last_dim(t, tp); }, cols,
+                at::ones({5, 2}, at::kDouble));
     EXPECT_EQ(world_wrong(y2, mine), 0);
     EXPECT_EQ(dx2.sum().item<double>(), 5 * 2 * n);  // all-gathered ones
   }
@@ -261,8 +281,8 @@ TEST(TensorParallelLayers, RegionsAreConjugate) {
 
 TEST(TensorParallelLayers, ColumnParallelLinearEqualsTheUnshardedLinear) {
   // The fused enter-region + linear against the unsharded fp64 linear: output columns, input
-  // gradient (the sequence chunk under SP), weight and bias gradients; with its backward collectives
-  // overlapped and not, which must give bit-identical results.
+  // gradient (the sequence chunk under SP), weight and bias gradients; with its backward
+  // collectives overlapped and not, which must give bit-identical results.
   auto world = loom::testing::world();
   const int n = world->size(), r = world->rank();
   const int64_t s = 4 * n, b = 3, in = 10, out = 6 * n;
@@ -285,18 +305,21 @@ TEST(TensorParallelLayers, ColumnParallelLinearEqualsTheUnshardedLinear) {
         at::Tensor bp = with_bias ? bias.chunk(n, 0)[r].clone().requires_grad_(true) : at::Tensor();
         at::Tensor yp = loom::parallel::column_parallel_linear(xp, wp, bp, tp);
         (yp * dy.chunk(n, 2)[r]).sum().backward();
-        const std::string what = std::string(sp ? "sp" : "no sp") + (overlap ? " overlap" : " serial") +
-                                 (with_bias ? " bias" : "");
+        const std::string what = std::string(sp ? "sp" : "no sp") +
+                                 (overlap ? " overlap" : " serial") + (with_bias ? " bias" : "");
         const double tol = 1e-12;
         EXPECT_LT(world_rel_diff(yp, yf.detach().chunk(n, 2)[r]), tol) << what << ": output";
-        EXPECT_LT(world_rel_diff(xp.grad(), sp ? xf.grad().chunk(n, 0)[r] : xf.grad()), tol) << what << ": dx";
+        EXPECT_LT(world_rel_diff(xp.grad(), sp ? xf.grad().chunk(n, 0)[r] : xf.grad()), tol)
+            << what << ": dx";
         EXPECT_LT(world_rel_diff(wp.grad(), wf.grad().chunk(n, 0)[r]), tol) << what << ": dW";
         if (with_bias) {
           EXPECT_LT(world_rel_diff(bp.grad(), bf.grad().chunk(n, 0)[r]), tol) << what << ": db";
         }
-        results.push_back(at::cat({yp.detach().flatten(), xp.grad().flatten(), wp.grad().flatten()}));
+        results.push_back(
+            at::cat({yp.detach().flatten(), xp.grad().flatten(), wp.grad().flatten()}));
       }
-      EXPECT_TRUE(at::equal(results[0], results[1])) << (sp ? "sp" : "no sp") << ": overlap changed the result";
+      EXPECT_TRUE(at::equal(results[0], results[1]))
+          << (sp ? "sp" : "no sp") << ": overlap changed the result";
     }
   }
   {  // An input that needs no gradient (the weight's gradient alone, still gathered under SP).
@@ -304,10 +327,12 @@ TEST(TensorParallelLayers, ColumnParallelLinearEqualsTheUnshardedLinear) {
     at::Tensor wf = w.clone().requires_grad_(true);
     (at::linear(x, wf) * dy).sum().backward();
     at::Tensor wp = w.chunk(n, 0)[r].clone().requires_grad_(true);
-    (loom::parallel::column_parallel_linear(x.chunk(n, 0)[r], wp, at::Tensor(), tp) * dy.chunk(n, 2)[r])
+    (loom::parallel::column_parallel_linear(x.chunk(n, 0)[r], wp, at::Tensor(), tp) *
+     dy.chunk(n, 2)[r])
         .sum()
         .backward();
-    EXPECT_LT(world_rel_diff(wp.grad(), wf.grad().chunk(n, 0)[r]), 1e-12) << "dW with a constant input";
+    EXPECT_LT(world_rel_diff(wp.grad(), wf.grad().chunk(n, 0)[r]), 1e-12)
+        << "dW with a constant input";
   }
 }
 
@@ -324,14 +349,18 @@ TEST(TensorParallelLayers, VocabParallelCrossEntropyEqualsTheFullSoftmax) {
     at::Tensor ref = loom::ops::cross_entropy(leaf, targets);
     (ref * dl).sum().backward();
     // This rank's columns of the padded logits (padding columns hold junk that must be ignored).
-    at::Tensor padded_logits = at::cat({full, at::full({rows, padded - vocab}, 1e3, full.options())}, 1);
+    at::Tensor padded_logits =
+        at::cat({full, at::full({rows, padded - vocab}, 1e3, full.options())}, 1);
     at::Tensor mine = padded_logits.narrow(1, r * cols, cols).clone().requires_grad_(true);
-    at::Tensor loss = loom::parallel::vocab_parallel_cross_entropy(mine, targets, r * cols, vocab, tp);
+    at::Tensor loss =
+        loom::parallel::vocab_parallel_cross_entropy(mine, targets, r * cols, vocab, tp);
     (loss * dl).sum().backward();
     const double tol = dt == at::kDouble ? 1e-13 : 2e-6;
     EXPECT_LT(world_rel_diff(loss, ref.detach()), tol) << c10::toString(dt);
-    at::Tensor grad_full = at::cat({leaf.grad(), at::zeros({rows, padded - vocab}, full.options())}, 1);
-    EXPECT_LT(world_rel_diff(mine.grad(), grad_full.narrow(1, r * cols, cols)), tol) << c10::toString(dt);
+    at::Tensor grad_full =
+        at::cat({leaf.grad(), at::zeros({rows, padded - vocab}, full.options())}, 1);
+    EXPECT_LT(world_rel_diff(mine.grad(), grad_full.narrow(1, r * cols, cols)), tol)
+        << c10::toString(dt);
   }
 }
 
@@ -340,7 +369,8 @@ TEST(TensorParallelLayers, VocabParallelCrossEntropyEqualsTheFullSoftmax) {
 
 using loom::testing::Layout;
 
-void expect_matches_single(const std::string& model, int tp, bool sp, int accum, bool zero = false) {
+void expect_matches_single(const std::string& model, int tp, bool sp, int accum,
+                           bool zero = false) {
   Layout c;
   c.model = model;
   c.tp = tp;
@@ -399,17 +429,22 @@ TEST(TensorDataParallel, CheckpointReshardsOnLoad) {
   auto j = tiny_job(true);
   j.mutable_train()->set_micro_batch_size(4);
   j.mutable_train()->set_steps(3);
-  std::string dir = (std::filesystem::temp_directory_path() / ("loom-tp-ckpt-" + std::to_string(getpid()))).string();
+  std::string dir =
+      (std::filesystem::temp_directory_path() / ("loom-tp-ckpt-" + std::to_string(getpid())))
+          .string();
   {  // one directory for the whole job: rank 0's pid
     at::Tensor pid = at::full({1}, static_cast<int64_t>(getpid()), at::kLong);
     world->broadcast(pid, {0});
-    dir = (std::filesystem::temp_directory_path() / ("loom-tp-ckpt-" + std::to_string(pid.item<int64_t>()))).string();
+    dir = (std::filesystem::temp_directory_path() /
+           ("loom-tp-ckpt-" + std::to_string(pid.item<int64_t>())))
+              .string();
   }
   j.mutable_train()->set_checkpoint_dir(dir);
   auto jp = j;
   jp.mutable_parallel()->set_tp(tp);
   jp.mutable_parallel()->set_sequence_parallel(true);
-  jp.mutable_parallel()->set_distributed_optimizer(true);  // dp > 1 at np8: moments gathered and resharded
+  jp.mutable_parallel()->set_distributed_optimizer(
+      true);  // dp > 1 at np8: moments gathered and resharded
   Trainer par(jp, world);
   for (int s = 0; s < 3; ++s) par.train_step();
   const std::string saved = par.save_checkpoint();
@@ -452,9 +487,11 @@ TEST(DistributedOptimizer, StateFallsAsOneOverDp) {
   EXPECT_GE(ratio, 1.0 / n);
   EXPECT_LE(ratio, 1.0 / n + pad);
   if (world->rank() == 0) {
-    std::printf("[ memory ] dp %d: optimizer state %lld bytes per rank with ZeRO-1, %lld without (ratio %.4f)\n", n,
-                static_cast<long long>(zero.optimizer().state_bytes()),
-                static_cast<long long>(plain.optimizer().state_bytes()), ratio);
+    std::printf(
+        "[ memory ] dp %d: optimizer state %lld bytes per rank with ZeRO-1, %lld without (ratio "
+        "%.4f)\n",
+        n, static_cast<long long>(zero.optimizer().state_bytes()),
+        static_cast<long long>(plain.optimizer().state_bytes()), ratio);
   }
   // And a ZeRO-1 checkpoint holds the same full state as a replicated run's after the same steps.
   plain.train_step();
@@ -471,8 +508,8 @@ TEST(DistributedOptimizer, StateFallsAsOneOverDp) {
 }
 
 TEST(DistributedOptimizer, MixedDtypesAreRefusedByName) {
-  // ZeRO-1 shards every tp x dp layout (the flat space is padded to a multiple of dp); what it cannot
-  // shard is parameters of different dtypes in one flat buffer: refused, naming both.
+  // ZeRO-1 shards every tp x dp layout (the flat space is padded to a multiple of dp); what it
+  // cannot shard is parameters of different dtypes in one flat buffer: refused, naming both.
   std::vector<Parameter> params(2);
   params[0].name = "a.weight";
   params[0].tensor = at::zeros({3, 5}, at::kFloat).requires_grad_(true);
@@ -495,8 +532,8 @@ TEST(DistributedOptimizer, MixedDtypesAreRefusedByName) {
   EXPECT_EQ(opt.flat_size(), loom::testing::world()->size());
   opt.reduce_scatter_gradients();
   opt.step(0.1);
-  // The gradients are summed over DP (the loss is already normalised globally): g = dp. Adam's first
-  // step moves by lr g / (|g| + eps) (bias-corrected), after the decoupled decay lr * wd * p.
+  // The gradients are summed over DP (the loss is already normalised globally): g = dp. Adam's
+  // first step moves by lr g / (|g| + eps) (bias-corrected), after the decoupled decay lr * wd * p.
   const double g = loom::testing::world()->size();
   const double expected = 1.0 - 0.1 * 0.1 - 0.1 * g / (g + 1e-8);
   EXPECT_NEAR(tiny[0].tensor.item<double>(), expected, 1e-12);

@@ -1,27 +1,27 @@
 // The Trainer: gradient accumulation, resume, bad input, data parallelism; and the checkpoint
 // format (safetensors). Runs with no launcher (everything) and under mpirun (DataParallel.*).
-#include <gtest/gtest.h>
 #include <ATen/CPUGeneratorImpl.h>
 #include <ATen/core/grad_mode.h>
-#include <nlohmann/json.hpp>
+#include <gtest/gtest.h>
 #include <unistd.h>
 
 #include <cmath>
 #include <cstring>
-#include <map>
 #include <filesystem>
 #include <fstream>
+#include <map>
+#include <nlohmann/json.hpp>
 
 #include "loom/checkpoint/checkpoint.h"
 #include "loom/checkpoint/safetensors.h"
 #include "loom/comm/local_communicator.h"
 #include "loom/core/error.h"
 #include "loom/core/logging.h"
-#include "test_world.h"
-#include "trainer_fixture.h"
 #include "loom/data/loader.h"
 #include "loom/train/executor.h"
 #include "loom/train/trainer.h"
+#include "test_world.h"
+#include "trainer_fixture.h"
 
 namespace {
 
@@ -132,11 +132,11 @@ TEST(StepExecutor, OneStageEqualsTheHandWrittenLoopBitForBit) {
 }
 
 // DOCUMENTS mode at model level: one step on the loader's packed micro-batches (several documents
-// per row, long documents cut into pieces, padding) equals every piece run alone, unpacked, with the
-// same per-token normalisation (fp64, 1e-12 relative): attention never crosses a piece, positions
-// restart in each, padding does not count. LLaMA, GPT-2 (learned positions, tied head) and MoE. The
-// MoE balance and z losses are off here: they are statistics of a micro-batch's tokens, so packing
-// changes them by design (the LM loss and its gradients must not change).
+// per row, long documents cut into pieces, padding) equals every piece run alone, unpacked, with
+// the same per-token normalisation (fp64, 1e-12 relative): attention never crosses a piece,
+// positions restart in each, padding does not count. LLaMA, GPT-2 (learned positions, tied head)
+// and MoE. The MoE balance and z losses are off here: they are statistics of a micro-batch's
+// tokens, so packing changes them by design (the LM loss and its gradients must not change).
 TEST(PackedDocuments, AStepEqualsTheDocumentsRunOneByOne) {
   for (const std::string kind : {"llama", "gpt2", "moe"}) {
     auto j = tiny_job(kind == "moe");
@@ -170,8 +170,8 @@ TEST(PackedDocuments, AStepEqualsTheDocumentsRunOneByOne) {
     for (const auto& mb : step.plan.micro_batches) {
       for (const auto& p : mb.rows[0]) {
         std::vector<int64_t> t(static_cast<size_t>(p.tokens + 1));
-        corpus.document(loom::data::Split::kTrain, samples[static_cast<size_t>(p.sample)].index, p.begin,
-                        p.tokens + 1, t.data());
+        corpus.document(loom::data::Split::kTrain, samples[static_cast<size_t>(p.sample)].index,
+                        p.begin, p.tokens + 1, t.data());
         at::Tensor all = at::tensor(t, at::kLong).view({1, -1});
         loom::model::Batch b;
         b.tokens = all.narrow(1, 0, p.tokens).contiguous();
@@ -183,7 +183,8 @@ TEST(PackedDocuments, AStepEqualsTheDocumentsRunOneByOne) {
         longest = std::max(longest, samples[static_cast<size_t>(p.sample)].length);
       }
     }
-    EXPECT_GT(pieces, static_cast<int64_t>(step.batches.size())) << kind << ": rows must hold several documents";
+    EXPECT_GT(pieces, static_cast<int64_t>(step.batches.size()))
+        << kind << ": rows must hold several documents";
     EXPECT_GT(longest, 17) << kind << ": some document must be cut into pieces";
     EXPECT_NEAR(sums.loss_sum, loss_sum, 1e-12 * loss_sum) << kind;
     double worst = 0;
@@ -217,7 +218,8 @@ TEST(Trainer, AccumulationEqualsOneLargeBatch) {
       auto ma = a.train_step();
       auto mb = b.train_step();
       EXPECT_NEAR(ma.loss, mb.loss, 1e-5 * mb.loss) << "moe " << moe << " step " << s;
-      EXPECT_NEAR(ma.grad_norm, mb.grad_norm, 1e-4 * mb.grad_norm) << "moe " << moe << " step " << s;
+      EXPECT_NEAR(ma.grad_norm, mb.grad_norm, 1e-4 * mb.grad_norm)
+          << "moe " << moe << " step " << s;
     }
     EXPECT_LT(max_param_diff(a, b), 2e-5) << "moe " << moe;
   }
@@ -262,7 +264,8 @@ TEST(Trainer, ResumeIsBitIdentical) {
     EXPECT_EQ(summary.first_step, 3);
     EXPECT_EQ(resumed.step(), 6);
     ASSERT_EQ(resumed.history().size(), 3u);
-    for (int s = 0; s < 3; ++s) EXPECT_EQ(resumed.history()[s].loss, losses[3 + s]) << "moe " << moe << " step " << 4 + s;
+    for (int s = 0; s < 3; ++s)
+      EXPECT_EQ(resumed.history()[s].loss, losses[3 + s]) << "moe " << moe << " step " << 4 + s;
     EXPECT_TRUE(params_equal(straight, resumed)) << "moe " << moe;
     EXPECT_EQ(straight.optimizer().state()[5].tensor.sum().item<double>(),
               resumed.optimizer().state()[5].tensor.sum().item<double>());
@@ -287,13 +290,46 @@ TEST(Trainer, NanLossStopsWithTheStepAndKeepsTheParameters) {
   expect_error([&] { t.train_step(); }, loom::ErrorKind::kNumerics, "step 2: the loss is NaN");
   EXPECT_EQ(t.step(), 1);
   EXPECT_TRUE(at::equal(params[1].tensor, before));
+  // The data position stays with the parameters: a retry reads step 2's batch, not step 3's.
+  EXPECT_EQ(t.consumed_samples(), t.global_batch_size());
+  expect_error([&] { t.train_step(); }, loom::ErrorKind::kNumerics, "step 2: the loss is NaN");
+  EXPECT_EQ(t.consumed_samples(), t.global_batch_size());
+}
+
+// A checkpoint records the data mode: a position counted in windows is not resumed as a count of
+// documents (or back), and the refusal changes nothing. A failed checkpoint write is an error on
+// every rank, naming the step and the reason.
+TEST(Trainer, CheckpointsRefuseAnotherDataModeAndReportFailedWrites) {
+  const std::string dir = temp_dir("mode");
+  auto j = tiny_job();
+  j.mutable_train()->set_checkpoint_dir(dir);
+  Trainer windows(j);
+  windows.train_step();
+  const std::string saved = windows.save_checkpoint();
+  auto jd = j;
+  jd.mutable_data()->set_mode(loom::config::DataConfig::DOCUMENTS);
+  Trainer docs(jd);
+  const at::Tensor before = docs.model().parameters()[0].tensor.detach().clone();
+  expect_error([&] { docs.load_checkpoint(saved); }, loom::ErrorKind::kIO,
+               "the position was saved with data.mode WINDOWS, this run uses DOCUMENTS");
+  EXPECT_TRUE(at::equal(docs.model().parameters()[0].tensor, before));
+  EXPECT_EQ(docs.step(), 0);
+  // A checkpoint directory that cannot be written: a file stands where the directory should be.
+  auto jf = j;
+  jf.mutable_train()->set_checkpoint_dir(dir + "/step-00000001/model.safetensors");
+  Trainer blocked(jf);
+  blocked.train_step();
+  expect_error([&] { blocked.save_checkpoint(); }, loom::ErrorKind::kIO,
+               "writing the checkpoint of step 1 under");
+  fs::remove_all(dir);
 }
 
 TEST(Trainer, MissingOrMismatchedCheckpointIsAClearError) {
   auto j = tiny_job();
   j.mutable_train()->set_resume("/nonexistent/loom/step-00000001");
   Trainer t(j);
-  expect_error([&] { t.fit(); }, loom::ErrorKind::kIO, "checkpoint '/nonexistent/loom/step-00000001' does not exist");
+  expect_error([&] { t.fit(); }, loom::ErrorKind::kIO,
+               "checkpoint '/nonexistent/loom/step-00000001' does not exist");
 
   const std::string dir = temp_dir("mismatch");
   auto js = tiny_job();
@@ -306,7 +342,8 @@ TEST(Trainer, MissingOrMismatchedCheckpointIsAClearError) {
   expect_error([&] { other.load_checkpoint(saved); }, loom::ErrorKind::kIO,
                "parameter 'layers.0.mlp.fc1.weight' has shape [128, 32], the model needs [96, 32]");
   fs::remove(fs::path(saved) / "state.safetensors");
-  expect_error([&] { small.load_checkpoint(saved); }, loom::ErrorKind::kIO, "'state.safetensors' is missing");
+  expect_error([&] { small.load_checkpoint(saved); }, loom::ErrorKind::kIO,
+               "'state.safetensors' is missing");
   // An incomplete directory is not "latest".
   EXPECT_FALSE(loom::checkpoint::latest_checkpoint(dir).has_value());
   fs::remove_all(dir);
@@ -315,13 +352,16 @@ TEST(Trainer, MissingOrMismatchedCheckpointIsAClearError) {
 TEST(Trainer, BadTrainConfigsAreRefused) {
   auto j = tiny_job();
   j.mutable_train()->set_seq_len(32);
-  expect_error([&] { Trainer t(j); }, loom::ErrorKind::kConfig, "'train.seq_len' must be in [1, model.max_seq_len = 16], got 32");
+  expect_error([&] { Trainer t(j); }, loom::ErrorKind::kConfig,
+               "'train.seq_len' must be in [1, model.max_seq_len = 16], got 32");
   j = tiny_job();
   j.mutable_train()->set_global_batch_size(18);
-  expect_error([&] { Trainer t(j); }, loom::ErrorKind::kConfig, "must be a multiple of train.micro_batch_size (4)");
+  expect_error([&] { Trainer t(j); }, loom::ErrorKind::kConfig,
+               "must be a multiple of train.micro_batch_size (4)");
   j = tiny_job();
   j.mutable_parallel()->set_tp(2);
-  expect_error([&] { Trainer t(j, std::make_shared<loom::comm::LocalCommunicator>()); }, loom::ErrorKind::kConfig, "");
+  expect_error([&] { Trainer t(j, std::make_shared<loom::comm::LocalCommunicator>()); },
+               loom::ErrorKind::kConfig, "");
   j = tiny_job();
   j.mutable_optim()->set_beta2(1.0);
   expect_error([&] { Trainer t(j); }, loom::ErrorKind::kConfig, "'optim.beta2' must be in [0, 1)");
@@ -334,7 +374,8 @@ TEST(Trainer, BadTrainConfigsAreRefused) {
   }
   j = tiny_job();
   j.mutable_train()->set_progress("fancy");  // refused on every rank, before anything runs
-  expect_error([&] { Trainer t(j); }, loom::ErrorKind::kConfig, "'train.progress' must be auto, bar, lines or off");
+  expect_error([&] { Trainer t(j); }, loom::ErrorKind::kConfig,
+               "'train.progress' must be auto, bar, lines or off");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -364,7 +405,8 @@ TEST(Safetensors, RoundTripWithMetadataAndDtypes) {
   uint64_t n = 0;
   for (int i = 7; i >= 0; --i) n = (n << 8) | static_cast<unsigned char>(bytes[i]);
   EXPECT_EQ(n % 8, 0u);
-  EXPECT_NE(bytes.find(R"("a":{"dtype":"F32","shape":[2,3],"data_offsets":[0,24]})"), std::string::npos);
+  EXPECT_NE(bytes.find(R"("a":{"dtype":"F32","shape":[2,3],"data_offsets":[0,24]})"),
+            std::string::npos);
   fs::remove_all(dir);
 }
 
@@ -372,12 +414,14 @@ TEST(Safetensors, InMemoryBytesEqualTheFile) {
   // encode_safetensors (what pipeline stages send to the checkpoint writer) is the file's bytes.
   const std::string dir = temp_dir("st-mem");
   fs::create_directories(dir);
-  std::map<std::string, at::Tensor> tensors = {{"w", at::arange(10, at::kFloat)}, {"z", at::ones({3}, at::kLong)}};
+  std::map<std::string, at::Tensor> tensors = {{"w", at::arange(10, at::kFloat)},
+                                               {"z", at::ones({3}, at::kLong)}};
   loom::checkpoint::save_safetensors(dir + "/a.safetensors", tensors, {{"k", "v"}});
   std::ifstream in(dir + "/a.safetensors", std::ios::binary);
   std::string bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
   EXPECT_EQ(loom::checkpoint::encode_safetensors(tensors, {{"k", "v"}}), bytes);
-  auto f = loom::checkpoint::parse_safetensors(loom::checkpoint::encode_safetensors(tensors), "memory");
+  auto f =
+      loom::checkpoint::parse_safetensors(loom::checkpoint::encode_safetensors(tensors), "memory");
   EXPECT_TRUE(at::equal(f.tensors.at("w"), tensors.at("w")));
   fs::remove_all(dir);
 }
@@ -402,7 +446,8 @@ TEST(FaultInjection, ParsesAndRefusesMalformedValues) {
   auto e = FaultInjection::parse("rank=0,step=2,kind=error");
   e.maybe_trigger(1, 2);
   e.maybe_trigger(0, 1);
-  expect_error([&] { e.maybe_trigger(0, 2); }, loom::ErrorKind::kInternal, "rank 0 fails at step 2");
+  expect_error([&] { e.maybe_trigger(0, 2); }, loom::ErrorKind::kInternal,
+               "rank 0 fails at step 2");
 }
 
 std::string file_with_header(const std::string& json, size_t data_bytes) {
@@ -424,13 +469,17 @@ TEST(Safetensors, LyingHeadersAreRefused) {
       "data_offsets [0, 16] span 16 bytes, but dtype F32 and shape [2] need 8");
   bad(file_with_header(R"({"w":{"dtype":"F32","shape":[4],"data_offsets":[0,16]}})", 8),
       "data_offsets end 16 is past the 8 data bytes");
-  bad(file_with_header(R"({"w":{"dtype":"Q7","shape":[1],"data_offsets":[0,1]}})", 1), "unsupported dtype \"Q7\"");
-  bad(file_with_header(R"({"w":{"dtype":"U8","shape":[2],"data_offsets":[0,2]},"v":{"dtype":"U8","shape":[2],"data_offsets":[1,3]}})", 3),
+  bad(file_with_header(R"({"w":{"dtype":"Q7","shape":[1],"data_offsets":[0,1]}})", 1),
+      "unsupported dtype \"Q7\"");
+  bad(file_with_header(
+          R"({"w":{"dtype":"U8","shape":[2],"data_offsets":[0,2]},"v":{"dtype":"U8","shape":[2],"data_offsets":[1,3]}})",
+          3),
       "overlaps");
   bad(file_with_header(R"({"w":{"dtype":"U8","shape":[2],"data_offsets":[2,4]}})", 4), "has a gap");
-  bad(file_with_header(R"({"w":{"dtype":"U8","shape":[-1],"data_offsets":[0,0]}})", 0), "bad dimension");
-  expect_error([] { loom::checkpoint::load_safetensors("/nonexistent.safetensors"); }, loom::ErrorKind::kIO,
-               "cannot open '/nonexistent.safetensors'");
+  bad(file_with_header(R"({"w":{"dtype":"U8","shape":[-1],"data_offsets":[0,0]}})", 0),
+      "bad dimension");
+  expect_error([] { loom::checkpoint::load_safetensors("/nonexistent.safetensors"); },
+               loom::ErrorKind::kIO, "cannot open '/nonexistent.safetensors'");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -451,7 +500,8 @@ TEST(DataParallel, MatchesSingleProcess) {
       auto a = single.train_step();
       auto b = dp.train_step();
       EXPECT_NEAR(b.loss, a.loss, 1e-5 * a.loss) << "moe " << moe << " step " << s;
-      EXPECT_NEAR(b.aux_loss, a.aux_loss, 1e-5 * a.aux_loss + 1e-9) << "moe " << moe << " step " << s;
+      EXPECT_NEAR(b.aux_loss, a.aux_loss, 1e-5 * a.aux_loss + 1e-9)
+          << "moe " << moe << " step " << s;
       EXPECT_EQ(b.tokens, a.tokens);
     }
     const double diff = max_param_diff(single, dp);
@@ -543,7 +593,8 @@ TEST(Trainer, DocumentsResumeMidEpochInTheSameOrder) {
   EXPECT_TRUE(params_equal(straight, resumed));
   // Real tokens only: a step's token count is its documents' targets, not padded rows.
   int64_t expect = 0;
-  for (const auto& s : resumed.loader().global_samples(loom::data::Split::kTrain, 5 * 16)) expect += s.length - 1;
+  for (const auto& s : resumed.loader().global_samples(loom::data::Split::kTrain, 5 * 16))
+    expect += s.length - 1;
   EXPECT_EQ(tokens[5], expect);
   fs::remove_all(dir);
 }
@@ -689,7 +740,8 @@ TEST(TensorBoard, EventFileDecodesWithAnIndependentReader) {
 // independent reader decodes it, and Loom's writer given the same content and times writes the same
 // bytes.
 TEST(TensorBoard, SameBytesAsTensorBoardsOwnWriter) {
-  const std::string fixture = std::string(LOOM_SOURCE_DIR) + "/tests/fixtures/tensorboard/events.reference";
+  const std::string fixture =
+      std::string(LOOM_SOURCE_DIR) + "/tests/fixtures/tensorboard/events.reference";
   auto content = nlohmann::json::parse(read_file_bytes(fixture + ".json"));
   auto records = read_records(fixture);
   ASSERT_EQ(records.size(), 1 + content["events"].size());
@@ -704,7 +756,8 @@ TEST(TensorBoard, SameBytesAsTensorBoardsOwnWriter) {
     loom::train::TensorBoardWriter w(dir, [&] { return times.at(next++); });
     for (const auto& e : content["events"]) {
       std::vector<std::pair<std::string, double>> values;
-      for (const auto& v : e["values"]) values.emplace_back(v[0].get<std::string>(), v[1].get<double>());
+      for (const auto& v : e["values"])
+        values.emplace_back(v[0].get<std::string>(), v[1].get<double>());
       w.add_scalars(e["step"].get<int64_t>(), values);
     }
     w.flush();
@@ -751,8 +804,10 @@ TEST(HuggingFace, NamesAndLayoutsRoundTrip) {
     for (const auto& p : m.parameters()) loom[p.name] = p.tensor.detach();
     auto hf = loom::checkpoint::to_hf(spec, loom);
     EXPECT_TRUE(hf.count("lm_head.weight"));
-    EXPECT_TRUE(hf.count(moe ? "model.layers.1.block_sparse_moe.experts.3.w3.weight" : "model.layers.1.mlp.up_proj.weight"));
-    // q_proj head j of KV group g is the fused QKV block (g, j); k_proj head g the block (g, group).
+    EXPECT_TRUE(hf.count(moe ? "model.layers.1.block_sparse_moe.experts.3.w3.weight"
+                             : "model.layers.1.mlp.up_proj.weight"));
+    // q_proj head j of KV group g is the fused QKV block (g, j); k_proj head g the block (g,
+    // group).
     const int64_t d = spec.head_dim, g = spec.num_heads / spec.num_kv_heads;
     at::Tensor qkv = loom.at("layers.0.attn.qkv.weight");
     for (int64_t head = 0; head < spec.num_heads; ++head) {
@@ -768,14 +823,16 @@ TEST(HuggingFace, NamesAndLayoutsRoundTrip) {
     ASSERT_EQ(back.size(), loom.size());
     for (const auto& [name, t] : loom) EXPECT_TRUE(at::equal(back.at(name), t)) << name;
     // config.json describes the same model.
-    auto mc = loom::checkpoint::model_config_from_hf(loom::checkpoint::hf_config_json(spec, "float32"));
+    auto mc =
+        loom::checkpoint::model_config_from_hf(loom::checkpoint::hf_config_json(spec, "float32"));
     auto spec2 = loom::model::ModelSpec::from_config(mc);
     EXPECT_EQ(spec2.num_parameters(), spec.num_parameters());
     EXPECT_EQ(spec2.num_kv_heads, spec.num_kv_heads);
     EXPECT_EQ(spec2.moe.num_experts, spec.moe.num_experts);
     // A missing tensor or a wrong shape is named.
     hf.erase("model.norm.weight");
-    expect_error([&] { loom::checkpoint::from_hf(spec, hf); }, loom::ErrorKind::kIO, "have no 'model.norm.weight'");
+    expect_error([&] { loom::checkpoint::from_hf(spec, hf); }, loom::ErrorKind::kIO,
+                 "have no 'model.norm.weight'");
   }
   auto j = tiny_job();
   j.mutable_model()->set_arch(loom::config::ModelConfig::GPT2);
@@ -785,19 +842,22 @@ TEST(HuggingFace, NamesAndLayoutsRoundTrip) {
 }
 
 // Checkpoints written by transformers' save_pretrained (5.17, tests/fixtures/hf_*, made by
-// tests/interop/device_interop.py, every weight perturbed so that no mapping hides behind a constant):
-// imported into Loom, the model's logits equal the logits transformers computed (fp32, 1e-5
-// relative); exported back, every tensor is bitwise what transformers wrote. The LLaMA fixture uses
-// rope_theta 500000 in transformers 5's rope_parameters form, so a theta read wrongly fails here.
+// tests/interop/device_interop.py, every weight perturbed so that no mapping hides behind a
+// constant): imported into Loom, the model's logits equal the logits transformers computed (fp32,
+// 1e-5 relative); exported back, every tensor is bitwise what transformers wrote. The LLaMA fixture
+// uses rope_theta 500000 in transformers 5's rope_parameters form, so a theta read wrongly fails
+// here.
 TEST(HuggingFace, TransformersWrittenCheckpoints) {
   for (const char* name : {"hf_llama", "hf_mixtral"}) {
     const std::string fixture = std::string(LOOM_SOURCE_DIR) + "/tests/fixtures/" + name;
     const std::string dir = temp_dir(name);
     loom::checkpoint::import_hf(fixture, dir + "/step-00000000");
     auto expected = loom::checkpoint::load_safetensors(fixture + "/expected.safetensors").tensors;
-    at::Tensor logits = loom::checkpoint::checkpoint_logits(dir + "/step-00000000", expected.at("tokens"));
+    at::Tensor logits =
+        loom::checkpoint::checkpoint_logits(dir + "/step-00000000", expected.at("tokens"));
     at::Tensor ref = expected.at("logits").to(at::kDouble);
-    const double rel = (logits.to(at::kDouble) - ref).norm().item<double>() / ref.norm().item<double>();
+    const double rel =
+        (logits.to(at::kDouble) - ref).norm().item<double>() / ref.norm().item<double>();
     EXPECT_LT(rel, 1e-5) << name;
 
     loom::checkpoint::export_hf(dir + "/step-00000000", dir + "/hf");
@@ -819,14 +879,16 @@ TEST(HuggingFace, TransformersWrittenCheckpoints) {
     fs::remove_all(dir);
   }
   // transformers 5 variants Loom does not implement are refused by name, not imported wrongly.
-  auto cfg = nlohmann::json::parse(read_file_bytes(std::string(LOOM_SOURCE_DIR) + "/tests/fixtures/hf_llama/config.json"));
+  auto cfg = nlohmann::json::parse(
+      read_file_bytes(std::string(LOOM_SOURCE_DIR) + "/tests/fixtures/hf_llama/config.json"));
   cfg["rope_parameters"]["rope_type"] = "llama3";
-  expect_error([&] { loom::checkpoint::model_config_from_hf(cfg.dump()); }, loom::ErrorKind::kUnsupported,
-               "rope_type is 'llama3'");
-  cfg = nlohmann::json::parse(read_file_bytes(std::string(LOOM_SOURCE_DIR) + "/tests/fixtures/hf_mixtral/config.json"));
+  expect_error([&] { loom::checkpoint::model_config_from_hf(cfg.dump()); },
+               loom::ErrorKind::kUnsupported, "rope_type is 'llama3'");
+  cfg = nlohmann::json::parse(
+      read_file_bytes(std::string(LOOM_SOURCE_DIR) + "/tests/fixtures/hf_mixtral/config.json"));
   cfg["sliding_window"] = 4096;
-  expect_error([&] { loom::checkpoint::model_config_from_hf(cfg.dump()); }, loom::ErrorKind::kUnsupported,
-               "sliding_window");
+  expect_error([&] { loom::checkpoint::model_config_from_hf(cfg.dump()); },
+               loom::ErrorKind::kUnsupported, "sliding_window");
 }
 
 // Loom checkpoint -> HF directory -> Loom step-0 checkpoint -> a Trainer resumed from it computes

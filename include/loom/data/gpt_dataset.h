@@ -15,6 +15,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -24,11 +25,11 @@
 namespace loom::data {
 
 struct WindowOptions {
-  int64_t seq_len_plus_one = 0;      // tokens per sample
-  int64_t num_samples = 0;           // samples the run needs from this split (at least)
+  int64_t seq_len_plus_one = 0;  // tokens per sample
+  int64_t num_samples = 0;       // samples the run needs from this split (at least)
   uint64_t seed = 0;
-  double first = 0, last = 1;        // the split as a fraction range of the documents
-  std::string cache_dir;             // "" : no cache
+  double first = 0, last = 1;  // the split as a fraction range of the documents
+  std::string cache_dir;       // "" : no cache
 };
 
 class WindowSampler {
@@ -42,7 +43,9 @@ class WindowSampler {
   int64_t num_documents() const { return doc_end_ - doc_begin_; }
   bool loaded_from_cache() const { return from_cache_; }
   // (document-index position, offset) of sample i before shuffling; for tests.
-  std::pair<int64_t, int64_t> sample_start(int64_t i) const { return {sample_index_[2 * i], sample_index_[2 * i + 1]}; }
+  std::pair<int64_t, int64_t> sample_start(int64_t i) const {
+    return {sample_index_[2 * i], sample_index_[2 * i + 1]};
+  }
   int64_t document_at(int64_t position) const { return document_index_[position]; }
 
  private:
@@ -61,7 +64,8 @@ class WindowSampler {
 // Greedy blending (Megatron's build_blending_indices): sample i goes to the dataset whose count is
 // furthest below weight * (i + 1), so every prefix of the stream follows the weights as closely as
 // whole samples allow. Returns, per sample, (dataset, index within that dataset).
-std::vector<std::pair<int32_t, int64_t>> blend(const std::vector<double>& weights, int64_t num_samples);
+std::vector<std::pair<int32_t, int64_t>> blend(const std::vector<double>& weights,
+                                               int64_t num_samples);
 
 class DocumentSampler;
 
@@ -71,18 +75,20 @@ class IndexedSource : public DataSource {
   // `train_samples` / `valid_samples`: what the run will draw from each split.
   // `documents`: serve whole documents (data.mode DOCUMENTS: DocumentSampler per dataset, blended
   // by the same weights) instead of fixed windows.
-  IndexedSource(const config::DataConfig& config, uint64_t seed, int64_t seq_len, int64_t vocab_size,
-                int64_t train_samples, int64_t valid_samples, bool documents = false);
+  IndexedSource(const config::DataConfig& config, uint64_t seed, int64_t seq_len,
+                int64_t vocab_size, int64_t train_samples, int64_t valid_samples,
+                bool documents = false);
   void sample(Split split, int64_t index, int64_t len, int64_t* out) const override;
   bool has_documents() const override { return documents_; }
   int64_t document_length(Split split, int64_t index) const override;
-  void document(Split split, int64_t index, int64_t begin, int64_t len, int64_t* out) const override;
+  void document(Split split, int64_t index, int64_t begin, int64_t len,
+                int64_t* out) const override;
   int64_t vocab_size() const override { return vocab_; }
   std::string describe() const override;
 
  private:
   struct SplitData {
-    std::vector<std::unique_ptr<WindowSampler>> samplers;  // one per dataset (WINDOWS)
+    std::vector<std::unique_ptr<WindowSampler>> samplers;     // one per dataset (WINDOWS)
     std::vector<std::unique_ptr<DocumentSampler>> documents;  // one per dataset (DOCUMENTS)
     std::vector<std::pair<int32_t, int64_t>> blend;
   };
@@ -100,13 +106,13 @@ namespace loom::data {
 
 // [Note: variable-length mode]
 // Whole documents instead of fixed windows, for the balance scheduler: sample i is document
-// order[i mod D] of epoch i / D (each epoch a seeded shuffle of the split's documents), truncated to
-// `max_len` tokens. Every document of the split appears exactly once per epoch; the lengths are
+// order[i mod D] of epoch i / D (each epoch a seeded shuffle of the split's documents), truncated
+// to `max_len` tokens. Every document of the split appears exactly once per epoch; the lengths are
 // known without reading the tokens, so a scheduler can plan a global batch before it is loaded.
 class DocumentSampler {
  public:
-  DocumentSampler(std::shared_ptr<const IndexedDataset> dataset, double first, double last, int64_t max_len,
-                  uint64_t seed);
+  DocumentSampler(std::shared_ptr<const IndexedDataset> dataset, double first, double last,
+                  int64_t max_len, uint64_t seed);
   int64_t num_documents() const { return end_ - begin_; }
   // Length of sample i after truncation.
   int64_t length(int64_t index) const;
@@ -121,6 +127,7 @@ class DocumentSampler {
   std::shared_ptr<const IndexedDataset> dataset_;
   int64_t begin_ = 0, end_ = 0, max_len_ = 0;
   uint64_t seed_ = 0;
+  mutable std::mutex mutex_;                          // guards epochs_ (prefetch vs. callers)
   mutable std::vector<std::vector<int64_t>> epochs_;  // lazily built permutations
 };
 

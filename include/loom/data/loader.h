@@ -32,7 +32,7 @@ struct LoaderOptions {
   int64_t global_batch = 1;        // samples (windows or documents) per step
   int64_t micro_batch_size = 1;    // WINDOWS: rows per micro-batch
   int64_t micro_batch_tokens = 0;  // DOCUMENTS: tokens per micro-batch
-  int64_t pad_multiple = 1;        // DOCUMENTS: row length rounded up to this (sequence parallelism)
+  int64_t pad_multiple = 1;  // DOCUMENTS: row length rounded up to this (sequence parallelism)
   int dp_size = 1, dp_rank = 0;
   at::Device device = at::kCPU;
   bool prefetch = true;
@@ -58,15 +58,19 @@ class MicroBatchLoader {
   // The training step at the current position; advances the position by one global batch and, if
   // asked (`prefetch_next` and options.prefetch), starts reading the following step.
   StepData next(bool prefetch_next = true);
-  // Any global batch of a split (evaluation: kValid from sample `first_sample`); no position change.
+  // Any global batch of a split (evaluation: kValid from sample `first_sample`); no position
+  // change.
   StepData load(Split split, int64_t first_sample) const;
 
   // Samples consumed from the training split (Note: loader position).
   int64_t position() const { return position_; }
   void set_position(int64_t consumed_samples);
-  // The resumable state by name: {"data.consumed_samples": position}.
+  // The resumable state by name: {"data.consumed_samples": position, "data.documents": mode}.
   std::map<std::string, int64_t> state() const;
-  // Restores state(); a missing or negative entry is a kIO error naming it.
+  // Checks a saved state against this loader without changing anything: a missing or negative
+  // position, or a position saved in the other data.mode, is a kIO error naming it.
+  void check_state(const std::map<std::string, int64_t>& state) const;
+  // Restores state() (after check_state()).
   void load_state(const std::map<std::string, int64_t>& state);
 
   const LoaderOptions& options() const { return options_; }
@@ -74,7 +78,8 @@ class MicroBatchLoader {
   std::vector<SampleRef> global_samples(Split split, int64_t first_sample) const;
 
  private:
-  model::Batch assemble(Split split, const std::vector<SampleRef>& samples, const MicroBatchPlan& mb) const;
+  model::Batch assemble(Split split, const std::vector<SampleRef>& samples,
+                        const MicroBatchPlan& mb) const;
 
   const DataSource* source_;
   LoaderOptions options_;

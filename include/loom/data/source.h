@@ -43,11 +43,13 @@ class DataSource {
 // (max_document_len, 4 max_document_len] (a long tail, so some documents need splitting).
 class SyntheticMarkovCorpus : public DataSource {
  public:
-  SyntheticMarkovCorpus(int64_t vocab_size, int32_t branching, uint64_t seed, int64_t max_document_len = 256);
+  SyntheticMarkovCorpus(int64_t vocab_size, int32_t branching, uint64_t seed,
+                        int64_t max_document_len = 256);
   void sample(Split split, int64_t index, int64_t len, int64_t* out) const override;
   bool has_documents() const override { return true; }
   int64_t document_length(Split split, int64_t index) const override;
-  void document(Split split, int64_t index, int64_t begin, int64_t len, int64_t* out) const override;
+  void document(Split split, int64_t index, int64_t begin, int64_t len,
+                int64_t* out) const override;
   int64_t vocab_size() const override { return vocab_; }
   std::string describe() const override;
   // The chain's entropy rate in nats per token: the loss a perfect model reaches.
@@ -64,6 +66,7 @@ class SyntheticMarkovCorpus : public DataSource {
 
 // The source a job's config asks for; `global_batch` (sequences per step) sizes what an indexed
 // source lays out (train.steps global batches, plus train.eval_batches for validation).
-std::unique_ptr<DataSource> make_source(const config::JobConfig& job, int64_t vocab_size, int64_t global_batch);
+std::unique_ptr<DataSource> make_source(const config::JobConfig& job, int64_t vocab_size,
+                                        int64_t global_batch);
 
 }  // namespace loom::data

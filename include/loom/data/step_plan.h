@@ -5,18 +5,22 @@
 // [Note: step plan]
 //
 //     loader: the global batch's samples     planner (pure, no communicator)        executor
-//     [(index, length), ...] of step k  -->  StepPlan for (dp rank, layout)   -->  micro-batches through
-//                                            - micro-batches: rows of pieces        the pipeline runner,
-//                                              (packed documents), token counts      loss / N, aux / M_all
+//     [(index, length), ...] of step k  -->  StepPlan for (dp rank, layout)   -->  micro-batches
+//     through
+//                                            - micro-batches: rows of pieces        the pipeline
+//                                            runner,
+//                                              (packed documents), token counts      loss / N, aux
+//                                              / M_all
 //                                            - N: loss tokens of the global batch
 //                                            - M_all: micro-batches over all DP ranks
 //
 // A sample is a token sequence of `length` tokens whose length - 1 next-token targets all count in
-// the loss: a fixed window (seq_len + 1 tokens) or a whole document. A piece is a contiguous part of
-// one sample, [begin, begin + tokens + 1): `tokens` inputs and `tokens` targets; a sample longer
-// than the budget is cut into consecutive pieces that share their boundary token, so every target of
-// the sample is predicted exactly once. A row of a micro-batch holds pieces back to back; attention
-// never crosses a piece and positions restart at 0 in each one ([Note: packed sequences]).
+// the loss: a fixed window (seq_len + 1 tokens) or a whole document. A piece is a contiguous part
+// of one sample, [begin, begin + tokens + 1): `tokens` inputs and `tokens` targets; a sample longer
+// than the budget is cut into consecutive pieces that share their boundary token, so every target
+// of the sample is predicted exactly once. A row of a micro-batch holds pieces back to back;
+// attention never crosses a piece and positions restart at 0 in each one ([Note: packed
+// sequences]).
 //
 // Modes:
 //   WINDOWS: DP rank r takes samples [r G/dp, (r+1) G/dp) of the G samples, in micro-batches of
@@ -63,7 +67,7 @@ struct StepPlan {
   int64_t loss_tokens = 0;                    // N: over the whole global batch
   int64_t global_micro_batches = 0;           // M_all: over every DP rank
   int64_t global_samples = 0;
-  int64_t local_tokens() const;               // real tokens of this rank's micro-batches
+  int64_t local_tokens() const;  // real tokens of this rank's micro-batches
 };
 
 struct PlanLayout {

@@ -42,7 +42,8 @@ at::Tensor initial_value(uint64_t job_seed, const std::string& name, at::IntArra
 class ParameterFactory {
  public:
   ParameterFactory(std::shared_ptr<std::vector<Parameter>> registry, uint64_t job_seed,
-                   at::TensorOptions options, std::string prefix = "", int tp_size = 1, int tp_rank = 0);
+                   at::TensorOptions options, std::string prefix = "", int tp_size = 1,
+                   int tp_rank = 0);
 
   ParameterFactory child(const std::string& name) const;
 

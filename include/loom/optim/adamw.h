@@ -60,11 +60,12 @@ class Optimizer {
 
 // The update of one tensor (or a contiguous slice of one): `g` undefined counts as zeros. With
 // Rule::kSgd, `m` and `v` are not used (and may be undefined).
-void adamw_update(at::Tensor& w, const at::Tensor& g, at::Tensor& m, at::Tensor& v, bool decay, double lr,
-                  int64_t step, const AdamWOptions& o);
+void adamw_update(at::Tensor& w, const at::Tensor& g, at::Tensor& m, at::Tensor& v, bool decay,
+                  double lr, int64_t step, const AdamWOptions& o);
 
 // "<param>.exp_avg" and "<param>.exp_avg_sq" of every parameter (AdamW), nothing (SGD).
-std::vector<std::string> moment_names(const std::vector<model::Parameter>& params, const AdamWOptions& o);
+std::vector<std::string> moment_names(const std::vector<model::Parameter>& params,
+                                      const AdamWOptions& o);
 
 class AdamW : public Optimizer {
  public:

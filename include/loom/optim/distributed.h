@@ -9,8 +9,10 @@
 //      DP costs one reduce-scatter plus one all-gather; ZeRO-1 moves the all-gather to parameters).
 //   2. clip_grad_norm(): squared sums of the owned range, split into TP-sharded and TP-replicated
 //      parameters' elements, are all-reduced over DP; the sharded part also over TP; every element
-//      of the model therefore counts once. The owned gradient is scaled if the norm exceeds the limit.
-//   3. step(): AdamW on the owned range only (the parameters are the fp32 masters; the moments exist
+//      of the model therefore counts once. The owned gradient is scaled if the norm exceeds the
+//      limit.
+//   3. step(): AdamW on the owned range only (the parameters are the fp32 masters; the moments
+//   exist
 //      for S elements per rank, so optimizer state falls as 1/DP), then the updated ranges are
 //      all-gathered over DP into every parameter.
 // The update of each element is AdamW's, so the result equals the replicated optimizer's up to the
@@ -33,11 +35,13 @@ class DistributedAdamW : public Optimizer, public parallel::GradientShards {
   // Collective-free. `dp` must be non-null; `tp` may be null (no tensor parallelism).
   // `pp` (may be null): the pipeline group, over which the norm's squared sums are also summed
   // (a stage's Parameter::pipeline_copy is left out of them).
-  DistributedAdamW(std::vector<model::Parameter>* params, const AdamWOptions& options, comm::CommunicatorPtr dp,
-                   comm::CommunicatorPtr tp, comm::CommunicatorPtr pp = nullptr);
+  DistributedAdamW(std::vector<model::Parameter>* params, const AdamWOptions& options,
+                   comm::CommunicatorPtr dp, comm::CommunicatorPtr tp,
+                   comm::CommunicatorPtr pp = nullptr);
 
   // Steps 1 and 2 of the note; collective over DP (and TP for the norm). Returns the norm before
-  // clipping (max_norm <= 0: no clipping). Parameters' .grad() are left as they were (DP-unreduced).
+  // clipping (max_norm <= 0: no clipping). Parameters' .grad() are left as they were
+  // (DP-unreduced).
   void reduce_scatter_gradients() override;
   double clip_grad_norm(double max_norm);
 

@@ -9,9 +9,9 @@
 // counts the bucket down; when a bucket is complete it and any complete buckets after it in launch
 // order start their non-blocking all-reduce (sum) over DP, while backward goes on with the earlier
 // layers. Buckets are launched strictly in order, so every rank issues the same collectives in the
-// same sequence even when an MoE expert got no tokens on one rank (its bucket completes in finish()).
-// finish() launches what is left and waits for all of them. Gradients of parameters that no rank
-// used are zeros, as in the unbucketed reduction.
+// same sequence even when an MoE expert got no tokens on one rank (its bucket completes in
+// finish()). finish() launches what is left and waits for all of them. Gradients of parameters that
+// no rank used are zeros, as in the unbucketed reduction.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -32,14 +32,15 @@ namespace loom::parallel {
 struct BucketStats {
   int64_t buckets = 0;
   int64_t launched_in_backward = 0;  // buckets whose all-reduce started before finish()
-  double wait_s = 0;                 // time finish() spent waiting (the part not hidden by backward)
+  double wait_s = 0;  // time finish() spent waiting (the part not hidden by backward)
 };
 
 class GradBuckets {
  public:
   // `overlap` false: the all-reduces run in finish() (still bucketed). Registers hooks on the
   // parameters' gradient accumulators; the parameters must outlive this object.
-  GradBuckets(std::vector<Parameter>* params, comm::CommunicatorPtr dp, int64_t bucket_bytes, bool overlap);
+  GradBuckets(std::vector<Parameter>* params, comm::CommunicatorPtr dp, int64_t bucket_bytes,
+              bool overlap);
   ~GradBuckets();
   GradBuckets(const GradBuckets&) = delete;
   GradBuckets& operator=(const GradBuckets&) = delete;
@@ -76,7 +77,7 @@ class GradBuckets {
   std::vector<std::shared_ptr<torch::autograd::Node>> accumulators_;
   bool armed_ = false;
   std::vector<uint8_t> counted_;  // per parameter: counted towards its bucket this step
-  size_t next_ = 0;  // next bucket to launch
+  size_t next_ = 0;               // next bucket to launch
   BucketStats stats_;
 };
 

@@ -16,12 +16,12 @@
 //   k1F1B                   PipeDream-flush / Megatron: w = min(p - r - 1, m) warm-up forwards,
 //                           then (F, B) pairs, then the w remaining backwards. At most p in flight.
 //   kInterleaved1F1B        Megatron-Core's interleaving over v chunks with micro-batch groups of
-//                           size g (default p, p <= g <= m, m % g == 0 or >= p): the forward order is the table of
-//                           (micro-batch, chunk) pairs taking g micro-batches through chunk 0, the
-//                           same g through chunk 1, ..., then the next group; the k-th backward is
-//                           the k-th entry with the chunk mirrored (v - 1 - c). Warm-up:
-//                           min((p - r - 1) 2 + (v - 1) g, m v) forwards, then (F, B) pairs, then
-//                           the remaining backwards.
+//                           size g (default p, p <= g <= m, m % g == 0 or >= p): the forward order
+//                           is the table of (micro-batch, chunk) pairs taking g micro-batches
+//                           through chunk 0, the same g through chunk 1, ..., then the next group;
+//                           the k-th backward is the k-th entry with the chunk mirrored (v - 1 -
+//                           c). Warm-up: min((p - r - 1) 2 + (v - 1) g, m v) forwards, then (F, B)
+//                           pairs, then the remaining backwards.
 //   kZeroBubbleH1           ZB-H1 (Qi et al. 2023, "Zero Bubble Pipeline Parallelism"): 1F1B's
 //                           order of F and B with the backward split into B (input gradient) and
 //                           W (weight gradient). B is on the critical path between stages, W is
@@ -58,7 +58,12 @@ struct Action {
   std::string str() const;  // "F3", "B0.1" (micro-batch 0, chunk 1)
 };
 
-enum class ScheduleKind : uint8_t { kAllForwardAllBackward, k1F1B, kInterleaved1F1B, kZeroBubbleH1 };
+enum class ScheduleKind : uint8_t {
+  kAllForwardAllBackward,
+  k1F1B,
+  kInterleaved1F1B,
+  kZeroBubbleH1
+};
 const char* schedule_name(ScheduleKind k);  // "afab", "1f1b", "interleaved", "zb-h1"
 // Parses the names above (the config's `parallel.pp_schedule`); a kConfig error lists them.
 ScheduleKind parse_schedule(const std::string& name);
@@ -71,10 +76,10 @@ ScheduleOptions schedule_from_config(const config::ParallelConfig& par, int stag
 
 struct ScheduleOptions {
   ScheduleKind kind = ScheduleKind::k1F1B;
-  int stages = 1;          // p: pipeline ranks
-  int chunks = 1;          // v: model chunks per rank (> 1 only for kInterleaved1F1B)
-  int microbatches = 1;    // m
-  int group = 0;           // interleaved: micro-batches per chunk in a row (0 = stages)
+  int stages = 1;        // p: pipeline ranks
+  int chunks = 1;        // v: model chunks per rank (> 1 only for kInterleaved1F1B)
+  int microbatches = 1;  // m
+  int group = 0;         // interleaved: micro-batches per chunk in a row (0 = stages)
 
   bool split_backward() const { return kind == ScheduleKind::kZeroBubbleH1; }
   int virtual_stages() const { return stages * chunks; }
@@ -115,11 +120,11 @@ struct PassCosts {
 };
 
 struct Simulation {
-  double makespan = 0;                 // time when the last rank finishes
-  std::vector<double> busy;            // per rank: time spent in passes
-  std::vector<int> peak_in_flight;     // per rank: most micro-batch-chunks whose F ran and whose last
-                                       // backward pass (B, or W when split) has not (activations held)
-  double bubble_fraction() const;      // 1 - sum(busy) / (ranks * makespan)
+  double makespan = 0;              // time when the last rank finishes
+  std::vector<double> busy;         // per rank: time spent in passes
+  std::vector<int> peak_in_flight;  // per rank: most micro-batch-chunks whose F ran and whose last
+                                    // backward pass (B, or W when split) has not (activations held)
+  double bubble_fraction() const;   // 1 - sum(busy) / (ranks * makespan)
   // Start and end of every action, per rank, in table order.
   std::vector<std::vector<std::pair<double, double>>> spans;
 };
@@ -127,9 +132,9 @@ struct Simulation {
 Simulation simulate(const ScheduleOptions& o, const std::vector<Table>& tables, const PassCosts& c);
 
 // The bubble fraction the literature gives for these options and costs (no transfer time):
-//   AFAB, 1F1B:   (p - 1) (F + B + W) / (m (F + B + W) + (p - 1) (F + B + W)) = (p - 1) / (m + p - 1)
-//   interleaved:  (p - 1) / (v m + p - 1)  (the 1F1B bubble with chunks v times shorter)
-//   ZB-H1:        (p - 1) (F + B - W) / (m (F + B + W) + (p - 1) (F + B - W))   (W <= F, B)
+//   AFAB, 1F1B:   (p - 1) (F + B + W) / (m (F + B + W) + (p - 1) (F + B + W)) = (p - 1) / (m + p -
+//   1) interleaved:  (p - 1) / (v m + p - 1)  (the 1F1B bubble with chunks v times shorter) ZB-H1:
+//   (p - 1) (F + B - W) / (m (F + B + W) + (p - 1) (F + B - W))   (W <= F, B)
 double theoretical_bubble(const ScheduleOptions& o, const PassCosts& c);
 
 // One line per rank, e.g. "rank 1: F0 F1 B0 F2 B1 B2", for logs and error messages.

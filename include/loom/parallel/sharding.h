@@ -23,17 +23,17 @@ namespace loom::parallel {
 // weights under sequence parallelism, the MoE router) set `tp_partial_grad`; their gradients are
 // all-reduced over TP after backward.
 struct TpShard {
-  int dim = -1;            // -1: replicated over TP
+  int dim = -1;  // -1: replicated over TP
   int64_t blocks = 1;
-  int64_t padded = 0;      // the padded size of `dim` (0: no padding)
+  int64_t padded = 0;  // the padded size of `dim` (0: no padding)
   bool partial_grad = false;
 };
 
 struct Parameter {
   std::string name;
-  at::Tensor tensor;                 // the trainable leaf (requires_grad), master dtype
+  at::Tensor tensor;  // the trainable leaf (requires_grad), master dtype
   std::vector<int64_t> global_shape;
-  bool weight_decay = true;          // false for norms, biases (and 1-D tensors generally)
+  bool weight_decay = true;  // false for norms, biases (and 1-D tensors generally)
   TpShard shard;
   int tp_size = 1, tp_rank = 0;
   // Another pipeline stage owns this parameter and this rank holds a copy that the trainer keeps
@@ -47,11 +47,12 @@ struct Parameter {
 // This rank's shard of a full tensor (Note: tensor-parallel shards).
 at::Tensor shard_of(const at::Tensor& full, const TpShard& shard, int tp_size, int tp_rank);
 // The full tensor from every rank's shard (in TP rank order), padding removed.
-at::Tensor unshard(const std::vector<at::Tensor>& shards, const TpShard& shard, at::IntArrayRef global_shape);
+at::Tensor unshard(const std::vector<at::Tensor>& shards, const TpShard& shard,
+                   at::IntArrayRef global_shape);
 
 // The full (unpadded) tensor of parameter `p` whose local value (or optimizer state, or gradient)
-// is `local`: gathered over `tp` for TP-sharded parameters, `local` itself otherwise. Collective over
-// `tp` for sharded parameters (`tp` may be null when nothing is sharded).
+// is `local`: gathered over `tp` for TP-sharded parameters, `local` itself otherwise. Collective
+// over `tp` for sharded parameters (`tp` may be null when nothing is sharded).
 at::Tensor full_tensor(const Parameter& p, const at::Tensor& local, comm::Communicator* tp);
 
 }  // namespace loom::parallel

@@ -5,8 +5,8 @@
 // There is one executor, the pipeline runner ([Note: pipeline runner]). Without pipeline
 // parallelism it runs a one-stage table: 1F1B on one stage is F0 B0 F1 B1 ..., which is Megatron's
 // forward_backward_no_pipelining, so the same code computes the same floating-point operations in
-// the same order as a hand-written loop (tests/train: bit-identical in fp64 and fp32). The loss each
-// stage differentiates is set here and only here ([Note: loss scaling]):
+// the same order as a hand-written loop (tests/train: bit-identical in fp64 and fp32). The loss
+// each stage differentiates is set here and only here ([Note: loss scaling]):
 //   the last virtual stage: loss_sum_mb / N  (+ its MoE layers' aux_mb * aux_scale)
 //   every other stage:      its MoE layers' aux_mb * aux_scale (nothing for a dense stage)
 // where N is the global batch's loss-token count and aux_scale = 1 / (micro-batches x DP). The
@@ -71,7 +71,8 @@ class StepExecutor {
  private:
   struct Runner {
     std::unique_ptr<parallel::pipeline::PipelineRunner> runner;
-    std::vector<parallel::pipeline::Action> final_passes;  // each chunk's last B (and W) of the table
+    std::vector<parallel::pipeline::Action>
+        final_passes;  // each chunk's last B (and W) of the table
   };
   Runner& runner_for(int microbatches);
   parallel::pipeline::RunnerCallbacks callbacks(const std::vector<model::Batch>& batches) const;

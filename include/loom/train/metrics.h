@@ -18,25 +18,25 @@
 namespace loom::train {
 
 struct StepMetrics {
-  int64_t step = 0;          // steps completed, including this one
-  double loss = 0;           // LM cross-entropy per token over the global batch
-  double aux_loss = 0;       // MoE auxiliary losses (balance + z), mean over micro-batches
+  int64_t step = 0;     // steps completed, including this one
+  double loss = 0;      // LM cross-entropy per token over the global batch
+  double aux_loss = 0;  // MoE auxiliary losses (balance + z), mean over micro-batches
   double lr = 0;
-  double grad_norm = 0;      // before clipping
-  int64_t tokens = 0;        // loss tokens in the global batch (real tokens: padding never counts)
-  int64_t micro_batches = 0;           // this rank's micro-batches (DOCUMENTS mode: varies)
-  double seconds = 0;        // wall time of the step
+  double grad_norm = 0;       // before clipping
+  int64_t tokens = 0;         // loss tokens in the global batch (real tokens: padding never counts)
+  int64_t micro_batches = 0;  // micro-batches of the step over all DP ranks (DOCUMENTS: varies)
+  double seconds = 0;         // wall time of the step
   double data_s = 0, forward_s = 0, backward_s = 0, comm_s = 0, optimizer_s = 0;
-  double grad_reduce_wait_s = 0;       // DP all-reduce time left after backward (not overlapped)
-  double pp_wait_s = 0;                // pipeline: time blocked on activation / gradient receives
-  double tokens_per_s = 0;             // global
+  double grad_reduce_wait_s = 0;  // DP all-reduce time left after backward (not overlapped)
+  double pp_wait_s = 0;           // pipeline: time blocked on activation / gradient receives
+  double tokens_per_s = 0;        // global
   double tokens_per_s_per_device = 0;
-  double tflops_per_device = 0;        // achieved
-  double mfu = 0;                      // achieved / peak, per device
+  double tflops_per_device = 0;  // achieved
+  double mfu = 0;                // achieved / peak, per device
   int64_t rss = 0, peak_rss = 0;
-  int64_t device_peak = 0;             // GPU caching-allocator peak (CUDA devices)
-  int64_t moe_dropped = 0;             // (token, expert) assignments dropped by capacity
-  double moe_max_load = 0;             // max over layers and experts of tokens / mean tokens
+  int64_t device_peak = 0;  // GPU caching-allocator peak (CUDA devices)
+  int64_t moe_dropped = 0;  // (token, expert) assignments dropped by capacity
+  double moe_max_load = 0;  // max over layers and experts of tokens / mean tokens
 };
 
 struct EvalMetrics {
@@ -92,16 +92,18 @@ void add_moe_stats(StepMetrics& m, const std::vector<std::unique_ptr<model::GptM
 
 // The console line (every log_every steps, the first and the last; with an ETA when no bar is
 // drawn) and the progress bar.
-std::unique_ptr<MetricsSink> make_console_sink(const MetricsContext& ctx, std::shared_ptr<Progress> progress);
+std::unique_ptr<MetricsSink> make_console_sink(const MetricsContext& ctx,
+                                               std::shared_ptr<Progress> progress);
 // One JSON object per line: {"type": "train", ...} per step and {"type": "eval", ...}.
 std::unique_ptr<MetricsSink> make_jsonl_sink(const std::string& path, const MetricsContext& ctx);
 // TensorBoard scalars (train/, perf/, memory/, moe/, eval/), flushed every log_every steps.
-std::unique_ptr<MetricsSink> make_tensorboard_sink(const std::string& dir, const MetricsContext& ctx);
+std::unique_ptr<MetricsSink> make_tensorboard_sink(const std::string& dir,
+                                                   const MetricsContext& ctx);
 
 // The sinks a job's config asks for on this rank (all on rank 0, none elsewhere): the console and
 // progress (train.progress), JSONL (train.metrics_jsonl or <logging.dir>/metrics.jsonl) and
 // TensorBoard (train.tensorboard_dir or <logging.dir>/tensorboard; "off": none).
-std::unique_ptr<MetricsSinks> make_metrics_sinks(const config::JobConfig& job, const MetricsContext& ctx,
-                                                 bool rank0);
+std::unique_ptr<MetricsSinks> make_metrics_sinks(const config::JobConfig& job,
+                                                 const MetricsContext& ctx, bool rank0);
 
 }  // namespace loom::train

@@ -8,8 +8,8 @@
 //     sum over all micro-batches and ranks of ( loss_sum_mb / N  +  aux_mb / (M * DP) )
 // where N is the number of loss tokens in the whole global batch (counted before the first forward
 // and all-reduced over DP). The language-model part is therefore the per-token mean over the global
-// batch, whatever the split into ranks and micro-batches; the MoE auxiliary losses are averaged over
-// micro-batches. Gradients are summed over DP.
+// batch, whatever the split into ranks and micro-batches; the MoE auxiliary losses are averaged
+// over micro-batches. Gradients are summed over DP.
 //
 // With pipeline parallelism the same objective is split by stage: the last virtual stage
 // differentiates loss_sum_mb / N plus its own MoE layers' aux_mb / (M * DP), every other stage only
@@ -84,7 +84,8 @@ class Trainer {
   model::GptModel& model() { return *chunks_.front(); }
   // Every model chunk of this rank (virtual stage c * pp + pp rank for chunk c).
   const std::vector<std::unique_ptr<model::GptModel>>& chunks() const { return chunks_; }
-  // This rank's parameters, every chunk's in chunk order (shared with the chunks: the same tensors).
+  // This rank's parameters, every chunk's in chunk order (shared with the chunks: the same
+  // tensors).
   std::vector<model::Parameter>& parameters() { return params_; }
   // The pipeline runner of the configured micro-batch count (nullptr without pipeline parallelism;
   // the executor runs a one-stage table then).
@@ -136,7 +137,8 @@ class Trainer {
   const parallel::pipeline::PipelineRunner* pipeline_ = nullptr;  // pp > 1: the executor's runner
   std::unique_ptr<optim::Optimizer> optimizer_;
   optim::DistributedAdamW* zero_ = nullptr;  // optimizer_ when parallel.distributed_optimizer
-  std::unique_ptr<parallel::GradSync> grad_sync_;  // after optimizer_: ZeRO-1 reduce-scatters through it
+  std::unique_ptr<parallel::GradSync>
+      grad_sync_;  // after optimizer_: ZeRO-1 reduce-scatters through it
   std::unique_ptr<optim::LrSchedule> schedule_;
   std::unique_ptr<checkpoint::TrainingState> state_;  // Note: training state
   std::unique_ptr<MetricsSinks> sinks_;  // rank 0: console, progress, JSONL, TensorBoard
