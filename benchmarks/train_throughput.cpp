@@ -11,7 +11,7 @@
 //
 // dense_docs is the dense model on packed documents (data.mode DOCUMENTS: synthetic documents of
 // 2..256 tokens with a tail to 1024 cut into pieces of 256, 16 per step, packed first-fit into
-// micro-batches of at most 2048 tokens). Its tokens/s counts real tokens only; there is no PyTorch
+// micro-batches of one row of at most 256 tokens, the default). Its tokens/s counts real tokens only; there is no PyTorch
 // peer for packing, so it is reported against Loom's own WINDOWS dense case of the same run (the
 // packed step's correctness is tests/train's PackedDocuments against the documents run one by one).
 //   train_throughput --device cuda --precision bf16 --cases dense_large,moe_large --python python3
@@ -57,7 +57,7 @@ JobConfig make_case(const std::string& name, int steps, const std::string& devic
     j = make_case("dense", steps, device, precision);
     j.mutable_data()->set_mode(loom::config::DataConfig::DOCUMENTS);
     j.mutable_train()->set_global_batch_size(16);  // documents per step
-    j.mutable_train()->set_micro_batch_tokens(2048);
+    // micro_batch_tokens: the default, one packed row of at most seq_len tokens per micro-batch
     return j;
   }
   if (name == "dense") {
