@@ -11,9 +11,10 @@
 //
 // dense_docs is the dense model on packed documents (data.mode DOCUMENTS: synthetic documents of
 // 2..256 tokens with a tail to 1024 cut into pieces of 256, 16 per step, packed first-fit into
-// micro-batches of one row of at most 256 tokens, the default). Its tokens/s counts real tokens only; there is no PyTorch
-// peer for packing, so it is reported against Loom's own WINDOWS dense case of the same run (the
-// packed step's correctness is tests/train's PackedDocuments against the documents run one by one).
+// micro-batches of one row of at most 256 tokens, the default). Its tokens/s counts real tokens
+// only; there is no PyTorch peer for packing, so it is reported against Loom's own WINDOWS dense
+// case of the same run (the packed step's correctness is tests/train's PackedDocuments against the
+// documents run one by one).
 //   train_throughput --device cuda --precision bf16 --cases dense_large,moe_large --python python3
 //
 // On a GPU both sides synchronise the device before reading the clock at the end of each step; the
