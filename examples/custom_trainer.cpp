@@ -61,19 +61,8 @@ int main(int argc, char** argv) {
     if (rank == 0) std::printf("model: %s\n", spec.summary().c_str());
 
     // 2. Data: the config's source, and the loader that plans each step (Note: step plan).
-    const int64_t global =
-        t.global_batch_size() > 0 ? t.global_batch_size() : t.micro_batch_size() * dp;
-    auto source = loom::data::make_source(job, spec.vocab_size, global);
-    loom::data::LoaderOptions lo;
-    lo.mode = job.data().mode() == loom::config::DataConfig::DOCUMENTS
-                  ? loom::data::BatchMode::kDocuments
-                  : loom::data::BatchMode::kWindows;
-    lo.seq_len = t.seq_len();
-    lo.global_batch = global;
-    lo.micro_batch_size = t.micro_batch_size();
-    lo.micro_batch_tokens = t.micro_batch_tokens() > 0 ? t.micro_batch_tokens() : t.seq_len();
-    lo.dp_size = dp;
-    lo.dp_rank = rank;
+    const auto lo = loom::data::LoaderOptions::from_config(job, dp, rank, /*tp_size=*/1, at::kCPU);
+    auto source = loom::data::make_source(job, spec.vocab_size, lo.global_batch);
     loom::data::MicroBatchLoader loader(source.get(), lo);
 
     // 3. Optimizer, schedule, gradient synchronisation over the data-parallel ranks (the world).

@@ -1,5 +1,7 @@
 #include "loom/data/loader.h"
 
+#include <fmt/format.h>
+
 #include "loom/core/error.h"
 
 namespace loom::data {
@@ -14,6 +16,61 @@ PlanLayout LoaderOptions::layout() const {
   l.max_piece_tokens = seq_len;
   l.pad_multiple = pad_multiple;
   return l;
+}
+
+LoaderOptions LoaderOptions::from_config(const config::JobConfig& job, int dp_size, int dp_rank,
+                                         int tp_size, at::Device device) {
+  const auto& t = job.train();
+  LoaderOptions o;
+  o.mode = job.data().mode() == config::DataConfig::DOCUMENTS ? BatchMode::kDocuments
+                                                              : BatchMode::kWindows;
+  o.seq_len = t.seq_len();
+  o.micro_batch_size = t.micro_batch_size();
+  o.global_batch = t.global_batch_size() > 0 ? t.global_batch_size() : o.micro_batch_size * dp_size;
+  o.dp_size = dp_size;
+  o.dp_rank = dp_rank;
+  o.device = device;
+  o.prefetch = t.prefetch();
+  const bool sp = job.parallel().sequence_parallel() && tp_size > 1;
+  if (o.mode == BatchMode::kWindows) {
+    LOOM_CHECK_CONFIG(
+        o.global_batch % (o.micro_batch_size * dp_size) == 0,
+        "field 'train.global_batch_size' ({}) must be a multiple of train.micro_batch_size ({}) x "
+        "data-parallel size ({}) = {}",
+        o.global_batch, o.micro_batch_size, dp_size, o.micro_batch_size * dp_size);
+    LOOM_CHECK_CONFIG(!sp || o.seq_len % tp_size == 0,
+                      "parallel.sequence_parallel splits the sequence over parallel.tp = {} ranks: "
+                      "train.seq_len = "
+                      "{} is not divisible by it",
+                      tp_size, o.seq_len);
+    return o;
+  }
+  LOOM_CHECK_CONFIG(
+      o.global_batch % dp_size == 0,
+      "data.mode DOCUMENTS: field 'train.global_batch_size' ({} documents per step) must be a "
+      "multiple of the data-parallel size ({})",
+      o.global_batch, dp_size);
+  LOOM_CHECK_CONFIG(t.micro_batch_tokens() >= 0,
+                    "field 'train.micro_batch_tokens' must be >= 0, got {}",
+                    t.micro_batch_tokens());
+  o.micro_batch_tokens = t.micro_batch_tokens() > 0 ? t.micro_batch_tokens() : o.seq_len;
+  o.pad_multiple = sp ? tp_size : 1;  // sequence parallelism splits each packed row over tp
+  return o;
+}
+
+std::string MicroBatchLoader::describe() const {
+  const auto& o = options_;
+  if (o.mode == BatchMode::kDocuments) {
+    return fmt::format(
+        "{} documents per step over {} DP rank(s), packed into micro-batches of at most {} tokens "
+        "(pieces of at "
+        "most {}); the loss is per token over the global batch",
+        o.global_batch, o.dp_size, o.micro_batch_tokens, o.seq_len);
+  }
+  return fmt::format(
+      "{} sequences x {} tokens per step = {} micro-batches of {} on each of {} DP rank(s)",
+      o.global_batch, o.seq_len, o.global_batch / (o.micro_batch_size * o.dp_size),
+      o.micro_batch_size, o.dp_size);
 }
 
 MicroBatchLoader::MicroBatchLoader(const DataSource* source, LoaderOptions options)

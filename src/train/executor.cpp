@@ -1,5 +1,7 @@
 #include "loom/train/executor.h"
 
+#include <fmt/format.h>
+
 #include <algorithm>
 
 #include "loom/core/error.h"
@@ -52,6 +54,19 @@ StepExecutor::Runner& StepExecutor::runner_for(int microbatches) {
     }
   }
   return runners_.emplace(microbatches, std::move(r)).first->second;
+}
+
+std::string StepExecutor::describe(const std::string& microbatches) const {
+  std::string layers;
+  for (const auto* c : chunks_) {
+    const auto& st = c->stage();
+    layers += fmt::format("{}[{}, {}){}{}", layers.empty() ? "" : " + ", st.first_layer,
+                          st.first_layer + st.num_layers, st.pre_process ? " +embedding" : "",
+                          st.post_process ? " +head" : "");
+  }
+  return fmt::format(
+      "{} schedule, {} stages x {} chunk(s), {} micro-batches per step; this rank: layers {}",
+      pl::schedule_name(schedule_.kind), schedule_.stages, schedule_.chunks, microbatches, layers);
 }
 
 const pl::PipelineRunner& StepExecutor::runner(int microbatches) {

@@ -73,52 +73,17 @@ Trainer::Trainer(const config::JobConfig& config, comm::CommunicatorPtr world,
 }
 
 void Trainer::build_data(const model::ModelSpec& spec) {
-  const auto& t = config_.train();
-  const int dp = groups_->dp_size();
-  seq_len_ = t.seq_len();
-  micro_batch_ = t.micro_batch_size();
-  documents_ = config_.data().mode() == config::DataConfig::DOCUMENTS;
-  global_batch_ = t.global_batch_size() > 0 ? t.global_batch_size() : micro_batch_ * dp;
-  if (!documents_) {
-    LOOM_CHECK_CONFIG(
-        global_batch_ % (micro_batch_ * dp) == 0,
-        "field 'train.global_batch_size' ({}) must be a multiple of train.micro_batch_size "
-        "({}) x data-parallel size ({}) = {}",
-        global_batch_, micro_batch_, dp, micro_batch_ * dp);
-    num_micro_ = global_batch_ / (micro_batch_ * dp);
-  } else {
-    LOOM_CHECK_CONFIG(
-        global_batch_ % dp == 0,
-        "data.mode DOCUMENTS: field 'train.global_batch_size' ({} documents per step) must be a "
-        "multiple of the data-parallel size ({})",
-        global_batch_, dp);
-    LOOM_CHECK_CONFIG(t.micro_batch_tokens() >= 0,
-                      "field 'train.micro_batch_tokens' must be >= 0, got {}",
-                      t.micro_batch_tokens());
-  }
-  const bool sp = config_.parallel().sequence_parallel() && groups_->tp_size() > 1;
-  if (sp && !documents_) {
-    LOOM_CHECK_CONFIG(seq_len_ % groups_->tp_size() == 0,
-                      "parallel.sequence_parallel splits the sequence over parallel.tp = {} ranks: "
-                      "train.seq_len = "
-                      "{} is not divisible by it",
-                      groups_->tp_size(), seq_len_);
-  }
+  const auto lo = data::LoaderOptions::from_config(config_, groups_->dp_size(), groups_->dp_rank(),
+                                                   groups_->tp_size(), device_);
+  seq_len_ = lo.seq_len;
+  global_batch_ = lo.global_batch;
+  documents_ = lo.mode == data::BatchMode::kDocuments;
+  num_micro_ =
+      documents_ ? 0 : global_batch_ / (lo.micro_batch_size * lo.dp_size);  // DOCUMENTS: varies
   if (!source_) source_ = data::make_source(config_, spec.vocab_size, global_batch_);
   LOOM_CHECK_CONFIG(source_->vocab_size() <= spec.vocab_size,
                     "the data's vocabulary ({} tokens) does not fit model.vocab_size = {}",
                     source_->vocab_size(), spec.vocab_size);
-  data::LoaderOptions lo;
-  lo.mode = documents_ ? data::BatchMode::kDocuments : data::BatchMode::kWindows;
-  lo.seq_len = seq_len_;
-  lo.global_batch = global_batch_;
-  lo.micro_batch_size = micro_batch_;
-  lo.micro_batch_tokens = t.micro_batch_tokens() > 0 ? t.micro_batch_tokens() : seq_len_;
-  lo.pad_multiple = sp ? groups_->tp_size() : 1;
-  lo.dp_size = dp;
-  lo.dp_rank = groups_->dp_rank();
-  lo.device = device_;
-  lo.prefetch = t.prefetch();
   loader_ = std::make_unique<data::MicroBatchLoader>(source_.get(), lo);
 }
 
@@ -225,18 +190,7 @@ void Trainer::log_setup(const model::ModelSpec& spec) {
   const auto& t = config_.train();
   LOOM_LOG_INFO("model: {}", spec.summary());
   LOOM_LOG_INFO("data: {}", source_->describe());
-  if (documents_) {
-    LOOM_LOG_INFO(
-        "batch: {} documents per step over {} DP rank(s), packed into micro-batches of at most {} "
-        "tokens "
-        "(pieces of at most {}); the loss is per token over the global batch",
-        global_batch_, groups_->dp_size(), loader_->options().micro_batch_tokens, seq_len_);
-  } else {
-    LOOM_LOG_INFO(
-        "batch: {} sequences x {} tokens per step = {} micro-batches of {} on each of {} DP "
-        "rank(s)",
-        global_batch_, seq_len_, num_micro_, micro_batch_, groups_->dp_size());
-  }
+  LOOM_LOG_INFO("batch: {}", loader_->describe());
   LOOM_LOG_INFO(
       "parallel: tp={}{} pp={} dp={} ({} ranks); optimizer state {} per rank{}", groups_->tp_size(),
       chunks_.front()->tensor_parallel().sp() ? " with sequence parallelism" : "",
@@ -245,19 +199,8 @@ void Trainer::log_setup(const model::ModelSpec& spec) {
       zero_ ? fmt::format(" (distributed optimizer: 1/{} of the moments)", groups_->dp_size())
             : "");
   if (pipeline_) {
-    std::string layers;
-    for (const auto& c : chunks_) {
-      const auto& st = c->stage();
-      layers += fmt::format("{}[{}, {}){}{}", layers.empty() ? "" : " + ", st.first_layer,
-                            st.first_layer + st.num_layers, st.pre_process ? " +embedding" : "",
-                            st.post_process ? " +head" : "");
-    }
-    const auto& o = pipeline_->options();
-    LOOM_LOG_INFO(
-        "pipeline: {} schedule, {} stages x {} chunk(s), {} micro-batches per step; this rank: "
-        "layers {}",
-        parallel::pipeline::schedule_name(o.kind), o.stages, o.chunks,
-        documents_ ? std::string("varying") : std::to_string(o.microbatches), layers);
+    LOOM_LOG_INFO("pipeline: {}",
+                  executor_->describe(documents_ ? "varying" : std::to_string(num_micro_)));
   }
   if (chunks_.front()->padded_vocab() != spec.vocab_size) {
     LOOM_LOG_INFO(

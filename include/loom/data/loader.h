@@ -20,6 +20,7 @@
 #include <string>
 #include <vector>
 
+#include "loom/config.pb.h"
 #include "loom/data/source.h"
 #include "loom/data/step_plan.h"
 #include "loom/model/batch.h"
@@ -38,6 +39,11 @@ struct LoaderOptions {
   bool prefetch = true;
 
   PlanLayout layout() const;
+  // The options a job's config asks for on DP rank `dp_rank` of `dp_size` (tp_size: sequence
+  // parallelism pads packed rows to a multiple of it): train.global_batch_size (0: micro_batch_size
+  // x dp), the micro-batch sizes and data.mode. kConfig errors name the field and the arithmetic.
+  static LoaderOptions from_config(const config::JobConfig& job, int dp_size, int dp_rank,
+                                   int tp_size, at::Device device);
 };
 
 // One step of this rank: its plan and its micro-batches (in the plan's order).
@@ -74,6 +80,8 @@ class MicroBatchLoader {
   void load_state(const std::map<std::string, int64_t>& state);
 
   const LoaderOptions& options() const { return options_; }
+  // One line for the log: what a step is made of.
+  std::string describe() const;
   // The samples (index, length) of the global batch of `split` from `first_sample`.
   std::vector<SampleRef> global_samples(Split split, int64_t first_sample) const;
 

@@ -20,6 +20,7 @@
 #include <functional>
 #include <map>
 #include <memory>
+#include <string>
 #include <vector>
 
 #include "loom/comm/communicator.h"
@@ -67,6 +68,10 @@ class StepExecutor {
   const parallel::pipeline::PipelineRunner& runner(int microbatches);
   const parallel::pipeline::ScheduleOptions& schedule() const { return schedule_; }
   int stages() const { return schedule_.stages; }
+  // One line for the log: the schedule, stages x chunks, `microbatches` per step and this rank's
+  // layers ("1f1b schedule, 2 stages x 1 chunk(s), 8 micro-batches per step; this rank: layers
+  // [0, 2) +embedding").
+  std::string describe(const std::string& microbatches) const;
 
  private:
   struct Runner {

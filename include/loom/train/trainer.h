@@ -143,7 +143,7 @@ class Trainer {
   std::unique_ptr<checkpoint::TrainingState> state_;  // Note: training state
   std::unique_ptr<MetricsSinks> sinks_;  // rank 0: console, progress, JSONL, TensorBoard
   at::Device device_ = at::kCPU;
-  int64_t seq_len_ = 0, micro_batch_ = 0, global_batch_ = 0, num_micro_ = 0;
+  int64_t seq_len_ = 0, global_batch_ = 0, num_micro_ = 0;
   int64_t step_ = 0;
   bool documents_ = false;  // data.mode DOCUMENTS
   std::unique_ptr<data::MicroBatchLoader> loader_;
