@@ -91,6 +91,8 @@ StepPlan plan_step(const std::vector<SampleRef>& samples, const PlanLayout& l) {
       plan.micro_batches.push_back(std::move(mb));
     }
     plan.global_micro_batches = static_cast<int64_t>(plan.micro_batches.size()) * l.dp_size;
+    plan.sequence_tokens_sq =
+        static_cast<double>(g) * static_cast<double>(len - 1) * static_cast<double>(len - 1);
     return plan;
   }
   LOOM_CHECK_CONFIG(l.micro_batch_tokens >= 1,
@@ -106,6 +108,12 @@ StepPlan plan_step(const std::vector<SampleRef>& samples, const PlanLayout& l) {
     auto mbs = pack_documents(samples, r * share, (r + 1) * share, l.micro_batch_tokens,
                               l.max_piece_tokens, l.pad_multiple);
     plan.global_micro_batches += static_cast<int64_t>(mbs.size());
+    for (const auto& mb : mbs) {
+      for (const auto& row : mb.rows) {
+        for (const auto& p : row)
+          plan.sequence_tokens_sq += static_cast<double>(p.tokens) * static_cast<double>(p.tokens);
+      }
+    }
     if (r == l.dp_rank) plan.micro_batches = std::move(mbs);
   }
   return plan;

@@ -17,16 +17,19 @@ int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 void ModelSpec::check_tensor_parallel(int tp) const {
   if (tp <= 1) return;
   auto check = [tp](int64_t v, const char* field, const char* what) {
-    LOOM_CHECK_CONFIG(v % tp == 0, "{} ({} = {}) is not divisible by the tensor-parallel size parallel.tp = {}", what,
-                      field, v, tp);
+    LOOM_CHECK_CONFIG(v % tp == 0,
+                      "{} ({} = {}) is not divisible by the tensor-parallel size parallel.tp = {}",
+                      what, field, v, tp);
   };
   check(num_heads, "model.num_heads", "the number of attention heads");
-  check(num_kv_heads, "model.num_kv_heads", "the number of KV heads (each TP rank needs whole GQA groups)");
+  check(num_kv_heads, "model.num_kv_heads",
+        "the number of KV heads (each TP rank needs whole GQA groups)");
   if (num_moe_layers() < num_layers) check(ffn, "model.ffn_hidden_size", "the FFN width");
   if (is_moe()) {
     check(moe.expert_ffn, "model.moe.expert_ffn_hidden_size", "the expert FFN width");
     if (moe.num_shared_experts > 0) {
-      check(moe.num_shared_experts * moe.shared_ffn, "model.moe.num_shared_experts x shared_expert_ffn_hidden_size",
+      check(moe.num_shared_experts * moe.shared_ffn,
+            "model.moe.num_shared_experts x shared_expert_ffn_hidden_size",
             "the shared experts' FFN width");
     }
   }
@@ -49,7 +52,8 @@ ModelSpec ModelSpec::from_config(const ModelConfig& c) {
   positive("num_layers", c.num_layers());
   positive("num_heads", c.num_heads());
   positive("max_seq_len", c.max_seq_len());
-  LOOM_CHECK_CONFIG(c.num_kv_heads() >= 0, "field 'model.num_kv_heads' must be >= 0 (0 = num_heads), got {}",
+  LOOM_CHECK_CONFIG(c.num_kv_heads() >= 0,
+                    "field 'model.num_kv_heads' must be >= 0 (0 = num_heads), got {}",
                     c.num_kv_heads());
   LOOM_CHECK_CONFIG(c.ffn_hidden_size() >= 0,
                     "field 'model.ffn_hidden_size' must be >= 0 (0 = from arch), got {}",
@@ -73,18 +77,22 @@ ModelSpec ModelSpec::from_config(const ModelConfig& c) {
                : (c.norm() == ModelConfig::RMSNORM ? NormKind::kRmsNorm : NormKind::kLayerNorm);
   LOOM_CHECK_CONFIG(c.norm_eps() > 0, "field 'model.norm_eps' must be > 0, got {}", c.norm_eps());
   s.norm_eps = c.norm_eps();
-  s.rope = c.position() == ModelConfig::POSITION_FROM_ARCH ? llama : c.position() == ModelConfig::ROPE;
+  s.rope =
+      c.position() == ModelConfig::POSITION_FROM_ARCH ? llama : c.position() == ModelConfig::ROPE;
   s.rope_theta = c.rope_theta();
   if (s.rope) {
     LOOM_CHECK_CONFIG(s.head_dim % 2 == 0,
                       "RoPE needs an even head dimension, but model.hidden_size / model.num_heads "
                       "= {} / {} = {}",
                       s.hidden, s.num_heads, s.head_dim);
-    LOOM_CHECK_CONFIG(s.rope_theta > 0, "field 'model.rope_theta' must be > 0, got {}", s.rope_theta);
+    LOOM_CHECK_CONFIG(s.rope_theta > 0, "field 'model.rope_theta' must be > 0, got {}",
+                      s.rope_theta);
   }
-  s.swiglu = c.activation() == ModelConfig::ACTIVATION_FROM_ARCH ? llama
-                                                                  : c.activation() == ModelConfig::SWIGLU;
-  s.tie_embeddings = c.tie_embeddings() == ModelConfig::FROM_ARCH ? !llama : c.tie_embeddings() == ModelConfig::ON;
+  s.swiglu = c.activation() == ModelConfig::ACTIVATION_FROM_ARCH
+                 ? llama
+                 : c.activation() == ModelConfig::SWIGLU;
+  s.tie_embeddings =
+      c.tie_embeddings() == ModelConfig::FROM_ARCH ? !llama : c.tie_embeddings() == ModelConfig::ON;
   s.bias = c.bias() == ModelConfig::FROM_ARCH ? !llama : c.bias() == ModelConfig::ON;
   if (c.ffn_hidden_size() > 0) {
     s.ffn = c.ffn_hidden_size();
@@ -93,7 +101,8 @@ ModelSpec ModelSpec::from_config(const ModelConfig& c) {
   }
   LOOM_CHECK_CONFIG(c.init_std() > 0, "field 'model.init_std' must be > 0, got {}", c.init_std());
   s.init_std = c.init_std();
-  s.output_init_std = c.scaled_output_init() ? c.init_std() / std::sqrt(2.0 * s.num_layers) : c.init_std();
+  s.output_init_std =
+      c.scaled_output_init() ? c.init_std() / std::sqrt(2.0 * s.num_layers) : c.init_std();
   s.compute_dtype = c.precision() == ModelConfig::BF16 ? at::kBFloat16 : at::kFloat;
   s.recompute = c.recompute() == ModelConfig::FULL;
 
@@ -132,7 +141,7 @@ ModelSpec ModelSpec::from_config(const ModelConfig& c) {
     s.moe.expert_ffn = m.expert_ffn_hidden_size() > 0 ? m.expert_ffn_hidden_size() : s.ffn;
     s.moe.num_shared_experts = m.num_shared_experts();
     s.moe.shared_ffn = m.shared_expert_ffn_hidden_size() > 0 ? m.shared_expert_ffn_hidden_size()
-                                                              : s.moe.expert_ffn;
+                                                             : s.moe.expert_ffn;
     s.moe.score = m.score_function() == config::MoeConfig::SIGMOID ? ScoreFunction::kSigmoid
                                                                    : ScoreFunction::kSoftmax;
     s.moe.pre_softmax = m.pre_softmax();
@@ -141,10 +150,12 @@ ModelSpec ModelSpec::from_config(const ModelConfig& c) {
     s.moe.aux_loss_coeff = m.aux_loss_coeff();
     s.moe.z_loss_coeff = m.z_loss_coeff();
     s.moe.capacity_factor = m.capacity_factor();
-    s.moe.drop_policy = m.drop_policy() == config::MoeConfig::DROP_BY_POSITION ? DropPolicy::kByPosition
-                                                                             : DropPolicy::kByProbs;
+    s.moe.drop_policy = m.drop_policy() == config::MoeConfig::DROP_BY_POSITION
+                            ? DropPolicy::kByPosition
+                            : DropPolicy::kByProbs;
     s.moe.router_init_std = m.router_init_std() > 0 ? m.router_init_std() : s.init_std;
-    LOOM_CHECK_CONFIG(s.swiglu, "MoE experts are SwiGLU: set model.activation to SWIGLU (or arch LLAMA)");
+    LOOM_CHECK_CONFIG(s.swiglu,
+                      "MoE experts are SwiGLU: set model.activation to SWIGLU (or arch LLAMA)");
   }
   return s;
 }
@@ -221,13 +232,25 @@ int64_t ModelSpec::num_active_parameters() const {
   return n;
 }
 
+namespace {
+// Weights a token multiplies by: every layer's matmuls (top_k of the routed experts) and the output
+// head, which is a real matmul even when it shares the embedding's storage.
+double matmul_weights(const ModelSpec& spec) {
+  double matmul = static_cast<double>(spec.vocab_size * spec.hidden);
+  for (int64_t i = 0; i < spec.num_layers; ++i)
+    matmul += static_cast<double>(layer_count(spec, i).matmul);
+  return matmul;
+}
+}  // namespace
+
 double ModelSpec::flops_per_token(int64_t seq_len) const {
-  // Weights a token multiplies by: every layer's matmuls (top_k of the routed experts) and the
-  // output head, which is a real matmul even when it shares the embedding's storage.
-  double matmul = static_cast<double>(vocab_size * hidden);
-  for (int64_t i = 0; i < num_layers; ++i) matmul += static_cast<double>(layer_count(*this, i).matmul);
   const double attention = 12.0 * num_layers * num_heads * head_dim * static_cast<double>(seq_len);
-  return 6.0 * matmul + attention;
+  return 6.0 * matmul_weights(*this) + attention;
+}
+
+double ModelSpec::step_flops(double tokens, double sequence_tokens_sq) const {
+  return 6.0 * matmul_weights(*this) * tokens +
+         12.0 * num_layers * num_heads * head_dim * sequence_tokens_sq;
 }
 
 std::string ModelSpec::summary() const {
@@ -238,9 +261,10 @@ std::string ModelSpec::summary() const {
       norm == NormKind::kRmsNorm ? "RMSNorm" : "LayerNorm", rope ? "RoPE" : "learned positions",
       swiglu ? "SwiGLU" : "GELU", tie_embeddings ? "tied" : "untied", num_parameters());
   if (is_moe()) {
-    s += fmt::format("; MoE {} of {} layers: {} experts top-{} (ffn {}), {} shared, {} active params",
-                     num_moe_layers(), num_layers, moe.num_experts, moe.top_k, moe.expert_ffn,
-                     moe.num_shared_experts, num_active_parameters());
+    s += fmt::format(
+        "; MoE {} of {} layers: {} experts top-{} (ffn {}), {} shared, {} active params",
+        num_moe_layers(), num_layers, moe.num_experts, moe.top_k, moe.expert_ffn,
+        moe.num_shared_experts, num_active_parameters());
   }
   return s;
 }

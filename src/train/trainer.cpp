@@ -333,7 +333,10 @@ StepMetrics Trainer::train_step() {
   if (grad_sync_->buckets()) m.grad_reduce_wait_s = grad_sync_->buckets()->stats().wait_s;
   m.tokens_per_s = total_tokens / m.seconds;  // real tokens: padding never counts
   m.tokens_per_s_per_device = m.tokens_per_s / world_->size();
-  m.tflops_per_device = flops_per_token_ * m.tokens_per_s_per_device / 1e12;
+  // Model FLOPs of the step's real sequences (Note: step plan: windows, or packed pieces).
+  m.tflops_per_device =
+      chunks_.front()->spec().step_flops(total_tokens, data.plan.sequence_tokens_sq) / m.seconds /
+      world_->size() / 1e12;
   m.mfu = peak_flops_ > 0 ? m.tflops_per_device * 1e12 / peak_flops_ : 0;
   const MemoryStats mem = memory_stats(device_);
   m.device_peak = mem.device_peak;

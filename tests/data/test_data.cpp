@@ -492,6 +492,7 @@ TEST(StepPlan, WindowsAreTheContiguousDpShareInMicroBatches) {
       const auto plan = loom::data::plan_step(samples, l);
       EXPECT_EQ(plan.loss_tokens, 16 * 8);
       EXPECT_EQ(plan.global_micro_batches, 8);
+      EXPECT_EQ(plan.sequence_tokens_sq, 16.0 * 8 * 8);
       ASSERT_EQ(static_cast<int>(plan.micro_batches.size()), 8 / dp);
       int64_t next = r * (16 / dp);
       for (const auto& mb : plan.micro_batches) {
@@ -589,6 +590,16 @@ TEST(StepPlan, DocumentsArePackedFirstFitAndCoverEveryTargetOnce) {
         return n;
       }());
     }
+    // The attention term of the step's FLOPs: every piece of every rank, squared.
+    double sq = 0;
+    for (const auto& smp : samples) {
+      for (int64_t left = smp.length - 1; left > 0; left -= l.max_piece_tokens) {
+        const double p = static_cast<double>(std::min(left, l.max_piece_tokens));
+        sq += p * p;
+      }
+    }
+    l.dp_rank = 0;
+    EXPECT_EQ(loom::data::plan_step(samples, l).sequence_tokens_sq, sq);
     for (size_t s = 0; s < samples.size(); ++s) {
       for (size_t t = 0; t < covered[s].size(); ++t)
         ASSERT_EQ(covered[s][t], 1) << "sample " << s << " target " << t;

@@ -9,6 +9,7 @@
 // h = 1e-6: truncation error ~h^2 * f''' ~ 1e-12 and rounding ~1e-16 / h ~ 1e-10, so agreement to
 // 1e-6 relative (+1e-9 absolute) is required.
 #include <gtest/gtest.h>
+#include <torch/csrc/autograd/autograd.h>
 
 #include <algorithm>
 #include <cmath>
@@ -17,8 +18,6 @@
 
 #include "loom/core/config.h"
 #include "loom/core/error.h"
-#include <torch/csrc/autograd/autograd.h>
-
 #include "loom/model/gpt.h"
 
 namespace {
@@ -99,7 +98,8 @@ struct Ref {
     const int64_t d = static_cast<int64_t>(x.size()), half = d / 2;
     Vec y(x.size());
     for (int64_t i = 0; i < half; ++i) {
-      const double angle = static_cast<double>(p) * std::pow(s.rope_theta, -2.0 * i / static_cast<double>(d));
+      const double angle =
+          static_cast<double>(p) * std::pow(s.rope_theta, -2.0 * i / static_cast<double>(d));
       const double c = std::cos(angle), sn = std::sin(angle);
       y[i] = x[i] * c - x[i + half] * sn;
       y[i + half] = x[i + half] * c + x[i] * sn;
@@ -171,7 +171,8 @@ struct Ref {
       }
       std::vector<int64_t> idx(E);
       std::iota(idx.begin(), idx.end(), 0);
-      std::stable_sort(idx.begin(), idx.end(), [&](int64_t a, int64_t b) { return score[a] > score[b]; });
+      std::stable_sort(idx.begin(), idx.end(),
+                       [&](int64_t a, int64_t b) { return score[a] > score[b]; });
       idx.resize(k);
       chosen[t] = idx;
       Vec g(k);
@@ -191,7 +192,8 @@ struct Ref {
     // Capacity: per expert, the assignments in token order; keep the first C or the C largest.
     std::vector<std::vector<bool>> keep(T, std::vector<bool>(k, true));
     if (m.capacity_factor > 0) {
-      const auto cap = static_cast<int64_t>(std::ceil(static_cast<double>(T * k) / E * m.capacity_factor));
+      const auto cap =
+          static_cast<int64_t>(std::ceil(static_cast<double>(T * k) / E * m.capacity_factor));
       for (int64_t e = 0; e < E; ++e) {
         std::vector<std::pair<int64_t, int64_t>> a;  // (token, slot)
         for (int64_t t = 0; t < T; ++t) {
@@ -236,7 +238,8 @@ struct Ref {
       for (int64_t t = 0; t < T; ++t) psum += probs[t][e];
       balance += psum * count[e];
     }
-    *aux += m.aux_loss_coeff * E / (static_cast<double>(k) * T * T) * balance + m.z_loss_coeff * z / T;
+    *aux +=
+        m.aux_loss_coeff * E / (static_cast<double>(k) * T * T) * balance + m.z_loss_coeff * z / T;
     return out;
   }
 
@@ -256,7 +259,8 @@ struct Ref {
     if (!s.rope) pemb = mat("position_embedding.weight");
     for (int64_t b = 0; b < B; ++b) {
       for (int64_t t = 0; t < S; ++t) {
-        h[b][t] = Vec(emb.v.begin() + tok[b][t] * s.hidden, emb.v.begin() + (tok[b][t] + 1) * s.hidden);
+        h[b][t] =
+            Vec(emb.v.begin() + tok[b][t] * s.hidden, emb.v.begin() + (tok[b][t] + 1) * s.hidden);
         if (!s.rope) {
           for (int64_t i = 0; i < s.hidden; ++i) h[b][t][i] += pemb(pos_at(b, t), i);
         }
@@ -308,7 +312,8 @@ struct Ref {
             double se = 0;
             for (double& x : sc) se += (x = std::exp(x - mx));
             for (size_t j = 0; j < us.size(); ++j) {
-              for (int64_t i = 0; i < d; ++i) attn_out[t][hh * d + i] += sc[j] / se * v[us[j]][g][i];
+              for (int64_t i = 0; i < d; ++i)
+                attn_out[t][hh * d + i] += sc[j] / se * v[us[j]][g][i];
             }
           }
         }
@@ -411,7 +416,8 @@ double max_diff(const at::Tensor& logits, const std::vector<std::vector<Vec>>& r
   auto a = logits.accessor<double, 3>();
   for (size_t b = 0; b < ref.size(); ++b) {
     for (size_t t = 0; t < ref[b].size(); ++t) {
-      for (size_t v = 0; v < ref[b][t].size(); ++v) m = std::max(m, std::abs(a[b][t][v] - ref[b][t][v]));
+      for (size_t v = 0; v < ref[b][t].size(); ++v)
+        m = std::max(m, std::abs(a[b][t][v] - ref[b][t][v]));
     }
   }
   return m;
@@ -476,7 +482,8 @@ TEST(PackedSequences, DocumentMaskEqualsSeparateDocuments) {
       alone.tokens = full.tokens.narrow(1, start, len);
       alone.targets = full.targets.narrow(1, start, len);
       at::Tensor la = model.logits(alone);
-      EXPECT_LT((la - lp.narrow(1, start, len)).abs().max().item<double>(), 1e-12) << kind << " doc at " << start;
+      EXPECT_LT((la - lp.narrow(1, start, len)).abs().max().item<double>(), 1e-12)
+          << kind << " doc at " << start;
     }
   }
 }
@@ -536,7 +543,8 @@ TEST_P(FiniteDifferences, GradientsMatchCentralDifferences) {
   int checked = 0;
   for (auto& p : model.parameters()) {
     at::Tensor flat = p.tensor.detach().view({-1});
-    at::Tensor grad = p.tensor.grad().defined() ? p.tensor.grad().reshape({-1}) : at::zeros_like(flat);
+    at::Tensor grad =
+        p.tensor.grad().defined() ? p.tensor.grad().reshape({-1}) : at::zeros_like(flat);
     for (int r = 0; r < 3; ++r) {
       const int64_t i = static_cast<int64_t>(rng() % static_cast<uint64_t>(flat.numel()));
       const double orig = flat[i].item<double>();
@@ -554,7 +562,8 @@ TEST_P(FiniteDifferences, GradientsMatchCentralDifferences) {
   EXPECT_GT(checked, 30);
 }
 
-INSTANTIATE_TEST_SUITE_P(Arch, FiniteDifferences, ::testing::Values("llama", "gpt2", "moe_shared", "moe_sigmoid"));
+INSTANTIATE_TEST_SUITE_P(Arch, FiniteDifferences,
+                         ::testing::Values("llama", "gpt2", "moe_shared", "moe_sigmoid"));
 
 TEST(Recompute, SameLossAndGradientsAsStoredActivations) {
   for (const std::string kind : {"llama", "moe_shared"}) {
@@ -574,7 +583,8 @@ TEST(Recompute, SameLossAndGradientsAsStoredActivations) {
       ASSERT_EQ(ga.defined(), gb.defined()) << kind << " " << a.parameters()[i].name;
       if (ga.defined()) {
         // The same ops on the same inputs: equal up to BLAS rounding (float64).
-        EXPECT_LT((ga - gb).abs().max().item<double>(), 1e-13) << kind << " " << a.parameters()[i].name;
+        EXPECT_LT((ga - gb).abs().max().item<double>(), 1e-13)
+            << kind << " " << a.parameters()[i].name;
       }
     }
   }
@@ -593,7 +603,9 @@ TEST(MixedPrecision, Bf16ComputeStaysCloseToFp32) {
     EXPECT_EQ(lb.loss_sum.scalar_type(), at::kFloat);
     EXPECT_EQ(b.parameters()[0].tensor.scalar_type(), at::kFloat);  // fp32 master weights
     // bf16 has 8 bits of mantissa: ~0.4% relative per op; the summed loss stays within 3%.
-    EXPECT_NEAR(lb.loss_sum.item<double>(), la.loss_sum.item<double>(), 0.03 * la.loss_sum.item<double>()) << kind;
+    EXPECT_NEAR(lb.loss_sum.item<double>(), la.loss_sum.item<double>(),
+                0.03 * la.loss_sum.item<double>())
+        << kind;
     lb.loss_sum.backward();
     EXPECT_EQ(b.parameters()[0].tensor.grad().scalar_type(), at::kFloat);
   }
@@ -645,8 +657,8 @@ TEST(ModelSpec, SequenceLongerThanMaxIsRefused) {
 TEST(ModelSpec, FlopsPerTokenMatchesHandCount) {
   auto c = tiny_config("llama");
   ModelSpec s = ModelSpec::from_config(c);
-  // Per layer: qkv (4 + 2*2) * 2 * 8 = 128, out 8*8 = 64, fc1 24*8 = 192, fc2 8*12 = 96 -> 480 weights;
-  // head 13 * 8 = 104. Attention: 12 * L * nh * d * S.
+  // Per layer: qkv (4 + 2*2) * 2 * 8 = 128, out 8*8 = 64, fc1 24*8 = 192, fc2 8*12 = 96 -> 480
+  // weights; head 13 * 8 = 104. Attention: 12 * L * nh * d * S.
   const double weights = 2 * 480 + 104;
   EXPECT_DOUBLE_EQ(s.flops_per_token(10), 6 * weights + 12.0 * 2 * 4 * 2 * 10);
   auto m = tiny_config("moe");
@@ -654,6 +666,10 @@ TEST(ModelSpec, FlopsPerTokenMatchesHandCount) {
   // MoE layers: router 4*8, top-2 of experts 3*6*8 each.
   const double moe_weights = 2 * (128 + 64 + 4 * 8 + 2 * 3 * 6 * 8) + 104;
   EXPECT_DOUBLE_EQ(sm.flops_per_token(10), 6 * moe_weights + 12.0 * 2 * 4 * 2 * 10);
+  // A step of sequences of lengths 3, 5 and 10 (18 tokens): attention counts each one's square.
+  EXPECT_DOUBLE_EQ(s.step_flops(18, 9 + 25 + 100),
+                   6 * weights * 18 + 12.0 * 2 * 4 * 2 * (9 + 25 + 100));
+  EXPECT_DOUBLE_EQ(s.step_flops(40, 4 * 100), 40 * s.flops_per_token(10));  // four windows of 10
 }
 
 }  // namespace
@@ -668,10 +684,10 @@ TEST(Configs, RecipesResolveToTheirPublishedSizes) {
     int64_t active;
   };
   const Expect cases[] = {
-      {"gpt2_124m.pbtxt", 124475904, 124475904},       // GPT-2 small with vocab padded to 50304
-      {"llama_1b.pbtxt", 1235814400, 1235814400},      // Llama 3.2 1B
-      {"llama_8b.pbtxt", 8030261248, 8030261248},      // Llama 3 8B
-      {"moe_8x_top2.pbtxt", 46702792704, 12879925248}, // Mixtral 8x7B
+      {"gpt2_124m.pbtxt", 124475904, 124475904},        // GPT-2 small with vocab padded to 50304
+      {"llama_1b.pbtxt", 1235814400, 1235814400},       // Llama 3.2 1B
+      {"llama_8b.pbtxt", 8030261248, 8030261248},       // Llama 3 8B
+      {"moe_8x_top2.pbtxt", 46702792704, 12879925248},  // Mixtral 8x7B
       {"tiny_gpt.pbtxt", 0, 0},
       {"tiny_moe.pbtxt", 0, 0},
   };
@@ -701,8 +717,9 @@ TEST(PipelineStages, ChainedStagesEqualTheWholeModel) {
     bool recompute;
   };
   const std::vector<Case> cases = {
-      {"llama", 2, 1, -1, -1, 4, false}, {"llama", 4, 1, -1, -1, 4, false}, {"llama", 2, 2, -1, -1, 4, true},
-      {"gpt2", 2, 1, -1, -1, 2, false},  {"gpt2", 3, 1, 0, 0, 3, false},    {"moe_shared", 2, 1, -1, -1, 4, false},
+      {"llama", 2, 1, -1, -1, 4, false},    {"llama", 4, 1, -1, -1, 4, false},
+      {"llama", 2, 2, -1, -1, 4, true},     {"gpt2", 2, 1, -1, -1, 2, false},
+      {"gpt2", 3, 1, 0, 0, 3, false},       {"moe_shared", 2, 1, -1, -1, 4, false},
       {"moe_sigmoid", 3, 1, 2, 1, 6, true}, {"llama", 2, 2, 0, 3, 5, false}};
   for (const Case& c : cases) {
     auto cfg = tiny_config(c.kind);
@@ -718,7 +735,9 @@ TEST(PipelineStages, ChainedStagesEqualTheWholeModel) {
 
     const auto layouts = loom::model::partition_stages(c.layers, c.pp, c.vp, c.first, c.last);
     std::vector<std::unique_ptr<GptModel>> stages;
-    for (const auto& l : layouts) stages.push_back(std::make_unique<GptModel>(spec, 9, at::kCPU, loom::parallel::TensorParallel{}, 128, l));
+    for (const auto& l : layouts)
+      stages.push_back(
+          std::make_unique<GptModel>(spec, 9, at::kCPU, loom::parallel::TensorParallel{}, 128, l));
     // Forward through the chain; every stage's input is a new leaf, as after a receive.
     std::vector<at::Tensor> inputs, outputs, auxes;
     at::Tensor x;
@@ -767,7 +786,8 @@ TEST(PipelineStages, ChainedStagesEqualTheWholeModel) {
           ++holders;
         }
       }
-      const bool tied_copy = p.name == "embedding.weight" && spec.tie_embeddings && stages.size() > 1;
+      const bool tied_copy =
+          p.name == "embedding.weight" && spec.tie_embeddings && stages.size() > 1;
       EXPECT_EQ(holders, tied_copy ? 2 : 1) << what << ": " << p.name;
       ASSERT_TRUE(sum.defined()) << what << ": " << p.name;
       at::Tensor g = p.tensor.grad().defined() ? p.tensor.grad() : at::zeros_like(p.tensor);
@@ -779,7 +799,9 @@ TEST(PipelineStages, ChainedStagesEqualTheWholeModel) {
 TEST(PipelineStages, PartitionRulesAndErrors) {
   auto layers = [](const std::vector<loom::model::StageLayout>& v) {
     std::string s;
-    for (const auto& l : v) s += std::to_string(l.num_layers) + (l.pre_process ? "e" : "") + (l.post_process ? "h" : "") + " ";
+    for (const auto& l : v)
+      s += std::to_string(l.num_layers) + (l.pre_process ? "e" : "") + (l.post_process ? "h" : "") +
+           " ";
     return s;
   };
   EXPECT_EQ(layers(loom::model::partition_stages(8, 4, 1)), "2e 2 2 2h ");
@@ -796,9 +818,12 @@ TEST(PipelineStages, PartitionRulesAndErrors) {
       EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
     }
   };
-  expect_config([] { loom::model::partition_stages(7, 2, 1); }, "model.num_layers = 7 does not split over the pipeline");
+  expect_config([] { loom::model::partition_stages(7, 2, 1); },
+                "model.num_layers = 7 does not split over the pipeline");
   expect_config([] { loom::model::partition_stages(8, 3, 1, 1, -1); }, "7 % 2 = 1");
-  expect_config([] { loom::model::partition_stages(4, 2, 1, 3, 3); }, "exceed model.num_layers = 4");
+  expect_config([] { loom::model::partition_stages(4, 2, 1, 3, 3); },
+                "exceed model.num_layers = 4");
   expect_config([] { loom::model::partition_stages(2, 4, 1); }, "does not split");
-  expect_config([] { loom::model::partition_stages(4, 3, 1, 2, 2); }, "virtual pipeline stage 1 of 3 would hold no layers");
+  expect_config([] { loom::model::partition_stages(4, 3, 1, 2, 2); },
+                "virtual pipeline stage 1 of 3 would hold no layers");
 }

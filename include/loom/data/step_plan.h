@@ -66,6 +66,9 @@ struct StepPlan {
   std::vector<MicroBatchPlan> micro_batches;  // this rank's, in execution order
   int64_t loss_tokens = 0;                    // N: over the whole global batch
   int64_t global_micro_batches = 0;           // M_all: over every DP rank
+  // Sum over the global batch's pieces (each an attention sequence) of tokens^2: the attention
+  // term of the step's model FLOPs (ModelSpec::step_flops), whatever the packing.
+  double sequence_tokens_sq = 0;
   int64_t global_samples = 0;
   int64_t local_tokens() const;  // real tokens of this rank's micro-batches
 };

@@ -16,13 +16,13 @@ enum class ScoreFunction { kSoftmax, kSigmoid };
 enum class DropPolicy { kByProbs, kByPosition };
 
 struct MoeSpec {
-  int64_t num_experts = 0;   // 0: dense
+  int64_t num_experts = 0;  // 0: dense
   int64_t top_k = 2;
   int64_t layer_freq = 1;
   int64_t first_dense_layers = 0;
   int64_t expert_ffn = 0;
   int64_t num_shared_experts = 0;
-  int64_t shared_ffn = 0;    // per shared expert
+  int64_t shared_ffn = 0;  // per shared expert
   ScoreFunction score = ScoreFunction::kSoftmax;
   bool pre_softmax = false;
   bool normalize_topk = true;
@@ -45,13 +45,13 @@ struct ModelSpec {
   int64_t max_seq_len = 0;
   NormKind norm = NormKind::kRmsNorm;
   double norm_eps = 1e-5;
-  bool rope = true;            // else learned absolute positions
+  bool rope = true;  // else learned absolute positions
   double rope_theta = 10000;
-  bool swiglu = true;          // else GELU (tanh approximation)
+  bool swiglu = true;  // else GELU (tanh approximation)
   bool tie_embeddings = false;
   bool bias = false;
   double init_std = 0.02;
-  double output_init_std = 0.02;   // attention out and FFN down projections
+  double output_init_std = 0.02;              // attention out and FFN down projections
   at::ScalarType param_dtype = at::kFloat;    // master weights (tests use kDouble)
   at::ScalarType compute_dtype = at::kFloat;  // kBFloat16 for mixed precision
   bool recompute = false;
@@ -61,9 +61,9 @@ struct ModelSpec {
   static ModelSpec from_config(const config::ModelConfig& c);
 
   // Refuses (kConfig, naming the field) a tensor-parallel size that does not divide the attention
-  // heads, the KV heads (GQA groups stay whole on a rank), or the dense, expert or shared-expert FFN
-  // width. The hidden size is never split (only heads, FFN columns and, under sequence parallelism,
-  // the sequence are), so it needs no divisibility.
+  // heads, the KV heads (GQA groups stay whole on a rank), or the dense, expert or shared-expert
+  // FFN width. The hidden size is never split (only heads, FFN columns and, under sequence
+  // parallelism, the sequence are), so it needs no divisibility.
   void check_tensor_parallel(int tp) const;
   // The vocabulary rounded up to a multiple of `divisible_by` x tp when tp > 1 (Megatron's
   // make_vocab_size_divisible_by); tp = 1 keeps it exact.
@@ -85,6 +85,11 @@ struct ModelSpec {
   // + 12 x layers x heads x head_dim x seq_len for the attention scores and their use (the full
   // square, not halved for the causal mask). See docs/model.md.
   double flops_per_token(int64_t seq_len) const;
+  // Training FLOPs of a step of `tokens` tokens whose attention sequences (windows, or packed
+  // documents' pieces) have lengths s_i: 6 x matmul weights x tokens + 12 x layers x heads x
+  // head_dim x sum(s_i^2) (`sequence_tokens_sq`). Equals tokens x flops_per_token(s) when every
+  // sequence is s long.
+  double step_flops(double tokens, double sequence_tokens_sq) const;
 
   std::string summary() const;
 };
