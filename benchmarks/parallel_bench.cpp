@@ -21,18 +21,18 @@
 //               and sum-exp, N fp32 each; `partial`: TP-replicated gradients (MoE router, and the
 //               norms under SP), 4 bytes per element; 8: the grad-norm's double)
 //   TP, SP:    reduce-scatter M (4L + 2) N h 4, all-gather M (6L + 3) N h 4, all-reduce M 3 N 4 +
-//              partial + 8 (Korthikanti et al.: the gathers and scatters replace the all-reduces with
-//              the same bus traffic; the 2L + 1 extra gathers are the column-parallel linears'
+//              partial + 8 (Korthikanti et al.: the gathers and scatters replace the all-reduces
+//              with the same bus traffic; the 2L + 1 extra gathers are the column-parallel linears'
 //              backward re-gathers of their input, which SP saves only as its 1/tp sequence chunk)
 //   DP:        replicated: all-reduce 4 P_local + 24 (the token count and the [loss, aux] doubles)
 //              ZeRO-1: reduce-scatter 4 P_pad, all-gather 4 P_pad, all-reduce 24 + 16 (norm sums)
 //
 //   mpirun -np 4 --oversubscribe build/cpu/benchmarks/parallel_bench [--steps 6] [--json out.json]
 #include <ATen/Parallel.h>
-#include <nlohmann/json.hpp>
 
 #include <cstdio>
 #include <fstream>
+#include <nlohmann/json.hpp>
 #include <vector>
 
 #include "loom/comm/bootstrap.h"
@@ -41,6 +41,7 @@
 #include "loom/core/error.h"
 #include "loom/core/logging.h"
 #include "loom/core/timer.h"
+#include "loom/optim/distributed.h"
 #include "loom/train/trainer.h"
 
 namespace {
@@ -52,8 +53,8 @@ struct Sizes {
   int64_t hidden, layers, seq, micro, global;
 };
 
-loom::config::JobConfig job(const Sizes& z, int tp, bool sp, int dp, bool zero, bool overlap, int steps,
-                            bool tp_overlap = true) {
+loom::config::JobConfig job(const Sizes& z, int tp, bool sp, int dp, bool zero, bool overlap,
+                            int steps, bool tp_overlap = true) {
   loom::config::JobConfig j;
   j.set_seed(7);
   auto* m = j.mutable_model();
@@ -86,7 +87,7 @@ loom::config::JobConfig job(const Sizes& z, int tp, bool sp, int dp, bool zero, 
 
 struct Measured {
   double tokens_per_s = 0;
-  double wait_s = 0;  // DP all-reduce time not hidden, per step
+  double wait_s = 0;                 // DP all-reduce time not hidden, per step
   loom::comm::OpStats tp[3], dp[3];  // all-reduce, all-gather, reduce-scatter; per step
   int64_t local_params = 0;
   int64_t zero_flat = 0;
@@ -108,7 +109,8 @@ Measured measure(const loom::config::JobConfig& j, loom::comm::CommunicatorPtr w
   }
   world->barrier();
   const int n = steps - 1;
-  m.tokens_per_s = static_cast<double>(t.global_batch_size() * j.train().seq_len() * n) / clock.seconds();
+  m.tokens_per_s =
+      static_cast<double>(t.global_batch_size() * j.train().seq_len() * n) / clock.seconds();
   m.wait_s = wait / n;
   const OpKind kinds[3] = {OpKind::kAllReduce, OpKind::kAllGather, OpKind::kReduceScatter};
   for (int k = 0; k < 3; ++k) {
@@ -121,21 +123,23 @@ Measured measure(const loom::config::JobConfig& j, loom::comm::CommunicatorPtr w
     }
   }
   for (const auto& p : t.model().parameters()) m.local_params += p.tensor.numel();
-  if (auto* z = dynamic_cast<loom::optim::DistributedAdamW*>(&t.optimizer())) m.zero_flat = z->flat_size();
+  if (auto* z = dynamic_cast<loom::optim::DistributedAdamW*>(&t.optimizer()))
+    m.zero_flat = z->flat_size();
   return m;
 }
 
 int run(int argc, char** argv) {
-  loom::cli::CommandLine cl(argc, argv,
-                            {{"steps", "6", "training steps per case (the first is a warm-up)"},
-                             {"hidden", "128", "hidden size"},
-                             {"layers", "4", "layers"},
-                             {"seq", "128", "sequence length"},
-                             {"micro", "2", "micro-batch size"},
-                             {"global", "16", "global batch size"},
-                             {"json", "", "also write the rows to this JSON file"}},
-                            "Tensor/sequence and data parallelism: communication volume against the analytical "
-                            "formula, hidden gradient all-reduce, tokens/s against DP = 1.");
+  loom::cli::CommandLine cl(
+      argc, argv,
+      {{"steps", "6", "training steps per case (the first is a warm-up)"},
+       {"hidden", "128", "hidden size"},
+       {"layers", "4", "layers"},
+       {"seq", "128", "sequence length"},
+       {"micro", "2", "micro-batch size"},
+       {"global", "16", "global batch size"},
+       {"json", "", "also write the rows to this JSON file"}},
+      "Tensor/sequence and data parallelism: communication volume against the analytical "
+      "formula, hidden gradient all-reduce, tokens/s against DP = 1.");
   if (cl.handled_help()) return 0;
   loom::comm::Bootstrap boot;
   auto world = boot.world();
@@ -154,19 +158,23 @@ int run(int argc, char** argv) {
   // DP = 1 baseline: the same global batch in one process.
   double base_tps = 0;
   if (world->rank() == 0) {
-    base_tps = measure(job(z, 1, false, 1, false, true, steps), std::make_shared<loom::comm::LocalCommunicator>(), steps)
+    base_tps = measure(job(z, 1, false, 1, false, true, steps),
+                       std::make_shared<loom::comm::LocalCommunicator>(), steps)
                    .tokens_per_s;
   }
   world->barrier();
 
   nlohmann::json rows = nlohmann::json::array();
   if (world->rank() == 0) {
-    std::printf("world %d ranks; model h=%lld L=%lld s=%lld, micro-batch %lld, global batch %lld; DP=1 baseline %.0f tok/s\n",
-                world_size, static_cast<long long>(z.hidden), static_cast<long long>(z.layers),
-                static_cast<long long>(z.seq), static_cast<long long>(z.micro), static_cast<long long>(z.global),
-                base_tps);
-    std::printf("%-22s %12s %12s %7s %12s %12s %7s %18s %9s %7s %9s\n", "layout", "TP bytes", "TP formula", "ratio",
-                "DP bytes", "DP formula", "ratio", "hidden", "tok/s", "vs DP1", "TP async");
+    std::printf(
+        "world %d ranks; model h=%lld L=%lld s=%lld, micro-batch %lld, global batch %lld; DP=1 "
+        "baseline %.0f tok/s\n",
+        world_size, static_cast<long long>(z.hidden), static_cast<long long>(z.layers),
+        static_cast<long long>(z.seq), static_cast<long long>(z.micro),
+        static_cast<long long>(z.global), base_tps);
+    std::printf("%-22s %12s %12s %7s %12s %12s %7s %18s %9s %7s %9s\n", "layout", "TP bytes",
+                "TP formula", "ratio", "DP bytes", "DP formula", "ratio", "hidden", "tok/s",
+                "vs DP1", "TP async");
   }
   for (int tp : {1, 2, 4}) {
     if (world_size % tp != 0) continue;
@@ -185,7 +193,8 @@ int run(int argc, char** argv) {
         }
         double tp_async = std::nan("");
         if (tp > 1 && !zero) {
-          Measured serial_tp = measure(job(z, tp, sp, dp, zero, true, steps, /*tp_overlap=*/false), world, steps);
+          Measured serial_tp =
+              measure(job(z, tp, sp, dp, zero, true, steps, /*tp_overlap=*/false), world, steps);
           tp_async = m.tokens_per_s / serial_tp.tokens_per_s;
         }
         const double M = static_cast<double>(z.global / (z.micro * dp));
@@ -207,20 +216,28 @@ int run(int argc, char** argv) {
           dp_counted = static_cast<double>(m.dp[0].bytes + m.dp[1].bytes + m.dp[2].bytes);
         }
         if (world->rank() == 0) {
-          std::string name = "tp" + std::to_string(tp) + " dp" + std::to_string(dp) + (sp ? " sp" : "") +
-                             (zero ? " zero1" : "");
-          std::printf("%-22s %12.0f %12.0f %7.4f %12.0f %12.0f %7.4f %18s %9.0f %7.3f %9s\n", name.c_str(), tp_counted,
-                      tp_formula, tp > 1 ? tp_counted / tp_formula : 1.0, dp_counted, dp_formula,
-                      dp > 1 ? dp_counted / dp_formula : 1.0,
-                      std::isnan(hidden) ? "-" : fmt::format("{:.0f}% of {:.2f}ms", 100 * hidden, serial_ms).c_str(), m.tokens_per_s,
-                      m.tokens_per_s / base_tps,
+          std::string name = "tp" + std::to_string(tp) + " dp" + std::to_string(dp) +
+                             (sp ? " sp" : "") + (zero ? " zero1" : "");
+          std::printf("%-22s %12.0f %12.0f %7.4f %12.0f %12.0f %7.4f %18s %9.0f %7.3f %9s\n",
+                      name.c_str(), tp_counted, tp_formula, tp > 1 ? tp_counted / tp_formula : 1.0,
+                      dp_counted, dp_formula, dp > 1 ? dp_counted / dp_formula : 1.0,
+                      std::isnan(hidden)
+                          ? "-"
+                          : fmt::format("{:.0f}% of {:.2f}ms", 100 * hidden, serial_ms).c_str(),
+                      m.tokens_per_s, m.tokens_per_s / base_tps,
                       std::isnan(tp_async) ? "-" : fmt::format("{:.3f}", tp_async).c_str());
-          rows.push_back({{"layout", name}, {"tp_bytes", tp_counted}, {"tp_formula", tp_formula},
-                          {"dp_bytes", dp_counted}, {"dp_formula", dp_formula},
-                          {"hidden_fraction", std::isnan(hidden) ? nlohmann::json() : nlohmann::json(hidden)},
-                          {"serial_allreduce_ms", serial_ms},
-                          {"tokens_per_s", m.tokens_per_s}, {"vs_dp1", m.tokens_per_s / base_tps},
-                          {"tp_async_vs_serial", std::isnan(tp_async) ? nlohmann::json() : nlohmann::json(tp_async)}});
+          rows.push_back(
+              {{"layout", name},
+               {"tp_bytes", tp_counted},
+               {"tp_formula", tp_formula},
+               {"dp_bytes", dp_counted},
+               {"dp_formula", dp_formula},
+               {"hidden_fraction", std::isnan(hidden) ? nlohmann::json() : nlohmann::json(hidden)},
+               {"serial_allreduce_ms", serial_ms},
+               {"tokens_per_s", m.tokens_per_s},
+               {"vs_dp1", m.tokens_per_s / base_tps},
+               {"tp_async_vs_serial",
+                std::isnan(tp_async) ? nlohmann::json() : nlohmann::json(tp_async)}});
         }
       }
     }
@@ -228,7 +245,9 @@ int run(int argc, char** argv) {
   if (world->rank() == 0 && !cl.get("json").empty()) {
     std::ofstream out(cl.get("json"));
     LOOM_CHECK_KIND(loom::ErrorKind::kIO, out.good(), "cannot write '{}'", cl.get("json"));
-    out << nlohmann::json{{"world", world_size}, {"dp1_tokens_per_s", base_tps}, {"rows", rows}}.dump(2) << "\n";
+    out << nlohmann::json{{"world", world_size}, {"dp1_tokens_per_s", base_tps}, {"rows", rows}}
+               .dump(2)
+        << "\n";
   }
   return 0;
 }
@@ -236,5 +255,6 @@ int run(int argc, char** argv) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  return loom::cli::guarded_main("parallel_bench", [&] { return run(argc, argv); }, 2);
+  return loom::cli::guarded_main(
+      "parallel_bench", [&] { return run(argc, argv); }, 2);
 }

@@ -22,7 +22,6 @@
 #include "loom/data/loader.h"
 #include "loom/model/gpt.h"
 #include "loom/optim/adamw.h"
-#include "loom/optim/clip.h"
 #include "loom/optim/schedule.h"
 #include "loom/parallel/grad_sync.h"
 #include "loom/train/executor.h"
@@ -48,9 +47,6 @@ int main(int argc, char** argv) {
         job.parallel().tp() == 1 && job.parallel().pp() == 1 && job.parallel().cp() == 1 &&
             job.parallel().ep() == 1,
         "custom_trainer is data parallel only; use gpt_pretrain for parallel.tp / pp / cp / ep");
-    LOOM_CHECK_CONFIG(!job.parallel().distributed_optimizer(),
-                      "custom_trainer uses the replicated AdamW; use gpt_pretrain for "
-                      "parallel.distributed_optimizer");
     LOOM_CHECK_CONFIG(t.device() == "cpu",
                       "custom_trainer runs on the CPU; use gpt_pretrain for train.device '{}'",
                       t.device());
@@ -65,12 +61,14 @@ int main(int argc, char** argv) {
     auto source = loom::data::make_source(job, spec.vocab_size, lo.global_batch);
     loom::data::MicroBatchLoader loader(source.get(), lo);
 
-    // 3. Optimizer, schedule, gradient synchronisation over the data-parallel ranks (the world).
-    loom::optim::AdamW optimizer(&model.parameters(),
-                                 loom::optim::AdamWOptions::from_config(job.optim()));
+    // 3. Optimizer (AdamW or SGD, replicated or ZeRO-1 as the config says), schedule, gradient
+    //    synchronisation over the data-parallel ranks (the world).
+    auto optimizer =
+        loom::optim::make_optimizer(&model.parameters(), job, boot->world(), nullptr, nullptr);
     loom::optim::LrSchedule schedule(job.optim(), t.steps());
     loom::parallel::GradSyncOptions sync;
     sync.dp = boot->world();
+    sync.shards = optimizer->gradient_shards();  // ZeRO-1: reduce-scatter into the owners' shards
     sync.bucket_bytes = static_cast<int64_t>(job.parallel().grad_bucket_mb() * (1 << 20));
     sync.overlap = job.parallel().overlap_grad_reduce();
     loom::parallel::GradSync grad_sync(&model.parameters(), sync);
@@ -88,9 +86,9 @@ int main(int argc, char** argv) {
       grad_sync.finish();
       at::Tensor loss = at::tensor({sums.loss_sum}, at::kDouble);
       boot->world()->all_reduce(loss);  // the reported loss: every rank's tokens
-      const double norm = loom::optim::clip_grad_norm(model.parameters(), job.optim().clip_grad());
+      const double norm = optimizer->clip_grad_norm(job.optim().clip_grad());
       const double lr = schedule.lr_at(step);
-      optimizer.step(lr);
+      optimizer->step(lr);
       if (rank == 0) {
         std::printf("step %lld/%lld | loss %.4f | lr %.3e | grad %.3f\n",
                     static_cast<long long>(step + 1), static_cast<long long>(t.steps()),

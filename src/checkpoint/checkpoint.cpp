@@ -8,6 +8,7 @@
 
 #include "loom/checkpoint/safetensors.h"
 #include "loom/core/error.h"
+#include "loom/core/logging.h"
 
 namespace loom::checkpoint {
 
@@ -56,15 +57,22 @@ void write_checkpoint(const std::string& dir, const CheckpointData& data) {
                   final_dir.string(), ec.message());
 }
 
-std::string save_checkpoint(const std::string& root, int64_t step, const CheckpointData& data, int keep) {
+std::string checkpoint_path(const std::string& root, int64_t step) {
+  return (fs::path(root) / fmt::format("step-{:08d}", step)).string();
+}
+
+std::string save_checkpoint(const std::string& root, int64_t step, const CheckpointData& data,
+                            int keep) {
   std::error_code ec;
   fs::create_directories(root, ec);
-  LOOM_CHECK_KIND(ErrorKind::kIO, !ec, "cannot create checkpoint directory '{}': {}", root, ec.message());
-  const fs::path final_dir = fs::path(root) / fmt::format("step-{:08d}", step);
+  LOOM_CHECK_KIND(ErrorKind::kIO, !ec, "cannot create checkpoint directory '{}': {}", root,
+                  ec.message());
+  const fs::path final_dir = checkpoint_path(root, step);
   write_checkpoint(final_dir.string(), data);
   if (keep > 0) {
     auto all = complete_checkpoints(root);
-    for (size_t i = 0; i + static_cast<size_t>(keep) < all.size(); ++i) fs::remove_all(all[i].second, ec);
+    for (size_t i = 0; i + static_cast<size_t>(keep) < all.size(); ++i)
+      fs::remove_all(all[i].second, ec);
   }
   return final_dir.string();
 }
@@ -73,6 +81,15 @@ std::optional<std::string> latest_checkpoint(const std::string& root) {
   auto all = complete_checkpoints(root);
   if (all.empty()) return std::nullopt;
   return all.back().second.string();
+}
+
+std::optional<std::string> resume_target(const std::string& resume, const std::string& root) {
+  if (resume.empty()) return std::nullopt;
+  if (resume != "latest") return resume;
+  LOOM_CHECK_CONFIG(!root.empty(), "train.resume is 'latest' but train.checkpoint_dir is empty");
+  auto latest = latest_checkpoint(root);
+  if (!latest) LOOM_LOG_INFO("no checkpoint under '{}': starting from step 0", root);
+  return latest;
 }
 
 CheckpointData load_checkpoint(const std::string& dir) {
@@ -100,7 +117,8 @@ void gather_checkpoint_data(CheckpointData& data, comm::Communicator& comm, int 
     std::string bytes = encode_safetensors(all);
     at::Tensor len = at::full({1}, static_cast<int64_t>(bytes.size()), at::kLong).to(device);
     comm.send(len, root);
-    at::Tensor buf = at::from_blob(bytes.data(), {static_cast<int64_t>(bytes.size())}, at::kByte).to(device);
+    at::Tensor buf =
+        at::from_blob(bytes.data(), {static_cast<int64_t>(bytes.size())}, at::kByte).to(device);
     comm.send(buf, root);
     return;
   }
@@ -111,7 +129,8 @@ void gather_checkpoint_data(CheckpointData& data, comm::Communicator& comm, int 
     if (r == root) continue;
     at::Tensor len = at::empty({1}, at::TensorOptions().dtype(at::kLong).device(device));
     comm.recv(len, r);
-    at::Tensor buf = at::empty({len.cpu().item<int64_t>()}, at::TensorOptions().dtype(at::kByte).device(device));
+    at::Tensor buf =
+        at::empty({len.cpu().item<int64_t>()}, at::TensorOptions().dtype(at::kByte).device(device));
     comm.recv(buf, r);
     buf = buf.cpu();
     TensorFile f = parse_safetensors(
@@ -119,8 +138,9 @@ void gather_checkpoint_data(CheckpointData& data, comm::Communicator& comm, int 
         fmt::format("checkpoint tensors from rank {} of '{}'", r, comm.name()));
     for (auto& [key, t] : f.tensors) {
       auto [it, fresh] = holder.emplace(key, r);
-      LOOM_CHECK_KIND(ErrorKind::kInternal, fresh, "checkpoint: '{}' is held by ranks {} and {} of '{}'", key,
-                      it->second, r, comm.name());
+      LOOM_CHECK_KIND(ErrorKind::kInternal, fresh,
+                      "checkpoint: '{}' is held by ranks {} and {} of '{}'", key, it->second, r,
+                      comm.name());
       const bool model = key.rfind("model/", 0) == 0;
       (model ? data.model : data.state)[key.substr(6)] = std::move(t);
     }

@@ -11,13 +11,6 @@
 namespace loom::checkpoint {
 
 namespace {
-// A max/sum over `comm` of a host scalar (through the communicator's device).
-double all_reduce_scalar(double v, comm::Communicator& comm, comm::ReduceOp op) {
-  if (comm.size() == 1) return v;
-  at::Tensor t = at::full({1}, v, at::kDouble).to(comm.device());
-  comm.all_reduce(t, {op});
-  return t.cpu().item<double>();
-}
 // The loader's named state from a checkpoint's metadata ("consumed_samples" is the position's name
 // in checkpoints written before the loader had one of its own).
 std::map<std::string, int64_t> loader_state(const std::map<std::string, std::string>& metadata) {
@@ -151,7 +144,8 @@ RestoredState TrainingState::load(const std::string& dir) {
   // failed.
   int64_t owned = 0;
   for (const auto& p : params) owned += p.pipeline_copy ? 0 : 1;
-  const double failed = all_reduce_scalar(failure ? 1.0 : 0.0, *parts_.world, comm::ReduceOp::kMax);
+  const double failed =
+      comm::all_reduce_scalar(failure ? 1.0 : 0.0, parts_.world.get(), comm::ReduceOp::kMax);
   if (failure) std::rethrow_exception(failure);
   LOOM_CHECK_KIND(ErrorKind::kIO, failed == 0,
                   "checkpoint '{}' does not fit this model on another rank (see that rank's "
@@ -159,8 +153,8 @@ RestoredState TrainingState::load(const std::string& dir) {
                   "for a different model config?",
                   dir);
   if (parts_.pp && parts_.pp->size() > 1) {
-    owned = static_cast<int64_t>(
-        all_reduce_scalar(static_cast<double>(owned), *parts_.pp, comm::ReduceOp::kSum));
+    owned =
+        static_cast<int64_t>(comm::all_reduce_scalar(static_cast<double>(owned), parts_.pp.get()));
   }
   LOOM_CHECK_KIND(
       ErrorKind::kIO, static_cast<int64_t>(data.model.size()) == owned,
@@ -183,6 +177,27 @@ RestoredState TrainingState::load(const std::string& dir) {
   r.step = meta("step");
   r.consumed_samples = parts_.loader->position();
   return r;
+}
+
+std::string TrainingState::save(const std::string& root, int64_t step,
+                                const std::map<std::string, std::string>& metadata, int keep) {
+  LOOM_CHECK_CONFIG(!root.empty(), "cannot save a checkpoint: the checkpoint directory is empty");
+  const CheckpointData data = gather(step, metadata);
+  std::string dir, failure;
+  if (parts_.world->rank() == 0) {
+    try {
+      dir = save_checkpoint(root, step, data, keep);
+    } catch (const Error& e) {
+      failure = e.what();
+    }
+  }
+  // Every rank learns whether the write succeeded (a full disk must not leave the others waiting).
+  const double failed = comm::all_reduce_scalar(failure.empty() ? 0.0 : 1.0, parts_.world.get(),
+                                                comm::ReduceOp::kMax);
+  LOOM_CHECK_KIND(ErrorKind::kIO, failed == 0,
+                  "writing the checkpoint of step {} under '{}' failed{}", step, root,
+                  failure.empty() ? " on world rank 0 (see its error)" : ": " + failure);
+  return dir.empty() ? checkpoint_path(root, step) : dir;
 }
 
 }  // namespace loom::checkpoint

@@ -14,8 +14,15 @@ int64_t nbytes(const at::Tensor& t) { return t.numel() * static_cast<int64_t>(t.
 
 bool supported_dtype(at::ScalarType t) {
   switch (t) {
-    case at::kFloat: case at::kDouble: case at::kBFloat16: case at::kHalf:
-    case at::kInt: case at::kLong: case at::kChar: case at::kByte: case at::kBool:
+    case at::kFloat:
+    case at::kDouble:
+    case at::kBFloat16:
+    case at::kHalf:
+    case at::kInt:
+    case at::kLong:
+    case at::kChar:
+    case at::kByte:
+    case at::kBool:
       return true;
     default:
       return false;
@@ -84,8 +91,8 @@ Work::Info Communicator::begin(OpKind kind, int64_t bytes, std::string detail, b
   // Blocking calls are watched by the watchdog (they cannot time out by themselves); async ones
   // time out in Work::wait, or are watched when the backend has a thread-safe completion query.
   bool watched = !async || watchdog_watches_async();
-  info.recorder_id = FlightRecorder::instance().start(name_, info.seq, kind, bytes, std::move(detail),
-                                                      watched ? timeout_s_ : 0.0);
+  info.recorder_id = FlightRecorder::instance().start(
+      name_, info.seq, kind, bytes, std::move(detail), watched ? timeout_s_ : 0.0);
   return info;
 }
 
@@ -96,13 +103,13 @@ WorkPtr Communicator::finish(WorkPtr work, bool async) {
 
 // ---- all_reduce -----------------------------------------------------------------------------
 
-WorkPtr Communicator::all_reduce_impl(at::Tensor& tensor, const AllReduceOptions& opts, bool async) {
+WorkPtr Communicator::all_reduce_impl(at::Tensor& tensor, const AllReduceOptions& opts,
+                                      bool async) {
   check_tensor(tensor, "all_reduce", "tensor");
   check_reducible(tensor.scalar_type(), opts.op, "all_reduce");
-  Work::Info info = begin(OpKind::kAllReduce, nbytes(tensor),
-                          fmt::format("{} {}", c10::toString(tensor.scalar_type()),
-                                      reduce_op_name(opts.op)),
-                          async);
+  Work::Info info = begin(
+      OpKind::kAllReduce, nbytes(tensor),
+      fmt::format("{} {}", c10::toString(tensor.scalar_type()), reduce_op_name(opts.op)), async);
   ReduceOp op = opts.op == ReduceOp::kAvg ? ReduceOp::kSum : opts.op;
   bool upcast = !reduces_natively(tensor.scalar_type(), op);
   at::Tensor buf = upcast ? tensor.to(at::kFloat) : tensor;
@@ -126,7 +133,8 @@ WorkPtr Communicator::iall_reduce(at::Tensor& tensor, const AllReduceOptions& op
 
 // ---- shared checks --------------------------------------------------------------------------
 
-void Communicator::check_pair(const at::Tensor& input, const at::Tensor& output, const char* op) const {
+void Communicator::check_pair(const at::Tensor& input, const at::Tensor& output,
+                              const char* op) const {
   check_tensor(input, op, "input");
   check_tensor(output, op, "output");
   LOOM_CHECK(input.scalar_type() == output.scalar_type(),
@@ -180,7 +188,8 @@ WorkPtr Communicator::all_gather_impl(at::Tensor& output, const at::Tensor& inpu
                "all_gather on communicator '{}': output has {} elements, expected {} x {} = {}",
                name_, output.numel(), size_, input.numel(), input.numel() * size_);
   }
-  std::vector<int64_t> counts = split_counts(opts.output_split_sizes, output, "all_gather", "output");
+  std::vector<int64_t> counts =
+      split_counts(opts.output_split_sizes, output, "all_gather", "output");
   LOOM_CHECK(counts[rank_] == input.numel(),
              "all_gather on communicator '{}': this rank's share of the output is {} elements, but "
              "input has {}",
@@ -212,15 +221,15 @@ WorkPtr Communicator::reduce_scatter_impl(at::Tensor& output, const at::Tensor& 
                "reduce_scatter on communicator '{}': input has {} elements, expected {} x {} = {}",
                name_, input.numel(), size_, output.numel(), output.numel() * size_);
   }
-  std::vector<int64_t> counts = split_counts(opts.input_split_sizes, input, "reduce_scatter", "input");
+  std::vector<int64_t> counts =
+      split_counts(opts.input_split_sizes, input, "reduce_scatter", "input");
   LOOM_CHECK(counts[rank_] == output.numel(),
              "reduce_scatter on communicator '{}': this rank's share of the input is {} elements, "
              "but output has {}",
              name_, counts[rank_], output.numel());
-  Work::Info info = begin(OpKind::kReduceScatter, nbytes(input),
-                          fmt::format("{} {}", c10::toString(input.scalar_type()),
-                                      reduce_op_name(opts.op)),
-                          async);
+  Work::Info info = begin(
+      OpKind::kReduceScatter, nbytes(input),
+      fmt::format("{} {}", c10::toString(input.scalar_type()), reduce_op_name(opts.op)), async);
   ReduceOp op = opts.op == ReduceOp::kAvg ? ReduceOp::kSum : opts.op;
   bool upcast = !reduces_natively(input.scalar_type(), op);
   at::Tensor in = upcast ? input.to(at::kFloat) : input;
@@ -278,9 +287,9 @@ WorkPtr Communicator::iall_to_all(at::Tensor& output, const at::Tensor& input,
 WorkPtr Communicator::broadcast_impl(at::Tensor& tensor, const BroadcastOptions& opts, bool async) {
   check_tensor(tensor, "broadcast", "tensor");
   check_peer(opts.root, "broadcast");
-  Work::Info info = begin(OpKind::kBroadcast, nbytes(tensor),
-                          fmt::format("{} root={}", c10::toString(tensor.scalar_type()), opts.root),
-                          async);
+  Work::Info info =
+      begin(OpKind::kBroadcast, nbytes(tensor),
+            fmt::format("{} root={}", c10::toString(tensor.scalar_type()), opts.root), async);
   return finish(do_broadcast(tensor, opts.root, async, std::move(info)), async);
 }
 
@@ -304,7 +313,8 @@ WorkPtr Communicator::p2p_impl(const std::vector<P2POp>& ops, bool async) {
     LOOM_CHECK(op.tag >= 0, "p2p on communicator '{}': tag must be >= 0, got {}", name_, op.tag);
     (is_send ? send_bytes : recv_bytes) += nbytes(op.tensor);
     if (detail.size() < 200) {
-      detail += fmt::format("{}{}{}", detail.empty() ? "" : " ", is_send ? "send->" : "recv<-", op.peer);
+      detail +=
+          fmt::format("{}{}{}", detail.empty() ? "" : " ", is_send ? "send->" : "recv<-", op.peer);
     }
   }
   // One recorder entry and Work for the batch; stats count sends and receives separately.
@@ -330,7 +340,9 @@ WorkPtr Communicator::isend(const at::Tensor& tensor, int dst, int tag) {
 WorkPtr Communicator::irecv(at::Tensor& tensor, int src, int tag) {
   return p2p_impl({P2POp::recv(tensor, src, tag)}, true);
 }
-WorkPtr Communicator::batch_isend_irecv(const std::vector<P2POp>& ops) { return p2p_impl(ops, true); }
+WorkPtr Communicator::batch_isend_irecv(const std::vector<P2POp>& ops) {
+  return p2p_impl(ops, true);
+}
 
 // ---- barrier and split ----------------------------------------------------------------------
 
@@ -351,6 +363,19 @@ std::shared_ptr<Communicator> Communicator::split(int color, int key) {
   if (auto cached = slot.lock()) return cached;  // `made` is released: same members, same group
   slot = made;
   return made;
+}
+
+void all_reduce_host(at::Tensor& t, Communicator* comm, ReduceOp op) {
+  if (comm == nullptr || comm->size() == 1) return;
+  at::Tensor d = t.to(comm->device()).contiguous();
+  comm->all_reduce(d, {op});
+  if (d.data_ptr() != t.data_ptr()) t.copy_(d);
+}
+
+double all_reduce_scalar(double v, Communicator* comm, ReduceOp op) {
+  at::Tensor t = at::full({1}, v, at::kDouble);
+  all_reduce_host(t, comm, op);
+  return t.item<double>();
 }
 
 }  // namespace loom::comm

@@ -299,6 +299,20 @@ void validate(const JobConfig& c) {
   LOOM_CHECK_CONFIG(p.expert_tp() >= 0,
                     "field 'parallel.expert_tp' must be >= 0 (0 = same as tp), got {}",
                     p.expert_tp());
+  LOOM_CHECK_CONFIG(p.vocab_divisible_by() >= 1,
+                    "field 'parallel.vocab_divisible_by' must be >= 1, got {}",
+                    p.vocab_divisible_by());
+  LOOM_CHECK_CONFIG(p.grad_bucket_mb() > 0, "field 'parallel.grad_bucket_mb' must be > 0, got {}",
+                    p.grad_bucket_mb());
+  // Packed documents give each step its own number of micro-batches; the interleaved schedule's
+  // constraints on that number (at least pp, whole groups) cannot be promised.
+  const bool interleaved =
+      p.pp_schedule() == "interleaved" || (p.pp_schedule().empty() && p.virtual_pp() > 1);
+  LOOM_CHECK_CONFIG(c.data().mode() != DataConfig::DOCUMENTS || p.pp() == 1 || !interleaved,
+                    "data.mode DOCUMENTS packs a varying number of micro-batches per step, which "
+                    "parallel.pp_schedule = interleaved cannot take; use 1f1b, afab or zb-h1");
+  LOOM_CHECK_CONFIG(c.optim().clip_grad() >= 0, "field 'optim.clip_grad' must be >= 0, got {}",
+                    c.optim().clip_grad());
   LOOM_CHECK_CONFIG(c.comm().timeout_s() > 0, "field 'comm.timeout_s' must be > 0, got {}",
                     c.comm().timeout_s());
   // The train section (the model's context bounds train.seq_len).

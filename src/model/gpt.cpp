@@ -369,4 +369,21 @@ void GptModel::zero_grad() {
   }
 }
 
+std::vector<std::unique_ptr<GptModel>> build_chunks(const ModelSpec& spec,
+                                                    const config::JobConfig& job, at::Device device,
+                                                    const parallel::TensorParallel& tp, int pp,
+                                                    int pp_rank) {
+  const auto& par = job.parallel();
+  const int vp = par.virtual_pp();
+  const auto layouts = partition_stages(spec.num_layers, pp, vp, par.pp_first_stage_layers(),
+                                        par.pp_last_stage_layers());
+  std::vector<std::unique_ptr<GptModel>> chunks;
+  for (int c = 0; c < vp; ++c) {
+    chunks.push_back(std::make_unique<GptModel>(spec, job.seed(), device, tp,
+                                                par.vocab_divisible_by(),
+                                                layouts[static_cast<size_t>(c * pp + pp_rank)]));
+  }
+  return chunks;
+}
+
 }  // namespace loom::model

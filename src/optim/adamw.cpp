@@ -6,6 +6,7 @@
 #include <unordered_map>
 
 #include "loom/core/error.h"
+#include "loom/optim/clip.h"
 
 namespace loom::optim {
 
@@ -27,8 +28,9 @@ AdamWOptions AdamWOptions::from_config(const config::OptimConfig& c) {
   return o;
 }
 
-AdamW::AdamW(std::vector<model::Parameter>* params, const AdamWOptions& options)
-    : params_(params), options_(options) {
+AdamW::AdamW(std::vector<model::Parameter>* params, const AdamWOptions& options,
+             comm::CommunicatorPtr tp, comm::CommunicatorPtr pp)
+    : params_(params), options_(options), tp_(std::move(tp)), pp_(std::move(pp)) {
   if (options_.rule == AdamWOptions::Rule::kSgd) return;  // no state
   for (const auto& p : *params_) {
     exp_avg_.push_back(at::zeros_like(p.tensor, at::MemoryFormat::Contiguous));
@@ -122,6 +124,19 @@ int64_t AdamW::state_bytes() const {
     n += exp_avg_[i].nbytes() + exp_avg_sq_[i].nbytes();
   }
   return n;
+}
+
+double AdamW::clip_grad_norm(double max_norm) {
+  return optim::clip_grad_norm(*params_, max_norm, tp_.get(), pp_.get());
+}
+
+std::vector<at::Tensor> AdamW::reduced_gradients() const {
+  std::vector<at::Tensor> out;
+  for (const auto& p : *params_) {
+    const at::Tensor& g = p.tensor.grad();
+    out.push_back(g.defined() ? g.detach() : at::zeros_like(p.tensor));
+  }
+  return out;
 }
 
 }  // namespace loom::optim

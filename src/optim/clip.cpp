@@ -6,7 +6,8 @@
 
 namespace loom::optim {
 
-double grad_norm(const std::vector<model::Parameter>& params, comm::Communicator* tp, comm::Communicator* pp) {
+double grad_norm(const std::vector<model::Parameter>& params, comm::Communicator* tp,
+                 comm::Communicator* pp) {
   std::vector<at::Tensor> squares[2];  // [replicated, sharded]
   for (const auto& p : params) {
     const at::Tensor& g = p.tensor.grad();
@@ -18,22 +19,13 @@ double grad_norm(const std::vector<model::Parameter>& params, comm::Communicator
     return v.empty() ? at::zeros({1}, at::kDouble) : at::stack(v).sum().reshape({1}).cpu();
   };
   at::Tensor sharded = total(squares[1]);
-  if (tp != nullptr && tp->size() > 1) {
-    at::Tensor t = sharded.to(tp->device());
-    tp->all_reduce(t);
-    sharded = t.cpu();
-  }
-  double sq = total(squares[0]).item<double>() + sharded.item<double>();
-  if (pp != nullptr && pp->size() > 1) {
-    at::Tensor t = at::full({1}, sq, at::kDouble).to(pp->device());
-    pp->all_reduce(t);
-    sq = t.cpu().item<double>();
-  }
-  return std::sqrt(sq);
+  comm::all_reduce_host(sharded, tp);
+  const double sq = total(squares[0]).item<double>() + sharded.item<double>();
+  return std::sqrt(comm::all_reduce_scalar(sq, pp));
 }
 
-double clip_grad_norm(const std::vector<model::Parameter>& params, double max_norm, comm::Communicator* tp,
-                      comm::Communicator* pp) {
+double clip_grad_norm(const std::vector<model::Parameter>& params, double max_norm,
+                      comm::Communicator* tp, comm::Communicator* pp) {
   const double norm = grad_norm(params, tp, pp);
   if (max_norm <= 0 || !std::isfinite(norm) || norm <= max_norm) return norm;
   const double coeff = max_norm / (norm + 1e-6);

@@ -193,4 +193,17 @@ int64_t DistributedAdamW::state_bytes() const {
   return exp_avg_.defined() ? exp_avg_.nbytes() + exp_avg_sq_.nbytes() : 0;
 }
 
+std::unique_ptr<Optimizer> make_optimizer(std::vector<model::Parameter>* params,
+                                          const config::JobConfig& job, comm::CommunicatorPtr dp,
+                                          comm::CommunicatorPtr tp, comm::CommunicatorPtr pp) {
+  const auto options = AdamWOptions::from_config(job.optim());
+  if (job.parallel().distributed_optimizer()) {
+    LOOM_CHECK_CONFIG(dp != nullptr,
+                      "parallel.distributed_optimizer needs the data-parallel group (got none)");
+    return std::make_unique<DistributedAdamW>(params, options, std::move(dp), std::move(tp),
+                                              std::move(pp));
+  }
+  return std::make_unique<AdamW>(params, options, std::move(tp), std::move(pp));
+}
+
 }  // namespace loom::optim

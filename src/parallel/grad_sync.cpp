@@ -28,6 +28,9 @@ GradSync::GradSync(std::vector<Parameter>* params, GradSyncOptions options)
     }
   }
   if (options_.embedding) {
+    LOOM_INTERNAL_CHECK(options_.embedding->size() == 2,
+                        "the tied embedding's group has {} ranks, not the first and last stage",
+                        options_.embedding->size());
     auto it = std::find_if(params_->begin(), params_->end(),
                            [&](const Parameter& p) { return p.name == options_.tied_parameter; });
     LOOM_INTERNAL_CHECK(it != params_->end(),

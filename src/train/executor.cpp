@@ -26,7 +26,21 @@ StepExecutor::StepExecutor(std::vector<model::GptModel*> chunks, pl::ScheduleOpt
                         schedule_.chunks);
     schedule_.kind = pl::ScheduleKind::k1F1B;
     pp_ = nullptr;
+    return;
   }
+  // [Note: pipeline runner] matches sends and receives by tag, with independent progress (MPI's
+  // model). NCCL has no tags and matches in posting order on one stream, where 1F1B's crossing
+  // transfers (activations one way, gradients the other) can block each other; that ordering is not
+  // built yet, and CUDA activations are not staged through MPI.
+  LOOM_INTERNAL_CHECK(pp_ && pp_->size() == schedule_.stages,
+                      "executor: a schedule of {} stages over a pipeline group of {}",
+                      schedule_.stages, pp_ ? pp_->size() : 0);
+  LOOM_CHECK_KIND(
+      ErrorKind::kUnsupported, std::string(pp_->backend()) != "nccl" && pp_->device() == device_,
+      "parallel.pp = {} on train.device '{}' over the {} backend: the pipeline runner needs "
+      "tag-matched point-to-point on the activations' device, which this build has only for CPU "
+      "tensors over MPI (see docs/parallelism.md)",
+      schedule_.stages, device_.str(), pp_->backend());
 }
 
 StepExecutor::~StepExecutor() = default;

@@ -3,6 +3,7 @@
 #include <fmt/format.h>
 
 #include <algorithm>
+#include <cmath>
 #include <filesystem>
 #include <nlohmann/json.hpp>
 
@@ -175,6 +176,55 @@ class TensorBoardSink : public MetricsSink {
 
 }  // namespace
 
+void add_performance(StepMetrics& m, double flops, int devices, double peak_flops,
+                     at::Device device) {
+  m.tokens_per_s = static_cast<double>(m.tokens) / m.seconds;
+  m.tokens_per_s_per_device = m.tokens_per_s / devices;
+  m.tflops_per_device = flops / m.seconds / devices / 1e12;
+  m.mfu = peak_flops > 0 ? m.tflops_per_device * 1e12 / peak_flops : 0;
+  const MemoryStats mem = memory_stats(device);
+  m.device_peak = mem.device_peak;
+  m.rss = mem.rss;
+  m.peak_rss = mem.peak_rss;
+}
+
+SummaryTracker::SummaryTracker(int64_t first_step) {
+  s_.first_step = first_step;
+  s_.best_eval_loss = std::nan("");
+}
+
+void SummaryTracker::step(const StepMetrics& m) {
+  if (steps_++ == 0) s_.first_loss = m.loss;
+  s_.last_loss = m.loss;
+  last_tps_ = m.tokens_per_s;
+  last_mfu_ = m.mfu;
+  if (steps_ > 1) {
+    tps_sum_ += m.tokens_per_s;
+    mfu_sum_ += m.mfu;
+  }
+}
+
+void SummaryTracker::eval(const EvalMetrics& e) {
+  if (!(e.loss >= s_.best_eval_loss)) s_.best_eval_loss = e.loss;  // NaN: nothing yet
+}
+
+TrainSummary SummaryTracker::finish(int64_t last_step, const std::string& checkpoint) const {
+  TrainSummary s = s_;
+  s.last_step = last_step;
+  s.seconds = clock_.seconds();
+  const double timed = static_cast<double>(steps_ - 1);
+  s.mean_tokens_per_s = steps_ > 1 ? tps_sum_ / timed : last_tps_;
+  s.mean_mfu = steps_ > 1 ? mfu_sum_ / timed : last_mfu_;
+  s.checkpoint = checkpoint;
+  LOOM_LOG_INFO(
+      "done: steps {}..{} in {} | loss {:.4f} -> {:.4f} | best eval loss {:.4f} | {:.0f} tok/s | "
+      "MFU {:.1f}%{}",
+      s.first_step, s.last_step, format_duration(s.seconds), s.first_loss, s.last_loss,
+      s.best_eval_loss, s.mean_tokens_per_s, s.mean_mfu * 100,
+      s.checkpoint.empty() ? "" : " | checkpoint " + s.checkpoint);
+  return s;
+}
+
 void add_moe_stats(StepMetrics& m, const std::vector<std::unique_ptr<model::GptModel>>& chunks,
                    comm::Communicator* pp) {
   if (chunks.empty() || !chunks.front()->spec().is_moe()) return;
@@ -188,14 +238,10 @@ void add_moe_stats(StepMetrics& m, const std::vector<std::unique_ptr<model::GptM
       }
     }
   }
-  if (pp == nullptr || pp->size() == 1) return;  // every stage's MoE layers:
-  at::Tensor dropped =
-      at::full({1}, static_cast<double>(m.moe_dropped), at::kDouble).to(pp->device());
-  at::Tensor load = at::full({1}, m.moe_max_load, at::kDouble).to(pp->device());
-  pp->all_reduce(dropped);
-  pp->all_reduce(load, {comm::ReduceOp::kMax});
-  m.moe_dropped = static_cast<int64_t>(dropped.cpu().item<double>());
-  m.moe_max_load = load.cpu().item<double>();
+  // every stage's MoE layers:
+  m.moe_dropped =
+      static_cast<int64_t>(comm::all_reduce_scalar(static_cast<double>(m.moe_dropped), pp));
+  m.moe_max_load = comm::all_reduce_scalar(m.moe_max_load, pp, comm::ReduceOp::kMax);
 }
 
 std::unique_ptr<MetricsSink> make_console_sink(const MetricsContext& ctx,

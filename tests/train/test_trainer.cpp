@@ -376,6 +376,67 @@ TEST(Trainer, BadTrainConfigsAreRefused) {
   j.mutable_train()->set_progress("fancy");  // refused on every rank, before anything runs
   expect_error([&] { Trainer t(j); }, loom::ErrorKind::kConfig,
                "'train.progress' must be auto, bar, lines or off");
+  // Checks that config::validate makes before any piece is built, each naming its field.
+  j = tiny_job();
+  j.mutable_optim()->set_clip_grad(-1);
+  expect_error([&] { Trainer t(j); }, loom::ErrorKind::kConfig, "'optim.clip_grad' must be >= 0");
+  j = tiny_job();
+  j.mutable_parallel()->set_grad_bucket_mb(0);
+  expect_error([&] { Trainer t(j); }, loom::ErrorKind::kConfig,
+               "'parallel.grad_bucket_mb' must be > 0, got 0");
+  j = tiny_job();
+  j.mutable_parallel()->set_vocab_divisible_by(0);
+  expect_error([&] { Trainer t(j); }, loom::ErrorKind::kConfig,
+               "'parallel.vocab_divisible_by' must be >= 1, got 0");
+  j = tiny_job();
+  j.mutable_data()->set_mode(loom::config::DataConfig::DOCUMENTS);
+  j.mutable_parallel()->set_pp(2);
+  j.mutable_parallel()->set_virtual_pp(2);  // interleaved by default
+  expect_error([&] { Trainer t(j); }, loom::ErrorKind::kConfig,
+               "parallel.pp_schedule = interleaved cannot take");
+}
+
+// The run summary and a step's performance figures against closed forms.
+TEST(Metrics, SummaryAndPerformanceAreTheClosedForms) {
+  loom::train::StepMetrics m;
+  m.tokens = 1000;
+  m.seconds = 0.5;
+  loom::train::add_performance(m, /*flops=*/8e12, /*devices=*/4, /*peak_flops=*/10e12, at::kCPU);
+  EXPECT_DOUBLE_EQ(m.tokens_per_s, 2000);
+  EXPECT_DOUBLE_EQ(m.tokens_per_s_per_device, 500);
+  EXPECT_DOUBLE_EQ(m.tflops_per_device, 4);  // 8e12 / 0.5 s / 4 devices
+  EXPECT_DOUBLE_EQ(m.mfu, 0.4);
+  EXPECT_GT(m.rss, 0);
+
+  loom::train::SummaryTracker one(7);  // one step: its own figures
+  m.loss = 3;
+  one.step(m);
+  auto s = one.finish(8, "");
+  EXPECT_EQ(s.first_step, 7);
+  EXPECT_EQ(s.last_step, 8);
+  EXPECT_DOUBLE_EQ(s.mean_tokens_per_s, 2000);
+  EXPECT_TRUE(std::isnan(s.best_eval_loss));  // nothing evaluated
+
+  loom::train::SummaryTracker three(0);  // the first (warm-up) step is left out of the means
+  const double tps[] = {1, 10, 30}, mfu[] = {0.9, 0.2, 0.4}, loss[] = {5, 4, 3.5};
+  for (int i = 0; i < 3; ++i) {
+    m.tokens_per_s = tps[i];
+    m.mfu = mfu[i];
+    m.loss = loss[i];
+    three.step(m);
+  }
+  loom::train::EvalMetrics e;
+  for (double l : {4.0, 3.0, 3.5}) {
+    e.loss = l;
+    three.eval(e);
+  }
+  s = three.finish(3, "ckpt");
+  EXPECT_DOUBLE_EQ(s.mean_tokens_per_s, 20);
+  EXPECT_DOUBLE_EQ(s.mean_mfu, 0.3);
+  EXPECT_DOUBLE_EQ(s.first_loss, 5);
+  EXPECT_DOUBLE_EQ(s.last_loss, 3.5);
+  EXPECT_DOUBLE_EQ(s.best_eval_loss, 3);
+  EXPECT_EQ(s.checkpoint, "ckpt");
 }
 
 // ---------------------------------------------------------------------------------------------

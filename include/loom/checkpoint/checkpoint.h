@@ -28,11 +28,20 @@ struct CheckpointData {
 // Writes `data` into directory `dir` atomically (into `<dir>.tmp`, then renamed), replacing it.
 void write_checkpoint(const std::string& dir, const CheckpointData& data);
 
+// <root>/step-<step, 8 digits>: where checkpoint `step` lives.
+std::string checkpoint_path(const std::string& root, int64_t step);
+
 // Writes <root>/step-<step>/ and returns its path. keep > 0 removes all but the newest `keep`.
-std::string save_checkpoint(const std::string& root, int64_t step, const CheckpointData& data, int keep);
+std::string save_checkpoint(const std::string& root, int64_t step, const CheckpointData& data,
+                            int keep);
 
 // The newest complete checkpoint under root, if any (a missing root is no checkpoint).
 std::optional<std::string> latest_checkpoint(const std::string& root);
+
+// The checkpoint a job resumes from: train.resume `resume` is empty (none), a directory, or
+// "latest" (the newest complete one under `root`, train.checkpoint_dir; none yet is logged and
+// starts from step 0, an empty `root` is a kConfig error).
+std::optional<std::string> resume_target(const std::string& resume, const std::string& root);
 
 // Loads a checkpoint directory; a missing directory or file is a kIO error naming it.
 CheckpointData load_checkpoint(const std::string& dir);

@@ -57,6 +57,13 @@ class TrainingState {
   // reason on every rank when any rank's check fails.
   RestoredState load(const std::string& dir);
 
+  // Collective over the world: gathers the state and writes it as checkpoint `step` under `root`
+  // (world rank 0 writes, keeping the newest `keep`; 0 keeps all). Every rank learns whether the
+  // write succeeded: a failure is a kIO error naming the step and the reason on every rank.
+  // Returns the checkpoint's directory.
+  std::string save(const std::string& root, int64_t step,
+                   const std::map<std::string, std::string>& metadata, int keep);
+
  private:
   StateParts parts_;
 };

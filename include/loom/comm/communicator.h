@@ -64,10 +64,12 @@ class Communicator : public std::enable_shared_from_this<Communicator> {
 
   // ---- collectives (async) ----
   WorkPtr iall_reduce(at::Tensor& tensor, const AllReduceOptions& opts = {});
-  WorkPtr iall_gather(at::Tensor& output, const at::Tensor& input, const AllGatherOptions& opts = {});
+  WorkPtr iall_gather(at::Tensor& output, const at::Tensor& input,
+                      const AllGatherOptions& opts = {});
   WorkPtr ireduce_scatter(at::Tensor& output, const at::Tensor& input,
                           const ReduceScatterOptions& opts = {});
-  WorkPtr iall_to_all(at::Tensor& output, const at::Tensor& input, const AllToAllOptions& opts = {});
+  WorkPtr iall_to_all(at::Tensor& output, const at::Tensor& input,
+                      const AllToAllOptions& opts = {});
   WorkPtr ibroadcast(at::Tensor& tensor, const BroadcastOptions& opts = {});
   WorkPtr isend(const at::Tensor& tensor, int dst, int tag = 0);
   WorkPtr irecv(at::Tensor& tensor, int src, int tag = 0);
@@ -81,13 +83,15 @@ class Communicator : public std::enable_shared_from_this<Communicator> {
   std::shared_ptr<Communicator> split(int color, int key);
 
  protected:
-  Communicator(int rank, int size, std::vector<int> world_ranks, std::string name, double timeout_s);
+  Communicator(int rank, int size, std::vector<int> world_ranks, std::string name,
+               double timeout_s);
 
   // Backend hooks. `async`: return a pending Work (else complete the operation before returning).
   // Arguments are already checked; bf16/fp16 sums arrive here already upcast to fp32 by the base.
   virtual WorkPtr do_all_reduce(at::Tensor& t, ReduceOp op, bool async, Work::Info info) = 0;
   virtual WorkPtr do_all_gather(at::Tensor& out, const at::Tensor& in,
-                                const std::vector<int64_t>& counts, bool async, Work::Info info) = 0;
+                                const std::vector<int64_t>& counts, bool async,
+                                Work::Info info) = 0;
   virtual WorkPtr do_reduce_scatter(at::Tensor& out, const at::Tensor& in,
                                     const std::vector<int64_t>& counts, ReduceOp op, bool async,
                                     Work::Info info) = 0;
@@ -142,5 +146,11 @@ class Communicator : public std::enable_shared_from_this<Communicator> {
 };
 
 using CommunicatorPtr = std::shared_ptr<Communicator>;
+
+// Host values reduced over a communicator whatever its device (staged through it and back): the
+// small sums, maxima and agreements of the training loop (losses, norms, "did any rank fail").
+// A null communicator or one of size 1 leaves the values as they are. Collective over `comm`.
+void all_reduce_host(at::Tensor& t, Communicator* comm, ReduceOp op = ReduceOp::kSum);
+double all_reduce_scalar(double v, Communicator* comm, ReduceOp op = ReduceOp::kSum);
 
 }  // namespace loom::comm

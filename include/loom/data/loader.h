@@ -96,4 +96,24 @@ class MicroBatchLoader {
   int64_t prefetch_position_ = -1;
 };
 
+// Puts a loader back at the position it had when the guard was made, unless commit() was called: a
+// training step that fails (a non-finite loss, a peer's error) leaves the data where it was, like
+// the parameters, and the loader advances only with the optimizer step.
+class PositionGuard {
+ public:
+  explicit PositionGuard(MicroBatchLoader& loader)
+      : loader_(loader), position_(loader.position()) {}
+  ~PositionGuard() {
+    if (!committed_) loader_.set_position(position_);
+  }
+  PositionGuard(const PositionGuard&) = delete;
+  PositionGuard& operator=(const PositionGuard&) = delete;
+  void commit() { committed_ = true; }
+
+ private:
+  MicroBatchLoader& loader_;
+  int64_t position_;
+  bool committed_ = false;
+};
+
 }  // namespace loom::data

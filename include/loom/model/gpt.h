@@ -8,6 +8,7 @@
 #include <string>
 #include <vector>
 
+#include "loom/config.pb.h"
 #include "loom/model/batch.h"
 #include "loom/model/layers.h"
 #include "loom/model/model_spec.h"
@@ -19,7 +20,8 @@ namespace loom::model {
 // One pre-norm block: x + attn(norm1(x)), then + mlp(norm2(x)) (or the MoE layer).
 class Block {
  public:
-  Block(const ModelSpec& spec, const ParameterFactory& f, int64_t index, const parallel::TensorParallel& tp = {});
+  Block(const ModelSpec& spec, const ParameterFactory& f, int64_t index,
+        const parallel::TensorParallel& tp = {});
 
   struct Output {
     at::Tensor hidden;  // [s, b, h]
@@ -61,21 +63,23 @@ struct StageLayout {
 };
 
 // Layers of each virtual pipeline stage, in pipeline order (virtual stage s = chunk * pp + rank, as
-// in [Note: pipeline schedule tables]). `first` / `last` (-1 = even share) fix the layers of virtual
-// stage 0, which also holds the embedding, and of the last one, which holds the head and the loss;
-// the other layers are split evenly over the remaining virtual stages. kConfig errors name
-// model.num_layers / parallel.pp_first_stage_layers / parallel.pp_last_stage_layers with the
+// in [Note: pipeline schedule tables]). `first` / `last` (-1 = even share) fix the layers of
+// virtual stage 0, which also holds the embedding, and of the last one, which holds the head and
+// the loss; the other layers are split evenly over the remaining virtual stages. kConfig errors
+// name model.num_layers / parallel.pp_first_stage_layers / parallel.pp_last_stage_layers with the
 // arithmetic when the split is not exact or leaves a virtual stage with nothing to do.
-std::vector<StageLayout> partition_stages(int64_t num_layers, int pp, int vp, int64_t first = -1, int64_t last = -1);
+std::vector<StageLayout> partition_stages(int64_t num_layers, int pp, int vp, int64_t first = -1,
+                                          int64_t last = -1);
 
 class GptModel {
  public:
   // Parameters are created on `device` in spec.param_dtype, initialised from `seed` by name: the
-  // full tensor is drawn and, with tensor parallelism, this rank's shard kept, so every layout starts
-  // from the same model. With tp > 1 the vocabulary is padded to a multiple of
+  // full tensor is drawn and, with tensor parallelism, this rank's shard kept, so every layout
+  // starts from the same model. With tp > 1 the vocabulary is padded to a multiple of
   // `vocab_divisible_by` x tp (zero rows, masked out of the softmax: the same function).
   GptModel(const ModelSpec& spec, uint64_t seed, at::Device device = at::kCPU,
-           const parallel::TensorParallel& tp = {}, int64_t vocab_divisible_by = 128, const StageLayout& stage = {});
+           const parallel::TensorParallel& tp = {}, int64_t vocab_divisible_by = 128,
+           const StageLayout& stage = {});
 
   // Loss pieces for one micro-batch (the caller normalises: see train/ and Note: loss scaling).
   // The whole model only (pre_process and post_process).
@@ -117,11 +121,21 @@ class GptModel {
   StageLayout stage_;
   int64_t padded_vocab_ = 0;
   std::shared_ptr<std::vector<Parameter>> params_;
-  at::Tensor embedding_;   // [V, h]
-  at::Tensor positions_;   // [max_seq, h] (learned positions)
+  at::Tensor embedding_;  // [V, h]
+  at::Tensor positions_;  // [max_seq, h] (learned positions)
   std::vector<std::unique_ptr<Block>> blocks_;
   std::unique_ptr<Norm> final_norm_;
-  at::Tensor head_;        // [V, h] (the embedding when tied)
+  at::Tensor head_;  // [V, h] (the embedding when tied)
 };
+
+// This pipeline rank's model chunks for a job's config (chunk c is virtual stage c * pp + pp_rank,
+// of parallel.virtual_pp chunks per rank): the stage split of partition_stages with
+// parallel.pp_first_stage_layers / pp_last_stage_layers, the vocabulary padded for
+// parallel.vocab_divisible_by, every chunk's parameters initialised from the config's seed (so a
+// layer's values do not depend on the layout).
+std::vector<std::unique_ptr<GptModel>> build_chunks(const ModelSpec& spec,
+                                                    const config::JobConfig& job, at::Device device,
+                                                    const parallel::TensorParallel& tp, int pp,
+                                                    int pp_rank);
 
 }  // namespace loom::model

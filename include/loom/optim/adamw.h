@@ -15,11 +15,14 @@
 
 #include <ATen/ATen.h>
 
+#include <memory>
 #include <string>
 #include <vector>
 
+#include "loom/comm/communicator.h"
 #include "loom/config.pb.h"
 #include "loom/model/parameter.h"
+#include "loom/parallel/grad_sync.h"
 
 namespace loom::optim {
 
@@ -56,6 +59,18 @@ class Optimizer {
   virtual std::vector<std::string> state_names() const = 0;
   // Bytes of optimizer state this rank holds.
   virtual int64_t state_bytes() const = 0;
+  // The L2 norm of the step's final gradients over the whole model (every element once, as
+  // optim::grad_norm counts them), which are then scaled to `max_norm` if above it (max_norm <= 0:
+  // no clipping; a non-finite norm scales nothing). Returns the norm before clipping. Collective
+  // over the optimizer's groups.
+  virtual double clip_grad_norm(double max_norm) = 0;
+  // The step's final gradient of every parameter (local TP shards, in parameter order; zeros for
+  // one that got none), between the gradient synchronisation and clip_grad_norm(). Collective over
+  // DP for a distributed optimizer (a full all-gather): for tests and diagnostics.
+  virtual std::vector<at::Tensor> reduced_gradients() const = 0;
+  // A distributed optimizer's shards, which take the DP reduction of the gradients
+  // (GradSyncOptions::shards); nullptr when the gradients are all-reduced instead.
+  virtual parallel::GradientShards* gradient_shards() { return nullptr; }
 };
 
 // The update of one tensor (or a contiguous slice of one): `g` undefined counts as zeros. With
@@ -69,8 +84,10 @@ std::vector<std::string> moment_names(const std::vector<model::Parameter>& param
 
 class AdamW : public Optimizer {
  public:
-  // Keeps references to the parameters; the vector must outlive the optimizer.
-  AdamW(std::vector<model::Parameter>* params, const AdamWOptions& options);
+  // Keeps references to the parameters; the vector must outlive the optimizer. `tp`, `pp` (may be
+  // null): the groups the gradient norm sums over (see optim::grad_norm).
+  AdamW(std::vector<model::Parameter>* params, const AdamWOptions& options,
+        comm::CommunicatorPtr tp = nullptr, comm::CommunicatorPtr pp = nullptr);
 
   void step(double lr) override;
   int64_t step_count() const override { return step_; }
@@ -78,12 +95,22 @@ class AdamW : public Optimizer {
   void load_state(const std::vector<NamedTensor>& state, int64_t step) override;
   std::vector<std::string> state_names() const override;
   int64_t state_bytes() const override;
+  double clip_grad_norm(double max_norm) override;
+  std::vector<at::Tensor> reduced_gradients() const override;
 
  private:
   std::vector<model::Parameter>* params_;
   AdamWOptions options_;
+  comm::CommunicatorPtr tp_, pp_;
   std::vector<at::Tensor> exp_avg_, exp_avg_sq_;
   int64_t step_ = 0;
 };
+
+// The optimizer a job's config asks for over this rank's parameters: AdamW or SGD
+// (optim.optimizer), replicated or sharded ZeRO-1 style over `dp` (parallel.distributed_optimizer,
+// DistributedAdamW). `tp`, `pp` (may be null): the groups the gradient norm sums over.
+std::unique_ptr<Optimizer> make_optimizer(std::vector<model::Parameter>* params,
+                                          const config::JobConfig& job, comm::CommunicatorPtr dp,
+                                          comm::CommunicatorPtr tp, comm::CommunicatorPtr pp);
 
 }  // namespace loom::optim

@@ -43,12 +43,13 @@ class DistributedAdamW : public Optimizer, public parallel::GradientShards {
   // clipping (max_norm <= 0: no clipping). Parameters' .grad() are left as they were
   // (DP-unreduced).
   void reduce_scatter_gradients() override;
-  double clip_grad_norm(double max_norm);
+  double clip_grad_norm(double max_norm) override;
 
   // The DP-reduced gradient of every parameter (local TP shards, in parameter order), gathered from
   // the owners' ranges: valid between reduce_scatter_gradients() and clip_grad_norm() (which scales
   // them). Collective over DP; for tests and diagnostics (it costs a full all-gather).
-  std::vector<at::Tensor> reduced_gradients() const;
+  std::vector<at::Tensor> reduced_gradients() const override;
+  parallel::GradientShards* gradient_shards() override { return this; }
 
   void step(double lr) override;  // step 3; collective over DP
   int64_t step_count() const override { return step_; }

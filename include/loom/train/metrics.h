@@ -11,6 +11,7 @@
 
 #include "loom/comm/communicator.h"
 #include "loom/config.pb.h"
+#include "loom/core/timer.h"
 #include "loom/model/gpt.h"
 #include "loom/train/progress.h"
 #include "loom/train/tensorboard.h"
@@ -44,6 +45,40 @@ struct EvalMetrics {
   double loss = 0;
   double perplexity = 0;
   int64_t tokens = 0;
+};
+
+// Fills a finished step's throughput (from m.seconds and m.tokens: real tokens, padding never
+// counts), achieved TFLOP/s and MFU per device, and memory. `flops`: the step's model FLOPs over
+// all devices (ModelSpec::step_flops of the plan's sequences); `devices`: the world size;
+// `peak_flops`: one device's peak (0: no MFU).
+void add_performance(StepMetrics& m, double flops, int devices, double peak_flops,
+                     at::Device device);
+
+struct TrainSummary {
+  int64_t first_step = 0, last_step = 0;
+  double first_loss = 0, last_loss = 0;        // first and last logged training losses
+  double best_eval_loss = 0;                   // NaN when nothing was evaluated
+  double mean_tokens_per_s = 0, mean_mfu = 0;  // over steps after the first
+  double seconds = 0;
+  std::string checkpoint;  // the last checkpoint written, if any
+};
+
+// A run's summary from its steps and evaluations, timed from construction: throughput and MFU are
+// averaged over the steps after the first (whose time includes warm-up), or are the only step's.
+class SummaryTracker {
+ public:
+  explicit SummaryTracker(int64_t first_step);
+  void step(const StepMetrics& m);
+  void eval(const EvalMetrics& e);
+  // The summary when the run ends at `last_step` with `checkpoint` (may be empty); also logged.
+  TrainSummary finish(int64_t last_step, const std::string& checkpoint) const;
+  int64_t first_step() const { return s_.first_step; }
+
+ private:
+  TrainSummary s_;
+  Stopwatch clock_;
+  double tps_sum_ = 0, mfu_sum_ = 0, last_tps_ = 0, last_mfu_ = 0;
+  int64_t steps_ = 0;
 };
 
 // What the sinks need to know about the run.

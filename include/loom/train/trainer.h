@@ -21,9 +21,7 @@
 #pragma once
 
 #include <cstdint>
-#include <fstream>
 #include <functional>
-#include <future>
 #include <memory>
 #include <optional>
 #include <string>
@@ -38,7 +36,6 @@
 #include "loom/mesh/process_groups.h"
 #include "loom/model/gpt.h"
 #include "loom/optim/adamw.h"
-#include "loom/optim/distributed.h"
 #include "loom/optim/schedule.h"
 #include "loom/parallel/grad_sync.h"
 #include "loom/parallel/pipeline.h"
@@ -47,15 +44,6 @@
 #include "loom/train/metrics.h"
 
 namespace loom::train {
-
-struct TrainSummary {
-  int64_t first_step = 0, last_step = 0;
-  double first_loss = 0, last_loss = 0;  // first and last logged training losses
-  double best_eval_loss = 0;
-  double mean_tokens_per_s = 0, mean_mfu = 0;  // over steps after the first
-  double seconds = 0;
-  std::string checkpoint;  // the last checkpoint written, if any
-};
 
 class Trainer {
  public:
@@ -126,6 +114,7 @@ class Trainer {
   void build_optimizer(const model::ModelSpec& spec);  // optimizer, gradient sync, schedule, state
   void build_executor();                               // schedule and step executor
   void log_setup(const model::ModelSpec& spec);
+  void sum_over_pp_dp(at::Tensor& sums) const;  // collective over the pipeline and DP groups
 
   config::JobConfig config_;
   comm::CommunicatorPtr world_;
@@ -136,18 +125,16 @@ class Trainer {
   std::unique_ptr<StepExecutor> executor_;
   const parallel::pipeline::PipelineRunner* pipeline_ = nullptr;  // pp > 1: the executor's runner
   std::unique_ptr<optim::Optimizer> optimizer_;
-  optim::DistributedAdamW* zero_ = nullptr;  // optimizer_ when parallel.distributed_optimizer
-  std::unique_ptr<parallel::GradSync>
-      grad_sync_;  // after optimizer_: ZeRO-1 reduce-scatters through it
+  std::unique_ptr<parallel::GradSync> grad_sync_;  // after optimizer_: ZeRO-1 reduces into it
   std::unique_ptr<optim::LrSchedule> schedule_;
   std::unique_ptr<checkpoint::TrainingState> state_;  // Note: training state
   std::unique_ptr<MetricsSinks> sinks_;  // rank 0: console, progress, JSONL, TensorBoard
   at::Device device_ = at::kCPU;
-  int64_t seq_len_ = 0, global_batch_ = 0, num_micro_ = 0;
+  int64_t global_batch_ = 0, num_micro_ = 0;
   int64_t step_ = 0;
   bool documents_ = false;  // data.mode DOCUMENTS
   std::unique_ptr<data::MicroBatchLoader> loader_;
-  double peak_flops_ = 0, flops_per_token_ = 0;
+  double peak_flops_ = 0;
   std::vector<StepMetrics> history_;
   Timers timers_;
   std::string last_checkpoint_;
