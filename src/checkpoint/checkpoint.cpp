@@ -1,13 +1,17 @@
 #include "loom/checkpoint/checkpoint.h"
 
 #include <fmt/format.h>
+#include <fmt/ranges.h>
 
 #include <algorithm>
+#include <cstring>
+#include <ctime>
 #include <filesystem>
 #include <vector>
 
 #include "loom/checkpoint/safetensors.h"
 #include "loom/core/error.h"
+#include "loom/core/fs.h"
 #include "loom/core/logging.h"
 
 namespace loom::checkpoint {
@@ -15,46 +19,92 @@ namespace loom::checkpoint {
 namespace fs = std::filesystem;
 
 namespace {
-// step-00000042 -> 42; anything else -> -1.
-int64_t parse_step(const std::string& name) {
-  if (name.size() != 13 || name.rfind("step-", 0) != 0) return -1;
-  int64_t v = 0;
-  for (size_t i = 5; i < name.size(); ++i) {
-    if (name[i] < '0' || name[i] > '9') return -1;
-    v = v * 10 + (name[i] - '0');
-  }
-  return v;
-}
+// A checkpoint directory's entry: step-<8 digits>, with ".tmp" (a write in progress or interrupted)
+// or ".old" (the copy a replacement set aside) after it.
+struct Entry {
+  int64_t step = -1;
+  std::string suffix;  // "", ".tmp" or ".old"
+  fs::path path;
+  bool complete = false;  // holds state.safetensors (written last)
+};
 
-std::vector<std::pair<int64_t, fs::path>> complete_checkpoints(const std::string& root) {
-  std::vector<std::pair<int64_t, fs::path>> out;
-  std::error_code ec;
-  if (!fs::is_directory(root, ec)) return out;
-  for (const auto& entry : fs::directory_iterator(root)) {
-    const int64_t step = parse_step(entry.path().filename().string());
-    if (step >= 0 && entry.is_directory() && fs::exists(entry.path() / "state.safetensors")) {
-      out.emplace_back(step, entry.path());
+Entry parse_entry(const fs::path& path) {
+  Entry e;
+  std::string name = path.filename().string();
+  for (const char* suffix : {".tmp", ".old"}) {
+    const size_t n = std::strlen(suffix);
+    if (name.size() > n && name.compare(name.size() - n, n, suffix) == 0) {
+      e.suffix = suffix;
+      name.resize(name.size() - n);
     }
   }
-  std::sort(out.begin(), out.end());
+  if (name.size() != 13 || name.rfind("step-", 0) != 0) return e;
+  int64_t v = 0;
+  for (size_t i = 5; i < name.size(); ++i) {
+    if (name[i] < '0' || name[i] > '9') return e;
+    v = v * 10 + (name[i] - '0');
+  }
+  std::error_code ec;
+  if (!fs::is_directory(path, ec)) return e;
+  e.step = v;
+  e.path = path;
+  e.complete = fs::exists(path / "state.safetensors", ec);
+  return e;
+}
+
+// Every step entry under root, by step (then suffix).
+std::vector<Entry> scan(const std::string& root) {
+  std::vector<Entry> out;
+  std::error_code ec;
+  if (!fs::is_directory(root, ec)) return out;
+  for (const auto& dirent : fs::directory_iterator(root, ec)) {
+    Entry e = parse_entry(dirent.path());
+    if (e.step >= 0) out.push_back(std::move(e));
+  }
+  std::sort(out.begin(), out.end(), [](const Entry& a, const Entry& b) {
+    return a.step != b.step ? a.step < b.step : a.suffix < b.suffix;
+  });
   return out;
+}
+
+// The usable checkpoint of each step: step-N when complete, else a complete step-N.old (a
+// replacement interrupted between its two renames).
+std::vector<std::pair<int64_t, fs::path>> complete_checkpoints(const std::string& root) {
+  std::vector<std::pair<int64_t, fs::path>> out;
+  for (const Entry& e : scan(root)) {
+    if (!e.complete || e.suffix == ".tmp") continue;
+    if (!out.empty() && out.back().first == e.step) continue;  // step-N before step-N.old
+    out.emplace_back(e.step, e.path);
+  }
+  return out;
+}
+
+std::string why_unusable(const Entry& e) {
+  if (e.suffix == ".tmp") return "a write that did not finish";
+  return "incomplete: no state.safetensors (a write that did not finish or a partial copy)";
 }
 }  // namespace
 
 void write_checkpoint(const std::string& dir, const CheckpointData& data) {
   std::error_code ec;
   const fs::path final_dir(dir);
-  const fs::path tmp(dir + ".tmp");
+  const fs::path tmp(dir + ".tmp"), old(dir + ".old");
   fs::remove_all(tmp, ec);
   fs::create_directories(tmp, ec);
   LOOM_CHECK_KIND(ErrorKind::kIO, !ec, "cannot create '{}': {}", tmp.string(), ec.message());
   save_safetensors((tmp / "model.safetensors").string(), data.model);
   // Written last: its presence marks the checkpoint complete.
   save_safetensors((tmp / "state.safetensors").string(), data.state, data.metadata);
-  fs::remove_all(final_dir, ec);
-  fs::rename(tmp, final_dir, ec);
-  LOOM_CHECK_KIND(ErrorKind::kIO, !ec, "cannot rename '{}' to '{}': {}", tmp.string(),
-                  final_dir.string(), ec.message());
+  fsync_directory(tmp.string());
+  // An existing copy is set aside, not deleted, until the new one is in place (a crash in between
+  // leaves `<dir>.old`, which latest_checkpoint() puts back).
+  const bool replacing = fs::exists(final_dir, ec);
+  if (replacing) {
+    fs::remove_all(old, ec);
+    rename_durably(final_dir.string(), old.string());
+  }
+  rename_durably(tmp.string(), final_dir.string());
+  if (replacing) fs::remove_all(old, ec);
 }
 
 std::string checkpoint_path(const std::string& root, int64_t step) {
@@ -69,6 +119,7 @@ std::string save_checkpoint(const std::string& root, int64_t step, const Checkpo
                   ec.message());
   const fs::path final_dir = checkpoint_path(root, step);
   write_checkpoint(final_dir.string(), data);
+  set_aside_newer(root, step);  // another branch's: steps only grow along a run's lineage
   if (keep > 0) {
     auto all = complete_checkpoints(root);
     for (size_t i = 0; i + static_cast<size_t>(keep) < all.size(); ++i)
@@ -79,8 +130,50 @@ std::string save_checkpoint(const std::string& root, int64_t step, const Checkpo
 
 std::optional<std::string> latest_checkpoint(const std::string& root) {
   auto all = complete_checkpoints(root);
+  const int64_t chosen = all.empty() ? -1 : all.back().first;
+  for (const Entry& e : scan(root)) {  // say why anything newer was passed over
+    if (e.step > chosen && !(e.complete && e.suffix != ".tmp")) {
+      LOOM_LOG_WARN("checkpoint '{}' is skipped: {}", e.path.string(), why_unusable(e));
+    }
+  }
   if (all.empty()) return std::nullopt;
+  if (all.back().second.extension() == ".old") {
+    LOOM_LOG_WARN(
+        "checkpoint '{}' is the surviving copy of step {} (its replacement did not "
+        "finish)",
+        all.back().second.string(), chosen);
+  }
   return all.back().second.string();
+}
+
+std::vector<std::string> set_aside_newer(const std::string& root, int64_t step) {
+  std::vector<std::string> moved;
+  std::vector<Entry> newer;
+  for (Entry& e : scan(root)) {
+    if (e.step > step) newer.push_back(std::move(e));
+  }
+  if (newer.empty()) return moved;
+  std::time_t now = std::time(nullptr);
+  std::tm tm{};
+  gmtime_r(&now, &tm);
+  char stamp[32];
+  std::strftime(stamp, sizeof(stamp), "%Y%m%d-%H%M%S", &tm);
+  fs::path aside = fs::path(root) / fmt::format("abandoned-{}-after-step-{}", stamp, step);
+  for (int k = 2; fs::exists(aside); ++k) {
+    aside = fs::path(root) / fmt::format("abandoned-{}-after-step-{}-{}", stamp, step, k);
+  }
+  std::error_code ec;
+  fs::create_directories(aside, ec);
+  LOOM_CHECK_KIND(ErrorKind::kIO, !ec, "cannot create '{}': {}", aside.string(), ec.message());
+  for (const Entry& e : newer) {
+    rename_durably(e.path.string(), (aside / e.path.filename()).string());
+    moved.push_back(e.path.filename().string());
+  }
+  LOOM_LOG_WARN(
+      "checkpoint_dir '{}' held {} checkpoint(s) newer than step {} from another branch of the "
+      "run (a rollback or a fresh start into a used directory): moved to '{}' ({}), not deleted",
+      root, moved.size(), step, aside.string(), fmt::join(moved, ", "));
+  return moved;
 }
 
 std::optional<std::string> resume_target(const std::string& resume, const std::string& root) {

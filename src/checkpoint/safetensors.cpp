@@ -1,12 +1,15 @@
 #include "loom/checkpoint/safetensors.h"
 
-#include <nlohmann/json.hpp>
+#include <fmt/format.h>
 
 #include <cstring>
 #include <fstream>
+#include <nlohmann/json.hpp>
 #include <sstream>
 
+#include "loom/core/crc32c.h"
 #include "loom/core/error.h"
+#include "loom/core/fs.h"
 
 namespace loom::checkpoint {
 
@@ -17,7 +20,7 @@ struct DtypeName {
   const char* name;
 };
 constexpr DtypeName kDtypes[] = {
-    {at::kDouble, "F64"}, {at::kFloat, "F32"}, {at::kHalf, "F16"}, {at::kBFloat16, "BF16"},
+    {at::kDouble, "F64"}, {at::kFloat, "F32"}, {at::kHalf, "F16"},  {at::kBFloat16, "BF16"},
     {at::kLong, "I64"},   {at::kInt, "I32"},   {at::kShort, "I16"}, {at::kChar, "I8"},
     {at::kByte, "U8"},    {at::kBool, "BOOL"},
 };
@@ -32,28 +35,96 @@ const char* dtype_name(at::ScalarType t) {
 }  // namespace
 
 namespace {
+constexpr const char* kCrcPrefix = "crc32c:";  // + tensor name: the CRC-32C of its bytes
+constexpr const char* kMetadataCrc = "crc32c:__metadata__";  // of the other metadata entries
+
+std::string hex32(uint32_t v) { return fmt::format("{:08x}", v); }
+
+uint32_t tensor_crc(const at::Tensor& c) { return crc32c(c.data_ptr(), c.nbytes()); }
+
+// The metadata entries other than the CRCs, as "key\0value\0" in key order.
+uint32_t metadata_crc(const std::map<std::string, std::string>& metadata) {
+  uint32_t crc = 0;
+  for (const auto& [k, v] : metadata) {
+    if (k.rfind(kCrcPrefix, 0) == 0) continue;
+    crc = crc32c(k.c_str(), k.size() + 1, crc);
+    crc = crc32c(v.c_str(), v.size() + 1, crc);
+  }
+  return crc;
+}
+
 // The 8-byte length and the padded JSON header; `data` gets the CPU tensors in file order.
 std::string encode_header(const std::map<std::string, at::Tensor>& tensors,
-                          const std::map<std::string, std::string>& metadata, std::vector<at::Tensor>* data) {
+                          const std::map<std::string, std::string>& metadata,
+                          std::vector<at::Tensor>* data) {
+  std::map<std::string, std::string> meta = metadata;
+  for (const auto& [k, v] : metadata) {
+    LOOM_CHECK(k.rfind(kCrcPrefix, 0) != 0,
+               "safetensors: metadata key '{}' is reserved for integrity checks", k);
+  }
+  meta[kMetadataCrc] = hex32(metadata_crc(metadata));
   nlohmann::ordered_json header = nlohmann::ordered_json::object();
-  if (!metadata.empty()) header["__metadata__"] = metadata;
+  nlohmann::ordered_json entries = nlohmann::ordered_json::object();
   uint64_t offset = 0;
   for (const auto& [name, t] : tensors) {
     LOOM_CHECK(name != "__metadata__", "safetensors: '__metadata__' is not a valid tensor name");
     at::Tensor c = t.detach().to(at::kCPU).contiguous();
     const uint64_t bytes = c.nbytes();
-    header[name] = {{"dtype", dtype_name(c.scalar_type())},
-                    {"shape", c.sizes().vec()},
-                    {"data_offsets", {offset, offset + bytes}}};
+    entries[name] = {{"dtype", dtype_name(c.scalar_type())},
+                     {"shape", c.sizes().vec()},
+                     {"data_offsets", {offset, offset + bytes}}};
+    meta[kCrcPrefix + name] = hex32(tensor_crc(c));
     offset += bytes;
     data->push_back(c);
   }
+  header["__metadata__"] = meta;
+  for (auto& [name, e] : entries.items()) header[name] = e;
   std::string text = header.dump();
   while (text.size() % 8 != 0) text.push_back(' ');
   const uint64_t n = text.size();
   std::string out(8, '\0');
-  for (int i = 0; i < 8; ++i) out[static_cast<size_t>(i)] = static_cast<char>((n >> (8 * i)) & 0xff);
+  for (int i = 0; i < 8; ++i)
+    out[static_cast<size_t>(i)] = static_cast<char>((n >> (8 * i)) & 0xff);
   return out + text;
+}
+
+// Checks the CRCs a file carries (files from other writers have none) and removes them from
+// `file.metadata`: a tensor or the metadata whose bytes changed is refused by name.
+void verify_crcs(TensorFile& file, const std::string& source) {
+  std::map<std::string, std::string> crcs;
+  for (auto it = file.metadata.begin(); it != file.metadata.end();) {
+    if (it->first.rfind(kCrcPrefix, 0) == 0) {
+      crcs[it->first.substr(std::char_traits<char>::length(kCrcPrefix))] = it->second;
+      it = file.metadata.erase(it);
+    } else {
+      ++it;
+    }
+  }
+  if (crcs.empty()) return;
+  auto corrupt = [&](const std::string& what, const std::string& stored, uint32_t computed) {
+    LOOM_THROW(ErrorKind::kIO,
+               "safetensors '{}' is corrupt: {} fails its CRC-32C check (stored {}, computed {}); "
+               "restore the file or use an older checkpoint",
+               source, what, stored, hex32(computed));
+  };
+  for (const auto& [name, t] : file.tensors) {
+    auto it = crcs.find(name);
+    LOOM_CHECK_KIND(ErrorKind::kIO, it != crcs.end(),
+                    "safetensors '{}' is corrupt: tensor '{}' has no CRC-32C entry", source, name);
+    const uint32_t c = tensor_crc(t);
+    if (hex32(c) != it->second) corrupt(fmt::format("tensor '{}'", name), it->second, c);
+    crcs.erase(it);
+  }
+  auto meta = crcs.find("__metadata__");
+  if (meta != crcs.end()) {
+    const uint32_t c = metadata_crc(file.metadata);
+    if (hex32(c) != meta->second) corrupt("its metadata", meta->second, c);
+    crcs.erase(meta);
+  }
+  LOOM_CHECK_KIND(ErrorKind::kIO, crcs.empty(),
+                  "safetensors '{}' is corrupt: a CRC-32C entry for tensor '{}', which it does not "
+                  "hold",
+                  source, crcs.empty() ? "" : crcs.begin()->first);
 }
 }  // namespace
 
@@ -61,14 +132,10 @@ void save_safetensors(const std::string& path, const std::map<std::string, at::T
                       const std::map<std::string, std::string>& metadata) {
   std::vector<at::Tensor> data;
   const std::string header = encode_header(tensors, metadata, &data);
-  std::ofstream out(path, std::ios::binary | std::ios::trunc);
-  LOOM_CHECK_KIND(ErrorKind::kIO, out.good(), "cannot open '{}' for writing: {}", path, std::strerror(errno));
-  out.write(header.data(), static_cast<std::streamsize>(header.size()));
-  for (const auto& c : data) {
-    out.write(static_cast<const char*>(c.data_ptr()), static_cast<std::streamsize>(c.nbytes()));
-  }
-  out.flush();
-  LOOM_CHECK_KIND(ErrorKind::kIO, out.good(), "writing '{}' failed: {}", path, std::strerror(errno));
+  AtomicFile out(path);  // fsynced, renamed into place only when complete
+  out.write(header.data(), header.size());
+  for (const auto& c : data) out.write(c.data_ptr(), c.nbytes());
+  out.commit();
 }
 
 std::string encode_safetensors(const std::map<std::string, at::Tensor>& tensors,
@@ -83,7 +150,8 @@ TensorFile parse_safetensors(const std::string& bytes, const std::string& source
   auto fail = [&](const std::string& what) {
     LOOM_THROW(ErrorKind::kIO, "safetensors '{}': {}", source, what);
   };
-  if (bytes.size() < 8) fail(fmt::format("file is {} bytes, shorter than the 8-byte header length", bytes.size()));
+  if (bytes.size() < 8)
+    fail(fmt::format("file is {} bytes, shorter than the 8-byte header length", bytes.size()));
   uint64_t n = 0;
   for (int i = 7; i >= 0; --i) n = (n << 8) | static_cast<unsigned char>(bytes[i]);
   if (n > bytes.size() - 8) {
@@ -91,7 +159,8 @@ TensorFile parse_safetensors(const std::string& bytes, const std::string& source
   }
   nlohmann::json header;
   try {
-    header = nlohmann::json::parse(bytes.begin() + 8, bytes.begin() + 8 + static_cast<std::ptrdiff_t>(n));
+    header = nlohmann::json::parse(bytes.begin() + 8,
+                                   bytes.begin() + 8 + static_cast<std::ptrdiff_t>(n));
   } catch (const std::exception& e) {
     fail(fmt::format("header is not valid JSON ({})", e.what()));
   }
@@ -106,7 +175,8 @@ TensorFile parse_safetensors(const std::string& bytes, const std::string& source
     if (name == "__metadata__") {
       if (!entry.is_object()) fail("__metadata__ is not an object");
       for (auto m = entry.begin(); m != entry.end(); ++m) {
-        if (!m.value().is_string()) fail(fmt::format("__metadata__ value '{}' is not a string", m.key()));
+        if (!m.value().is_string())
+          fail(fmt::format("__metadata__ value '{}' is not a string", m.key()));
         file.metadata[m.key()] = m.value().get<std::string>();
       }
       continue;
@@ -136,18 +206,21 @@ TensorFile parse_safetensors(const std::string& bytes, const std::string& source
       numel *= static_cast<uint64_t>(shape.back());
     }
     const auto& off = entry["data_offsets"];
-    if (!off.is_array() || off.size() != 2 || !off[0].is_number_unsigned() || !off[1].is_number_unsigned()) {
-      fail(fmt::format("tensor '{}': data_offsets must be two non-negative integers, got {}", name, off.dump()));
+    if (!off.is_array() || off.size() != 2 || !off[0].is_number_unsigned() ||
+        !off[1].is_number_unsigned()) {
+      fail(fmt::format("tensor '{}': data_offsets must be two non-negative integers, got {}", name,
+                       off.dump()));
     }
     const uint64_t begin = off[0].get<uint64_t>(), end = off[1].get<uint64_t>();
     const uint64_t expect = numel * c10::elementSize(type);
     if (end < begin || end - begin != expect) {
-      fail(fmt::format("tensor '{}': data_offsets [{}, {}] span {} bytes, but dtype {} and shape {} need {}",
-                       name, begin, end, end - begin, dt.get<std::string>(), entry["shape"].dump(), expect));
+      fail(fmt::format(
+          "tensor '{}': data_offsets [{}, {}] span {} bytes, but dtype {} and shape {} need {}",
+          name, begin, end, end - begin, dt.get<std::string>(), entry["shape"].dump(), expect));
     }
     if (end > data_size) {
-      fail(fmt::format("tensor '{}': data_offsets end {} is past the {} data bytes in the file", name,
-                       end, data_size));
+      fail(fmt::format("tensor '{}': data_offsets end {} is past the {} data bytes in the file",
+                       name, end, data_size));
     }
     ranges.emplace_back(begin, end);
     at::Tensor t = at::empty(shape, at::TensorOptions().dtype(type));
@@ -157,11 +230,14 @@ TensorFile parse_safetensors(const std::string& bytes, const std::string& source
   std::sort(ranges.begin(), ranges.end());
   uint64_t pos = 0;
   for (const auto& [b, e] : ranges) {
-    if (b != pos) fail(fmt::format("tensor data {} at byte {} (expected {}): overlapping or with a gap",
-                                   b < pos ? "overlaps" : "has a gap", b, pos));
+    if (b != pos)
+      fail(fmt::format("tensor data {} at byte {} (expected {}): overlapping or with a gap",
+                       b < pos ? "overlaps" : "has a gap", b, pos));
     pos = e;
   }
-  if (pos != data_size) fail(fmt::format("{} trailing bytes after the last tensor", data_size - pos));
+  if (pos != data_size)
+    fail(fmt::format("{} trailing bytes after the last tensor", data_size - pos));
+  verify_crcs(file, source);
   return file;
 }
 

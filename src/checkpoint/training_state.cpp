@@ -6,7 +6,9 @@
 #include <exception>
 #include <mutex>
 
+#include "loom/core/config.h"
 #include "loom/core/error.h"
+#include "loom/core/logging.h"
 
 namespace loom::checkpoint {
 
@@ -61,6 +63,7 @@ CheckpointData TrainingState::gather(int64_t step,
     data.state["rng.cpu"] = gen.get_state();
   }
   data.metadata = metadata;
+  if (parts_.config) data.metadata["config"] = config::to_text(*parts_.config);
   data.metadata["format"] = kSingleProcessFormat;
   data.metadata["step"] = std::to_string(step);
   for (const auto& [name, value] : parts_.loader->state()) {
@@ -100,6 +103,22 @@ RestoredState TrainingState::load(const std::string& dir) {
     }
     LOOM_CHECK_KIND(ErrorKind::kIO, data.state.count("rng.cpu") == 1,
                     "checkpoint '{}': 'rng.cpu' is missing", dir);
+    if (parts_.config) {  // Note: resume config check
+      auto saved = data.metadata.find("config");
+      auto source = data.metadata.find("source");
+      if (source != data.metadata.end()) {
+        // An import (tools/convert_hf --to-loom) holds a config derived from another format, not
+        // a training run's: its tensors are checked by name and shape below, its config is not.
+        LOOM_LOG_INFO("checkpoint '{}' was imported ({}): its config is not compared", dir,
+                      source->second);
+      } else if (saved == data.metadata.end()) {
+        LOOM_LOG_WARN("checkpoint '{}' stores no config: resuming without the config check", dir);
+      } else {
+        config::JobConfig was;
+        config::parse_text(saved->second, dir + " (its stored config)", &was);
+        config::check_resume_config(was, *parts_.config, dir);
+      }
+    }
     try {
       parts_.loader->check_state(loader_state(data.metadata));
     } catch (const Error& e) {

@@ -8,6 +8,7 @@
 #include <cstdlib>
 #include <fstream>
 #include <limits>
+#include <memory>
 #include <sstream>
 
 #include "loom/core/error.h"
@@ -192,7 +193,12 @@ void parse_text(const std::string& text, const std::string& source, pb::Message*
   pb::TextFormat::Parser parser;
   FirstErrorCollector errors;
   parser.RecordErrorsTo(&errors);
-  if (!parser.MergeFromString(text, message)) {
+  // Parse (not Merge) refuses a non-repeated field given twice, which would otherwise silently keep
+  // the last; the result is then merged over what `message` holds.
+  std::unique_ptr<pb::Message> parsed(message->New());
+  if (parser.ParseFromString(text, parsed.get())) {
+    message->MergeFrom(*parsed);
+  } else {
     std::string what = errors.error.empty() ? "malformed text format" : errors.error;
     // The parser says what it expected but not in which field: quote the offending line.
     std::string line_text;
@@ -214,7 +220,14 @@ void load_text_file(const std::string& path, pb::Message* message) {
   std::stringstream ss;
   ss << in.rdbuf();
   LOOM_CHECK_KIND(ErrorKind::kIO, !in.bad(), "cannot read config file '{}'", path);
-  parse_text(ss.str(), path, message);
+  std::unique_ptr<pb::Message> parsed(message->New());
+  parse_text(ss.str(), path, parsed.get());
+  // An empty file (or one of comments only) would silently train the built-in defaults.
+  LOOM_CHECK_KIND(ErrorKind::kConfig, parsed->ByteSizeLong() > 0,
+                  "config file '{}' sets no field (it is empty or holds only comments); pass no "
+                  "--config to run the built-in defaults",
+                  path);
+  message->MergeFrom(*parsed);
 }
 
 void apply_override(const std::string& assignment, pb::Message* message) {
@@ -282,6 +295,74 @@ JobConfig load_job_config(const std::string& path, const std::vector<std::string
   return config;
 }
 
+namespace {
+// The fields along a dotted path from `d`; a kConfig error when it names none.
+std::vector<const pb::FieldDescriptor*> resolve_path(const pb::Descriptor* d,
+                                                     const std::string& path) {
+  std::vector<const pb::FieldDescriptor*> fields;
+  std::stringstream parts(path);
+  std::string name;
+  while (std::getline(parts, name, '.')) {
+    LOOM_CHECK_CONFIG(d != nullptr, "'{}' names no field: '{}' has no sub-fields", path,
+                      fields.empty() ? "" : fields.back()->name());
+    const pb::FieldDescriptor* f = d->FindFieldByName(name);
+    LOOM_CHECK_CONFIG(f != nullptr, "'{}' names no field: no '{}' in {} (fields: {})", path, name,
+                      d->full_name(), field_names(d));
+    fields.push_back(f);
+    d = f->cpp_type() == pb::FieldDescriptor::CPPTYPE_MESSAGE ? f->message_type() : nullptr;
+  }
+  LOOM_CHECK_CONFIG(!fields.empty(), "an empty field path");
+  return fields;
+}
+
+std::string field_text(const pb::Message& m, const pb::FieldDescriptor* f) {
+  const pb::Reflection* r = m.GetReflection();
+  std::string out, v;
+  if (!f->is_repeated()) {
+    pb::TextFormat::PrintFieldValueToString(m, f, -1, &out);
+    return out;
+  }
+  for (int i = 0; i < r->FieldSize(m, f); ++i) {
+    pb::TextFormat::PrintFieldValueToString(m, f, i, &v);
+    out += (i ? ", " : "") + v;
+  }
+  return "[" + out + "]";
+}
+
+bool under(const std::string& path, const std::vector<std::string>& prefixes) {
+  for (const auto& p : prefixes) {
+    if (path == p ||
+        (path.size() > p.size() && path.compare(0, p.size(), p) == 0 && path[p.size()] == '.'))
+      return true;
+  }
+  return false;
+}
+
+void diff_message(const pb::Message& a, const pb::Message& b, const std::string& prefix,
+                  const std::vector<std::string>& except, std::vector<FieldChange>* out);
+
+void diff_field(const pb::Message& a, const pb::Message& b, const pb::FieldDescriptor* f,
+                const std::string& path, const std::vector<std::string>& except,
+                std::vector<FieldChange>* out) {
+  if (under(path, except)) return;
+  if (f->cpp_type() == pb::FieldDescriptor::CPPTYPE_MESSAGE && !f->is_repeated()) {
+    diff_message(a.GetReflection()->GetMessage(a, f), b.GetReflection()->GetMessage(b, f), path,
+                 except, out);
+    return;
+  }
+  std::string x = field_text(a, f), y = field_text(b, f);
+  if (x != y) out->push_back({path, std::move(x), std::move(y)});
+}
+
+void diff_message(const pb::Message& a, const pb::Message& b, const std::string& prefix,
+                  const std::vector<std::string>& except, std::vector<FieldChange>* out) {
+  const pb::Descriptor* d = a.GetDescriptor();
+  for (int i = 0; i < d->field_count(); ++i) {
+    diff_field(a, b, d->field(i), prefix + "." + d->field(i)->name(), except, out);
+  }
+}
+}  // namespace
+
 void validate(const JobConfig& c) {
   constexpr int kSchemaVersion = 1;
   LOOM_CHECK_CONFIG(c.version() >= 1 && c.version() <= kSchemaVersion,
@@ -342,6 +423,13 @@ void validate(const JobConfig& c) {
                       t.peak_tflops());
     LOOM_CHECK_CONFIG(t.num_threads() >= 0, "field 'train.num_threads' must be >= 0, got {}",
                       t.num_threads());
+    for (const auto& path : t.allow_config_changes()) {
+      try {
+        resolve_path(JobConfig::descriptor(), path);
+      } catch (const Error& e) {
+        LOOM_THROW(ErrorKind::kConfig, "field 'train.allow_config_changes': {}", e.message());
+      }
+    }
     LOOM_CHECK_CONFIG(t.progress() == "auto" || t.progress() == "bar" || t.progress() == "lines" ||
                           t.progress() == "off",
                       "field 'train.progress' must be auto, bar, lines or off, got '{}'",
@@ -352,6 +440,55 @@ void validate(const JobConfig& c) {
   } catch (const Error& e) {
     LOOM_THROW(ErrorKind::kConfig, "field 'logging.level': {}", e.message());
   }
+}
+
+std::vector<FieldChange> differences(const pb::Message& before, const pb::Message& after,
+                                     const std::vector<std::string>& paths,
+                                     const std::vector<std::string>& except) {
+  LOOM_CHECK(before.GetDescriptor() == after.GetDescriptor(),
+             "differences of two different message types");
+  std::vector<FieldChange> out;
+  for (const auto& path : paths) {
+    const auto fields = resolve_path(before.GetDescriptor(), path);
+    const pb::Message *a = &before, *b = &after;
+    for (size_t k = 0; k + 1 < fields.size(); ++k) {
+      a = &a->GetReflection()->GetMessage(*a, fields[k]);
+      b = &b->GetReflection()->GetMessage(*b, fields[k]);
+    }
+    diff_field(*a, *b, fields.back(), path, except, &out);
+  }
+  return out;
+}
+
+void check_resume_config(const JobConfig& saved, const JobConfig& now,
+                         const std::string& checkpoint) {
+  static const std::vector<std::string> kChecked = {"seed",
+                                                    "model",
+                                                    "optim",
+                                                    "data.source",
+                                                    "data.synthetic_branching",
+                                                    "data.seed",
+                                                    "data.paths",
+                                                    "data.weights",
+                                                    "data.split",
+                                                    "data.mode",
+                                                    "train.seq_len",
+                                                    "train.global_batch_size",
+                                                    "train.micro_batch_tokens"};
+  std::vector<std::string> allowed = {"model.recompute", "model.init_std",
+                                      "model.scaled_output_init"};
+  for (const auto& a : now.train().allow_config_changes()) allowed.push_back(a);
+  const auto changes = differences(saved, now, kChecked, allowed);
+  if (changes.empty()) return;
+  std::string list;
+  for (const auto& c : changes) {
+    list += fmt::format("\n  {}: {} in the checkpoint, {} now", c.path, c.before, c.after);
+  }
+  LOOM_THROW(ErrorKind::kConfig,
+             "checkpoint '{}' was written with another config; resuming would silently change "
+             "{} field(s):{}\nResume with the checkpoint's values, or list the fields changed on "
+             "purpose in train.allow_config_changes (e.g. --set train.allow_config_changes={})",
+             checkpoint, changes.size(), list, changes.front().path);
 }
 
 }  // namespace loom::config

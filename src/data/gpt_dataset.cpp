@@ -10,7 +10,9 @@
 #include <numeric>
 #include <sstream>
 
+#include "loom/core/crc32c.h"
 #include "loom/core/error.h"
+#include "loom/core/fs.h"
 #include "loom/core/hash.h"
 #include "loom/core/logging.h"
 
@@ -79,7 +81,7 @@ WindowSampler::WindowSampler(std::shared_ptr<const IndexedDataset> dataset, cons
   if (!o.cache_dir.empty()) {
     path = fmt::format("{}/{}-{:016x}.samples", o.cache_dir,
                        std::filesystem::path(dataset_->prefix()).filename().string(), key);
-    if (load_cache(path, key)) {
+    if (load_cache(path, key, tokens)) {
       from_cache_ = true;
       return;
     }
@@ -140,17 +142,51 @@ void WindowSampler::sample(int64_t index, int64_t* out) const {
   }
 }
 
-bool WindowSampler::load_cache(const std::string& path, uint64_t key) {
+namespace {
+constexpr char kCacheMagic[9] = "LOOMSMP2";  // v2: a CRC-32C of the three arrays after the sizes
+
+uint32_t cache_crc(const std::vector<int64_t>& a, const std::vector<int64_t>& b,
+                   const std::vector<int64_t>& c) {
+  uint32_t crc = crc32c(a.data(), a.size() * 8);
+  crc = crc32c(b.data(), b.size() * 8, crc);
+  return crc32c(c.data(), c.size() * 8, crc);
+}
+}  // namespace
+
+// [Note: sample-index cache]
+// The cache is a file any process or person may have touched, so nothing in it is trusted: the
+// format and key, the sizes the split implies, a CRC-32C of the contents (a swapped entry changes
+// the data order silently), and every entry's bounds (an out-of-range one would read outside the
+// dataset). Any failure is logged with the reason and the index is rebuilt.
+bool WindowSampler::load_cache(const std::string& path, uint64_t key, int64_t tokens) {
   std::ifstream in(path, std::ios::binary);
   if (!in.good()) return false;
+  auto reject = [&](const std::string& why) {
+    LOOM_LOG_WARN("sample-index cache '{}' {}; rebuilding it", path, why);
+    document_index_.clear();
+    sample_index_.clear();
+    shuffle_.clear();
+    return false;
+  };
   char magic[8];
   uint64_t k = 0, n[3] = {0, 0, 0};
+  uint32_t crc = 0;
   in.read(magic, 8);
   in.read(reinterpret_cast<char*>(&k), 8);
   in.read(reinterpret_cast<char*>(n), 24);
-  if (!in.good() || std::memcmp(magic, "LOOMSMP1", 8) != 0 || k != key) {
-    LOOM_LOG_WARN("sample-index cache '{}' does not match this run; rebuilding it", path);
-    return false;
+  in.read(reinterpret_cast<char*>(&crc), 4);
+  if (!in.good() || std::memcmp(magic, kCacheMagic, 8) != 0) {
+    return reject("has another format (written by another version?)");
+  }
+  if (k != key) return reject("belongs to another dataset, split, window or seed");
+  const int64_t docs = doc_end_ - doc_begin_;
+  const int64_t total = (epochs_ * tokens - 1) / (window_ - 1);
+  const uint64_t expect[3] = {static_cast<uint64_t>(epochs_ * docs),
+                              static_cast<uint64_t>(2 * (total + 1)), static_cast<uint64_t>(total)};
+  if (n[0] != expect[0] || n[1] != expect[1] || n[2] != expect[2]) {
+    return reject(
+        fmt::format("holds arrays of {}, {}, {} entries where this split needs {}, {}, {}", n[0],
+                    n[1], n[2], expect[0], expect[1], expect[2]));
   }
   document_index_.resize(n[0]);
   sample_index_.resize(n[1]);
@@ -158,9 +194,37 @@ bool WindowSampler::load_cache(const std::string& path, uint64_t key) {
   in.read(reinterpret_cast<char*>(document_index_.data()), static_cast<std::streamsize>(n[0] * 8));
   in.read(reinterpret_cast<char*>(sample_index_.data()), static_cast<std::streamsize>(n[1] * 8));
   in.read(reinterpret_cast<char*>(shuffle_.data()), static_cast<std::streamsize>(n[2] * 8));
-  if (!in.good()) {
-    LOOM_LOG_WARN("sample-index cache '{}' is truncated; rebuilding it", path);
-    return false;
+  if (!in.good()) return reject("is truncated");
+  if (in.peek() != EOF) return reject("has bytes after its arrays");
+  const uint32_t actual = cache_crc(document_index_, sample_index_, shuffle_);
+  if (actual != crc) {
+    return reject(
+        fmt::format("fails its CRC-32C check (stored {:08x}, computed {:08x})", crc, actual));
+  }
+  for (size_t i = 0; i < document_index_.size(); ++i) {
+    const int64_t d = document_index_[i];
+    if (d < doc_begin_ || d >= doc_end_) {
+      return reject(fmt::format("holds document {} at {}, outside the split's [{}, {})", d, i,
+                                doc_begin_, doc_end_));
+    }
+  }
+  const int64_t positions = static_cast<int64_t>(document_index_.size());
+  for (int64_t s = 0; s <= total; ++s) {
+    const int64_t p = sample_index_[2 * s], off = sample_index_[2 * s + 1];
+    const bool ok =
+        p >= 0 && off >= 0 &&
+        (p < positions ? (off == 0 || off < document_tokens(*dataset_, document_index_[p]))
+                       : (p == positions && off == 0 && s == total));
+    if (!ok)
+      return reject(fmt::format("has sample {} start at ({}, {}), out of bounds", s, p, off));
+  }
+  std::vector<bool> seen(static_cast<size_t>(total), false);
+  for (int64_t v : shuffle_) {
+    if (v < 0 || v >= total || seen[static_cast<size_t>(v)]) {
+      return reject(
+          fmt::format("has a shuffle that is not a permutation of [0, {}) (entry {})", total, v));
+    }
+    seen[static_cast<size_t>(v)] = true;
   }
   return true;
 }
@@ -168,23 +232,23 @@ bool WindowSampler::load_cache(const std::string& path, uint64_t key) {
 void WindowSampler::save_cache(const std::string& path, uint64_t key) const {
   std::error_code ec;
   std::filesystem::create_directories(std::filesystem::path(path).parent_path(), ec);
-  const std::string tmp = path + ".tmp";
-  std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
-  if (!out.good()) {
-    LOOM_LOG_WARN("cannot write the sample-index cache '{}' (continuing without it)", path);
-    return;
+  try {
+    // A temporary file per process, renamed into place: concurrent ranks write identical content.
+    AtomicFile out(path);
+    const uint64_t n[3] = {document_index_.size(), sample_index_.size(), shuffle_.size()};
+    const uint32_t crc = cache_crc(document_index_, sample_index_, shuffle_);
+    out.write(kCacheMagic, 8);
+    out.write(&key, 8);
+    out.write(n, 24);
+    out.write(&crc, 4);
+    out.write(document_index_.data(), n[0] * 8);
+    out.write(sample_index_.data(), n[1] * 8);
+    out.write(shuffle_.data(), n[2] * 8);
+    out.commit();
+  } catch (const Error& e) {
+    LOOM_LOG_WARN("cannot write the sample-index cache '{}' (continuing without it): {}", path,
+                  e.message());
   }
-  const uint64_t n[3] = {document_index_.size(), sample_index_.size(), shuffle_.size()};
-  out.write("LOOMSMP1", 8);
-  out.write(reinterpret_cast<const char*>(&key), 8);
-  out.write(reinterpret_cast<const char*>(n), 24);
-  out.write(reinterpret_cast<const char*>(document_index_.data()),
-            static_cast<std::streamsize>(n[0] * 8));
-  out.write(reinterpret_cast<const char*>(sample_index_.data()),
-            static_cast<std::streamsize>(n[1] * 8));
-  out.write(reinterpret_cast<const char*>(shuffle_.data()), static_cast<std::streamsize>(n[2] * 8));
-  out.close();
-  std::filesystem::rename(tmp, path, ec);  // atomic: concurrent ranks write identical content
 }
 
 std::vector<std::pair<int32_t, int64_t>> blend(const std::vector<double>& weights,

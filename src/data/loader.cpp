@@ -25,6 +25,7 @@ LoaderOptions LoaderOptions::from_config(const config::JobConfig& job, int dp_si
   o.mode = job.data().mode() == config::DataConfig::DOCUMENTS ? BatchMode::kDocuments
                                                               : BatchMode::kWindows;
   o.seq_len = t.seq_len();
+  o.vocab_size = job.model().vocab_size();
   o.micro_batch_size = t.micro_batch_size();
   o.global_batch = t.global_batch_size() > 0 ? t.global_batch_size() : o.micro_batch_size * dp_size;
   o.dp_size = dp_size;
@@ -108,6 +109,18 @@ std::vector<SampleRef> MicroBatchLoader::global_samples(Split split, int64_t fir
   return v;
 }
 
+void MicroBatchLoader::check_ids(Split split, int64_t sample, int64_t begin, const int64_t* ids,
+                                 int64_t n) const {
+  if (options_.vocab_size <= 0) return;
+  for (int64_t i = 0; i < n; ++i) {
+    LOOM_CHECK_KIND(ErrorKind::kIO, ids[i] >= 0 && ids[i] < options_.vocab_size,
+                    "data: token {} of {} sample {} is {}, outside the model's vocabulary [0, {}) "
+                    "(model.vocab_size; data.check_vocab: false only skips the up-front scan)",
+                    begin + i, split == Split::kTrain ? "training" : "validation", sample, ids[i],
+                    options_.vocab_size);
+  }
+}
+
 model::Batch MicroBatchLoader::assemble(Split split, const std::vector<SampleRef>& samples,
                                         const MicroBatchPlan& mb) const {
   const auto rows = static_cast<int64_t>(mb.rows.size());
@@ -121,8 +134,9 @@ model::Batch MicroBatchLoader::assemble(Split split, const std::vector<SampleRef
     int64_t* p = buf.data_ptr<int64_t>();
     for (int64_t r = 0; r < rows; ++r) {
       const Piece& piece = mb.rows[static_cast<size_t>(r)].front();
-      source_->sample(split, samples[static_cast<size_t>(piece.sample)].index, len + 1,
-                      p + r * (len + 1));
+      const int64_t index = samples[static_cast<size_t>(piece.sample)].index;
+      source_->sample(split, index, len + 1, p + r * (len + 1));
+      check_ids(split, index, 0, p + r * (len + 1), len + 1);
     }
     model::Batch b;
     b.tokens = buf.narrow(1, 0, len).contiguous().to(options_.device);
@@ -140,8 +154,9 @@ model::Batch MicroBatchLoader::assemble(Split split, const std::vector<SampleRef
     c.push_back(0);
     for (const Piece& piece : mb.rows[static_cast<size_t>(r)]) {
       buf.resize(static_cast<size_t>(piece.tokens + 1));
-      source_->document(split, samples[static_cast<size_t>(piece.sample)].index, piece.begin,
-                        piece.tokens + 1, buf.data());
+      const int64_t index = samples[static_cast<size_t>(piece.sample)].index;
+      source_->document(split, index, piece.begin, piece.tokens + 1, buf.data());
+      check_ids(split, index, piece.begin, buf.data(), piece.tokens + 1);
       inputs[r]
           .narrow(0, at, piece.tokens)
           .copy_(at::from_blob(buf.data(), {piece.tokens}, at::kLong));

@@ -8,6 +8,7 @@
 #include <nlohmann/json.hpp>
 
 #include "loom/core/error.h"
+#include "loom/core/fs.h"
 #include "loom/core/logging.h"
 #include "loom/train/system.h"
 
@@ -15,6 +16,7 @@ namespace loom::train {
 
 void MetricsSinks::start(int64_t first_step) {
   if (progress_) progress_->restart(first_step);
+  for (auto& s : sinks_) s->start(first_step);
 }
 
 void MetricsSinks::step(const StepMetrics& m) {
@@ -84,12 +86,45 @@ class ConsoleSink : public MetricsSink {
 
 class JsonlSink : public MetricsSink {
  public:
-  JsonlSink(const std::string& path, const MetricsContext& ctx) : ctx_(ctx) {
+  JsonlSink(const std::string& path, const MetricsContext& ctx) : ctx_(ctx), path_(path) {
     std::error_code ec;
     auto parent = std::filesystem::path(path).parent_path();
     if (!parent.empty()) std::filesystem::create_directories(parent, ec);
     out_.open(path, std::ios::app);
     LOOM_CHECK_KIND(ErrorKind::kIO, out_.good(), "cannot open metrics file '{}'", path);
+  }
+
+  void start(int64_t first_step) override {
+    out_.close();
+    std::string kept;
+    int64_t dropped = 0;
+    {
+      std::ifstream in(path_);
+      std::string line;
+      while (std::getline(in, line)) {
+        if (line.empty()) continue;
+        const auto j = nlohmann::json::parse(line, nullptr, /*allow_exceptions=*/false);
+        const bool keep = j.is_object() && j.contains("step") && j["step"].is_number_integer() &&
+                          j["step"].get<int64_t>() <= first_step;
+        if (keep) {
+          kept += line + '\n';
+        } else {
+          ++dropped;
+        }
+      }
+    }
+    if (dropped > 0) {
+      AtomicFile rewrite(path_);
+      rewrite.write(kept.data(), kept.size());
+      rewrite.commit();
+      LOOM_LOG_INFO(
+          "metrics file '{}': dropped {} record(s) after step {} (a run that did not "
+          "reach its next checkpoint)",
+          path_, dropped, first_step);
+    }
+    out_.open(path_, std::ios::app);
+    LOOM_CHECK_KIND(ErrorKind::kIO, out_.good(), "cannot open metrics file '{}'", path_);
+    write(nlohmann::json({{"type", "start"}, {"step", first_step}, {"dropped", dropped}}).dump());
   }
 
   void step(const StepMetrics& m) override {
@@ -138,6 +173,7 @@ class JsonlSink : public MetricsSink {
     out_.flush();
   }
   MetricsContext ctx_;
+  std::string path_;
   std::ofstream out_;
 };
 

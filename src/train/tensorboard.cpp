@@ -8,21 +8,12 @@
 #include <cstring>
 #include <filesystem>
 
+#include "loom/core/crc32c.h"
 #include "loom/core/error.h"
 
 namespace loom::train {
 
 namespace {
-std::array<uint32_t, 256> make_table() {
-  std::array<uint32_t, 256> t{};
-  for (uint32_t i = 0; i < 256; ++i) {
-    uint32_t c = i;
-    for (int k = 0; k < 8; ++k) c = (c & 1) ? (c >> 1) ^ 0x82F63B78u : c >> 1;  // reflected Castagnoli
-    t[i] = c;
-  }
-  return t;
-}
-
 void put_varint(std::string* s, uint64_t v) {
   while (v >= 0x80) {
     s->push_back(static_cast<char>((v & 0x7f) | 0x80));
@@ -58,14 +49,6 @@ std::string event_header(double wall_time, int64_t step) {
 }
 }  // namespace
 
-uint32_t crc32c(const void* data, size_t size, uint32_t crc) {
-  static const std::array<uint32_t, 256> table = make_table();
-  const auto* p = static_cast<const uint8_t*>(data);
-  crc = ~crc;
-  for (size_t i = 0; i < size; ++i) crc = table[(crc ^ p[i]) & 0xff] ^ (crc >> 8);
-  return ~crc;
-}
-
 uint32_t masked_crc32c(const void* data, size_t size) {
   const uint32_t c = crc32c(data, size);
   return ((c >> 15) | (c << 17)) + 0xa282ead8u;
@@ -75,10 +58,12 @@ TensorBoardWriter::TensorBoardWriter(const std::string& dir, std::function<doubl
     : clock_(clock ? std::move(clock) : std::function<double()>(now_seconds)) {
   std::error_code ec;
   std::filesystem::create_directories(dir, ec);
-  LOOM_CHECK_KIND(ErrorKind::kIO, !ec, "cannot create TensorBoard directory '{}': {}", dir, ec.message());
+  LOOM_CHECK_KIND(ErrorKind::kIO, !ec, "cannot create TensorBoard directory '{}': {}", dir,
+                  ec.message());
   char host[256] = "localhost";
   gethostname(host, sizeof host - 1);
-  path_ = fmt::format("{}/events.out.tfevents.{}.{}.{}", dir, static_cast<int64_t>(now_seconds()), host, getpid());
+  path_ = fmt::format("{}/events.out.tfevents.{}.{}.{}", dir, static_cast<int64_t>(now_seconds()),
+                      host, getpid());
   out_.open(path_, std::ios::binary | std::ios::trunc);
   LOOM_CHECK_KIND(ErrorKind::kIO, out_.good(), "cannot create '{}'", path_);
   std::string e = event_header(clock_(), 0);
@@ -87,7 +72,8 @@ TensorBoardWriter::TensorBoardWriter(const std::string& dir, std::function<doubl
   flush();
 }
 
-void TensorBoardWriter::add_scalars(int64_t step, const std::vector<std::pair<std::string, double>>& values) {
+void TensorBoardWriter::add_scalars(int64_t step,
+                                    const std::vector<std::pair<std::string, double>>& values) {
   std::string summary;
   for (const auto& [tag, v] : values) {
     std::string value;

@@ -117,6 +117,7 @@ void Trainer::build_optimizer(const model::ModelSpec& spec) {
   parts.pp = pp;
   parts.dp_rank = groups_->dp_rank();
   parts.tp_rank = groups_->tp_rank();
+  parts.config = &config_;
   state_ = std::make_unique<checkpoint::TrainingState>(parts);
 }
 
@@ -279,8 +280,7 @@ std::string Trainer::save_checkpoint() {
   LOOM_CHECK_CONFIG(!t.checkpoint_dir().empty(),
                     "cannot save a checkpoint: field 'train.checkpoint_dir' is empty");
   // Full, unpadded tensors under their global names whatever the layout (Note: training state).
-  last_checkpoint_ = state_->save(t.checkpoint_dir(), step_, {{"config", config::to_text(config_)}},
-                                  t.keep_checkpoints());
+  last_checkpoint_ = state_->save(t.checkpoint_dir(), step_, {}, t.keep_checkpoints());
   sinks_->clear();
   LOOM_LOG_INFO("saved checkpoint {} (step {})", last_checkpoint_, step_);
   return last_checkpoint_;
@@ -300,9 +300,11 @@ void Trainer::load_checkpoint(const std::string& dir) {
 TrainSummary Trainer::fit() {
   const auto& t = config_.train();
   if (auto dir = checkpoint::resume_target(t.resume(), t.checkpoint_dir())) load_checkpoint(*dir);
+  const bool saving = !t.checkpoint_dir().empty();
+  // This run's lineage only from here on (Note: checkpoint lineage).
+  if (saving && world_->rank() == 0) checkpoint::set_aside_newer(t.checkpoint_dir(), step_);
   SummaryTracker summary(step_);
   sinks_->start(step_);
-  const bool saving = !t.checkpoint_dir().empty();
   int64_t saved = -1;
   while (step_ < t.steps()) {
     const StepMetrics m = train_step();

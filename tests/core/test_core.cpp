@@ -9,6 +9,7 @@
 
 #include "loom/core/cli.h"
 #include "loom/core/config.h"
+#include "loom/core/crc32c.h"
 #include "loom/core/env.h"
 #include "loom/core/error.h"
 #include "loom/core/logging.h"
@@ -33,7 +34,8 @@ void expect_error(Fn fn, loom::ErrorKind kind, std::vector<std::string> needles)
   } catch (const loom::Error& e) {
     EXPECT_EQ(e.kind(), kind) << e.what();
     for (const auto& n : needles) {
-      EXPECT_NE(std::string(e.what()).find(n), std::string::npos) << "missing '" << n << "' in: " << e.what();
+      EXPECT_NE(std::string(e.what()).find(n), std::string::npos)
+          << "missing '" << n << "' in: " << e.what();
     }
   }
 }
@@ -69,17 +71,18 @@ TEST(Config, ParsesTextFormatWithDefaults) {
   EXPECT_EQ(c.name(), "tiny");
   EXPECT_EQ(c.parallel().tp(), 2);
   EXPECT_EQ(c.parallel().pp(), 2);
-  EXPECT_EQ(c.parallel().cp(), 1);   // default
-  EXPECT_EQ(c.parallel().dp(), 0);   // derive
+  EXPECT_EQ(c.parallel().cp(), 1);  // default
+  EXPECT_EQ(c.parallel().dp(), 0);  // derive
   EXPECT_EQ(c.comm().timeout_s(), 30);
   EXPECT_EQ(c.logging().level(), "info");
   fs::remove(path);
 }
 
 TEST(Config, OverridesApplyInOrder) {
-  loom::config::JobConfig c = loom::config::load_job_config(
-      "", {"parallel.tp=4", "parallel.tp=8", "comm.backend=MPI", "logging.all_ranks_to_console=true",
-           "name=\"quoted\"", "seed=0x10", "comm.timeout_s=2.5"});
+  loom::config::JobConfig c =
+      loom::config::load_job_config("", {"parallel.tp=4", "parallel.tp=8", "comm.backend=MPI",
+                                         "logging.all_ranks_to_console=true", "name=\"quoted\"",
+                                         "seed=0x10", "comm.timeout_s=2.5"});
   EXPECT_EQ(c.parallel().tp(), 8);
   EXPECT_EQ(c.comm().backend(), loom::config::CommConfig::MPI);
   EXPECT_TRUE(c.logging().all_ranks_to_console());
@@ -100,6 +103,65 @@ TEST(Config, WrongValueTypeInFile) {
   expect_error([&] { loom::config::load_job_config(path, {}); }, loom::ErrorKind::kConfig,
                {path, ":1:", "Expected integer", "(in: parallel { tp: \"two\" })"});
   fs::remove(path);
+}
+
+// Issue 15: an empty file trained the built-in defaults and a field given twice kept the last,
+// both silently.
+TEST(Config, EmptyFilesAndRepeatedFieldsAreRefused) {
+  for (const char* text : {"", "\n  \n", "# only a comment\n"}) {
+    std::string path = write_temp("empty.pbtxt", text);
+    expect_error([&] { loom::config::load_job_config(path, {}); }, loom::ErrorKind::kConfig,
+                 {path, "sets no field"});
+    fs::remove(path);
+  }
+  std::string path = write_temp("twice.pbtxt", "train {\n  steps: 5\n  steps: 7\n}\n");
+  expect_error([&] { loom::config::load_job_config(path, {}); }, loom::ErrorKind::kConfig,
+               {path, ":3:", "steps", "specified multiple times"});
+  fs::remove(path);
+  path = write_temp("twice_section.pbtxt", "train { steps: 5 }\ntrain { seq_len: 8 }\n");
+  expect_error([&] { loom::config::load_job_config(path, {}); }, loom::ErrorKind::kConfig,
+               {path, ":2:", "train", "specified multiple times"});
+  fs::remove(path);
+  // Repeated fields may repeat; overrides still replace.
+  path = write_temp("repeated.pbtxt", "data { paths: \"a\" paths: \"b\" }\n");
+  const auto c = loom::config::load_job_config(path, {"train.steps=3"});
+  EXPECT_EQ(c.data().paths_size(), 2);
+  EXPECT_EQ(c.train().steps(), 3);
+  fs::remove(path);
+}
+
+// differences(): every changed field under the paths, by its dotted path and both values; the
+// resume check refuses them by name unless allowed (Note: resume config check).
+TEST(Config, DifferencesAndTheResumeCheck) {
+  loom::config::JobConfig a = loom::config::load_job_config("", {});
+  loom::config::JobConfig b = loom::config::load_job_config(
+      "", {"model.rope_theta=500000", "optim.lr=0.01", "data.paths=x,y", "parallel.tp=2",
+           "model.recompute=FULL"});
+  auto d = loom::config::differences(a, b, {"model", "optim.lr", "data", "parallel.tp"});
+  ASSERT_EQ(d.size(), 5u);
+  EXPECT_EQ(d[0].path, "model.rope_theta");
+  EXPECT_EQ(d[0].before, "10000");
+  EXPECT_EQ(d[0].after, "500000");
+  EXPECT_EQ(d[1].path, "model.recompute");
+  EXPECT_EQ(d[2].path, "optim.lr");
+  EXPECT_EQ(d[3].path, "data.paths");
+  EXPECT_EQ(d[3].after, "[\"x\", \"y\"]");
+  EXPECT_EQ(d[4].path, "parallel.tp");
+  EXPECT_TRUE(loom::config::differences(a, a, {"model", "optim", "data"}).empty());
+  EXPECT_EQ(loom::config::differences(a, b, {"model"}, {"model.rope_theta"}).size(), 1u);
+  expect_error([&] { loom::config::differences(a, b, {"model.rope"}); }, loom::ErrorKind::kConfig,
+               {"'model.rope' names no field", "rope_theta"});
+  // The resume check: parallel and recompute may change; the rest is named.
+  expect_error(
+      [&] { loom::config::check_resume_config(a, b, "ck"); }, loom::ErrorKind::kConfig,
+      {"checkpoint 'ck'", "3 field(s)", "model.rope_theta: 10000 in the checkpoint, 500000",
+       "optim.lr", "data.paths", "train.allow_config_changes"});
+  b.mutable_train()->add_allow_config_changes("model.rope_theta");
+  b.mutable_train()->add_allow_config_changes("optim");
+  b.mutable_train()->add_allow_config_changes("data.paths");
+  loom::config::check_resume_config(a, b, "ck");  // all allowed
+  expect_error([] { loom::config::load_job_config("", {"train.allow_config_changes=optim.lrr"}); },
+               loom::ErrorKind::kConfig, {"train.allow_config_changes", "no 'lrr'"});
 }
 
 TEST(Config, MissingFileIsAnIOError) {
@@ -149,10 +211,11 @@ TEST(Config, TextRoundTrip) {
 }
 
 TEST(CommandLine, ParsesConfigSetAndFlags) {
-  const char* argv[] = {"prog", "--config", "a.pbtxt", "--set", "parallel.tp=2", "--set=seed=3",
-                        "--iters", "5", "--max-bytes=64M", "--verbose"};
+  const char* argv[] = {"prog",         "--config", "a.pbtxt", "--set",           "parallel.tp=2",
+                        "--set=seed=3", "--iters",  "5",       "--max-bytes=64M", "--verbose"};
   loom::cli::CommandLine cl(10, argv,
-                            {{"iters", "10", "iterations"}, {"max-bytes", "1M", "largest size"},
+                            {{"iters", "10", "iterations"},
+                             {"max-bytes", "1M", "largest size"},
                              {"verbose", "false", "chatty", true}},
                             "test program");
   EXPECT_EQ(cl.config_path(), "a.pbtxt");
@@ -167,11 +230,17 @@ TEST(CommandLine, ParsesConfigSetAndFlags) {
 TEST(CommandLine, BadArgumentsAreNamed) {
   using K = loom::ErrorKind;
   const char* unknown[] = {"prog", "--nope", "1"};
-  expect_error([&] { loom::cli::CommandLine(3, unknown, {{"iters", "1", ""}}, ""); }, K::kConfig,
-               {"unknown flag --nope", "--iters"});
+  expect_error(
+      [&] {
+        loom::cli::CommandLine(3, unknown, {{"iters", "1", ""}}, "");
+      },
+      K::kConfig, {"unknown flag --nope", "--iters"});
   const char* missing[] = {"prog", "--iters"};
-  expect_error([&] { loom::cli::CommandLine(2, missing, {{"iters", "1", ""}}, ""); }, K::kConfig,
-               {"flag --iters needs a value"});
+  expect_error(
+      [&] {
+        loom::cli::CommandLine(2, missing, {{"iters", "1", ""}}, "");
+      },
+      K::kConfig, {"flag --iters needs a value"});
   const char* bad_int[] = {"prog", "--iters", "ten"};
   loom::cli::CommandLine cl(3, bad_int, {{"iters", "1", ""}}, "");
   expect_error([&] { cl.get_int("iters"); }, K::kConfig, {"--iters expects an integer, got 'ten'"});
@@ -204,7 +273,8 @@ TEST(Timers, AccumulateAndRefuseMisuse) {
   EXPECT_LT(t.elapsed("a"), 5.0);
   EXPECT_EQ(t.count("a"), 2);
   EXPECT_EQ(t.elapsed("never"), 0.0);
-  expect_error([&] { t.stop("a"); }, loom::ErrorKind::kValue, {"timer 'a' stopped but not running"});
+  expect_error([&] { t.stop("a"); }, loom::ErrorKind::kValue,
+               {"timer 'a' stopped but not running"});
   t.start("b");
   expect_error([&] { t.start("b"); }, loom::ErrorKind::kValue, {"timer 'b' started twice"});
   { loom::ScopedTimer s(t, "c"); }
@@ -230,6 +300,33 @@ TEST(Logging, EveryRankWritesItsOwnFileWithItsCoordinates) {
   std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
   EXPECT_NE(text.find("[r5 tp1 cp0 dp2 pp0] hello 42"), std::string::npos) << text;
   EXPECT_EQ(text.find("hidden"), std::string::npos) << text;
-  expect_error([] { loom::log::parse_level("loud"); }, loom::ErrorKind::kConfig, {"unknown log level 'loud'"});
+  expect_error([] { loom::log::parse_level("loud"); }, loom::ErrorKind::kConfig,
+               {"unknown log level 'loud'"});
   fs::remove_all(dir);
+}
+
+// CRC-32C against the published check values (RFC 3720 B.4 and the CRC catalogue), on both the
+// dispatched (hardware where available) and the table-driven path; and the two paths against each
+// other on every length and alignment up to 80 bytes, chained and in one piece.
+TEST(Crc32c, KnownVectorsAndBothPathsAgree) {
+  for (auto f : {&loom::crc32c, &loom::crc32c_portable}) {
+    EXPECT_EQ(f("123456789", 9, 0), 0xE3069283u);
+    std::string zeros(32, '\0'), ones(32, '\xff'), inc(32, '\0');
+    for (int i = 0; i < 32; ++i) inc[i] = static_cast<char>(i);
+    EXPECT_EQ(f(zeros.data(), 32, 0), 0x8A9136AAu);
+    EXPECT_EQ(f(ones.data(), 32, 0), 0x62A8AB43u);
+    EXPECT_EQ(f(inc.data(), 32, 0), 0x46DD794Eu);
+    EXPECT_EQ(f(nullptr, 0, 0), 0u);
+  }
+  std::string bytes(96, '\0');
+  uint64_t x = 12345;
+  for (auto& b : bytes) b = static_cast<char>((x = x * 6364136223846793005ull + 1) >> 56);
+  for (size_t offset = 0; offset < 8; ++offset) {
+    for (size_t n = 0; n <= 80; ++n) {
+      const char* p = bytes.data() + offset;
+      const uint32_t ref = loom::crc32c_portable(p, n);
+      ASSERT_EQ(loom::crc32c(p, n), ref) << "offset " << offset << " length " << n;
+      ASSERT_EQ(loom::crc32c(p + n / 3, n - n / 3, loom::crc32c(p, n / 3)), ref);
+    }
+  }
 }

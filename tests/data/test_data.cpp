@@ -12,6 +12,7 @@
 #include <random>
 #include <thread>
 
+#include "loom/core/crc32c.h"
 #include "loom/core/error.h"
 #include "loom/data/gpt_dataset.h"
 #include "loom/data/indexed_dataset.h"
@@ -225,6 +226,48 @@ TEST(WindowSampler, DeterministicCachedAndSeedDependent) {
     differ += x != z;
   }
   EXPECT_GT(differ, 250);
+
+  // Issue 15: the cache was trusted. A swapped pair of shuffle entries silently changed the order
+  // and an out-of-range entry crashed; now each is detected, logged and the index rebuilt, giving
+  // the same samples as the clean run. Layout: magic 8, key 8, sizes 24, crc 4, then the arrays.
+  o.seed = 9;
+  o.cache_dir = temp_prefix("cache");
+  std::string file;
+  for (const auto& e : fs::directory_iterator(o.cache_dir)) file = e.path().string();
+  const std::string clean = read_all(file);
+  uint64_t n[3];
+  std::memcpy(n, clean.data() + 16, 24);
+  const size_t shuffle_at = 44 + (n[0] + n[1]) * 8;
+  auto expect_rebuilt = [&](const std::string& bytes, const char* what) {
+    std::ofstream(file, std::ios::binary | std::ios::trunc) << bytes;
+    loom::data::WindowSampler r(d, o);
+    EXPECT_FALSE(r.loaded_from_cache()) << what;
+    for (int64_t i = 0; i < 300; ++i) {
+      a.sample(i, x.data());
+      r.sample(i, y.data());
+      ASSERT_EQ(x, y) << what << " sample " << i;
+    }
+    EXPECT_EQ(read_all(file), clean) << what << ": the rebuilt index is cached again";
+  };
+  std::string swapped = clean;
+  std::swap_ranges(swapped.begin() + shuffle_at, swapped.begin() + shuffle_at + 8,
+                   swapped.begin() + shuffle_at + 8);
+  ASSERT_NE(swapped, clean);
+  expect_rebuilt(swapped, "swapped shuffle entries");
+  // Out of range, with a CRC that matches (as a buggy writer would store): the bounds checks.
+  std::string wild = clean;
+  const int64_t huge = int64_t{1} << 40;
+  std::memcpy(&wild[shuffle_at], &huge, 8);
+  const uint32_t crc = loom::crc32c(wild.data() + 44, wild.size() - 44);
+  std::memcpy(&wild[40], &crc, 4);
+  expect_rebuilt(wild, "an out-of-range shuffle entry");
+  std::string doc = clean;
+  std::memcpy(&doc[44], &huge, 8);
+  const uint32_t crc2 = loom::crc32c(doc.data() + 44, doc.size() - 44);
+  std::memcpy(&doc[40], &crc2, 4);
+  expect_rebuilt(doc, "an out-of-range document");
+  expect_rebuilt(clean.substr(0, clean.size() - 8), "a truncated file");
+  fs::remove_all(o.cache_dir);
 }
 
 TEST(Blend, PrefixesFollowTheWeights) {
@@ -326,6 +369,17 @@ TEST(Preprocess, JsonlRoundTripThroughTheTool) {
   EXPECT_NE(read_all(dir + "/err.txt").find("bad.jsonl:2: no string field 'body'"),
             std::string::npos)
       << read_all(dir + "/err.txt");
+  // The same failing input onto the existing prefix leaves both files as they were (issue 15: it
+  // used to leave a 0-byte .bin next to the old .idx) and no temporary file behind.
+  const std::string bin = read_all(dir + "/out.bin"), idx = read_all(dir + "/out.idx");
+  const std::string onto = std::string(LOOM_PREPROCESS_TOOL) + " --input " + dir +
+                           "/bad.jsonl --json-key body --output-prefix " + dir + "/out 2>/dev/null";
+  EXPECT_NE(std::system(onto.c_str()), 0);
+  EXPECT_EQ(read_all(dir + "/out.bin"), bin);
+  EXPECT_EQ(read_all(dir + "/out.idx"), idx);
+  for (const auto& e : fs::directory_iterator(dir))
+    EXPECT_EQ(e.path().string().find(".tmp"), std::string::npos) << e.path();
+  fs::remove_all(dir);
 }
 }  // namespace
 

@@ -278,6 +278,152 @@ TEST(Trainer, ResumeIsBitIdentical) {
   }
 }
 
+// ---------------------------------------------------------------------------------------------
+// Checkpoint integrity and lineage (issue 15). Each of these failed before its fix: a flipped byte
+// resumed with rc 0, a rollback deleted the abandoned branch's checkpoint of the same step and a
+// fresh start into a used directory pruned its own first checkpoint.
+
+// Flips one byte of a file at `offset` from its end (or from the start when negative).
+void flip_byte(const std::string& path, int64_t from_end) {
+  std::string bytes = read_file_bytes(path);
+  const size_t at = static_cast<size_t>(static_cast<int64_t>(bytes.size()) - 1 - from_end);
+  bytes[at] = static_cast<char>(bytes[at] ^ 0x10);
+  std::ofstream(path, std::ios::binary | std::ios::trunc) << bytes;
+}
+
+// A trainer after one step, checkpointed under a fresh directory.
+struct OneStepSaved {
+  std::string dir;
+  loom::config::JobConfig job;
+  std::unique_ptr<Trainer> trainer;
+  std::string saved;
+};
+OneStepSaved one_step_saved(const std::string& name) {
+  OneStepSaved r{temp_dir(name), tiny_job(), nullptr, ""};
+  r.job.mutable_train()->set_checkpoint_dir(r.dir);
+  r.trainer = std::make_unique<Trainer>(r.job);
+  r.trainer->train_step();
+  r.saved = r.trainer->save_checkpoint();
+  return r;
+}
+
+TEST(Checkpoint, AFlippedByteIsRefusedByName) {
+  auto [dir, j, first, saved] = one_step_saved("crc");
+  Trainer& a = *first;
+  const std::string model = saved + "/model.safetensors", state = saved + "/state.safetensors";
+  const std::string good_model = read_file_bytes(model), good_state = read_file_bytes(state);
+  Trainer b(j);
+  // The last tensor's last byte (tensors are stored in name order).
+  flip_byte(model, 0);
+  expect_error([&] { b.load_checkpoint(saved); }, loom::ErrorKind::kIO, "fails its CRC-32C check");
+  expect_error([&] { loom::checkpoint::load_checkpoint(saved); }, loom::ErrorKind::kIO,
+               "tensor 'output.weight' fails its CRC-32C check");
+  EXPECT_EQ(b.step(), 0);
+  // A metadata value (the step) changed in place, same length: the metadata's own CRC.
+  std::ofstream(model, std::ios::binary | std::ios::trunc) << good_model;
+  std::string st = good_state;
+  const size_t pos = st.find("\"step\":\"1\"");
+  ASSERT_NE(pos, std::string::npos);
+  st[pos + 8] = '7';
+  std::ofstream(state, std::ios::binary | std::ios::trunc) << st;
+  expect_error([&] { b.load_checkpoint(saved); }, loom::ErrorKind::kIO,
+               "its metadata fails its CRC-32C check");
+  // Restored bytes load.
+  std::ofstream(state, std::ios::binary | std::ios::trunc) << good_state;
+  b.load_checkpoint(saved);
+  EXPECT_EQ(b.step(), 1);
+  EXPECT_TRUE(params_equal(a, b));
+  fs::remove_all(dir);
+}
+
+// A rollback (resume from an earlier step into the same directory) keeps the abandoned branch's
+// newer checkpoints aside, untouched, and "latest" follows the new branch; a fresh start into a
+// used directory does the same instead of pruning its own checkpoints.
+TEST(Checkpoint, ARollbackKeepsTheAbandonedBranchAside) {
+  const std::string dir = temp_dir("lineage");
+  auto j = tiny_job();
+  j.mutable_train()->set_checkpoint_dir(dir);
+  j.mutable_train()->set_save_every(1);
+  j.mutable_train()->set_keep_checkpoints(2);
+  j.mutable_train()->set_steps(4);
+  Trainer(j).fit();  // step-3, step-4
+  const std::string old4 = read_file_bytes(dir + "/step-00000004/model.safetensors");
+  auto jr = j;
+  jr.mutable_train()->set_resume(dir + "/step-00000003");
+  jr.mutable_train()->set_steps(5);
+  jr.mutable_optim()->set_lr(1e-2);  // another branch from step 3
+  jr.mutable_train()->add_allow_config_changes("optim.lr");
+  Trainer(jr).fit();  // step-4 and step-5 of the new branch
+  std::vector<fs::path> aside;
+  for (const auto& e : fs::directory_iterator(dir)) {
+    if (e.path().filename().string().rfind("abandoned-", 0) == 0) aside.push_back(e.path());
+  }
+  ASSERT_EQ(aside.size(), 1u);
+  EXPECT_EQ(read_file_bytes((aside[0] / "step-00000004/model.safetensors").string()), old4);
+  EXPECT_NE(read_file_bytes(dir + "/step-00000004/model.safetensors"), old4);
+  EXPECT_EQ(fs::path(*loom::checkpoint::latest_checkpoint(dir)).filename(), "step-00000005");
+  // A fresh start into the same directory: steps 4 and 5 go aside, the new step 1 stays.
+  auto jf = j;
+  jf.mutable_train()->set_steps(1);
+  Trainer(jf).fit();
+  EXPECT_EQ(fs::path(*loom::checkpoint::latest_checkpoint(dir)).filename(), "step-00000001");
+  int abandoned = 0;
+  for (const auto& e : fs::directory_iterator(dir))
+    abandoned += e.path().filename().string().rfind("abandoned-", 0) == 0;
+  EXPECT_EQ(abandoned, 2);
+  fs::remove_all(dir);
+}
+
+// A replacement interrupted between its two renames leaves step-N.old, which latest() finds and
+// which loads; a newer incomplete directory is passed over.
+TEST(Checkpoint, AnInterruptedReplacementIsFound) {
+  auto [dir, j, first, saved] = one_step_saved("replace");
+  Trainer& a = *first;
+  EXPECT_EQ(a.save_checkpoint(), saved);  // replacing the same step in place
+  fs::rename(saved, saved + ".old");
+  fs::create_directories(dir + "/step-00000002");  // newer, incomplete
+  const auto latest = loom::checkpoint::latest_checkpoint(dir);
+  ASSERT_TRUE(latest.has_value());
+  EXPECT_EQ(*latest, saved + ".old");
+  Trainer b(j);
+  b.load_checkpoint(*latest);
+  EXPECT_TRUE(params_equal(a, b));
+  fs::remove_all(dir);
+}
+
+// metrics.jsonl across a crash: the steps a crashed run logged after its last checkpoint (and a
+// torn last line) are dropped when the resumed run starts, so every step appears once (issue 15:
+// they appeared twice), and each start is marked.
+TEST(Metrics, JsonlHoldsEachStepOnceAcrossACrash) {
+  const std::string dir = temp_dir("jsonl");
+  auto j = tiny_job();
+  j.mutable_train()->set_checkpoint_dir(dir + "/ckpt");
+  j.mutable_train()->set_metrics_jsonl(dir + "/metrics.jsonl");
+  j.mutable_train()->set_save_every(4);
+  j.mutable_train()->set_keep_checkpoints(0);
+  Trainer(j).fit();                             // steps 1..6, checkpoints 4 and 6
+  fs::remove_all(dir + "/ckpt/step-00000006");  // the crash came before step 6 was saved
+  std::ofstream(dir + "/metrics.jsonl", std::ios::app) << "{\"type\": \"tra";  // torn line
+  auto jr = j;
+  jr.mutable_train()->set_resume("latest");
+  Trainer(jr).fit();  // steps 5..6 again
+  std::map<int64_t, int> train_steps;
+  std::vector<std::pair<int64_t, int64_t>> starts;  // (step, dropped)
+  std::ifstream in(dir + "/metrics.jsonl");
+  std::string line;
+  while (std::getline(in, line)) {
+    const auto r = nlohmann::json::parse(line);
+    if (r["type"] == "train") ++train_steps[r["step"].get<int64_t>()];
+    if (r["type"] == "start") starts.emplace_back(r["step"], r["dropped"]);
+  }
+  ASSERT_EQ(train_steps.size(), 6u);
+  for (const auto& [step, n] : train_steps) EXPECT_EQ(n, 1) << "step " << step;
+  ASSERT_EQ(starts.size(), 2u);
+  EXPECT_EQ(starts[0], std::make_pair(int64_t{0}, int64_t{0}));
+  EXPECT_EQ(starts[1], std::make_pair(int64_t{4}, int64_t{3}));  // steps 5, 6 and the torn line
+  fs::remove_all(dir);
+}
+
 TEST(Trainer, NanLossStopsWithTheStepAndKeepsTheParameters) {
   Trainer t(tiny_job());
   t.train_step();
@@ -310,7 +456,13 @@ TEST(Trainer, CheckpointsRefuseAnotherDataModeAndReportFailedWrites) {
   jd.mutable_data()->set_mode(loom::config::DataConfig::DOCUMENTS);
   Trainer docs(jd);
   const at::Tensor before = docs.model().parameters()[0].tensor.detach().clone();
-  expect_error([&] { docs.load_checkpoint(saved); }, loom::ErrorKind::kIO,
+  // The stored config refuses the change first (Note: resume config check)...
+  expect_error([&] { docs.load_checkpoint(saved); }, loom::ErrorKind::kConfig,
+               "data.mode: WINDOWS in the checkpoint, DOCUMENTS now");
+  // ...and allowed on purpose, the loader still cannot continue a position of the other mode.
+  jd.mutable_train()->add_allow_config_changes("data.mode");
+  Trainer docs_allowed(jd);
+  expect_error([&] { docs_allowed.load_checkpoint(saved); }, loom::ErrorKind::kIO,
                "the position was saved with data.mode WINDOWS, this run uses DOCUMENTS");
   EXPECT_TRUE(at::equal(docs.model().parameters()[0].tensor, before));
   EXPECT_EQ(docs.step(), 0);
@@ -339,7 +491,11 @@ TEST(Trainer, MissingOrMismatchedCheckpointIsAClearError) {
   auto jb = tiny_job();
   jb.mutable_model()->set_ffn_hidden_size(48);
   Trainer other(jb);
-  expect_error([&] { other.load_checkpoint(saved); }, loom::ErrorKind::kIO,
+  expect_error([&] { other.load_checkpoint(saved); }, loom::ErrorKind::kConfig,
+               "model.ffn_hidden_size: 64 in the checkpoint, 48 now");
+  jb.mutable_train()->add_allow_config_changes("model");  // the shapes are still checked
+  Trainer allowed(jb);
+  expect_error([&] { allowed.load_checkpoint(saved); }, loom::ErrorKind::kIO,
                "parameter 'layers.0.mlp.fc1.weight' has shape [128, 32], the model needs [96, 32]");
   fs::remove(fs::path(saved) / "state.safetensors");
   expect_error([&] { small.load_checkpoint(saved); }, loom::ErrorKind::kIO,
@@ -611,6 +767,14 @@ TEST(Trainer, TrainsOnAnIndexedDataset) {
 
   j.mutable_model()->set_vocab_size(32);  // the corpus uses ids up to 63
   expect_error([&] { Trainer bad(j); }, loom::ErrorKind::kIO, "outside the vocabulary [0, 32)");
+  // Without the up-front scan the loader still refuses the first out-of-range id, naming it (issue
+  // 15: it trained on such ids with tp 2, and crashed in the embedding with tp 1).
+  j.mutable_data()->set_check_vocab(false);
+  Trainer unchecked(j);
+  expect_error([&] { unchecked.train_step(); }, loom::ErrorKind::kIO,
+               "outside the model's vocabulary [0, 32)");
+  EXPECT_EQ(unchecked.step(), 0);
+  EXPECT_EQ(unchecked.consumed_samples(), 0);
   fs::remove_all(dir);
 }
 
@@ -664,17 +828,6 @@ TEST(Trainer, DocumentsResumeMidEpochInTheSameOrder) {
 #include "loom/train/tensorboard.h"
 
 namespace {
-// CRC-32C against the published check values (RFC 3720 B.4 and the CRC catalogue).
-TEST(TensorBoard, Crc32cKnownVectors) {
-  EXPECT_EQ(loom::train::crc32c("123456789", 9), 0xE3069283u);
-  std::string zeros(32, '\0'), ones(32, '\xff');
-  EXPECT_EQ(loom::train::crc32c(zeros.data(), 32), 0x8A9136AAu);
-  EXPECT_EQ(loom::train::crc32c(ones.data(), 32), 0x62A8AB43u);
-  std::string inc(32, '\0');
-  for (int i = 0; i < 32; ++i) inc[i] = static_cast<char>(i);
-  EXPECT_EQ(loom::train::crc32c(inc.data(), 32), 0x46DD794Eu);
-}
-
 // An independent reader: bitwise CRC-32C, TFRecord framing, and a generic protobuf field walker.
 uint32_t slow_crc32c(const std::string& s) {
   uint32_t c = 0xFFFFFFFFu;

@@ -11,6 +11,7 @@
 #include <map>
 #include <optional>
 #include <string>
+#include <vector>
 
 #include "loom/comm/communicator.h"
 
@@ -31,12 +32,26 @@ void write_checkpoint(const std::string& dir, const CheckpointData& data);
 // <root>/step-<step, 8 digits>: where checkpoint `step` lives.
 std::string checkpoint_path(const std::string& root, int64_t step);
 
-// Writes <root>/step-<step>/ and returns its path. keep > 0 removes all but the newest `keep`.
+// Writes <root>/step-<step>/ (files and directories fsynced; an existing copy of that step is set
+// aside until the new one is in place) and returns its path. Checkpoints newer than `step` are set
+// aside first (Note: checkpoint lineage); then keep > 0 removes all but the newest `keep`.
 std::string save_checkpoint(const std::string& root, int64_t step, const CheckpointData& data,
                             int keep);
 
-// The newest complete checkpoint under root, if any (a missing root is no checkpoint).
+// The newest complete checkpoint under root, if any (a missing root is no checkpoint). Newer
+// entries passed over (an interrupted or partial write) are logged with the reason. A step whose
+// replacement was interrupted between its two renames is found as its surviving `.old` copy.
 std::optional<std::string> latest_checkpoint(const std::string& root);
+
+// [Note: checkpoint lineage]
+// Steps only grow along one run, so a checkpoint under root that is newer than the step a run
+// starts from (a rollback to an earlier step, or a fresh start into a used directory) belongs to
+// another branch. Left in place it would be "latest" for the next resume, and pruning (which keeps
+// the newest) would delete the new branch's checkpoints as they are written. They are moved, with
+// any interrupted writes of those steps, into <root>/abandoned-<UTC time>-after-step-<step>/ and
+// named in a warning: never deleted. Returns the names moved. The Trainer calls this on world rank
+// 0 when a run starts, and save_checkpoint() before it prunes.
+std::vector<std::string> set_aside_newer(const std::string& root, int64_t step);
 
 // The checkpoint a job resumes from: train.resume `resume` is empty (none), a directory, or
 // "latest" (the newest complete one under `root`, train.checkpoint_dir; none yet is logged and

@@ -22,6 +22,7 @@
 
 #include "loom/checkpoint/checkpoint.h"
 #include "loom/comm/communicator.h"
+#include "loom/config.pb.h"
 #include "loom/data/loader.h"
 #include "loom/optim/adamw.h"
 #include "loom/parallel/sharding.h"
@@ -36,6 +37,9 @@ struct StateParts {
   comm::CommunicatorPtr tp;     // TP group (may be null: no TP)
   comm::CommunicatorPtr pp;     // pipeline group (may be null: one stage)
   int dp_rank = 0, tp_rank = 0;
+  // The job's config (may be null): saved with the state, and on load compared with the stored one
+  // before anything changes (Note: resume config check in core/config.h).
+  const config::JobConfig* config = nullptr;
 };
 
 // What a checkpoint restored.

@@ -50,7 +50,8 @@ class WindowSampler {
 
  private:
   void build(uint64_t seed);
-  bool load_cache(const std::string& path, uint64_t key);
+  bool load_cache(const std::string& path, uint64_t key,
+                  int64_t tokens);  // Note: sample-index cache
   void save_cache(const std::string& path, uint64_t key) const;
 
   std::shared_ptr<const IndexedDataset> dataset_;

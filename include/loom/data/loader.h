@@ -35,6 +35,10 @@ struct LoaderOptions {
   int64_t micro_batch_tokens = 0;  // DOCUMENTS: tokens per micro-batch
   int64_t pad_multiple = 1;  // DOCUMENTS: row length rounded up to this (sequence parallelism)
   int dp_size = 1, dp_rank = 0;
+  // Every token id read must lie in [0, vocab_size): an id outside it is a kIO error naming the
+  // split, sample and position, whatever data.check_vocab says (that only skips the up-front scan
+  // of a whole dataset). 0: unchecked.
+  int64_t vocab_size = 0;
   at::Device device = at::kCPU;
   bool prefetch = true;
 
@@ -88,6 +92,7 @@ class MicroBatchLoader {
  private:
   model::Batch assemble(Split split, const std::vector<SampleRef>& samples,
                         const MicroBatchPlan& mb) const;
+  void check_ids(Split split, int64_t sample, int64_t begin, const int64_t* ids, int64_t n) const;
 
   const DataSource* source_;
   LoaderOptions options_;

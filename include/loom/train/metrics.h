@@ -93,6 +93,8 @@ struct MetricsContext {
 class MetricsSink {
  public:
   virtual ~MetricsSink() = default;
+  // The run starts or resumes at `first_step` (after any checkpoint is loaded).
+  virtual void start(int64_t /*first_step*/) {}
   virtual void step(const StepMetrics& m) = 0;
   virtual void eval(const EvalMetrics&) {}
   virtual void finish() {}
@@ -129,7 +131,11 @@ void add_moe_stats(StepMetrics& m, const std::vector<std::unique_ptr<model::GptM
 // drawn) and the progress bar.
 std::unique_ptr<MetricsSink> make_console_sink(const MetricsContext& ctx,
                                                std::shared_ptr<Progress> progress);
-// One JSON object per line: {"type": "train", ...} per step and {"type": "eval", ...}.
+// One JSON object per line: {"type": "train", ...} per step and {"type": "eval", ...}. The file
+// is appended to across runs; when a run starts at step S it first drops the records of steps
+// after S (written by a run that crashed or was rolled back after its last checkpoint, and about
+// to be redone) and a torn last line, then writes {"type": "start", "step": S, "dropped": n}, so
+// each step appears once, from the run that produced the checkpointed state.
 std::unique_ptr<MetricsSink> make_jsonl_sink(const std::string& path, const MetricsContext& ctx);
 // TensorBoard scalars (train/, perf/, memory/, moe/, eval/), flushed every log_every steps.
 std::unique_ptr<MetricsSink> make_tensorboard_sink(const std::string& dir,

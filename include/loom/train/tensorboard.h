@@ -18,7 +18,6 @@
 
 namespace loom::train {
 
-uint32_t crc32c(const void* data, size_t size, uint32_t crc = 0);
 uint32_t masked_crc32c(const void* data, size_t size);
 
 class TensorBoardWriter {
