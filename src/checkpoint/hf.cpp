@@ -1,20 +1,20 @@
 #include "loom/checkpoint/hf.h"
 
+#include <ATen/CPUGeneratorImpl.h>
+#include <ATen/core/grad_mode.h>
 #include <fmt/format.h>
-#include <nlohmann/json.hpp>
 
 #include <filesystem>
 #include <fstream>
+#include <nlohmann/json.hpp>
 #include <sstream>
 
 #include "loom/checkpoint/checkpoint.h"
 #include "loom/checkpoint/safetensors.h"
 #include "loom/core/config.h"
 #include "loom/core/error.h"
+#include "loom/core/fs.h"
 #include "loom/model/gpt.h"
-
-#include <ATen/CPUGeneratorImpl.h>
-#include <ATen/core/grad_mode.h>
 
 namespace loom::checkpoint {
 
@@ -30,18 +30,24 @@ const at::Tensor& get(const TensorMap& m, const std::string& name, const char* s
 
 void check_hf_compatible(const model::ModelSpec& s) {
   auto need = [](bool ok, const char* what) {
-    LOOM_CHECK_KIND(ErrorKind::kUnsupported, ok, "Hugging Face export/import covers LLaMA/Mixtral-style models: {}", what);
+    LOOM_CHECK_KIND(ErrorKind::kUnsupported, ok,
+                    "Hugging Face export/import covers LLaMA/Mixtral-style models: {}", what);
   };
   need(s.norm == model::NormKind::kRmsNorm, "model.norm must be RMSNORM");
   need(s.rope, "model.position must be ROPE");
   need(s.swiglu, "model.activation must be SWIGLU");
   need(!s.bias, "model.bias must be OFF");
   if (s.is_moe()) {
-    need(s.moe.first_dense_layers == 0 && s.moe.layer_freq == 1, "every layer must be MoE (Mixtral)");
+    need(s.moe.first_dense_layers == 0 && s.moe.layer_freq == 1,
+         "every layer must be MoE (Mixtral)");
     need(s.moe.num_shared_experts == 0, "model.moe.num_shared_experts must be 0");
     need(s.moe.score == model::ScoreFunction::kSoftmax && !s.moe.pre_softmax,
-         "the router must be softmax over the top-k logits (score_function SOFTMAX, pre_softmax false)");
+         "the router must be softmax over the top-k logits (score_function SOFTMAX, pre_softmax "
+         "false)");
     need(s.moe.scaling_factor == 1.0, "model.moe.router_scaling_factor must be 1");
+    need(s.moe.capacity_factor == 0.0,
+         "model.moe.capacity_factor must be 0 (dropless): HF Mixtral never drops tokens, so a "
+         "model trained with a capacity would compute other logits there");
   }
 }
 
@@ -56,9 +62,11 @@ TensorMap to_hf(const model::ModelSpec& s, const TensorMap& loom) {
     hf[q + "input_layernorm.weight"] = get(loom, p + "attn_norm.weight", side);
     hf[q + "post_attention_layernorm.weight"] = get(loom, p + "ffn_norm.weight", side);
     at::Tensor qkv = get(loom, p + "attn.qkv.weight", side).view({nkv, g + 2, d, s.hidden});
-    hf[q + "self_attn.q_proj.weight"] = qkv.narrow(1, 0, g).reshape({nh * d, s.hidden}).contiguous();
+    hf[q + "self_attn.q_proj.weight"] =
+        qkv.narrow(1, 0, g).reshape({nh * d, s.hidden}).contiguous();
     hf[q + "self_attn.k_proj.weight"] = qkv.select(1, g).reshape({nkv * d, s.hidden}).contiguous();
-    hf[q + "self_attn.v_proj.weight"] = qkv.select(1, g + 1).reshape({nkv * d, s.hidden}).contiguous();
+    hf[q + "self_attn.v_proj.weight"] =
+        qkv.select(1, g + 1).reshape({nkv * d, s.hidden}).contiguous();
     hf[q + "self_attn.o_proj.weight"] = get(loom, p + "attn.out.weight", side);
     if (s.is_moe_layer(l)) {
       hf[q + "block_sparse_moe.gate.weight"] = get(loom, p + "moe.router.weight", side);
@@ -88,8 +96,9 @@ TensorMap from_hf(const model::ModelSpec& s, const TensorMap& hf) {
   const char* side = "Hugging Face";
   auto shaped = [&](const std::string& name, std::vector<int64_t> shape) {
     const at::Tensor& t = get(hf, name, side);
-    LOOM_CHECK_KIND(ErrorKind::kIO, t.sizes().vec() == shape, "Hugging Face tensor '{}' has shape {}, the config needs {}",
-                    name, t.sizes(), at::IntArrayRef(shape));
+    LOOM_CHECK_KIND(ErrorKind::kIO, t.sizes().vec() == shape,
+                    "Hugging Face tensor '{}' has shape {}, the config needs {}", name, t.sizes(),
+                    at::IntArrayRef(shape));
     return t.to(at::kFloat);
   };
   TensorMap loom;
@@ -106,18 +115,21 @@ TensorMap from_hf(const model::ModelSpec& s, const TensorMap& hf) {
     loom[p + "attn.out.weight"] = shaped(q + "self_attn.o_proj.weight", {h, nh * d});
     if (s.is_moe_layer(l)) {
       const int64_t f = s.moe.expert_ffn;
-      loom[p + "moe.router.weight"] = shaped(q + "block_sparse_moe.gate.weight", {s.moe.num_experts, h});
+      loom[p + "moe.router.weight"] =
+          shaped(q + "block_sparse_moe.gate.weight", {s.moe.num_experts, h});
       std::vector<at::Tensor> fc1, fc2;
       for (int64_t e = 0; e < s.moe.num_experts; ++e) {
         const std::string x = fmt::format("{}block_sparse_moe.experts.{}.", q, e);
-        fc1.push_back(at::cat({shaped(x + "w1.weight", {f, h}), shaped(x + "w3.weight", {f, h})}, 0));
+        fc1.push_back(
+            at::cat({shaped(x + "w1.weight", {f, h}), shaped(x + "w3.weight", {f, h})}, 0));
         fc2.push_back(shaped(x + "w2.weight", {h, f}));
       }
       loom[p + "moe.experts.fc1.weight"] = at::stack(fc1);
       loom[p + "moe.experts.fc2.weight"] = at::stack(fc2);
     } else {
       loom[p + "mlp.fc1.weight"] = at::cat({shaped(q + "mlp.gate_proj.weight", {s.ffn, h}),
-                                            shaped(q + "mlp.up_proj.weight", {s.ffn, h})}, 0);
+                                            shaped(q + "mlp.up_proj.weight", {s.ffn, h})},
+                                           0);
       loom[p + "mlp.fc2.weight"] = shaped(q + "mlp.down_proj.weight", {h, s.ffn});
     }
   }
@@ -164,10 +176,12 @@ config::ModelConfig model_config_from_hf(const std::string& text) {
     LOOM_THROW(ErrorKind::kIO, "config.json is not valid JSON: {}", e.what());
   }
   const std::string type = j.value("model_type", "");
-  LOOM_CHECK_KIND(ErrorKind::kUnsupported, type == "llama" || type == "mistral" || type == "mixtral",
+  LOOM_CHECK_KIND(ErrorKind::kUnsupported,
+                  type == "llama" || type == "mistral" || type == "mixtral",
                   "config.json model_type '{}' is not llama, mistral or mixtral", type);
   auto num = [&](const char* key) {
-    LOOM_CHECK_KIND(ErrorKind::kIO, j.contains(key) && j[key].is_number(), "config.json has no number '{}'", key);
+    LOOM_CHECK_KIND(ErrorKind::kIO, j.contains(key) && j[key].is_number(),
+                    "config.json has no number '{}'", key);
     return j[key];
   };
   config::ModelConfig c;
@@ -180,10 +194,17 @@ config::ModelConfig model_config_from_hf(const std::string& text) {
                          ? num("num_key_value_heads").get<int>()
                          : c.num_heads());
   if (j.contains("head_dim") && !j["head_dim"].is_null()) {
-    LOOM_CHECK_KIND(ErrorKind::kUnsupported, j["head_dim"].get<int>() * c.num_heads() == c.hidden_size(),
+    LOOM_CHECK_KIND(ErrorKind::kUnsupported,
+                    j["head_dim"].get<int>() * c.num_heads() == c.hidden_size(),
                     "config.json head_dim {} x heads {} != hidden_size {} (Loom derives head_dim)",
                     j["head_dim"].get<int>(), c.num_heads(), c.hidden_size());
   }
+  // The MLP's activation: Loom's LLaMA-style models use SwiGLU, i.e. silu on the gate.
+  const std::string act = j.contains("hidden_act") && j["hidden_act"].is_string()
+                              ? j["hidden_act"].get<std::string>()
+                              : "silu";
+  LOOM_CHECK_KIND(ErrorKind::kUnsupported, act == "silu" || act == "swish",
+                  "config.json hidden_act is '{}'; Loom's LLaMA-style MLP is SwiGLU (silu)", act);
   c.set_max_seq_len(j.value("max_position_embeddings", 4096));
   c.set_norm_eps(j.value("rms_norm_eps", 1e-5));
   // RoPE: transformers >= 5 writes {"rope_parameters": {"rope_type": "default", "rope_theta": ...}}
@@ -193,7 +214,8 @@ config::ModelConfig model_config_from_hf(const std::string& text) {
     const auto& rp = j["rope_parameters"];
     const std::string rope_type = rp.value("rope_type", "default");
     LOOM_CHECK_KIND(ErrorKind::kUnsupported, rope_type == "default",
-                    "config.json rope_parameters.rope_type is '{}'; Loom implements plain RoPE ('default') only",
+                    "config.json rope_parameters.rope_type is '{}'; Loom implements plain RoPE "
+                    "('default') only",
                     rope_type);
     LOOM_CHECK_KIND(ErrorKind::kIO, rp.contains("rope_theta") && rp["rope_theta"].is_number(),
                     "config.json rope_parameters has no number 'rope_theta'");
@@ -202,13 +224,17 @@ config::ModelConfig model_config_from_hf(const std::string& text) {
     theta = num("rope_theta").get<double>();
   }
   c.set_rope_theta(theta);
-  LOOM_CHECK_KIND(ErrorKind::kUnsupported, !j.contains("sliding_window") || j["sliding_window"].is_null(),
+  LOOM_CHECK_KIND(ErrorKind::kUnsupported,
+                  !j.contains("sliding_window") || j["sliding_window"].is_null(),
                   "config.json sets sliding_window ({}); Loom's attention is full causal attention",
                   j.contains("sliding_window") ? j["sliding_window"].dump() : "");
-  c.set_tie_embeddings(j.value("tie_word_embeddings", false) ? config::ModelConfig::ON : config::ModelConfig::OFF);
-  LOOM_CHECK_KIND(ErrorKind::kUnsupported, !j.value("attention_bias", false) && !j.value("mlp_bias", false),
-                  "config.json has attention_bias or mlp_bias: Loom's LLaMA-style models have no biases");
-  LOOM_CHECK_KIND(ErrorKind::kUnsupported, !j.contains("rope_scaling") || j["rope_scaling"].is_null(),
+  c.set_tie_embeddings(j.value("tie_word_embeddings", false) ? config::ModelConfig::ON
+                                                             : config::ModelConfig::OFF);
+  LOOM_CHECK_KIND(
+      ErrorKind::kUnsupported, !j.value("attention_bias", false) && !j.value("mlp_bias", false),
+      "config.json has attention_bias or mlp_bias: Loom's LLaMA-style models have no biases");
+  LOOM_CHECK_KIND(ErrorKind::kUnsupported,
+                  !j.contains("rope_scaling") || j["rope_scaling"].is_null(),
                   "config.json uses rope_scaling, which Loom does not implement yet");
   if (type == "mixtral") {
     auto* m = c.mutable_moe();
@@ -226,14 +252,18 @@ config::ModelConfig model_config_from_hf(const std::string& text) {
 void export_hf(const std::string& loom_checkpoint, const std::string& hf_dir) {
   CheckpointData data = load_checkpoint(loom_checkpoint);
   auto it = data.metadata.find("config");
-  LOOM_CHECK_KIND(ErrorKind::kIO, it != data.metadata.end(), "checkpoint '{}' carries no config", loom_checkpoint);
+  LOOM_CHECK_KIND(ErrorKind::kIO, it != data.metadata.end(), "checkpoint '{}' carries no config",
+                  loom_checkpoint);
   config::JobConfig job;
   config::parse_text(it->second, loom_checkpoint + " (config)", &job);
   model::ModelSpec spec = model::ModelSpec::from_config(job.model());
   TensorMap hf = to_hf(spec, data.model);
+  const std::string json = hf_config_json(spec, "float32") + "\n";
   fs::create_directories(hf_dir);
   save_safetensors((fs::path(hf_dir) / "model.safetensors").string(), hf, {{"format", "pt"}});
-  std::ofstream(fs::path(hf_dir) / "config.json") << hf_config_json(spec, "float32") << "\n";
+  AtomicFile config_json((fs::path(hf_dir) / "config.json").string());
+  config_json.write(json.data(), json.size());
+  config_json.commit();
 }
 
 void import_hf(const std::string& hf_dir, const std::string& loom_checkpoint) {
@@ -258,36 +288,43 @@ void import_hf(const std::string& hf_dir, const std::string& loom_checkpoint) {
     data.state["optim." + name + ".exp_avg_sq"] = at::zeros_like(t);
   }
   data.state["rng.cpu"] = at::detail::getDefaultCPUGenerator().get_state();
-  data.metadata = {{"format", kSingleProcessFormat}, {"step", "0"}, {"consumed_samples", "0"},
-                   {"optimizer_step", "0"}, {"world_size", "1"}, {"config", config::to_text(job)},
+  data.metadata = {{"format", kSingleProcessFormat},
+                   {"step", "0"},
+                   {"consumed_samples", "0"},
+                   {"optimizer_step", "0"},
+                   {"world_size", "1"},
+                   {"config", config::to_text(job)},
                    {"source", "hugging face: " + hf_dir}};
-  if (auto parent = fs::path(loom_checkpoint).parent_path(); !parent.empty()) fs::create_directories(parent);
+  if (auto parent = fs::path(loom_checkpoint).parent_path(); !parent.empty())
+    fs::create_directories(parent);
   write_checkpoint(loom_checkpoint, data);
 }
 
 at::Tensor checkpoint_logits(const std::string& loom_checkpoint, const at::Tensor& tokens) {
   CheckpointData data = load_checkpoint(loom_checkpoint);
   auto it = data.metadata.find("config");
-  LOOM_CHECK_KIND(ErrorKind::kIO, it != data.metadata.end(), "checkpoint '{}' carries no config", loom_checkpoint);
+  LOOM_CHECK_KIND(ErrorKind::kIO, it != data.metadata.end(), "checkpoint '{}' carries no config",
+                  loom_checkpoint);
   config::JobConfig job;
   config::parse_text(it->second, loom_checkpoint + " (config)", &job);
   job.mutable_model()->set_precision(config::ModelConfig::FP32);
   job.mutable_model()->set_recompute(config::ModelConfig::NO_RECOMPUTE);
   model::ModelSpec spec = model::ModelSpec::from_config(job.model());
   LOOM_CHECK_CONFIG(tokens.dim() == 2 && tokens.size(1) <= spec.max_seq_len,
-                    "tokens must be [batch, seq] with seq <= model.max_seq_len ({}), got {}", spec.max_seq_len,
-                    tokens.sizes());
-  LOOM_CHECK_CONFIG(tokens.min().item<int64_t>() >= 0 && tokens.max().item<int64_t>() < spec.vocab_size,
-                    "token ids must lie in [0, {})", spec.vocab_size);
+                    "tokens must be [batch, seq] with seq <= model.max_seq_len ({}), got {}",
+                    spec.max_seq_len, tokens.sizes());
+  LOOM_CHECK_CONFIG(
+      tokens.min().item<int64_t>() >= 0 && tokens.max().item<int64_t>() < spec.vocab_size,
+      "token ids must lie in [0, {})", spec.vocab_size);
   model::GptModel model(spec, 0);
   at::NoGradGuard no_grad;
   for (auto& p : model.parameters()) {
     auto t = data.model.find(p.name);
-    LOOM_CHECK_KIND(ErrorKind::kIO, t != data.model.end(), "checkpoint '{}' has no parameter '{}'", loom_checkpoint,
-                    p.name);
+    LOOM_CHECK_KIND(ErrorKind::kIO, t != data.model.end(), "checkpoint '{}' has no parameter '{}'",
+                    loom_checkpoint, p.name);
     LOOM_CHECK_KIND(ErrorKind::kIO, t->second.sizes() == p.tensor.sizes(),
-                    "checkpoint '{}': parameter '{}' has shape {}, the config needs {}", loom_checkpoint, p.name,
-                    t->second.sizes(), p.tensor.sizes());
+                    "checkpoint '{}': parameter '{}' has shape {}, the config needs {}",
+                    loom_checkpoint, p.name, t->second.sizes(), p.tensor.sizes());
     p.tensor.copy_(t->second);
   }
   model::Batch batch;

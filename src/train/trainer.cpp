@@ -5,6 +5,8 @@
 #include <fmt/format.h>
 
 #include <cmath>
+#include <cstring>
+#include <optional>
 
 #include "loom/checkpoint/checkpoint.h"
 #include "loom/checkpoint/training_state.h"
@@ -13,6 +15,7 @@
 #include "loom/core/error.h"
 #include "loom/core/logging.h"
 #include "loom/mesh/parallel_dims.h"
+#include "loom/train/signals.h"
 #include "loom/train/system.h"
 
 namespace loom::train {
@@ -303,10 +306,13 @@ TrainSummary Trainer::fit() {
   const bool saving = !t.checkpoint_dir().empty();
   // This run's lineage only from here on (Note: checkpoint lineage).
   if (saving && world_->rank() == 0) checkpoint::set_aside_newer(t.checkpoint_dir(), step_);
+  std::optional<StopSignals> signals;  // Note: stop signals
+  if (t.stop_on_signal()) signals.emplace();
   SummaryTracker summary(step_);
   sinks_->start(step_);
   int64_t saved = -1;
-  while (step_ < t.steps()) {
+  int stop = 0;
+  while (step_ < t.steps() && stop == 0) {
     const StepMetrics m = train_step();
     sinks_->step(m);
     summary.step(m);
@@ -315,10 +321,20 @@ TrainSummary Trainer::fit() {
       save_checkpoint();
       saved = step_;
     }
+    if (signals) {  // any rank's signal stops every rank after the same step
+      stop = static_cast<int>(
+          comm::all_reduce_scalar(StopSignals::received(), world_.get(), comm::ReduceOp::kMax));
+    }
   }
   sinks_->finish();
+  if (stop != 0) {
+    LOOM_LOG_WARN("signal {} received: stopping after step {}{}", strsignal(stop), step_,
+                  saving ? ", writing a checkpoint" : " (no train.checkpoint_dir: nothing saved)");
+  }
   if (saving && saved != step_ && step_ > summary.first_step()) save_checkpoint();
-  return summary.finish(step_, last_checkpoint_);
+  TrainSummary s = summary.finish(step_, last_checkpoint_);
+  s.stop_signal = stop;
+  return s;
 }
 
 }  // namespace loom::train

@@ -6,6 +6,7 @@
 #include <unistd.h>
 
 #include <cmath>
+#include <csignal>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -704,6 +705,45 @@ TEST(Safetensors, LyingHeadersAreRefused) {
 // single-process run of the same global batch, computed on each rank with a world of one.
 // Tolerance: the DP run sums gradients over ranks in a different order (fp32 rounding ~1e-7
 // relative); 6 AdamW steps keep parameters within 2e-5 (a wrong scale moves them by ~lr = 3e-3).
+// A pre-emption signal on one rank (the last) during step 3: every rank finishes step 3, the job
+// writes checkpoint 3 and fit() returns early with the signal; resuming continues from there
+// (issue 15: SIGTERM ended the job without a checkpoint).
+TEST(DataParallel, OneRanksStopSignalStopsEveryRankWithACheckpoint) {
+  auto world = loom::testing::world();
+  const int n = world->size();
+  if (16 % (4 * n) != 0) GTEST_SKIP() << "global batch 16 with micro-batch 4 needs dp | 4";
+  // One directory for every rank of this launch (they share the launcher's process).
+  const std::string dir =
+      (fs::temp_directory_path() /
+       ("loom-test-stop-" + std::to_string(getppid()) + "-" + std::to_string(n)))
+          .string();
+  if (world->rank() == 0) fs::remove_all(dir);
+  world->barrier();
+  auto j = tiny_job();
+  j.mutable_train()->set_steps(20);
+  j.mutable_train()->set_checkpoint_dir(dir);
+  {
+    Trainer t(j, world);
+    t.set_gradient_observer([&] {
+      if (t.step() == 2 && world->rank() == n - 1) std::raise(SIGTERM);  // during step 3
+    });
+    const auto s = t.fit();
+    EXPECT_EQ(s.stop_signal, SIGTERM);
+    EXPECT_EQ(t.step(), 3);
+    EXPECT_EQ(fs::path(s.checkpoint).filename(), "step-00000003");
+  }
+  auto jr = j;
+  jr.mutable_train()->set_resume("latest");
+  jr.mutable_train()->set_steps(5);
+  Trainer r(jr, world);
+  const auto s = r.fit();
+  EXPECT_EQ(s.first_step, 3);
+  EXPECT_EQ(s.stop_signal, 0);
+  EXPECT_EQ(r.step(), 5);
+  world->barrier();
+  if (world->rank() == 0) fs::remove_all(dir);
+}
+
 TEST(DataParallel, MatchesSingleProcess) {
   auto world = loom::testing::world();
   const int n = world->size();
@@ -1103,6 +1143,39 @@ TEST(HuggingFace, TransformersWrittenCheckpoints) {
   cfg["sliding_window"] = 4096;
   expect_error([&] { loom::checkpoint::model_config_from_hf(cfg.dump()); },
                loom::ErrorKind::kUnsupported, "sliding_window");
+}
+
+// Issue 15: conversions that would be silently wrong are refused by field, and a bad flag is
+// refused before anything is written.
+TEST(HuggingFace, WrongConversionsAreRefusedBeforeWriting) {
+  // A capacity drops tokens, which HF Mixtral never does: the logits would differ.
+  auto j = tiny_job(true);
+  j.mutable_model()->mutable_moe()->set_num_shared_experts(0);
+  j.mutable_model()->mutable_moe()->set_capacity_factor(1.25);
+  expect_error(
+      [&] {
+        loom::checkpoint::check_hf_compatible(loom::model::ModelSpec::from_config(j.model()));
+      },
+      loom::ErrorKind::kUnsupported, "model.moe.capacity_factor must be 0 (dropless)");
+  // An activation other than silu is not read as SwiGLU.
+  auto cfg = nlohmann::json::parse(
+      read_file_bytes(std::string(LOOM_SOURCE_DIR) + "/tests/fixtures/hf_llama/config.json"));
+  cfg["hidden_act"] = "gelu";
+  expect_error([&] { loom::checkpoint::model_config_from_hf(cfg.dump()); },
+               loom::ErrorKind::kUnsupported, "hidden_act is 'gelu'");
+  // convert_hf with a bad --tokens writes nothing.
+  const std::string dir = temp_dir("convert");
+  const std::string fixture = std::string(LOOM_SOURCE_DIR) + "/tests/fixtures/hf_llama";
+  for (const char* tokens : {"1,x,3", "1,-2", "99999999"}) {
+    const std::string cmd = std::string(LOOM_CONVERT_HF_TOOL) + " --to-loom --from " + fixture +
+                            " --to " + dir + "/step-00000000 --logits " + dir +
+                            "/logits.safetensors --tokens " + tokens + " > " + dir + ".log 2>&1";
+    EXPECT_NE(std::system(cmd.c_str()), 0) << tokens;
+    EXPECT_NE(read_file_bytes(dir + ".log").find("flag --tokens"), std::string::npos)
+        << read_file_bytes(dir + ".log");
+    EXPECT_FALSE(fs::exists(dir)) << tokens << ": something was written";
+  }
+  fs::remove(dir + ".log");
 }
 
 // Loom checkpoint -> HF directory -> Loom step-0 checkpoint -> a Trainer resumed from it computes

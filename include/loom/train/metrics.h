@@ -61,6 +61,7 @@ struct TrainSummary {
   double mean_tokens_per_s = 0, mean_mfu = 0;  // over steps after the first
   double seconds = 0;
   std::string checkpoint;  // the last checkpoint written, if any
+  int stop_signal = 0;     // the signal that ended the run early (Note: stop signals); 0: none
 };
 
 // A run's summary from its steps and evaluations, timed from construction: throughput and MFU are
