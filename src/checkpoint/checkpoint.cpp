@@ -57,8 +57,8 @@ std::vector<Entry> scan(const std::string& root) {
   std::vector<Entry> out;
   std::error_code ec;
   if (!fs::is_directory(root, ec)) return out;
-  for (const auto& dirent : fs::directory_iterator(root, ec)) {
-    Entry e = parse_entry(dirent.path());
+  for (fs::directory_iterator it(root, ec), end; !ec && it != end; it.increment(ec)) {
+    Entry e = parse_entry(it->path());
     if (e.step >= 0) out.push_back(std::move(e));
   }
   std::sort(out.begin(), out.end(), [](const Entry& a, const Entry& b) {
@@ -100,8 +100,13 @@ void write_checkpoint(const std::string& dir, const CheckpointData& data) {
   // leaves `<dir>.old`, which latest_checkpoint() puts back).
   const bool replacing = fs::exists(final_dir, ec);
   if (replacing) {
-    fs::remove_all(old, ec);
-    rename_durably(final_dir.string(), old.string());
+    if (fs::exists(old / "state.safetensors", ec) &&
+        !fs::exists(final_dir / "state.safetensors", ec)) {
+      fs::remove_all(final_dir, ec);  // a partial step-N beside a complete step-N.old: keep .old
+    } else {
+      fs::remove_all(old, ec);
+      rename_durably(final_dir.string(), old.string());
+    }
   }
   rename_durably(tmp.string(), final_dir.string());
   if (replacing) fs::remove_all(old, ec);
@@ -159,10 +164,10 @@ std::vector<std::string> set_aside_newer(const std::string& root, int64_t step) 
   char stamp[32];
   std::strftime(stamp, sizeof(stamp), "%Y%m%d-%H%M%S", &tm);
   fs::path aside = fs::path(root) / fmt::format("abandoned-{}-after-step-{}", stamp, step);
-  for (int k = 2; fs::exists(aside); ++k) {
+  std::error_code ec;
+  for (int k = 2; fs::exists(aside, ec); ++k) {
     aside = fs::path(root) / fmt::format("abandoned-{}-after-step-{}-{}", stamp, step, k);
   }
-  std::error_code ec;
   fs::create_directories(aside, ec);
   LOOM_CHECK_KIND(ErrorKind::kIO, !ec, "cannot create '{}': {}", aside.string(), ec.message());
   for (const Entry& e : newer) {

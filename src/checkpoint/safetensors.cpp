@@ -40,7 +40,13 @@ constexpr const char* kMetadataCrc = "crc32c:__metadata__";  // of the other met
 
 std::string hex32(uint32_t v) { return fmt::format("{:08x}", v); }
 
-uint32_t tensor_crc(const at::Tensor& c) { return crc32c(c.data_ptr(), c.nbytes()); }
+// Of the bytes, then of the dtype and shape as the header writes them: a header edit that keeps
+// the size (F32 <-> I32, a transposed shape) is caught too.
+uint32_t tensor_crc(const at::Tensor& c) {
+  const uint32_t crc = crc32c(c.data_ptr(), c.nbytes());
+  const std::string layout = fmt::format("{}{}", dtype_name(c.scalar_type()), c.sizes());
+  return crc32c(layout.data(), layout.size(), crc);
+}
 
 // The metadata entries other than the CRCs, as "key\0value\0" in key order.
 uint32_t metadata_crc(const std::map<std::string, std::string>& metadata) {
@@ -116,11 +122,11 @@ void verify_crcs(TensorFile& file, const std::string& source) {
     crcs.erase(it);
   }
   auto meta = crcs.find("__metadata__");
-  if (meta != crcs.end()) {
-    const uint32_t c = metadata_crc(file.metadata);
-    if (hex32(c) != meta->second) corrupt("its metadata", meta->second, c);
-    crcs.erase(meta);
-  }
+  LOOM_CHECK_KIND(ErrorKind::kIO, meta != crcs.end(),
+                  "safetensors '{}' is corrupt: its metadata has no CRC-32C entry", source);
+  const uint32_t mc = metadata_crc(file.metadata);
+  if (hex32(mc) != meta->second) corrupt("its metadata", meta->second, mc);
+  crcs.erase(meta);
   LOOM_CHECK_KIND(ErrorKind::kIO, crcs.empty(),
                   "safetensors '{}' is corrupt: a CRC-32C entry for tensor '{}', which it does not "
                   "hold",

@@ -3,6 +3,7 @@
 #include <ATen/CPUGeneratorImpl.h>
 #include <ATen/core/grad_mode.h>
 
+#include <algorithm>
 #include <exception>
 #include <mutex>
 
@@ -72,6 +73,7 @@ CheckpointData TrainingState::gather(int64_t step,
         std::to_string(value);
   }
   data.metadata["optimizer_step"] = std::to_string(parts_.optimizer->step_count());
+  data.metadata["global_batch"] = std::to_string(parts_.loader->options().global_batch);
   data.metadata["world_size"] = std::to_string(parts_.world->size());
   return data;
 }
@@ -118,6 +120,20 @@ RestoredState TrainingState::load(const std::string& dir) {
         config::parse_text(saved->second, dir + " (its stored config)", &was);
         config::check_resume_config(was, *parts_.config, dir);
       }
+      // The effective global batch (train.global_batch_size 0 derives it from the layout).
+      auto gb = data.metadata.find("global_batch");
+      const int64_t now = parts_.loader->options().global_batch;
+      const auto& allowed = parts_.config->train().allow_config_changes();
+      const bool allow =
+          std::find(allowed.begin(), allowed.end(), "train.global_batch_size") != allowed.end() ||
+          std::find(allowed.begin(), allowed.end(), "train") != allowed.end();
+      LOOM_CHECK_CONFIG(
+          gb == data.metadata.end() || allow || gb->second == std::to_string(now),
+          "checkpoint '{}' was written with a global batch of {} sequences per step, "
+          "this run has {} (train.global_batch_size, or micro_batch_size x dp when it "
+          "is 0); set train.global_batch_size, or list train.global_batch_size in "
+          "train.allow_config_changes to change it on purpose",
+          dir, gb == data.metadata.end() ? "" : gb->second, now);
     }
     try {
       parts_.loader->check_state(loader_state(data.metadata));

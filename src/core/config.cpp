@@ -462,6 +462,7 @@ std::vector<FieldChange> differences(const pb::Message& before, const pb::Messag
 
 void check_resume_config(const JobConfig& saved, const JobConfig& now,
                          const std::string& checkpoint) {
+  // The schedule's horizon (optim.decay_steps 0) and the data's epoch count follow train.steps.
   static const std::vector<std::string> kChecked = {"seed",
                                                     "model",
                                                     "optim",
@@ -474,9 +475,10 @@ void check_resume_config(const JobConfig& saved, const JobConfig& now,
                                                     "data.mode",
                                                     "train.seq_len",
                                                     "train.global_batch_size",
-                                                    "train.micro_batch_tokens"};
+                                                    "train.micro_batch_tokens",
+                                                    "train.steps"};
   std::vector<std::string> allowed = {"model.recompute", "model.init_std",
-                                      "model.scaled_output_init"};
+                                      "model.scaled_output_init", "model.moe.router_init_std"};
   for (const auto& a : now.train().allow_config_changes()) allowed.push_back(a);
   const auto changes = differences(saved, now, kChecked, allowed);
   if (changes.empty()) return;

@@ -1,11 +1,13 @@
 #include "loom/core/fs.h"
 
 #include <fcntl.h>
+#include <fmt/format.h>
 #include <unistd.h>
 
 #include <cerrno>
 #include <cstring>
 #include <filesystem>
+#include <random>
 
 #include "loom/core/error.h"
 
@@ -18,9 +20,17 @@ std::string parent_of(const std::string& path) {
 }
 }  // namespace
 
-AtomicFile::AtomicFile(std::string path)
-    : path_(std::move(path)), tmp_(path_ + ".tmp-" + std::to_string(getpid())) {
-  fd_ = ::open(tmp_.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+// A name no other writer uses: host, process and random bits (ranks in separate containers can
+// share a pid, and a shared filesystem sees them all).
+std::string temp_suffix() {
+  char host[64] = {0};
+  ::gethostname(host, sizeof(host) - 1);
+  std::random_device rd;
+  return fmt::format(".tmp-{}-{}-{:08x}", host, ::getpid(), rd());
+}
+
+AtomicFile::AtomicFile(std::string path) : path_(std::move(path)), tmp_(path_ + temp_suffix()) {
+  fd_ = ::open(tmp_.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
   LOOM_CHECK_KIND(ErrorKind::kIO, fd_ >= 0, "cannot open '{}' for writing: {}", tmp_,
                   std::strerror(errno));
 }

@@ -2,6 +2,7 @@
 
 #include <fmt/format.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <filesystem>
@@ -61,7 +62,12 @@ WindowSampler::WindowSampler(std::shared_ptr<const IndexedDataset> dataset, cons
   doc_begin_ = static_cast<int64_t>(std::llround(o.first * static_cast<double>(docs)));
   doc_end_ = static_cast<int64_t>(std::llround(o.last * static_cast<double>(docs)));
   int64_t tokens = 0;
-  for (int64_t d = doc_begin_; d < doc_end_; ++d) tokens += document_tokens(*dataset_, d);
+  uint32_t lengths_crc = 0;  // in the cache key: a rebuilt dataset with the same counts differs
+  for (int64_t d = doc_begin_; d < doc_end_; ++d) {
+    const int64_t n = document_tokens(*dataset_, d);
+    tokens += n;
+    lengths_crc = crc32c(&n, sizeof(n), lengths_crc);
+  }
   LOOM_CHECK_KIND(
       ErrorKind::kConfig, tokens >= window_,
       "dataset '{}': the split [{:.3f}, {:.3f}) holds documents {}..{} with {} tokens, fewer than "
@@ -76,7 +82,7 @@ WindowSampler::WindowSampler(std::shared_ptr<const IndexedDataset> dataset, cons
       splitmix64(static_cast<uint64_t>(doc_begin_) * 1315423911ull +
                  static_cast<uint64_t>(doc_end_)) ^
       splitmix64(static_cast<uint64_t>(window_) << 20 ^ static_cast<uint64_t>(epochs_)) ^
-      splitmix64(o.seed + 7));
+      splitmix64(o.seed + 7) ^ splitmix64(0x5eed0000ull + lengths_crc));
   std::string path;
   if (!o.cache_dir.empty()) {
     path = fmt::format("{}/{}-{:016x}.samples", o.cache_dir,
@@ -208,15 +214,24 @@ bool WindowSampler::load_cache(const std::string& path, uint64_t key, int64_t to
                                 doc_begin_, doc_end_));
     }
   }
+  // Each sample starts window - 1 tokens after the previous one, at a token that exists.
   const int64_t positions = static_cast<int64_t>(document_index_.size());
+  std::vector<int64_t> before(static_cast<size_t>(positions) + 1, 0);  // tokens before a position
+  for (int64_t q = 0; q < positions; ++q)
+    before[q + 1] = before[q] + document_tokens(*dataset_, document_index_[q]);
+  int64_t previous = -(window_ - 1);
   for (int64_t s = 0; s <= total; ++s) {
     const int64_t p = sample_index_[2 * s], off = sample_index_[2 * s + 1];
-    const bool ok =
-        p >= 0 && off >= 0 &&
-        (p < positions ? (off == 0 || off < document_tokens(*dataset_, document_index_[p]))
-                       : (p == positions && off == 0 && s == total));
-    if (!ok)
-      return reject(fmt::format("has sample {} start at ({}, {}), out of bounds", s, p, off));
+    const bool in_range = p >= 0 && p < positions && off >= 0 &&
+                          off < std::max<int64_t>(1, before[p + 1] - before[p]);
+    const int64_t at = in_range ? before[p] + off : -1;
+    if (!in_range || at != previous + window_ - 1 || at >= before[positions]) {
+      return reject(
+          fmt::format("has sample {} start at ({}, {}), which is not {} tokens after the "
+                      "previous one inside the data",
+                      s, p, off, window_ - 1));
+    }
+    previous = at;
   }
   std::vector<bool> seen(static_cast<size_t>(total), false);
   for (int64_t v : shuffle_) {

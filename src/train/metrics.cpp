@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <ctime>
 #include <filesystem>
 #include <nlohmann/json.hpp>
 
@@ -13,6 +14,18 @@
 #include "loom/train/system.h"
 
 namespace loom::train {
+
+namespace {
+// 20261201-130102: when a file was set aside.
+std::string utc_stamp() {
+  std::time_t now = std::time(nullptr);
+  std::tm tm{};
+  gmtime_r(&now, &tm);
+  char buf[32];
+  std::strftime(buf, sizeof(buf), "%Y%m%d-%H%M%S", &tm);
+  return buf;
+}
+}  // namespace
 
 void MetricsSinks::start(int64_t first_step) {
   if (progress_) progress_->restart(first_step);
@@ -96,9 +109,18 @@ class JsonlSink : public MetricsSink {
 
   void start(int64_t first_step) override {
     out_.close();
-    std::string kept;
-    int64_t dropped = 0;
-    {
+    std::error_code ec;
+    const std::string stamp = utc_stamp();
+    int64_t moved = 0;
+    if (first_step == 0 && std::filesystem::file_size(path_, ec) > 0 && !ec) {
+      // A fresh run: an earlier run's records are kept under another name, not mixed in.
+      const std::string kept = path_ + ".before-" + stamp;
+      rename_durably(path_, kept);
+      LOOM_LOG_INFO("metrics file '{}': an earlier run's records moved to '{}'", path_, kept);
+    } else if (first_step > 0) {
+      // A resumed run: records after its checkpoint came from a run that crashed or was rolled
+      // back; they move to a side file (so each step appears once here) with a torn last line.
+      std::string kept, dropped;
       std::ifstream in(path_);
       std::string line;
       while (std::getline(in, line)) {
@@ -106,25 +128,26 @@ class JsonlSink : public MetricsSink {
         const auto j = nlohmann::json::parse(line, nullptr, /*allow_exceptions=*/false);
         const bool keep = j.is_object() && j.contains("step") && j["step"].is_number_integer() &&
                           j["step"].get<int64_t>() <= first_step;
-        if (keep) {
-          kept += line + '\n';
-        } else {
-          ++dropped;
-        }
+        (keep ? kept : dropped) += line + '\n';
+        moved += keep ? 0 : 1;
       }
-    }
-    if (dropped > 0) {
-      AtomicFile rewrite(path_);
-      rewrite.write(kept.data(), kept.size());
-      rewrite.commit();
-      LOOM_LOG_INFO(
-          "metrics file '{}': dropped {} record(s) after step {} (a run that did not "
-          "reach its next checkpoint)",
-          path_, dropped, first_step);
+      if (moved > 0) {
+        const std::string side = path_ + ".abandoned-" + stamp;
+        AtomicFile aside(side);
+        aside.write(dropped.data(), dropped.size());
+        aside.commit();
+        AtomicFile rewrite(path_);
+        rewrite.write(kept.data(), kept.size());
+        rewrite.commit();
+        LOOM_LOG_INFO(
+            "metrics file '{}': {} record(s) after step {} (a run that did not reach its "
+            "next checkpoint) moved to '{}'",
+            path_, moved, first_step, side);
+      }
     }
     out_.open(path_, std::ios::app);
     LOOM_CHECK_KIND(ErrorKind::kIO, out_.good(), "cannot open metrics file '{}'", path_);
-    write(nlohmann::json({{"type", "start"}, {"step", first_step}, {"dropped", dropped}}).dump());
+    write(nlohmann::json({{"type", "start"}, {"step", first_step}, {"moved", moved}}).dump());
   }
 
   void step(const StepMetrics& m) override {

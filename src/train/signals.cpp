@@ -2,19 +2,33 @@
 
 #include <atomic>
 #include <csignal>
+#include <cstdint>
+#include <ctime>
 
 namespace loom::train {
 
 namespace {
 std::atomic<int> g_signal{0};
+std::atomic<int64_t> g_first_ns{0};
 struct sigaction g_old_term, g_old_usr1;
+
+int64_t now_ns() {  // clock_gettime is async-signal-safe
+  timespec ts{};
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return static_cast<int64_t>(ts.tv_sec) * 1000000000 + ts.tv_nsec;
+}
 
 void on_signal(int sig) {
   int expected = 0;
-  if (!g_signal.compare_exchange_strong(expected, sig)) {
-    std::signal(sig, SIG_DFL);  // the second one: the default action (end now)
-    std::raise(sig);
+  if (g_signal.compare_exchange_strong(expected, sig)) {
+    g_first_ns = now_ns();
+    return;
   }
+  // Launchers repeat a pre-emption signal (Slurm signals every process and mpirun forwards it):
+  // repeats within the window count as the same request; a later one ends the process at once.
+  if (now_ns() - g_first_ns.load() < kRepeatWindowNs) return;
+  std::signal(sig, SIG_DFL);
+  std::raise(sig);
 }
 }  // namespace
 

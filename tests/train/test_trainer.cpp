@@ -354,6 +354,7 @@ TEST(Checkpoint, ARollbackKeepsTheAbandonedBranchAside) {
   jr.mutable_train()->set_steps(5);
   jr.mutable_optim()->set_lr(1e-2);  // another branch from step 3
   jr.mutable_train()->add_allow_config_changes("optim.lr");
+  jr.mutable_train()->add_allow_config_changes("train.steps");
   Trainer(jr).fit();  // step-4 and step-5 of the new branch
   std::vector<fs::path> aside;
   for (const auto& e : fs::directory_iterator(dir)) {
@@ -415,13 +416,36 @@ TEST(Metrics, JsonlHoldsEachStepOnceAcrossACrash) {
   while (std::getline(in, line)) {
     const auto r = nlohmann::json::parse(line);
     if (r["type"] == "train") ++train_steps[r["step"].get<int64_t>()];
-    if (r["type"] == "start") starts.emplace_back(r["step"], r["dropped"]);
+    if (r["type"] == "start") starts.emplace_back(r["step"], r["moved"]);
   }
   ASSERT_EQ(train_steps.size(), 6u);
   for (const auto& [step, n] : train_steps) EXPECT_EQ(n, 1) << "step " << step;
   ASSERT_EQ(starts.size(), 2u);
   EXPECT_EQ(starts[0], std::make_pair(int64_t{0}, int64_t{0}));
   EXPECT_EQ(starts[1], std::make_pair(int64_t{4}, int64_t{3}));  // steps 5, 6 and the torn line
+  // Nothing is deleted: the abandoned records are in a side file; a fresh run sets the whole file
+  // aside and starts a new one.
+  int side_lines = 0, side_files = 0;
+  for (const auto& e : fs::directory_iterator(dir)) {
+    if (e.path().filename().string().rfind("metrics.jsonl.abandoned-", 0) != 0) continue;
+    ++side_files;
+    std::ifstream side(e.path());
+    while (std::getline(side, line)) ++side_lines;
+  }
+  EXPECT_EQ(side_files, 1);
+  EXPECT_EQ(side_lines, 3);
+  auto jf = j;
+  jf.mutable_train()->set_checkpoint_dir("");
+  jf.mutable_train()->set_steps(1);
+  Trainer(jf).fit();
+  int lines = 0;
+  std::ifstream fresh(dir + "/metrics.jsonl");
+  while (std::getline(fresh, line)) ++lines;
+  EXPECT_EQ(lines, 2);  // start + step 1
+  int before = 0;
+  for (const auto& e : fs::directory_iterator(dir))
+    before += e.path().filename().string().rfind("metrics.jsonl.before-", 0) == 0;
+  EXPECT_EQ(before, 1);
   fs::remove_all(dir);
 }
 
@@ -735,6 +759,7 @@ TEST(DataParallel, OneRanksStopSignalStopsEveryRankWithACheckpoint) {
   auto jr = j;
   jr.mutable_train()->set_resume("latest");
   jr.mutable_train()->set_steps(5);
+  jr.mutable_train()->add_allow_config_changes("train.steps");
   Trainer r(jr, world);
   const auto s = r.fit();
   EXPECT_EQ(s.first_step, 3);

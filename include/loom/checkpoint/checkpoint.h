@@ -33,8 +33,8 @@ void write_checkpoint(const std::string& dir, const CheckpointData& data);
 std::string checkpoint_path(const std::string& root, int64_t step);
 
 // Writes <root>/step-<step>/ (files and directories fsynced; an existing copy of that step is set
-// aside until the new one is in place) and returns its path. Checkpoints newer than `step` are set
-// aside first (Note: checkpoint lineage); then keep > 0 removes all but the newest `keep`.
+// aside until the new one is in place) and returns its path. Then checkpoints newer than `step` are
+// set aside (Note: checkpoint lineage), and keep > 0 removes all but the newest `keep`.
 std::string save_checkpoint(const std::string& root, int64_t step, const CheckpointData& data,
                             int keep);
 

@@ -49,7 +49,9 @@ std::vector<FieldChange> differences(const google::protobuf::Message& before,
 // A checkpoint stores the config that wrote it. Resuming with a config that changes what the
 // saved state means (any model field but the recomputation and initialisation ones, the optimizer
 // and its schedule, the data and its order, the seeds, the sequence length and batch) would run on
-// silently with a different model or data, so it is refused with every changed field named, unless
+// silently with a different model or data (train.steps too: the schedule's horizon when
+// optim.decay_steps is 0, and the data's epoch count and so its order, follow it), so it is refused
+// with every changed field named, unless
 // each is listed in train.allow_config_changes (a field path, or a section such as "optim") for a
 // change made on purpose. The layout (parallel), comm, logging and the rest of train may change.
 // Throws kConfig naming `checkpoint` and the fields.

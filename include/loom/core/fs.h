@@ -8,9 +8,10 @@
 
 namespace loom {
 
-// A file written under `<path>.tmp-<pid>` and renamed to `path` by commit(), after an fsync of the
-// file and then of its directory. Destroyed without commit() (an error on the way), the temporary
-// file is removed and `path` is untouched. kIO errors name the file and the reason (errno).
+// A file written under `<path>.tmp-<host>-<pid>-<random>` (created exclusively) and renamed to
+// `path` by commit(), after an fsync of the file and then of its directory. Destroyed without
+// commit() (an error on the way), the temporary file is removed and `path` is untouched. kIO errors
+// name the file and the reason (errno).
 class AtomicFile {
  public:
   explicit AtomicFile(std::string path);

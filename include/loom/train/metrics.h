@@ -132,11 +132,12 @@ void add_moe_stats(StepMetrics& m, const std::vector<std::unique_ptr<model::GptM
 // drawn) and the progress bar.
 std::unique_ptr<MetricsSink> make_console_sink(const MetricsContext& ctx,
                                                std::shared_ptr<Progress> progress);
-// One JSON object per line: {"type": "train", ...} per step and {"type": "eval", ...}. The file
-// is appended to across runs; when a run starts at step S it first drops the records of steps
-// after S (written by a run that crashed or was rolled back after its last checkpoint, and about
-// to be redone) and a torn last line, then writes {"type": "start", "step": S, "dropped": n}, so
-// each step appears once, from the run that produced the checkpointed state.
+// One JSON object per line: {"type": "train", ...} per step and {"type": "eval", ...}. A run that
+// resumes at step S first moves the records of steps after S (written by a run that crashed or was
+// rolled back after its last checkpoint, and about to be redone) and a torn last line to
+// `<file>.abandoned-<UTC time>`; a fresh run moves an earlier run's file to `<file>.before-<UTC
+// time>`. Then it writes {"type": "start", "step": S, "moved": n}: each step appears once, from
+// the run that produced the checkpointed state, and nothing is deleted.
 std::unique_ptr<MetricsSink> make_jsonl_sink(const std::string& path, const MetricsContext& ctx);
 // TensorBoard scalars (train/, perf/, memory/, moe/, eval/), flushed every log_every steps.
 std::unique_ptr<MetricsSink> make_tensorboard_sink(const std::string& dir,

@@ -11,6 +11,8 @@
 
 namespace loom::train {
 
+inline constexpr long long kRepeatWindowNs = 10'000'000'000LL;
+
 class StopSignals {
  public:
   StopSignals();   // installs the handlers (SIGTERM, SIGUSR1)
