@@ -6,8 +6,8 @@
 #include <chrono>
 #include <climits>
 #include <mutex>
-#include <thread>
 #include <numeric>
+#include <thread>
 
 #include "loom/core/error.h"
 #include "loom/core/logging.h"
@@ -65,10 +65,14 @@ bool all_equal(const std::vector<int64_t>& v) {
 
 MPI_Op mpi_op(ReduceOp op) {
   switch (op) {
-    case ReduceOp::kSum: return MPI_SUM;
-    case ReduceOp::kMax: return MPI_MAX;
-    case ReduceOp::kMin: return MPI_MIN;
-    case ReduceOp::kAvg: break;  // the base turns avg into sum + divide
+    case ReduceOp::kSum:
+      return MPI_SUM;
+    case ReduceOp::kMax:
+      return MPI_MAX;
+    case ReduceOp::kMin:
+      return MPI_MIN;
+    case ReduceOp::kAvg:
+      break;  // the base turns avg into sum + divide
   }
   LOOM_THROW(ErrorKind::kInternal, "reduce op {} reached the MPI backend", reduce_op_name(op));
 }
@@ -98,22 +102,27 @@ class MpiWork final : public Work {
         if (r != MPI_REQUEST_NULL) MPI_Cancel(&r);
       }
     }
-    const double limit_s = std::min(info().default_timeout_s, 10.0);
+    // After a timeout the job is ending: no second wait (Work::process_timed_out).
+    const double limit_s =
+        Work::process_timed_out() ? 0.0 : std::min(info().default_timeout_s, 10.0);
     LOOM_LOG_WARN("{} destroyed before wait(); {} up to {:.0f} s", describe(),
                   info().kind == OpKind::kRecv ? "cancelling it" : "waiting for it", limit_s);
     const auto deadline = std::chrono::steady_clock::now() + std::chrono::duration<double>(limit_s);
     int flag = 0;
-    while (MPI_Testall(static_cast<int>(requests_.size()), requests_.data(), &flag, MPI_STATUSES_IGNORE) ==
-               MPI_SUCCESS &&
+    while (MPI_Testall(static_cast<int>(requests_.size()), requests_.data(), &flag,
+                       MPI_STATUSES_IGNORE) == MPI_SUCCESS &&
            !flag && std::chrono::steady_clock::now() < deadline) {
       std::this_thread::sleep_for(std::chrono::milliseconds(1));
     }
     if (!flag) {
-      LOOM_LOG_WARN("{} is still pending (a peer failed or stopped responding?): its buffers are kept until exit",
-                    describe());
+      LOOM_LOG_WARN(
+          "{} is still pending (a peer failed or stopped responding?): its buffers are kept until "
+          "exit",
+          describe());
       static std::mutex mu;
       // Never destroyed: MPI may use these until the process ends.
-      static auto* abandoned = new std::vector<std::pair<std::vector<at::Tensor>, std::vector<std::vector<int>>>>();
+      static auto* abandoned =
+          new std::vector<std::pair<std::vector<at::Tensor>, std::vector<std::vector<int>>>>();
       std::lock_guard<std::mutex> lock(mu);
       abandoned->emplace_back(std::move(keep_), std::move(arrays_));
     }
@@ -135,7 +144,7 @@ class MpiWork final : public Work {
 
  private:
   std::vector<MPI_Request> requests_;
-  std::vector<at::Tensor> keep_;         // buffers MPI reads or writes until completion
+  std::vector<at::Tensor> keep_;          // buffers MPI reads or writes until completion
   std::vector<std::vector<int>> arrays_;  // count/displacement arrays, likewise
   bool done_ = false;
 };
@@ -144,19 +153,30 @@ class MpiWork final : public Work {
 
 MPI_Datatype MpiCommunicator::mpi_datatype(at::ScalarType dtype) {
   switch (dtype) {
-    case at::kFloat: return MPI_FLOAT;
-    case at::kDouble: return MPI_DOUBLE;
-    case at::kInt: return MPI_INT32_T;
-    case at::kLong: return MPI_INT64_T;
-    case at::kChar: return MPI_INT8_T;
-    case at::kByte: return MPI_UINT8_T;
-    case at::kBool: return MPI_UINT8_T;
+    case at::kFloat:
+      return MPI_FLOAT;
+    case at::kDouble:
+      return MPI_DOUBLE;
+    case at::kInt:
+      return MPI_INT32_T;
+    case at::kLong:
+      return MPI_INT64_T;
+    case at::kChar:
+      return MPI_INT8_T;
+    case at::kByte:
+      return MPI_UINT8_T;
+    case at::kBool:
+      return MPI_UINT8_T;
     // Data movement only; reductions of these are done in fp32 by the base class.
-    case at::kBFloat16: return MPI_UINT16_T;
-    case at::kHalf: return MPI_UINT16_T;
-    default: break;
+    case at::kBFloat16:
+      return MPI_UINT16_T;
+    case at::kHalf:
+      return MPI_UINT16_T;
+    default:
+      break;
   }
-  LOOM_THROW(ErrorKind::kUnsupported, "backend mpi does not support dtype {}", c10::toString(dtype));
+  LOOM_THROW(ErrorKind::kUnsupported, "backend mpi does not support dtype {}",
+             c10::toString(dtype));
 }
 
 std::shared_ptr<MpiCommunicator> MpiCommunicator::world(double timeout_s) {
@@ -197,7 +217,8 @@ int comm_size(MPI_Comm c) {
 }  // namespace
 
 MpiCommunicator::MpiCommunicator(MPI_Comm comm, bool owned, std::string name, double timeout_s)
-    : Communicator(comm_rank(comm), comm_size(comm), world_ranks_of(comm), std::move(name), timeout_s),
+    : Communicator(comm_rank(comm), comm_size(comm), world_ranks_of(comm), std::move(name),
+                   timeout_s),
       comm_(comm),
       owned_(owned) {}
 
@@ -272,8 +293,8 @@ WorkPtr MpiCommunicator::do_reduce_scatter(at::Tensor& out, const at::Tensor& in
       LOOM_CHECK_MPI(MPI_Reduce_scatter_block(in.data_ptr(), out.data_ptr(), counts[0], dt,
                                               mpi_op(op), comm_));
     } else {
-      LOOM_CHECK_MPI(MPI_Reduce_scatter(in.data_ptr(), out.data_ptr(), counts.data(), dt,
-                                        mpi_op(op), comm_));
+      LOOM_CHECK_MPI(
+          MPI_Reduce_scatter(in.data_ptr(), out.data_ptr(), counts.data(), dt, mpi_op(op), comm_));
     }
     return completed(std::move(info));
   }
@@ -282,8 +303,8 @@ WorkPtr MpiCommunicator::do_reduce_scatter(at::Tensor& out, const at::Tensor& in
     LOOM_CHECK_MPI(MPI_Ireduce_scatter_block(in.data_ptr(), out.data_ptr(), counts[0], dt,
                                              mpi_op(op), comm_, &req));
   } else {
-    LOOM_CHECK_MPI(MPI_Ireduce_scatter(in.data_ptr(), out.data_ptr(), counts.data(), dt,
-                                       mpi_op(op), comm_, &req));
+    LOOM_CHECK_MPI(MPI_Ireduce_scatter(in.data_ptr(), out.data_ptr(), counts.data(), dt, mpi_op(op),
+                                       comm_, &req));
   }
   return pending(std::move(info), {req}, {out, in}, own(std::move(counts)));
 }
@@ -338,7 +359,8 @@ WorkPtr MpiCommunicator::do_p2p(const std::vector<P2POp>& ops, bool async, Work:
     if (op.kind == P2POp::Kind::kSend) {
       LOOM_CHECK_MPI(MPI_Send(op.tensor.data_ptr(), n, dt, op.peer, op.tag, comm_));
     } else {
-      LOOM_CHECK_MPI(MPI_Recv(op.tensor.data_ptr(), n, dt, op.peer, op.tag, comm_, MPI_STATUS_IGNORE));
+      LOOM_CHECK_MPI(
+          MPI_Recv(op.tensor.data_ptr(), n, dt, op.peer, op.tag, comm_, MPI_STATUS_IGNORE));
     }
     return completed(std::move(info));
   }

@@ -2,12 +2,19 @@
 
 #include <fmt/format.h>
 
+#include <atomic>
 #include <thread>
 
 #include "loom/comm/flight_recorder.h"
 #include "loom/core/error.h"
 
 namespace loom::comm {
+
+namespace {
+std::atomic<bool> g_timed_out{false};
+}  // namespace
+
+bool Work::process_timed_out() { return g_timed_out.load(); }
 
 Work::Work(Info info, std::shared_ptr<CommStats> stats)
     : info_(std::move(info)), stats_(std::move(stats)) {}
@@ -38,6 +45,7 @@ void Work::wait(Milliseconds timeout) {
                   std::chrono::duration_cast<std::chrono::steady_clock::duration>(
                       std::chrono::duration<double>(timeout_s));
   if (!test() && !block(deadline)) {
+    g_timed_out = true;
     LOOM_THROW(ErrorKind::kTimeout, "{} did not complete within {:.3f} s; recent operations:\n{}",
                describe(), timeout_s, FlightRecorder::instance().dump(16));
   }
@@ -56,9 +64,11 @@ void Work::complete() {
   completed_ = true;
   for (auto& fn : finalizers_) fn();
   finalizers_.clear();
-  double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - info_.start).count();
+  double seconds =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - info_.start).count();
   if (stats_) stats_->record(info_.kind, info_.bytes, seconds);
-  if (info_.recorder_id && ends_record_on_wait()) FlightRecorder::instance().finish(info_.recorder_id);
+  if (info_.recorder_id && ends_record_on_wait())
+    FlightRecorder::instance().finish(info_.recorder_id);
 }
 
 namespace {
@@ -82,7 +92,8 @@ class CombinedWork final : public Work {
   }
   bool block(std::chrono::steady_clock::time_point deadline) override {
     for (auto& w : works_) {
-      auto left = std::chrono::duration_cast<Milliseconds>(deadline - std::chrono::steady_clock::now());
+      auto left =
+          std::chrono::duration_cast<Milliseconds>(deadline - std::chrono::steady_clock::now());
       w->wait(std::max(left, Milliseconds(0)));
     }
     return true;

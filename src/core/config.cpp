@@ -396,6 +396,8 @@ void validate(const JobConfig& c) {
                     c.optim().clip_grad());
   LOOM_CHECK_CONFIG(c.comm().timeout_s() > 0, "field 'comm.timeout_s' must be > 0, got {}",
                     c.comm().timeout_s());
+  LOOM_CHECK_CONFIG(c.comm().long_timeout_s() > 0,
+                    "field 'comm.long_timeout_s' must be > 0, got {}", c.comm().long_timeout_s());
   // The train section (the model's context bounds train.seq_len).
   {
     const auto& t = c.train();

@@ -10,19 +10,32 @@ namespace loom::mesh {
 
 const char* group_name(Group g) {
   switch (g) {
-    case Group::kTp: return "tp";
-    case Group::kCp: return "cp";
-    case Group::kDp: return "dp";
-    case Group::kDpCp: return "dp-cp";
-    case Group::kPp: return "pp";
-    case Group::kTpPp: return "tp-pp";
-    case Group::kTpCp: return "tp-cp";
-    case Group::kTpDpCp: return "tp-dp-cp";
-    case Group::kEmbedding: return "embedding";
-    case Group::kEp: return "ep";
-    case Group::kExpertTp: return "expert-tp";
-    case Group::kExpertDp: return "expert-dp";
-    case Group::kTpEp: return "tp-ep";
+    case Group::kTp:
+      return "tp";
+    case Group::kCp:
+      return "cp";
+    case Group::kDp:
+      return "dp";
+    case Group::kDpCp:
+      return "dp-cp";
+    case Group::kPp:
+      return "pp";
+    case Group::kTpPp:
+      return "tp-pp";
+    case Group::kTpCp:
+      return "tp-cp";
+    case Group::kTpDpCp:
+      return "tp-dp-cp";
+    case Group::kEmbedding:
+      return "embedding";
+    case Group::kEp:
+      return "ep";
+    case Group::kExpertTp:
+      return "expert-tp";
+    case Group::kExpertDp:
+      return "expert-dp";
+    case Group::kTpEp:
+      return "tp-ep";
   }
   return "?";
 }
@@ -31,14 +44,22 @@ std::vector<std::vector<int>> group_partition(const ParallelDims& dims, Group g)
   RankGenerator dense = dims.dense();
   RankGenerator expert = dims.expert();
   switch (g) {
-    case Group::kTp: return dense.groups("tp");
-    case Group::kCp: return dense.groups("cp");
-    case Group::kDp: return dense.groups("dp");
-    case Group::kDpCp: return dense.groups("dp-cp");
-    case Group::kPp: return dense.groups("pp");
-    case Group::kTpPp: return dense.groups("tp-pp");
-    case Group::kTpCp: return dense.groups("tp-cp");
-    case Group::kTpDpCp: return dense.groups("tp-dp-cp");
+    case Group::kTp:
+      return dense.groups("tp");
+    case Group::kCp:
+      return dense.groups("cp");
+    case Group::kDp:
+      return dense.groups("dp");
+    case Group::kDpCp:
+      return dense.groups("dp-cp");
+    case Group::kPp:
+      return dense.groups("pp");
+    case Group::kTpPp:
+      return dense.groups("tp-pp");
+    case Group::kTpCp:
+      return dense.groups("tp-cp");
+    case Group::kTpDpCp:
+      return dense.groups("tp-dp-cp");
     case Group::kEmbedding: {
       std::vector<std::vector<int>> out;
       for (const auto& pp : dense.groups("pp")) {
@@ -50,10 +71,14 @@ std::vector<std::vector<int>> group_partition(const ParallelDims& dims, Group g)
       }
       return out;
     }
-    case Group::kEp: return expert.groups("ep");
-    case Group::kExpertTp: return expert.groups("tp");
-    case Group::kExpertDp: return expert.groups("dp");
-    case Group::kTpEp: return expert.groups("tp-ep");
+    case Group::kEp:
+      return expert.groups("ep");
+    case Group::kExpertTp:
+      return expert.groups("tp");
+    case Group::kExpertDp:
+      return expert.groups("dp");
+    case Group::kTpEp:
+      return expert.groups("tp-ep");
   }
   LOOM_THROW(ErrorKind::kInternal, "unknown group kind {}", static_cast<int>(g));
 }
@@ -125,6 +150,13 @@ std::string ProcessGroups::coords_string() const {
   std::string s = fmt::format("tp{} cp{} dp{} pp{}", tp_rank_, cp_rank_, dp_rank_, pp_rank_);
   if (dims_.ep > 1) s += fmt::format(" ep{}", ep_rank_);
   return s;
+}
+
+void ProcessGroups::set_timeout_s(double seconds) const {
+  world_->set_timeout_s(seconds);
+  for (const auto& g : groups_) {
+    if (g) g->set_timeout_s(seconds);
+  }
 }
 
 }  // namespace loom::mesh

@@ -73,6 +73,9 @@ GradBuckets::GradBuckets(std::vector<Parameter>* params, comm::CommunicatorPtr d
 
 GradBuckets::~GradBuckets() {
   armed_ = false;
+  // After a timeout the job is ending: waiting for the abandoned all-reduces again would add a
+  // second timeout before the abort (their buffers stay alive in the Work until the process ends).
+  if (comm::Work::process_timed_out()) return;
   for (auto& b : buckets_) {
     if (b.work) {
       try {

@@ -42,6 +42,7 @@ Trainer::Trainer(const config::JobConfig& config, comm::CommunicatorPtr world,
                   dims.cp, dims.ep);
   groups_ = std::make_unique<mesh::ProcessGroups>(dims, world_);
   log::set_coordinates(groups_->coords_string());
+  set_long_timeouts(true);  // until the first step is done (Note: timeouts)
   const auto& t = config_.train();
   device_ = resolve_device(t.device());
   if (t.num_threads() > 0) at::set_num_threads(t.num_threads());
@@ -186,6 +187,13 @@ std::vector<at::Tensor> Trainer::full_gradients() const {
   return full;
 }
 
+// [Note: timeouts] comm.long_timeout_s while starting, in the first step and around checkpoint
+// writes and loads; comm.timeout_s otherwise, so that a stalled rank ends a running job quickly.
+void Trainer::set_long_timeouts(bool on) const {
+  const auto& c = config_.comm();
+  groups_->set_timeout_s(on ? std::max(c.long_timeout_s(), c.timeout_s()) : c.timeout_s());
+}
+
 // The last stage's losses (and every stage's aux) summed over the pipeline, then over DP.
 void Trainer::sum_over_pp_dp(at::Tensor& sums) const {
   comm::all_reduce_host(sums, groups_->pp_group().get());
@@ -244,6 +252,7 @@ StepMetrics Trainer::train_step() {
   optimizer_->step(m.lr);
   keep.commit();
   timers_.stop("optimizer");
+  if (history_.empty()) set_long_timeouts(false);  // the first step is done
   ++step_;
 
   m.seconds = clock.seconds();
@@ -283,14 +292,18 @@ std::string Trainer::save_checkpoint() {
   LOOM_CHECK_CONFIG(!t.checkpoint_dir().empty(),
                     "cannot save a checkpoint: field 'train.checkpoint_dir' is empty");
   // Full, unpadded tensors under their global names whatever the layout (Note: training state).
+  set_long_timeouts(true);  // rank 0 writes while the others wait
   last_checkpoint_ = state_->save(t.checkpoint_dir(), step_, {}, t.keep_checkpoints());
+  set_long_timeouts(history_.empty());
   sinks_->clear();
   LOOM_LOG_INFO("saved checkpoint {} (step {})", last_checkpoint_, step_);
   return last_checkpoint_;
 }
 
 void Trainer::load_checkpoint(const std::string& dir) {
+  set_long_timeouts(true);
   const checkpoint::RestoredState r = state_->load(dir);  // checked on every rank first
+  set_long_timeouts(history_.empty());
   step_ = r.step;
   if (r.consumed_samples != step_ * global_batch_) {
     LOOM_LOG_WARN(

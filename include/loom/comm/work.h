@@ -20,8 +20,8 @@ namespace loom::comm {
 class Work {
  public:
   struct Info {
-    std::string comm;        // communicator name
-    int64_t seq = 0;         // per-communicator sequence number
+    std::string comm;  // communicator name
+    int64_t seq = 0;   // per-communicator sequence number
     OpKind kind = OpKind::kBarrier;
     int64_t bytes = 0;
     double default_timeout_s = 600;
@@ -45,10 +45,15 @@ class Work {
   // "all_reduce #12 on 'tp' (4.0 MiB)" for messages.
   std::string describe() const;
 
+  // Set once any operation of this process timed out (a peer failed or stopped responding): the
+  // process is about to end, so pending operations abandoned by the unwinding are not waited for
+  // again (that used to add a second timeout before the abort).
+  static bool process_timed_out();
+
  protected:
-  // Backend hooks. test(): non-blocking completion test. block(deadline): wait until complete or the
-  // deadline passes; returns whether complete. on_complete_wait(): after completion, in wait() (NCCL
-  // orders the current stream here).
+  // Backend hooks. test(): non-blocking completion test. block(deadline): wait until complete or
+  // the deadline passes; returns whether complete. on_complete_wait(): after completion, in wait()
+  // (NCCL orders the current stream here).
   virtual bool test() = 0;
   virtual bool block(std::chrono::steady_clock::time_point deadline);
   virtual void on_complete_wait() {}

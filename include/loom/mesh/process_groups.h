@@ -1,8 +1,10 @@
-// ProcessGroups: this rank's coordinates in the layout and a communicator for every group a parallel
-// feature needs, all carved out of one world communicator by split (cached by member list).
+// ProcessGroups: this rank's coordinates in the layout and a communicator for every group a
+// parallel feature needs, all carved out of one world communicator by split (cached by member
+// list).
 //
 // Dense groups:  tp, cp, dp, dp_cp, pp, tp_pp (model parallel), tp_cp, tp_dp_cp (MoE global
-//                load-balancing counts), embedding (first and last pipeline stage of each pipeline).
+//                load-balancing counts), embedding (first and last pipeline stage of each
+//                pipeline).
 // Expert groups: ep, expert_tp, expert_dp, tp_ep (expert_tp x ep: the token dispatcher); the expert
 //                pipeline groups are identical to the dense ones (checked).
 // Groups that are the same partition of the ranks (e.g. dp and dp_cp when cp = 1) share one
@@ -18,8 +20,19 @@
 namespace loom::mesh {
 
 enum class Group {
-  kTp, kCp, kDp, kDpCp, kPp, kTpPp, kTpCp, kTpDpCp, kEmbedding,
-  kEp, kExpertTp, kExpertDp, kTpEp,
+  kTp,
+  kCp,
+  kDp,
+  kDpCp,
+  kPp,
+  kTpPp,
+  kTpCp,
+  kTpDpCp,
+  kEmbedding,
+  kEp,
+  kExpertTp,
+  kExpertDp,
+  kTpEp,
 };
 constexpr int kNumGroups = 13;
 const char* group_name(Group g);
@@ -36,6 +49,8 @@ class ProcessGroups {
   const ParallelDims& dims() const { return dims_; }
   int rank() const { return rank_; }  // world rank
   comm::CommunicatorPtr world() const { return world_; }
+  // Sets the timeout of the world and of every group (Communicator::set_timeout_s).
+  void set_timeout_s(double seconds) const;
 
   // The communicator of group `g` (nullptr for kEmbedding on a middle pipeline stage).
   comm::CommunicatorPtr group(Group g) const { return groups_[static_cast<int>(g)]; }

@@ -115,6 +115,7 @@ class Trainer {
   void build_executor();                               // schedule and step executor
   void log_setup(const model::ModelSpec& spec);
   void sum_over_pp_dp(at::Tensor& sums) const;  // collective over the pipeline and DP groups
+  void set_long_timeouts(bool on) const;        // Note: timeouts
 
   config::JobConfig config_;
   comm::CommunicatorPtr world_;
