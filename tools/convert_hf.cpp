@@ -60,12 +60,7 @@ int main(int argc, char** argv) {
           loom::config::ModelConfig model;
           if (to_hf) {
             const auto src = loom::checkpoint::load_checkpoint(cl.get("from"));
-            auto it = src.metadata.find("config");
-            LOOM_CHECK_KIND(loom::ErrorKind::kIO, it != src.metadata.end(),
-                            "checkpoint '{}' carries no config", cl.get("from"));
-            loom::config::JobConfig job;
-            loom::config::parse_text(it->second, cl.get("from") + " (config)", &job);
-            model = job.model();
+            model = loom::checkpoint::stored_config(src, cl.get("from")).model();
           } else {
             std::ifstream in(cl.get("from") + "/config.json");
             LOOM_CHECK_KIND(loom::ErrorKind::kIO, in.good(), "'{}' has no config.json",

@@ -5,14 +5,15 @@
 
 #include <algorithm>
 #include <cstring>
-#include <ctime>
 #include <filesystem>
 #include <vector>
 
 #include "loom/checkpoint/safetensors.h"
+#include "loom/core/config.h"
 #include "loom/core/error.h"
 #include "loom/core/fs.h"
 #include "loom/core/logging.h"
+#include "loom/core/timer.h"
 
 namespace loom::checkpoint {
 
@@ -158,11 +159,7 @@ std::vector<std::string> set_aside_newer(const std::string& root, int64_t step) 
     if (e.step > step) newer.push_back(std::move(e));
   }
   if (newer.empty()) return moved;
-  std::time_t now = std::time(nullptr);
-  std::tm tm{};
-  gmtime_r(&now, &tm);
-  char stamp[32];
-  std::strftime(stamp, sizeof(stamp), "%Y%m%d-%H%M%S", &tm);
+  const std::string stamp = utc_stamp();
   fs::path aside = fs::path(root) / fmt::format("abandoned-{}-after-step-{}", stamp, step);
   std::error_code ec;
   for (int k = 2; fs::exists(aside, ec); ++k) {
@@ -188,6 +185,15 @@ std::optional<std::string> resume_target(const std::string& resume, const std::s
   auto latest = latest_checkpoint(root);
   if (!latest) LOOM_LOG_INFO("no checkpoint under '{}': starting from step 0", root);
   return latest;
+}
+
+config::JobConfig stored_config(const CheckpointData& data, const std::string& dir) {
+  auto it = data.metadata.find("config");
+  LOOM_CHECK_KIND(ErrorKind::kIO, it != data.metadata.end(), "checkpoint '{}' carries no config",
+                  dir);
+  config::JobConfig job;
+  config::parse_text(it->second, dir + " (its stored config)", &job);
+  return job;
 }
 
 CheckpointData load_checkpoint(const std::string& dir) {

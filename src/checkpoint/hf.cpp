@@ -251,11 +251,7 @@ config::ModelConfig model_config_from_hf(const std::string& text) {
 
 void export_hf(const std::string& loom_checkpoint, const std::string& hf_dir) {
   CheckpointData data = load_checkpoint(loom_checkpoint);
-  auto it = data.metadata.find("config");
-  LOOM_CHECK_KIND(ErrorKind::kIO, it != data.metadata.end(), "checkpoint '{}' carries no config",
-                  loom_checkpoint);
-  config::JobConfig job;
-  config::parse_text(it->second, loom_checkpoint + " (config)", &job);
+  config::JobConfig job = stored_config(data, loom_checkpoint);
   model::ModelSpec spec = model::ModelSpec::from_config(job.model());
   TensorMap hf = to_hf(spec, data.model);
   const std::string json = hf_config_json(spec, "float32") + "\n";
@@ -302,11 +298,7 @@ void import_hf(const std::string& hf_dir, const std::string& loom_checkpoint) {
 
 at::Tensor checkpoint_logits(const std::string& loom_checkpoint, const at::Tensor& tokens) {
   CheckpointData data = load_checkpoint(loom_checkpoint);
-  auto it = data.metadata.find("config");
-  LOOM_CHECK_KIND(ErrorKind::kIO, it != data.metadata.end(), "checkpoint '{}' carries no config",
-                  loom_checkpoint);
-  config::JobConfig job;
-  config::parse_text(it->second, loom_checkpoint + " (config)", &job);
+  config::JobConfig job = stored_config(data, loom_checkpoint);
   job.mutable_model()->set_precision(config::ModelConfig::FP32);
   job.mutable_model()->set_recompute(config::ModelConfig::NO_RECOMPUTE);
   model::ModelSpec spec = model::ModelSpec::from_config(job.model());

@@ -3,7 +3,6 @@
 #include <ATen/CPUGeneratorImpl.h>
 #include <ATen/core/grad_mode.h>
 
-#include <algorithm>
 #include <exception>
 #include <mutex>
 
@@ -116,17 +115,12 @@ RestoredState TrainingState::load(const std::string& dir) {
       } else if (saved == data.metadata.end()) {
         LOOM_LOG_WARN("checkpoint '{}' stores no config: resuming without the config check", dir);
       } else {
-        config::JobConfig was;
-        config::parse_text(saved->second, dir + " (its stored config)", &was);
-        config::check_resume_config(was, *parts_.config, dir);
+        config::check_resume_config(stored_config(data, dir), *parts_.config, dir);
       }
       // The effective global batch (train.global_batch_size 0 derives it from the layout).
       auto gb = data.metadata.find("global_batch");
       const int64_t now = parts_.loader->options().global_batch;
-      const auto& allowed = parts_.config->train().allow_config_changes();
-      const bool allow =
-          std::find(allowed.begin(), allowed.end(), "train.global_batch_size") != allowed.end() ||
-          std::find(allowed.begin(), allowed.end(), "train") != allowed.end();
+      const bool allow = config::change_allowed(*parts_.config, "train.global_batch_size");
       LOOM_CHECK_CONFIG(
           gb == data.metadata.end() || allow || gb->second == std::to_string(now),
           "checkpoint '{}' was written with a global batch of {} sequences per step, "

@@ -462,6 +462,11 @@ std::vector<FieldChange> differences(const pb::Message& before, const pb::Messag
   return out;
 }
 
+bool change_allowed(const JobConfig& job, const std::string& path) {
+  const auto& a = job.train().allow_config_changes();
+  return under(path, std::vector<std::string>(a.begin(), a.end()));
+}
+
 void check_resume_config(const JobConfig& saved, const JobConfig& now,
                          const std::string& checkpoint) {
   // The schedule's horizon (optim.decay_steps 0) and the data's epoch count follow train.steps.

@@ -2,9 +2,20 @@
 
 #include <fmt/format.h>
 
+#include <ctime>
+
 #include "loom/core/error.h"
 
 namespace loom {
+
+std::string utc_stamp() {
+  std::time_t now = std::time(nullptr);
+  std::tm tm{};
+  gmtime_r(&now, &tm);
+  char buf[32];
+  std::strftime(buf, sizeof(buf), "%Y%m%d-%H%M%S", &tm);
+  return buf;
+}
 
 void Timers::start(const std::string& name) {
   Entry& e = entries_[name];

@@ -4,7 +4,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <ctime>
 #include <filesystem>
 #include <nlohmann/json.hpp>
 
@@ -14,18 +13,6 @@
 #include "loom/train/system.h"
 
 namespace loom::train {
-
-namespace {
-// 20261201-130102: when a file was set aside.
-std::string utc_stamp() {
-  std::time_t now = std::time(nullptr);
-  std::tm tm{};
-  gmtime_r(&now, &tm);
-  char buf[32];
-  std::strftime(buf, sizeof(buf), "%Y%m%d-%H%M%S", &tm);
-  return buf;
-}
-}  // namespace
 
 void MetricsSinks::start(int64_t first_step) {
   if (progress_) progress_->restart(first_step);

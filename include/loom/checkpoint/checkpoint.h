@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "loom/comm/communicator.h"
+#include "loom/config.pb.h"
 
 namespace loom::checkpoint {
 
@@ -57,6 +58,10 @@ std::vector<std::string> set_aside_newer(const std::string& root, int64_t step);
 // "latest" (the newest complete one under `root`, train.checkpoint_dir; none yet is logged and
 // starts from step 0, an empty `root` is a kConfig error).
 std::optional<std::string> resume_target(const std::string& resume, const std::string& root);
+
+// The job config a checkpoint stores (metadata "config"); `dir` names it in errors (kIO when it
+// has none).
+config::JobConfig stored_config(const CheckpointData& data, const std::string& dir);
 
 // Loads a checkpoint directory; a missing directory or file is a kIO error naming it.
 CheckpointData load_checkpoint(const std::string& dir);

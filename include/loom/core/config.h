@@ -58,6 +58,9 @@ std::vector<FieldChange> differences(const google::protobuf::Message& before,
 void check_resume_config(const JobConfig& saved, const JobConfig& now,
                          const std::string& checkpoint);
 
+// Whether train.allow_config_changes of `job` lists `path` or a section above it.
+bool change_allowed(const JobConfig& job, const std::string& path);
+
 // Field-level checks of a JobConfig (sizes >= 1, known names); throws kConfig naming the field.
 // Cross-field checks that need the world size live with their layer (mesh::ParallelDims).
 void validate(const JobConfig& config);

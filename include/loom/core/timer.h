@@ -8,6 +8,9 @@
 
 namespace loom {
 
+// The current UTC time as "20261201-130102": names of files and folders set aside.
+std::string utc_stamp();
+
 class Stopwatch {
  public:
   using Clock = std::chrono::steady_clock;
@@ -23,8 +26,8 @@ class Stopwatch {
 class Timers {
  public:
   struct Entry {
-    double total_s = 0;   // accumulated since the last reset
-    int64_t count = 0;    // start/stop pairs since the last reset
+    double total_s = 0;  // accumulated since the last reset
+    int64_t count = 0;   // start/stop pairs since the last reset
     bool running = false;
     Stopwatch::Clock::time_point started;
   };
