@@ -2,6 +2,7 @@
 
 #include <cstdlib>
 
+#include "loom/comm/desync.h"
 #include "loom/comm/flight_recorder.h"
 #include "loom/comm/local_communicator.h"
 #include "loom/core/error.h"
@@ -31,11 +32,13 @@ Bootstrap::Bootstrap(const BootstrapOptions& options, int* argc, char*** argv) {
   rank_ = world->rank();
   size_ = world->size();
   MPI_Comm node;
-  LOOM_CHECK_MPI(MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, rank_, MPI_INFO_NULL, &node));
+  LOOM_CHECK_MPI(
+      MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, rank_, MPI_INFO_NULL, &node));
   MPI_Comm_rank(node, &local_rank_);
   MPI_Comm_size(node, &local_size_);
   MPI_Comm_free(&node);
   world_ = world;
+  set_desync_channel(make_mpi_desync_channel());
   FlightRecorder::instance().set_abort_handler([](const std::string& report) {
     LOOM_LOG_ERROR("{}", report);
     log::logger().flush();
@@ -52,6 +55,10 @@ Bootstrap::Bootstrap(const BootstrapOptions& options, int* argc, char*** argv) {
 
 Bootstrap::~Bootstrap() {
   world_.reset();
+  if (auto channel = desync_channel()) {
+    channel->close();
+    set_desync_channel(nullptr);
+  }
 #ifdef LOOM_HAVE_MPI
   if (initialized_mpi_) {
     int finalized = 0;

@@ -1,6 +1,7 @@
 #include "loom/comm/communicator.h"
 
 #include <fmt/format.h>
+#include <fmt/ranges.h>
 
 #include <numeric>
 
@@ -83,7 +84,11 @@ void Communicator::check_peer(int peer, const char* op) const {
 Work::Info Communicator::begin(OpKind kind, int64_t bytes, std::string detail, bool async) {
   Work::Info info;
   info.comm = name_;
-  info.seq = seq_++;
+  // Collectives and point-to-point operations count separately (as in c10d): every member makes
+  // the same collectives in the same order, so their numbers agree across ranks and the desync
+  // report can compare them; sends and receives pair ranks and have their own count.
+  bool p2p = kind == OpKind::kSend || kind == OpKind::kRecv;
+  info.seq = p2p ? p2p_seq_++ : seq_++;
   info.kind = kind;
   info.bytes = bytes;
   info.default_timeout_s = timeout_s_;
@@ -91,8 +96,13 @@ Work::Info Communicator::begin(OpKind kind, int64_t bytes, std::string detail, b
   // Blocking calls are watched by the watchdog (they cannot time out by themselves); async ones
   // time out in Work::wait, or are watched when the backend has a thread-safe completion query.
   bool watched = !async || watchdog_watches_async();
-  info.recorder_id = FlightRecorder::instance().start(
-      name_, info.seq, kind, bytes, std::move(detail), watched ? timeout_s_ : 0.0);
+  if (recorder_key_name_ != name_ || recorder_key_.empty()) {
+    recorder_key_ = fmt::format("{}@{}", name_, fmt::join(world_ranks_, ","));
+    recorder_key_name_ = name_;
+  }
+  info.recorder_id =
+      FlightRecorder::instance().start(name_, recorder_key_, world_ranks_, info.seq, kind, bytes,
+                                       std::move(detail), watched ? timeout_s_ : 0.0);
   return info;
 }
 

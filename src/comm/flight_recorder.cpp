@@ -14,7 +14,7 @@ FlightRecorder& FlightRecorder::instance() {
   return recorder;
 }
 
-FlightRecorder::FlightRecorder() : ring_(kCapacity) {
+FlightRecorder::FlightRecorder() : ring_(kCapacity), last_end_(std::chrono::steady_clock::now()) {
   abort_handler_ = [](const std::string& report) {
     LOOM_LOG_ERROR("{}", report);
     log::logger().flush();
@@ -31,14 +31,16 @@ FlightRecorder::~FlightRecorder() {
   if (watchdog_.joinable()) watchdog_.join();
 }
 
-uint64_t FlightRecorder::start(const std::string& comm, int64_t seq, OpKind kind, int64_t bytes,
-                               std::string detail, double timeout_s,
+uint64_t FlightRecorder::start(const std::string& comm, const std::string& key,
+                               const std::vector<int>& members, int64_t seq, OpKind kind,
+                               int64_t bytes, std::string detail, double timeout_s,
                                std::function<bool()> is_done) {
   std::lock_guard<std::mutex> lock(mu_);
   uint64_t id = next_id_++;
   Entry& e = ring_[id % kCapacity];
   e.id = id;
   e.comm = comm;
+  e.key = key;
   e.seq = seq;
   e.kind = kind;
   e.bytes = bytes;
@@ -47,15 +49,34 @@ uint64_t FlightRecorder::start(const std::string& comm, int64_t seq, OpKind kind
   e.seconds = -1;
   e.timeout_s = timeout_s;
   e.is_done = std::move(is_done);
+  if (kind == OpKind::kSend || kind == OpKind::kRecv) return id;  // collectives only
+  auto [it, inserted] = progress_.try_emplace(key);
+  CommProgress& p = it->second;
+  if (inserted) p.members = members;
+  p.last_seq = seq;
+  p.last_kind = kind;
+  p.last_id = id;
+  p.last_done = false;
+  p.last_time = e.start;
   return id;
+}
+
+void FlightRecorder::mark_done(Entry& e, std::chrono::steady_clock::time_point now) {
+  e.seconds = std::chrono::duration<double>(now - e.start).count();
+  e.is_done = nullptr;
+  last_end_ = now;
+  auto it = progress_.find(e.key);
+  if (it != progress_.end() && it->second.last_id == e.id) {
+    it->second.last_done = true;
+    it->second.last_time = now;
+  }
 }
 
 void FlightRecorder::finish(uint64_t id) {
   std::lock_guard<std::mutex> lock(mu_);
   Entry& e = ring_[id % kCapacity];
-  if (e.id != id) return;  // overwritten by newer entries: nothing to mark
-  e.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - e.start).count();
-  e.is_done = nullptr;
+  if (e.id != id || e.seconds >= 0) return;  // overwritten, or already marked by the watchdog
+  mark_done(e, std::chrono::steady_clock::now());
 }
 
 void FlightRecorder::set_is_done(uint64_t id, std::function<bool()> is_done) {
@@ -65,7 +86,8 @@ void FlightRecorder::set_is_done(uint64_t id, std::function<bool()> is_done) {
 }
 
 namespace {
-std::string format_entry(const FlightRecorder::Entry& e, std::chrono::steady_clock::time_point now) {
+std::string format_entry(const FlightRecorder::Entry& e,
+                         std::chrono::steady_clock::time_point now) {
   double age = std::chrono::duration<double>(now - e.start).count();
   std::string state = e.seconds < 0 ? fmt::format("IN FLIGHT for {:.3f} s", age)
                                     : fmt::format("done in {:.6f} s", e.seconds);
@@ -88,6 +110,49 @@ std::string FlightRecorder::dump(size_t n) const {
     out += format_entry(e, now);
   }
   return out.empty() ? "  (none)" : out;
+}
+
+PeerProgress FlightRecorder::progress(const std::string& key) const {
+  std::lock_guard<std::mutex> lock(mu_);
+  auto now = std::chrono::steady_clock::now();
+  auto seconds = [&](std::chrono::steady_clock::time_point t) {
+    return std::chrono::duration<double>(now - t).count();
+  };
+  PeerProgress out;
+  auto it = progress_.find(key);
+  if (it != progress_.end()) {
+    const CommProgress& p = it->second;
+    out.knows_comm = true;
+    out.last_seq = p.last_seq;
+    out.last_kind = p.last_kind;
+    out.last_done = p.last_done;
+    out.since_last_s = seconds(p.last_time);
+  }
+  const Entry* oldest = nullptr;
+  for (const auto& e : ring_) {
+    if (e.id != 0 && e.seconds < 0 && (!oldest || e.id < oldest->id)) oldest = &e;
+  }
+  if (oldest) {
+    out.in_flight = fmt::format("{} seq={} on '{}' for {:.1f} s", op_kind_name(oldest->kind),
+                                oldest->seq, oldest->comm, seconds(oldest->start));
+  } else {
+    out.idle_s = seconds(last_end_);
+  }
+  return out;
+}
+
+std::optional<std::pair<std::string, StuckOp>> FlightRecorder::op_of(uint64_t id) const {
+  std::lock_guard<std::mutex> lock(mu_);
+  const Entry& e = ring_[id % kCapacity];
+  if (id == 0 || e.id != id) return std::nullopt;
+  auto it = progress_.find(e.key);
+  if (it == progress_.end()) return std::nullopt;
+  StuckOp op;
+  op.comm = e.comm;
+  op.members = it->second.members;
+  op.seq = e.seq;
+  op.kind = e.kind;
+  return std::make_pair(e.key, std::move(op));
 }
 
 std::vector<FlightRecorder::Entry> FlightRecorder::in_flight() const {
@@ -114,7 +179,15 @@ void FlightRecorder::watchdog_loop() {
   std::unique_lock<std::mutex> lock(mu_);
   while (!stop_.load()) {
     cv_.wait_for(lock, std::chrono::milliseconds(100));
-    if (stop_.load() || fired_) continue;
+    if (stop_.load()) continue;
+    // Answer the peers' desync questions (Note: desync report), also after this rank fired: its
+    // peers may be making their own reports.
+    if (auto channel = desync_channel()) {
+      lock.unlock();
+      channel->serve();
+      lock.lock();
+    }
+    if (fired_) continue;
     auto now = std::chrono::steady_clock::now();
     for (auto& e : ring_) {
       if (e.id == 0 || e.seconds >= 0 || e.timeout_s <= 0) continue;
@@ -128,8 +201,7 @@ void FlightRecorder::watchdog_loop() {
         if (done) {
           // Device work (NCCL) ends on the device, not in Work::wait: mark it here (the time is
           // known to within one watchdog period).
-          e.seconds = age;
-          e.is_done = nullptr;
+          mark_done(e, now);
           continue;
         }
       }
@@ -141,8 +213,11 @@ void FlightRecorder::watchdog_loop() {
           "collective. Recent operations of this rank:\n",
           process_rank(), op_kind_name(e.kind), e.seq, e.comm, e.bytes, e.detail, age, e.timeout_s);
       auto handler = abort_handler_;
+      uint64_t id = e.id;
+      double timeout_s = e.timeout_s;
       lock.unlock();
       report += dump(32);
+      report += explain_timeout(id, timeout_s);
       handler(report);
       lock.lock();
       break;

@@ -5,6 +5,7 @@
 #include <atomic>
 #include <thread>
 
+#include "loom/comm/desync.h"
 #include "loom/comm/flight_recorder.h"
 #include "loom/core/error.h"
 
@@ -46,8 +47,9 @@ void Work::wait(Milliseconds timeout) {
                       std::chrono::duration<double>(timeout_s));
   if (!test() && !block(deadline)) {
     g_timed_out = true;
-    LOOM_THROW(ErrorKind::kTimeout, "{} did not complete within {:.3f} s; recent operations:\n{}",
-               describe(), timeout_s, FlightRecorder::instance().dump(16));
+    LOOM_THROW(ErrorKind::kTimeout, "{} did not complete within {:.3f} s; recent operations:\n{}{}",
+               describe(), timeout_s, FlightRecorder::instance().dump(16),
+               explain_timeout(info_.recorder_id, timeout_s));
   }
   on_complete_wait();
   complete();

@@ -1,6 +1,7 @@
 #include "loom/train/fault.h"
 
 #include <chrono>
+#include <csignal>
 #include <cstdio>
 #include <cstdlib>
 #include <sstream>
@@ -23,8 +24,8 @@ int64_t parse_int(const std::string& key, const std::string& v, int64_t min) {
   } catch (const std::exception&) {
     used = 0;
   }
-  LOOM_CHECK_CONFIG(used == v.size() && !v.empty() && x >= min, "{}: '{}={}' needs an integer >= {}", kVar, key, v,
-                    min);
+  LOOM_CHECK_CONFIG(used == v.size() && !v.empty() && x >= min,
+                    "{}: '{}={}' needs an integer >= {}", kVar, key, v, min);
   return x;
 }
 }  // namespace
@@ -36,8 +37,8 @@ FaultInjection FaultInjection::parse(const std::string& spec) {
   std::string item;
   while (std::getline(ss, item, ',')) {
     const size_t eq = item.find('=');
-    LOOM_CHECK_CONFIG(eq != std::string::npos, "{}='{}': '{}' is not key=value (keys: rank, step, kind)", kVar, spec,
-                      item);
+    LOOM_CHECK_CONFIG(eq != std::string::npos,
+                      "{}='{}': '{}' is not key=value (keys: rank, step, kind)", kVar, spec, item);
     const std::string key = item.substr(0, eq), value = item.substr(eq + 1);
     if (key == "rank") {
       f.rank = static_cast<int>(parse_int(key, value, 0));
@@ -50,17 +51,22 @@ FaultInjection FaultInjection::parse(const std::string& spec) {
         f.kind = Kind::kExit;
       } else if (value == "hang") {
         f.kind = Kind::kHang;
+      } else if (value == "stop") {
+        f.kind = Kind::kStop;
       } else if (value == "error") {
         f.kind = Kind::kError;
       } else {
-        LOOM_THROW(ErrorKind::kConfig, "{}: kind '{}' is not one of exit, hang, error", kVar, value);
+        LOOM_THROW(ErrorKind::kConfig, "{}: kind '{}' is not one of exit, hang, stop, error", kVar,
+                   value);
       }
       have_kind = true;
     } else {
-      LOOM_THROW(ErrorKind::kConfig, "{}='{}': unknown key '{}' (keys: rank, step, kind)", kVar, spec, key);
+      LOOM_THROW(ErrorKind::kConfig, "{}='{}': unknown key '{}' (keys: rank, step, kind)", kVar,
+                 spec, key);
     }
   }
-  LOOM_CHECK_CONFIG(have_rank && have_step && have_kind, "{}='{}' needs rank=, step= and kind=", kVar, spec);
+  LOOM_CHECK_CONFIG(have_rank && have_step && have_kind,
+                    "{}='{}' needs rank=, step= and kind=", kVar, spec);
   return f;
 }
 
@@ -82,8 +88,16 @@ void FaultInjection::maybe_trigger(int world_rank, int64_t current_step) const {
       LOOM_LOG_ERROR("fault injection ({}): rank {} stops responding at step {}", kVar, rank, step);
       log::logger().flush();
       for (;;) std::this_thread::sleep_for(std::chrono::hours(1));
+    case Kind::kStop:
+      LOOM_LOG_ERROR("fault injection ({}): rank {} stops itself (SIGSTOP) at step {}", kVar, rank,
+                     step);
+      log::logger().flush();
+      std::fflush(nullptr);
+      std::raise(SIGSTOP);
+      for (;;) std::this_thread::sleep_for(std::chrono::hours(1));  // if continued (SIGCONT)
     case Kind::kError:
-      LOOM_THROW(ErrorKind::kInternal, "fault injection ({}): rank {} fails at step {}", kVar, rank, step);
+      LOOM_THROW(ErrorKind::kInternal, "fault injection ({}): rank {} fails at step {}", kVar, rank,
+                 step);
   }
 }
 

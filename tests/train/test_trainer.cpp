@@ -681,7 +681,7 @@ TEST(FaultInjection, ParsesAndRefusesMalformedValues) {
   bad("rank=1,step=2", "LOOM_FAULT_INJECT='rank=1,step=2' needs rank=, step= and kind=");
   bad("rank=1,step=0,kind=exit", "'step=0' needs an integer >= 1");
   bad("rank=x,step=2,kind=exit", "'rank=x' needs an integer >= 0");
-  bad("rank=1,step=2,kind=crash", "kind 'crash' is not one of exit, hang, error");
+  bad("rank=1,step=2,kind=crash", "kind 'crash' is not one of exit, hang, stop, error");
   bad("rank=1,step=2,kind=exit,when=now", "unknown key 'when'");
   bad("rank", "'rank' is not key=value");
   // error: thrown on the named rank and step only.

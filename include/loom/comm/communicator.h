@@ -139,7 +139,11 @@ class Communicator : public std::enable_shared_from_this<Communicator> {
   std::vector<int> world_ranks_;
   std::string name_;
   double timeout_s_;
-  int64_t seq_ = 0;
+  int64_t seq_ = 0;      // collectives
+  int64_t p2p_seq_ = 0;  // sends and receives
+  // "name@world ranks": the FlightRecorder's key of this communicator (Note: desync report).
+  std::string recorder_key_;
+  std::string recorder_key_name_;
   std::shared_ptr<CommStats> stats_;
   std::mutex split_mu_;
   std::map<std::vector<int>, std::weak_ptr<Communicator>> split_cache_;

@@ -9,6 +9,7 @@
 #include <mpi.h>
 
 #include "loom/comm/communicator.h"
+#include "loom/comm/desync.h"
 
 namespace loom::comm {
 
@@ -48,7 +49,11 @@ class MpiCommunicator final : public Communicator {
                   std::vector<std::vector<int>> arrays = {});
 
   MPI_Comm comm_;
-  bool owned_;   // MPI_Comm_free on destruction (not for MPI_COMM_WORLD)
+  bool owned_;  // MPI_Comm_free on destruction (not for MPI_COMM_WORLD)
 };
+
+// The side channel of the desync report over a duplicate of MPI_COMM_WORLD (collective over the
+// world; Bootstrap makes it).
+std::shared_ptr<DesyncChannel> make_mpi_desync_channel();
 
 }  // namespace loom::comm

@@ -21,7 +21,7 @@ class Work {
  public:
   struct Info {
     std::string comm;  // communicator name
-    int64_t seq = 0;   // per-communicator sequence number
+    int64_t seq = 0;   // per communicator; collectives and p2p count apart
     OpKind kind = OpKind::kBarrier;
     int64_t bytes = 0;
     double default_timeout_s = 600;

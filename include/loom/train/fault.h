@@ -6,6 +6,8 @@
 // are waiting for gradients. K is
 //   exit   the process ends at once with status 17, without MPI_Finalize (as a crash would);
 //   hang   the process stops responding (sleeps until killed), as a stuck kernel or NIC would;
+//   stop   the whole process is stopped (SIGSTOP: every thread, the watchdog too), as a node that
+//          stalls would;
 //   error  a loom::Error is thrown on that rank only, which the launcher turns into an abort.
 // Unset: no fault. A malformed value is a kConfig error naming the variable and the bad part.
 #pragma once
@@ -17,7 +19,7 @@
 namespace loom::train {
 
 struct FaultInjection {
-  enum class Kind { kExit, kHang, kError };
+  enum class Kind { kExit, kHang, kStop, kError };
   int rank = 0;
   int64_t step = 1;
   Kind kind = Kind::kError;
