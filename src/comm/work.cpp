@@ -8,6 +8,7 @@
 #include "loom/comm/desync.h"
 #include "loom/comm/flight_recorder.h"
 #include "loom/core/error.h"
+#include "loom/core/trace.h"
 
 namespace loom::comm {
 
@@ -66,8 +67,13 @@ void Work::complete() {
   completed_ = true;
   for (auto& fn : finalizers_) fn();
   finalizers_.clear();
-  double seconds =
-      std::chrono::duration<double>(std::chrono::steady_clock::now() - info_.start).count();
+  const auto now = std::chrono::steady_clock::now();
+  double seconds = std::chrono::duration<double>(now - info_.start).count();
+  if (trace::on()) {  // Note: traces
+    trace::async_slice("comm", info_.comm,
+                       fmt::format("{} #{}", op_kind_name(info_.kind), info_.seq), info_.start, now,
+                       fmt::format("{{\"bytes\":{}}}", info_.bytes));
+  }
   if (stats_) stats_->record(info_.kind, info_.bytes, seconds);
   if (info_.recorder_id && ends_record_on_wait())
     FlightRecorder::instance().finish(info_.recorder_id);

@@ -13,6 +13,7 @@
 
 #include "loom/core/error.h"
 #include "loom/core/logging.h"
+#include "loom/core/trace.h"
 
 namespace loom::config {
 namespace pb = google::protobuf;
@@ -442,6 +443,14 @@ void validate(const JobConfig& c) {
   } catch (const Error& e) {
     LOOM_THROW(ErrorKind::kConfig, "field 'logging.level': {}", e.message());
   }
+  const auto& l = c.logging();
+  trace::parse_steps(l.trace_steps(), "logging.trace_steps");
+  LOOM_CHECK_CONFIG(l.straggler_every() >= 0,
+                    "field 'logging.straggler_every' must be >= 0, got {}", l.straggler_every());
+  LOOM_CHECK_CONFIG(
+      l.straggler_factor() > 1.0,
+      "field 'logging.straggler_factor' must be > 1 (a multiple of the median), got {}",
+      l.straggler_factor());
 }
 
 std::vector<FieldChange> differences(const pb::Message& before, const pb::Message& after,

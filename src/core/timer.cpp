@@ -5,6 +5,7 @@
 #include <ctime>
 
 #include "loom/core/error.h"
+#include "loom/core/trace.h"
 
 namespace loom {
 
@@ -29,7 +30,9 @@ void Timers::stop(const std::string& name) {
   LOOM_CHECK(it != entries_.end() && it->second.running, "timer '{}' stopped but not running",
              name);
   Entry& e = it->second;
-  e.total_s += std::chrono::duration<double>(Stopwatch::Clock::now() - e.started).count();
+  const auto now = Stopwatch::Clock::now();
+  e.total_s += std::chrono::duration<double>(now - e.started).count();
+  if (trace::on()) trace::slice("phase", name, e.started, now);  // Note: traces
   e.count += 1;
   e.running = false;
 }

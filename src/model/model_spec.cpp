@@ -172,73 +172,83 @@ int64_t ModelSpec::num_moe_layers() const {
 }
 
 namespace {
-// Weights and biases of one layer's parts. `active` counts only what one token uses.
+// Weights and biases of one layer's parts. `active` counts only what one token uses. Doubles: the
+// up-front memory check must count models far too large to build without overflowing (exact up to
+// 2^53 parameters).
 struct LayerCount {
-  int64_t params = 0;
-  int64_t active = 0;
-  int64_t matmul = 0;  // weights one token multiplies by (no norms, biases or lookups)
+  double params = 0;
+  double active = 0;
+  double matmul = 0;  // weights one token multiplies by (no norms, biases or lookups)
 };
 
-int64_t mlp_params(const ModelSpec& s, int64_t ffn) {
-  int64_t in = (s.swiglu ? 2 : 1) * ffn * s.hidden + (s.bias ? (s.swiglu ? 2 : 1) * ffn : 0);
-  int64_t out = ffn * s.hidden + (s.bias ? s.hidden : 0);
+double mlp_params(const ModelSpec& s, double ffn) {
+  const double h = static_cast<double>(s.hidden);
+  double in = (s.swiglu ? 2 : 1) * ffn * h + (s.bias ? (s.swiglu ? 2 : 1) * ffn : 0);
+  double out = ffn * h + (s.bias ? h : 0);
   return in + out;
 }
 
 LayerCount layer_count(const ModelSpec& s, int64_t layer) {
-  const int64_t norm = s.norm == NormKind::kLayerNorm ? 2 * s.hidden : s.hidden;
-  const int64_t qkv_out = (s.num_heads + 2 * s.num_kv_heads) * s.head_dim;
-  int64_t attn = qkv_out * s.hidden + s.num_heads * s.head_dim * s.hidden;
-  if (s.bias) attn += qkv_out + s.hidden;
+  const double h = static_cast<double>(s.hidden);
+  const double norm = s.norm == NormKind::kLayerNorm ? 2 * h : h;
+  const double qkv_out = static_cast<double>(s.num_heads + 2 * s.num_kv_heads) * s.head_dim;
+  const double attn_out = static_cast<double>(s.num_heads) * s.head_dim;
+  double attn = qkv_out * h + attn_out * h;
+  if (s.bias) attn += qkv_out + h;
   LayerCount c;
   c.params = 2 * norm + attn;
   c.active = c.params;
-  c.matmul = qkv_out * s.hidden + s.num_heads * s.head_dim * s.hidden;
+  c.matmul = qkv_out * h + attn_out * h;
   if (s.is_moe_layer(layer)) {
-    const int64_t expert = 3 * s.moe.expert_ffn * s.hidden;
-    const int64_t shared = s.moe.num_shared_experts > 0
-                               ? 3 * s.moe.shared_ffn * s.moe.num_shared_experts * s.hidden
-                               : 0;
-    const int64_t router = s.moe.num_experts * s.hidden;
+    const double expert = 3.0 * s.moe.expert_ffn * h;
+    const double shared =
+        s.moe.num_shared_experts > 0 ? 3.0 * s.moe.shared_ffn * s.moe.num_shared_experts * h : 0;
+    const double router = s.moe.num_experts * h;
     c.params += router + s.moe.num_experts * expert + shared;
     c.active += router + s.moe.top_k * expert + shared;
     c.matmul += router + s.moe.top_k * expert + shared;
   } else {
-    c.params += mlp_params(s, s.ffn);
-    c.active += mlp_params(s, s.ffn);
-    c.matmul += (s.swiglu ? 3 : 2) * s.ffn * s.hidden;
+    const double ffn = static_cast<double>(s.ffn);
+    c.params += mlp_params(s, ffn);
+    c.active += mlp_params(s, ffn);
+    c.matmul += (s.swiglu ? 3 : 2) * ffn * h;
   }
   return c;
 }
 }  // namespace
 
+ModelSpec::ParameterSplit ModelSpec::parameter_split() const {
+  const double h = static_cast<double>(hidden);
+  ParameterSplit p;
+  p.embedding =
+      static_cast<double>(vocab_size) * h + (rope ? 0 : static_cast<double>(max_seq_len) * h);
+  for (int64_t i = 0; i < num_layers; ++i) p.layers += layer_count(*this, i).params;
+  p.final_norm = norm == NormKind::kLayerNorm ? 2 * h : h;
+  p.head = tie_embeddings ? 0 : static_cast<double>(vocab_size) * h;
+  return p;
+}
+
 int64_t ModelSpec::num_embedding_parameters() const {
-  return vocab_size * hidden + (rope ? 0 : max_seq_len * hidden);
+  return static_cast<int64_t>(parameter_split().embedding);
 }
 
 int64_t ModelSpec::num_parameters() const {
-  int64_t n = num_embedding_parameters();
-  for (int64_t i = 0; i < num_layers; ++i) n += layer_count(*this, i).params;
-  n += norm == NormKind::kLayerNorm ? 2 * hidden : hidden;  // final norm
-  if (!tie_embeddings) n += vocab_size * hidden;
-  return n;
+  return static_cast<int64_t>(parameter_split().total());
 }
 
 int64_t ModelSpec::num_active_parameters() const {
-  int64_t n = num_embedding_parameters();
+  ParameterSplit p = parameter_split();
+  double n = p.embedding + p.final_norm + p.head;
   for (int64_t i = 0; i < num_layers; ++i) n += layer_count(*this, i).active;
-  n += norm == NormKind::kLayerNorm ? 2 * hidden : hidden;
-  if (!tie_embeddings) n += vocab_size * hidden;
-  return n;
+  return static_cast<int64_t>(n);
 }
 
 namespace {
 // Weights a token multiplies by: every layer's matmuls (top_k of the routed experts) and the output
 // head, which is a real matmul even when it shares the embedding's storage.
 double matmul_weights(const ModelSpec& spec) {
-  double matmul = static_cast<double>(spec.vocab_size * spec.hidden);
-  for (int64_t i = 0; i < spec.num_layers; ++i)
-    matmul += static_cast<double>(layer_count(spec, i).matmul);
+  double matmul = static_cast<double>(spec.vocab_size) * static_cast<double>(spec.hidden);
+  for (int64_t i = 0; i < spec.num_layers; ++i) matmul += layer_count(spec, i).matmul;
   return matmul;
 }
 }  // namespace

@@ -1,5 +1,6 @@
 #include "loom/parallel/pipeline.h"
 
+#include <fmt/format.h>
 #include <torch/csrc/autograd/engine.h>
 #include <torch/csrc/autograd/variable.h>
 
@@ -10,6 +11,7 @@
 
 #include "loom/core/error.h"
 #include "loom/core/timer.h"
+#include "loom/core/trace.h"
 #include "loom/parallel/weight_grad_store.h"
 
 namespace loom::parallel::pipeline {
@@ -61,6 +63,13 @@ PipelineRunner::PipelineRunner(const ScheduleOptions& options, comm::Communicato
       options_.microbatches, options_.chunks, kMaxTag + 1);
 }
 
+namespace {
+// "F mb=3 chunk=1": a pass's slice in the trace (Note: traces).
+std::string pass_name(const char* pass, const Action& a) {
+  return fmt::format("{} mb={} chunk={}", pass, a.microbatch, a.chunk);
+}
+}  // namespace
+
 int PipelineRunner::tag(int direction, int chunk, int mb) const {
   return (direction * options_.chunks + chunk) * options_.microbatches + mb;
 }
@@ -69,6 +78,13 @@ at::Tensor PipelineRunner::receive(const RunnerCallbacks& cb, int direction, int
                                    RunnerStats& stats) {
   at::Tensor buf = at::empty(cb.shape(mb), cb.activation_options);
   Stopwatch wait;
+  trace::Span span(
+      "pipeline",
+      [&] {
+        return fmt::format("wait {} mb={} chunk={}",
+                           direction == kForwardDir ? "activations" : "gradient", mb, chunk);
+      },
+      0);
   wait_for(buf, direction, chunk, mb);
   stats.recv_wait_s += wait.seconds();
   ++stats.recvs;
@@ -131,7 +147,11 @@ RunnerStats PipelineRunner::run(const RunnerCallbacks& cb) {
         sv.input = receive(cb, kForwardDir, a.chunk, a.microbatch, stats).requires_grad_(true);
       }
       Stopwatch compute;
+      std::optional<trace::Span> span;
+      span.emplace(
+          "compute", [&] { return pass_name("F", a); }, 0);
       ChunkOutput out = cb.forward(a.chunk, a.microbatch, sv.input);
+      span.reset();
       stats.forward_s += compute.seconds();
       sv.last_stage = s == last_vs;
       if (!sv.last_stage) {
@@ -166,6 +186,8 @@ RunnerStats PipelineRunner::run(const RunnerCallbacks& cb) {
       Stopwatch compute;
       const bool split = options_.split_backward();
       {
+        trace::Span span(
+            "compute", [&] { return pass_name(split ? "B (input)" : "B", a); }, 0);
         // Split: the whole backward except the deferred weight GEMMs (Note: deferred weight
         // gradients).
         std::optional<WeightGradStore::Capture> capture;
@@ -191,6 +213,8 @@ RunnerStats PipelineRunner::run(const RunnerCallbacks& cb) {
     // W: the weight gradients B deferred.
     Stopwatch compute;
     stats.deferred_grads += static_cast<int64_t>(sv.deferred.size());
+    trace::Span span(
+        "compute", [&] { return pass_name("W", a); }, 0);
     WeightGradStore::run(sv.deferred);
     stats.backward_s += compute.seconds();
     saved.erase(it);
@@ -221,6 +245,8 @@ RunnerStats PipelineRunner::forward_only(const RunnerCallbacks& cb, int microbat
       at::Tensor input;
       if (s > 0) input = receive(cb, kForwardDir, c, mb, stats);
       Stopwatch compute;
+      trace::Span span(
+          "compute", [&] { return fmt::format("F mb={} chunk={} (eval)", mb, c); }, 0);
       ChunkOutput out = cb.forward(c, mb, input);
       stats.forward_s += compute.seconds();
       if (s != last_vs) {

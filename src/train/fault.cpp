@@ -53,11 +53,13 @@ FaultInjection FaultInjection::parse(const std::string& spec) {
         f.kind = Kind::kHang;
       } else if (value == "stop") {
         f.kind = Kind::kStop;
+      } else if (value == "slow") {
+        f.kind = Kind::kSlow;
       } else if (value == "error") {
         f.kind = Kind::kError;
       } else {
-        LOOM_THROW(ErrorKind::kConfig, "{}: kind '{}' is not one of exit, hang, stop, error", kVar,
-                   value);
+        LOOM_THROW(ErrorKind::kConfig, "{}: kind '{}' is not one of exit, hang, stop, slow, error",
+                   kVar, value);
       }
       have_kind = true;
     } else {
@@ -77,7 +79,8 @@ std::optional<FaultInjection> FaultInjection::from_env() {
 }
 
 void FaultInjection::maybe_trigger(int world_rank, int64_t current_step) const {
-  if (world_rank != rank || current_step != step) return;
+  if (world_rank != rank) return;
+  if (kind == Kind::kSlow ? current_step < step : current_step != step) return;
   switch (kind) {
     case Kind::kExit:
       LOOM_LOG_ERROR("fault injection ({}): rank {} exits at step {}", kVar, rank, step);
@@ -95,6 +98,13 @@ void FaultInjection::maybe_trigger(int world_rank, int64_t current_step) const {
       std::fflush(nullptr);
       std::raise(SIGSTOP);
       for (;;) std::this_thread::sleep_for(std::chrono::hours(1));  // if continued (SIGCONT)
+    case Kind::kSlow:
+      if (current_step == step) {
+        LOOM_LOG_WARN("fault injection ({}): rank {} is 0.2 s slower per step from step {}", kVar,
+                      rank, step);
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(200));
+      return;
     case Kind::kError:
       LOOM_THROW(ErrorKind::kInternal, "fault injection ({}): rank {} fails at step {}", kVar, rank,
                  step);

@@ -6,6 +6,7 @@
 
 #include <cmath>
 #include <cstring>
+#include <filesystem>
 #include <optional>
 
 #include "loom/checkpoint/checkpoint.h"
@@ -14,11 +15,16 @@
 #include "loom/core/config.h"
 #include "loom/core/error.h"
 #include "loom/core/logging.h"
+#include "loom/core/trace.h"
 #include "loom/mesh/parallel_dims.h"
+#include "loom/train/memory_estimate.h"
 #include "loom/train/signals.h"
+#include "loom/train/straggler.h"
 #include "loom/train/system.h"
 
 namespace loom::train {
+
+namespace fs = std::filesystem;
 
 namespace {
 // NaN prints as "NaN" whatever its sign bit (which BLAS kernels do not agree on).
@@ -46,6 +52,7 @@ Trainer::Trainer(const config::JobConfig& config, comm::CommunicatorPtr world,
   const auto& t = config_.train();
   device_ = resolve_device(t.device());
   if (t.num_threads() > 0) at::set_num_threads(t.num_threads());
+  trace_steps_ = trace::parse_steps(config_.logging().trace_steps(), "logging.trace_steps");
   fault_ = FaultInjection::from_env();
   if (fault_ && fault_->rank == world_->rank()) {
     LOOM_LOG_WARN("LOOM_FAULT_INJECT is set: this rank will fail at step {}", fault_->step);
@@ -56,13 +63,21 @@ Trainer::Trainer(const config::JobConfig& config, comm::CommunicatorPtr world,
         "faulted in each step");
   }
   const model::ModelSpec spec = model::ModelSpec::from_config(config_.model());
+  // Before anything is allocated (Note: memory estimate).
+  const int local_ranks = local_ranks_from_env();
+  check_memory(estimate_memory(spec, config_, dims), available_memory(device_, local_ranks),
+               device_, local_ranks);
   // The pieces of a step (DESIGN: the trainer builds them and calls them in order).
   build_data(spec);
   build_model(spec);
   build_optimizer(spec);
   build_executor();
-  peak_flops_ = t.peak_tflops() > 0 ? t.peak_tflops() * 1e12
-                                    : probe_matmul_flops(device_, spec.compute_dtype);
+  // The measured ceiling is the best any rank reached: a rank disturbed while probing (ranks
+  // sharing cores, a neighbour still loading data) would otherwise log an MFU above 100%.
+  peak_flops_ = t.peak_tflops() > 0
+                    ? t.peak_tflops() * 1e12
+                    : comm::all_reduce_scalar(probe_matmul_flops(device_, spec.compute_dtype),
+                                              world_.get(), comm::ReduceOp::kMax);
   MetricsContext ctx;
   ctx.total_steps = t.steps();
   ctx.log_every = t.log_every();
@@ -187,6 +202,64 @@ std::vector<at::Tensor> Trainer::full_gradients() const {
   return full;
 }
 
+// Note: stragglers. Collective over the world every logging.straggler_every steps.
+void Trainer::check_stragglers(const StepMetrics& m) {
+  const auto& l = config_.logging();
+  straggler_sums_[0] += m.forward_s + m.backward_s;
+  straggler_sums_[1] += m.data_s;
+  straggler_sums_[2] += m.optimizer_s;
+  // The rest of the step outside the waits for other ranks: host overhead, and whatever a slow
+  // node does between the measured phases.
+  straggler_sums_[3] += std::max(0.0, m.seconds - m.forward_s - m.backward_s - m.data_s -
+                                          m.optimizer_s - m.comm_s - m.pp_wait_s);
+  ++straggler_steps_;
+  if (l.straggler_every() <= 0 || m.step % l.straggler_every() != 0 || world_->size() < 2) return;
+  constexpr int kCols = 5;  // stage, compute, data, optimizer, other
+  at::Tensor t = at::zeros({world_->size(), kCols}, at::kDouble);
+  auto* row = t.data_ptr<double>() + static_cast<int64_t>(world_->rank()) * kCols;
+  row[0] = groups_->pp_rank();
+  for (int i = 0; i < kCols - 1; ++i)
+    row[i + 1] = straggler_sums_[i] / static_cast<double>(straggler_steps_);
+  comm::all_reduce_host(t, world_.get());
+  straggler_sums_ = {};
+  straggler_steps_ = 0;
+  if (world_->rank() != 0) return;
+  std::vector<RankTimes> ranks(static_cast<size_t>(world_->size()));
+  const double* d = t.data_ptr<double>();
+  for (int r = 0; r < world_->size(); ++r) {
+    ranks[r].world_rank = r;
+    ranks[r].group = static_cast<int>(d[r * kCols]);
+    ranks[r].phases.assign(d + r * kCols + 1, d + (r + 1) * kCols);
+  }
+  for (const auto& line :
+       find_stragglers(ranks, {"compute", "data", "optimizer", "other"}, l.straggler_factor())) {
+    LOOM_LOG_WARN("straggler over steps {}-{}: {}", m.step - l.straggler_every() + 1, m.step, line);
+  }
+}
+
+// Note: traces. A trace that cannot be written is a warning: it never ends the training.
+void Trainer::write_trace() const {
+  const auto& l = config_.logging();
+  const fs::path dir = !l.trace_dir().empty() ? fs::path(l.trace_dir())
+                       : !l.dir().empty()     ? fs::path(l.dir()) / "traces"
+                                              : fs::path("traces");
+  const fs::path path = dir / fmt::format("rank-{}.steps-{}-{}.json", world_->rank(),
+                                          trace_steps_->first, trace_steps_->second);
+  try {
+    fs::create_directories(dir);
+    const size_t n = trace::stop_and_write(path.string());
+    if (world_->rank() == 0) {
+      LOOM_LOG_INFO(
+          "trace of steps {}-{}: {} slices in {} (one file per rank; open them in "
+          "ui.perfetto.dev)",
+          trace_steps_->first, trace_steps_->second, n, path.string());
+    }
+  } catch (const std::exception& e) {
+    LOOM_LOG_WARN("the trace of steps {}-{} was not written to {}: {}", trace_steps_->first,
+                  trace_steps_->second, path.string(), e.what());
+  }
+}
+
 // [Note: timeouts] comm.long_timeout_s while starting, in the first step and around checkpoint
 // writes and loads; comm.timeout_s otherwise, so that a stalled rank ends a running job quickly.
 void Trainer::set_long_timeouts(bool on) const {
@@ -205,6 +278,11 @@ StepMetrics Trainer::train_step() {
   timers_.reset();
   StepMetrics m;
   m.step = step_ + 1;
+  if (trace_steps_ && m.step == trace_steps_->first) {  // Note: traces
+    trace::start(world_->rank(),
+                 fmt::format("rank {} ({})", world_->rank(), groups_->coords_string()));
+  }
+  const auto step_start = trace::Clock::now();
   timers_.start("data");
   // This rank's plan and micro-batches (Note: step plan); N and the micro-batch count over all DP
   // ranks come with the plan, computed without communication.
@@ -256,6 +334,9 @@ StepMetrics Trainer::train_step() {
   ++step_;
 
   m.seconds = clock.seconds();
+  if (trace::on())
+    trace::slice("step", fmt::format("step {}", m.step), step_start, trace::Clock::now());
+  if (trace_steps_ && m.step == trace_steps_->second) write_trace();
   m.data_s = timers_.elapsed("data");
   m.comm_s = timers_.elapsed("comm");
   m.optimizer_s = timers_.elapsed("optimizer");
@@ -264,7 +345,16 @@ StepMetrics Trainer::train_step() {
   const double flops =
       chunks_.front()->spec().step_flops(total_tokens, data.plan.sequence_tokens_sq);
   add_performance(m, flops, world_->size(), peak_flops_, device_);
+  if (m.mfu > 1.0 && !warned_mfu_) {
+    warned_mfu_ = true;
+    LOOM_LOG_WARN(
+        "step {}: MFU {:.0f}% is above 100%: the peak it is measured against ({:.3g} TFLOP/s, {}) "
+        "is below what this step achieved; set train.peak_tflops to the device's peak",
+        m.step, 100 * m.mfu, peak_flops_ / 1e12,
+        config_.train().peak_tflops() > 0 ? "train.peak_tflops" : "a GEMM probe at start-up");
+  }
   add_moe_stats(m, chunks_, groups_->pp_size() > 1 ? groups_->pp_group().get() : nullptr);
+  check_stragglers(m);
   history_.push_back(m);
   return m;
 }

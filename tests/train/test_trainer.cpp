@@ -20,6 +20,8 @@
 #include "loom/core/logging.h"
 #include "loom/data/loader.h"
 #include "loom/train/executor.h"
+#include "loom/train/memory_estimate.h"
+#include "loom/train/straggler.h"
 #include "loom/train/trainer.h"
 #include "test_world.h"
 #include "trainer_fixture.h"
@@ -620,6 +622,62 @@ TEST(Metrics, SummaryAndPerformanceAreTheClosedForms) {
   EXPECT_EQ(s.checkpoint, "ckpt");
 }
 
+// [Note: memory estimate] The state part is exact: the parameters a Trainer builds, and closed
+// forms for the optimizer's moments with and without ZeRO-1.
+TEST(MemoryEstimate, StateIsWhatTheTrainerAllocates) {
+  auto j = tiny_job();
+  const auto spec = loom::model::ModelSpec::from_config(j.model());
+  const auto one = loom::mesh::ParallelDims::create(1, 1, 1, 1, 1, 1);
+  const auto est = loom::train::estimate_memory(spec, j, one);
+  Trainer t(j);
+  double bytes = 0;
+  for (const auto& p : t.model().parameters()) bytes += static_cast<double>(p.tensor.nbytes());
+  EXPECT_DOUBLE_EQ(est.parameters, bytes);
+  EXPECT_DOUBLE_EQ(est.gradients, bytes);
+  EXPECT_DOUBLE_EQ(est.optimizer, 2 * bytes);
+  EXPECT_GT(est.activations, 0);
+  EXPECT_GT(est.logits, 0);
+
+  j.mutable_parallel()->set_distributed_optimizer(true);
+  const auto dp4 = loom::mesh::ParallelDims::create(4, 1, 1, 1, 4, 1);
+  EXPECT_DOUBLE_EQ(loom::train::estimate_memory(spec, j, dp4).optimizer, 2 * bytes / 4);
+
+  // Full recomputation keeps less; a longer micro-batch more.
+  auto r = j;
+  r.mutable_model()->set_recompute(loom::config::ModelConfig::FULL);
+  EXPECT_LT(loom::train::estimate_memory(spec, r, one).activations, est.activations);
+  auto m = j;
+  m.mutable_train()->set_micro_batch_size(2 * j.train().micro_batch_size());
+  EXPECT_DOUBLE_EQ(loom::train::estimate_memory(spec, m, one).activations, 2 * est.activations);
+}
+
+// A model that cannot fit is refused before anything is allocated, with the estimate and what to
+// change (it used to end in the allocator: "can't allocate 51539607552 bytes" and a backtrace).
+TEST(MemoryEstimate, AModelThatCannotFitIsRefusedUpFront) {
+  auto huge = tiny_job();
+  huge.mutable_model()->set_hidden_size(1000000000);  // 1e9: counts overflow int64 if not doubles
+  loom::testing::expect_config_error(huge, "the model does not fit: each rank needs");
+  auto wide = tiny_job();
+  wide.mutable_model()->set_vocab_size(2147483647);  // the largest int32 vocabulary
+  loom::testing::expect_config_error(wide,
+                                     "or make it smaller (model.hidden_size, model.num_layers");
+
+  const auto spec = loom::model::ModelSpec::from_config(huge.model());
+  const auto est =
+      loom::train::estimate_memory(spec, huge, loom::mesh::ParallelDims::create(1, 1, 1, 1, 1, 1));
+  EXPECT_TRUE(std::isfinite(est.total()));
+  EXPECT_GT(est.state(), 1e18);  // ~2e19 parameters' worth of bytes
+
+  // The state alone decides the refusal; activations over the limit only warn.
+  const auto small =
+      loom::train::estimate_memory(loom::model::ModelSpec::from_config(tiny_job().model()),
+                                   tiny_job(), loom::mesh::ParallelDims::create(1, 1, 1, 1, 1, 1));
+  expect_error([&] { loom::train::check_memory(small, 0.5 * small.state(), at::kCPU, 1); },
+               loom::ErrorKind::kConfig, "but has");
+  EXPECT_NO_THROW(loom::train::check_memory(small, 1.01 * small.state(), at::kCPU, 1));
+  EXPECT_NO_THROW(loom::train::check_memory(small, -1, at::kCPU, 1));  // unknown: only logged
+}
+
 // ---------------------------------------------------------------------------------------------
 // safetensors.
 TEST(Safetensors, RoundTripWithMetadataAndDtypes) {
@@ -681,7 +739,7 @@ TEST(FaultInjection, ParsesAndRefusesMalformedValues) {
   bad("rank=1,step=2", "LOOM_FAULT_INJECT='rank=1,step=2' needs rank=, step= and kind=");
   bad("rank=1,step=0,kind=exit", "'step=0' needs an integer >= 1");
   bad("rank=x,step=2,kind=exit", "'rank=x' needs an integer >= 0");
-  bad("rank=1,step=2,kind=crash", "kind 'crash' is not one of exit, hang, stop, error");
+  bad("rank=1,step=2,kind=crash", "kind 'crash' is not one of exit, hang, stop, slow, error");
   bad("rank=1,step=2,kind=exit,when=now", "unknown key 'when'");
   bad("rank", "'rank' is not key=value");
   // error: thrown on the named rank and step only.
@@ -767,6 +825,113 @@ TEST(DataParallel, OneRanksStopSignalStopsEveryRankWithACheckpoint) {
   EXPECT_EQ(r.step(), 5);
   world->barrier();
   if (world->rank() == 0) fs::remove_all(dir);
+}
+
+// [Note: traces] The trace of steps 2-3 on every rank: Chrome trace-event JSON that Perfetto
+// opens: every slice of the main thread nests inside its parent (Perfetto drops slices that
+// overlap without nesting), each step holds its data, forward/backward and optimizer slices, and
+// under data parallelism each DP gradient all-reduce is an async pair on the 'dp' track.
+TEST(DataParallel, TracesOfChosenStepsOpenInPerfetto) {
+  auto world = loom::testing::world();
+  const int n = world->size();
+  if (16 % (4 * n) != 0) GTEST_SKIP() << "global batch 16 with micro-batch 4 needs dp | 4";
+  const std::string dir =
+      (fs::temp_directory_path() /
+       ("loom-test-trace-" + std::to_string(getppid()) + "-" + std::to_string(n)))
+          .string();
+  if (world->rank() == 0) fs::remove_all(dir);
+  world->barrier();
+  auto j = tiny_job();
+  j.mutable_train()->set_steps(4);
+  j.mutable_parallel()->set_grad_bucket_mb(0.01);
+  j.mutable_logging()->set_trace_steps("2-3");
+  j.mutable_logging()->set_trace_dir(dir);
+  Trainer t(j, world);
+  t.fit();
+  const std::string path = dir + "/rank-" + std::to_string(world->rank()) + ".steps-2-3.json";
+  ASSERT_TRUE(fs::exists(path)) << path;
+  const auto doc = nlohmann::json::parse(read_file_bytes(path));
+  const auto& events = doc.at("traceEvents");
+  struct Slice {
+    std::string name, cat;
+    int64_t ts, end;
+  };
+  std::vector<Slice> main;
+  std::map<int64_t, std::string> open_async;
+  int async_pairs = 0, dp_reduces = 0;
+  for (const auto& e : events) {
+    const std::string ph = e.at("ph");
+    EXPECT_EQ(e.at("pid").get<int>(), world->rank());
+    if (ph == "X") {
+      if (e.at("tid").get<int>() != 0) continue;
+      main.push_back({e.at("name"), e.at("cat"), e.at("ts").get<int64_t>(),
+                      e.at("ts").get<int64_t>() + e.at("dur").get<int64_t>()});
+    } else if (ph == "b") {
+      open_async[e.at("id").get<int64_t>()] = e.at("name");
+    } else if (ph == "e") {
+      auto it = open_async.find(e.at("id").get<int64_t>());
+      ASSERT_NE(it, open_async.end()) << "an async end without its begin";
+      EXPECT_EQ(it->second, e.at("name").get<std::string>());
+      if (it->second.rfind("dp: all_reduce", 0) == 0) ++dp_reduces;
+      open_async.erase(it);
+      ++async_pairs;
+    } else {
+      EXPECT_EQ(ph, "M");
+    }
+  }
+  EXPECT_TRUE(open_async.empty());
+  // Nesting on the main thread: sorted by start (longer first), each slice ends before its parent.
+  std::sort(main.begin(), main.end(), [](const Slice& a, const Slice& b) {
+    return a.ts != b.ts ? a.ts < b.ts : a.end > b.end;
+  });
+  std::vector<const Slice*> stack;
+  std::map<std::string, int> count;
+  for (const auto& sl : main) {
+    while (!stack.empty() && stack.back()->end <= sl.ts) stack.pop_back();
+    if (!stack.empty()) {
+      EXPECT_LE(sl.end, stack.back()->end)
+          << sl.name << " overlaps " << stack.back()->name << " without nesting";
+    } else {
+      EXPECT_EQ(sl.cat, "step") << sl.name << " is outside every step";
+    }
+    stack.push_back(&sl);
+    std::string key = sl.name.substr(0, sl.name.find(' '));
+    ++count[sl.cat == "step" ? sl.name : key];
+  }
+  EXPECT_EQ(count["step 1"], 0);
+  EXPECT_EQ(count["step 2"], 1);
+  EXPECT_EQ(count["step 3"], 1);
+  EXPECT_EQ(count["step 4"], 0);
+  const int micro = 16 / (4 * n);
+  EXPECT_EQ(count["F"], 2 * micro);
+  EXPECT_EQ(count["B"], 2 * micro);
+  EXPECT_EQ(count["data"], 2);
+  EXPECT_EQ(count["optimizer"], 2);
+  if (n > 1) {
+    EXPECT_GE(dp_reduces, 2 * 2) << "several gradient buckets per step";
+  } else {
+    EXPECT_EQ(async_pairs, 0);
+  }
+  world->barrier();
+  if (world->rank() == 0) fs::remove_all(dir);
+}
+
+// [Note: stragglers] Ranks slower than the factor x the median of their pipeline stage are named;
+// stages are not compared with each other; a tie or a tiny excess is not a straggler.
+TEST(Stragglers, NamesTheSlowRankWithinItsStage) {
+  using loom::train::RankTimes;
+  std::vector<RankTimes> r = {{0, 0, {1.00, 0.01, 0.1}}, {1, 0, {1.02, 0.01, 0.1}},
+                              {2, 0, {1.60, 0.01, 0.1}}, {3, 0, {0.99, 0.30, 0.1}},
+                              {4, 1, {3.00, 0.01, 0.1}}, {5, 1, {3.10, 0.01, 0.1}},
+                              {6, 2, {9.00, 9.00, 9.0}}};
+  const auto lines = loom::train::find_stragglers(r, {"compute", "data", "optimizer"}, 1.25);
+  ASSERT_EQ(lines.size(), 2u) << ::testing::PrintToString(lines);
+  EXPECT_EQ(lines[0], "world rank 2 (stage 0): compute 1.600 s per step, median 1.010 s (1.58x)");
+  EXPECT_EQ(lines[1], "world rank 3 (stage 0): data 0.300 s per step, median 0.010 s (30.00x)");
+  // 1 ms over a 1 ms median is noise, not a straggler.
+  EXPECT_TRUE(loom::train::find_stragglers({{0, 0, {0.001}}, {1, 0, {0.002}}, {2, 0, {0.001}}},
+                                           {"compute"}, 1.25)
+                  .empty());
 }
 
 TEST(DataParallel, MatchesSingleProcess) {

@@ -78,6 +78,15 @@ struct ModelSpec {
   int64_t num_parameters() const;
   int64_t num_embedding_parameters() const;
   int64_t num_active_parameters() const;
+  // The same counts in doubles, by part, for sizes too large to build (the memory estimate).
+  struct ParameterSplit {
+    double embedding = 0;  // input table (and learned positions)
+    double layers = 0;     // every transformer block
+    double final_norm = 0;
+    double head = 0;  // the output projection when untied (0 when tied)
+    double total() const { return embedding + layers + final_norm + head; }
+  };
+  ParameterSplit parameter_split() const;
 
   // Training FLOPs per token at sequence length `seq_len`, counted as Megatron-LM and TorchTitan
   // do: 6 x (matmul weights every token multiplies by: projections, top_k routed experts, shared

@@ -8,6 +8,8 @@
 //   hang   the process stops responding (sleeps until killed), as a stuck kernel or NIC would;
 //   stop   the whole process is stopped (SIGSTOP: every thread, the watchdog too), as a node that
 //          stalls would;
+//   slow   the rank sleeps 0.2 s before its first backward of step S and of every later step, as
+//          a slow node would (straggler detection);
 //   error  a loom::Error is thrown on that rank only, which the launcher turns into an abort.
 // Unset: no fault. A malformed value is a kConfig error naming the variable and the bad part.
 #pragma once
@@ -19,7 +21,7 @@
 namespace loom::train {
 
 struct FaultInjection {
-  enum class Kind { kExit, kHang, kStop, kError };
+  enum class Kind { kExit, kHang, kStop, kSlow, kError };
   int rank = 0;
   int64_t step = 1;
   Kind kind = Kind::kError;

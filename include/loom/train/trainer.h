@@ -20,11 +20,13 @@
 // gradient norm counts the owner only (Parameter::pipeline_copy).
 #pragma once
 
+#include <array>
 #include <cstdint>
 #include <functional>
 #include <memory>
 #include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "loom/checkpoint/training_state.h"
@@ -116,6 +118,8 @@ class Trainer {
   void log_setup(const model::ModelSpec& spec);
   void sum_over_pp_dp(at::Tensor& sums) const;  // collective over the pipeline and DP groups
   void set_long_timeouts(bool on) const;        // Note: timeouts
+  void write_trace() const;                     // Note: traces
+  void check_stragglers(const StepMetrics& m);  // Note: stragglers
 
   config::JobConfig config_;
   comm::CommunicatorPtr world_;
@@ -136,6 +140,10 @@ class Trainer {
   bool documents_ = false;  // data.mode DOCUMENTS
   std::unique_ptr<data::MicroBatchLoader> loader_;
   double peak_flops_ = 0;
+  bool warned_mfu_ = false;
+  std::optional<std::pair<int64_t, int64_t>> trace_steps_;  // logging.trace_steps
+  std::array<double, 4> straggler_sums_{};  // compute, data, optimizer, other: s since the check
+  int64_t straggler_steps_ = 0;
   std::vector<StepMetrics> history_;
   Timers timers_;
   std::string last_checkpoint_;

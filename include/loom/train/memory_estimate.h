@@ -1,0 +1,60 @@
+// The up-front memory check: what one rank will need, against what it has, before anything is
+// allocated.
+//
+// [Note: memory estimate] A model that cannot fit used to end in the allocator ("can't allocate
+// 51539607552 bytes") with a backtrace, after minutes of start-up on a large job. The trainer now
+// estimates, in doubles (no count can overflow), the busiest rank's bytes:
+//   parameters  fp32 masters: the transformer blocks / (pp x tp) plus the embedding and, untied,
+//               the head / tp (the first or last stage, whichever holds more)
+//   gradients   fp32, the same count
+//   optimizer   AdamW's two fp32 moments, / dp with the distributed optimizer
+//   activations what backward keeps per token and layer (norm inputs and outputs, q/k/v, the
+//               attention output, the FFN's inputs and outputs in the compute dtype; the attention
+//               scores and probabilities, which the ATen path materialises) / tp, for the layers of
+//               one stage and the micro-batches a stage holds at once (1, or pp under 1F1B); with
+//               full recomputation only each layer's input plus one layer's full set
+//   logits      the output head's fp32 logits, their log-softmax and gradient for one micro-batch
+// and compares it with the memory the rank may use: free GPU memory, or on CPU the host's available
+// memory (MemAvailable, capped by the cgroup limit) shared by the ranks of the node. The state
+// (parameters, gradients and optimizer) is exact to within the small replicated norms: when it
+// alone does not fit the job is refused (kConfig) with the breakdown and what to change. The
+// activations are an estimate: when only the total exceeds the memory it is a warning.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <string>
+
+#include "loom/config.pb.h"
+#include "loom/mesh/parallel_dims.h"
+#include "loom/model/model_spec.h"
+
+namespace loom::train {
+
+struct MemoryEstimate {
+  double parameters = 0;
+  double gradients = 0;
+  double optimizer = 0;
+  double activations = 0;
+  double logits = 0;
+  double state() const { return parameters + gradients + optimizer; }
+  double total() const { return state() + activations + logits; }
+  // "parameters 1.2 GiB, gradients 1.2 GiB, optimizer 2.4 GiB, activations ~3.1 GiB, logits ..."
+  std::string describe() const;
+};
+
+MemoryEstimate estimate_memory(const model::ModelSpec& spec, const config::JobConfig& job,
+                               const mesh::ParallelDims& dims);
+
+// Bytes this rank may use on `device`: free GPU memory, or the host's available memory (capped by
+// the cgroup's limit) / `local_ranks`. < 0 when unknown.
+double available_memory(at::Device device, int local_ranks);
+
+// Ranks of this job on this node, from the launcher's environment (1 when unknown).
+int local_ranks_from_env();
+
+// Throws kConfig when the state alone exceeds `available`; warns when the total does; logs the
+// estimate otherwise. `available` < 0: only logs.
+void check_memory(const MemoryEstimate& need, double available, at::Device device, int local_ranks);
+
+}  // namespace loom::train

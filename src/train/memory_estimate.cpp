@@ -1,0 +1,188 @@
+#include "loom/train/memory_estimate.h"
+
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <cmath>
+#include <fstream>
+#include <string>
+
+#include "device_memory.h"
+#include "loom/core/env.h"
+#include "loom/core/error.h"
+#include "loom/core/logging.h"
+#include "loom/train/system.h"
+
+namespace loom::train {
+namespace {
+
+double element_bytes(at::ScalarType t) { return static_cast<double>(c10::elementSize(t)); }
+
+// A number from a /proc or /sys file ("max" and unreadable files: < 0).
+double read_number(const std::string& path) {
+  std::ifstream in(path);
+  std::string word;
+  if (!(in >> word) || word == "max") return -1;
+  try {
+    return std::stod(word);
+  } catch (const std::exception&) {
+    return -1;
+  }
+}
+
+double mem_available_bytes() {
+  std::ifstream in("/proc/meminfo");
+  std::string key, unit;
+  double value = 0;
+  while (in >> key >> value >> unit) {
+    if (key == "MemAvailable:") return value * 1024.0;
+  }
+  return -1;
+}
+
+// What the cgroup (v2, else v1) still allows this container, < 0 without a limit.
+double cgroup_headroom_bytes() {
+  double limit = read_number("/sys/fs/cgroup/memory.max");
+  double used = read_number("/sys/fs/cgroup/memory.current");
+  if (limit < 0) {
+    limit = read_number("/sys/fs/cgroup/memory/memory.limit_in_bytes");
+    used = read_number("/sys/fs/cgroup/memory/memory.usage_in_bytes");
+    if (limit > 1e18) limit = -1;  // v1's "no limit" is a huge number
+  }
+  if (limit < 0) return -1;
+  return std::max(0.0, limit - std::max(used, 0.0));
+}
+
+}  // namespace
+
+std::string MemoryEstimate::describe() const {
+  return fmt::format("parameters {}, gradients {}, optimizer {}, activations ~{}, logits ~{}",
+                     format_bytes(parameters), format_bytes(gradients), format_bytes(optimizer),
+                     format_bytes(activations), format_bytes(logits));
+}
+
+MemoryEstimate estimate_memory(const model::ModelSpec& spec, const config::JobConfig& job,
+                               const mesh::ParallelDims& dims) {
+  const auto& par = job.parallel();
+  const auto& t = job.train();
+  const double tp = dims.tp, pp = dims.pp, dp = dims.dp;
+  const double L = static_cast<double>(std::max<int64_t>(spec.num_layers, 1));
+  // Layers on the fullest stage.
+  double stage_layers = std::ceil(L / pp);
+  if (dims.pp > 1) {
+    if (par.pp_first_stage_layers() >= 0)
+      stage_layers = std::max(stage_layers, static_cast<double>(par.pp_first_stage_layers()));
+    if (par.pp_last_stage_layers() >= 0)
+      stage_layers = std::max(stage_layers, static_cast<double>(par.pp_last_stage_layers()));
+  }
+  stage_layers = std::min(stage_layers, L);
+
+  // Parameters of the fullest rank: its layers' share, plus the embedding (first stage) or the
+  // head (last stage; a tied head is a copy there when pp > 1), split over tp.
+  const auto split = spec.parameter_split();
+  const double per_layer = split.layers / L;
+  const double vocab_rows =
+      static_cast<double>(spec.padded_vocab(dims.tp, par.vocab_divisible_by()));
+  const double table = vocab_rows * static_cast<double>(spec.hidden) / tp;
+  const double head = spec.tie_embeddings ? (dims.pp > 1 ? table : 0.0) : table;
+  const double ends = dims.pp == 1 ? table + head : std::max(table, head);
+  const double params =
+      stage_layers * per_layer / tp + ends + split.final_norm +
+      (spec.rope ? 0.0 : static_cast<double>(spec.max_seq_len) * static_cast<double>(spec.hidden));
+  const double master = element_bytes(spec.param_dtype);
+
+  MemoryEstimate m;
+  m.parameters = params * master;
+  m.gradients = params * master;
+  m.optimizer = 2.0 * params * master / (par.distributed_optimizer() ? dp : 1.0);
+
+  // Activations kept for backward, per token and layer.
+  const bool documents = job.data().mode() == config::DataConfig::DOCUMENTS;
+  const double seq = static_cast<double>(t.seq_len());
+  const double tokens =
+      documents
+          ? static_cast<double>(t.micro_batch_tokens() > 0 ? t.micro_batch_tokens() : t.seq_len())
+          : static_cast<double>(t.micro_batch_size()) * seq;
+  const double h = static_cast<double>(spec.hidden);
+  const double heads = static_cast<double>(spec.num_heads);
+  const double qkv = (heads + 2.0 * spec.num_kv_heads) * spec.head_dim;
+  const double sp = par.sequence_parallel() ? tp : 1.0;
+  double ffn_elems = 0;
+  if (spec.is_moe()) {
+    ffn_elems = spec.moe.top_k * (h + 3.0 * spec.moe.expert_ffn) +
+                3.0 * spec.moe.shared_ffn * spec.moe.num_shared_experts + spec.moe.num_experts;
+  } else {
+    ffn_elems = (spec.swiglu ? 3.0 : 2.0) * spec.ffn;
+  }
+  const double compute =
+      element_bytes(spec.compute_dtype == at::kBFloat16 ? at::kBFloat16 : spec.param_dtype);
+  const double layer_full =
+      ((5.0 * h / sp) + (qkv + heads * spec.head_dim + ffn_elems) / tp) * compute +
+      2.0 * heads * seq / tp * 4.0;  // scores and probabilities, fp32
+  const double layer_input = h / sp * compute;
+  const bool recompute = job.model().recompute() != config::ModelConfig::NO_RECOMPUTE;
+  const double per_token =
+      recompute ? stage_layers * layer_input + layer_full : stage_layers * layer_full;
+  // Micro-batches a stage holds at once: 1 without a pipeline; the first stage of 1F1B holds pp;
+  // interleaving (v chunks) adds (pp - 1) / v.
+  double in_flight = 1;
+  if (dims.pp > 1) {
+    const double v = std::max(1, par.virtual_pp());
+    in_flight = pp + (v > 1 ? (pp - 1) / v : 0.0);
+    const double micro = documents ? in_flight
+                                   : static_cast<double>(t.global_batch_size()) /
+                                         std::max(1.0, t.micro_batch_size() * dp);
+    in_flight = std::min(in_flight, std::max(1.0, micro) * v);
+  }
+  m.activations = tokens * per_token * in_flight;
+  // The head's fp32 logits, their log-softmax and gradient, one micro-batch at a time.
+  m.logits = tokens * vocab_rows / tp * 4.0 * 3.0;
+  return m;
+}
+
+int local_ranks_from_env() {
+  auto n = env::first_int({"OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS", "LOCAL_WORLD_SIZE"});
+  return n && *n > 0 ? static_cast<int>(*n) : 1;
+}
+
+double available_memory(at::Device device, int local_ranks) {
+  if (device.is_cuda()) return detail::cuda_free_memory(device.index() < 0 ? 0 : device.index());
+  double avail = mem_available_bytes();
+  const double cgroup = cgroup_headroom_bytes();
+  if (cgroup >= 0) avail = avail < 0 ? cgroup : std::min(avail, cgroup);
+  if (avail < 0) return -1;
+  return avail / std::max(1, local_ranks);
+}
+
+void check_memory(const MemoryEstimate& need, double available, at::Device device,
+                  int local_ranks) {
+  const std::string where =
+      device.is_cuda()
+          ? fmt::format("free on {}", device.str())
+          : fmt::format("the host's available memory{}",
+                        local_ranks > 1 ? fmt::format(" / {} ranks on the node", local_ranks)
+                                        : std::string());
+  if (available < 0) {
+    LOOM_LOG_INFO("memory: about {} per rank ({}); available memory unknown",
+                  format_bytes(need.total()), need.describe());
+    return;
+  }
+  LOOM_CHECK_CONFIG(
+      need.state() <= available,
+      "the model does not fit: each rank needs {} for its parameters, gradients and optimizer "
+      "state alone ({}), but has {} ({}). Spread the model over more ranks (parallel.tp, "
+      "parallel.pp), shard the optimizer state (parallel.distributed_optimizer: true with dp > 1), "
+      "or make it smaller (model.hidden_size, model.num_layers, model.vocab_size)",
+      format_bytes(need.state()), need.describe(), format_bytes(available), where);
+  if (need.total() > available) {
+    LOOM_LOG_WARN(
+        "memory: this job may not fit: about {} per rank ({}) against {} ({}); consider "
+        "model.recompute: FULL, a smaller train.micro_batch_size, or more parallel.tp/pp",
+        format_bytes(need.total()), need.describe(), format_bytes(available), where);
+  } else {
+    LOOM_LOG_INFO("memory: about {} per rank ({}) of {} ({})", format_bytes(need.total()),
+                  need.describe(), format_bytes(available), where);
+  }
+}
+
+}  // namespace loom::train
