@@ -17,7 +17,9 @@ PACKAGES=(
   libsentencepiece-dev
   fortunes
   clang-format
+  clang libclang-rt-14-dev
 )
+# clang and its runtime (libFuzzer, ASan, UBSan): scripts/fuzz.sh.
 # --bench adds Debian's PyTorch (python3-torch, the same 1.13 as libtorch-dev): the eager peer that
 # benchmarks/train_throughput compares against. Tests and the demo do not need it.
 if [ "${1:-}" = "--bench" ]; then PACKAGES+=(python3-torch); fi

@@ -127,33 +127,33 @@ IndexedDataset::IndexedDataset(const std::string& prefix) : prefix_(prefix) {
       ip, n, seqs, docs, kHeaderBytes + body, kHeaderBytes + body + seqs);
   num_sequences_ = static_cast<int64_t>(seqs);
   num_doc_index_ = static_cast<int64_t>(docs);
-  // The arrays are 4- and 8-byte values at offsets 34 and 34 + 4N: unaligned for 8-byte loads,
-  // which x86-64 and AArch64 allow; reading through the pointers is what numpy does with the same
-  // file.
-  lengths_ = reinterpret_cast<const int32_t*>(p + kHeaderBytes);
-  pointers_ = reinterpret_cast<const int64_t*>(p + kHeaderBytes + seqs * 4);
-  doc_index_ = reinterpret_cast<const int64_t*>(p + kHeaderBytes + seqs * 12);
+  // The arrays are 4- and 8-byte values at offsets 34 and 34 + 4N: unaligned, so they are read
+  // with memcpy (the accessors), never through typed pointers (undefined behaviour, found by
+  // fuzz_indexed_dataset under UBSan), and never copied (the index of a large corpus is gigabytes).
+  lengths_ = p + kHeaderBytes;
+  pointers_ = p + kHeaderBytes + seqs * 4;
+  doc_index_ = p + kHeaderBytes + seqs * 12;
 
   LOOM_CHECK_KIND(ErrorKind::kIO,
-                  doc_index_[0] == 0 && doc_index_[num_doc_index_ - 1] == num_sequences_,
+                  document_start(0) == 0 && document_start(num_doc_index_ - 1) == num_sequences_,
                   "'{}': the document index must run from 0 to the sequence count {}, got {} .. {}",
-                  ip, num_sequences_, doc_index_[0], doc_index_[num_doc_index_ - 1]);
+                  ip, num_sequences_, document_start(0), document_start(num_doc_index_ - 1));
   for (int64_t d = 1; d < num_doc_index_; ++d) {
-    LOOM_CHECK_KIND(ErrorKind::kIO, doc_index_[d] >= doc_index_[d - 1],
+    LOOM_CHECK_KIND(ErrorKind::kIO, document_start(d) >= document_start(d - 1),
                     "'{}': document index entry {} ({}) is below entry {} ({})", ip, d,
-                    doc_index_[d], d - 1, doc_index_[d - 1]);
+                    document_start(d), d - 1, document_start(d - 1));
   }
   bin_ = std::make_unique<MappedFile>(prefix + ".bin");
   int64_t expect = 0;
   for (int64_t i = 0; i < num_sequences_; ++i) {
-    LOOM_CHECK_KIND(ErrorKind::kIO, lengths_[i] >= 0, "'{}': sequence {} has length {}", ip, i,
-                    lengths_[i]);
+    LOOM_CHECK_KIND(ErrorKind::kIO, sequence_length(i) >= 0, "'{}': sequence {} has length {}", ip,
+                    i, sequence_length(i));
     LOOM_CHECK_KIND(
-        ErrorKind::kIO, pointers_[i] == expect,
+        ErrorKind::kIO, sequence_pointer(i) == expect,
         "'{}': sequence {} points at byte {}, but the sequences before it end at byte {}", ip, i,
-        pointers_[i], expect);
-    expect += static_cast<int64_t>(lengths_[i]) * item_size_;
-    num_tokens_ += lengths_[i];
+        sequence_pointer(i), expect);
+    expect += static_cast<int64_t>(sequence_length(i)) * item_size_;
+    num_tokens_ += sequence_length(i);
   }
   LOOM_CHECK_KIND(ErrorKind::kIO, static_cast<uint64_t>(expect) == bin_->size(),
                   "'{}' is {} bytes, but '{}' describes {} tokens of {} = {} bytes: {}",
@@ -165,10 +165,10 @@ IndexedDataset::IndexedDataset(const std::string& prefix) : prefix_(prefix) {
 void IndexedDataset::read(int64_t seq, int64_t offset, int64_t length, int64_t* out) const {
   LOOM_CHECK(seq >= 0 && seq < num_sequences_, "{}: sequence {} is out of range [0, {})", prefix_,
              seq, num_sequences_);
-  LOOM_CHECK(offset >= 0 && length >= 0 && offset + length <= lengths_[seq],
+  LOOM_CHECK(offset >= 0 && length >= 0 && offset + length <= sequence_length(seq),
              "{}: tokens [{}, {}) are outside sequence {} of length {}", prefix_, offset,
-             offset + length, seq, lengths_[seq]);
-  const uint8_t* src = bin_->data() + pointers_[seq] + offset * item_size_;
+             offset + length, seq, sequence_length(seq));
+  const uint8_t* src = bin_->data() + sequence_pointer(seq) + offset * item_size_;
   switch (dtype_code_) {
     case 1:
       for (int64_t i = 0; i < length; ++i) out[i] = src[i];
@@ -196,9 +196,9 @@ void IndexedDataset::read(int64_t seq, int64_t offset, int64_t length, int64_t* 
 void IndexedDataset::check_vocab(int64_t vocab_size) const {
   std::vector<int64_t> buf;
   for (int64_t s = 0; s < num_sequences_; ++s) {
-    buf.resize(static_cast<size_t>(lengths_[s]));
-    read(s, 0, lengths_[s], buf.data());
-    for (int64_t i = 0; i < lengths_[s]; ++i) {
+    buf.resize(static_cast<size_t>(sequence_length(s)));
+    read(s, 0, sequence_length(s), buf.data());
+    for (int64_t i = 0; i < sequence_length(s); ++i) {
       LOOM_CHECK_KIND(ErrorKind::kIO, buf[i] >= 0 && buf[i] < vocab_size,
                       "'{}.bin': token {} of sequence {} is {}, outside the vocabulary [0, {})",
                       prefix_, i, s, buf[i], vocab_size);

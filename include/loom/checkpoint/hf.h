@@ -7,12 +7,12 @@
 //   about converts Meta's original interleaved-pair checkpoints into this layout; a Loom checkpoint
 //   needs none.)
 // - Loom fuses Q, K, V into one weight grouped by KV head (Note: fused QKV layout); HF keeps
-//   q_proj [nh d, h], k_proj [nkv d, h], v_proj [nkv d, h] with heads in order. Loom's SwiGLU fc1 is
-//   [gate | up]; HF has gate_proj and up_proj (Mixtral experts: w1 = gate, w3 = up, w2 = down).
+//   q_proj [nh d, h], k_proj [nkv d, h], v_proj [nkv d, h] with heads in order. Loom's SwiGLU fc1
+//   is [gate | up]; HF has gate_proj and up_proj (Mixtral experts: w1 = gate, w3 = up, w2 = down).
 // - Tied embeddings: HF omits lm_head.weight and sets tie_word_embeddings.
 // - HF LLaMA/Mixtral linears have no biases (attention_bias false); the router is
-//   block_sparse_moe.gate.weight [E, h] with softmax -> top-k -> renormalise, which is Loom's default
-//   router (top-k of logits, softmax over k) exactly.
+//   block_sparse_moe.gate.weight [E, h] with softmax -> top-k -> renormalise, which is Loom's
+//   default router (top-k of logits, softmax over k) exactly.
 // Other model shapes (GPT-2 style, shared experts, sigmoid routers, MoE only in some layers) are
 // refused with a message naming the field.
 #pragma once
@@ -22,6 +22,7 @@
 #include <map>
 #include <string>
 
+#include "loom/checkpoint/hf_config.h"
 #include "loom/config.pb.h"
 #include "loom/model/model_spec.h"
 
@@ -37,8 +38,6 @@ TensorMap from_hf(const model::ModelSpec& spec, const TensorMap& hf);
 
 // config.json for the spec (torch_dtype names the dtype the tensors are written in).
 std::string hf_config_json(const model::ModelSpec& spec, const std::string& torch_dtype);
-// A Loom model config from an HF config.json (llama or mixtral model_type).
-config::ModelConfig model_config_from_hf(const std::string& config_json);
 
 // Whole-directory conversions. A Loom checkpoint directory (model.safetensors + state.safetensors
 // with its config) -> an HF directory (model.safetensors + config.json); and back, as a step-0 Loom

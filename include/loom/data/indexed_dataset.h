@@ -9,12 +9,13 @@
 //   i64[N]   sequence pointers (byte offsets into .bin)
 //   i64[D]   document index: sequence index where each document starts, then N
 //   (i8[N]   sequence modes, multimodal files only)
-// Files written by Megatron's preprocessing load unchanged. Both files are memory-mapped and read in
-// place (zero copy). Every field is checked when the dataset opens, and a bad file is refused with a
-// message naming the file, the field and what was expected.
+// Files written by Megatron's preprocessing load unchanged. Both files are memory-mapped and read
+// in place (zero copy). Every field is checked when the dataset opens, and a bad file is refused
+// with a message naming the file, the field and what was expected.
 #pragma once
 
 #include <cstdint>
+#include <cstring>
 #include <memory>
 #include <string>
 #include <vector>
@@ -53,10 +54,10 @@ class IndexedDataset {
   int dtype_code() const { return dtype_code_; }
   int64_t num_sequences() const { return num_sequences_; }
   int64_t num_documents() const { return num_doc_index_ - 1; }
-  int32_t sequence_length(int64_t i) const { return lengths_[i]; }
-  int64_t sequence_pointer(int64_t i) const { return pointers_[i]; }
+  int32_t sequence_length(int64_t i) const { return load_at<int32_t>(lengths_, i); }
+  int64_t sequence_pointer(int64_t i) const { return load_at<int64_t>(pointers_, i); }
   // Sequence index where document d starts (d in [0, num_documents]).
-  int64_t document_start(int64_t d) const { return doc_index_[d]; }
+  int64_t document_start(int64_t d) const { return load_at<int64_t>(doc_index_, d); }
   int64_t num_tokens() const { return num_tokens_; }
 
   // Copies `length` tokens of sequence `seq` from `offset` into `out` as int64.
@@ -71,9 +72,16 @@ class IndexedDataset {
   int dtype_code_ = 0;
   int item_size_ = 0;
   int64_t num_sequences_ = 0, num_doc_index_ = 0, num_tokens_ = 0;
-  const int32_t* lengths_ = nullptr;
-  const int64_t* pointers_ = nullptr;
-  const int64_t* doc_index_ = nullptr;
+  // The index's arrays in the mapped file (unaligned: read with load_at()).
+  const uint8_t* lengths_ = nullptr;    // int32 per sequence
+  const uint8_t* pointers_ = nullptr;   // int64 per sequence
+  const uint8_t* doc_index_ = nullptr;  // int64 per document + 1
+  template <typename T>
+  static T load_at(const uint8_t* base, int64_t i) {
+    T v;
+    std::memcpy(&v, base + i * static_cast<int64_t>(sizeof(T)), sizeof(T));
+    return v;
+  }
 };
 
 // Writes a dataset in the same format: one sequence per document, as Megatron's preprocessing
@@ -87,7 +95,9 @@ class IndexedDatasetBuilder {
 
   // Appends one document; every id must fit the dtype.
   void add_document(const int64_t* tokens, int64_t count);
-  void add_document(const std::vector<int64_t>& tokens) { add_document(tokens.data(), static_cast<int64_t>(tokens.size())); }
+  void add_document(const std::vector<int64_t>& tokens) {
+    add_document(tokens.data(), static_cast<int64_t>(tokens.size()));
+  }
   void finish();
   int64_t num_documents() const { return static_cast<int64_t>(lengths_.size()); }
   int64_t num_tokens() const { return num_tokens_; }
