@@ -5,7 +5,7 @@
 # as build/fuzz/crash-* and fails the script.
 #   scripts/fuzz.sh [target...]     (default: every target)
 source "$(dirname "$0")/common.sh"
-bash scripts/install-deps.sh
+bash scripts/install-deps.sh --fuzz
 export CCACHE_DIR="${CCACHE_DIR:-$HOME/.cache/ccache}"
 seconds="${LOOM_FUZZ_SECONDS:-30}"
 targets=("$@")

@@ -17,12 +17,12 @@ PACKAGES=(
   libsentencepiece-dev
   fortunes
   clang-format
-  clang libclang-rt-14-dev
 )
-# clang and its runtime (libFuzzer, ASan, UBSan): scripts/fuzz.sh.
+# --fuzz adds clang and its runtime (libFuzzer, ASan, UBSan) for scripts/fuzz.sh.
 # --bench adds Debian's PyTorch (python3-torch, the same 1.13 as libtorch-dev): the eager peer that
 # benchmarks/train_throughput compares against. Tests and the demo do not need it.
 if [ "${1:-}" = "--bench" ]; then PACKAGES+=(python3-torch); fi
+if [ "${1:-}" = "--fuzz" ]; then PACKAGES+=(clang libclang-rt-dev); fi
 
 missing=()
 for p in "${PACKAGES[@]}"; do

@@ -38,7 +38,18 @@ Bootstrap::Bootstrap(const BootstrapOptions& options, int* argc, char*** argv) {
   MPI_Comm_size(node, &local_size_);
   MPI_Comm_free(&node);
   world_ = world;
-  set_desync_channel(make_mpi_desync_channel());
+  // The desync report's side channel (Note: desync report) is served by the watchdog thread while
+  // the main thread is inside MPI: only with MPI_THREAD_MULTIPLE (and a watchdog).
+  int level = 0;
+  MPI_Query_thread(&level);
+  if (level == MPI_THREAD_MULTIPLE && options.watchdog) {
+    set_desync_channel(make_mpi_desync_channel());
+  } else if (rank_ == 0 && options.watchdog) {
+    LOOM_LOG_WARN(
+        "MPI provides thread level {} (not MPI_THREAD_MULTIPLE): a timed-out collective "
+        "will not name the ranks that did not reach it",
+        level);
+  }
   FlightRecorder::instance().set_abort_handler([](const std::string& report) {
     LOOM_LOG_ERROR("{}", report);
     log::logger().flush();

@@ -97,8 +97,12 @@ Work::Info Communicator::begin(OpKind kind, int64_t bytes, std::string detail, b
   // time out in Work::wait, or are watched when the backend has a thread-safe completion query.
   bool watched = !async || watchdog_watches_async();
   if (recorder_key_name_ != name_ || recorder_key_.empty()) {
-    recorder_key_ = fmt::format("{}@{}", name_, fmt::join(world_ranks_, ","));
+    // Unique in the job as long as live communicators of one backend have distinct names or
+    // members; this object's first operation under the name starts its progress afresh (an
+    // earlier communicator of the same key would otherwise lend it its sequence numbers).
+    recorder_key_ = fmt::format("{}:{}@{}", backend(), name_, fmt::join(world_ranks_, ","));
     recorder_key_name_ = name_;
+    FlightRecorder::instance().forget(recorder_key_);
   }
   info.recorder_id =
       FlightRecorder::instance().start(name_, recorder_key_, world_ranks_, info.seq, kind, bytes,

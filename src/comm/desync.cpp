@@ -167,6 +167,10 @@ std::shared_ptr<DesyncChannel> desync_channel() {
 }
 
 std::string explain_timeout(uint64_t recorder_id, double timeout_s) {
+  auto op = FlightRecorder::instance().op_of(recorder_id);
+  if (!desync_channel() || !op || op->second.kind == OpKind::kSend ||
+      op->second.kind == OpKind::kRecv)
+    return {};
   if (g_explaining.exchange(true)) return {};  // one report per process: the job is ending
   std::string report = desync_report_for(recorder_id, std::clamp(timeout_s / 10, 1.0, 10.0));
   return report.empty() ? report : "\n" + report;
@@ -178,7 +182,9 @@ std::string desync_report_for(uint64_t recorder_id, double wait_s) {
   auto op = FlightRecorder::instance().op_of(recorder_id);
   // Point-to-point operations pair two ranks and have no common order to compare: the caller
   // names the peer (the pipeline does).
-  if (!op || op->second.kind == OpKind::kSend || op->second.kind == OpKind::kRecv) return {};
+  if (!op || op->second.kind == OpKind::kSend || op->second.kind == OpKind::kRecv ||
+      op->second.members.empty())
+    return {};
   std::vector<int> peers;
   for (int r : op->second.members) {
     if (r != process_rank()) peers.push_back(r);

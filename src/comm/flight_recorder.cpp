@@ -58,25 +58,55 @@ uint64_t FlightRecorder::start(const std::string& comm, const std::string& key,
   p.last_id = id;
   p.last_done = false;
   p.last_time = e.start;
+  StuckOp op;
+  op.comm = comm;
+  op.members = p.members;
+  op.seq = seq;
+  op.kind = kind;
+  in_flight_ops_[id] = std::make_pair(key, std::move(op));
+  if (in_flight_ops_.size() > 16 * kCapacity) {
+    // Abandoned or unobserved operations: keep the newest (their reports are the ones asked for).
+    for (auto i = in_flight_ops_.begin(); i != in_flight_ops_.end();) {
+      i = i->first + 8 * kCapacity < id ? in_flight_ops_.erase(i) : std::next(i);
+    }
+  }
   return id;
+}
+
+void FlightRecorder::forget(const std::string& key) {
+  std::lock_guard<std::mutex> lock(mu_);
+  progress_.erase(key);
+}
+
+void FlightRecorder::mark_progress_done(uint64_t id, std::chrono::steady_clock::time_point now) {
+  auto op = in_flight_ops_.find(id);
+  if (op == in_flight_ops_.end()) return;
+  auto it = progress_.find(op->second.first);
+  if (it != progress_.end() && it->second.last_id == id) {
+    it->second.last_done = true;
+    it->second.last_time = now;
+  }
+  in_flight_ops_.erase(op);
 }
 
 void FlightRecorder::mark_done(Entry& e, std::chrono::steady_clock::time_point now) {
   e.seconds = std::chrono::duration<double>(now - e.start).count();
   e.is_done = nullptr;
   last_end_ = now;
-  auto it = progress_.find(e.key);
-  if (it != progress_.end() && it->second.last_id == e.id) {
-    it->second.last_done = true;
-    it->second.last_time = now;
-  }
+  mark_progress_done(e.id, now);
 }
 
 void FlightRecorder::finish(uint64_t id) {
   std::lock_guard<std::mutex> lock(mu_);
   Entry& e = ring_[id % kCapacity];
-  if (e.id != id || e.seconds >= 0) return;  // overwritten, or already marked by the watchdog
-  mark_done(e, std::chrono::steady_clock::now());
+  const auto now = std::chrono::steady_clock::now();
+  if (e.id != id) {  // the ring slot was reused: the communicator's progress still ends here
+    last_end_ = now;
+    mark_progress_done(id, now);
+    return;
+  }
+  if (e.seconds >= 0) return;  // already marked by the watchdog
+  mark_done(e, now);
 }
 
 void FlightRecorder::set_is_done(uint64_t id, std::function<bool()> is_done) {
@@ -143,13 +173,12 @@ PeerProgress FlightRecorder::progress(const std::string& key) const {
 
 std::optional<std::pair<std::string, StuckOp>> FlightRecorder::op_of(uint64_t id) const {
   std::lock_guard<std::mutex> lock(mu_);
-  const Entry& e = ring_[id % kCapacity];
+  auto it = in_flight_ops_.find(id);
+  if (it != in_flight_ops_.end()) return it->second;
+  const Entry& e = ring_[id % kCapacity];  // a point-to-point operation (or a finished one)
   if (id == 0 || e.id != id) return std::nullopt;
-  auto it = progress_.find(e.key);
-  if (it == progress_.end()) return std::nullopt;
   StuckOp op;
   op.comm = e.comm;
-  op.members = it->second.members;
   op.seq = e.seq;
   op.kind = e.kind;
   return std::make_pair(e.key, std::move(op));

@@ -83,8 +83,18 @@ class MpiDesyncChannel final : public DesyncChannel {
     int finalized = 0;
     MPI_Finalized(&finalized);
     if (finalized) return;
-    for (auto& s : sends_) MPI_Request_free(&s.request);  // completes on its own or never
-    sends_.clear();
+    // Answers still on their way (to a slow or ending peer): a bounded wait, then their buffers are
+    // kept until exit (MPI may still read them; freeing the request does not stop the send).
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(200);
+    while (!sends_.empty() && std::chrono::steady_clock::now() < deadline) {
+      reap();
+      if (!sends_.empty()) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    }
+    if (!sends_.empty()) {
+      static auto* kept = new std::list<Send>();  // never destroyed
+      for (auto& s : sends_) MPI_Request_free(&s.request);
+      kept->splice(kept->end(), sends_);
+    }
     MPI_Comm_free(&comm_);
   }
 

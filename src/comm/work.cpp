@@ -70,9 +70,8 @@ void Work::complete() {
   const auto now = std::chrono::steady_clock::now();
   double seconds = std::chrono::duration<double>(now - info_.start).count();
   if (trace::on()) {  // Note: traces
-    trace::async_slice("comm", info_.comm,
-                       fmt::format("{} #{}", op_kind_name(info_.kind), info_.seq), info_.start, now,
-                       fmt::format("{{\"bytes\":{}}}", info_.bytes));
+    trace::async_slice("comm", info_.comm, op_kind_name(info_.kind), info_.start, now,
+                       fmt::format("{{\"seq\":{},\"bytes\":{}}}", info_.seq, info_.bytes));
   }
   if (stats_) stats_->record(info_.kind, info_.bytes, seconds);
   if (info_.recorder_id && ends_record_on_wait())

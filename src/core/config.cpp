@@ -444,7 +444,11 @@ void validate(const JobConfig& c) {
     LOOM_THROW(ErrorKind::kConfig, "field 'logging.level': {}", e.message());
   }
   const auto& l = c.logging();
-  trace::parse_steps(l.trace_steps(), "logging.trace_steps");
+  const auto traced = trace::parse_steps(l.trace_steps(), "logging.trace_steps");
+  LOOM_CHECK_CONFIG(!traced || traced->second <= c.train().steps(),
+                    "field 'logging.trace_steps' is '{}', but the run ends at step {} "
+                    "(train.steps)",
+                    l.trace_steps(), c.train().steps());
   LOOM_CHECK_CONFIG(l.straggler_every() >= 0,
                     "field 'logging.straggler_every' must be >= 0, got {}", l.straggler_every());
   LOOM_CHECK_CONFIG(

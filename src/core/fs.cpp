@@ -2,6 +2,7 @@
 
 #include <fcntl.h>
 #include <fmt/format.h>
+#include <signal.h>
 #include <unistd.h>
 
 #include <cerrno>
@@ -10,6 +11,7 @@
 #include <random>
 
 #include "loom/core/error.h"
+#include "loom/core/logging.h"
 
 namespace loom {
 
@@ -18,18 +20,63 @@ std::string parent_of(const std::string& path) {
   const std::filesystem::path p = std::filesystem::path(path).parent_path();
   return p.empty() ? "." : p.string();
 }
+
+std::string this_host() {
+  char host[64] = {0};
+  ::gethostname(host, sizeof(host) - 1);
+  return host;
+}
 }  // namespace
 
 // A name no other writer uses: host, process and random bits (ranks in separate containers can
 // share a pid, and a shared filesystem sees them all).
 std::string temp_suffix() {
-  char host[64] = {0};
-  ::gethostname(host, sizeof(host) - 1);
   std::random_device rd;
-  return fmt::format(".tmp-{}-{}-{:08x}", host, ::getpid(), rd());
+  return fmt::format(".tmp-{}-{}-{:08x}", this_host(), ::getpid(), rd());
+}
+
+int remove_stale_temporaries(const std::string& path, double min_age_s) {
+  namespace fs = std::filesystem;
+  const fs::path target(path);
+  const std::string prefix = target.filename().string() + ".tmp-" + this_host() + "-";
+  int removed = 0;
+  std::error_code ec;
+  fs::directory_iterator it(parent_of(path), ec);
+  if (ec) return 0;
+  for (const auto& entry : it) {
+    const std::string name = entry.path().filename().string();
+    if (name.rfind(prefix, 0) != 0) continue;
+    // <prefix><pid>-<random>: the writer must be gone (no such process here) and the file idle.
+    const std::string rest = name.substr(prefix.size());
+    const size_t dash = rest.find('-');
+    if (dash == std::string::npos || dash == 0) continue;
+    long pid = 0;
+    try {
+      size_t used = 0;
+      pid = std::stol(rest.substr(0, dash), &used);
+      if (used != dash || pid <= 0) continue;
+    } catch (const std::exception&) {
+      continue;
+    }
+    if (::kill(static_cast<pid_t>(pid), 0) == 0 || errno != ESRCH) continue;  // alive, or unknown
+    const auto mtime = fs::last_write_time(entry.path(), ec);
+    if (ec) continue;
+    const double age =
+        std::chrono::duration<double>(fs::file_time_type::clock::now() - mtime).count();
+    if (age < min_age_s) continue;
+    if (fs::remove(entry.path(), ec) && !ec) {
+      ++removed;
+      LOOM_LOG_WARN(
+          "removed '{}': the temporary file of a writer (pid {}) that ended without "
+          "finishing it, idle for {:.0f} s",
+          entry.path().string(), pid, age);
+    }
+  }
+  return removed;
 }
 
 AtomicFile::AtomicFile(std::string path) : path_(std::move(path)), tmp_(path_ + temp_suffix()) {
+  remove_stale_temporaries(path_);
   fd_ = ::open(tmp_.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
   LOOM_CHECK_KIND(ErrorKind::kIO, fd_ >= 0, "cannot open '{}' for writing: {}", tmp_,
                   std::strerror(errno));

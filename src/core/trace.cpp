@@ -29,7 +29,6 @@ struct Recorder {
   std::mutex mu;
   std::vector<Event> events;
   std::unordered_map<std::thread::id, uint64_t> tids;
-  std::unordered_map<std::string, uint64_t> track_ids;
   uint64_t next_async = 1;
   int rank = 0;
   std::string label;
@@ -89,7 +88,6 @@ void start(int rank, const std::string& label) {
   std::lock_guard<std::mutex> lock(r.mu);
   r.events.clear();
   r.tids.clear();
-  r.track_ids.clear();
   r.rank = rank;
   r.label = label;
   const auto sys = std::chrono::duration_cast<std::chrono::microseconds>(
@@ -118,9 +116,9 @@ void async_slice(const char* category, const std::string& track, std::string nam
   Recorder& r = recorder();
   if (!r.on.load(std::memory_order_relaxed)) return;
   std::lock_guard<std::mutex> lock(r.mu);
-  // One async id per slice; Perfetto puts the pairs of one name+category on their own tracks.
+  // One async id per slice; the name ("dp: all_reduce", the sequence number in the arguments) keeps
+  // the operations of one kind on one communicator together, overlapping ones stacked.
   const uint64_t id = r.next_async++;
-  r.track_ids.try_emplace(track, r.track_ids.size());
   const int64_t ts = r.us(start);
   const int64_t te = std::max(ts, r.us(end));
   r.events.push_back(Event{'b', category, track + ": " + name, ts, 0, 0, id, std::move(args_json)});

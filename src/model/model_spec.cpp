@@ -3,6 +3,7 @@
 #include <fmt/format.h>
 
 #include <algorithm>
+#include <limits>
 
 #include "loom/core/error.h"
 
@@ -217,6 +218,14 @@ LayerCount layer_count(const ModelSpec& s, int64_t layer) {
 }
 }  // namespace
 
+namespace {
+// A count as int64, saturated: a double above 2^63 does not convert (undefined behaviour), and only
+// a model refused by the memory check gets near it.
+int64_t saturate(double n) {
+  return n >= 9.2e18 ? std::numeric_limits<int64_t>::max() : static_cast<int64_t>(n);
+}
+}  // namespace
+
 ModelSpec::ParameterSplit ModelSpec::parameter_split() const {
   const double h = static_cast<double>(hidden);
   ParameterSplit p;
@@ -229,18 +238,16 @@ ModelSpec::ParameterSplit ModelSpec::parameter_split() const {
 }
 
 int64_t ModelSpec::num_embedding_parameters() const {
-  return static_cast<int64_t>(parameter_split().embedding);
+  return saturate(parameter_split().embedding);
 }
 
-int64_t ModelSpec::num_parameters() const {
-  return static_cast<int64_t>(parameter_split().total());
-}
+int64_t ModelSpec::num_parameters() const { return saturate(parameter_split().total()); }
 
 int64_t ModelSpec::num_active_parameters() const {
   ParameterSplit p = parameter_split();
   double n = p.embedding + p.final_norm + p.head;
   for (int64_t i = 0; i < num_layers; ++i) n += layer_count(*this, i).active;
-  return static_cast<int64_t>(n);
+  return saturate(n);
 }
 
 namespace {

@@ -2,6 +2,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <cuda_runtime_api.h>
 
+#include <algorithm>
+
 #include "device_memory.h"
 
 namespace loom::train::detail {
@@ -19,7 +21,11 @@ double cuda_free_memory(int device) {
     (void)cudaGetLastError();
     return -1;
   }
-  return static_cast<double>(free);
+  // Memory this process's caching allocator holds but does not use is free to it too.
+  const auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats(device);
+  const double cached = static_cast<double>(stats.reserved_bytes[0].current) -
+                        static_cast<double>(stats.allocated_bytes[0].current);
+  return static_cast<double>(free) + std::max(0.0, cached);
 }
 
 }  // namespace loom::train::detail

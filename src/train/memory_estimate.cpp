@@ -11,6 +11,7 @@
 #include "loom/core/env.h"
 #include "loom/core/error.h"
 #include "loom/core/logging.h"
+#include "loom/model/gpt.h"
 #include "loom/train/system.h"
 
 namespace loom::train {
@@ -40,17 +41,34 @@ double mem_available_bytes() {
   return -1;
 }
 
-// What the cgroup (v2, else v1) still allows this container, < 0 without a limit.
+// A "key value" line of a cgroup memory.stat file (< 0 when absent).
+double stat_value(const std::string& path, const std::string& key) {
+  std::ifstream in(path);
+  std::string k;
+  double v = 0;
+  while (in >> k >> v) {
+    if (k == key) return v;
+  }
+  return -1;
+}
+
+// What the cgroup (v2, else v1) still allows this container, < 0 without a limit. The usage counts
+// the page cache, which the kernel reclaims under the limit: its inactive file pages are left out
+// (the working set, as Kubernetes computes it), or a container that has just read its dataset
+// would look full.
 double cgroup_headroom_bytes() {
   double limit = read_number("/sys/fs/cgroup/memory.max");
   double used = read_number("/sys/fs/cgroup/memory.current");
+  double reclaimable = stat_value("/sys/fs/cgroup/memory.stat", "inactive_file");
   if (limit < 0) {
     limit = read_number("/sys/fs/cgroup/memory/memory.limit_in_bytes");
     used = read_number("/sys/fs/cgroup/memory/memory.usage_in_bytes");
+    reclaimable = stat_value("/sys/fs/cgroup/memory/memory.stat", "total_inactive_file");
     if (limit > 1e18) limit = -1;  // v1's "no limit" is a huge number
   }
   if (limit < 0) return -1;
-  return std::max(0.0, limit - std::max(used, 0.0));
+  const double working_set = std::max(0.0, used - std::max(reclaimable, 0.0));
+  return std::max(0.0, limit - working_set);
 }
 
 }  // namespace
@@ -67,34 +85,45 @@ MemoryEstimate estimate_memory(const model::ModelSpec& spec, const config::JobCo
   const auto& t = job.train();
   const double tp = dims.tp, pp = dims.pp, dp = dims.dp;
   const double L = static_cast<double>(std::max<int64_t>(spec.num_layers, 1));
-  // Layers on the fullest stage.
-  double stage_layers = std::ceil(L / pp);
-  if (dims.pp > 1) {
-    if (par.pp_first_stage_layers() >= 0)
-      stage_layers = std::max(stage_layers, static_cast<double>(par.pp_first_stage_layers()));
-    if (par.pp_last_stage_layers() >= 0)
-      stage_layers = std::max(stage_layers, static_cast<double>(par.pp_last_stage_layers()));
+  // The layers each rank holds: the pipeline's own split (Note: pipeline schedule tables), with
+  // parallel.pp_first/last_stage_layers and the virtual stages of an interleaved schedule.
+  const int vp = dims.pp > 1 ? std::max(1, par.virtual_pp()) : 1;
+  const auto stages = model::partition_stages(spec.num_layers, dims.pp, vp,
+                                              dims.pp > 1 ? par.pp_first_stage_layers() : -1,
+                                              dims.pp > 1 ? par.pp_last_stage_layers() : -1);
+  std::vector<double> rank_layers(static_cast<size_t>(dims.pp), 0.0);
+  for (size_t s = 0; s < stages.size(); ++s) {
+    const double n = stages[s].num_layers >= 0 ? static_cast<double>(stages[s].num_layers)
+                                               : L - static_cast<double>(stages[s].first_layer);
+    rank_layers[s % static_cast<size_t>(dims.pp)] += n;
   }
-  stage_layers = std::min(stage_layers, L);
 
-  // Parameters of the fullest rank: its layers' share, plus the embedding (first stage) or the
-  // head (last stage; a tied head is a copy there when pp > 1), split over tp.
+  // Parameters of the fullest rank: its layers' share over tp, plus on the first rank the
+  // embedding (and learned positions), on the last the head (a tied head is a copy there when
+  // pp > 1) and the final norm.
   const auto split = spec.parameter_split();
   const double per_layer = split.layers / L;
   const double vocab_rows =
       static_cast<double>(spec.padded_vocab(dims.tp, par.vocab_divisible_by()));
   const double table = vocab_rows * static_cast<double>(spec.hidden) / tp;
+  const double positions =
+      spec.rope ? 0.0 : static_cast<double>(spec.max_seq_len) * static_cast<double>(spec.hidden);
   const double head = spec.tie_embeddings ? (dims.pp > 1 ? table : 0.0) : table;
-  const double ends = dims.pp == 1 ? table + head : std::max(table, head);
-  const double params =
-      stage_layers * per_layer / tp + ends + split.final_norm +
-      (spec.rope ? 0.0 : static_cast<double>(spec.max_seq_len) * static_cast<double>(spec.hidden));
+  double params = 0, stage_layers = 0;
+  for (int r = 0; r < dims.pp; ++r) {
+    double n = rank_layers[static_cast<size_t>(r)] * per_layer / tp;
+    if (r == 0) n += table + positions;
+    if (r == dims.pp - 1) n += head + split.final_norm;
+    params = std::max(params, n);
+    stage_layers = std::max(stage_layers, rank_layers[static_cast<size_t>(r)]);
+  }
   const double master = element_bytes(spec.param_dtype);
+  const bool sgd = job.optim().optimizer() == config::OptimConfig::SGD;  // no state
 
   MemoryEstimate m;
   m.parameters = params * master;
   m.gradients = params * master;
-  m.optimizer = 2.0 * params * master / (par.distributed_optimizer() ? dp : 1.0);
+  m.optimizer = sgd ? 0.0 : 2.0 * params * master / (par.distributed_optimizer() ? dp : 1.0);
 
   // Activations kept for backward, per token and layer.
   const bool documents = job.data().mode() == config::DataConfig::DOCUMENTS;
@@ -127,12 +156,12 @@ MemoryEstimate estimate_memory(const model::ModelSpec& spec, const config::JobCo
   // interleaving (v chunks) adds (pp - 1) / v.
   double in_flight = 1;
   if (dims.pp > 1) {
-    const double v = std::max(1, par.virtual_pp());
+    const double v = vp;
     in_flight = pp + (v > 1 ? (pp - 1) / v : 0.0);
     const double micro = documents ? in_flight
                                    : static_cast<double>(t.global_batch_size()) /
                                          std::max(1.0, t.micro_batch_size() * dp);
-    in_flight = std::min(in_flight, std::max(1.0, micro) * v);
+    in_flight = std::min(in_flight, std::max(1.0, micro));  // no more than the step has
   }
   m.activations = tokens * per_token * in_flight;
   // The head's fp32 logits, their log-softmax and gradient, one micro-batch at a time.

@@ -55,7 +55,7 @@ Trainer::Trainer(const config::JobConfig& config, comm::CommunicatorPtr world,
   trace_steps_ = trace::parse_steps(config_.logging().trace_steps(), "logging.trace_steps");
   fault_ = FaultInjection::from_env();
   if (fault_ && fault_->rank == world_->rank()) {
-    LOOM_LOG_WARN("LOOM_FAULT_INJECT is set: this rank will fail at step {}", fault_->step);
+    LOOM_LOG_WARN("LOOM_FAULT_INJECT is set: this rank will misbehave from step {}", fault_->step);
   }
   if (t.tune_host_allocator() && !tune_host_allocator()) {
     LOOM_LOG_WARN(
@@ -65,8 +65,13 @@ Trainer::Trainer(const config::JobConfig& config, comm::CommunicatorPtr world,
   const model::ModelSpec spec = model::ModelSpec::from_config(config_.model());
   // Before anything is allocated (Note: memory estimate).
   const int local_ranks = local_ranks_from_env();
-  check_memory(estimate_memory(spec, config_, dims), available_memory(device_, local_ranks),
-               device_, local_ranks);
+  // Every rank measures before any allocates, and all decide on the smallest figure, so the job
+  // ends on every rank with the same message or on none.
+  double available = available_memory(device_, local_ranks);
+  available = comm::all_reduce_scalar(available < 0 ? 1e300 : available, world_.get(),
+                                      comm::ReduceOp::kMin);
+  check_memory(estimate_memory(spec, config_, dims), available >= 1e300 ? -1.0 : available, device_,
+               local_ranks);
   // The pieces of a step (DESIGN: the trainer builds them and calls them in order).
   build_data(spec);
   build_model(spec);
@@ -188,7 +193,10 @@ void Trainer::log_setup(const model::ModelSpec& spec) {
   }
 }
 
-Trainer::~Trainer() = default;
+Trainer::~Trainer() {
+  // A run that ended inside the traced steps (a stop signal, an error) still leaves its trace.
+  if (trace_steps_ && trace::on()) write_trace();
+}
 
 at::Tensor Trainer::full_tensor(const model::Parameter& p, const at::Tensor& local) const {
   return parallel::full_tensor(p, local, groups_->tp_group().get());
@@ -278,7 +286,8 @@ StepMetrics Trainer::train_step() {
   timers_.reset();
   StepMetrics m;
   m.step = step_ + 1;
-  if (trace_steps_ && m.step == trace_steps_->first) {  // Note: traces
+  if (trace_steps_ && m.step >= trace_steps_->first && m.step <= trace_steps_->second &&
+      !trace::on()) {  // Note: traces (a resumed run starts inside the range)
     trace::start(world_->rank(),
                  fmt::format("rank {} ({})", world_->rank(), groups_->coords_string()));
   }

@@ -1,6 +1,8 @@
 // core/: errors, config (text format + overrides + validation), command line, environment, timers,
 // logging. Single process.
 #include <gtest/gtest.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
 #include <cstdlib>
 #include <filesystem>
@@ -12,6 +14,7 @@
 #include "loom/core/crc32c.h"
 #include "loom/core/env.h"
 #include "loom/core/error.h"
+#include "loom/core/fs.h"
 #include "loom/core/logging.h"
 #include "loom/core/timer.h"
 
@@ -329,4 +332,46 @@ TEST(Crc32c, KnownVectorsAndBothPathsAgree) {
       ASSERT_EQ(loom::crc32c(p + n / 3, n - n / 3, loom::crc32c(p, n / 3)), ref);
     }
   }
+}
+
+// A killed writer's temporary file is removed by the next write of the same file; a live writer's,
+// another host's, a recent one and other files are left alone (issue 15: a killed preprocess_data
+// left its temporaries behind).
+TEST(AtomicFile, StaleTemporariesOfDeadWritersAreRemoved) {
+  namespace fs = std::filesystem;
+  const fs::path dir = fs::temp_directory_path() / ("loom-test-stale-" + std::to_string(getpid()));
+  fs::remove_all(dir);
+  fs::create_directories(dir);
+  char host[64] = {0};
+  ::gethostname(host, sizeof(host) - 1);
+  const pid_t child = fork();  // a pid that certainly ended
+  if (child == 0) _exit(0);
+  waitpid(child, nullptr, 0);
+  const std::string target = (dir / "data.idx").string();
+  auto make = [&](const std::string& name, bool old) {
+    const fs::path p = dir / name;
+    std::ofstream(p) << "partial";
+    if (old) fs::last_write_time(p, fs::file_time_type::clock::now() - std::chrono::hours(2));
+    return p;
+  };
+  const std::string me = "data.idx.tmp-" + std::string(host) + "-";
+  const auto stale = make(me + std::to_string(child) + "-0000beef", true);
+  const auto recent = make(me + std::to_string(child) + "-0000cafe", false);
+  const auto live = make(me + std::to_string(getpid()) + "-0000f00d", true);
+  const auto other_host =
+      make("data.idx.tmp-elsewhere-" + std::to_string(child) + "-00000001", true);
+  const auto other_file =
+      make("data.bin.tmp-" + std::string(host) + "-" + std::to_string(child) + "-00000002", true);
+  {
+    loom::AtomicFile f(target);
+    f.write("x", 1);
+    f.commit();
+  }
+  EXPECT_FALSE(fs::exists(stale));
+  EXPECT_TRUE(fs::exists(recent));
+  EXPECT_TRUE(fs::exists(live));
+  EXPECT_TRUE(fs::exists(other_host));
+  EXPECT_TRUE(fs::exists(other_file));
+  EXPECT_TRUE(fs::exists(target));
+  fs::remove_all(dir);
 }

@@ -642,6 +642,18 @@ TEST(MemoryEstimate, StateIsWhatTheTrainerAllocates) {
   const auto dp4 = loom::mesh::ParallelDims::create(4, 1, 1, 1, 4, 1);
   EXPECT_DOUBLE_EQ(loom::train::estimate_memory(spec, j, dp4).optimizer, 2 * bytes / 4);
 
+  // SGD keeps no state; a pipeline's fullest rank holds its stage's layers plus the embedding
+  // (first stage) or the head and final norm (last stage).
+  auto sgd = j;
+  sgd.mutable_optim()->set_optimizer(loom::config::OptimConfig::SGD);
+  EXPECT_EQ(loom::train::estimate_memory(spec, sgd, one).optimizer, 0);
+  const auto p = spec.parameter_split();
+  const auto pp2 = loom::mesh::ParallelDims::create(2, 1, 1, 1, 1, 2);
+  const double stage = p.layers / 2;
+  const double per_param = est.parameters / p.total();  // bytes of a master weight
+  EXPECT_DOUBLE_EQ(loom::train::estimate_memory(spec, j, pp2).parameters,
+                   per_param * std::max(stage + p.embedding, stage + p.head + p.final_norm));
+
   // Full recomputation keeps less; a longer micro-batch more.
   auto r = j;
   r.mutable_model()->set_recompute(loom::config::ModelConfig::FULL);

@@ -60,6 +60,8 @@ class FlightRecorder {
   std::string dump(size_t n = 32) const;
   std::vector<Entry> in_flight() const;
 
+  // Drops the progress kept for `key` (a new communicator takes the key over).
+  void forget(const std::string& key);
   // This process's progress on communicator `key`, for a peer's desync report.
   PeerProgress progress(const std::string& key) const;
   // The operation of entry `id` and its communicator's key; nullopt once the entry is overwritten.
@@ -76,6 +78,7 @@ class FlightRecorder {
   FlightRecorder();
   void watchdog_loop();
   void mark_done(Entry& e, std::chrono::steady_clock::time_point now);
+  void mark_progress_done(uint64_t id, std::chrono::steady_clock::time_point now);
 
   struct CommProgress {
     std::vector<int> members;
@@ -91,6 +94,8 @@ class FlightRecorder {
   std::vector<Entry> ring_;  // kCapacity slots, indexed by id % kCapacity
   uint64_t next_id_ = 1;
   std::unordered_map<std::string, CommProgress> progress_;
+  // Collectives in flight by entry id: their key and operation, also once the ring slot is reused.
+  std::unordered_map<uint64_t, std::pair<std::string, StuckOp>> in_flight_ops_;
   std::chrono::steady_clock::time_point last_end_;  // of any operation (or the recorder's start)
   std::function<void(const std::string&)> abort_handler_;
   std::thread watchdog_;

@@ -8,6 +8,13 @@
 
 namespace loom {
 
+// Removes this host's temporary files of `path` (`<path>.tmp-<this host>-<pid>-*`) whose writer
+// process no longer exists and that were not modified for `min_age_s`: what a killed run (SIGKILL,
+// a crash, a lost node) left behind. Each removal is logged; returns how many. AtomicFile calls it
+// before writing. Temporary files of other hosts, live processes or recent writes are left alone
+// (a pid from another container on this host may look dead: the age check guards those).
+int remove_stale_temporaries(const std::string& path, double min_age_s = 600);
+
 // A file written under `<path>.tmp-<host>-<pid>-<random>` (created exclusively) and renamed to
 // `path` by commit(), after an fsync of the file and then of its directory. Destroyed without
 // commit() (an error on the way), the temporary file is removed and `path` is untouched. kIO errors

@@ -6,11 +6,11 @@
 //   - pipeline pass: forward, backward and deferred weight-gradient work per micro-batch and chunk
 //     (one stage without pipeline parallelism), and the waits for a peer stage's tensors,
 //   - communication operation: each collective and p2p batch from its call to its completion as
-//     seen by the host (MPI: the data is there; NCCL: wait() ordered the stream), on a track per
-//     communicator, with its sequence number and bytes,
+//     seen by the host (MPI: the data is there; NCCL: wait() ordered the stream), as an async slice
+//     named "<communicator>: <kind>" with its sequence number and bytes as arguments,
 // and writes them to <trace_dir>/rank-<r>.steps-<a>-<b>.json when step b ends. Timestamps are
-// microseconds of the system clock, so the ranks' files line up when opened together (Perfetto
-// merges several files dropped at once; `pid` is the rank). Recording off costs one relaxed atomic
+// microseconds of the system clock, so the ranks' files line up when their traceEvents are merged
+// into one file (`pid` is the rank). Recording off costs one relaxed atomic
 // load per would-be slice.
 #pragma once
 

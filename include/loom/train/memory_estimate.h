@@ -4,18 +4,21 @@
 // [Note: memory estimate] A model that cannot fit used to end in the allocator ("can't allocate
 // 51539607552 bytes") with a backtrace, after minutes of start-up on a large job. The trainer now
 // estimates, in doubles (no count can overflow), the busiest rank's bytes:
-//   parameters  fp32 masters: the transformer blocks / (pp x tp) plus the embedding and, untied,
-//               the head / tp (the first or last stage, whichever holds more)
+//   parameters  fp32 masters of the fullest rank: its pipeline stage's blocks (the pipeline's own
+//               split, model::partition_stages) / tp, plus the embedding on the first stage and
+//               the head (a tied one is a copy there when pp > 1) on the last, / tp
 //   gradients   fp32, the same count
-//   optimizer   AdamW's two fp32 moments, / dp with the distributed optimizer
+//   optimizer   AdamW's two fp32 moments, / dp with the distributed optimizer (none for SGD)
 //   activations what backward keeps per token and layer (norm inputs and outputs, q/k/v, the
 //               attention output, the FFN's inputs and outputs in the compute dtype; the attention
 //               scores and probabilities, which the ATen path materialises) / tp, for the layers of
 //               one stage and the micro-batches a stage holds at once (1, or pp under 1F1B); with
 //               full recomputation only each layer's input plus one layer's full set
 //   logits      the output head's fp32 logits, their log-softmax and gradient for one micro-batch
-// and compares it with the memory the rank may use: free GPU memory, or on CPU the host's available
-// memory (MemAvailable, capped by the cgroup limit) shared by the ranks of the node. The state
+// and compares it with the memory the rank may use: free GPU memory (plus what this process's
+// caching allocator holds unused), or on CPU the host's available memory (MemAvailable, capped by
+// the cgroup limit less its working set) shared by the ranks of the node; every rank measures
+// before any allocates and all use the smallest figure, so they decide together. The state
 // (parameters, gradients and optimizer) is exact to within the small replicated norms: when it
 // alone does not fit the job is refused (kConfig) with the breakdown and what to change. The
 // activations are an estimate: when only the total exceeds the memory it is a warning.
