@@ -1,11 +1,16 @@
 // The sample-index cache (Note: sample-index cache): a damaged cache file is detected and rebuilt,
 // so the sampler always yields the samples of a fresh build: never a crash, an out-of-bounds read
-// or another data order. Edits mutate the valid cache file.
+// or another data order. Edits mutate the valid cache file. Inputs whose first byte is 3 mod 4
+// also get a correct CRC-32C for their damaged arrays (a forged file), so the bounds, spacing and
+// permutation checks behind the CRC are fuzzed too; such a file may pass as a consistent other
+// order (a swapped shuffle), so only "no crash" is required of it.
 #include <cstdlib>
+#include <cstring>
 #include <filesystem>
 #include <vector>
 
 #include "fuzz_common.h"
+#include "loom/core/crc32c.h"
 #include "loom/core/error.h"
 #include "loom/core/logging.h"
 #include "loom/data/gpt_dataset.h"
@@ -49,8 +54,16 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     if (cache_file.empty()) std::abort();
     valid = loom::fuzz::read_file(cache_file);
   }
-  loom::fuzz::write_file(cache_file, loom::fuzz::mutate(valid, data, size));
+  std::string bytes = loom::fuzz::mutate(valid, data, size);
+  constexpr size_t kHeader = 44;  // magic, key, three sizes, CRC (at 40) before the arrays
+  const bool forged = size > 0 && data[0] % 4 == 3 && bytes.size() >= kHeader;
+  if (forged) {
+    const uint32_t crc = loom::crc32c(bytes.data() + kHeader, bytes.size() - kHeader);
+    std::memcpy(&bytes[40], &crc, 4);
+  }
+  loom::fuzz::write_file(cache_file, bytes);
   loom::data::WindowSampler s(ds, options(dir + "/cache"));
-  if (all_samples(s) != expected) std::abort();  // a damaged cache changed the data order
+  const auto got = all_samples(s);
+  if (!forged && got != expected) std::abort();  // a damaged cache changed the data order
   return 0;
 }

@@ -168,6 +168,7 @@ void IndexedDataset::read(int64_t seq, int64_t offset, int64_t length, int64_t* 
   LOOM_CHECK(offset >= 0 && length >= 0 && offset + length <= sequence_length(seq),
              "{}: tokens [{}, {}) are outside sequence {} of length {}", prefix_, offset,
              offset + length, seq, sequence_length(seq));
+  if (length == 0) return;  // (out may be null: memcpy of nothing from/to null is undefined)
   const uint8_t* src = bin_->data() + sequence_pointer(seq) + offset * item_size_;
   switch (dtype_code_) {
     case 1:

@@ -1,14 +1,15 @@
 #include "loom/train/memory_estimate.h"
 
 #include <fmt/format.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cmath>
 #include <fstream>
+#include <functional>
 #include <string>
 
 #include "device_memory.h"
-#include "loom/core/env.h"
 #include "loom/core/error.h"
 #include "loom/core/logging.h"
 #include "loom/model/gpt.h"
@@ -169,9 +170,17 @@ MemoryEstimate estimate_memory(const model::ModelSpec& spec, const config::JobCo
   return m;
 }
 
-int local_ranks_from_env() {
-  auto n = env::first_int({"OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS", "LOCAL_WORLD_SIZE"});
-  return n && *n > 0 ? static_cast<int>(*n) : 1;
+int ranks_on_this_node(comm::Communicator* world) {
+  if (world == nullptr || world->size() == 1) return 1;
+  char host[256] = {0};
+  ::gethostname(host, sizeof(host) - 1);
+  // A 63-bit hash of the host name per rank, gathered by a sum of one-hot rows.
+  const int64_t mine =
+      static_cast<int64_t>(std::hash<std::string>{}(std::string(host)) & 0x7fffffffffffffffull);
+  at::Tensor names = at::zeros({world->size()}, at::kLong);
+  names.data_ptr<int64_t>()[world->rank()] = mine;
+  comm::all_reduce_host(names, world);
+  return static_cast<int>((names == mine).sum().item<int64_t>());
 }
 
 double available_memory(at::Device device, int local_ranks) {

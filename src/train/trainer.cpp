@@ -64,7 +64,7 @@ Trainer::Trainer(const config::JobConfig& config, comm::CommunicatorPtr world,
   }
   const model::ModelSpec spec = model::ModelSpec::from_config(config_.model());
   // Before anything is allocated (Note: memory estimate).
-  const int local_ranks = local_ranks_from_env();
+  const int local_ranks = ranks_on_this_node(world_.get());
   // Every rank measures before any allocates, and all decide on the smallest figure, so the job
   // ends on every rank with the same message or on none.
   double available = available_memory(device_, local_ranks);

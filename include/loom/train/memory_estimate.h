@@ -28,6 +28,7 @@
 
 #include <string>
 
+#include "loom/comm/communicator.h"
 #include "loom/config.pb.h"
 #include "loom/mesh/parallel_dims.h"
 #include "loom/model/model_spec.h"
@@ -53,8 +54,8 @@ MemoryEstimate estimate_memory(const model::ModelSpec& spec, const config::JobCo
 // the cgroup's limit) / `local_ranks`. < 0 when unknown.
 double available_memory(at::Device device, int local_ranks);
 
-// Ranks of this job on this node, from the launcher's environment (1 when unknown).
-int local_ranks_from_env();
+// Ranks of `world` on this node (the same host name), whatever the launcher. Collective.
+int ranks_on_this_node(comm::Communicator* world);
 
 // Throws kConfig when the state alone exceeds `available`; warns when the total does; logs the
 // estimate otherwise. `available` < 0: only logs.
