@@ -1,6 +1,6 @@
 #include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAGuard.h>
-#include <cuda_runtime_api.h>
+#include <dlfcn.h>
 
 #include <algorithm>
 
@@ -14,13 +14,17 @@ int64_t cuda_peak_allocated(int device) {
 }
 
 void cuda_reset_peak(int device) { c10::cuda::CUDACachingAllocator::resetPeakStats(device); }
+
 double cuda_free_memory(int device) {
+  // cudaMemGetInfo from the CUDA runtime LibTorch already loaded (looked up, not linked: a Torch
+  // package need not put libcudart on the link line).
+  using MemGetInfo = int (*)(size_t*, size_t*);
+  static const auto mem_get_info =
+      reinterpret_cast<MemGetInfo>(::dlsym(RTLD_DEFAULT, "cudaMemGetInfo"));
+  if (mem_get_info == nullptr) return -1;
   c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
   size_t free = 0, total = 0;
-  if (cudaMemGetInfo(&free, &total) != cudaSuccess) {
-    (void)cudaGetLastError();
-    return -1;
-  }
+  if (mem_get_info(&free, &total) != 0) return -1;
   // Memory this process's caching allocator holds but does not use is free to it too.
   const auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats(device);
   const double cached = static_cast<double>(stats.reserved_bytes[0].current) -
