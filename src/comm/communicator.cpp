@@ -7,6 +7,7 @@
 
 #include "loom/comm/flight_recorder.h"
 #include "loom/core/error.h"
+#include "loom/core/hash.h"
 
 namespace loom::comm {
 namespace {
@@ -100,7 +101,9 @@ Work::Info Communicator::begin(OpKind kind, int64_t bytes, std::string detail, b
     // Unique in the job as long as live communicators of one backend have distinct names or
     // members; this object's first operation under the name starts its progress afresh (an
     // earlier communicator of the same key would otherwise lend it its sequence numbers).
-    recorder_key_ = fmt::format("{}:{}@{}", backend(), name_, fmt::join(world_ranks_, ","));
+    // Short (it is copied into every recorder entry): the members as a size and a hash.
+    recorder_key_ = fmt::format("{}:{}@{}x{:016x}", backend(), name_, world_ranks_.size(),
+                                fnv1a64(fmt::format("{}", fmt::join(world_ranks_, ","))));
     recorder_key_name_ = name_;
     FlightRecorder::instance().forget(recorder_key_);
   }

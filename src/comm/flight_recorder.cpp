@@ -58,9 +58,8 @@ uint64_t FlightRecorder::start(const std::string& comm, const std::string& key,
   p.last_id = id;
   p.last_done = false;
   p.last_time = e.start;
-  StuckOp op;
+  StuckOp op;  // members: from progress_ when asked (not copied for every operation)
   op.comm = comm;
-  op.members = p.members;
   op.seq = seq;
   op.kind = kind;
   in_flight_ops_[id] = std::make_pair(key, std::move(op));
@@ -174,7 +173,12 @@ PeerProgress FlightRecorder::progress(const std::string& key) const {
 std::optional<std::pair<std::string, StuckOp>> FlightRecorder::op_of(uint64_t id) const {
   std::lock_guard<std::mutex> lock(mu_);
   auto it = in_flight_ops_.find(id);
-  if (it != in_flight_ops_.end()) return it->second;
+  if (it != in_flight_ops_.end()) {
+    auto result = it->second;
+    auto p = progress_.find(result.first);
+    if (p != progress_.end()) result.second.members = p->second.members;
+    return result;
+  }
   const Entry& e = ring_[id % kCapacity];  // a point-to-point operation (or a finished one)
   if (id == 0 || e.id != id) return std::nullopt;
   StuckOp op;

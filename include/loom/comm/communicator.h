@@ -141,7 +141,7 @@ class Communicator : public std::enable_shared_from_this<Communicator> {
   double timeout_s_;
   int64_t seq_ = 0;      // collectives
   int64_t p2p_seq_ = 0;  // sends and receives
-  // "name@world ranks": the FlightRecorder's key of this communicator (Note: desync report).
+  // "backend:name@<size>x<hash of the world ranks>": its FlightRecorder key (Note: desync report).
   std::string recorder_key_;
   std::string recorder_key_name_;
   std::shared_ptr<CommStats> stats_;
