@@ -19,7 +19,7 @@ PlanLayout LoaderOptions::layout() const {
 }
 
 LoaderOptions LoaderOptions::from_config(const config::JobConfig& job, int dp_size, int dp_rank,
-                                         int tp_size, at::Device device) {
+                                         int tp_size, at::Device device, int cp_size) {
   const auto& t = job.train();
   LoaderOptions o;
   o.mode = job.data().mode() == config::DataConfig::DOCUMENTS ? BatchMode::kDocuments
@@ -44,6 +44,15 @@ LoaderOptions LoaderOptions::from_config(const config::JobConfig& job, int dp_si
                       "train.seq_len = "
                       "{} is not divisible by it",
                       tp_size, o.seq_len);
+    const int64_t split = static_cast<int64_t>(cp_size) * (sp ? tp_size : 1);
+    LOOM_CHECK_CONFIG(
+        cp_size <= 1 || o.seq_len % split == 0,
+        "context parallelism splits every sequence over parallel.cp = {} ranks{}: "
+        "train.seq_len = {} is not divisible by {} ({} % {} = {})",
+        cp_size,
+        sp ? fmt::format(", then over parallel.tp = {} (sequence parallelism)", tp_size)
+           : std::string(),
+        o.seq_len, split, o.seq_len, split, o.seq_len % split);
     return o;
   }
   LOOM_CHECK_CONFIG(
@@ -55,7 +64,9 @@ LoaderOptions LoaderOptions::from_config(const config::JobConfig& job, int dp_si
                     "field 'train.micro_batch_tokens' must be >= 0, got {}",
                     t.micro_batch_tokens());
   o.micro_batch_tokens = t.micro_batch_tokens() > 0 ? t.micro_batch_tokens() : o.seq_len;
-  o.pad_multiple = sp ? tp_size : 1;  // sequence parallelism splits each packed row over tp
+  // Sequence and context parallelism split each packed row over tp and cp: rows are padded to a
+  // multiple (fewer than cp x tp positions that do not count; documents themselves never are).
+  o.pad_multiple = (sp ? tp_size : 1) * std::max(cp_size, 1);
   return o;
 }
 
@@ -176,6 +187,7 @@ model::Batch MicroBatchLoader::assemble(Split split, const std::vector<SampleRef
     for (int64_t r = 0; r < rows; ++r)
       mask[r].narrow(0, 0, real[static_cast<size_t>(r)]).fill_(1.0);
     b.loss_mask = mask;
+    b.padding = mask.eq(0);
   }
   return b.to(options_.device);
 }

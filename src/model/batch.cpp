@@ -1,6 +1,7 @@
 #include "loom/model/batch.h"
 
 #include "loom/core/error.h"
+#include "loom/parallel/context_parallel.h"
 
 namespace loom::model {
 
@@ -17,6 +18,9 @@ Batch Batch::to(at::Device device) const {
   b.loss_mask = mv(loss_mask);
   b.position_ids = mv(position_ids);
   b.doc_ids = mv(doc_ids);
+  b.padding = mv(padding);
+  b.cp_index = mv(cp_index);
+  b.cp_doc = mv(cp_doc);
   return b;
 }
 
@@ -51,6 +55,31 @@ Batch packed_batch(const at::Tensor& tokens, const at::Tensor& targets,
   batch.doc_ids = doc.to(tokens.device());
   batch.position_ids = pos.to(tokens.device());
   return batch;
+}
+
+Batch cp_shard(const Batch& full, int cp, int rank) {
+  if (cp <= 1) return full;
+  LOOM_CHECK(!full.cp_index.defined(), "cp_shard: the batch is already split");
+  const int64_t b = full.batch_size(), s = full.seq_len();
+  const at::Device device = full.tokens.device();
+  const at::Tensor docs =
+      full.doc_ids.defined() ? full.doc_ids.to(at::kCPU, at::kLong) : at::zeros({b, s}, at::kLong);
+  const at::Tensor index = parallel::balanced_cp_index(full.doc_ids.defined() ? docs : at::Tensor(),
+                                                       b, s, cp);  // [cp, b, n]
+  std::vector<at::Tensor> doc_rows;
+  for (int r = 0; r < cp; ++r) doc_rows.push_back(at::gather(docs, 1, index[r]));
+  Batch out;
+  out.cp_index = index.to(device);
+  out.cp_doc = at::stack(doc_rows).to(device);
+  const at::Tensor mine = out.cp_index[rank];  // [b, n]
+  auto take = [&](const at::Tensor& t) { return t.defined() ? at::gather(t, 1, mine) : t; };
+  out.tokens = take(full.tokens);
+  out.targets = take(full.targets);
+  out.loss_mask = take(full.loss_mask);
+  out.padding = take(full.padding);
+  out.position_ids = full.position_ids.defined() ? take(full.position_ids) : mine.clone();
+  out.doc_ids = out.cp_doc[rank];
+  return out;
 }
 
 }  // namespace loom::model

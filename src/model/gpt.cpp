@@ -9,12 +9,12 @@
 namespace loom::model {
 
 Block::Block(const ModelSpec& spec, const ParameterFactory& f, int64_t index,
-             const parallel::TensorParallel& tp)
+             const parallel::TensorParallel& tp, const parallel::ContextParallel& cp)
     : norm1_(spec, f.child("attn_norm"), tp),
       norm2_(spec, f.child("ffn_norm"), tp),
-      attn_(spec, f.child("attn"), tp) {
+      attn_(spec, f.child("attn"), tp, cp) {
   if (spec.is_moe_layer(index)) {
-    moe_ = std::make_unique<MoeLayer>(spec, f.child("moe"), tp);
+    moe_ = std::make_unique<MoeLayer>(spec, f.child("moe"), tp, cp);
   } else {
     mlp_ = std::make_unique<Mlp>(spec, f.child("mlp"), spec.ffn, tp);
   }
@@ -57,20 +57,23 @@ namespace {
 // model has no dropout, so the recomputed forward is the same function; MoE statistics are only
 // recorded by the first pass.
 struct RecomputedBlock : public torch::autograd::Function<RecomputedBlock> {
-  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx,
-                                                const at::Tensor& x, at::TensorList params,
-                                                const c10::optional<at::Tensor>& cos_opt,
-                                                const c10::optional<at::Tensor>& sin_opt,
-                                                const c10::optional<at::Tensor>& doc_opt,
-                                                Block* block) {
+  static torch::autograd::variable_list forward(
+      torch::autograd::AutogradContext* ctx, const at::Tensor& x, at::TensorList params,
+      const c10::optional<at::Tensor>& cos_opt, const c10::optional<at::Tensor>& sin_opt,
+      const c10::optional<at::Tensor>& doc_opt, const c10::optional<at::Tensor>& cp_index_opt,
+      const c10::optional<at::Tensor>& cp_doc_opt, const c10::optional<at::Tensor>& padding_opt,
+      Block* block) {
     // Optional tensors: an undefined one (no RoPE, no document mask) is not an autograd input.
     const at::Tensor cos = cos_opt.value_or(at::Tensor());
     const at::Tensor sin = sin_opt.value_or(at::Tensor());
     const at::Tensor doc_ids = doc_opt.value_or(at::Tensor());
-    ctx->save_for_backward({x, cos, sin, doc_ids});
+    const at::Tensor cp_index = cp_index_opt.value_or(at::Tensor());
+    const at::Tensor cp_doc = cp_doc_opt.value_or(at::Tensor());
+    const at::Tensor padding = padding_opt.value_or(at::Tensor());
+    ctx->save_for_backward({x, cos, sin, doc_ids, cp_index, cp_doc, padding});
     ctx->saved_data["block"] = reinterpret_cast<int64_t>(block);
     ctx->saved_data["num_params"] = static_cast<int64_t>(params.size());
-    ForwardContext fctx{cos, sin, doc_ids, /*record_stats=*/true};
+    ForwardContext fctx{cos, sin, doc_ids, cp_index, cp_doc, padding, /*record_stats=*/true};
     Block::Output out = block->forward(x, fctx);
     return {out.hidden, out.aux};
   }
@@ -81,7 +84,8 @@ struct RecomputedBlock : public torch::autograd::Function<RecomputedBlock> {
     auto* block = reinterpret_cast<Block*>(ctx->saved_data["block"].toInt());
     const int64_t num_params = ctx->saved_data["num_params"].toInt();
     at::Tensor x = saved[0].detach().requires_grad_(true);
-    ForwardContext fctx{saved[1], saved[2], saved[3], /*record_stats=*/false};
+    ForwardContext fctx{
+        saved[1], saved[2], saved[3], saved[4], saved[5], saved[6], /*record_stats=*/false};
     Block::Output out;
     {
       at::AutoGradMode enable(true);
@@ -99,8 +103,9 @@ struct RecomputedBlock : public torch::autograd::Function<RecomputedBlock> {
                         "recomputed block: parameter count changed");
     auto g = torch::autograd::grad(outputs, inputs, grad_outputs, /*retain_graph=*/false,
                                    /*create_graph=*/false, /*allow_unused=*/true);
-    // One gradient per forward input: x, each parameter, cos, sin, doc_ids, block.
-    g.resize(g.size() + 4);
+    // One gradient per forward input: x, each parameter, cos, sin, doc_ids, cp_index, cp_doc,
+    // padding, block.
+    g.resize(g.size() + 7);
     return g;
   }
 };
@@ -168,8 +173,12 @@ std::vector<StageLayout> partition_stages(int64_t num_layers, int pp, int vp, in
 
 GptModel::GptModel(const ModelSpec& spec, uint64_t seed, at::Device device,
                    const parallel::TensorParallel& tp, int64_t vocab_divisible_by,
-                   const StageLayout& stage)
-    : spec_(spec), tp_(tp), stage_(stage), params_(std::make_shared<std::vector<Parameter>>()) {
+                   const StageLayout& stage, const parallel::ContextParallel& cp)
+    : spec_(spec),
+      tp_(tp),
+      cp_(cp),
+      stage_(stage),
+      params_(std::make_shared<std::vector<Parameter>>()) {
   spec.check_tensor_parallel(tp.size());
   if (stage_.num_layers < 0) stage_.num_layers = spec.num_layers - stage_.first_layer;
   LOOM_CHECK(stage_.first_layer >= 0 && stage_.first_layer + stage_.num_layers <= spec.num_layers,
@@ -195,7 +204,8 @@ GptModel::GptModel(const ModelSpec& spec, uint64_t seed, at::Device device,
                         spec.init_std, -1, positions);
   }
   for (int64_t i = stage_.first_layer; i < stage_.first_layer + stage_.num_layers; ++i) {
-    blocks_.push_back(std::make_unique<Block>(spec, f.child("layers." + std::to_string(i)), i, tp));
+    blocks_.push_back(
+        std::make_unique<Block>(spec, f.child("layers." + std::to_string(i)), i, tp, cp));
   }
   if (stage_.post_process) {
     final_norm_ = std::make_unique<Norm>(spec, f.child("final_norm"), tp);
@@ -263,6 +273,17 @@ at::Tensor GptModel::hidden_states(const Batch& batch, at::Tensor* aux, const at
 
   ForwardContext ctx;
   ctx.doc_ids = batch.doc_ids;
+  ctx.cp_index = batch.cp_index;
+  ctx.cp_doc = batch.cp_doc;
+  ctx.padding = batch.padding;
+  LOOM_CHECK(batch.cp_index.defined() == cp_.enabled() &&
+                 (!cp_.enabled() || batch.cp_index.size(0) == cp_.size()),
+             "batch: {} for a model under parallel.cp = {} (split micro-batches with "
+             "model::cp_shard)",
+             batch.cp_index.defined()
+                 ? fmt::format("split over {} CP ranks", batch.cp_index.size(0))
+                 : std::string("not split"),
+             cp_.size());
   if (spec_.rope) {
     std::tie(ctx.rope_cos, ctx.rope_sin) =
         ops::rope_tables(pos, spec_.head_dim, spec_.rope_theta, spec_.param_dtype);
@@ -276,7 +297,8 @@ at::Tensor GptModel::hidden_states(const Batch& batch, at::Tensor* aux, const at
         return t.defined() ? c10::optional<at::Tensor>(t) : c10::optional<at::Tensor>();
       };
       auto out = RecomputedBlock::apply(x, at::TensorList(block->parameters()), opt(ctx.rope_cos),
-                                        opt(ctx.rope_sin), opt(ctx.doc_ids), block.get());
+                                        opt(ctx.rope_sin), opt(ctx.doc_ids), opt(ctx.cp_index),
+                                        opt(ctx.cp_doc), opt(ctx.padding), block.get());
       x = out[0];
       block_aux = out[1];
     } else {
@@ -372,16 +394,17 @@ void GptModel::zero_grad() {
 std::vector<std::unique_ptr<GptModel>> build_chunks(const ModelSpec& spec,
                                                     const config::JobConfig& job, at::Device device,
                                                     const parallel::TensorParallel& tp, int pp,
-                                                    int pp_rank) {
+                                                    int pp_rank,
+                                                    const parallel::ContextParallel& cp) {
   const auto& par = job.parallel();
   const int vp = par.virtual_pp();
   const auto layouts = partition_stages(spec.num_layers, pp, vp, par.pp_first_stage_layers(),
                                         par.pp_last_stage_layers());
   std::vector<std::unique_ptr<GptModel>> chunks;
   for (int c = 0; c < vp; ++c) {
-    chunks.push_back(std::make_unique<GptModel>(spec, job.seed(), device, tp,
-                                                par.vocab_divisible_by(),
-                                                layouts[static_cast<size_t>(c * pp + pp_rank)]));
+    chunks.push_back(
+        std::make_unique<GptModel>(spec, job.seed(), device, tp, par.vocab_divisible_by(),
+                                   layouts[static_cast<size_t>(c * pp + pp_rank)], cp));
   }
   return chunks;
 }

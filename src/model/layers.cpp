@@ -1,6 +1,9 @@
 #include "loom/model/layers.h"
 
+#include <torch/version.h>
+
 #include "loom/core/error.h"
+#include "loom/ops/context_attention.h"
 #include "loom/ops/functional.h"
 #include "loom/parallel/weight_grad_store.h"
 
@@ -14,7 +17,8 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const at::Tenso
 at::Tensor column_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
                          const parallel::TensorParallel& tp) {
   const auto dt = x.scalar_type();
-  return parallel::column_parallel_linear(x, weight.to(dt), bias.defined() ? bias.to(dt) : at::Tensor(), tp);
+  return parallel::column_parallel_linear(x, weight.to(dt),
+                                          bias.defined() ? bias.to(dt) : at::Tensor(), tp);
 }
 
 namespace {
@@ -35,7 +39,8 @@ TpShard split(int dim, int64_t blocks = 1) {
 Norm::Norm(const ModelSpec& spec, const ParameterFactory& f, const parallel::TensorParallel& tp)
     : kind_(spec.norm), eps_(spec.norm_eps) {
   weight = f.make("weight", {spec.hidden}, Init::kOnes, 0.0, -1, replicated(tp.sp()));
-  if (kind_ == NormKind::kLayerNorm) bias = f.make("bias", {spec.hidden}, Init::kZeros, 0.0, -1, replicated(tp.sp()));
+  if (kind_ == NormKind::kLayerNorm)
+    bias = f.make("bias", {spec.hidden}, Init::kZeros, 0.0, -1, replicated(tp.sp()));
 }
 
 at::Tensor Norm::forward(const at::Tensor& x) const {
@@ -43,16 +48,31 @@ at::Tensor Norm::forward(const at::Tensor& x) const {
                                      : ops::layer_norm(x, weight, bias, eps_);
 }
 
-Attention::Attention(const ModelSpec& spec, const ParameterFactory& f, const parallel::TensorParallel& tp)
-    : nh_(spec.num_heads / tp.size()), nkv_(spec.num_kv_heads / tp.size()), d_(spec.head_dim), rope_(spec.rope),
-      tp_(tp) {
+Attention::Attention(const ModelSpec& spec, const ParameterFactory& f,
+                     const parallel::TensorParallel& tp, const parallel::ContextParallel& cp)
+    : nh_(spec.num_heads / tp.size()),
+      nkv_(spec.num_kv_heads / tp.size()),
+      d_(spec.head_dim),
+      rope_(spec.rope),
+      block_(spec.attention_block),
+      tp_(tp),
+      cp_(cp) {
   spec.check_tensor_parallel(tp.size());
+  if (cp.enabled()) {
+    LOOM_CHECK_CONFIG(block_ != -1,
+                      "model.attention_block_size = -1 (full attention) cannot run under "
+                      "parallel.cp = {}: context parallelism attends blockwise",
+                      cp.size());
+    parallel::check_cp_heads(nh_, nkv_, cp.a2a_size(), tp.size());
+  }
   const int64_t qkv_rows = (spec.num_heads + 2 * spec.num_kv_heads) * d_;
-  qkv_weight = f.make("qkv.weight", {qkv_rows, spec.hidden}, Init::kNormal, spec.init_std, -1, split(0));
+  qkv_weight =
+      f.make("qkv.weight", {qkv_rows, spec.hidden}, Init::kNormal, spec.init_std, -1, split(0));
   if (spec.bias) qkv_bias = f.make("qkv.bias", {qkv_rows}, Init::kZeros, 0.0, -1, split(0));
-  out_weight = f.make("out.weight", {spec.hidden, spec.num_heads * d_}, Init::kNormal, spec.output_init_std, -1,
-                      split(1));
-  if (spec.bias) out_bias = f.make("out.bias", {spec.hidden}, Init::kZeros, 0.0, -1, replicated(tp.sp()));
+  out_weight = f.make("out.weight", {spec.hidden, spec.num_heads * d_}, Init::kNormal,
+                      spec.output_init_std, -1, split(1));
+  if (spec.bias)
+    out_bias = f.make("out.bias", {spec.hidden}, Init::kZeros, 0.0, -1, replicated(tp.sp()));
 }
 
 at::Tensor Attention::forward(const at::Tensor& input, const ForwardContext& ctx) const {
@@ -70,24 +90,58 @@ at::Tensor Attention::forward(const at::Tensor& input, const ForwardContext& ctx
     k = ops::apply_rope(k, ctx.rope_cos, ctx.rope_sin);
   }
   // -> [b, heads, s, d]
-  at::Tensor o = ops::causal_attention(q.permute({1, 2, 0, 3}), k.permute({1, 2, 0, 3}),
-                                       v.permute({1, 2, 0, 3}), ctx.doc_ids);
+  at::Tensor o =
+      attend(q.permute({1, 2, 0, 3}), k.permute({1, 2, 0, 3}), v.permute({1, 2, 0, 3}), ctx);
   o = o.permute({2, 0, 1, 3}).reshape({s, b, nh_ * d_});
   if (!tp_.enabled()) return model::linear(o, out_weight, out_bias);
   at::Tensor y = parallel::leave_tp_region(model::linear(o, out_weight), tp_);
   return out_bias.defined() ? y + out_bias.to(y.scalar_type()) : y;
 }
 
-Mlp::Mlp(const ModelSpec& spec, const ParameterFactory& f, int64_t ffn, const parallel::TensorParallel& tp)
+at::Tensor Attention::attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                             const ForwardContext& ctx) const {
+  constexpr int64_t kDefaultBlock = 512;
+  if (cp_.enabled()) {
+    LOOM_CHECK(ctx.cp_index.defined() && ctx.cp_doc.defined(),
+               "attention under parallel.cp = {}: the batch was not split (model::cp_shard)",
+               cp_.size());
+    return ops::context_attention(q, k, v, ctx.cp_index, ctx.cp_doc, cp_,
+                                  block_ > 0 ? block_ : kDefaultBlock);
+  }
+  const int64_t b = q.size(0), s = q.size(2);
+  // Auto: blockwise when the full score matrix of the micro-batch would pass 256 MiB in fp32, and
+  // where full attention is the explicit [s, s] form (no fused SDPA: LibTorch 1.x, fp64) from
+  // 1024 tokens, where blockwise measured faster on CPU (benchmarks/README.md, cp_bench).
+  const bool big = static_cast<double>(b) * static_cast<double>(q.size(1)) *
+                       static_cast<double>(s) * static_cast<double>(s) * 4.0 >
+                   256.0 * (1 << 20);
+#if TORCH_VERSION_MAJOR >= 2
+  const bool fused = q.scalar_type() != at::kDouble;
+#else
+  const bool fused = false;
+#endif
+  if (block_ > 0 || (block_ == 0 && (big || (!fused && s >= 1024)))) {
+    return ops::blockwise_attention(q, k, v, ops::row_tokens(b, s, ctx.doc_ids, q.device()),
+                                    block_ > 0 ? block_ : kDefaultBlock);
+  }
+  return ops::causal_attention(q, k, v, ctx.doc_ids);
+}
+
+Mlp::Mlp(const ModelSpec& spec, const ParameterFactory& f, int64_t ffn,
+         const parallel::TensorParallel& tp)
     : swiglu_(spec.swiglu), tp_(tp) {
-  LOOM_CHECK_CONFIG(ffn % tp.size() == 0, "'{}': the FFN width {} is not divisible by the tensor-parallel size {}",
+  LOOM_CHECK_CONFIG(ffn % tp.size() == 0,
+                    "'{}': the FFN width {} is not divisible by the tensor-parallel size {}",
                     f.prefix(), ffn, tp.size());
   const int64_t rows = swiglu_ ? 2 * ffn : ffn;
   const int64_t blocks = swiglu_ ? 2 : 1;
-  fc1_weight = f.make("fc1.weight", {rows, spec.hidden}, Init::kNormal, spec.init_std, -1, split(0, blocks));
+  fc1_weight =
+      f.make("fc1.weight", {rows, spec.hidden}, Init::kNormal, spec.init_std, -1, split(0, blocks));
   if (spec.bias) fc1_bias = f.make("fc1.bias", {rows}, Init::kZeros, 0.0, -1, split(0, blocks));
-  fc2_weight = f.make("fc2.weight", {spec.hidden, ffn}, Init::kNormal, spec.output_init_std, -1, split(1));
-  if (spec.bias) fc2_bias = f.make("fc2.bias", {spec.hidden}, Init::kZeros, 0.0, -1, replicated(tp.sp()));
+  fc2_weight =
+      f.make("fc2.weight", {spec.hidden, ffn}, Init::kNormal, spec.output_init_std, -1, split(1));
+  if (spec.bias)
+    fc2_bias = f.make("fc2.bias", {spec.hidden}, Init::kZeros, 0.0, -1, replicated(tp.sp()));
 }
 
 at::Tensor Mlp::partial(const at::Tensor& x) const {

@@ -106,6 +106,11 @@ ModelSpec ModelSpec::from_config(const ModelConfig& c) {
       c.scaled_output_init() ? c.init_std() / std::sqrt(2.0 * s.num_layers) : c.init_std();
   s.compute_dtype = c.precision() == ModelConfig::BF16 ? at::kBFloat16 : at::kFloat;
   s.recompute = c.recompute() == ModelConfig::FULL;
+  s.attention_block = c.attention_block_size();
+  LOOM_CHECK_CONFIG(s.attention_block >= -1,
+                    "field 'model.attention_block_size' is {}: -1 (full attention), 0 (auto) or a "
+                    "tile size in tokens",
+                    s.attention_block);
 
   const auto& m = c.moe();
   LOOM_CHECK_CONFIG(m.num_experts() >= 0, "field 'model.moe.num_experts' must be >= 0, got {}",

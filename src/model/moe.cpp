@@ -14,17 +14,19 @@ namespace loom::model {
 // rank routes the same, whole set of tokens with the replicated router (so routing, capacity drops
 // and statistics equal the single-process layer's), computes its column/row slice of each chosen
 // expert and of the shared experts, and the partial outputs leave the region summed (all-reduce or
-// sequence reduce-scatter). The gates multiply partial outputs, so the router's gradient is a partial
-// sum on each rank (TpShard::partial_grad, all-reduced by the trainer). The auxiliary losses are
-// computed identically on every TP rank; their gradient is scaled by 1/tp so that, once the input
-// gradient is all-reduced by the region, it counts once.
-MoeLayer::MoeLayer(const ModelSpec& spec, const ParameterFactory& f, const parallel::TensorParallel& tp)
-    : moe_(spec.moe), tp_(tp) {
+// sequence reduce-scatter). The gates multiply partial outputs, so the router's gradient is a
+// partial sum on each rank (TpShard::partial_grad, all-reduced by the trainer). The auxiliary
+// losses are computed identically on every TP rank; their gradient is scaled by 1/tp so that, once
+// the input gradient is all-reduced by the region, it counts once.
+MoeLayer::MoeLayer(const ModelSpec& spec, const ParameterFactory& f,
+                   const parallel::TensorParallel& tp, const parallel::ContextParallel& cp)
+    : moe_(spec.moe), tp_(tp), cp_(cp) {
   const int64_t e = moe_.num_experts, ffn = moe_.expert_ffn, h = spec.hidden;
-  LOOM_CHECK_CONFIG(ffn % tp.size() == 0,
-                    "the expert FFN width (model.moe.expert_ffn_hidden_size = {}) is not divisible by the "
-                    "tensor-parallel size parallel.tp = {}",
-                    ffn, tp.size());
+  LOOM_CHECK_CONFIG(
+      ffn % tp.size() == 0,
+      "the expert FFN width (model.moe.expert_ffn_hidden_size = {}) is not divisible by the "
+      "tensor-parallel size parallel.tp = {}",
+      ffn, tp.size());
   TpShard router;
   router.partial_grad = tp.enabled();
   TpShard fc1, fc2;
@@ -33,12 +35,14 @@ MoeLayer::MoeLayer(const ModelSpec& spec, const ParameterFactory& f, const paral
   fc2.dim = 2;
   router_weight = f.make("router.weight", {e, h}, Init::kNormal, moe_.router_init_std, -1, router);
   fc1_weight = f.make("experts.fc1.weight", {e, 2 * ffn, h}, Init::kNormal, spec.init_std, -1, fc1);
-  fc2_weight = f.make("experts.fc2.weight", {e, h, ffn}, Init::kNormal, spec.output_init_std, -1, fc2);
+  fc2_weight =
+      f.make("experts.fc2.weight", {e, h, ffn}, Init::kNormal, spec.output_init_std, -1, fc2);
   if (moe_.num_shared_experts > 0) {
     ModelSpec dense = spec;
     dense.bias = false;
     dense.swiglu = true;
-    shared = std::make_unique<Mlp>(dense, f.child("shared"), moe_.num_shared_experts * moe_.shared_ffn, tp);
+    shared = std::make_unique<Mlp>(dense, f.child("shared"),
+                                   moe_.num_shared_experts * moe_.shared_ffn, tp);
   }
 }
 
@@ -85,7 +89,8 @@ at::Tensor MoeLayer::dispatch_and_compute(const at::Tensor& x2d, const Routing& 
   if (moe_.capacity_factor > 0) {
     const auto capacity = static_cast<int64_t>(
         std::ceil(static_cast<double>(t * k) / static_cast<double>(e) * moe_.capacity_factor));
-    at::Tensor gates_sorted = r.gates.reshape({-1}).index_select(0, order).detach().to(at::kDouble).cpu();
+    at::Tensor gates_sorted =
+        r.gates.reshape({-1}).index_select(0, order).detach().to(at::kDouble).cpu();
     std::vector<at::Tensor> keep;
     int64_t off = 0;
     for (int64_t i = 0; i < e; ++i) {
@@ -107,9 +112,9 @@ at::Tensor MoeLayer::dispatch_and_compute(const at::Tensor& x2d, const Routing& 
     order = order.index_select(0, at::cat(keep).to(order.device()));
   }
 
-  at::Tensor token_of = at::div(order, k, "floor");              // [A] source token per assignment
+  at::Tensor token_of = at::div(order, k, "floor");  // [A] source token per assignment
   at::Tensor gate_of = r.gates.reshape({-1}).index_select(0, order).to(dt);  // [A]
-  at::Tensor xs = x2d.index_select(0, token_of);                 // [A, h]
+  at::Tensor xs = x2d.index_select(0, token_of);                             // [A, h]
   at::Tensor w1 = fc1_weight.to(dt), w2 = fc2_weight.to(dt);
   std::vector<at::Tensor> outs;
   int64_t off = 0;
@@ -136,23 +141,58 @@ MoeLayer::Output MoeLayer::forward(const at::Tensor& input, const ForwardContext
   if (shared) y = y + (tp_.enabled() ? shared->partial(x2d) : shared->forward(x2d));
   if (tp_.enabled()) y = parallel::leave_tp_region(y.view({s, b, h}), tp_);
 
-  at::Tensor counts = at::bincount(r.experts.reshape({-1}), {}, moe_.num_experts);  // [E]
+  // Padding positions (Batch::padding) are routed but count in no statistic: the balance and z
+  // losses and the expert counts are those of the real tokens, whatever a row was padded to.
+  at::Tensor real;  // [T] 1 = a real token, in [s, b] order; undefined = all
+  if (ctx.padding.defined()) {
+    real = ctx.padding.logical_not().t().reshape({t}).to(r.logits.scalar_type());
+  }
+  at::Tensor counts = real.defined()
+                          ? at::bincount(r.experts.reshape({-1}),
+                                         real.repeat_interleave(moe_.top_k), moe_.num_experts)
+                          : at::bincount(r.experts.reshape({-1}), {}, moe_.num_experts);  // [E]
+  // [Note: MoE under context parallelism] A CP rank routes its share of the micro-batch's tokens.
+  // The balance loss of the whole micro-batch, sum_e P_e c_e x E / (k T^2), is a sum over tokens
+  // of P_e given the micro-batch's counts c_e: each CP rank adds its tokens' P_e against the
+  // counts summed over CP (constants), with T the micro-batch's tokens, and the gradient sum over
+  // dp-cp adds the parts. Likewise the z-loss's mean over T. (Capacity drops apply per CP rank.)
+  double tokens = real.defined() ? real.sum().item<double>() : static_cast<double>(t);
+  if (cp_.enabled()) {
+    // One message: the counts and the real tokens of the micro-batch.
+    at::Tensor sums = at::cat({counts.to(at::kDouble), at::full({1}, tokens, at::kDouble)});
+    cp_.comm->all_reduce(sums);
+    counts = sums.narrow(0, 0, moe_.num_experts);
+    tokens = sums[moe_.num_experts].item<double>();
+  }
+  tokens = std::max(tokens, 1.0);
   at::Tensor aux = at::zeros({}, r.logits.options());
   double aux_value = 0, z_value = 0;
   if (moe_.aux_loss_coeff > 0) {
     const double scale = moe_.aux_loss_coeff * static_cast<double>(moe_.num_experts) /
-                         (static_cast<double>(moe_.top_k) * static_cast<double>(t) * static_cast<double>(t));
-    at::Tensor balance = (r.aux_probs.sum(0) * counts.to(r.aux_probs.scalar_type())).sum() * scale;
+                         (static_cast<double>(moe_.top_k) * tokens * tokens);
+    const at::Tensor probs = real.defined() ? r.aux_probs * real.unsqueeze(1) : r.aux_probs;
+    at::Tensor balance = (probs.sum(0) * counts.to(r.aux_probs.scalar_type())).sum() * scale;
     aux = aux + balance;
     if (ctx.record_stats) aux_value = balance.item<double>();
   }
   if (moe_.z_loss_coeff > 0) {
-    at::Tensor z = at::logsumexp(r.logits, -1).pow(2).mean() * moe_.z_loss_coeff;
+    at::Tensor z2 = at::logsumexp(r.logits, -1).pow(2);
+    if (real.defined()) z2 = z2 * real;
+    at::Tensor z = z2.sum() * (moe_.z_loss_coeff / tokens);
     aux = aux + z;
     if (ctx.record_stats) z_value = z.item<double>();
   }
   if (tp_.enabled()) aux = parallel::scale_gradient(aux, 1.0 / tp_.size());
   if (ctx.record_stats) {
+    if (real.defined() && !cp_.enabled()) counts = counts.round().to(at::kLong);
+    if (cp_.enabled()) {  // the micro-batch's figures, as the single process logs them
+      at::Tensor sums = at::tensor({aux_value, z_value, static_cast<double>(dropped)}, at::kDouble);
+      cp_.comm->all_reduce(sums);
+      aux_value = sums[0].item<double>();
+      z_value = sums[1].item<double>();
+      dropped = static_cast<int64_t>(sums[2].item<double>() + 0.5);
+      counts = counts.round().to(at::kLong);
+    }
     stats_.tokens_per_expert = counts.cpu();
     stats_.dropped = dropped;
     stats_.aux_loss = aux_value;

@@ -84,7 +84,7 @@ MemoryEstimate estimate_memory(const model::ModelSpec& spec, const config::JobCo
                                const mesh::ParallelDims& dims) {
   const auto& par = job.parallel();
   const auto& t = job.train();
-  const double tp = dims.tp, pp = dims.pp, dp = dims.dp;
+  const double tp = dims.tp, pp = dims.pp, dp = dims.dp, cp = dims.cp;
   const double L = static_cast<double>(std::max<int64_t>(spec.num_layers, 1));
   // The layers each rank holds: the pipeline's own split (Note: pipeline schedule tables), with
   // parallel.pp_first/last_stage_layers and the virtual stages of an interleaved schedule.
@@ -124,7 +124,7 @@ MemoryEstimate estimate_memory(const model::ModelSpec& spec, const config::JobCo
   MemoryEstimate m;
   m.parameters = params * master;
   m.gradients = params * master;
-  m.optimizer = sgd ? 0.0 : 2.0 * params * master / (par.distributed_optimizer() ? dp : 1.0);
+  m.optimizer = sgd ? 0.0 : 2.0 * params * master / (par.distributed_optimizer() ? dp * cp : 1.0);
 
   // Activations kept for backward, per token and layer.
   const bool documents = job.data().mode() == config::DataConfig::DOCUMENTS;
@@ -133,6 +133,7 @@ MemoryEstimate estimate_memory(const model::ModelSpec& spec, const config::JobCo
       documents
           ? static_cast<double>(t.micro_batch_tokens() > 0 ? t.micro_batch_tokens() : t.seq_len())
           : static_cast<double>(t.micro_batch_size()) * seq;
+  const double local_tokens = tokens / cp;  // context parallelism splits every sequence
   const double h = static_cast<double>(spec.hidden);
   const double heads = static_cast<double>(spec.num_heads);
   const double qkv = (heads + 2.0 * spec.num_kv_heads) * spec.head_dim;
@@ -146,9 +147,14 @@ MemoryEstimate estimate_memory(const model::ModelSpec& spec, const config::JobCo
   }
   const double compute =
       element_bytes(spec.compute_dtype == at::kBFloat16 ? at::kBFloat16 : spec.param_dtype);
+  // Full attention keeps fp32 scores and probabilities, [s, s] per head; blockwise attention
+  // (context parallelism, long sequences, model.attention_block_size > 0) keeps only its output's
+  // log-sum-exp, one fp32 per head and token (its tiles are transient).
+  const int64_t block = job.model().attention_block_size();
+  const bool blockwise = block > 0 || (block == 0 && (cp > 1 || seq >= 1024));
+  const double score_bytes = blockwise ? heads / tp * 4.0 : 2.0 * heads * seq / tp * 4.0;
   const double layer_full =
-      ((5.0 * h / sp) + (qkv + heads * spec.head_dim + ffn_elems) / tp) * compute +
-      2.0 * heads * seq / tp * 4.0;  // scores and probabilities, fp32
+      ((5.0 * h / sp) + (qkv + heads * spec.head_dim + ffn_elems) / tp) * compute + score_bytes;
   const double layer_input = h / sp * compute;
   const bool recompute = job.model().recompute() != config::ModelConfig::NO_RECOMPUTE;
   const double per_token =
@@ -159,14 +165,15 @@ MemoryEstimate estimate_memory(const model::ModelSpec& spec, const config::JobCo
   if (dims.pp > 1) {
     const double v = vp;
     in_flight = pp + (v > 1 ? (pp - 1) / v : 0.0);
-    const double micro = documents ? in_flight
-                                   : static_cast<double>(t.global_batch_size()) /
-                                         std::max(1.0, t.micro_batch_size() * dp);
-    in_flight = std::min(in_flight, std::max(1.0, micro));  // no more than the step has
+    const double micro =
+        documents ? in_flight
+                  : static_cast<double>(t.global_batch_size()) /
+                        std::max(1.0, t.micro_batch_size() * dp);  // CP ranks share micro-batches
+    in_flight = std::min(in_flight, std::max(1.0, micro));         // no more than the step has
   }
-  m.activations = tokens * per_token * in_flight;
+  m.activations = local_tokens * per_token * in_flight;
   // The head's fp32 logits, their log-softmax and gradient, one micro-batch at a time.
-  m.logits = tokens * vocab_rows / tp * 4.0 * 3.0;
+  m.logits = local_tokens * vocab_rows / tp * 4.0 * 3.0;
   return m;
 }
 
@@ -209,7 +216,8 @@ void check_memory(const MemoryEstimate& need, double available, at::Device devic
       need.state() <= available,
       "the model does not fit: each rank needs {} for its parameters, gradients and optimizer "
       "state alone ({}), but has {} ({}). Spread the model over more ranks (parallel.tp, "
-      "parallel.pp), shard the optimizer state (parallel.distributed_optimizer: true with dp > 1), "
+      "parallel.pp), shard the optimizer state (parallel.distributed_optimizer: true with dp x cp "
+      "> 1), "
       "or make it smaller (model.hidden_size, model.num_layers, model.vocab_size)",
       format_bytes(need.state()), need.describe(), format_bytes(available), where);
   if (need.total() > available) {

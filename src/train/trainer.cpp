@@ -41,11 +41,11 @@ Trainer::Trainer(const config::JobConfig& config, comm::CommunicatorPtr world,
   config::validate(config_);
   if (!world_) world_ = std::make_shared<comm::LocalCommunicator>();
   const auto dims = mesh::ParallelDims::from_config(config_.parallel(), world_->size());
-  LOOM_CHECK_KIND(ErrorKind::kUnsupported, dims.cp == 1 && dims.ep == 1,
-                  "this build's trainer runs tensor (with sequence), pipeline and data "
-                  "parallelism; parallel.cp={}, ep={} need the context/expert-parallel layers, "
-                  "which are not in yet",
-                  dims.cp, dims.ep);
+  LOOM_CHECK_KIND(ErrorKind::kUnsupported, dims.ep == 1,
+                  "this build's trainer runs tensor (with sequence), context, pipeline and data "
+                  "parallelism; parallel.ep={} needs the expert-parallel layers, which are not in "
+                  "yet",
+                  dims.ep);
   groups_ = std::make_unique<mesh::ProcessGroups>(dims, world_);
   log::set_coordinates(groups_->coords_string());
   set_long_timeouts(true);  // until the first step is done (Note: timeouts)
@@ -94,8 +94,9 @@ Trainer::Trainer(const config::JobConfig& config, comm::CommunicatorPtr world,
 }
 
 void Trainer::build_data(const model::ModelSpec& spec) {
+  // Every CP rank of a DP rank loads the same micro-batches and keeps its share of each.
   const auto lo = data::LoaderOptions::from_config(config_, groups_->dp_size(), groups_->dp_rank(),
-                                                   groups_->tp_size(), device_);
+                                                   groups_->tp_size(), device_, groups_->cp_size());
   global_batch_ = lo.global_batch;
   documents_ = lo.mode == data::BatchMode::kDocuments;
   num_micro_ = documents_ ? 0 : global_batch_ / (lo.micro_batch_size * lo.dp_size);  // else varies
@@ -112,7 +113,17 @@ void Trainer::build_model(const model::ModelSpec& spec) {
   if (groups_->tp_size() > 1) tp.comm = groups_->tp_group();
   tp.sequence_parallel = par.sequence_parallel();
   tp.overlap_comm = par.overlap_tp_comm();
-  chunks_ = model::build_chunks(spec, config_, device_, tp, groups_->pp_size(), groups_->pp_rank());
+  const auto cp_type = parallel::parse_cp_comm_type(par.cp_comm_type());  // checked at any cp
+  LOOM_CHECK_CONFIG(par.cp_a2a_size() == 0 || cp_type == parallel::CpCommType::kA2AP2P,
+                    "parallel.cp_a2a_size = {} applies to parallel.cp_comm_type a2a+p2p only (it "
+                    "is '{}')",
+                    par.cp_a2a_size(), par.cp_comm_type());
+  if (groups_->cp_size() > 1) {
+    cp_ = parallel::make_context_parallel(groups_->cp_group(), cp_type, par.cp_a2a_size(),
+                                          spec.attention_block);
+  }
+  chunks_ =
+      model::build_chunks(spec, config_, device_, tp, groups_->pp_size(), groups_->pp_rank(), cp_);
   for (const auto& c : chunks_)
     params_.insert(params_.end(), c->parameters().begin(), c->parameters().end());
 }
@@ -120,9 +131,11 @@ void Trainer::build_model(const model::ModelSpec& spec) {
 void Trainer::build_optimizer(const model::ModelSpec& spec) {
   const auto tp = groups_->tp_size() > 1 ? groups_->tp_group() : nullptr;
   const auto pp = groups_->pp_size() > 1 ? groups_->pp_group() : nullptr;
-  optimizer_ = optim::make_optimizer(&params_, config_, groups_->dp_group(), tp, pp);
+  // Weights are replicated over DP and CP: gradients are reduced (and ZeRO-1 shards the optimizer)
+  // over the dp-cp group, as Megatron-Core does.
+  optimizer_ = optim::make_optimizer(&params_, config_, groups_->dp_cp_group(), tp, pp);
   parallel::GradSyncOptions sync;  // Note: gradient synchronisation
-  sync.dp = groups_->dp_group();
+  sync.dp = groups_->dp_cp_group();
   sync.tp = groups_->tp_group();
   if (pp && spec.tie_embeddings && (groups_->pp_is_first_stage() || groups_->pp_is_last_stage())) {
     sync.embedding = groups_->embedding_group();
@@ -139,7 +152,7 @@ void Trainer::build_optimizer(const model::ModelSpec& spec) {
   parts.world = world_;
   parts.tp = tp;
   parts.pp = pp;
-  parts.dp_rank = groups_->dp_rank();
+  parts.dp_rank = groups_->dp_cp_group()->rank();  // one replica (dp 0, cp 0) saves
   parts.tp_rank = groups_->tp_rank();
   parts.config = &config_;
   state_ = std::make_unique<checkpoint::TrainingState>(parts);
@@ -163,13 +176,20 @@ void Trainer::log_setup(const model::ModelSpec& spec) {
   LOOM_LOG_INFO("data: {}", source_->describe());
   LOOM_LOG_INFO("batch: {}", loader_->describe());
   LOOM_LOG_INFO(
-      "parallel: tp={}{} pp={} dp={} ({} ranks); optimizer state {} per rank{}", groups_->tp_size(),
+      "parallel: tp={}{}{} pp={} dp={} ({} ranks); optimizer state {} per rank{}",
+      groups_->tp_size(),
       chunks_.front()->tensor_parallel().sp() ? " with sequence parallelism" : "",
+      cp_.enabled()
+          ? fmt::format(" cp={} ({}{})", cp_.size(), parallel::cp_comm_type_name(cp_.type),
+                        cp_.type == parallel::CpCommType::kA2AP2P
+                            ? fmt::format(", all-to-all groups of {}", cp_.a2a_size())
+                            : std::string())
+          : std::string(),
       groups_->pp_size(), groups_->dp_size(), world_->size(),
       format_bytes(static_cast<double>(optimizer_->state_bytes())),
-      optimizer_->gradient_shards()
-          ? fmt::format(" (distributed optimizer: 1/{} of the moments)", groups_->dp_size())
-          : "");
+      optimizer_->gradient_shards() ? fmt::format(" (distributed optimizer: 1/{} of the moments)",
+                                                  groups_->dp_size() * groups_->cp_size())
+                                    : "");
   if (pipeline_) {
     LOOM_LOG_INFO("pipeline: {}",
                   executor_->describe(documents_ ? "varying" : std::to_string(num_micro_)));
@@ -275,10 +295,29 @@ void Trainer::set_long_timeouts(bool on) const {
   groups_->set_timeout_s(on ? std::max(c.long_timeout_s(), c.timeout_s()) : c.timeout_s());
 }
 
-// The last stage's losses (and every stage's aux) summed over the pipeline, then over DP.
+// The last stage's losses (and every stage's aux) summed over the pipeline, then over DP and CP
+// (each CP rank holds its tokens' part).
 void Trainer::sum_over_pp_dp(at::Tensor& sums) const {
   comm::all_reduce_host(sums, groups_->pp_group().get());
-  comm::all_reduce_host(sums, groups_->dp_group().get());
+  comm::all_reduce_host(sums, groups_->dp_cp_group().get());
+}
+
+std::vector<model::Batch> Trainer::cp_local(const std::vector<model::Batch>& batches) const {
+  std::vector<model::Batch> out;
+  out.reserve(batches.size());
+  const int64_t max_pos = chunks_.front()->spec().max_seq_len;
+  for (const auto& b : batches) {
+    // Checked on the whole micro-batch, which every CP rank holds, so that all CP ranks stop
+    // together (a rank's own shard check would leave its peers waiting in the attention).
+    if (b.position_ids.defined() && b.position_ids.is_cpu()) {
+      const int64_t last = b.position_ids.max().item<int64_t>();
+      LOOM_CHECK(last < max_pos,
+                 "batch: position {} of a packed document reaches model.max_seq_len {}", last,
+                 max_pos);
+    }
+    out.push_back(model::cp_shard(b, cp_.size(), cp_.rank()));
+  }
+  return out;
 }
 
 StepMetrics Trainer::train_step() {
@@ -309,7 +348,9 @@ StepMetrics Trainer::train_step() {
     if (fault_) fault_->maybe_trigger(world_->rank(), m.step);
   };
   // Forward and backward on the one executor (Note: step executor; Note: loss scaling).
-  const StepSums sums = executor_->train(data.batches, total_tokens, aux_scale, fault_point);
+  const StepSums sums =
+      cp_.enabled() ? executor_->train(cp_local(data.batches), total_tokens, aux_scale, fault_point)
+                    : executor_->train(data.batches, total_tokens, aux_scale, fault_point);
   m.forward_s = sums.stats.forward_s;
   m.backward_s = sums.stats.backward_s;
   m.pp_wait_s = sums.stats.recv_wait_s;
@@ -373,7 +414,8 @@ EvalMetrics Trainer::evaluate() {
   at::Tensor sums = at::zeros({2}, at::kDouble);  // [loss sum, tokens]
   for (int64_t g = 0; g < config_.train().eval_batches(); ++g) {
     const data::StepData d = loader_->load(data::Split::kValid, g * global_batch_);
-    const EvalSums part = executor_->evaluate(d.batches);  // forward-only on the same path
+    // Forward-only on the same path.
+    const EvalSums part = executor_->evaluate(cp_.enabled() ? cp_local(d.batches) : d.batches);
     sums += at::tensor({part.loss_sum, part.tokens}, at::kDouble);
   }
   sum_over_pp_dp(sums);

@@ -11,9 +11,11 @@
 #include <ATen/ATen.h>
 #include <ATen/core/grad_mode.h>
 #include <gtest/gtest.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cmath>
+#include <filesystem>
 #include <map>
 #include <string>
 #include <utility>
@@ -105,7 +107,9 @@ inline double max_param_diff(loom::train::Trainer& par, loom::train::Trainer& si
       continue;
     }
     m = std::max(m, (full - q->tensor).abs().max().item<double>());
-    if (!p.pipeline_copy && par.groups().tp_rank() == 0 && par.groups().dp_rank() == 0) ++owned;
+    if (!p.pipeline_copy && par.groups().tp_rank() == 0 && par.groups().dp_rank() == 0 &&
+        par.groups().cp_rank() == 0)
+      ++owned;
   }
   if (world_sum(owned) != static_cast<int64_t>(single.model().parameters().size())) m = 1e30;
   at::Tensor t = at::full({1}, m, at::kDouble);
@@ -213,7 +217,9 @@ inline StepComparison compare_steps(loom::train::Trainer& single, loom::train::T
                                << "' (scale " << scale << ", max diff " << diff << ")";
       worst = std::max(worst, rel);
       const auto& p = par.parameters()[i];
-      if (!p.pipeline_copy && par.groups().tp_rank() == 0 && par.groups().dp_rank() == 0) ++owned;
+      if (!p.pipeline_copy && par.groups().tp_rank() == 0 && par.groups().dp_rank() == 0 &&
+          par.groups().cp_rank() == 0)
+        ++owned;
     }
     // Every parameter of the single process is compared: the stages hold each exactly once.
     EXPECT_EQ(world_sum(owned), static_cast<int64_t>(ga.size())) << what << ": gradients compared";
@@ -227,10 +233,10 @@ inline StepComparison compare_steps(loom::train::Trainer& single, loom::train::T
   return r;
 }
 
-// Every DP replica holds bit-identical parameters: each tensor equals DP rank 0's (exactly, element
-// by element), over every rank of the world.
+// Every DP (and CP) replica holds bit-identical parameters: each tensor equals DP-CP rank 0's
+// (exactly, element by element), over every rank of the world.
 inline void expect_replicas_identical(loom::train::Trainer& par, const std::string& what) {
-  auto dp = par.groups().dp_group();
+  auto dp = par.groups().dp_cp_group();
   int64_t wrong = 0;
   for (auto& p : par.parameters()) {
     at::Tensor mine = p.tensor.detach().contiguous().clone();
@@ -259,11 +265,22 @@ struct Layout {
   bool documents =
       false;  // data.mode = DOCUMENTS: 16 documents per step, micro-batches of <= 40 tokens
   int steps = 20;
+  int cp = 1;                   // parallel.cp
+  std::string cp_comm = "p2p";  // parallel.cp_comm_type
+  int cp_a2a = 0;               // parallel.cp_a2a_size
+  int block = 0;                // model.attention_block_size
+  bool aux = true;              // MoE balance and z losses on (off: model.moe.*_coeff = 0)
 
-  int dp() const { return world()->size() / (tp * pp); }
+  int dp() const { return world()->size() / (tp * pp * cp); }
   std::string str() const {
     std::string s = model + " tp" + std::to_string(tp) + " pp" + std::to_string(pp) + " dp" +
                     std::to_string(dp());
+    if (cp > 1) {
+      s += " cp" + std::to_string(cp) + " " + cp_comm;
+      if (cp_a2a > 0) s += std::to_string(cp_a2a);
+    }
+    if (block != 0) s += " block" + std::to_string(block);
+    if (!aux) s += " no-aux";
     if (pp > 1) s += " " + (schedule.empty() ? std::string("1f1b") : schedule);
     if (vp > 1) s += " vp" + std::to_string(vp);
     s += " m" + std::to_string(micro) + " L" + std::to_string(layers);
@@ -292,6 +309,10 @@ inline loom::config::JobConfig layout_single_job(const Layout& c) {
     j.mutable_model()->mutable_moe()->set_capacity_factor(c.capacity);
     if (c.drop_by_position)
       j.mutable_model()->mutable_moe()->set_drop_policy(loom::config::MoeConfig::DROP_BY_POSITION);
+    if (!c.aux) {
+      j.mutable_model()->mutable_moe()->set_aux_loss_coeff(0);
+      j.mutable_model()->mutable_moe()->set_z_loss_coeff(0);
+    }
   }
   if (c.bf16) j.mutable_model()->set_precision(loom::config::ModelConfig::BF16);
   if (c.recompute) j.mutable_model()->set_recompute(loom::config::ModelConfig::FULL);
@@ -322,6 +343,11 @@ inline loom::config::JobConfig with_layout(loom::config::JobConfig j, const Layo
   par->set_distributed_optimizer(c.zero);
   par->set_pp_first_stage_layers(c.first);
   par->set_pp_last_stage_layers(c.last);
+  par->set_cp(c.cp);
+  par->set_cp_comm_type(c.cp_comm);
+  par->set_cp_a2a_size(c.cp_a2a);
+  // The blockwise tile only in the parallel job: the single process keeps full attention.
+  j.mutable_model()->set_attention_block_size(c.block);
   return j;
 }
 
@@ -343,7 +369,8 @@ inline LayoutResult expect_layout_matches(const Layout& c, const Tolerances& tol
                                           double param_tol = kParamTol) {
   const std::string what = c.str();
   LayoutResult r;
-  if (16 % (c.dp() * c.micro) != 0 || c.dp() < 1 || c.dp() * c.tp * c.pp != world()->size()) {
+  if (16 % (c.dp() * c.micro) != 0 || c.dp() < 1 ||
+      c.dp() * c.tp * c.pp * c.cp != world()->size()) {
     ADD_FAILURE() << what << ": not a layout of " << world()->size()
                   << " ranks with a global batch of 16";
     return r;
@@ -377,6 +404,27 @@ inline LayoutResult expect_layout_matches(const Layout& c, const Tolerances& tol
                 static_cast<long long>(r.steps.grad_tensors), r.params);
   }
   return r;
+}
+
+// A job directory shared by the ranks (rank 0's pid).
+inline std::string shared_dir(const std::string& name) {
+  at::Tensor pid = at::full({1}, static_cast<int64_t>(getpid()), at::kLong);
+  world()->broadcast(pid, {0});
+  return (std::filesystem::temp_directory_path() /
+          ("loom-" + name + "-" + std::to_string(pid.item<int64_t>())))
+      .string();
+}
+
+// Trains `single` and `par` `steps` steps side by side (each loss within kLossTol) and saves a
+// checkpoint of `par`, whose directory it returns.
+inline std::string train_then_save(loom::train::Trainer& single, loom::train::Trainer& par,
+                                   int steps) {
+  for (int s = 0; s < steps; ++s) {
+    auto x = single.train_step();
+    auto y = par.train_step();
+    EXPECT_NEAR(y.loss, x.loss, kLossTol * x.loss) << "step " << s + 1;
+  }
+  return par.save_checkpoint();
 }
 
 // A parallel test needs more than one rank: in a world of one it is skipped, not passed.

@@ -270,15 +270,6 @@ TEST(Layouts, PackedDocumentsEqualTheSingleProcess) {
   run_cases(v);
 }
 
-// A job directory shared by the ranks (rank 0's pid).
-std::string shared_dir(const std::string& name) {
-  at::Tensor pid = at::full({1}, static_cast<int64_t>(getpid()), at::kLong);
-  loom::testing::world()->broadcast(pid, {0});
-  return (std::filesystem::temp_directory_path() /
-          ("loom-" + name + "-" + std::to_string(pid.item<int64_t>())))
-      .string();
-}
-
 TEST(Layouts, ResumeUnderAnotherLayoutContinuesTheUninterruptedRun) {
   // Layout A trains 3 steps and saves; layout B loads and trains 3 more. Every step of B and the
   // final parameters equal a single process that trained 6 steps without stopping (not a loaded run
@@ -308,7 +299,7 @@ TEST(Layouts, ResumeUnderAnotherLayoutContinuesTheUninterruptedRun) {
     FAIL() << "no resume layouts for " << n << " ranks";
   }
   a.steps = b.steps = 6;
-  const std::string dir = shared_dir("relayout");
+  const std::string dir = loom::testing::shared_dir("relayout");
   auto ja = loom::testing::layout_job(a), jb = loom::testing::layout_job(b);
   ja.mutable_train()->set_checkpoint_dir(dir);
   jb.mutable_train()->set_checkpoint_dir(dir);
@@ -317,12 +308,7 @@ TEST(Layouts, ResumeUnderAnotherLayoutContinuesTheUninterruptedRun) {
   std::string saved;
   {
     Trainer first(ja, world);
-    for (int s = 0; s < 3; ++s) {
-      auto x = single.train_step();
-      auto y = first.train_step();
-      EXPECT_NEAR(y.loss, x.loss, loom::testing::kLossTol * x.loss) << "step " << s + 1;
-    }
-    saved = first.save_checkpoint();
+    saved = loom::testing::train_then_save(single, first, 3);
   }
   Trainer second(jb, world);
   second.load_checkpoint(saved);

@@ -46,8 +46,10 @@ struct LoaderOptions {
   // The options a job's config asks for on DP rank `dp_rank` of `dp_size` (tp_size: sequence
   // parallelism pads packed rows to a multiple of it): train.global_batch_size (0: micro_batch_size
   // x dp), the micro-batch sizes and data.mode. kConfig errors name the field and the arithmetic.
+  // `cp_size`: context parallelism splits each row over that many ranks (rows must divide by it,
+  // times tp under sequence parallelism; packed rows are padded to such a multiple).
   static LoaderOptions from_config(const config::JobConfig& job, int dp_size, int dp_rank,
-                                   int tp_size, at::Device device);
+                                   int tp_size, at::Device device, int cp_size = 1);
 };
 
 // One step of this rank: its plan and its micro-batches (in the plan's order).

@@ -14,6 +14,14 @@ struct Batch {
   at::Tensor loss_mask;     // [b, s] float (1 = counts); undefined = every position counts
   at::Tensor position_ids;  // [b, s] int64; undefined = 0 .. s-1 in every row
   at::Tensor doc_ids;       // [b, s] int64 document index; undefined = one document per row
+  // [b, s] bool, true at positions that only pad a row (packed rows padded to a multiple of tp x
+  // cp); undefined = none. They are computed like any token but count in no loss and no MoE
+  // statistic.
+  at::Tensor padding;
+  // Context parallelism (cp_shard): every CP rank's tokens' global indices and documents,
+  // [cp, b, s_local] int64; undefined without CP. The fields above then hold this rank's tokens.
+  at::Tensor cp_index;
+  at::Tensor cp_doc;
 
   int64_t batch_size() const { return tokens.size(0); }
   int64_t seq_len() const { return tokens.size(1); }
@@ -32,5 +40,10 @@ struct Batch {
 // running each document alone, which tests/model checks.
 Batch packed_batch(const at::Tensor& tokens, const at::Tensor& targets,
                    const std::vector<std::vector<int64_t>>& cu_seqlens);
+
+// This CP rank's share of a micro-batch (Note: balanced context-parallel split): tokens, targets,
+// loss mask, position ids (global: gathered from the whole row) and doc ids of its s / cp tokens
+// of each row, with every rank's token tables in cp_index / cp_doc. cp = 1 returns `full`.
+Batch cp_shard(const Batch& full, int cp, int rank);
 
 }  // namespace loom::model

@@ -21,7 +21,7 @@ namespace loom::model {
 class Block {
  public:
   Block(const ModelSpec& spec, const ParameterFactory& f, int64_t index,
-        const parallel::TensorParallel& tp = {});
+        const parallel::TensorParallel& tp = {}, const parallel::ContextParallel& cp = {});
 
   struct Output {
     at::Tensor hidden;  // [s, b, h]
@@ -79,7 +79,7 @@ class GptModel {
   // `vocab_divisible_by` x tp (zero rows, masked out of the softmax: the same function).
   GptModel(const ModelSpec& spec, uint64_t seed, at::Device device = at::kCPU,
            const parallel::TensorParallel& tp = {}, int64_t vocab_divisible_by = 128,
-           const StageLayout& stage = {});
+           const StageLayout& stage = {}, const parallel::ContextParallel& cp = {});
 
   // Loss pieces for one micro-batch (the caller normalises: see train/ and Note: loss scaling).
   // The whole model only (pre_process and post_process).
@@ -101,6 +101,7 @@ class GptModel {
 
   const ModelSpec& spec() const { return spec_; }
   const parallel::TensorParallel& tensor_parallel() const { return tp_; }
+  const parallel::ContextParallel& context_parallel() const { return cp_; }
   int64_t padded_vocab() const { return padded_vocab_; }
   const std::vector<Parameter>& parameters() const { return *params_; }
   std::vector<Parameter>& parameters() { return *params_; }
@@ -118,6 +119,7 @@ class GptModel {
 
   ModelSpec spec_;
   parallel::TensorParallel tp_;
+  parallel::ContextParallel cp_;
   StageLayout stage_;
   int64_t padded_vocab_ = 0;
   std::shared_ptr<std::vector<Parameter>> params_;
@@ -136,6 +138,7 @@ class GptModel {
 std::vector<std::unique_ptr<GptModel>> build_chunks(const ModelSpec& spec,
                                                     const config::JobConfig& job, at::Device device,
                                                     const parallel::TensorParallel& tp, int pp,
-                                                    int pp_rank);
+                                                    int pp_rank,
+                                                    const parallel::ContextParallel& cp = {});
 
 }  // namespace loom::model

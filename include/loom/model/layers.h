@@ -3,10 +3,10 @@
 // Weights are fp32 (or fp64) masters; each forward casts them to the compute dtype.
 //
 // [Note: tensor-parallel layers]
-// Every layer takes the model's TensorParallel group. With a group of one nothing changes. Otherwise
-// (Megatron's column/row pairs): QKV and fc1 are column-parallel (rows split: whole KV-head groups,
-// and SwiGLU's gate and up halves split alike), the attention output projection and fc2 are
-// row-parallel (columns split). A layer's input enters the TP region (copy_to_tp, or the
+// Every layer takes the model's TensorParallel group. With a group of one nothing changes.
+// Otherwise (Megatron's column/row pairs): QKV and fc1 are column-parallel (rows split: whole
+// KV-head groups, and SwiGLU's gate and up halves split alike), the attention output projection and
+// fc2 are row-parallel (columns split). A layer's input enters the TP region (copy_to_tp, or the
 // sequence all-gather under SP) and its output leaves it (all-reduce, or the sequence
 // reduce-scatter) before the replicated output bias is added. Under sequence parallelism the norms
 // and biases outside the regions see a sequence shard, so their gradients are partial sums
@@ -17,16 +17,20 @@
 
 #include "loom/model/model_spec.h"
 #include "loom/model/parameter.h"
+#include "loom/parallel/context_parallel.h"
 #include "loom/parallel/tensor_parallel.h"
 
 namespace loom::model {
 
 // What every layer of one forward pass shares.
 struct ForwardContext {
-  at::Tensor rope_cos;   // [s, b, head_dim/2] (RoPE models)
+  at::Tensor rope_cos;  // [s, b, head_dim/2] (RoPE models)
   at::Tensor rope_sin;
-  at::Tensor doc_ids;    // [b, s] or undefined (see Note: packed sequences)
-  bool record_stats = true;   // false while activations are recomputed
+  at::Tensor doc_ids;   // [b, s] or undefined (see Note: packed sequences)
+  at::Tensor cp_index;  // [cp, b, s] every CP rank's tokens (Batch::cp_index), or undefined
+  at::Tensor cp_doc;
+  at::Tensor padding;        // [b, s] bool (Batch::padding), or undefined
+  bool record_stats = true;  // false while activations are recomputed
 };
 
 // x @ w^T + b with w (and b) cast to x's dtype.
@@ -55,7 +59,8 @@ class Norm {
 // of the rows over tensor-parallel ranks therefore gives each rank whole groups (nkv % tp == 0).
 class Attention {
  public:
-  Attention(const ModelSpec& spec, const ParameterFactory& f, const parallel::TensorParallel& tp = {});
+  Attention(const ModelSpec& spec, const ParameterFactory& f,
+            const parallel::TensorParallel& tp = {}, const parallel::ContextParallel& cp = {});
   // x [s, b, h] -> [s, b, h] (under SP: this rank's [s/tp, b, h] shard in and out)
   at::Tensor forward(const at::Tensor& x, const ForwardContext& ctx) const;
 
@@ -66,15 +71,23 @@ class Attention {
   at::Tensor out_bias;    // [h]
 
  private:
+  // Self-attention of q [b, nh, s, d], k, v [b, nkv, s, d]: context-parallel, blockwise or full
+  // (model.attention_block_size).
+  at::Tensor attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                    const ForwardContext& ctx) const;
+
   int64_t nh_, nkv_, d_;  // this rank's query and KV heads
   bool rope_;
+  int64_t block_;
   parallel::TensorParallel tp_;
+  parallel::ContextParallel cp_;
 };
 
 // SwiGLU (fc1 = [gate | up] rows, [2f, h]) or GELU (fc1 [f, h]) feed-forward.
 class Mlp {
  public:
-  Mlp(const ModelSpec& spec, const ParameterFactory& f, int64_t ffn, const parallel::TensorParallel& tp = {});
+  Mlp(const ModelSpec& spec, const ParameterFactory& f, int64_t ffn,
+      const parallel::TensorParallel& tp = {});
   at::Tensor forward(const at::Tensor& x) const;  // [..., h] -> [..., h] (SP: sequence shards)
   // This rank's partial output for an input already inside the TP region, without fc2's bias (the
   // MoE layer's shared experts, whose region the MoE layer opens and closes).

@@ -55,6 +55,7 @@ struct ModelSpec {
   at::ScalarType param_dtype = at::kFloat;    // master weights (tests use kDouble)
   at::ScalarType compute_dtype = at::kFloat;  // kBFloat16 for mixed precision
   bool recompute = false;
+  int64_t attention_block = 0;  // model.attention_block_size
   MoeSpec moe;
 
   // Resolves and validates; errors are kConfig and name the field ("model.num_kv_heads").

@@ -34,7 +34,8 @@ class MoeLayer {
   // With TP (expert TP = TP, no EP yet) every expert's FFN is split like a dense SwiGLU (fc1 rows,
   // fc2 columns) and the shared experts likewise; the router is replicated. See Note: MoE under
   // tensor parallelism in moe.cpp.
-  MoeLayer(const ModelSpec& spec, const ParameterFactory& f, const parallel::TensorParallel& tp = {});
+  MoeLayer(const ModelSpec& spec, const ParameterFactory& f,
+           const parallel::TensorParallel& tp = {}, const parallel::ContextParallel& cp = {});
 
   struct Output {
     at::Tensor y;    // [s, b, h]
@@ -44,8 +45,8 @@ class MoeLayer {
 
   // [Note: router]
   // softmax, pre_softmax false (Megatron's default): top-k on the logits, softmax over the k.
-  // softmax, pre_softmax true: softmax over all E, top-k of those, renormalised when normalize_topk.
-  // sigmoid: top-k of sigmoid(logits), renormalised when normalize_topk and k > 1.
+  // softmax, pre_softmax true: softmax over all E, top-k of those, renormalised when
+  // normalize_topk. sigmoid: top-k of sigmoid(logits), renormalised when normalize_topk and k > 1.
   // Gates are then multiplied by router_scaling_factor. The balance loss is
   //   aux = coeff * E / (k T^2) * sum_e (sum_t p[t, e]) * n_e
   // with p the softmax over all experts (sigmoid: scores normalised per token) and n_e the tokens
@@ -54,9 +55,9 @@ class MoeLayer {
 
   const MoeStats& stats() const { return stats_; }
 
-  at::Tensor router_weight;  // [E, h]
-  at::Tensor fc1_weight;     // [E, 2f, h]  per expert [gate | up] rows
-  at::Tensor fc2_weight;     // [E, h, f]
+  at::Tensor router_weight;     // [E, h]
+  at::Tensor fc1_weight;        // [E, 2f, h]  per expert [gate | up] rows
+  at::Tensor fc2_weight;        // [E, h, f]
   std::unique_ptr<Mlp> shared;  // num_shared_experts fused into one SwiGLU of width n * f_shared
 
  private:
@@ -65,6 +66,7 @@ class MoeLayer {
   MoeSpec moe_;
   MoeStats stats_;
   parallel::TensorParallel tp_;
+  parallel::ContextParallel cp_;
 };
 
 }  // namespace loom::model

@@ -116,7 +116,9 @@ class Trainer {
   void build_optimizer(const model::ModelSpec& spec);  // optimizer, gradient sync, schedule, state
   void build_executor();                               // schedule and step executor
   void log_setup(const model::ModelSpec& spec);
-  void sum_over_pp_dp(at::Tensor& sums) const;  // collective over the pipeline and DP groups
+  void sum_over_pp_dp(at::Tensor& sums) const;  // collective over the pipeline and DP-CP groups
+  // This CP rank's share of each micro-batch (Note: balanced context-parallel split).
+  std::vector<model::Batch> cp_local(const std::vector<model::Batch>& batches) const;
   void set_long_timeouts(bool on) const;        // Note: timeouts
   void write_trace() const;                     // Note: traces
   void check_stragglers(const StepMetrics& m);  // Note: stragglers
@@ -126,6 +128,7 @@ class Trainer {
   std::unique_ptr<mesh::ProcessGroups> groups_;
   std::unique_ptr<data::DataSource> source_;
   std::vector<std::unique_ptr<model::GptModel>> chunks_;
+  parallel::ContextParallel cp_;
   std::vector<model::Parameter> params_;
   std::unique_ptr<StepExecutor> executor_;
   const parallel::pipeline::PipelineRunner* pipeline_ = nullptr;  // pp > 1: the executor's runner
