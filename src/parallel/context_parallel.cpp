@@ -112,7 +112,7 @@ std::vector<std::vector<Piece>> split_row(const std::vector<std::pair<int64_t, i
   for (const auto& [b, len] : docs) total += work_of(0, len);
   std::vector<std::pair<int64_t, int64_t>> whole;
   for (const auto& [b, len] : docs) {
-    if (len > cap || work_of(0, len) > total / cp) {
+    if (len > cap || (work_of(0, len) > total / (8.0 * cp) && len >= 16LL * cp)) {  // Note
       // Zig-zag: 2cp pieces, the first len % 2cp one token longer; rank r: pieces r, 2cp-1-r.
       const int64_t parts = 2LL * cp, base = len / parts, extra = len % parts;
       int64_t at = b;
