@@ -159,7 +159,8 @@ MoeLayer::Output MoeLayer::forward(const at::Tensor& input, const ForwardContext
   double tokens = real.defined() ? real.sum().item<double>() : static_cast<double>(t);
   if (cp_.enabled()) {
     // One message: the counts and the real tokens of the micro-batch.
-    at::Tensor sums = at::cat({counts.to(at::kDouble), at::full({1}, tokens, at::kDouble)});
+    at::Tensor sums = at::cat(
+        {counts.to(at::kDouble), at::full({1}, tokens, counts.options().dtype(at::kDouble))});
     cp_.comm->all_reduce(sums);
     counts = sums.narrow(0, 0, moe_.num_experts);
     tokens = sums[moe_.num_experts].item<double>();
@@ -187,7 +188,7 @@ MoeLayer::Output MoeLayer::forward(const at::Tensor& input, const ForwardContext
     if (real.defined() && !cp_.enabled()) counts = counts.round().to(at::kLong);
     if (cp_.enabled()) {  // the micro-batch's figures, as the single process logs them
       at::Tensor sums = at::tensor({aux_value, z_value, static_cast<double>(dropped)}, at::kDouble);
-      cp_.comm->all_reduce(sums);
+      comm::all_reduce_host(sums, cp_.comm.get());  // to the communicator's device and back
       aux_value = sums[0].item<double>();
       z_value = sums[1].item<double>();
       dropped = static_cast<int64_t>(sums[2].item<double>() + 0.5);

@@ -148,11 +148,13 @@ MemoryEstimate estimate_memory(const model::ModelSpec& spec, const config::JobCo
   const double compute =
       element_bytes(spec.compute_dtype == at::kBFloat16 ? at::kBFloat16 : spec.param_dtype);
   // Full attention keeps fp32 scores and probabilities, [s, s] per head; blockwise attention
-  // (context parallelism, long sequences, model.attention_block_size > 0) keeps only its output's
-  // log-sum-exp, one fp32 per head and token (its tiles are transient).
+  // (context parallelism, long sequences, model.attention_block_size > 0) keeps its fp32 output
+  // and log-sum-exp, head_dim + 1 floats per head and token (its tiles are transient).
   const int64_t block = job.model().attention_block_size();
   const bool blockwise = block > 0 || (block == 0 && (cp > 1 || seq >= 1024));
-  const double score_bytes = blockwise ? heads / tp * 4.0 : 2.0 * heads * seq / tp * 4.0;
+  const double score_bytes = blockwise
+                                 ? heads / tp * 4.0 * (1.0 + static_cast<double>(spec.head_dim))
+                                 : 2.0 * heads * seq / tp * 4.0;
   const double layer_full =
       ((5.0 * h / sp) + (qkv + heads * spec.head_dim + ffn_elems) / tp) * compute + score_bytes;
   const double layer_input = h / sp * compute;

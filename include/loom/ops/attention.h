@@ -31,7 +31,7 @@ namespace loom::ops {
 // Per-token attention coordinates of a set of tokens of a [b, s] batch.
 struct TokenInfo {
   at::Tensor index;  // [b, n] int64: the token's position in its global row
-  at::Tensor doc;    // [b, n] int64: its document in the row (non-decreasing along a row)
+  at::Tensor doc;    // [b, n] int64: its document in the row
   int64_t size() const { return index.size(1); }
 };
 
