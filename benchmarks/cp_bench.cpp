@@ -90,10 +90,8 @@ void quiet_barrier(loom::comm::Communicator& c) {
   w->wait();
 }
 
-double max_over(loom::comm::Communicator& c, double v) {
-  at::Tensor t = at::full({1}, v, at::kDouble);
-  c.all_reduce(t, {loom::comm::ReduceOp::kMax});
-  return t.item<double>();
+double all_reduce_max(loom::comm::Communicator& c, double v) {
+  return loom::comm::all_reduce_scalar(v, &c, loom::comm::ReduceOp::kMax);
 }
 
 struct Row {
@@ -246,8 +244,8 @@ int run(int argc, char** argv) {
                        static_cast<long long>(counters.tiles_masked),
                        static_cast<long long>(counters.tiles_skipped));
         }
-        row.seconds = cp > 1 ? max_over(*group, secs) : secs;
-        row.peak = cp > 1 ? max_over(*group, peak) : peak;
+        row.seconds = cp > 1 ? all_reduce_max(*group, secs) : secs;
+        row.peak = cp > 1 ? all_reduce_max(*group, peak) : peak;
         row.bytes = counters.kv_bytes + counters.grad_bytes;
         const int64_t n = s / cp;
         row.formula = cp > 1 ? 2 * (cp - 1) * 2 * nkv * n * d * 4 + cp * 2 * nkv * n * d * 4 : 0;
@@ -356,7 +354,7 @@ int run(int argc, char** argv) {
         const int64_t before = CountingAllocator::live();
         model.forward(batch).loss_sum.backward();
         peak = static_cast<double>(CountingAllocator::peak() - before);
-        if (cp > 1) peak = max_over(*group, peak);
+        if (cp > 1) peak = all_reduce_max(*group, peak);
         if (cp == 1) base = peak;
       }
       quiet_barrier(*world);

@@ -2,10 +2,10 @@
 
 #include <torch/csrc/autograd/custom_function.h>
 
-#include <chrono>
 #include <vector>
 
 #include "loom/core/error.h"
+#include "loom/core/timer.h"
 
 namespace loom::ops {
 
@@ -22,10 +22,6 @@ using torch::autograd::variable_list;
 // Ring transfers are matched by tag (MPI order within a tag): keys/values and their gradients.
 constexpr int kKvTag = 16001;
 constexpr int kGradTag = 16002;
-
-double now_s() {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
-}
 
 // The communicator travels through autograd as a raw pointer; the model that owns the
 // ContextParallel outlives every backward pass of its forward (as for TensorParallel).
@@ -106,9 +102,9 @@ void finish_hop(RingHop& h) {
     cp_counters().hidden_bytes += h.bytes;
     return;
   }
-  const double t0 = now_s();
+  const Stopwatch waited;
   h.work->wait();
-  cp_counters().ring_wait_s += now_s() - t0;
+  cp_counters().ring_wait_s += waited.seconds();
 }
 
 // Polls the transfers in flight between tiles: an MPI transfer between CPU ranks moves only inside
@@ -146,11 +142,11 @@ struct RingAttention : public torch::autograd::Function<RingAttention> {
       if (i + 1 < n) {
         hop = start_hop(c, kv, kKvTag);
       }
-      const double t0 = now_s();
+      const Stopwatch compute;
       attention_fold(q, mine, kv[0], kv[1], TokenInfo{index[j], doc[j]}, block, st, &tiles,
                      poll({&hop}));
       if (hop.work) {
-        cp_counters().ring_compute_s += now_s() - t0;
+        cp_counters().ring_compute_s += compute.seconds();
         finish_hop(hop);
         kv = hop.incoming;
       }
@@ -183,12 +179,12 @@ struct RingAttention : public torch::autograd::Function<RingAttention> {
       if (i + 1 < n) {
         hop = start_hop(c, kv, kKvTag);
       }
-      const double t0 = now_s();
+      const Stopwatch compute;
       at::Tensor dkv = at::zeros(kv.sizes(), kv.options().dtype(sdt));
       at::Tensor dk = dkv[0], dv = dkv[1];
       attention_fold_backward(q, mine, kv[0], kv[1], TokenInfo{index[j], doc[j]}, block, lse, dout,
                               delta, dq, dk, dv, &tiles, poll({&hop, &grad_hop}));
-      if (hop.work) cp_counters().ring_compute_s += now_s() - t0;
+      if (hop.work) cp_counters().ring_compute_s += compute.seconds();
       if (grad_hop.work) {
         finish_hop(grad_hop);
         dkv.add_(grad_hop.incoming);
