@@ -249,7 +249,12 @@ at::Tensor context_attention(const at::Tensor& q, const at::Tensor& k, const at:
       idx.push_back(members(cp_index, static_cast<int64_t>(m) * g, g));
       doc.push_back(members(cp_doc, static_cast<int64_t>(m) * g, g));
     }
-    o = RingAttention::apply(qh, kh, vh, at::stack(idx), at::stack(doc), handle(cp.ring), block)[0];
+    // Tiles of at most half a member's tokens: a member's pieces are then separate tiles even where
+    // the zig-zag puts two of them side by side (the middle rank's r and 2cp-1-r), so every rank
+    // computes the same tile pattern and its transient tiles shrink with its share of the sequence.
+    const int64_t ring_block = std::min(block, std::max<int64_t>(1, qh.size(2) / 2));
+    o = RingAttention::apply(qh, kh, vh, at::stack(idx), at::stack(doc), handle(cp.ring),
+                             ring_block)[0];
   } else {
     o = blockwise_attention(qh, kh, vh, TokenInfo{members(cp_index, 0, g), members(cp_doc, 0, g)},
                             block);
