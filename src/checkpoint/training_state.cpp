@@ -52,6 +52,7 @@ CheckpointData TrainingState::gather(int64_t step,
       if (owner == by_name.end()) continue;  // a pipeline copy's state
       data.state["optim." + s.name] = parallel::full_tensor(*owner->second, s.tensor, tp);
     }
+    for (const auto& [name, t] : parts_.buffers) data.state["buffer." + name] = t.to(at::kCPU);
     // Each stage's (tp 0, dp 0) rank sends its tensors to world rank 0 over the pipeline group.
     if (parts_.pp && parts_.pp->size() > 1 && parts_.tp_rank == 0)
       gather_checkpoint_data(data, *parts_.pp, 0);
@@ -157,6 +158,16 @@ RestoredState TrainingState::load(const std::string& dir) {
       state.push_back({key, parallel::shard_of(t, owner->second->shard, owner->second->tp_size,
                                                owner->second->tp_rank)});
     }
+    for (const auto& [name, t] : parts_.buffers) {
+      auto it = data.state.find("buffer." + name);
+      LOOM_CHECK_KIND(ErrorKind::kIO, it != data.state.end(),
+                      "checkpoint '{}' has no '{}' (state 'buffer.{}'): was it written before "
+                      "model.moe.bias_update_rate was set, or for a different model config?",
+                      dir, name, name);
+      LOOM_CHECK_KIND(ErrorKind::kIO, it->second.sizes() == t.sizes(),
+                      "checkpoint '{}': '{}' has shape {}, the model needs {}", dir, name,
+                      it->second.sizes(), t.sizes());
+    }
     // The optimizer's own names (none for SGD): all present, or nothing is loaded.
     std::map<std::string, bool> have;
     for (const auto& s : state) have[s.name] = true;
@@ -195,6 +206,7 @@ RestoredState TrainingState::load(const std::string& dir) {
   at::NoGradGuard no_grad;
   for (auto& p : params)
     p.tensor.copy_(parallel::shard_of(data.model.at(p.name), p.shard, p.tp_size, p.tp_rank));
+  for (auto& [name, t] : parts_.buffers) t.copy_(data.state.at("buffer." + name));
   parts_.optimizer->load_state(state, meta("optimizer_step"));
   {
     at::Generator gen = at::detail::getDefaultCPUGenerator();

@@ -15,6 +15,7 @@ PlanLayout LoaderOptions::layout() const {
   l.micro_batch_tokens = micro_batch_tokens;
   l.max_piece_tokens = seq_len;
   l.pad_multiple = pad_multiple;
+  l.equal_micro_batches = equal_micro_batches;
   return l;
 }
 
@@ -32,6 +33,11 @@ LoaderOptions LoaderOptions::from_config(const config::JobConfig& job, int dp_si
   o.dp_rank = dp_rank;
   o.device = device;
   o.prefetch = t.prefetch();
+  // The MoE GLOBAL_BATCH balance all-reduces in every training forward over the data-parallel
+  // domain: every DP rank runs the same number of micro-batches.
+  o.equal_micro_batches = job.model().moe().num_experts() > 0 &&
+                          job.model().moe().aux_loss_type() == config::MoeConfig::GLOBAL_BATCH &&
+                          job.model().moe().aux_loss_coeff() > 0;
   const bool sp = job.parallel().sequence_parallel() && tp_size > 1;
   if (o.mode == BatchMode::kWindows) {
     LOOM_CHECK_CONFIG(

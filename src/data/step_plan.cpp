@@ -104,9 +104,11 @@ StepPlan plan_step(const std::vector<SampleRef>& samples, const PlanLayout& l) {
                     "piece of train.seq_len "
                     "= {} tokens",
                     l.micro_batch_tokens, l.max_piece_tokens);
+  size_t most = 0;
   for (int r = 0; r < l.dp_size; ++r) {
     auto mbs = pack_documents(samples, r * share, (r + 1) * share, l.micro_batch_tokens,
                               l.max_piece_tokens, l.pad_multiple);
+    most = std::max(most, mbs.size());
     plan.global_micro_batches += static_cast<int64_t>(mbs.size());
     for (const auto& mb : mbs) {
       for (const auto& row : mb.rows) {
@@ -115,6 +117,13 @@ StepPlan plan_step(const std::vector<SampleRef>& samples, const PlanLayout& l) {
       }
     }
     if (r == l.dp_rank) plan.micro_batches = std::move(mbs);
+  }
+  if (l.equal_micro_batches) {
+    MicroBatchPlan empty;
+    empty.rows.emplace_back();  // one row of padding only
+    empty.row_len = l.pad_multiple;
+    plan.micro_batches.resize(most, empty);
+    plan.global_micro_batches = static_cast<int64_t>(most) * l.dp_size;
   }
   return plan;
 }

@@ -9,12 +9,13 @@
 namespace loom::model {
 
 Block::Block(const ModelSpec& spec, const ParameterFactory& f, int64_t index,
-             const parallel::TensorParallel& tp, const parallel::ContextParallel& cp)
+             const parallel::TensorParallel& tp, const parallel::ContextParallel& cp,
+             const parallel::ExpertParallel& ep)
     : norm1_(spec, f.child("attn_norm"), tp),
       norm2_(spec, f.child("ffn_norm"), tp),
       attn_(spec, f.child("attn"), tp, cp) {
   if (spec.is_moe_layer(index)) {
-    moe_ = std::make_unique<MoeLayer>(spec, f.child("moe"), tp, cp);
+    moe_ = std::make_unique<MoeLayer>(spec, f.child("moe"), tp, cp, ep);
   } else {
     mlp_ = std::make_unique<Mlp>(spec, f.child("mlp"), spec.ffn, tp);
   }
@@ -45,7 +46,7 @@ Block::Output Block::forward(const at::Tensor& x, const ForwardContext& ctx) {
     return {h + mlp_->forward(n), at::zeros({}, x.options().dtype(at::kFloat))};
   }
   MoeLayer::Output m = moe_->forward(n, ctx);
-  return {h + m.y, m.aux};
+  return {h + m.y, m.aux, m.balance};
 }
 
 namespace {
@@ -74,7 +75,9 @@ struct RecomputedBlock : public torch::autograd::Function<RecomputedBlock> {
     ctx->saved_data["block"] = reinterpret_cast<int64_t>(block);
     ctx->saved_data["num_params"] = static_cast<int64_t>(params.size());
     ForwardContext fctx{cos, sin, doc_ids, cp_index, cp_doc, padding, /*record_stats=*/true};
+    fctx.training = true;  // recomputation runs only when gradients will flow
     Block::Output out = block->forward(x, fctx);
+    if (out.moe_balance.defined()) ctx->saved_data["moe_balance"] = out.moe_balance;
     return {out.hidden, out.aux};
   }
 
@@ -86,6 +89,10 @@ struct RecomputedBlock : public torch::autograd::Function<RecomputedBlock> {
     at::Tensor x = saved[0].detach().requires_grad_(true);
     ForwardContext fctx{
         saved[1], saved[2], saved[3], saved[4], saved[5], saved[6], /*record_stats=*/false};
+    fctx.training = true;
+    if (ctx->saved_data.count("moe_balance")) {
+      fctx.moe_balance = ctx->saved_data["moe_balance"].toTensor();
+    }
     Block::Output out;
     {
       at::AutoGradMode enable(true);
@@ -173,7 +180,8 @@ std::vector<StageLayout> partition_stages(int64_t num_layers, int pp, int vp, in
 
 GptModel::GptModel(const ModelSpec& spec, uint64_t seed, at::Device device,
                    const parallel::TensorParallel& tp, int64_t vocab_divisible_by,
-                   const StageLayout& stage, const parallel::ContextParallel& cp)
+                   const StageLayout& stage, const parallel::ContextParallel& cp,
+                   const parallel::ExpertParallel& ep)
     : spec_(spec),
       tp_(tp),
       cp_(cp),
@@ -205,7 +213,7 @@ GptModel::GptModel(const ModelSpec& spec, uint64_t seed, at::Device device,
   }
   for (int64_t i = stage_.first_layer; i < stage_.first_layer + stage_.num_layers; ++i) {
     blocks_.push_back(
-        std::make_unique<Block>(spec, f.child("layers." + std::to_string(i)), i, tp, cp));
+        std::make_unique<Block>(spec, f.child("layers." + std::to_string(i)), i, tp, cp, ep));
   }
   if (stage_.post_process) {
     final_norm_ = std::make_unique<Norm>(spec, f.child("final_norm"), tp);
@@ -276,6 +284,7 @@ at::Tensor GptModel::hidden_states(const Batch& batch, at::Tensor* aux, const at
   ctx.cp_index = batch.cp_index;
   ctx.cp_doc = batch.cp_doc;
   ctx.padding = batch.padding;
+  ctx.training = at::GradMode::is_enabled();  // evaluation runs under NoGradGuard
   LOOM_CHECK(batch.cp_index.defined() == cp_.enabled() &&
                  (!cp_.enabled() || batch.cp_index.size(0) == cp_.size()),
              "batch: {} for a model under parallel.cp = {} (split micro-batches with "
@@ -375,6 +384,14 @@ int64_t GptModel::num_parameters() const {
   int64_t n = 0;
   for (const auto& p : *params_) n += p.tensor.numel();
   return n;
+}
+
+std::vector<MoeLayer*> GptModel::moe_layers() const {
+  std::vector<MoeLayer*> out;
+  for (const auto& b : blocks_) {
+    if (auto* m = b->moe()) out.push_back(m);
+  }
+  return out;
 }
 
 std::vector<std::pair<int64_t, MoeStats>> GptModel::moe_stats() const {

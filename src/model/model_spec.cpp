@@ -3,6 +3,7 @@
 #include <fmt/format.h>
 
 #include <algorithm>
+#include <cmath>
 #include <limits>
 
 #include "loom/core/error.h"
@@ -160,6 +161,40 @@ ModelSpec ModelSpec::from_config(const ModelConfig& c) {
                             ? DropPolicy::kByPosition
                             : DropPolicy::kByProbs;
     s.moe.router_init_std = m.router_init_std() > 0 ? m.router_init_std() : s.init_std;
+    s.moe.aux_loss_type = m.aux_loss_type() == config::MoeConfig::SEQUENCE ? AuxLossType::kSequence
+                          : m.aux_loss_type() == config::MoeConfig::GLOBAL_BATCH
+                              ? AuxLossType::kGlobalBatch
+                              : AuxLossType::kMicroBatch;
+    const int64_t groups = m.num_groups(), topk_groups = m.topk_groups();
+    if (groups > 1) {
+      LOOM_CHECK_CONFIG(m.num_experts() % groups == 0,
+                        "model.moe.num_groups = {} does not divide model.moe.num_experts = {} ({} "
+                        "% {} = {}): the groups must be equal",
+                        groups, m.num_experts(), m.num_experts(), groups, m.num_experts() % groups);
+      LOOM_CHECK_CONFIG(topk_groups >= 1 && topk_groups <= groups,
+                        "model.moe.topk_groups must be in [1, model.moe.num_groups = {}], got {}",
+                        groups, topk_groups);
+      LOOM_CHECK_CONFIG(
+          m.top_k() % topk_groups == 0 && m.top_k() / topk_groups <= m.num_experts() / groups,
+          "group-limited routing scores a group by its best top_k / topk_groups "
+          "experts: model.moe.top_k = {} must be a multiple of topk_groups = {} "
+          "and top_k / topk_groups = {} at most the {} experts of a group",
+          m.top_k(), topk_groups, m.top_k() / topk_groups, m.num_experts() / groups);
+      LOOM_CHECK_CONFIG(m.top_k() <= topk_groups * (m.num_experts() / groups),
+                        "model.moe.top_k = {} experts do not fit in topk_groups = {} groups of {}",
+                        m.top_k(), topk_groups, m.num_experts() / groups);
+    } else {
+      LOOM_CHECK_CONFIG(groups >= 0 && topk_groups == 0,
+                        "model.moe.topk_groups = {} needs model.moe.num_groups > 1 (it is {})",
+                        topk_groups, groups);
+    }
+    s.moe.num_groups = groups > 1 ? groups : 0;
+    s.moe.topk_groups = groups > 1 ? topk_groups : 0;
+    LOOM_CHECK_CONFIG(
+        m.bias_update_rate() >= 0 && std::isfinite(m.bias_update_rate()),
+        "field 'model.moe.bias_update_rate' must be >= 0 (0 = no expert bias), got {}",
+        m.bias_update_rate());
+    s.moe.bias_update_rate = m.bias_update_rate();
     LOOM_CHECK_CONFIG(s.swiglu,
                       "MoE experts are SwiGLU: set model.activation to SWIGLU (or arch LLAMA)");
   }

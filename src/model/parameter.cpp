@@ -47,26 +47,44 @@ ParameterFactory ParameterFactory::child(const std::string& name) const {
 
 at::Tensor ParameterFactory::make(const std::string& name, at::IntArrayRef shape, Init init,
                                   double std, int weight_decay, TpShard shard) const {
-  std::string full = prefix_.empty() ? name : prefix_ + "." + name;
-  for (const auto& p : *registry_) {
-    LOOM_INTERNAL_CHECK(p.name != full, "parameter '{}' registered twice", full);
-  }
-  // The full tensor is drawn, then sliced: every layout starts from the same numbers.
-  at::Tensor t =
-      shard_of(initial_value(job_seed_, full, shape, init, std), shard, tp_size_, tp_rank_)
-          .to(options_)
-          .detach();
-  t.set_requires_grad(true);
   Parameter p;
-  p.name = full;
-  p.tensor = t;
   p.global_shape = shape.vec();
   p.weight_decay = weight_decay < 0 ? shape.size() > 1 : weight_decay != 0;
   p.shard = shard;
   p.tp_size = tp_size_;
   p.tp_rank = tp_rank_;
+  return add(std::move(p), name, init, std);
+}
+
+at::Tensor ParameterFactory::add(Parameter p, const std::string& name, Init init,
+                                 double std) const {
+  p.name = prefix_.empty() ? name : prefix_ + "." + name;
+  for (const auto& q : *registry_) {
+    LOOM_INTERNAL_CHECK(q.name != p.name, "parameter '{}' registered twice", p.name);
+  }
+  // The full tensor is drawn, then sliced: every layout starts from the same numbers.
+  at::Tensor t = local_of(initial_value(job_seed_, p.name, p.global_shape, init, std), p)
+                     .to(options_)
+                     .detach();
+  t.set_requires_grad(true);
+  p.tensor = t;
   registry_->push_back(p);
   return t;
+}
+
+at::Tensor ParameterFactory::make_expert(const std::string& name, at::IntArrayRef shape, Init init,
+                                         double std, TpShard shard, int ep_size, int ep_rank,
+                                         int etp_size, int etp_rank) const {
+  Parameter p;
+  p.global_shape = shape.vec();
+  p.weight_decay = shape.size() > 1;
+  p.shard = shard;
+  p.tp_size = etp_size;
+  p.tp_rank = etp_rank;
+  p.expert = true;
+  p.ep_size = ep_size;
+  p.ep_rank = ep_rank;
+  return add(std::move(p), name, init, std);
 }
 
 }  // namespace loom::model

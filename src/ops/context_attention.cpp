@@ -4,6 +4,7 @@
 
 #include <vector>
 
+#include "../parallel/autograd_comm.h"
 #include "loom/core/error.h"
 #include "loom/core/timer.h"
 
@@ -25,10 +26,8 @@ constexpr int kGradTag = 16002;
 
 // The communicator travels through autograd as a raw pointer; the model that owns the
 // ContextParallel outlives every backward pass of its forward (as for TensorParallel).
-int64_t handle(const comm::CommunicatorPtr& c) { return reinterpret_cast<int64_t>(c.get()); }
-comm::Communicator& from_handle(AutogradContext* ctx) {
-  return *reinterpret_cast<comm::Communicator*>(ctx->saved_data["comm"].toInt());
-}
+using parallel::detail::from_handle;
+using parallel::detail::handle;
 
 int64_t bytes_of(const at::Tensor& t) { return t.numel() * static_cast<int64_t>(t.element_size()); }
 

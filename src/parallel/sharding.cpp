@@ -22,6 +22,16 @@ at::Tensor shard_of(const at::Tensor& full, const TpShard& sh, int tp_size, int 
   return at::cat(parts, sh.dim).contiguous();
 }
 
+at::Tensor local_of(const at::Tensor& full, const Parameter& p) {
+  at::Tensor t = full;
+  if (p.ep_sharded()) {
+    LOOM_CHECK(t.size(0) % p.ep_size == 0, "parameter '{}': {} experts over {} EP ranks", p.name,
+               t.size(0), p.ep_size);
+    t = t.chunk(p.ep_size, 0)[p.ep_rank];
+  }
+  return shard_of(t, p.shard, p.tp_size, p.tp_rank);
+}
+
 at::Tensor unshard(const std::vector<at::Tensor>& shards, const TpShard& sh,
                    at::IntArrayRef global_shape) {
   if (sh.dim < 0 || shards.size() == 1) return shards.at(0);

@@ -3,10 +3,11 @@
 #include <ATen/core/grad_mode.h>
 #include <torch/csrc/autograd/custom_function.h>
 
+#include <limits>
+
+#include "autograd_comm.h"
 #include "loom/core/error.h"
 #include "loom/parallel/weight_grad_store.h"
-
-#include <limits>
 
 namespace loom::parallel {
 
@@ -15,12 +16,8 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-// The communicator travels through autograd as a raw pointer (saved_data holds IValues only); the
-// model that owns the TensorParallel outlives every backward pass of its forward.
-int64_t handle(const comm::CommunicatorPtr& c) { return reinterpret_cast<int64_t>(c.get()); }
-comm::Communicator& from_handle(AutogradContext* ctx) {
-  return *reinterpret_cast<comm::Communicator*>(ctx->saved_data["comm"].toInt());
-}
+using detail::from_handle;
+using detail::handle;
 
 at::Tensor all_reduce(const at::Tensor& x, comm::Communicator& c) {
   at::Tensor y = x.contiguous().clone();
@@ -40,8 +37,8 @@ at::Tensor all_gather_dim0(const at::Tensor& x, comm::Communicator& c) {
 
 // Sum over ranks of x, this rank's chunk of dim 0.
 at::Tensor reduce_scatter_dim0(const at::Tensor& x, comm::Communicator& c) {
-  LOOM_CHECK(x.size(0) % c.size() == 0, "reduce-scatter: dim 0 ({}) is not divisible by the TP size {}", x.size(0),
-             c.size());
+  LOOM_CHECK(x.size(0) % c.size() == 0,
+             "reduce-scatter: dim 0 ({}) is not divisible by the TP size {}", x.size(0), c.size());
   at::Tensor in = x.contiguous();
   auto shape = in.sizes().vec();
   shape[0] /= c.size();
@@ -51,8 +48,8 @@ at::Tensor reduce_scatter_dim0(const at::Tensor& x, comm::Communicator& c) {
 }
 
 at::Tensor chunk_of(const at::Tensor& x, int64_t dim, comm::Communicator& c) {
-  LOOM_CHECK(x.size(dim) % c.size() == 0, "split: dim {} ({}) is not divisible by the TP size {}", dim, x.size(dim),
-             c.size());
+  LOOM_CHECK(x.size(dim) % c.size() == 0, "split: dim {} ({}) is not divisible by the TP size {}",
+             dim, x.size(dim), c.size());
   return x.chunk(c.size(), dim)[c.rank()].contiguous();
 }
 
@@ -135,10 +132,13 @@ struct ColumnParallelLinearFn : torch::autograd::Function<ColumnParallelLinearFn
     ctx->saved_data["comm"] = comm;
     ctx->saved_data["sp"] = sp;
     ctx->saved_data["overlap"] = overlap;
-    const bool has_bias = bias.numel() > 0;  // an empty tensor stands for none (autograd needs a defined one)
+    const bool has_bias =
+        bias.numel() > 0;  // an empty tensor stands for none (autograd needs a defined one)
     ctx->saved_data["bias"] = has_bias;
-    ctx->save_for_backward({x, weight});  // under SP the local chunk only; backward gathers it again
-    const at::Tensor total = sp ? all_gather_dim0(x, *reinterpret_cast<comm::Communicator*>(comm)) : x;
+    ctx->save_for_backward(
+        {x, weight});  // under SP the local chunk only; backward gathers it again
+    const at::Tensor total =
+        sp ? all_gather_dim0(x, *reinterpret_cast<comm::Communicator*>(comm)) : x;
     return at::linear(total, weight, has_bias ? bias : at::Tensor());
   }
   static variable_list backward(AutogradContext* ctx, variable_list g) {
@@ -167,8 +167,9 @@ struct ColumnParallelLinearFn : torch::autograd::Function<ColumnParallelLinearFn
       gx_total = at::matmul(gy, w);  // behind the all-gather
       if (sp) {
         gather->wait();
-        LOOM_CHECK(gx_total.size(0) % c.size() == 0, "column-parallel linear: sequence {} not divisible by TP {}",
-                   gx_total.size(0), c.size());
+        LOOM_CHECK(gx_total.size(0) % c.size() == 0,
+                   "column-parallel linear: sequence {} not divisible by TP {}", gx_total.size(0),
+                   c.size());
         auto shape = gx_total.sizes().vec();
         shape[0] /= c.size();
         gx = at::empty(shape, gx_total.options());
@@ -201,10 +202,12 @@ struct ScaleGradient : torch::autograd::Function<ScaleGradient> {
 };
 
 struct VocabParallelCe : torch::autograd::Function<VocabParallelCe> {
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& logits, const at::Tensor& targets,
-                            int64_t vocab_start, int64_t vocab_size, int64_t comm) {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& logits,
+                            const at::Tensor& targets, int64_t vocab_start, int64_t vocab_size,
+                            int64_t comm) {
     const auto dt = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-    at::Tensor x = logits.detach().to(dt, /*non_blocking=*/false, /*copy=*/true);  // worked on in place
+    at::Tensor x =
+        logits.detach().to(dt, /*non_blocking=*/false, /*copy=*/true);  // worked on in place
     const int64_t vl = x.size(1);
     // Padding columns (global index >= vocab_size) take no part.
     const int64_t valid = std::max<int64_t>(0, std::min<int64_t>(vl, vocab_size - vocab_start));
@@ -217,7 +220,8 @@ struct VocabParallelCe : torch::autograd::Function<VocabParallelCe> {
     at::Tensor local_t = targets - vocab_start;
     at::Tensor mine = (local_t >= 0).logical_and(local_t < valid);
     at::Tensor idx = at::where(mine, local_t, at::zeros_like(local_t));
-    at::Tensor target_logit = at::where(mine, x.gather(1, idx.unsqueeze(1)).squeeze(1), at::zeros({}, x.options()));
+    at::Tensor target_logit =
+        at::where(mine, x.gather(1, idx.unsqueeze(1)).squeeze(1), at::zeros({}, x.options()));
     x.exp_();
     at::Tensor sum_exp = x.sum(1);
     if (c) {
@@ -266,23 +270,29 @@ at::Tensor reduce_scatter_to_sp(const at::Tensor& x, const TensorParallel& tp) {
   return tp.enabled() ? ReduceScatterToSp::apply(x, handle(tp.comm)) : x;
 }
 
-at::Tensor column_parallel_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
-                                  const TensorParallel& tp) {
+at::Tensor column_parallel_linear(const at::Tensor& x, const at::Tensor& weight,
+                                  const at::Tensor& bias, const TensorParallel& tp) {
   if (!tp.enabled()) return at::linear(x, weight, bias);
   LOOM_CHECK(weight.dim() == 2 && x.size(-1) == weight.size(1),
-             "column-parallel linear: input [..., {}] against weight {}", x.size(-1), weight.sizes());
-  return ColumnParallelLinearFn::apply(x, weight, bias.defined() ? bias : at::empty({0}, weight.options()),
+             "column-parallel linear: input [..., {}] against weight {}", x.size(-1),
+             weight.sizes());
+  return ColumnParallelLinearFn::apply(x, weight,
+                                       bias.defined() ? bias : at::empty({0}, weight.options()),
                                        handle(tp.comm), tp.sp(), tp.overlap_comm);
 }
 
-at::Tensor scale_gradient(const at::Tensor& x, double factor) { return ScaleGradient::apply(x, factor); }
+at::Tensor scale_gradient(const at::Tensor& x, double factor) {
+  return ScaleGradient::apply(x, factor);
+}
 
-at::Tensor vocab_parallel_cross_entropy(const at::Tensor& logits, const at::Tensor& targets, int64_t vocab_start,
-                                        int64_t vocab_size, const TensorParallel& tp) {
+at::Tensor vocab_parallel_cross_entropy(const at::Tensor& logits, const at::Tensor& targets,
+                                        int64_t vocab_start, int64_t vocab_size,
+                                        const TensorParallel& tp) {
   LOOM_CHECK(logits.dim() == 2 && targets.dim() == 1 && targets.size(0) == logits.size(0),
-             "vocab-parallel cross-entropy: logits [N, V/tp] and targets [N], got {} and {}", logits.sizes(),
-             targets.sizes());
-  return VocabParallelCe::apply(logits, targets, vocab_start, vocab_size, tp.enabled() ? handle(tp.comm) : 0);
+             "vocab-parallel cross-entropy: logits [N, V/tp] and targets [N], got {} and {}",
+             logits.sizes(), targets.sizes());
+  return VocabParallelCe::apply(logits, targets, vocab_start, vocab_size,
+                                tp.enabled() ? handle(tp.comm) : 0);
 }
 
 }  // namespace loom::parallel

@@ -164,6 +164,7 @@ class JsonlSink : public MetricsSink {
     if (ctx_.moe) {
       j["moe_dropped"] = m.moe_dropped;
       j["moe_max_load"] = m.moe_max_load;
+      j["moe_layer_max_load"] = m.moe_layer_max_load;
     }
     write(j.dump());
   }
@@ -203,6 +204,8 @@ class TensorBoardSink : public MetricsSink {
     if (ctx_.moe) {
       v.emplace_back("train/aux_loss", m.aux_loss);
       v.emplace_back("moe/max_load", m.moe_max_load);
+      for (size_t i = 0; i < m.moe_layer_max_load.size(); ++i)
+        v.emplace_back(fmt::format("moe/max_load_layer{}", i), m.moe_layer_max_load[i]);
     }
     writer_.add_scalars(m.step, v);
     if (m.step % ctx_.log_every == 0) writer_.flush();
@@ -272,22 +275,36 @@ TrainSummary SummaryTracker::finish(int64_t last_step, const std::string& checkp
 }
 
 void add_moe_stats(StepMetrics& m, const std::vector<std::unique_ptr<model::GptModel>>& chunks,
-                   comm::Communicator* pp) {
+                   const std::vector<at::Tensor>& loads, comm::Communicator* pp) {
   if (chunks.empty() || !chunks.front()->spec().is_moe()) return;
+  const model::ModelSpec& spec = chunks.front()->spec();
+  // Layer l's place among the model's MoE layers; each stage fills its own, the sum over the
+  // pipeline completes the list.
+  std::vector<int64_t> slot(static_cast<size_t>(spec.num_layers), -1);
+  int64_t n = 0;
+  for (int64_t l = 0; l < spec.num_layers; ++l) {
+    if (spec.is_moe_layer(l)) slot[static_cast<size_t>(l)] = n++;
+  }
+  at::Tensor per_layer = at::zeros({n + 1}, at::kDouble);  // + the dropped count
+  size_t next = 0;
   for (const auto& chunk : chunks) {
-    for (const auto& [layer, st] : chunk->moe_stats()) {
-      m.moe_dropped += st.dropped;
-      if (st.tokens_per_expert.defined()) {
-        const double mean = st.tokens_per_expert.to(at::kDouble).mean().item<double>();
-        const double mx = static_cast<double>(st.tokens_per_expert.max().item<int64_t>());
-        if (mean > 0) m.moe_max_load = std::max(m.moe_max_load, mx / mean);
+    for (const auto& [block, st] : chunk->moe_stats()) {
+      per_layer[n] += static_cast<double>(st.dropped);
+      const int64_t layer = chunk->stage().first_layer + block;
+      if (next < loads.size() && loads[next].defined() && layer < spec.num_layers) {
+        const double mean = loads[next].mean().item<double>();
+        if (mean > 0) {
+          per_layer[slot[static_cast<size_t>(layer)]] = loads[next].max().item<double>() / mean;
+        }
       }
+      ++next;
     }
   }
-  // every stage's MoE layers:
-  m.moe_dropped =
-      static_cast<int64_t>(comm::all_reduce_scalar(static_cast<double>(m.moe_dropped), pp));
-  m.moe_max_load = comm::all_reduce_scalar(m.moe_max_load, pp, comm::ReduceOp::kMax);
+  comm::all_reduce_host(per_layer, pp);
+  m.moe_dropped = static_cast<int64_t>(per_layer[n].item<double>() + 0.5);
+  m.moe_layer_max_load.assign(per_layer.data_ptr<double>(), per_layer.data_ptr<double>() + n);
+  m.moe_max_load = 0;
+  for (double v : m.moe_layer_max_load) m.moe_max_load = std::max(m.moe_max_load, v);
 }
 
 std::unique_ptr<MetricsSink> make_console_sink(const MetricsContext& ctx,

@@ -126,6 +126,17 @@ void Trainer::build_model(const model::ModelSpec& spec) {
       model::build_chunks(spec, config_, device_, tp, groups_->pp_size(), groups_->pp_rank(), cp_);
   for (const auto& c : chunks_)
     params_.insert(params_.end(), c->parameters().begin(), c->parameters().end());
+  // MoE balance over the data-parallel domain of this stage (Note: balance losses): the dp x cp
+  // ranks, one micro-batch slot per DP rank.
+  model::MoeDomain domain;
+  if (groups_->dp_cp_group()->size() > 1) domain.comm = groups_->dp_cp_group();
+  domain.slots = groups_->dp_size();
+  for (const auto& c : chunks_) {
+    for (model::MoeLayer* m : c->moe_layers()) {
+      m->set_domain(domain);
+      moe_layers_.push_back(m);
+    }
+  }
 }
 
 void Trainer::build_optimizer(const model::ModelSpec& spec) {
@@ -147,6 +158,10 @@ void Trainer::build_optimizer(const model::ModelSpec& spec) {
   schedule_ = std::make_unique<optim::LrSchedule>(config_.optim(), config_.train().steps());
   checkpoint::StateParts parts;  // Note: training state
   parts.params = &params_;
+  for (model::MoeLayer* m : moe_layers_) {
+    if (m->expert_bias.defined())
+      parts.buffers.emplace_back(m->name() + ".expert_bias", m->expert_bias);
+  }
   parts.optimizer = optimizer_.get();
   parts.loader = loader_.get();
   parts.world = world_;
@@ -344,7 +359,8 @@ StepMetrics Trainer::train_step() {
   LOOM_CHECK(m.tokens > 0, "step {}: the global batch has no loss tokens", m.step);
 
   grad_sync_->zero_grad();
-  auto fault_point = [&] {  // LOOM_FAULT_INJECT fires before this rank's first backward
+  model::begin_moe_step(moe_layers_);  // Note: balance losses
+  auto fault_point = [&] {             // LOOM_FAULT_INJECT fires before this rank's first backward
     if (fault_) fault_->maybe_trigger(world_->rank(), m.step);
   };
   // Forward and backward on the one executor (Note: step executor; Note: loss scaling).
@@ -378,6 +394,8 @@ StepMetrics Trainer::train_step() {
                   m.step, show(m.grad_norm), show(m.loss), step_);
   m.lr = schedule_->lr_at(step_);
   optimizer_->step(m.lr);
+  // The step's expert loads over the data-parallel domain; the expert biases move.
+  const std::vector<at::Tensor> loads = model::end_moe_step(moe_layers_);
   keep.commit();
   timers_.stop("optimizer");
   if (history_.empty()) set_long_timeouts(false);  // the first step is done
@@ -403,7 +421,7 @@ StepMetrics Trainer::train_step() {
         m.step, 100 * m.mfu, peak_flops_ / 1e12,
         config_.train().peak_tflops() > 0 ? "train.peak_tflops" : "a GEMM probe at start-up");
   }
-  add_moe_stats(m, chunks_, groups_->pp_size() > 1 ? groups_->pp_group().get() : nullptr);
+  add_moe_stats(m, chunks_, loads, groups_->pp_size() > 1 ? groups_->pp_group().get() : nullptr);
   check_stragglers(m);
   history_.push_back(m);
   return m;

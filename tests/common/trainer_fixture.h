@@ -16,6 +16,7 @@
 #include <algorithm>
 #include <cmath>
 #include <filesystem>
+#include <functional>
 #include <map>
 #include <string>
 #include <utility>
@@ -79,6 +80,36 @@ inline loom::config::JobConfig tiny_job(bool moe, bool gpt2 = false) {
   j.mutable_logging()->set_dir("");
   j.mutable_parallel()->set_grad_bucket_mb(0.01);  // ~10 KB: several DP gradient buckets
   return j;
+}
+
+// A tiny float64 model for layer-level tests: vocabulary 17, hidden 8, 4 heads over 2 KV heads,
+// FFN 12, 16 positions, init std 0.3 (every part moves the outputs visibly); with `experts` > 0
+// every layer is MoE: top 2, expert FFN 6, balance 0.1 and z 0.01 coefficients. `edit` then sets
+// the test's own options.
+inline loom::model::ModelSpec tiny_f64_spec(
+    int64_t layers, int experts = 0,
+    const std::function<void(loom::config::ModelConfig&)>& edit = {}) {
+  loom::config::ModelConfig c;
+  c.set_vocab_size(17);
+  c.set_hidden_size(8);
+  c.set_num_layers(static_cast<int>(layers));
+  c.set_num_heads(4);
+  c.set_num_kv_heads(2);
+  c.set_ffn_hidden_size(12);
+  c.set_max_seq_len(16);
+  c.set_init_std(0.3);
+  if (experts > 0) {
+    auto* m = c.mutable_moe();
+    m->set_num_experts(experts);
+    m->set_top_k(2);
+    m->set_expert_ffn_hidden_size(6);
+    m->set_aux_loss_coeff(0.1);
+    m->set_z_loss_coeff(0.01);
+  }
+  if (edit) edit(c);
+  loom::model::ModelSpec s = loom::model::ModelSpec::from_config(c);
+  s.param_dtype = at::kDouble;
+  return s;
 }
 
 // Building a Trainer for `j` on the world must fail with a kConfig error containing `needle`.
@@ -270,6 +301,10 @@ struct Layout {
   int cp_a2a = 0;               // parallel.cp_a2a_size
   int block = 0;                // model.attention_block_size
   bool aux = true;              // MoE balance and z losses on (off: model.moe.*_coeff = 0)
+  // model.moe.aux_loss_type ("" = the default). GLOBAL_BATCH needs micro = 1: the single process
+  // then runs the global batch as one micro-batch (the slot the parallel ranks share).
+  std::string aux_type;
+  double bias_rate = 0;  // model.moe.bias_update_rate
 
   int dp() const { return world()->size() / (tp * pp * cp); }
   std::string str() const {
@@ -281,6 +316,8 @@ struct Layout {
     }
     if (block != 0) s += " block" + std::to_string(block);
     if (!aux) s += " no-aux";
+    if (!aux_type.empty()) s += " " + aux_type;
+    if (bias_rate > 0) s += " bias";
     if (pp > 1) s += " " + (schedule.empty() ? std::string("1f1b") : schedule);
     if (vp > 1) s += " vp" + std::to_string(vp);
     s += " m" + std::to_string(micro) + " L" + std::to_string(layers);
@@ -313,6 +350,12 @@ inline loom::config::JobConfig layout_single_job(const Layout& c) {
       j.mutable_model()->mutable_moe()->set_aux_loss_coeff(0);
       j.mutable_model()->mutable_moe()->set_z_loss_coeff(0);
     }
+    if (!c.aux_type.empty()) {
+      loom::config::MoeConfig::AuxLossType type{};
+      EXPECT_TRUE(loom::config::MoeConfig::AuxLossType_Parse(c.aux_type, &type)) << c.aux_type;
+      j.mutable_model()->mutable_moe()->set_aux_loss_type(type);
+    }
+    j.mutable_model()->mutable_moe()->set_bias_update_rate(c.bias_rate);
   }
   if (c.bf16) j.mutable_model()->set_precision(loom::config::ModelConfig::BF16);
   if (c.recompute) j.mutable_model()->set_recompute(loom::config::ModelConfig::FULL);
@@ -376,6 +419,10 @@ inline LayoutResult expect_layout_matches(const Layout& c, const Tolerances& tol
     return r;
   }
   auto j = layout_single_job(c);
+  if (c.aux_type == "GLOBAL_BATCH") {
+    EXPECT_EQ(c.micro, 1) << what << ": GLOBAL_BATCH layouts compare one slot per step";
+    j.mutable_train()->set_micro_batch_size(16);  // the whole slot as one micro-batch
+  }
   loom::train::Trainer single(j, std::make_shared<loom::comm::LocalCommunicator>());
   loom::train::Trainer par(layout_job(c), world());
   EXPECT_EQ(par.micro_batches_per_rank(), c.documents ? 0 : c.micro) << what;

@@ -676,6 +676,47 @@ TEST(StepPlan, DocumentsArePackedFirstFitAndCoverEveryTargetOnce) {
   EXPECT_THROW(loom::data::plan_step({{0, 1}}, w), loom::Error);
 }
 
+// equal_micro_batches (the MoE GLOBAL_BATCH balance): every rank runs the busiest rank's count,
+// the others' plans ending in empty micro-batches of padding; the real pieces are unchanged.
+TEST(StepPlan, EqualMicroBatchesPadShorterPlansWithEmptyOnes) {
+  std::vector<SampleRef> samples;
+  // Rank 0: 4 long documents (several micro-batches); rank 1: 4 short ones (one micro-batch).
+  for (int64_t i = 0; i < 4; ++i) samples.push_back({i, 30});
+  for (int64_t i = 4; i < 8; ++i) samples.push_back({i, 3});
+  PlanLayout l;
+  l.mode = BatchMode::kDocuments;
+  l.dp_size = 2;
+  l.micro_batch_tokens = 32;
+  l.max_piece_tokens = 16;
+  l.pad_multiple = 4;
+  std::vector<size_t> plain, equal;
+  for (int r = 0; r < 2; ++r) {
+    l.dp_rank = r;
+    l.equal_micro_batches = false;
+    const auto a = loom::data::plan_step(samples, l);
+    l.equal_micro_batches = true;
+    const auto b = loom::data::plan_step(samples, l);
+    plain.push_back(a.micro_batches.size());
+    equal.push_back(b.micro_batches.size());
+    EXPECT_EQ(b.loss_tokens, a.loss_tokens);
+    for (size_t m = 0; m < b.micro_batches.size(); ++m) {
+      if (m < a.micro_batches.size()) {
+        EXPECT_EQ(b.micro_batches[m].tokens, a.micro_batches[m].tokens);
+        EXPECT_EQ(b.micro_batches[m].row_len, a.micro_batches[m].row_len);
+      } else {  // empty: one row of padding
+        ASSERT_EQ(b.micro_batches[m].rows.size(), 1u);
+        EXPECT_TRUE(b.micro_batches[m].rows[0].empty());
+        EXPECT_EQ(b.micro_batches[m].tokens, 0);
+        EXPECT_EQ(b.micro_batches[m].row_len, l.pad_multiple);
+      }
+    }
+    EXPECT_EQ(b.global_micro_batches, 2 * static_cast<int64_t>(b.micro_batches.size()));
+  }
+  EXPECT_GT(plain[0], plain[1]);  // the case is uneven without the option
+  EXPECT_EQ(equal[0], plain[0]);
+  EXPECT_EQ(equal[1], plain[0]);
+}
+
 // The loader's packed micro-batches: each piece's inputs and targets are its document's tokens,
 // positions restart at 0 in each piece, doc ids separate pieces, padding does not count.
 TEST(MicroBatchLoader, PackedRowsHoldTheDocumentsPieces) {

@@ -13,6 +13,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <functional>
+#include <map>
 #include <numeric>
 #include <random>
 
@@ -134,10 +136,29 @@ struct Ref {
     return matvec(mat(prefix + ".fc2.weight"), h, s.bias ? &b2 : nullptr);
   }
 
-  // MoE over all tokens of the batch; `xs` in flat token order t = s_index * B + b_index.
-  std::vector<Vec> moe(const std::string& prefix, const std::vector<Vec>& xs, double* aux) const {
+  // What the reference saw in an MoE layer: per-expert counts (before drops) and probability sums,
+  // the tokens, and each token's sequence key (row, document).
+  struct MoeRecord {
+    Vec counts, psum;
+    double tokens = 0;
+  };
+  mutable std::map<std::string, MoeRecord> record;
+
+  Vec expert_bias(const std::string& prefix) const {
+    for (auto* layer : model.moe_layers()) {
+      if (layer->name() == prefix && layer->expert_bias.defined())
+        return to_vec(layer->expert_bias);
+    }
+    return Vec(static_cast<size_t>(s.moe.num_experts), 0.0);
+  }
+
+  // MoE over all tokens of the batch; `xs` in flat token order t = s_index * B + b_index; `seq`:
+  // each token's sequence (the SEQUENCE balance loss).
+  std::vector<Vec> moe(const std::string& prefix, const std::vector<Vec>& xs, double* aux,
+                       const std::vector<int64_t>& seq) const {
     const auto& m = s.moe;
     const int64_t T = static_cast<int64_t>(xs.size()), E = m.num_experts, k = m.top_k;
+    const Vec bias = expert_bias(prefix);
     Mat router = mat(prefix + ".router.weight");
     at::Tensor fc1 = t(prefix + ".experts.fc1.weight"), fc2 = t(prefix + ".experts.fc2.weight");
     std::vector<Mat> w1, w2;
@@ -169,10 +190,31 @@ struct Ref {
         }
         for (int64_t e = 0; e < E; ++e) probs[t][e] = score[e] / sum;
       }
-      std::vector<int64_t> idx(E);
-      std::iota(idx.begin(), idx.end(), 0);
+      // Selection: score + bias, inside the best groups when group-limited; gates from the score.
+      Vec sel(E);
+      for (int64_t e = 0; e < E; ++e) sel[e] = score[e] + bias[e];
+      std::vector<bool> allowed(E, true);
+      if (m.num_groups > 1) {
+        const int64_t per = E / m.num_groups;
+        std::vector<std::pair<double, int64_t>> gs;  // (group score, group)
+        for (int64_t g = 0; g < m.num_groups; ++g) {
+          Vec in(sel.begin() + g * per, sel.begin() + (g + 1) * per);
+          std::sort(in.begin(), in.end(), std::greater<double>());
+          gs.emplace_back(std::accumulate(in.begin(), in.begin() + k / m.topk_groups, 0.0), g);
+        }
+        std::stable_sort(gs.begin(), gs.end(),
+                         [](const auto& a, const auto& b) { return a.first > b.first; });
+        for (int64_t e = 0; e < E; ++e) allowed[e] = false;
+        for (int64_t j = 0; j < m.topk_groups; ++j) {
+          for (int64_t e = 0; e < per; ++e) allowed[gs[j].second * per + e] = true;
+        }
+      }
+      std::vector<int64_t> idx;
+      for (int64_t e = 0; e < E; ++e) {
+        if (allowed[e]) idx.push_back(e);
+      }
       std::stable_sort(idx.begin(), idx.end(),
-                       [&](int64_t a, int64_t b) { return score[a] > score[b]; });
+                       [&](int64_t a, int64_t b) { return sel[a] > sel[b]; });
       idx.resize(k);
       chosen[t] = idx;
       Vec g(k);
@@ -232,14 +274,37 @@ struct Ref {
         for (int64_t i = 0; i < s.hidden; ++i) out[t][i] += y[i];
       }
     }
-    double balance = 0;
-    for (int64_t e = 0; e < E; ++e) {
-      double psum = 0;
-      for (int64_t t = 0; t < T; ++t) psum += probs[t][e];
-      balance += psum * count[e];
+    MoeRecord rec;
+    rec.counts = count;
+    rec.psum.assign(E, 0.0);
+    rec.tokens = static_cast<double>(T);
+    for (int64_t t = 0; t < T; ++t) {
+      for (int64_t e = 0; e < E; ++e) rec.psum[e] += probs[t][e];
     }
-    *aux +=
-        m.aux_loss_coeff * E / (static_cast<double>(k) * T * T) * balance + m.z_loss_coeff * z / T;
+    record[prefix] = rec;
+    double balance = 0;
+    if (m.aux_loss_type == loom::model::AuxLossType::kSequence) {
+      // Each sequence's own loss, averaged over the sequences.
+      std::map<int64_t, std::pair<Vec, Vec>> per;  // key -> (counts, psum)
+      std::map<int64_t, double> tokens;
+      for (int64_t t = 0; t < T; ++t) {
+        auto& [c, ps] = per[seq[t]];
+        c.resize(E, 0.0);
+        ps.resize(E, 0.0);
+        for (int64_t e : chosen[t]) c[e] += 1;
+        for (int64_t e = 0; e < E; ++e) ps[e] += probs[t][e];
+        tokens[seq[t]] += 1;
+      }
+      for (const auto& [key, cp] : per) {
+        double sum = 0;
+        for (int64_t e = 0; e < E; ++e) sum += cp.first[e] * cp.second[e];
+        balance += sum / (tokens[key] * tokens[key]) / static_cast<double>(per.size());
+      }
+    } else {
+      for (int64_t e = 0; e < E; ++e)
+        balance += rec.psum[e] * count[e] / (static_cast<double>(T) * T);
+    }
+    *aux += m.aux_loss_coeff * E / static_cast<double>(k) * balance + m.z_loss_coeff * z / T;
     return out;
   }
 
@@ -324,10 +389,14 @@ struct Ref {
       }
       if (s.is_moe_layer(l)) {
         std::vector<Vec> xs;
+        std::vector<int64_t> seq;
         for (int64_t t = 0; t < S; ++t) {
-          for (int64_t b = 0; b < B; ++b) xs.push_back(norm(p + ".ffn_norm", h[b][t]));
+          for (int64_t b = 0; b < B; ++b) {
+            xs.push_back(norm(p + ".ffn_norm", h[b][t]));
+            seq.push_back(b * (S + 1) + doc_at(b, t));
+          }
         }
-        std::vector<Vec> ys = moe(p + ".moe", xs, aux);
+        std::vector<Vec> ys = moe(p + ".moe", xs, aux, seq);
         for (int64_t t = 0; t < S; ++t) {
           for (int64_t b = 0; b < B; ++b) {
             for (int64_t i = 0; i < s.hidden; ++i) h[b][t][i] += ys[t * B + b][i];
@@ -388,6 +457,14 @@ loom::config::ModelConfig tiny_config(const std::string& kind) {
       m->set_pre_softmax(true);
       m->set_top_k(3);
     }
+    if (kind == "moe_groups") {  // 8 experts in 4 groups, 2 groups kept, top 2 (DeepSeek-V3)
+      m->set_num_experts(8);
+      m->set_num_groups(4);
+      m->set_topk_groups(2);
+      m->set_score_function(loom::config::MoeConfig::SIGMOID);
+    }
+    if (kind == "moe_sequence") m->set_aux_loss_type(loom::config::MoeConfig::SEQUENCE);
+    if (kind == "moe_bias") m->set_bias_update_rate(0.5);
     if (kind == "moe_capacity_probs" || kind == "moe_capacity_position") {
       m->set_capacity_factor(0.5);
       m->set_drop_policy(kind == "moe_capacity_probs" ? loom::config::MoeConfig::DROP_BY_PROBS
@@ -457,8 +534,8 @@ TEST_P(ReferenceForward, LogitsAndAuxLossMatchLoopReference) {
 
 INSTANTIATE_TEST_SUITE_P(Arch, ReferenceForward,
                          ::testing::Values("llama", "gpt2", "moe", "moe_shared", "moe_sigmoid",
-                                           "moe_presoftmax", "moe_capacity_probs",
-                                           "moe_capacity_position"));
+                                           "moe_presoftmax", "moe_groups", "moe_sequence",
+                                           "moe_capacity_probs", "moe_capacity_position"));
 
 TEST(ReferenceForward, CapacityActuallyDropsTokens) {
   GptModel model(f64_spec(tiny_config("moe_capacity_probs")), 7);
@@ -588,6 +665,149 @@ TEST(Recompute, SameLossAndGradientsAsStoredActivations) {
       }
     }
   }
+}
+
+// ---- balance losses and the expert bias (Note: balance losses) ----
+
+void expect_config_error(const loom::config::ModelConfig& c, const std::string& needle);
+
+TEST(MoeBalance, SequenceLossOverPackedDocumentsMatchesReference) {
+  GptModel model(f64_spec(tiny_config("moe_sequence")), 3);
+  Batch full = random_batch(2, 9, 13, 5);
+  // Row 0: documents of 4, 2 and 3 tokens; row 1: 1 and 8.
+  Batch packed = loom::model::packed_batch(full.tokens, full.targets, {{0, 4, 6, 9}, {0, 1, 9}});
+  double aux_ref = 0;
+  const auto ref = Ref(model).logits(packed, &aux_ref);
+  const auto out = model.forward(packed);
+  EXPECT_LT(max_diff(model.logits(packed), ref), 1e-10);
+  EXPECT_NEAR(out.aux_loss.item<double>(), aux_ref, 1e-12);
+  // Per sequence, not per micro-batch: the micro-batch loss of the same model differs.
+  auto c = tiny_config("moe");
+  GptModel micro(f64_spec(c), 3);
+  EXPECT_GT(std::abs(micro.forward(packed).aux_loss.item<double>() - aux_ref), 1e-6);
+}
+
+TEST(MoeBalance, ExpertBiasSelectsAndMovesByTheClosedForm) {
+  GptModel model(f64_spec(tiny_config("moe_bias")), 9);
+  const auto layers = model.moe_layers();
+  ASSERT_EQ(layers.size(), 2U);
+  const double rate = 0.5;
+  std::vector<Vec> first_counts;
+  for (int step = 0; step < 3; ++step) {
+    Batch batch = random_batch(2, 6, 13, 40 + static_cast<uint64_t>(step));
+    loom::model::begin_moe_step(layers);
+    std::vector<Vec> bias_before;
+    for (auto* m : layers) bias_before.push_back(to_vec(m->expert_bias));
+    auto out = model.forward(batch);  // a training forward (gradient mode on)
+    double aux_ref = 0;
+    Ref ref(model);
+    at::Tensor logits;
+    {
+      at::NoGradGuard no_grad;  // an evaluation forward: not counted in the step's loads
+      logits = model.logits(batch);
+    }
+    EXPECT_LT(max_diff(logits, ref.logits(batch, &aux_ref)), 1e-10) << "step " << step;
+    EXPECT_NEAR(out.aux_loss.item<double>(), aux_ref, 1e-12) << "step " << step;
+    const auto loads = loom::model::end_moe_step(layers);
+    ASSERT_EQ(loads.size(), layers.size());
+    for (size_t l = 0; l < layers.size(); ++l) {
+      const Vec counts = ref.record.at(layers[l]->name()).counts;
+      if (step == 0) first_counts.push_back(counts);
+      EXPECT_EQ(to_vec(loads[l]), counts) << "step " << step << " layer " << l;
+      const double mean = std::accumulate(counts.begin(), counts.end(), 0.0) / counts.size();
+      const Vec bias = to_vec(layers[l]->expert_bias);
+      for (size_t e = 0; e < counts.size(); ++e) {
+        const double sign = mean > counts[e] ? 1.0 : mean < counts[e] ? -1.0 : 0.0;
+        EXPECT_DOUBLE_EQ(bias[e], bias_before[l][e] + rate * sign) << "layer " << l << " e " << e;
+      }
+    }
+  }
+  // The bias is not a parameter: no gradient, not in the optimizer's list.
+  for (auto* m : layers) EXPECT_EQ(model.find(m->name() + ".expert_bias"), nullptr);
+}
+
+// GLOBAL_BATCH over M micro-batches of one process: micro-batch m uses the counts of micro-batches
+// 1..m over their tokens, against its own probabilities (the buffer formula, written out here from
+// the reference's counts and probability sums).
+TEST(MoeBalance, GlobalBatchBufferFormulaOverMicroBatches) {
+  auto c = tiny_config("moe");
+  c.mutable_moe()->set_aux_loss_type(loom::config::MoeConfig::GLOBAL_BATCH);
+  c.mutable_moe()->set_z_loss_coeff(0);
+  ModelSpec plain = f64_spec(c), recompute = plain;
+  recompute.recompute = true;
+  GptModel a(plain, 5), b(recompute, 5);
+  const std::vector<Batch> mbs = {random_batch(2, 6, 13, 60), random_batch(1, 5, 13, 61),
+                                  random_batch(3, 4, 13, 62)};
+  const auto& m = plain.moe;
+  const double coeff = m.aux_loss_coeff * m.num_experts / static_cast<double>(m.top_k);
+  std::map<std::string, std::pair<Vec, double>> cum;  // per layer: counts and tokens so far
+  std::vector<double> aux_a;
+  loom::model::begin_moe_step(a.moe_layers());
+  for (size_t i = 0; i < mbs.size(); ++i) {
+    auto out = a.forward(mbs[i]);
+    aux_a.push_back(out.aux_loss.item<double>());
+    out.aux_loss.backward();
+    double unused = 0;
+    Ref ref(a);
+    ref.logits(mbs[i], &unused);
+    double expected = 0;
+    for (const auto& [name, rec] : ref.record) {
+      auto& [counts, tokens] = cum[name];
+      counts.resize(rec.counts.size(), 0.0);
+      for (size_t e = 0; e < counts.size(); ++e) counts[e] += rec.counts[e];
+      tokens += rec.tokens;
+      for (size_t e = 0; e < counts.size(); ++e)
+        expected += coeff * counts[e] / tokens * rec.psum[e] / rec.tokens;
+    }
+    EXPECT_NEAR(aux_a.back(), expected, 1e-12) << "micro-batch " << i;
+    if (i == 0) {  // one micro-batch: the micro-batch loss itself
+      auto mc = tiny_config("moe");
+      mc.mutable_moe()->set_z_loss_coeff(0);
+      GptModel m0(f64_spec(mc), 5);
+      EXPECT_NEAR(aux_a.back(), m0.forward(mbs[0]).aux_loss.item<double>(), 1e-12);
+    }
+  }
+  // Recomputed blocks reuse the first forward's counts (no second count, no drift): the same
+  // values and gradients.
+  loom::model::begin_moe_step(b.moe_layers());
+  for (size_t i = 0; i < mbs.size(); ++i) {
+    auto out = b.forward(mbs[i]);
+    EXPECT_NEAR(out.aux_loss.item<double>(), aux_a[i], 1e-13) << "micro-batch " << i;
+    out.aux_loss.backward();
+  }
+  for (size_t i = 0; i < a.parameters().size(); ++i) {
+    // (An expert's weights get no gradient from the balance loss: undefined, or recomputation's
+    // zeros.)
+    const at::Tensor& t = a.parameters()[i].tensor;
+    const at::Tensor ga = t.grad().defined() ? t.grad() : at::zeros_like(t);
+    const at::Tensor& u = b.parameters()[i].tensor;
+    const at::Tensor gb = u.grad().defined() ? u.grad() : at::zeros_like(u);
+    EXPECT_LT((ga - gb).abs().max().item<double>(), 1e-13) << a.parameters()[i].name;
+  }
+  // A new step starts a new buffer.
+  loom::model::begin_moe_step(a.moe_layers());
+  GptModel fresh(plain, 5);
+  loom::model::begin_moe_step(fresh.moe_layers());
+  EXPECT_NEAR(a.forward(mbs[1]).aux_loss.item<double>(),
+              fresh.forward(mbs[1]).aux_loss.item<double>(), 1e-12);
+}
+
+TEST(MoeBalance, RouterOptionErrorsNameTheFields) {
+  auto c = tiny_config("moe");
+  c.mutable_moe()->set_num_groups(3);
+  c.mutable_moe()->set_topk_groups(1);
+  expect_config_error(
+      c, "model.moe.num_groups = 3 does not divide model.moe.num_experts = 4 (4 % 3 = 1)");
+  c = tiny_config("moe");
+  c.mutable_moe()->set_topk_groups(1);
+  expect_config_error(c, "model.moe.topk_groups = 1 needs model.moe.num_groups > 1");
+  c = tiny_config("moe");
+  c.mutable_moe()->set_num_groups(2);
+  c.mutable_moe()->set_topk_groups(3);
+  expect_config_error(c, "model.moe.topk_groups must be in [1, model.moe.num_groups = 2], got 3");
+  c = tiny_config("moe");
+  c.mutable_moe()->set_bias_update_rate(-1);
+  expect_config_error(c, "'model.moe.bias_update_rate' must be >= 0");
 }
 
 TEST(MixedPrecision, Bf16ComputeStaysCloseToFp32) {

@@ -37,30 +37,12 @@ using loom::model::ModelSpec;
 using namespace loom::parallel::pipeline;
 
 ModelSpec spec_of(const std::string& kind, int64_t layers) {
-  loom::config::ModelConfig c;
-  c.set_vocab_size(17);
-  c.set_hidden_size(8);
-  c.set_num_layers(layers);
-  c.set_num_heads(4);
-  c.set_num_kv_heads(2);
-  c.set_ffn_hidden_size(12);
-  c.set_max_seq_len(16);
-  c.set_init_std(0.3);
-  if (kind == "gpt2") {
-    c.set_arch(loom::config::ModelConfig::GPT2);
-    c.set_num_kv_heads(0);
-  }
-  if (kind == "moe") {
-    auto* m = c.mutable_moe();
-    m->set_num_experts(4);
-    m->set_top_k(2);
-    m->set_expert_ffn_hidden_size(6);
-    m->set_aux_loss_coeff(0.1);
-    m->set_z_loss_coeff(0.01);
-  }
-  ModelSpec s = ModelSpec::from_config(c);
-  s.param_dtype = at::kDouble;
-  return s;
+  return loom::testing::tiny_f64_spec(layers, kind == "moe" ? 4 : 0, [&](auto& c) {
+    if (kind == "gpt2") {
+      c.set_arch(loom::config::ModelConfig::GPT2);
+      c.set_num_kv_heads(0);
+    }
+  });
 }
 
 // Micro-batch `mb`: variable sequence length (4, 6, 8, ...) so shapes change between micro-batches.

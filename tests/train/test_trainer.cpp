@@ -246,9 +246,18 @@ TEST(Trainer, LossFallsOnTheSyntheticCorpus) {
 
 // N steps, save, resume in a new Trainer, N more: bit-identical to 2N straight on the CPU.
 TEST(Trainer, ResumeIsBitIdentical) {
-  for (bool moe : {false, true}) {
-    const std::string dir = temp_dir(moe ? "resume-moe" : "resume");
+  // Dense; MoE; MoE with the GLOBAL_BATCH balance and the aux-loss-free expert bias (restored from
+  // the checkpoint's state, else the resumed routing differs).
+  for (int variant : {0, 1, 2}) {
+    const bool moe = variant > 0;
+    const std::string dir = temp_dir(variant == 0   ? "resume"
+                                     : variant == 1 ? "resume-moe"
+                                                    : "resume-bias");
     auto j = tiny_job(moe);
+    if (variant == 2) {
+      j.mutable_model()->mutable_moe()->set_aux_loss_type(loom::config::MoeConfig::GLOBAL_BATCH);
+      j.mutable_model()->mutable_moe()->set_bias_update_rate(0.05);
+    }
     j.mutable_train()->set_checkpoint_dir(dir);
     j.mutable_train()->set_keep_checkpoints(1);
     Trainer straight(j);
@@ -258,6 +267,10 @@ TEST(Trainer, ResumeIsBitIdentical) {
     {
       Trainer first(j);
       for (int s = 0; s < 3; ++s) first.train_step();
+      if (variant == 2) {  // three moves of +-rate: the saved bias is not zero
+        for (auto* m : first.model().moe_layers())
+          EXPECT_GT(m->expert_bias.abs().min().item<double>(), 0.0) << "the bias moved";
+      }
       first.save_checkpoint();
     }
     auto jr = j;
@@ -270,6 +283,13 @@ TEST(Trainer, ResumeIsBitIdentical) {
     for (int s = 0; s < 3; ++s)
       EXPECT_EQ(resumed.history()[s].loss, losses[3 + s]) << "moe " << moe << " step " << 4 + s;
     EXPECT_TRUE(params_equal(straight, resumed)) << "moe " << moe;
+    if (variant == 2) {
+      const auto a = straight.model().moe_layers(), b = resumed.model().moe_layers();
+      ASSERT_EQ(a.size(), b.size());
+      for (size_t l = 0; l < a.size(); ++l) {
+        EXPECT_TRUE(a[l]->expert_bias.equal(b[l]->expert_bias)) << "layer " << l;
+      }
+    }
     EXPECT_EQ(straight.optimizer().state()[5].tensor.sum().item<double>(),
               resumed.optimizer().state()[5].tensor.sum().item<double>());
     // fit() saved step 6 at the end and kept only the newest checkpoint.

@@ -18,6 +18,7 @@
 #include <cstdint>
 #include <map>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "loom/checkpoint/checkpoint.h"
@@ -31,6 +32,9 @@ namespace loom::checkpoint {
 
 struct StateParts {
   std::vector<parallel::Parameter>* params = nullptr;  // this rank's (every chunk's)
+  // Non-trained model state (the MoE expert biases), replicated over TP and DP, by global name:
+  // saved as state "buffer.<name>", restored in place.
+  std::vector<std::pair<std::string, at::Tensor>> buffers;
   optim::Optimizer* optimizer = nullptr;
   data::MicroBatchLoader* loader = nullptr;
   comm::CommunicatorPtr world;  // the job

@@ -35,6 +35,7 @@ struct LoaderOptions {
   int64_t micro_batch_tokens = 0;  // DOCUMENTS: tokens per micro-batch
   int64_t pad_multiple = 1;  // DOCUMENTS: row length rounded up to this (sequence parallelism)
   int dp_size = 1, dp_rank = 0;
+  bool equal_micro_batches = false;  // DOCUMENTS: PlanLayout::equal_micro_batches
   // Every token id read must lie in [0, vocab_size): an id outside it is a kIO error naming the
   // split, sample and position, whatever data.check_vocab says (that only skips the up-front scan
   // of a whole dataset). 0: unchecked.

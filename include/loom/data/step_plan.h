@@ -80,6 +80,11 @@ struct PlanLayout {
   int64_t micro_batch_tokens = 0;  // DOCUMENTS: token budget of a micro-batch (its one row)
   int64_t max_piece_tokens = 0;    // DOCUMENTS: longest piece (the model's context, train.seq_len)
   int64_t pad_multiple = 1;        // DOCUMENTS: row length rounded up to a multiple of this
+  // DOCUMENTS: every DP rank gets as many micro-batches as the busiest one, the others' plans
+  // ending in empty ones (one row of pad_multiple padding positions, no loss token). A forward that
+  // communicates over the data-parallel domain (the MoE GLOBAL_BATCH balance) needs the same
+  // number of micro-batches everywhere; M_all then counts the empty ones too.
+  bool equal_micro_batches = false;
 };
 
 // The plan of this rank (layout.dp_rank) for a global batch. Pure and deterministic: every rank

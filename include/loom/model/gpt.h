@@ -21,11 +21,13 @@ namespace loom::model {
 class Block {
  public:
   Block(const ModelSpec& spec, const ParameterFactory& f, int64_t index,
-        const parallel::TensorParallel& tp = {}, const parallel::ContextParallel& cp = {});
+        const parallel::TensorParallel& tp = {}, const parallel::ContextParallel& cp = {},
+        const parallel::ExpertParallel& ep = {});
 
   struct Output {
-    at::Tensor hidden;  // [s, b, h]
-    at::Tensor aux;     // scalar MoE auxiliary loss (zero for a dense block)
+    at::Tensor hidden;       // [s, b, h]
+    at::Tensor aux;          // scalar MoE auxiliary loss (zero for a dense block)
+    at::Tensor moe_balance;  // MoeLayer::Output::balance (GLOBAL_BATCH training forwards)
   };
   Output forward(const at::Tensor& x, const ForwardContext& ctx);
 
@@ -79,7 +81,8 @@ class GptModel {
   // `vocab_divisible_by` x tp (zero rows, masked out of the softmax: the same function).
   GptModel(const ModelSpec& spec, uint64_t seed, at::Device device = at::kCPU,
            const parallel::TensorParallel& tp = {}, int64_t vocab_divisible_by = 128,
-           const StageLayout& stage = {}, const parallel::ContextParallel& cp = {});
+           const StageLayout& stage = {}, const parallel::ContextParallel& cp = {},
+           const parallel::ExpertParallel& ep = {});
 
   // Loss pieces for one micro-batch (the caller normalises: see train/ and Note: loss scaling).
   // The whole model only (pre_process and post_process).
@@ -109,6 +112,8 @@ class GptModel {
   int64_t num_parameters() const;
   // MoE statistics of the latest forward, one entry per MoE layer (empty for dense models).
   std::vector<std::pair<int64_t, MoeStats>> moe_stats() const;
+  // This chunk's MoE layers in order (empty for dense models).
+  std::vector<MoeLayer*> moe_layers() const;
   void zero_grad();
 
  private:

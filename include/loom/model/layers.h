@@ -31,6 +31,13 @@ struct ForwardContext {
   at::Tensor cp_doc;
   at::Tensor padding;        // [b, s] bool (Batch::padding), or undefined
   bool record_stats = true;  // false while activations are recomputed
+  // A training forward (gradients will flow; false for evaluation): only these take part in the
+  // step's MoE balance buffers and collectives over the data-parallel domain.
+  bool training = false;
+  // The recomputed forward of a block (Note: activation recomputation) gets the GLOBAL_BATCH
+  // balance its first forward used (Block::Output::moe_balance), so it neither communicates nor
+  // counts again.
+  at::Tensor moe_balance;
 };
 
 // x @ w^T + b with w (and b) cast to x's dtype.

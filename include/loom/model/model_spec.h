@@ -14,6 +14,7 @@ namespace loom::model {
 enum class NormKind { kRmsNorm, kLayerNorm };
 enum class ScoreFunction { kSoftmax, kSigmoid };
 enum class DropPolicy { kByProbs, kByPosition };
+enum class AuxLossType { kMicroBatch, kSequence, kGlobalBatch };
 
 struct MoeSpec {
   int64_t num_experts = 0;  // 0: dense
@@ -32,6 +33,10 @@ struct MoeSpec {
   double capacity_factor = 0.0;  // 0: dropless
   DropPolicy drop_policy = DropPolicy::kByProbs;
   double router_init_std = 0.02;
+  AuxLossType aux_loss_type = AuxLossType::kMicroBatch;
+  int64_t num_groups = 0;  // group-limited routing: groups (0 or 1: off)
+  int64_t topk_groups = 0;
+  double bias_update_rate = 0.0;  // aux-loss-free expert bias (0: no bias)
 };
 
 struct ModelSpec {

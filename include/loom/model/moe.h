@@ -7,10 +7,13 @@
 #include <ATen/ATen.h>
 
 #include <memory>
+#include <string>
+#include <vector>
 
 #include "loom/model/layers.h"
 #include "loom/model/model_spec.h"
 #include "loom/model/parameter.h"
+#include "loom/parallel/expert_parallel.h"
 
 namespace loom::model {
 
@@ -29,17 +32,30 @@ struct MoeStats {
   double z_loss = 0;             // coefficient-weighted router z-loss
 };
 
+// The data-parallel domain a layer balances over (GLOBAL_BATCH counts, the expert bias's loads):
+// the dp x cp ranks of its pipeline stage. `slots`: the micro-batches that make one step's slot,
+// one per DP rank (the CP ranks of a DP rank share a micro-batch).
+struct MoeDomain {
+  comm::CommunicatorPtr comm;  // null: this rank alone
+  int64_t slots = 1;
+};
+
 class MoeLayer {
  public:
   // With TP (expert TP = TP, no EP yet) every expert's FFN is split like a dense SwiGLU (fc1 rows,
   // fc2 columns) and the shared experts likewise; the router is replicated. See Note: MoE under
   // tensor parallelism in moe.cpp.
+  // With expert parallelism (Note: expert parallelism) this rank holds experts
+  // [ep_rank E / ep, (ep_rank + 1) E / ep), each with its expert_tp slice; tokens are dispatched
+  // over ep.comm. Expert parallelism runs with tp = 1 for now.
   MoeLayer(const ModelSpec& spec, const ParameterFactory& f,
-           const parallel::TensorParallel& tp = {}, const parallel::ContextParallel& cp = {});
+           const parallel::TensorParallel& tp = {}, const parallel::ContextParallel& cp = {},
+           const parallel::ExpertParallel& ep = {});
 
   struct Output {
-    at::Tensor y;    // [s, b, h]
-    at::Tensor aux;  // scalar: aux_loss_coeff * balance loss + z_loss_coeff * z loss
+    at::Tensor y;        // [s, b, h]
+    at::Tensor aux;      // scalar: aux_loss_coeff * balance loss + z_loss_coeff * z loss
+    at::Tensor balance;  // GLOBAL_BATCH in training: [E + 1] the f_i and the rank's P scale used
   };
   Output forward(const at::Tensor& x, const ForwardContext& ctx);  // x [s, b, h] (SP: a shard)
 
@@ -47,26 +63,76 @@ class MoeLayer {
   // softmax, pre_softmax false (Megatron's default): top-k on the logits, softmax over the k.
   // softmax, pre_softmax true: softmax over all E, top-k of those, renormalised when
   // normalize_topk. sigmoid: top-k of sigmoid(logits), renormalised when normalize_topk and k > 1.
-  // Gates are then multiplied by router_scaling_factor. The balance loss is
+  // Gates are then multiplied by router_scaling_factor. Selection (not the gates) adds the expert
+  // bias to the scores top-k looks at, and with num_groups > 1 first keeps the topk_groups groups
+  // whose best top_k / topk_groups scores sum highest (DeepSeek-V3). The balance loss is
   //   aux = coeff * E / (k T^2) * sum_e (sum_t p[t, e]) * n_e
   // with p the softmax over all experts (sigmoid: scores normalised per token) and n_e the tokens
-  // routed to e before any drop; z = coeff_z * mean_t logsumexp(logits_t)^2.
+  // routed to e before any drop, over the tokens model.moe.aux_loss_type says (Note: balance
+  // losses in moe.cpp); z = coeff_z * mean_t logsumexp(logits_t)^2.
   Routing route(const at::Tensor& x2d) const;  // x2d [T, h]
 
   const MoeStats& stats() const { return stats_; }
+
+  void set_domain(MoeDomain domain) { domain_ = std::move(domain); }
+  const MoeDomain& domain() const { return domain_; }
+  // Training steps ([Note: balance losses]): begin_step clears the step's buffers (GLOBAL_BATCH
+  // counts, the loads); step_loads is [E] fp64, the real tokens routed to each expert by this
+  // rank's training forwards of the step (before drops); end_step takes those loads summed over
+  // the domain and moves the expert bias (when there is one).
+  void begin_step();
+  const at::Tensor& step_loads() const { return step_loads_; }
+  void end_step(const at::Tensor& domain_loads);
+  const MoeSpec& spec() const { return moe_; }
+  const std::string& name() const { return name_; }  // "layers.3.moe"
 
   at::Tensor router_weight;     // [E, h]
   at::Tensor fc1_weight;        // [E, 2f, h]  per expert [gate | up] rows
   at::Tensor fc2_weight;        // [E, h, f]
   std::unique_ptr<Mlp> shared;  // num_shared_experts fused into one SwiGLU of width n * f_shared
+  // Aux-loss-free balancing: [E] fp32 on the parameters' device, added to the selection scores;
+  // not trained by gradients (end_step), checkpointed as "<name>.expert_bias". Undefined when
+  // model.moe.bias_update_rate is 0.
+  at::Tensor expert_bias;
 
  private:
+  // The kept (token, expert) assignments sorted by expert (capacity applied to this rank's T).
+  struct Assignments {
+    at::Tensor order;             // [A] indices into the flat [T * k] assignments
+    at::Tensor token_of;          // [A] their tokens
+    std::vector<int64_t> counts;  // [E] kept assignments per expert
+    int64_t dropped = 0;
+  };
+  Assignments assign(const Routing& r, int64_t t) const;
+  at::Tensor expert(int64_t i, const at::Tensor& x, const at::Tensor& w1,
+                    const at::Tensor& w2) const;
   at::Tensor dispatch_and_compute(const at::Tensor& x2d, const Routing& r, int64_t* dropped) const;
+  at::Tensor dispatch_expert_parallel(const at::Tensor& x2d, const Routing& r,
+                                      const Assignments& a) const;
+  at::Tensor select_experts(const at::Tensor& scores) const;
+  // The balance loss of this micro-batch (Note: balance losses); `real` [T] or undefined, `counts`
+  // [E] this rank's real assignments. Sets *micro_counts to the counts the stats report.
+  at::Tensor balance_loss(const Routing& r, const at::Tensor& real, const at::Tensor& counts,
+                          const ForwardContext& ctx, int64_t t, int64_t b, at::Tensor* balance,
+                          at::Tensor* micro_counts);
 
   MoeSpec moe_;
   MoeStats stats_;
   parallel::TensorParallel tp_;
   parallel::ContextParallel cp_;
+  parallel::ExpertParallel ep_;
+  MoeDomain domain_;
+  std::string name_;
+  at::Tensor global_counts_;  // [E] fp64: GLOBAL_BATCH counts of the step's micro-batches so far
+  double global_tokens_ = 0;  // and their real tokens, both summed over the domain
+  at::Tensor step_loads_;     // [E] fp64
 };
+
+// Step boundaries for every MoE layer of a rank (all its chunks; they share one domain).
+// begin_moe_step before the step's first forward. end_moe_step after the optimizer step: the step's
+// loads of all layers are summed over the domain in one all-reduce and each layer's expert bias
+// moves; returns each layer's loads over the domain ([E] fp64, the whole global batch's).
+void begin_moe_step(const std::vector<MoeLayer*>& layers);
+std::vector<at::Tensor> end_moe_step(const std::vector<MoeLayer*>& layers);
 
 }  // namespace loom::model

@@ -25,6 +25,7 @@ enum class Init {
 
 // Parameter, TpShard, shard_of and unshard live in parallel/sharding.h (the parallel layer reduces
 // and shards parameters without knowing the model); the model layer uses them under its own names.
+using parallel::local_of;
 using parallel::Parameter;
 using parallel::shard_of;
 using parallel::TpShard;
@@ -52,6 +53,10 @@ class ParameterFactory {
   // `shape` is the global shape; with a TP shard the returned tensor is this rank's part.
   at::Tensor make(const std::string& name, at::IntArrayRef shape, Init init, double std = 0.0,
                   int weight_decay = -1, TpShard shard = {}) const;
+  // An expert weight [E, ...] (Parameter::expert): this rank's experts of `ep_size`, each sharded
+  // by `shard` over `etp_size` expert-TP ranks.
+  at::Tensor make_expert(const std::string& name, at::IntArrayRef shape, Init init, double std,
+                         TpShard shard, int ep_size, int ep_rank, int etp_size, int etp_rank) const;
   const std::string& prefix() const { return prefix_; }
   int tp_size() const { return tp_size_; }
   int tp_rank() const { return tp_rank_; }
@@ -60,6 +65,9 @@ class ParameterFactory {
   uint64_t job_seed() const { return job_seed_; }
 
  private:
+  // Names, checks, draws, slices (local_of) and registers `p`.
+  at::Tensor add(Parameter p, const std::string& name, Init init, double std) const;
+
   std::shared_ptr<std::vector<Parameter>> registry_;
   uint64_t job_seed_;
   at::TensorOptions options_;

@@ -40,12 +40,21 @@ struct Parameter {
   // equal to it (the tied embedding used as the head on the last stage: [Note: pipeline stages]).
   // Norms and checkpoints count the owner's only.
   bool pipeline_copy = false;
+  // An expert weight ([E, ...]): dimension 0 split contiguously over the ep ranks of the expert
+  // group (this rank: experts [ep_rank E / ep, (ep_rank + 1) E / ep)), then `shard` over the
+  // expert-TP ranks (tp_size / tp_rank are then expert_tp's). Its gradient is reduced over the
+  // expert-data-parallel group (Note: expert parallelism).
+  bool expert = false;
+  int ep_size = 1, ep_rank = 0;
 
   bool tp_sharded() const { return shard.dim >= 0 && tp_size > 1; }
+  bool ep_sharded() const { return expert && ep_size > 1; }
 };
 
 // This rank's shard of a full tensor (Note: tensor-parallel shards).
 at::Tensor shard_of(const at::Tensor& full, const TpShard& shard, int tp_size, int tp_rank);
+// This rank's part of the full tensor of `p`: its experts (ep_sharded), then its TP shard.
+at::Tensor local_of(const at::Tensor& full, const Parameter& p);
 // The full tensor from every rank's shard (in TP rank order), padding removed.
 at::Tensor unshard(const std::vector<at::Tensor>& shards, const TpShard& shard,
                    at::IntArrayRef global_shape);

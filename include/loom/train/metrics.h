@@ -38,6 +38,9 @@ struct StepMetrics {
   int64_t device_peak = 0;  // GPU caching-allocator peak (CUDA devices)
   int64_t moe_dropped = 0;  // (token, expert) assignments dropped by capacity
   double moe_max_load = 0;  // max over layers and experts of tokens / mean tokens
+  // Per MoE layer (model order): the busiest expert's tokens over the mean, over the step's whole
+  // global batch (every micro-batch of every data-parallel rank).
+  std::vector<double> moe_layer_max_load;
 };
 
 struct EvalMetrics {
@@ -122,11 +125,12 @@ class MetricsSinks {
   std::shared_ptr<Progress> progress_;
 };
 
-// Fills m.moe_dropped (summed) and m.moe_max_load (max over layers and experts of tokens / mean)
-// from the step's MoE statistics of this rank's chunks, over every pipeline stage (`pp`, may be
-// null). Collective over `pp` when the model is MoE.
+// Fills m.moe_dropped (the last micro-batch's, summed over layers), m.moe_layer_max_load and
+// m.moe_max_load (their max) from this rank's chunks and `loads` (model::end_moe_step: each of the
+// chunks' MoE layers' expert loads over the data-parallel domain), over every pipeline stage
+// (`pp`, may be null). Collective over `pp` when the model is MoE.
 void add_moe_stats(StepMetrics& m, const std::vector<std::unique_ptr<model::GptModel>>& chunks,
-                   comm::Communicator* pp);
+                   const std::vector<at::Tensor>& loads, comm::Communicator* pp);
 
 // The console line (every log_every steps, the first and the last; with an ETA when no bar is
 // drawn) and the progress bar.

@@ -128,6 +128,7 @@ class Trainer {
   std::unique_ptr<mesh::ProcessGroups> groups_;
   std::unique_ptr<data::DataSource> source_;
   std::vector<std::unique_ptr<model::GptModel>> chunks_;
+  std::vector<model::MoeLayer*> moe_layers_;  // every chunk's, in order
   parallel::ContextParallel cp_;
   std::vector<model::Parameter> params_;
   std::unique_ptr<StepExecutor> executor_;
