@@ -45,6 +45,11 @@ void check_hf_compatible(const model::ModelSpec& s) {
          "the router must be softmax over the top-k logits (score_function SOFTMAX, pre_softmax "
          "false)");
     need(s.moe.scaling_factor == 1.0, "model.moe.router_scaling_factor must be 1");
+    need(s.moe.num_groups <= 1,
+         "model.moe.num_groups must be 0: HF Mixtral routes without group limits");
+    need(s.moe.bias_update_rate == 0.0,
+         "model.moe.bias_update_rate must be 0: HF Mixtral selects experts without the "
+         "aux-loss-free bias, so the exported model would route differently");
     need(s.moe.capacity_factor == 0.0,
          "model.moe.capacity_factor must be 0 (dropless): HF Mixtral never drops tokens, so a "
          "model trained with a capacity would compute other logits there");

@@ -160,6 +160,13 @@ RestoredState TrainingState::load(const std::string& dir) {
     }
     for (const auto& [name, t] : parts_.buffers) {
       auto it = data.state.find("buffer." + name);
+      if (it == data.state.end() && data.metadata.count("source") == 1) {
+        // An import (tools/convert_hf --to-loom) has no training buffers: they start as at
+        // initialisation (zero expert biases).
+        LOOM_LOG_WARN("checkpoint '{}' was imported and has no '{}': it starts from zeros", dir,
+                      name);
+        continue;
+      }
       LOOM_CHECK_KIND(ErrorKind::kIO, it != data.state.end(),
                       "checkpoint '{}' has no '{}' (state 'buffer.{}'): was it written before "
                       "model.moe.bias_update_rate was set, or for a different model config?",
@@ -206,7 +213,10 @@ RestoredState TrainingState::load(const std::string& dir) {
   at::NoGradGuard no_grad;
   for (auto& p : params)
     p.tensor.copy_(parallel::shard_of(data.model.at(p.name), p.shard, p.tp_size, p.tp_rank));
-  for (auto& [name, t] : parts_.buffers) t.copy_(data.state.at("buffer." + name));
+  for (auto& [name, t] : parts_.buffers) {
+    auto it = data.state.find("buffer." + name);
+    if (it != data.state.end()) t.copy_(it->second);
+  }
   parts_.optimizer->load_state(state, meta("optimizer_step"));
   {
     at::Generator gen = at::detail::getDefaultCPUGenerator();

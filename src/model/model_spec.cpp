@@ -184,7 +184,10 @@ ModelSpec ModelSpec::from_config(const ModelConfig& c) {
                         "model.moe.top_k = {} experts do not fit in topk_groups = {} groups of {}",
                         m.top_k(), topk_groups, m.num_experts() / groups);
     } else {
-      LOOM_CHECK_CONFIG(groups >= 0 && topk_groups == 0,
+      // One group (some published configs say num_groups = topk_groups = 1) is no limit.
+      LOOM_CHECK_CONFIG(groups >= 0 && topk_groups >= 0 &&
+                            topk_groups <= std::max<int64_t>(groups, 1) &&
+                            (topk_groups == 0 || groups == 1),
                         "model.moe.topk_groups = {} needs model.moe.num_groups > 1 (it is {})",
                         topk_groups, groups);
     }

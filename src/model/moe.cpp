@@ -272,12 +272,14 @@ at::Tensor MoeLayer::dispatch_expert_parallel(const at::Tensor& x2d, const Routi
 //   GLOBAL_BATCH: the counts are summed over the data-parallel domain (dp x cp of the stage) in
 //     every training forward and accumulated over the step's micro-batches: micro-batch m of the
 //     step uses f_e = C_e(1..m) / T(1..m), the counts and real tokens of slots 1..m (slot m: the
-//     m-th micro-batch of every DP rank), and this rank's tokens' P against the slot's tokens:
-//     L_rank = coeff * E / k * sum_e f_e * slots * sum_{t here} p[t, e] / T(m).
-//     With the objective's 1/(M * dp) per micro-batch (Note: loss scaling) the sum over ranks is
-//     coeff * E / k * mean_m sum_e f_e(1..m) P_e(slot m): with one micro-batch per step, exactly
-//     the loss of the whole global batch as one process computes it (Qwen's global-batch
-//     balance, Megatron's global_aux_loss, which divides by the micro-batch count the same way).
+//     m-th micro-batch of every DP rank), and this rank's tokens' P against the step's tokens:
+//     L_rank = coeff * E / k * sum_e f_e * M_all * sum_{t here} p[t, e] / N
+//     (M_all micro-batches and N tokens in the step, over every DP rank). With the objective's
+//     1 / M_all per micro-batch (Note: loss scaling) the sum over ranks is
+//     coeff * E / k * sum_m sum_e f_e(1..m) sum_{t in slot m} p[t, e] / N, a per-token mean over
+//     the step: with one micro-batch per step, exactly the loss of the whole global batch as one
+//     process computes it (Qwen's global-batch balance; Megatron's global_aux_loss likewise, for
+//     equal micro-batches). A layer used without the step's figures scales by slots / T(m).
 //     Every DP rank must run the same number of training micro-batches (DOCUMENTS mode pads the
 //     shorter plans with empty ones). Evaluation forwards use MICRO_BATCH.
 // Padding positions count nowhere.
@@ -300,9 +302,15 @@ at::Tensor MoeLayer::balance_loss(const Routing& r, const at::Tensor& real,
       if (!global_counts_.defined()) global_counts_ = at::zeros({e}, at::kDouble);
       global_counts_ += sums.narrow(0, 0, e);
       global_tokens_ += slot_tokens;
-      used = at::cat({global_counts_ / std::max(global_tokens_, 1.0),
-                      at::full({1}, static_cast<double>(domain_.slots) / std::max(slot_tokens, 1.0),
-                               at::kDouble)});
+      // P against the step's tokens: each micro-batch's share of the objective is aux / M_all
+      // (Note: loss scaling), so M_all / N per token sums to a per-token mean over the step
+      // whatever the micro-batches hold (padded DOCUMENTS plans too). Without the step's figures
+      // (a layer used on its own): slots / T(m), the same when the slots are equal.
+      const double scale = step_tokens_ > 0
+                               ? step_micro_batches_ / step_tokens_
+                               : static_cast<double>(domain_.slots) / std::max(slot_tokens, 1.0);
+      used = at::cat(
+          {global_counts_ / std::max(global_tokens_, 1.0), at::full({1}, scale, at::kDouble)});
       *micro_counts = sums.narrow(0, 0, e);
     }
     *balance = used;
@@ -417,7 +425,9 @@ MoeLayer::Output MoeLayer::forward(const at::Tensor& input, const ForwardContext
   return {tp_.enabled() ? y : y.view({s, b, h}), aux, balance};
 }
 
-void MoeLayer::begin_step() {
+void MoeLayer::begin_step(double micro_batches, double tokens) {
+  step_micro_batches_ = micro_batches;
+  step_tokens_ = tokens;
   global_counts_ = at::Tensor();
   global_tokens_ = 0;
   step_loads_ = at::zeros({moe_.num_experts}, at::kDouble);
@@ -433,8 +443,8 @@ void MoeLayer::end_step(const at::Tensor& domain_loads) {
   expert_bias.add_(step.to(expert_bias.device(), at::kFloat));
 }
 
-void begin_moe_step(const std::vector<MoeLayer*>& layers) {
-  for (MoeLayer* m : layers) m->begin_step();
+void begin_moe_step(const std::vector<MoeLayer*>& layers, double micro_batches, double tokens) {
+  for (MoeLayer* m : layers) m->begin_step(micro_batches, tokens);
 }
 
 std::vector<at::Tensor> end_moe_step(const std::vector<MoeLayer*>& layers) {

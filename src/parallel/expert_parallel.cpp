@@ -56,6 +56,7 @@ ExpertParallel make_expert_parallel(comm::CommunicatorPtr group, int ep, int ep_
   e.etp = etp;
   e.etp_rank = etp_rank;
   if (!group || group->size() == 1) {
+    LOOM_INTERNAL_CHECK(ep * etp == 1, "an expert group of one rank for ep {} x etp {}", ep, etp);
     e.member_ep = {ep_rank};
     return e;
   }

@@ -359,8 +359,9 @@ StepMetrics Trainer::train_step() {
   LOOM_CHECK(m.tokens > 0, "step {}: the global batch has no loss tokens", m.step);
 
   grad_sync_->zero_grad();
-  model::begin_moe_step(moe_layers_);  // Note: balance losses
-  auto fault_point = [&] {             // LOOM_FAULT_INJECT fires before this rank's first backward
+  model::begin_moe_step(moe_layers_, static_cast<double>(m.micro_batches),
+                        total_tokens);  // Note: balance losses
+  auto fault_point = [&] {              // LOOM_FAULT_INJECT fires before this rank's first backward
     if (fault_) fault_->maybe_trigger(world_->rank(), m.step);
   };
   // Forward and backward on the one executor (Note: step executor; Note: loss scaling).

@@ -463,6 +463,11 @@ loom::config::ModelConfig tiny_config(const std::string& kind) {
       m->set_topk_groups(2);
       m->set_score_function(loom::config::MoeConfig::SIGMOID);
     }
+    if (kind == "moe_groups_sum") {  // 2 groups of 4, 1 kept: a group scores its best 2 summed
+      m->set_num_experts(8);
+      m->set_num_groups(2);
+      m->set_topk_groups(1);
+    }
     if (kind == "moe_sequence") m->set_aux_loss_type(loom::config::MoeConfig::SEQUENCE);
     if (kind == "moe_bias") m->set_bias_update_rate(0.5);
     if (kind == "moe_capacity_probs" || kind == "moe_capacity_position") {
@@ -534,8 +539,9 @@ TEST_P(ReferenceForward, LogitsAndAuxLossMatchLoopReference) {
 
 INSTANTIATE_TEST_SUITE_P(Arch, ReferenceForward,
                          ::testing::Values("llama", "gpt2", "moe", "moe_shared", "moe_sigmoid",
-                                           "moe_presoftmax", "moe_groups", "moe_sequence",
-                                           "moe_capacity_probs", "moe_capacity_position"));
+                                           "moe_presoftmax", "moe_groups", "moe_groups_sum",
+                                           "moe_sequence", "moe_capacity_probs",
+                                           "moe_capacity_position"));
 
 TEST(ReferenceForward, CapacityActuallyDropsTokens) {
   GptModel model(f64_spec(tiny_config("moe_capacity_probs")), 7);

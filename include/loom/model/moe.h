@@ -26,10 +26,12 @@ struct Routing {
 
 // What one MoE layer saw in its latest recorded forward (for logging and balance metrics).
 struct MoeStats {
-  at::Tensor tokens_per_expert;  // [E] int64, before capacity drops
-  int64_t dropped = 0;           // (token, expert) assignments dropped by the capacity
-  double aux_loss = 0;           // coefficient-weighted load-balancing loss
-  double z_loss = 0;             // coefficient-weighted router z-loss
+  // [E] int64, before capacity drops: the micro-batch's (summed over CP; GLOBAL_BATCH in training:
+  // the slot's, summed over the whole data-parallel domain).
+  at::Tensor tokens_per_expert;
+  int64_t dropped = 0;  // (token, expert) assignments dropped by the capacity
+  double aux_loss = 0;  // coefficient-weighted load-balancing loss
+  double z_loss = 0;    // coefficient-weighted router z-loss
 };
 
 // The data-parallel domain a layer balances over (GLOBAL_BATCH counts, the expert bias's loads):
@@ -80,7 +82,8 @@ class MoeLayer {
   // counts, the loads); step_loads is [E] fp64, the real tokens routed to each expert by this
   // rank's training forwards of the step (before drops); end_step takes those loads summed over
   // the domain and moves the expert bias (when there is one).
-  void begin_step();
+  // `micro_batches` (M_all) and `tokens` (N): the step's, over every DP rank (0: unknown).
+  void begin_step(double micro_batches = 0, double tokens = 0);
   const at::Tensor& step_loads() const { return step_loads_; }
   void end_step(const at::Tensor& domain_loads);
   const MoeSpec& spec() const { return moe_; }
@@ -125,14 +128,16 @@ class MoeLayer {
   std::string name_;
   at::Tensor global_counts_;  // [E] fp64: GLOBAL_BATCH counts of the step's micro-batches so far
   double global_tokens_ = 0;  // and their real tokens, both summed over the domain
-  at::Tensor step_loads_;     // [E] fp64
+  double step_micro_batches_ = 0, step_tokens_ = 0;  // begin_step's
+  at::Tensor step_loads_;                            // [E] fp64
 };
 
 // Step boundaries for every MoE layer of a rank (all its chunks; they share one domain).
 // begin_moe_step before the step's first forward. end_moe_step after the optimizer step: the step's
 // loads of all layers are summed over the domain in one all-reduce and each layer's expert bias
 // moves; returns each layer's loads over the domain ([E] fp64, the whole global batch's).
-void begin_moe_step(const std::vector<MoeLayer*>& layers);
+void begin_moe_step(const std::vector<MoeLayer*>& layers, double micro_batches = 0,
+                    double tokens = 0);
 std::vector<at::Tensor> end_moe_step(const std::vector<MoeLayer*>& layers);
 
 }  // namespace loom::model

@@ -37,7 +37,6 @@ struct ExpertParallel {
   int ep = 1, ep_rank = 0;     // expert-parallel size and this rank's ep index
   int etp = 1, etp_rank = 0;   // expert tensor parallelism
   std::vector<int> member_ep;  // the ep index of each rank of `comm`
-  // Dispatcher counters (cumulative): token rows sent to other ranks and bytes moved each way.
   bool enabled() const { return comm != nullptr && comm->size() > 1; }
   int size() const { return enabled() ? comm->size() : 1; }
 };
