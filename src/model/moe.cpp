@@ -196,12 +196,13 @@ at::Tensor MoeLayer::dispatch_expert_parallel(const at::Tensor& x2d, const Routi
   // 2. Counts: to member d, this rank's counts of d's local experts; back, each source's counts of
   // this rank's.
   at::Tensor cnt_send = at::empty({g, local}, lopts);
+  auto cs = cnt_send.accessor<int64_t, 2>();
   std::vector<int64_t> send(static_cast<size_t>(g)), recv(static_cast<size_t>(g));
   std::vector<at::Tensor> blocks, back_index;
   const at::Tensor xs = x2d.index_select(0, a.token_of);  // [A, h]
   for (int d = 0; d < g; ++d) {
     const int q = ep_.member_ep[static_cast<size_t>(d)];
-    for (int64_t j = 0; j < local; ++j) cnt_send[d][j] = a.counts[q * local + j];
+    for (int64_t j = 0; j < local; ++j) cs[d][j] = a.counts[q * local + j];
     send[d] = rows[q];
     blocks.push_back(xs.narrow(0, start[q], rows[q]));
     back_index.push_back(at::arange(start[q], start[q] + rows[q], lopts));
@@ -235,7 +236,7 @@ at::Tensor MoeLayer::dispatch_expert_parallel(const at::Tensor& x2d, const Routi
     }
   }
   const int64_t total = static_cast<int64_t>(perm.size());
-  const at::Tensor perm_t = at::tensor(perm, lopts).to(rx.device());
+  const at::Tensor perm_host = at::tensor(perm, lopts), perm_t = perm_host.to(rx.device());
   const at::Tensor xe = rx.index_select(0, perm_t);
   const at::Tensor w1 = fc1_weight.to(dt), w2 = fc2_weight.to(dt);
   std::vector<at::Tensor> outs;
@@ -250,7 +251,7 @@ at::Tensor MoeLayer::dispatch_expert_parallel(const at::Tensor& x2d, const Routi
   at::Tensor ye = outs.empty() ? xe : at::cat(outs);
   // Back to source-major order, and home (5.).
   at::Tensor inverse = at::empty({total}, lopts);
-  inverse.index_put_({at::tensor(perm, lopts)}, at::arange(total, lopts));
+  inverse.index_put_({perm_host}, at::arange(total, lopts));
   const at::Tensor ry = ye.index_select(0, inverse.to(ye.device()));
   const at::Tensor back = parallel::all_to_all_rows(ry, recv, send, c);  // in `blocks` order
   // The expert_tp ranks of an ep index returned partial sums of the same rows: add them.
@@ -285,7 +286,8 @@ at::Tensor MoeLayer::dispatch_expert_parallel(const at::Tensor& x2d, const Routi
 // Padding positions count nowhere.
 at::Tensor MoeLayer::balance_loss(const Routing& r, const at::Tensor& real,
                                   const at::Tensor& counts, const ForwardContext& ctx, int64_t t,
-                                  int64_t b, at::Tensor* balance, at::Tensor* micro_counts) {
+                                  int64_t b, at::Tensor* balance, at::Tensor* micro_counts,
+                                  double* micro_tokens) {
   const int64_t e = moe_.num_experts, k = moe_.top_k;
   const auto dt = r.aux_probs.scalar_type();
   const double coeff = moe_.aux_loss_coeff * static_cast<double>(e) / static_cast<double>(k);
@@ -337,6 +339,7 @@ at::Tensor MoeLayer::balance_loss(const Routing& r, const at::Tensor& real,
     const at::Tensor cs = c.narrow(0, 0, n * e).view({n, e}), ts = c.narrow(0, n * e, n);
     const at::Tensor psum = at::zeros({n, e}, probs.options()).index_add_(0, key, probs);
     const double sequences = std::max(ts.gt(0).sum().item<double>(), 1.0);
+    *micro_tokens = ts.sum().item<double>();
     const at::Tensor per = (psum * cs).sum(1) / ts.clamp_min(1).pow(2);  // [n]
     *micro_counts = cs.sum(0);
     return per.sum() * (coeff / sequences);
@@ -352,6 +355,7 @@ at::Tensor MoeLayer::balance_loss(const Routing& r, const at::Tensor& real,
     tokens = sums[e].item<double>();
   }
   *micro_counts = micro;
+  *micro_tokens = tokens;
   tokens = std::max(tokens, 1.0);
   return (probs.sum(0) * micro.to(dt)).sum() * (coeff / (tokens * tokens));
 }
@@ -379,7 +383,7 @@ MoeLayer::Output MoeLayer::forward(const at::Tensor& input, const ForwardContext
                      : at::bincount(r.experts.reshape({-1}), {}, moe_.num_experts)
                            .to(r.logits.scalar_type());  // [E] this rank's real assignments
   if (ctx.training && ctx.record_stats) {                // the step's loads (Note: balance losses)
-    const at::Tensor c = counts.detach().to(at::kCPU, at::kDouble);
+    const at::Tensor c = counts.detach().to(at::kDouble);  // on the device: no sync here
     step_loads_ = step_loads_.defined() ? step_loads_ + c : c;
   }
   // [Note: MoE under context parallelism] A CP rank routes its share of the micro-batch's tokens.
@@ -390,14 +394,19 @@ MoeLayer::Output MoeLayer::forward(const at::Tensor& input, const ForwardContext
   at::Tensor aux = at::zeros({}, r.logits.options());
   at::Tensor balance, micro_counts = counts;
   double aux_value = 0, z_value = 0;
+  double micro_tokens = -1;  // the micro-batch's real tokens over CP, once some sum computed them
   if (moe_.aux_loss_coeff > 0) {
-    at::Tensor bl = balance_loss(r, real, counts, ctx, t, b, &balance, &micro_counts);
+    at::Tensor bl =
+        balance_loss(r, real, counts, ctx, t, b, &balance, &micro_counts, &micro_tokens);
     aux = aux + bl;
     if (ctx.record_stats) aux_value = bl.item<double>();
   }
   if (moe_.z_loss_coeff > 0) {
-    double tokens = real.defined() ? real.sum().item<double>() : static_cast<double>(t);
-    if (cp_.enabled()) tokens = comm::all_reduce_scalar(tokens, cp_.comm.get());
+    double tokens = micro_tokens;
+    if (tokens < 0) {
+      tokens = real.defined() ? real.sum().item<double>() : static_cast<double>(t);
+      if (cp_.enabled()) tokens = comm::all_reduce_scalar(tokens, cp_.comm.get());
+    }
     at::Tensor z2 = at::logsumexp(r.logits, -1).pow(2);
     if (real.defined()) z2 = z2 * real;
     at::Tensor z = z2.sum() * (moe_.z_loss_coeff / std::max(tokens, 1.0));
@@ -430,7 +439,7 @@ void MoeLayer::begin_step(double micro_batches, double tokens) {
   step_tokens_ = tokens;
   global_counts_ = at::Tensor();
   global_tokens_ = 0;
-  step_loads_ = at::zeros({moe_.num_experts}, at::kDouble);
+  step_loads_ = at::Tensor();
 }
 
 void MoeLayer::end_step(const at::Tensor& domain_loads) {
@@ -451,7 +460,7 @@ std::vector<at::Tensor> end_moe_step(const std::vector<MoeLayer*>& layers) {
   if (layers.empty()) return {};
   std::vector<at::Tensor> parts;
   for (MoeLayer* m : layers) {
-    parts.push_back(m->step_loads().defined() ? m->step_loads()
+    parts.push_back(m->step_loads().defined() ? m->step_loads().to(at::kCPU)
                                               : at::zeros({m->spec().num_experts}, at::kDouble));
   }
   at::Tensor all = at::cat(parts);

@@ -80,8 +80,8 @@ class MoeLayer {
   const MoeDomain& domain() const { return domain_; }
   // Training steps ([Note: balance losses]): begin_step clears the step's buffers (GLOBAL_BATCH
   // counts, the loads); step_loads is [E] fp64, the real tokens routed to each expert by this
-  // rank's training forwards of the step (before drops); end_step takes those loads summed over
-  // the domain and moves the expert bias (when there is one).
+  // rank's training forwards of the step (before drops; on the device, undefined before the first);
+  // end_step takes those loads summed over the domain and moves the expert bias (if any).
   // `micro_batches` (M_all) and `tokens` (N): the step's, over every DP rank (0: unknown).
   void begin_step(double micro_batches = 0, double tokens = 0);
   const at::Tensor& step_loads() const { return step_loads_; }
@@ -114,10 +114,11 @@ class MoeLayer {
                                       const Assignments& a) const;
   at::Tensor select_experts(const at::Tensor& scores) const;
   // The balance loss of this micro-batch (Note: balance losses); `real` [T] or undefined, `counts`
-  // [E] this rank's real assignments. Sets *micro_counts to the counts the stats report.
+  // [E] this rank's real assignments. Sets *micro_counts to the counts the stats report and, when
+  // it summed them over CP, *micro_tokens to the micro-batch's real tokens (else leaves it).
   at::Tensor balance_loss(const Routing& r, const at::Tensor& real, const at::Tensor& counts,
                           const ForwardContext& ctx, int64_t t, int64_t b, at::Tensor* balance,
-                          at::Tensor* micro_counts);
+                          at::Tensor* micro_counts, double* micro_tokens);
 
   MoeSpec moe_;
   MoeStats stats_;
