@@ -40,17 +40,40 @@ CheckpointData TrainingState::gather(int64_t step,
   const std::vector<optim::NamedTensor> optim_state =
       parts_.optimizer->state();  // collective with ZeRO-1
   comm::Communicator* tp = parts_.tp ? parts_.tp.get() : nullptr;
-  if (parts_.dp_rank == 0) {
-    std::map<std::string, const parallel::Parameter*> by_name;
+  std::map<std::string, const parallel::Parameter*> by_name;
+  for (const auto& p : *parts_.params) {
+    if (!p.pipeline_copy) by_name[p.name] = &p;  // a pipeline copy is saved by its owner
+  }
+  auto owner_of = [&](const std::string& state_name) -> const parallel::Parameter* {
+    auto it = by_name.find(state_name.substr(0, state_name.rfind('.')));
+    return it == by_name.end() ? nullptr : it->second;
+  };
+  // Expert shards: every expert group gathers its own (a collective of the group, which spans DP
+  // replicas); the saving replica keeps them.
+  std::map<std::string, at::Tensor> experts;
+  if (parts_.experts.enabled()) {
     for (const auto& p : *parts_.params) {
-      if (p.pipeline_copy) continue;  // saved by its owner
-      data.model[p.name] = parallel::full_tensor(p, p.tensor, tp);
-      by_name[p.name] = &p;
+      if (p.ep_sharded())
+        experts[p.name] = parallel::expert_full_tensor(p, p.tensor, parts_.experts);
     }
     for (const auto& s : optim_state) {
-      auto owner = by_name.find(s.name.substr(0, s.name.rfind('.')));
-      if (owner == by_name.end()) continue;  // a pipeline copy's state
-      data.state["optim." + s.name] = parallel::full_tensor(*owner->second, s.tensor, tp);
+      const parallel::Parameter* owner = owner_of(s.name);
+      if (owner && owner->ep_sharded())
+        experts["optim." + s.name] = parallel::expert_full_tensor(*owner, s.tensor, parts_.experts);
+    }
+  }
+  auto full = [&](const parallel::Parameter& p, const at::Tensor& local, const std::string& key) {
+    auto it = experts.find(key);
+    return it != experts.end() ? it->second : parallel::full_tensor(p, local, tp);
+  };
+  if (parts_.dp_rank == 0) {
+    for (const auto& p : *parts_.params) {
+      if (!p.pipeline_copy) data.model[p.name] = full(p, p.tensor, p.name);
+    }
+    for (const auto& s : optim_state) {
+      const parallel::Parameter* owner = owner_of(s.name);
+      if (owner == nullptr) continue;  // a pipeline copy's state
+      data.state["optim." + s.name] = full(*owner, s.tensor, "optim." + s.name);
     }
     for (const auto& [name, t] : parts_.buffers) data.state["buffer." + name] = t.to(at::kCPU);
     // Each stage's (tp 0, dp 0) rank sends its tensors to world rank 0 over the pipeline group.
@@ -155,8 +178,7 @@ RestoredState TrainingState::load(const std::string& dir) {
       LOOM_CHECK_KIND(ErrorKind::kIO, t.sizes() == at::IntArrayRef(owner->second->global_shape),
                       "checkpoint '{}': optimizer state '{}' has shape {}, the parameter needs {}",
                       dir, key, t.sizes(), at::IntArrayRef(owner->second->global_shape));
-      state.push_back({key, parallel::shard_of(t, owner->second->shard, owner->second->tp_size,
-                                               owner->second->tp_rank)});
+      state.push_back({key, parallel::local_of(t, *owner->second)});
     }
     for (const auto& [name, t] : parts_.buffers) {
       auto it = data.state.find("buffer." + name);
@@ -211,8 +233,7 @@ RestoredState TrainingState::load(const std::string& dir) {
   // Restore: nothing below can fail on a checked checkpoint.
   auto meta = [&](const char* key) { return std::stoll(data.metadata.at(key)); };
   at::NoGradGuard no_grad;
-  for (auto& p : params)
-    p.tensor.copy_(parallel::shard_of(data.model.at(p.name), p.shard, p.tp_size, p.tp_rank));
+  for (auto& p : params) p.tensor.copy_(parallel::local_of(data.model.at(p.name), p));
   for (auto& [name, t] : parts_.buffers) {
     auto it = data.state.find("buffer." + name);
     if (it != data.state.end()) t.copy_(it->second);

@@ -287,7 +287,8 @@ WorkPtr Communicator::all_to_all_impl(at::Tensor& output, const at::Tensor& inpu
                           fmt::format("{}{}", c10::toString(input.scalar_type()),
                                       opts.input_split_sizes.empty() ? "" : " uneven"),
                           async);
-  return finish(do_all_to_all(output, input, send, recv, async, std::move(info)), async);
+  const bool uneven = !opts.input_split_sizes.empty() || !opts.output_split_sizes.empty();
+  return finish(do_all_to_all(output, input, send, recv, async, uneven, std::move(info)), async);
 }
 
 void Communicator::all_to_all(at::Tensor& output, const at::Tensor& input,

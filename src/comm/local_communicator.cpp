@@ -30,7 +30,7 @@ WorkPtr LocalCommunicator::do_reduce_scatter(at::Tensor& out, const at::Tensor& 
 
 WorkPtr LocalCommunicator::do_all_to_all(at::Tensor& out, const at::Tensor& in,
                                          const std::vector<int64_t>&, const std::vector<int64_t>&,
-                                         bool, Work::Info info) {
+                                         bool, bool, Work::Info info) {
   if (out.data_ptr() != in.data_ptr()) out.view(-1).copy_(in.view(-1));
   return done(std::move(info));
 }

@@ -311,14 +311,17 @@ WorkPtr MpiCommunicator::do_reduce_scatter(at::Tensor& out, const at::Tensor& in
 
 WorkPtr MpiCommunicator::do_all_to_all(at::Tensor& out, const at::Tensor& in,
                                        const std::vector<int64_t>& send64,
-                                       const std::vector<int64_t>& recv64, bool async,
+                                       const std::vector<int64_t>& recv64, bool async, bool uneven,
                                        Work::Info info) {
   MPI_Datatype dt = mpi_datatype(in.scalar_type());
   std::vector<int> sc = to_counts(send64, "all_to_all");
   std::vector<int> rc = to_counts(recv64, "all_to_all");
   std::vector<int> sd = displacements(sc, "all_to_all");
   std::vector<int> rd = displacements(rc, "all_to_all");
-  bool equal = all_equal(send64) && all_equal(recv64) && send64 == recv64;
+  // Every rank must call the same MPI collective: whether this rank's own counts are equal is its
+  // own business (a dispatcher's counts can be equal on one rank only), whether split sizes were
+  // given is the same everywhere.
+  const bool equal = !uneven;
   if (!async) {
     if (equal) {
       LOOM_CHECK_MPI(MPI_Alltoall(in.data_ptr(), sc[0], dt, out.data_ptr(), rc[0], dt, comm_));

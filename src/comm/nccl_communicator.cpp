@@ -43,26 +43,40 @@ class Event {
 
 ncclDataType_t nccl_type(at::ScalarType t) {
   switch (t) {
-    case at::kFloat: return ncclFloat32;
-    case at::kDouble: return ncclFloat64;
-    case at::kBFloat16: return ncclBfloat16;
-    case at::kHalf: return ncclFloat16;
-    case at::kInt: return ncclInt32;
-    case at::kLong: return ncclInt64;
-    case at::kChar: return ncclInt8;
-    case at::kByte: return ncclUint8;
-    case at::kBool: return ncclUint8;
-    default: break;
+    case at::kFloat:
+      return ncclFloat32;
+    case at::kDouble:
+      return ncclFloat64;
+    case at::kBFloat16:
+      return ncclBfloat16;
+    case at::kHalf:
+      return ncclFloat16;
+    case at::kInt:
+      return ncclInt32;
+    case at::kLong:
+      return ncclInt64;
+    case at::kChar:
+      return ncclInt8;
+    case at::kByte:
+      return ncclUint8;
+    case at::kBool:
+      return ncclUint8;
+    default:
+      break;
   }
   LOOM_THROW(ErrorKind::kUnsupported, "backend nccl does not support dtype {}", c10::toString(t));
 }
 
 ncclRedOp_t nccl_op(ReduceOp op) {
   switch (op) {
-    case ReduceOp::kSum: return ncclSum;
-    case ReduceOp::kMax: return ncclMax;
-    case ReduceOp::kMin: return ncclMin;
-    case ReduceOp::kAvg: return ncclAvg;
+    case ReduceOp::kSum:
+      return ncclSum;
+    case ReduceOp::kMax:
+      return ncclMax;
+    case ReduceOp::kMin:
+      return ncclMin;
+    case ReduceOp::kAvg:
+      return ncclAvg;
   }
   return ncclSum;
 }
@@ -192,7 +206,8 @@ WorkPtr NcclCommunicator::do_all_gather(at::Tensor& out, const at::Tensor& in,
                                         const std::vector<int64_t>& counts, bool, Work::Info info) {
   return launch(std::move(info), {out, in}, [&] {
     ncclDataType_t dt = nccl_type(in.scalar_type());
-    bool equal = std::adjacent_find(counts.begin(), counts.end(), std::not_equal_to<>()) == counts.end();
+    bool equal =
+        std::adjacent_find(counts.begin(), counts.end(), std::not_equal_to<>()) == counts.end();
     if (equal) {
       LOOM_CHECK_NCCL(ncclAllGather(in.data_ptr(), out.data_ptr(), counts[0], dt, comm_, stream_));
       return;
@@ -214,7 +229,8 @@ WorkPtr NcclCommunicator::do_reduce_scatter(at::Tensor& out, const at::Tensor& i
                                             Work::Info info) {
   return launch(std::move(info), {out, in}, [&] {
     ncclDataType_t dt = nccl_type(in.scalar_type());
-    bool equal = std::adjacent_find(counts.begin(), counts.end(), std::not_equal_to<>()) == counts.end();
+    bool equal =
+        std::adjacent_find(counts.begin(), counts.end(), std::not_equal_to<>()) == counts.end();
     if (equal) {
       LOOM_CHECK_NCCL(ncclReduceScatter(in.data_ptr(), out.data_ptr(), counts[0], dt, nccl_op(op),
                                         comm_, stream_));
@@ -224,7 +240,8 @@ WorkPtr NcclCommunicator::do_reduce_scatter(at::Tensor& out, const at::Tensor& i
     int64_t offset = 0;
     for (int r = 0; r < size(); ++r) {
       const char* src = byte_ptr(in) + offset * in.element_size();
-      LOOM_CHECK_NCCL(ncclReduce(src, out.data_ptr(), counts[r], dt, nccl_op(op), r, comm_, stream_));
+      LOOM_CHECK_NCCL(
+          ncclReduce(src, out.data_ptr(), counts[r], dt, nccl_op(op), r, comm_, stream_));
       offset += counts[r];
     }
     LOOM_CHECK_NCCL(ncclGroupEnd());
@@ -233,17 +250,20 @@ WorkPtr NcclCommunicator::do_reduce_scatter(at::Tensor& out, const at::Tensor& i
 
 WorkPtr NcclCommunicator::do_all_to_all(at::Tensor& out, const at::Tensor& in,
                                         const std::vector<int64_t>& send,
-                                        const std::vector<int64_t>& recv, bool, Work::Info info) {
+                                        const std::vector<int64_t>& recv, bool, bool,
+                                        Work::Info info) {
   return launch(std::move(info), {out, in}, [&] {
     ncclDataType_t dt = nccl_type(in.scalar_type());
     LOOM_CHECK_NCCL(ncclGroupStart());
     int64_t so = 0, ro = 0;
     for (int r = 0; r < size(); ++r) {
       if (send[r] > 0) {
-        LOOM_CHECK_NCCL(ncclSend(byte_ptr(in) + so * in.element_size(), send[r], dt, r, comm_, stream_));
+        LOOM_CHECK_NCCL(
+            ncclSend(byte_ptr(in) + so * in.element_size(), send[r], dt, r, comm_, stream_));
       }
       if (recv[r] > 0) {
-        LOOM_CHECK_NCCL(ncclRecv(byte_ptr(out) + ro * out.element_size(), recv[r], dt, r, comm_, stream_));
+        LOOM_CHECK_NCCL(
+            ncclRecv(byte_ptr(out) + ro * out.element_size(), recv[r], dt, r, comm_, stream_));
       }
       so += send[r];
       ro += recv[r];
@@ -270,9 +290,11 @@ WorkPtr NcclCommunicator::do_p2p(const std::vector<P2POp>& ops, bool, Work::Info
     for (const auto& op : ops) {
       ncclDataType_t dt = nccl_type(op.tensor.scalar_type());
       if (op.kind == P2POp::Kind::kSend) {
-        LOOM_CHECK_NCCL(ncclSend(op.tensor.data_ptr(), op.tensor.numel(), dt, op.peer, comm_, stream_));
+        LOOM_CHECK_NCCL(
+            ncclSend(op.tensor.data_ptr(), op.tensor.numel(), dt, op.peer, comm_, stream_));
       } else {
-        LOOM_CHECK_NCCL(ncclRecv(op.tensor.data_ptr(), op.tensor.numel(), dt, op.peer, comm_, stream_));
+        LOOM_CHECK_NCCL(
+            ncclRecv(op.tensor.data_ptr(), op.tensor.numel(), dt, op.peer, comm_, stream_));
       }
     }
     LOOM_CHECK_NCCL(ncclGroupEnd());

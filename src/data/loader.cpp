@@ -34,10 +34,13 @@ LoaderOptions LoaderOptions::from_config(const config::JobConfig& job, int dp_si
   o.device = device;
   o.prefetch = t.prefetch();
   // The MoE GLOBAL_BATCH balance all-reduces in every training forward over the data-parallel
-  // domain: every DP rank runs the same number of micro-batches.
-  o.equal_micro_batches = job.model().moe().num_experts() > 0 &&
-                          job.model().moe().aux_loss_type() == config::MoeConfig::GLOBAL_BATCH &&
-                          job.model().moe().aux_loss_coeff() > 0;
+  // domain, and expert parallelism exchanges tokens between DP ranks in every forward and
+  // backward: every DP rank runs the same number of micro-batches.
+  const bool moe = job.model().moe().num_experts() > 0;
+  o.equal_micro_batches =
+      moe && ((job.model().moe().aux_loss_type() == config::MoeConfig::GLOBAL_BATCH &&
+               job.model().moe().aux_loss_coeff() > 0) ||
+              job.parallel().ep() > 1);
   const bool sp = job.parallel().sequence_parallel() && tp_size > 1;
   if (o.mode == BatchMode::kWindows) {
     LOOM_CHECK_CONFIG(

@@ -40,22 +40,30 @@ ParallelDims ParallelDims::create(int world_size, int tp, int cp, int ep, int dp
                       tp, cp, dp, pp, model * dp, world_size);
     d.dp = dp;
   }
-  int expert_model = d.expert_tp * ep * pp;
-  LOOM_CHECK_CONFIG(world_size % expert_model == 0,
-                    "parallel layout: expert_tp*ep*pp = {}*{}*{} = {} does not divide the world "
-                    "size {}, so the expert layers cannot be folded onto the same ranks",
-                    d.expert_tp, ep, pp, expert_model, world_size);
+  // The expert groups (expert_tp x ep ranks) are carved from each pipeline stage's tp*cp*dp ranks.
+  const int stage = d.tp * d.cp * d.dp;
+  LOOM_CHECK_CONFIG(
+      stage % (d.expert_tp * ep) == 0,
+      "parallel layout: expert_tp*ep = {}*{} = {} does not divide the {} ranks of a "
+      "pipeline stage (tp*cp*dp = {}*{}*{}; {} % {} = {}), so the expert layers "
+      "cannot be folded onto them{}",
+      d.expert_tp, ep, d.expert_tp * ep, stage, d.tp, d.cp, d.dp, stage, d.expert_tp * ep,
+      stage % (d.expert_tp * ep),
+      d.expert_tp == d.tp
+          ? fmt::format(": parallel.ep must divide dp*cp = {}*{} = {}", d.dp, d.cp, d.dp * d.cp)
+          : std::string());
   // Building both generators validates the order string (unknown, repeated or omitted dims).
   RankGenerator dense = d.dense();
   RankGenerator expert = d.expert();
   // Dense and expert layers live in the same pipeline stages, so both foldings must give the same
   // pipeline groups. With dp after pp in the order they differ unless tp*cp == expert_tp*ep.
-  LOOM_CHECK_CONFIG(dense.groups("pp") == expert.groups("pp"),
-                    "parallel layout: with order '{}' the pipeline groups of the dense layers "
-                    "(tp*cp = {}) and of the expert layers (expert_tp*ep = {}) differ; put dp after "
-                    "pp in the order (as the default tp-cp-ep-dp-pp does) or make tp*cp = "
-                    "expert_tp*ep",
-                    order, tp * cp, d.expert_tp * ep);
+  LOOM_CHECK_CONFIG(
+      dense.groups("pp") == expert.groups("pp"),
+      "parallel layout: with order '{}' the pipeline groups of the dense layers "
+      "(tp*cp = {}) and of the expert layers (expert_tp*ep = {}) differ; put dp after "
+      "pp in the order (as the default tp-cp-ep-dp-pp does) or make tp*cp = "
+      "expert_tp*ep",
+      order, tp * cp, d.expert_tp * ep);
   return d;
 }
 

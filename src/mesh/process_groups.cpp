@@ -157,6 +157,23 @@ void ProcessGroups::set_timeout_s(double seconds) const {
   for (const auto& g : groups_) {
     if (g) g->set_timeout_s(seconds);
   }
+  for (const auto& [name, c] : side_channels_) c->set_timeout_s(seconds);
+}
+
+comm::CommunicatorPtr ProcessGroups::side_channel(Group g, const std::string& purpose) {
+  const comm::CommunicatorPtr base = group(g);
+  if (!base || base->size() == 1) return base;  // nothing to order apart
+  const std::string name = fmt::format("{}-{}", group_name(g), purpose);
+  for (const auto& [n, c] : side_channels_) {
+    if (n == name) return c;
+  }
+  // A split of the group itself (not of the world, whose cache would return the group): a new
+  // communicator over the same ranks in the same order.
+  comm::CommunicatorPtr c = base->split(0, base->rank());
+  c->set_name(name);
+  c->set_timeout_s(base->timeout_s());
+  side_channels_.emplace_back(name, c);
+  return c;
 }
 
 }  // namespace loom::mesh

@@ -412,7 +412,8 @@ std::vector<std::unique_ptr<GptModel>> build_chunks(const ModelSpec& spec,
                                                     const config::JobConfig& job, at::Device device,
                                                     const parallel::TensorParallel& tp, int pp,
                                                     int pp_rank,
-                                                    const parallel::ContextParallel& cp) {
+                                                    const parallel::ContextParallel& cp,
+                                                    const parallel::ExpertParallel& ep) {
   const auto& par = job.parallel();
   const int vp = par.virtual_pp();
   const auto layouts = partition_stages(spec.num_layers, pp, vp, par.pp_first_stage_layers(),
@@ -421,7 +422,7 @@ std::vector<std::unique_ptr<GptModel>> build_chunks(const ModelSpec& spec,
   for (int c = 0; c < vp; ++c) {
     chunks.push_back(
         std::make_unique<GptModel>(spec, job.seed(), device, tp, par.vocab_divisible_by(),
-                                   layouts[static_cast<size_t>(c * pp + pp_rank)], cp));
+                                   layouts[static_cast<size_t>(c * pp + pp_rank)], cp, ep));
   }
   return chunks;
 }

@@ -274,7 +274,10 @@ ModelSpec::ParameterSplit ModelSpec::parameter_split() const {
   ParameterSplit p;
   p.embedding =
       static_cast<double>(vocab_size) * h + (rope ? 0 : static_cast<double>(max_seq_len) * h);
-  for (int64_t i = 0; i < num_layers; ++i) p.layers += layer_count(*this, i).params;
+  for (int64_t i = 0; i < num_layers; ++i) {
+    p.layers += layer_count(*this, i).params;
+    if (is_moe_layer(i)) p.experts += 3.0 * moe.expert_ffn * h * moe.num_experts;
+  }
   p.final_norm = norm == NormKind::kLayerNorm ? 2 * h : h;
   p.head = tie_embeddings ? 0 : static_cast<double>(vocab_size) * h;
   return p;

@@ -130,6 +130,15 @@ double AdamW::clip_grad_norm(double max_norm) {
   return optim::clip_grad_norm(*params_, max_norm, tp_.get(), pp_.get());
 }
 
+at::Tensor AdamW::grad_square_sums() const { return optim::grad_square_sums(*params_); }
+
+void AdamW::scale_gradients(double coeff) {
+  at::NoGradGuard no_grad;
+  for (const auto& p : *params_) {
+    if (p.tensor.grad().defined()) p.tensor.mutable_grad().mul_(coeff);
+  }
+}
+
 std::vector<at::Tensor> AdamW::reduced_gradients() const {
   std::vector<at::Tensor> out;
   for (const auto& p : *params_) {

@@ -7,6 +7,7 @@
 #include <unordered_map>
 
 #include "loom/core/error.h"
+#include "loom/optim/clip.h"
 
 namespace loom::optim {
 
@@ -71,9 +72,9 @@ void DistributedAdamW::reduce_scatter_gradients() {
   grad_ = from_comm(out);
 }
 
-double DistributedAdamW::clip_grad_norm(double max_norm) {
+at::Tensor DistributedAdamW::grad_square_sums() const {
   at::NoGradGuard no_grad;
-  // [replicated over TP, sharded over TP] squared sums of the owned range.
+  // [replicated over TP, sharded over TP] squared sums of the owned range, summed over DP.
   at::Tensor sums = at::zeros({2}, at::kDouble);
   for (const auto& s : segments_) {
     const auto& p = (*params_)[s.param];
@@ -84,19 +85,18 @@ double DistributedAdamW::clip_grad_norm(double max_norm) {
   }
   at::Tensor t = to_comm(sums);
   dp_->all_reduce(t);
-  if (tp_ && tp_->size() > 1) {
-    at::Tensor sharded = t.narrow(0, 1, 1).clone();
-    tp_->all_reduce(sharded);
-    t.narrow(0, 1, 1).copy_(sharded);
-  }
-  if (pp_ && pp_->size() > 1) {
-    at::Tensor both = t.sum().reshape({1}).to(pp_->device());
-    pp_->all_reduce(both);
-    t = at::stack({both.cpu()[0], at::zeros({}, at::kDouble)});
-  }
-  t = t.cpu();
-  const double norm = std::sqrt(t[0].item<double>() + t[1].item<double>());
-  if (max_norm > 0 && std::isfinite(norm) && norm > max_norm) grad_.mul_(max_norm / (norm + 1e-6));
+  return t.cpu();
+}
+
+void DistributedAdamW::scale_gradients(double coeff) {
+  at::NoGradGuard no_grad;
+  grad_.mul_(coeff);
+}
+
+double DistributedAdamW::clip_grad_norm(double max_norm) {
+  const double norm = norm_of_square_sums(grad_square_sums(), tp_.get(), pp_.get());
+  const double coeff = clip_coefficient(norm, max_norm);
+  if (coeff != 1.0) scale_gradients(coeff);
   return norm;
 }
 

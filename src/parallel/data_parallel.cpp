@@ -5,23 +5,34 @@
 #include <torch/csrc/autograd/utils/lambda_post_hook.h>
 #include <torch/csrc/autograd/variable.h>
 
+#include <algorithm>
+
 #include "loom/core/error.h"
 #include "loom/core/timer.h"
 
 namespace loom::parallel {
 
 GradBuckets::GradBuckets(std::vector<Parameter>* params, comm::CommunicatorPtr dp,
-                         int64_t bucket_bytes, bool overlap)
-    : params_(params), dp_(std::move(dp)), overlap_(overlap) {
+                         int64_t bucket_bytes, bool overlap, std::vector<size_t> members)
+    : params_(params), dp_(std::move(dp)), overlap_(overlap), members_(std::move(members)) {
   LOOM_INTERNAL_CHECK(dp_ != nullptr, "gradient buckets without a DP communicator");
   const size_t n = params_->size();
+  if (members_.empty()) {
+    for (size_t k = 0; k < n; ++k) members_.push_back(k);
+  }
+  LOOM_INTERNAL_CHECK(
+      !members_.empty() && std::is_sorted(members_.begin(), members_.end()) && members_.back() < n,
+      "gradient buckets: member indices must be non-empty, sorted and within the "
+      "{} parameters",
+      n);
   bucket_of_.assign(n, 0);
   offset_of_.assign(n, 0);
   // Reverse registration order; a bucket closes once it holds bucket_bytes (a larger parameter gets
   // a bucket of its own size).
   std::vector<std::vector<size_t>> groups(1);
   int64_t bytes = 0;
-  for (size_t k = n; k-- > 0;) {
+  for (auto it = members_.rbegin(); it != members_.rend(); ++it) {
+    const size_t k = *it;
     const at::Tensor& t = (*params_)[k].tensor;
     if (!groups.back().empty() && bytes + static_cast<int64_t>(t.nbytes()) > bucket_bytes) {
       groups.emplace_back();
@@ -42,7 +53,7 @@ GradBuckets::GradBuckets(std::vector<Parameter>* params, comm::CommunicatorPtr d
     b.params = std::move(g);
     buckets_.push_back(std::move(b));
   }
-  for (size_t k = 0; k < n; ++k) {
+  for (size_t k : members_) {
     LOOM_CHECK((*params_)[k].tensor.scalar_type() == buckets_[bucket_of_[k]].buffer.scalar_type(),
                "gradient buckets: parameter '{}' has dtype {}, its bucket {}", (*params_)[k].name,
                c10::toString((*params_)[k].tensor.scalar_type()),
@@ -53,7 +64,7 @@ GradBuckets::GradBuckets(std::vector<Parameter>* params, comm::CommunicatorPtr d
   // finish()).
   if (buckets_.front().buffer.device() != dp_->device()) overlap_ = false;
   if (overlap_) {
-    for (size_t k = 0; k < n; ++k) {
+    for (size_t k : members_) {
       auto acc = torch::autograd::impl::grad_accumulator((*params_)[k].tensor);
       LOOM_INTERNAL_CHECK(acc != nullptr, "parameter '{}' has no gradient accumulator",
                           (*params_)[k].name);
@@ -94,7 +105,7 @@ void GradBuckets::zero() {
     b.launched = false;
     b.pending = static_cast<int64_t>(b.params.size());
   }
-  for (size_t k = 0; k < params_->size(); ++k) {
+  for (size_t k : members_) {
     at::Tensor& t = (*params_)[k].tensor;
     t.mutable_grad() =
         buckets_[bucket_of_[k]].buffer.narrow(0, offset_of_[k], t.numel()).view(t.sizes());

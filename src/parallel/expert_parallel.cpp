@@ -58,17 +58,23 @@ ExpertParallel make_expert_parallel(comm::CommunicatorPtr group, int ep, int ep_
   if (!group || group->size() == 1) {
     LOOM_INTERNAL_CHECK(ep * etp == 1, "an expert group of one rank for ep {} x etp {}", ep, etp);
     e.member_ep = {ep_rank};
+    e.member_etp = {etp_rank};
     return e;
   }
   LOOM_INTERNAL_CHECK(group->size() == ep * etp, "expert group of {} ranks for ep {} x etp {}",
                       group->size(), ep, etp);
   e.comm = std::move(group);
-  at::Tensor mine = at::full({1}, static_cast<int64_t>(ep_rank), at::kLong).to(e.comm->device());
-  at::Tensor all = at::empty({e.comm->size()}, mine.options());
+  at::Tensor mine =
+      at::tensor({static_cast<int64_t>(ep_rank), static_cast<int64_t>(etp_rank)}, at::kLong)
+          .to(e.comm->device());
+  at::Tensor all = at::empty({2 * e.comm->size()}, mine.options());
   e.comm->all_gather(all, mine);
   all = all.cpu();
-  for (int i = 0; i < e.comm->size(); ++i)
-    e.member_ep.push_back(static_cast<int>(all[i].item<int64_t>()));
+  const auto* v = all.data_ptr<int64_t>();
+  for (int i = 0; i < e.comm->size(); ++i) {
+    e.member_ep.push_back(static_cast<int>(v[2 * i]));
+    e.member_etp.push_back(static_cast<int>(v[2 * i + 1]));
+  }
   return e;
 }
 
@@ -80,6 +86,32 @@ at::Tensor all_to_all_rows(const at::Tensor& x, const std::vector<int64_t>& send
                       "all_to_all_rows: {} rows for send splits of {} ranks", x.size(0),
                       send.size());
   return AllToAllRows::apply(x, send, recv, detail::handle(comm))[0];
+}
+
+at::Tensor expert_full_tensor(const Parameter& p, const at::Tensor& local,
+                              const ExpertParallel& ep) {
+  LOOM_INTERNAL_CHECK(p.ep_sharded() && ep.enabled() && p.ep_size == ep.ep,
+                      "parameter '{}' is not sharded over this expert group of ep {}", p.name,
+                      ep.ep);
+  comm::Communicator& c = *ep.comm;
+  const at::Tensor in = local.detach().contiguous().view({-1}).to(c.device());
+  at::Tensor out = at::empty({c.size() * in.numel()}, in.options());
+  c.all_gather(out, in);
+  const std::vector<at::Tensor> parts = out.chunk(c.size());
+  // One ep index's experts: its expert-TP shards in expert-TP order.
+  std::vector<int64_t> block_shape = p.global_shape;
+  block_shape[0] /= ep.ep;
+  std::vector<at::Tensor> experts;
+  for (int q = 0; q < ep.ep; ++q) {
+    std::vector<at::Tensor> shards(static_cast<size_t>(ep.etp));
+    for (int m = 0; m < c.size(); ++m) {
+      if (ep.member_ep[static_cast<size_t>(m)] != q) continue;
+      shards.at(static_cast<size_t>(ep.member_etp[static_cast<size_t>(m)])) =
+          parts[static_cast<size_t>(m)].view(local.sizes()).to(local.device());
+    }
+    experts.push_back(unshard(shards, p.shard, block_shape));
+  }
+  return at::cat(experts, 0);
 }
 
 int64_t& dispatcher_bytes() {

@@ -15,12 +15,28 @@ bool active(const comm::CommunicatorPtr& c) { return c && c->size() > 1; }
 GradSync::GradSync(std::vector<Parameter>* params, GradSyncOptions options)
     : params_(params), options_(std::move(options)) {
   LOOM_INTERNAL_CHECK(params_ != nullptr, "GradSync without parameters");
-  if (active(options_.dp) && options_.shards == nullptr) {
+  // Note: gradient synchronisation, step 1: the dense parameters over DP, the expert shards over
+  // expert DP.
+  std::vector<size_t> dense, experts;
+  for (size_t i = 0; i < params_->size(); ++i)
+    ((options_.expert_dp && (*params_)[i].ep_sharded()) ? experts : dense).push_back(i);
+  const bool replicated = options_.shards == nullptr;
+  if (replicated && (active(options_.dp) || active(options_.expert_dp))) {
     LOOM_CHECK_CONFIG(options_.bucket_bytes > 0,
                       "the DP gradient bucket size must be > 0 bytes, got {}",
                       options_.bucket_bytes);
+  }
+  if (replicated && active(options_.dp) && !dense.empty()) {
     buckets_ = std::make_unique<GradBuckets>(params_, options_.dp, options_.bucket_bytes,
-                                             options_.overlap);
+                                             options_.overlap, dense);
+  } else {
+    unbucketed_.insert(unbucketed_.end(), dense.begin(), dense.end());
+  }
+  if (replicated && active(options_.expert_dp) && !experts.empty()) {
+    expert_buckets_ = std::make_unique<GradBuckets>(
+        params_, options_.expert_dp, options_.bucket_bytes, options_.overlap, experts);
+  } else {
+    unbucketed_.insert(unbucketed_.end(), experts.begin(), experts.end());
   }
   if (active(options_.tp)) {
     for (size_t i = 0; i < params_->size(); ++i) {
@@ -43,22 +59,29 @@ GradSync::GradSync(std::vector<Parameter>* params, GradSyncOptions options)
 GradSync::~GradSync() = default;
 
 void GradSync::zero_grad() {
-  if (buckets_) {
-    buckets_->zero();
-    return;
-  }
-  for (auto& p : *params_) {
-    if (p.tensor.grad().defined()) p.tensor.mutable_grad().reset();
+  if (buckets_) buckets_->zero();
+  if (expert_buckets_) expert_buckets_->zero();
+  for (size_t i : unbucketed_) {
+    at::Tensor& t = (*params_)[i].tensor;
+    if (t.grad().defined()) t.mutable_grad().reset();
   }
 }
 
 void GradSync::arm(bool final_pass) {
   if (buckets_) buckets_->arm(final_pass);
+  if (expert_buckets_) expert_buckets_->arm(final_pass);
+}
+
+double GradSync::bucket_wait_s() const {
+  return (buckets_ ? buckets_->stats().wait_s : 0.0) +
+         (expert_buckets_ ? expert_buckets_->stats().wait_s : 0.0);
 }
 
 void GradSync::finish() {
-  // 1. DP (Note: gradient buckets): may still be in flight on the buffers 2 and 3 write.
+  // 1. DP and expert DP (Note: gradient buckets): may still be in flight on the buffers 2 and 3
+  // write. Every rank finishes the two sets in the same order.
   if (buckets_) buckets_->finish();
+  if (expert_buckets_) expert_buckets_->finish();
   // 2. TP partial sums (Note: tensor-parallel shards).
   if (!partial_.empty()) {
     std::vector<Parameter*> ps;

@@ -103,18 +103,22 @@ MemoryEstimate estimate_memory(const model::ModelSpec& spec, const config::JobCo
   // embedding (and learned positions), on the last the head (a tied head is a copy there when
   // pp > 1) and the final norm.
   const auto split = spec.parameter_split();
-  const double per_layer = split.layers / L;
+  // The routed experts spread over ep x expert_tp ranks, the rest of a layer over tp.
+  const double expert_per_layer =
+      split.experts / L / (dims.ep * static_cast<double>(dims.expert_tp));
+  const double per_layer = (split.layers - split.experts) / L / tp + expert_per_layer;
   const double vocab_rows =
       static_cast<double>(spec.padded_vocab(dims.tp, par.vocab_divisible_by()));
   const double table = vocab_rows * static_cast<double>(spec.hidden) / tp;
   const double positions =
       spec.rope ? 0.0 : static_cast<double>(spec.max_seq_len) * static_cast<double>(spec.hidden);
   const double head = spec.tie_embeddings ? (dims.pp > 1 ? table : 0.0) : table;
-  double params = 0, stage_layers = 0;
+  double params = 0, stage_layers = 0, expert_params = 0;
   for (int r = 0; r < dims.pp; ++r) {
-    double n = rank_layers[static_cast<size_t>(r)] * per_layer / tp;
+    double n = rank_layers[static_cast<size_t>(r)] * per_layer;
     if (r == 0) n += table + positions;
     if (r == dims.pp - 1) n += head + split.final_norm;
+    if (n > params) expert_params = rank_layers[static_cast<size_t>(r)] * expert_per_layer;
     params = std::max(params, n);
     stage_layers = std::max(stage_layers, rank_layers[static_cast<size_t>(r)]);
   }
@@ -124,7 +128,14 @@ MemoryEstimate estimate_memory(const model::ModelSpec& spec, const config::JobCo
   MemoryEstimate m;
   m.parameters = params * master;
   m.gradients = params * master;
-  m.optimizer = sgd ? 0.0 : 2.0 * params * master / (par.distributed_optimizer() ? dp * cp : 1.0);
+  // ZeRO-1 shards the moments over dp x cp, the expert shards' over expert_dp (Note: optimizers
+  // under expert parallelism; without expert parallelism the experts are dense parameters).
+  const bool zero = par.distributed_optimizer();
+  const double moments =
+      dims.ep > 1 ? (params - expert_params) / (zero ? dp * cp : 1.0) +
+                        expert_params / (zero ? static_cast<double>(dims.expert_dp()) : 1.0)
+                  : params / (zero ? dp * cp : 1.0);
+  m.optimizer = sgd ? 0.0 : 2.0 * moments * master;
 
   // Activations kept for backward, per token and layer.
   const bool documents = job.data().mode() == config::DataConfig::DOCUMENTS;

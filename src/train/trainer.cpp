@@ -17,6 +17,7 @@
 #include "loom/core/logging.h"
 #include "loom/core/trace.h"
 #include "loom/mesh/parallel_dims.h"
+#include "loom/optim/chained.h"
 #include "loom/train/memory_estimate.h"
 #include "loom/train/signals.h"
 #include "loom/train/straggler.h"
@@ -41,11 +42,10 @@ Trainer::Trainer(const config::JobConfig& config, comm::CommunicatorPtr world,
   config::validate(config_);
   if (!world_) world_ = std::make_shared<comm::LocalCommunicator>();
   const auto dims = mesh::ParallelDims::from_config(config_.parallel(), world_->size());
-  LOOM_CHECK_KIND(ErrorKind::kUnsupported, dims.ep == 1,
-                  "this build's trainer runs tensor (with sequence), context, pipeline and data "
-                  "parallelism; parallel.ep={} needs the expert-parallel layers, which are not in "
-                  "yet",
-                  dims.ep);
+  LOOM_CHECK_CONFIG(dims.ep == 1 || config_.model().moe().num_experts() > 0,
+                    "parallel.ep = {} spreads MoE experts over ranks, but the model has none "
+                    "(model.moe.num_experts = 0)",
+                    dims.ep);
   groups_ = std::make_unique<mesh::ProcessGroups>(dims, world_);
   log::set_coordinates(groups_->coords_string());
   set_long_timeouts(true);  // until the first step is done (Note: timeouts)
@@ -122,8 +122,13 @@ void Trainer::build_model(const model::ModelSpec& spec) {
     cp_ = parallel::make_context_parallel(groups_->cp_group(), cp_type, par.cp_a2a_size(),
                                           spec.attention_block);
   }
-  chunks_ =
-      model::build_chunks(spec, config_, device_, tp, groups_->pp_size(), groups_->pp_rank(), cp_);
+  if (groups_->ep_size() > 1) {  // Note: expert parallelism
+    ep_ = parallel::make_expert_parallel(groups_->group(mesh::Group::kTpEp), groups_->ep_size(),
+                                         groups_->ep_rank(), groups_->expert_tp_size(),
+                                         groups_->expert_tp_rank());
+  }
+  chunks_ = model::build_chunks(spec, config_, device_, tp, groups_->pp_size(), groups_->pp_rank(),
+                                cp_, ep_);
   for (const auto& c : chunks_)
     params_.insert(params_.end(), c->parameters().begin(), c->parameters().end());
   // MoE balance over the data-parallel domain of this stage (Note: balance losses): the dp x cp
@@ -144,9 +149,28 @@ void Trainer::build_optimizer(const model::ModelSpec& spec) {
   const auto pp = groups_->pp_size() > 1 ? groups_->pp_group() : nullptr;
   // Weights are replicated over DP and CP: gradients are reduced (and ZeRO-1 shards the optimizer)
   // over the dp-cp group, as Megatron-Core does.
-  optimizer_ = optim::make_optimizer(&params_, config_, groups_->dp_cp_group(), tp, pp);
+  if (ep_.enabled()) {  // Note: optimizers under expert parallelism
+    optim::ExpertGroups experts;
+    experts.dp = groups_->expert_dp_group();
+    experts.ep = groups_->ep_group();
+    experts.group = ep_.comm;
+    optimizer_ = std::make_unique<optim::ChainedOptimizer>(&params_, config_,
+                                                           groups_->dp_cp_group(), tp, pp, experts);
+  } else {
+    optimizer_ = optim::make_optimizer(&params_, config_, groups_->dp_cp_group(), tp, pp);
+  }
   parallel::GradSyncOptions sync;  // Note: gradient synchronisation
-  sync.dp = groups_->dp_cp_group();
+  // The buckets' all-reduces start from backward hooks, whose order against the blocking
+  // collectives of backward (the MoE dispatcher's all-to-alls, CP exchanges on the same ranks)
+  // differs between ranks when their graphs differ (an expert without tokens): they run on
+  // communicators of their own. ZeRO-1 reduces in finish(), on the groups themselves.
+  const bool side =
+      optimizer_->gradient_shards() == nullptr && config_.parallel().overlap_grad_reduce();
+  sync.dp = side ? groups_->side_channel(mesh::Group::kDpCp, "grad") : groups_->dp_cp_group();
+  if (ep_.enabled()) {
+    sync.expert_dp =
+        side ? groups_->side_channel(mesh::Group::kExpertDp, "grad") : groups_->expert_dp_group();
+  }
   sync.tp = groups_->tp_group();
   if (pp && spec.tie_embeddings && (groups_->pp_is_first_stage() || groups_->pp_is_last_stage())) {
     sync.embedding = groups_->embedding_group();
@@ -169,6 +193,7 @@ void Trainer::build_optimizer(const model::ModelSpec& spec) {
   parts.pp = pp;
   parts.dp_rank = groups_->dp_cp_group()->rank();  // one replica (dp 0, cp 0) saves
   parts.tp_rank = groups_->tp_rank();
+  parts.experts = ep_;
   parts.config = &config_;
   state_ = std::make_unique<checkpoint::TrainingState>(parts);
 }
@@ -202,9 +227,20 @@ void Trainer::log_setup(const model::ModelSpec& spec) {
           : std::string(),
       groups_->pp_size(), groups_->dp_size(), world_->size(),
       format_bytes(static_cast<double>(optimizer_->state_bytes())),
-      optimizer_->gradient_shards() ? fmt::format(" (distributed optimizer: 1/{} of the moments)",
-                                                  groups_->dp_size() * groups_->cp_size())
-                                    : "");
+      optimizer_->gradient_shards()
+          ? fmt::format(" (distributed optimizer: 1/{} of the moments{})",
+                        groups_->dp_size() * groups_->cp_size(),
+                        ep_.enabled()
+                            ? fmt::format(", the experts' 1/{}", groups_->expert_dp_size())
+                            : std::string())
+          : "");
+  if (ep_.enabled()) {
+    LOOM_LOG_INFO(
+        "experts: ep={} expert_tp={} expert_dp={}: {} of the {} experts per MoE layer on each "
+        "rank, tokens exchanged by all-to-all over groups of {} ranks",
+        groups_->ep_size(), groups_->expert_tp_size(), groups_->expert_dp_size(),
+        spec.moe.num_experts / groups_->ep_size(), spec.moe.num_experts, ep_.size());
+  }
   if (pipeline_) {
     LOOM_LOG_INFO("pipeline: {}",
                   executor_->describe(documents_ ? "varying" : std::to_string(num_micro_)));
@@ -234,6 +270,7 @@ Trainer::~Trainer() {
 }
 
 at::Tensor Trainer::full_tensor(const model::Parameter& p, const at::Tensor& local) const {
+  if (p.ep_sharded()) return parallel::expert_full_tensor(p, local, ep_);
   return parallel::full_tensor(p, local, groups_->tp_group().get());
 }
 
@@ -409,7 +446,7 @@ StepMetrics Trainer::train_step() {
   m.data_s = timers_.elapsed("data");
   m.comm_s = timers_.elapsed("comm");
   m.optimizer_s = timers_.elapsed("optimizer");
-  if (grad_sync_->buckets()) m.grad_reduce_wait_s = grad_sync_->buckets()->stats().wait_s;
+  m.grad_reduce_wait_s = grad_sync_->bucket_wait_s();
   // Model FLOPs of the step's real sequences (Note: step plan: windows, or packed pieces).
   const double flops =
       chunks_.front()->spec().step_flops(total_tokens, data.plan.sequence_tokens_sq);

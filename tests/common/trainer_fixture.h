@@ -155,7 +155,7 @@ inline void copy_parameters(loom::train::Trainer& single, loom::train::Trainer& 
   for (auto& p : par.parameters()) {
     const loom::model::Parameter* q = single.model().find(p.name);
     ASSERT_NE(q, nullptr) << p.name;
-    p.tensor.copy_(loom::model::shard_of(q->tensor.detach(), p.shard, p.tp_size, p.tp_rank));
+    p.tensor.copy_(loom::model::local_of(q->tensor.detach(), p));
   }
 }
 
@@ -265,11 +265,12 @@ inline StepComparison compare_steps(loom::train::Trainer& single, loom::train::T
 }
 
 // Every DP (and CP) replica holds bit-identical parameters: each tensor equals DP-CP rank 0's
-// (exactly, element by element), over every rank of the world.
+// (exactly, element by element), over every rank of the world; expert shards under expert
+// parallelism equal expert-DP rank 0's.
 inline void expect_replicas_identical(loom::train::Trainer& par, const std::string& what) {
-  auto dp = par.groups().dp_cp_group();
   int64_t wrong = 0;
   for (auto& p : par.parameters()) {
+    auto dp = p.ep_sharded() ? par.groups().expert_dp_group() : par.groups().dp_cp_group();
     at::Tensor mine = p.tensor.detach().contiguous().clone();
     at::Tensor root = mine.clone();
     if (dp->size() > 1) dp->broadcast(root, {0});
@@ -305,6 +306,10 @@ struct Layout {
   // then runs the global batch as one micro-batch (the slot the parallel ranks share).
   std::string aux_type;
   double bias_rate = 0;  // model.moe.bias_update_rate
+  int ep = 1;            // parallel.ep
+  int etp = 0;           // parallel.expert_tp (0: tp)
+  int experts = 4;       // model.moe.num_experts
+  int shared = 1;        // model.moe.num_shared_experts
 
   int dp() const { return world()->size() / (tp * pp * cp); }
   std::string str() const {
@@ -318,6 +323,10 @@ struct Layout {
     if (!aux) s += " no-aux";
     if (!aux_type.empty()) s += " " + aux_type;
     if (bias_rate > 0) s += " bias";
+    if (ep > 1) s += " ep" + std::to_string(ep);
+    if (etp > 0) s += " etp" + std::to_string(etp);
+    if (model == "moe" && experts != 4) s += " E" + std::to_string(experts);
+    if (model == "moe" && shared != 1) s += " shared" + std::to_string(shared);
     if (pp > 1) s += " " + (schedule.empty() ? std::string("1f1b") : schedule);
     if (vp > 1) s += " vp" + std::to_string(vp);
     s += " m" + std::to_string(micro) + " L" + std::to_string(layers);
@@ -342,6 +351,8 @@ inline loom::config::JobConfig layout_single_job(const Layout& c) {
   auto j = tiny_job(c.model == "moe", c.model == "gpt2");
   j.mutable_model()->set_num_layers(c.layers);
   if (c.model == "moe") {
+    j.mutable_model()->mutable_moe()->set_num_experts(c.experts);
+    j.mutable_model()->mutable_moe()->set_num_shared_experts(c.shared);
     j.mutable_model()->mutable_moe()->set_first_dense_layers(c.first_dense);
     j.mutable_model()->mutable_moe()->set_capacity_factor(c.capacity);
     if (c.drop_by_position)
@@ -389,6 +400,8 @@ inline loom::config::JobConfig with_layout(loom::config::JobConfig j, const Layo
   par->set_cp(c.cp);
   par->set_cp_comm_type(c.cp_comm);
   par->set_cp_a2a_size(c.cp_a2a);
+  par->set_ep(c.ep);
+  par->set_expert_tp(c.etp);
   // The blockwise tile only in the parallel job: the single process keeps full attention.
   j.mutable_model()->set_attention_block_size(c.block);
   return j;
@@ -472,6 +485,28 @@ inline std::string train_then_save(loom::train::Trainer& single, loom::train::Tr
     EXPECT_NEAR(y.loss, x.loss, kLossTol * x.loss) << "step " << s + 1;
   }
   return par.save_checkpoint();
+}
+
+// Layout `b` loads checkpoint `saved`, written at step `at` by a run whose single-process job is
+// `ref_job`, and trains `steps` more steps: every step and the final parameters must equal the
+// single process that never stopped (the uninterrupted run to step `at`, then on).
+inline void expect_resume_continues(const loom::config::JobConfig& ref_job,
+                                    const std::string& saved, int at, const Layout& b, int steps,
+                                    const std::string& what) {
+  loom::train::Trainer second(layout_job(b), world());
+  second.load_checkpoint(saved);
+  EXPECT_EQ(second.step(), at) << what;
+  loom::train::Trainer ref(ref_job, std::make_shared<loom::comm::LocalCommunicator>());
+  for (int s = 0; s < at; ++s) ref.train_step();  // the uninterrupted run, to the save
+  EXPECT_LT(max_param_diff(second, ref), kParamTol) << what << ": after the load";
+  Tolerances tol;
+  tol.grad = 5e-5;  // parameters carry the saving layout's rounding (see the Layouts resume test)
+  const auto cmp = compare_steps(ref, second, steps, what, tol);
+  EXPECT_LT(cmp.loss, kLossTol) << what;
+  EXPECT_LT(max_param_diff(second, ref), kParamTol) << what;
+  if (world()->rank() == 0) {
+    std::printf("[ resume ] %s: loss %.2e, grads %.2e\n", what.c_str(), cmp.loss, cmp.grad);
+  }
 }
 
 // A parallel test needs more than one rank: in a world of one it is skipped, not passed.

@@ -2,9 +2,9 @@
 // size 1..64, every factorisation into (tp, cp, dp, pp), every expert folding (expert_tp, ep) that
 // divides, and several order strings, every group of every kind must equal the brute-force one.
 //
-// Brute force: walk all coordinate tuples with the first dim of the order varying fastest and number
-// them 0, 1, 2, ... in that walk; a group for a set S of dims is the ranks that agree on every dim
-// outside S, in walk order. No strides, no decomposition formulas.
+// Brute force: walk all coordinate tuples with the first dim of the order varying fastest and
+// number them 0, 1, 2, ... in that walk; a group for a set S of dims is the ranks that agree on
+// every dim outside S, in walk order. No strides, no decomposition formulas.
 #include <gtest/gtest.h>
 
 #include <map>
@@ -20,8 +20,8 @@ using loom::mesh::ParallelDims;
 namespace {
 
 struct BruteForce {
-  std::vector<std::string> dims;          // order, fastest first
-  std::vector<std::vector<int>> coords;   // rank -> coordinates (indexed like dims)
+  std::vector<std::string> dims;         // order, fastest first
+  std::vector<std::vector<int>> coords;  // rank -> coordinates (indexed like dims)
 
   BruteForce(const std::map<std::string, int>& sizes, const std::vector<std::string>& order)
       : dims(order) {
@@ -81,33 +81,43 @@ TEST(RankMaths, EveryFactorisationMatchesBruteForce) {
               size_t n_orders = world <= 24 ? orders.size() : 2;
               for (size_t oi = 0; oi < n_orders; ++oi) {
                 const auto& order = orders[oi];
-                BruteForce dense({{"tp", tp}, {"cp", cp}, {"ep", 1}, {"dp", dp}, {"pp", pp}}, parse(order));
-                BruteForce expert({{"tp", etp}, {"cp", 1}, {"ep", ep}, {"dp", world / (etp * ep * pp)}, {"pp", pp}},
+                BruteForce dense({{"tp", tp}, {"cp", cp}, {"ep", 1}, {"dp", dp}, {"pp", pp}},
+                                 parse(order));
+                BruteForce expert({{"tp", etp},
+                                   {"cp", 1},
+                                   {"ep", ep},
+                                   {"dp", world / (etp * ep * pp)},
+                                   {"pp", pp}},
                                   parse(order));
                 // Dense and expert pipeline groups must coincide; layouts where they do not are
                 // refused (Megatron-Core asserts the same).
                 if (sorted_groups(dense.groups({"pp"})) != sorted_groups(expert.groups({"pp"}))) {
-                  EXPECT_THROW(ParallelDims::create(world, tp, cp, ep, dp, pp, etp, order), loom::Error);
+                  EXPECT_THROW(ParallelDims::create(world, tp, cp, ep, dp, pp, etp, order),
+                               loom::Error);
                   ++refused;
                   continue;
                 }
                 ParallelDims d = ParallelDims::create(world, tp, cp, ep, dp, pp, etp, order);
                 ++layouts;
                 const std::vector<std::pair<Group, std::set<std::string>>> dense_kinds = {
-                    {Group::kTp, {"tp"}},           {Group::kCp, {"cp"}},
-                    {Group::kDp, {"dp"}},           {Group::kDpCp, {"dp", "cp"}},
-                    {Group::kPp, {"pp"}},           {Group::kTpPp, {"tp", "pp"}},
-                    {Group::kTpCp, {"tp", "cp"}},   {Group::kTpDpCp, {"tp", "dp", "cp"}}};
+                    {Group::kTp, {"tp"}},         {Group::kCp, {"cp"}},
+                    {Group::kDp, {"dp"}},         {Group::kDpCp, {"dp", "cp"}},
+                    {Group::kPp, {"pp"}},         {Group::kTpPp, {"tp", "pp"}},
+                    {Group::kTpCp, {"tp", "cp"}}, {Group::kTpDpCp, {"tp", "dp", "cp"}}};
                 for (const auto& [g, dims] : dense_kinds) {
-                  ASSERT_EQ(sorted_groups(loom::mesh::group_partition(d, g)), sorted_groups(dense.groups(dims)))
+                  ASSERT_EQ(sorted_groups(loom::mesh::group_partition(d, g)),
+                            sorted_groups(dense.groups(dims)))
                       << loom::mesh::group_name(g) << " " << d.to_string();
                   ++groups_checked;
                 }
                 const std::vector<std::pair<Group, std::set<std::string>>> expert_kinds = {
-                    {Group::kEp, {"ep"}}, {Group::kExpertTp, {"tp"}}, {Group::kExpertDp, {"dp"}},
+                    {Group::kEp, {"ep"}},
+                    {Group::kExpertTp, {"tp"}},
+                    {Group::kExpertDp, {"dp"}},
                     {Group::kTpEp, {"tp", "ep"}}};
                 for (const auto& [g, dims] : expert_kinds) {
-                  ASSERT_EQ(sorted_groups(loom::mesh::group_partition(d, g)), sorted_groups(expert.groups(dims)))
+                  ASSERT_EQ(sorted_groups(loom::mesh::group_partition(d, g)),
+                            sorted_groups(expert.groups(dims)))
                       << loom::mesh::group_name(g) << " " << d.to_string();
                   ++groups_checked;
                 }
@@ -161,14 +171,25 @@ void expect_config_error(std::function<void()> fn, const std::string& needle) {
 }  // namespace
 
 TEST(ParallelDimsErrors, InvalidLayoutsAreRefusedWithTheReason) {
-  expect_config_error([] { ParallelDims::create(8, 3, 1, 1, 0, 1); }, "not divisible by tp*cp*pp = 3*1*1 = 3");
-  expect_config_error([] { ParallelDims::create(8, 2, 1, 1, 3, 1); }, "tp*cp*dp*pp = 2*1*3*1 = 6, but the world has 8 ranks");
-  expect_config_error([] { ParallelDims::create(8, 1, 1, 3, 0, 1); }, "expert_tp*ep*pp = 1*3*1 = 3 does not divide");
+  expect_config_error([] { ParallelDims::create(8, 3, 1, 1, 0, 1); },
+                      "not divisible by tp*cp*pp = 3*1*1 = 3");
+  expect_config_error([] { ParallelDims::create(8, 2, 1, 1, 3, 1); },
+                      "tp*cp*dp*pp = 2*1*3*1 = 6, but the world has 8 ranks");
+  expect_config_error([] { ParallelDims::create(8, 1, 1, 3, 0, 1); },
+                      "expert_tp*ep = 1*3 = 3 does not divide the 8 ranks of a pipeline stage "
+                      "(tp*cp*dp = 1*1*8; 8 % 3 = 2), so the expert layers cannot be folded onto "
+                      "them: parallel.ep must divide dp*cp = 8*1 = 8");
+  expect_config_error([] { ParallelDims::create(8, 2, 1, 3, 0, 2, 1); },
+                      "expert_tp*ep = 1*3 = 3 does not divide the 4 ranks");
   expect_config_error([] { ParallelDims::create(8, 0, 1, 1, 0, 1); }, "tp must be >= 1");
-  expect_config_error([] { ParallelDims::create(8, 2, 1, 1, 0, 1, 0, "tp-xx-dp"); }, "unknown dimension 'xx'");
-  expect_config_error([] { ParallelDims::create(8, 2, 1, 1, 0, 1, 0, "tp-dp-tp"); }, "names 'tp' twice");
-  expect_config_error([] { ParallelDims::create(8, 2, 2, 1, 0, 1, 0, "tp-dp-pp"); }, "omits 'cp', but cp=2");
-  expect_config_error([] { ParallelDims::create(8, 2, 1, 1, 0, 1, 0, "tp--dp"); }, "empty dimension name");
+  expect_config_error([] { ParallelDims::create(8, 2, 1, 1, 0, 1, 0, "tp-xx-dp"); },
+                      "unknown dimension 'xx'");
+  expect_config_error([] { ParallelDims::create(8, 2, 1, 1, 0, 1, 0, "tp-dp-tp"); },
+                      "names 'tp' twice");
+  expect_config_error([] { ParallelDims::create(8, 2, 2, 1, 0, 1, 0, "tp-dp-pp"); },
+                      "omits 'cp', but cp=2");
+  expect_config_error([] { ParallelDims::create(8, 2, 1, 1, 0, 1, 0, "tp--dp"); },
+                      "empty dimension name");
   expect_config_error([] { ParallelDims::create(4, 1, 1, 1, 0, 2, 2, "tp-cp-ep-pp-dp"); },
                       "pipeline groups of the dense layers (tp*cp = 1) and of the expert layers "
                       "(expert_tp*ep = 2) differ");

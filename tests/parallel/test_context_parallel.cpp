@@ -476,22 +476,8 @@ TEST(ContextParallelLayouts, CheckpointsAreLayoutFree) {
     saved = loom::testing::train_then_save(single, first, 3);
   }
   for (const Layout& b : {b1, b2}) {
-    Trainer second(loom::testing::layout_job(b), world);
-    second.load_checkpoint(saved);
-    EXPECT_EQ(second.step(), 3);
-    EXPECT_LT(loom::testing::max_param_diff(second, single), loom::testing::kParamTol) << b.str();
-    loom::testing::Tolerances tol;
-    tol.grad = 5e-5;  // parameters carry layout A's rounding (see the Layouts resume test)
-    Trainer ref(loom::testing::layout_single_job(a),
-                std::make_shared<loom::comm::LocalCommunicator>());
-    for (int s = 0; s < 3; ++s) ref.train_step();  // the uninterrupted run, to step 3
-    const auto cmp = loom::testing::compare_steps(ref, second, 3, a.str() + " -> " + b.str(), tol);
-    EXPECT_LT(cmp.loss, loom::testing::kLossTol) << b.str();
-    EXPECT_LT(loom::testing::max_param_diff(second, ref), loom::testing::kParamTol) << b.str();
-    if (world->rank() == 0) {
-      std::printf("[ resume ] %s -> %s: loss %.2e, grads %.2e\n", a.str().c_str(), b.str().c_str(),
-                  cmp.loss, cmp.grad);
-    }
+    loom::testing::expect_resume_continues(loom::testing::layout_single_job(a), saved, 3, b, 3,
+                                           a.str() + " -> " + b.str());
   }
   world->barrier();
   if (world->rank() == 0) std::filesystem::remove_all(dir);

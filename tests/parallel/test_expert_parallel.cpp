@@ -10,12 +10,16 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <filesystem>
 #include <string>
 #include <vector>
 
+#include "loom/checkpoint/hf.h"
+#include "loom/comm/local_communicator.h"
 #include "loom/core/error.h"
 #include "loom/model/gpt.h"
 #include "loom/parallel/expert_parallel.h"
+#include "loom/train/trainer.h"
 #include "test_world.h"
 #include "trainer_fixture.h"
 
@@ -153,6 +157,149 @@ TEST(ExpertParallel, ExpertsThatDoNotSplitAreRefused) {
     EXPECT_NE(std::string(e.what()).find(fmt::format("6 % {} = {}", n, 6 % n)), std::string::npos)
         << e.what();
   }
+}
+
+// The Trainer under expert parallelism against the single-process Trainer (Note: optimizers under
+// expert parallelism): every step's loss, aux loss and gradient norm, every gradient tensor (the
+// expert shards gathered over the expert group) at two steps, evaluation, final parameters, and
+// identical replicas (expert shards over expert DP), with fp32 tolerances of
+// loom::testing::expect_layout_matches. Capacity drops are per DP rank's micro-batch, as in the
+// single process with the same micro-batches: the drops equal the reference's exactly.
+using loom::testing::Layout;
+using loom::train::Trainer;
+
+Layout ep_layout(int ep, int micro = 1) {
+  Layout c;
+  c.model = "moe";
+  c.ep = ep;
+  c.micro = micro;
+  c.steps = 10;
+  return c;
+}
+
+TEST(ExpertParallelLayouts, EqualTheSingleProcess) {
+  const int n = loom::testing::world()->size();
+  if (n < 2) GTEST_SKIP() << "needs mpirun with 2+ ranks";
+  std::vector<Layout> cases;
+  if (n == 2) {
+    Layout a = ep_layout(2, 2);  // ep2 = dp2, two micro-batches: MICRO_BATCH balance
+    a.steps = 20;
+    cases.push_back(a);
+    Layout g = ep_layout(2);
+    g.aux_type = "GLOBAL_BATCH";
+    g.bias_rate = 1e-2;
+    cases.push_back(g);
+    Layout q = ep_layout(2, 2);
+    q.aux_type = "SEQUENCE";
+    q.capacity = 0.75;  // drops, by probability
+    cases.push_back(q);
+    // Packed documents: uneven micro-batch counts over the DP ranks, the shorter plans padded with
+    // empty micro-batches that still take part in the exchanges. Each rank packs its own half, the
+    // single process all 16 documents, so only packing-free statistics compare: no balance losses,
+    // dropless (Layouts.PackedDocumentsEqualTheSingleProcess says why).
+    Layout d = ep_layout(2);
+    d.documents = true;
+    d.aux = false;
+    cases.push_back(d);
+  } else if (n == 4) {
+    Layout e = ep_layout(4, 2);
+    e.capacity = 1.0;
+    e.drop_by_position = true;
+    cases.push_back(e);
+    Layout z = ep_layout(2, 2);  // ep2 x expert_dp2 over dp4, ZeRO-1 on both parts, SGD
+    z.zero = true;
+    z.sgd = true;
+    cases.push_back(z);
+    Layout p = ep_layout(2, 2);  // ep2 x pp2 (dp2), 1F1B
+    p.pp = 2;
+    p.layers = 4;
+    p.schedule = "1f1b";
+    cases.push_back(p);
+    Layout c = ep_layout(2);  // ep2 over cp2 (dp2): a sequence's halves on two expert groups
+    c.cp = 2;
+    c.aux_type = "GLOBAL_BATCH";
+    cases.push_back(c);
+    Layout t = ep_layout(2, 2);  // expert_tp 2 x ep 2 carved from dp4
+    t.etp = 2;
+    cases.push_back(t);
+  } else if (n == 8) {
+    Layout e = ep_layout(8);  // every rank one expert, with a recomputed forward
+    e.experts = 8;
+    e.recompute = true;
+    cases.push_back(e);
+    Layout p = ep_layout(4, 2);  // ep4 x pp2 (dp4), zero-bubble, ZeRO-1
+    p.pp = 2;
+    p.layers = 4;
+    p.schedule = "zb-h1";
+    p.zero = true;
+    cases.push_back(p);
+  } else {
+    GTEST_SKIP() << "the expert-parallel layouts run at 2, 4 and 8 ranks";
+  }
+  for (const Layout& c : cases) loom::testing::expect_layout_matches(c);
+}
+
+TEST(ExpertParallelLayouts, CheckpointsReshardOverEp) {
+  // Saved under ep 4 (ZeRO-1: the dense moments over dp 4, the experts' over expert_dp 1), loaded
+  // under ep 1 and ep 2 (expert_dp 2, replicated optimizer); every step after the load and the
+  // final parameters equal a single process that never stopped. The ep-4 checkpoint also exports
+  // to Hugging Face and imports back to the single process's parameters at the save.
+  auto world = loom::testing::world();
+  if (world->size() != 4) GTEST_SKIP() << "the resume layouts are planned for 4 ranks";
+  Layout a = ep_layout(4), b1 = ep_layout(1), b2 = ep_layout(2);
+  a.zero = true;
+  for (Layout* l : {&a, &b1, &b2}) {
+    l->shared = 0;  // the Mixtral layout of the HF export
+    l->steps = 6;
+  }
+  const std::string dir = loom::testing::shared_dir("ep-relayout");
+  auto ja = loom::testing::layout_job(a);
+  ja.mutable_train()->set_checkpoint_dir(dir);
+  std::string saved;
+  Trainer single(loom::testing::layout_single_job(a),
+                 std::make_shared<loom::comm::LocalCommunicator>());
+  {
+    Trainer first(ja, world);
+    saved = loom::testing::train_then_save(single, first, 3);
+  }
+  if (world->rank() == 0) {
+    loom::checkpoint::export_hf(saved, dir + "/hf");
+    loom::checkpoint::import_hf(dir + "/hf", dir + "/imported/step-00000000");
+    auto jr = loom::testing::layout_single_job(a);
+    Trainer imported(jr, std::make_shared<loom::comm::LocalCommunicator>());
+    imported.load_checkpoint(dir + "/imported/step-00000000");
+    double diff = 0;
+    for (const auto& p : imported.parameters()) {
+      const auto* q = single.model().find(p.name);
+      ASSERT_NE(q, nullptr) << p.name;
+      diff = std::max(diff, (p.tensor - q->tensor).abs().max().item<double>());
+    }
+    EXPECT_LT(diff, loom::testing::kParamTol) << "ep4 checkpoint -> HF -> Loom";
+  }
+  world->barrier();
+  for (const Layout& b : {b1, b2}) {
+    loom::testing::expect_resume_continues(loom::testing::layout_single_job(a), saved, 3, b, 3,
+                                           a.str() + " -> " + b.str());
+  }
+  world->barrier();
+  if (world->rank() == 0) std::filesystem::remove_all(dir);
+}
+
+TEST(ExpertParallelLayouts, BadLayoutsNameTheReason) {
+  const int n = loom::testing::world()->size();
+  if (n < 2) GTEST_SKIP() << "needs mpirun with 2+ ranks";
+  auto j = loom::testing::layout_job(ep_layout(n));
+  j.mutable_model()->mutable_moe()->set_num_experts(2 * n + 1);
+  loom::testing::expect_config_error(
+      j, fmt::format("model.moe.num_experts = {} experts do not split over parallel.ep = {} ranks",
+                     2 * n + 1, n));
+  j = loom::testing::layout_job(ep_layout(n));
+  j.mutable_parallel()->set_ep(3 * n);
+  loom::testing::expect_config_error(
+      j, fmt::format("parallel.ep must divide dp*cp = {}*1 = {}", n, n));
+  j = loom::testing::layout_job(loom::testing::Layout{});  // dense
+  j.mutable_parallel()->set_ep(n);
+  loom::testing::expect_config_error(j, "the model has none (model.moe.num_experts = 0)");
 }
 
 }  // namespace

@@ -5,14 +5,14 @@
 // [Note: training state]
 // Saving: every parameter and optimizer-state tensor is written full and unpadded under its global
 // name, whatever the layout: each pipeline stage's first DP replica gathers its TP shards (the
-// distributed optimizer first gathers its moments over DP), and the stages send theirs to world
-// rank 0, which adds the RNG, the step, the loader state and the config. A tied embedding's
-// pipeline copy is saved once, by its owner.
-// Loading: every rank reads the checkpoint and checks it against its own parameters and optimizer
-// (names, shapes, formats) before anything is changed; the ranks then agree (one all-reduce)
-// whether any check failed, so they fail together, each with its reason or a pointer to the rank
-// that had one, and a failed load leaves every rank as it was. Only then are parameters, optimizer
-// state, loader position and RNG restored, each rank taking its own shards.
+// distributed optimizer first gathers its moments over DP; expert shards are gathered over each
+// expert group, which spans DP replicas), and the stages send theirs to world rank 0, which adds
+// the RNG, the step, the loader state and the config. A tied embedding's pipeline copy is saved
+// once, by its owner. Loading: every rank reads the checkpoint and checks it against its own
+// parameters and optimizer (names, shapes, formats) before anything is changed; the ranks then
+// agree (one all-reduce) whether any check failed, so they fail together, each with its reason or a
+// pointer to the rank that had one, and a failed load leaves every rank as it was. Only then are
+// parameters, optimizer state, loader position and RNG restored, each rank taking its own shards.
 #pragma once
 
 #include <cstdint>
@@ -26,6 +26,7 @@
 #include "loom/config.pb.h"
 #include "loom/data/loader.h"
 #include "loom/optim/adamw.h"
+#include "loom/parallel/expert_parallel.h"
 #include "loom/parallel/sharding.h"
 
 namespace loom::checkpoint {
@@ -41,6 +42,9 @@ struct StateParts {
   comm::CommunicatorPtr tp;     // TP group (may be null: no TP)
   comm::CommunicatorPtr pp;     // pipeline group (may be null: one stage)
   int dp_rank = 0, tp_rank = 0;
+  // The expert group (disabled: no expert parallelism), over which expert shards
+  // (Parameter::ep_sharded) and their optimizer state are gathered.
+  parallel::ExpertParallel experts;
   // The job's config (may be null): saved with the state, and on load compared with the stored one
   // before anything changes (Note: resume config check in core/config.h).
   const config::JobConfig* config = nullptr;

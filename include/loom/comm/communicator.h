@@ -87,6 +87,8 @@ class Communicator : public std::enable_shared_from_this<Communicator> {
                double timeout_s);
 
   // Backend hooks. `async`: return a pending Work (else complete the operation before returning).
+  // do_all_to_all's `uneven`: the caller gave split sizes (the same on every rank, unlike whether
+  // this rank's own counts happen to be equal, so a backend may pick its collective by it).
   // Arguments are already checked; bf16/fp16 sums arrive here already upcast to fp32 by the base.
   virtual WorkPtr do_all_reduce(at::Tensor& t, ReduceOp op, bool async, Work::Info info) = 0;
   virtual WorkPtr do_all_gather(at::Tensor& out, const at::Tensor& in,
@@ -97,7 +99,7 @@ class Communicator : public std::enable_shared_from_this<Communicator> {
                                     Work::Info info) = 0;
   virtual WorkPtr do_all_to_all(at::Tensor& out, const at::Tensor& in,
                                 const std::vector<int64_t>& send_counts,
-                                const std::vector<int64_t>& recv_counts, bool async,
+                                const std::vector<int64_t>& recv_counts, bool async, bool uneven,
                                 Work::Info info) = 0;
   virtual WorkPtr do_broadcast(at::Tensor& t, int root, bool async, Work::Info info) = 0;
   virtual WorkPtr do_p2p(const std::vector<P2POp>& ops, bool async, Work::Info info) = 0;

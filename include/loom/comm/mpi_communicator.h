@@ -35,7 +35,7 @@ class MpiCommunicator final : public Communicator {
                             Work::Info info) override;
   WorkPtr do_all_to_all(at::Tensor& out, const at::Tensor& in,
                         const std::vector<int64_t>& send_counts,
-                        const std::vector<int64_t>& recv_counts, bool async,
+                        const std::vector<int64_t>& recv_counts, bool async, bool uneven,
                         Work::Info info) override;
   WorkPtr do_broadcast(at::Tensor& t, int root, bool async, Work::Info info) override;
   WorkPtr do_p2p(const std::vector<P2POp>& ops, bool async, Work::Info info) override;

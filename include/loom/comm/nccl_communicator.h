@@ -1,10 +1,10 @@
 // NcclCommunicator: the Communicator backend over NCCL, for CUDA tensors.
 //
-// Operations run on the communicator's own stream, ordered after the caller's current stream with an
-// event; Work::wait() orders the caller's current stream after the operation with another event (no
-// host synchronisation, STYLE.md convention 5). Tensors are kept alive until completion and recorded
-// with the caching allocator for the communication stream. bf16/fp16 sums are done on an fp32 copy
-// (NCCL would round at every step of its ring); max/min use NCCL's native 16-bit types.
+// Operations run on the communicator's own stream, ordered after the caller's current stream with
+// an event; Work::wait() orders the caller's current stream after the operation with another event
+// (no host synchronisation, STYLE.md convention 5). Tensors are kept alive until completion and
+// recorded with the caching allocator for the communication stream. bf16/fp16 sums are done on an
+// fp32 copy (NCCL would round at every step of its ring); max/min use NCCL's native 16-bit types.
 //
 // Created collectively over a CPU bootstrap communicator (MPI): rank 0 makes the NCCL unique id and
 // the bootstrap broadcasts it. split() uses ncclCommSplit and splits the bootstrap the same way.
@@ -26,7 +26,8 @@ class NcclCommunicator final : public Communicator {
   at::Device device() const override;
   ncclComm_t handle() const { return comm_; }
   cudaStream_t stream() const { return stream_; }
-  // Aborts in-flight operations and tears the communicator down (after a timeout or a peer's death).
+  // Aborts in-flight operations and tears the communicator down (after a timeout or a peer's
+  // death).
   void abort();
 
  protected:
@@ -38,7 +39,7 @@ class NcclCommunicator final : public Communicator {
                             Work::Info info) override;
   WorkPtr do_all_to_all(at::Tensor& out, const at::Tensor& in,
                         const std::vector<int64_t>& send_counts,
-                        const std::vector<int64_t>& recv_counts, bool async,
+                        const std::vector<int64_t>& recv_counts, bool async, bool uneven,
                         Work::Info info) override;
   WorkPtr do_broadcast(at::Tensor& t, int root, bool async, Work::Info info) override;
   WorkPtr do_p2p(const std::vector<P2POp>& ops, bool async, Work::Info info) override;
@@ -60,7 +61,7 @@ class NcclCommunicator final : public Communicator {
   CommunicatorPtr bootstrap_;  // CPU communicator over the same ranks
   int device_;
   cudaStream_t stream_ = nullptr;
-  float* scratch_ = nullptr;   // one float on the device, for barrier()
+  float* scratch_ = nullptr;  // one float on the device, for barrier()
   bool aborted_ = false;
 };
 

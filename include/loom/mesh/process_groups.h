@@ -12,6 +12,7 @@
 #pragma once
 
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "loom/comm/communicator.h"
@@ -56,6 +57,13 @@ class ProcessGroups {
   comm::CommunicatorPtr group(Group g) const { return groups_[static_cast<int>(g)]; }
   // World ranks of this rank's group `g` (empty when it has none).
   const std::vector<int>& ranks(Group g) const { return ranks_[static_cast<int>(g)]; }
+  // A second communicator over group `g`'s ranks (collective over the group; the same object when
+  // asked again; the group itself when it has one rank; nullptr where the rank has no such group).
+  // Its collectives are ordered apart from the group's own: for non-blocking traffic whose start
+  // differs between ranks relative to the group's blocking collectives (DP gradient buckets
+  // launched from backward hooks, while the MoE dispatcher's all-to-alls run on the same ranks).
+  // Named "<group>-<purpose>"; set_timeout_s covers it.
+  comm::CommunicatorPtr side_channel(Group g, const std::string& purpose);
 
   comm::CommunicatorPtr tp_group() const { return group(Group::kTp); }
   comm::CommunicatorPtr cp_group() const { return group(Group::kCp); }
@@ -96,6 +104,7 @@ class ProcessGroups {
   comm::CommunicatorPtr world_;
   int rank_;
   std::vector<comm::CommunicatorPtr> groups_;
+  std::vector<std::pair<std::string, comm::CommunicatorPtr>> side_channels_;
   std::vector<std::vector<int>> ranks_;
   int tp_rank_ = 0, cp_rank_ = 0, dp_rank_ = 0, pp_rank_ = 0;
   int ep_rank_ = 0, expert_tp_rank_ = 0, expert_dp_rank_ = 0;

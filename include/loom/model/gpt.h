@@ -144,6 +144,7 @@ std::vector<std::unique_ptr<GptModel>> build_chunks(const ModelSpec& spec,
                                                     const config::JobConfig& job, at::Device device,
                                                     const parallel::TensorParallel& tp, int pp,
                                                     int pp_rank,
-                                                    const parallel::ContextParallel& cp = {});
+                                                    const parallel::ContextParallel& cp = {},
+                                                    const parallel::ExpertParallel& ep = {});
 
 }  // namespace loom::model

@@ -88,6 +88,7 @@ struct ModelSpec {
   struct ParameterSplit {
     double embedding = 0;  // input table (and learned positions)
     double layers = 0;     // every transformer block
+    double experts = 0;    // the routed experts' weights (part of `layers`)
     double final_norm = 0;
     double head = 0;  // the output projection when untied (0 when tied)
     double total() const { return embedding + layers + final_norm + head; }

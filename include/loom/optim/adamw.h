@@ -64,6 +64,13 @@ class Optimizer {
   // no clipping; a non-finite norm scales nothing). Returns the norm before clipping. Collective
   // over the optimizer's groups.
   virtual double clip_grad_norm(double max_norm) = 0;
+  // This optimizer's part of the squared gradient norm before any model-parallel reduction:
+  // [replicated over TP, TP-sharded] fp64 sums (CPU) of its parameters' final gradients,
+  // Parameter::pipeline_copy left out, each element of the data-parallel replica once (a
+  // distributed optimizer sums its owned ranges over its DP group: collective over DP).
+  virtual at::Tensor grad_square_sums() const = 0;
+  // Multiplies the step's final gradients by `coeff` (clipping).
+  virtual void scale_gradients(double coeff) = 0;
   // The step's final gradient of every parameter (local TP shards, in parameter order; zeros for
   // one that got none), between the gradient synchronisation and clip_grad_norm(). Collective over
   // DP for a distributed optimizer (a full all-gather): for tests and diagnostics.
@@ -96,6 +103,8 @@ class AdamW : public Optimizer {
   std::vector<std::string> state_names() const override;
   int64_t state_bytes() const override;
   double clip_grad_norm(double max_norm) override;
+  at::Tensor grad_square_sums() const override;
+  void scale_gradients(double coeff) override;
   std::vector<at::Tensor> reduced_gradients() const override;
 
  private:

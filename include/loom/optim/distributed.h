@@ -44,6 +44,8 @@ class DistributedAdamW : public Optimizer, public parallel::GradientShards {
   // (DP-unreduced).
   void reduce_scatter_gradients() override;
   double clip_grad_norm(double max_norm) override;
+  at::Tensor grad_square_sums() const override;  // collective over DP
+  void scale_gradients(double coeff) override;
 
   // The DP-reduced gradient of every parameter (local TP shards, in parameter order), gathered from
   // the owners' ranges: valid between reduce_scatter_gradients() and clip_grad_norm() (which scales

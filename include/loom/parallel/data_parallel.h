@@ -38,9 +38,12 @@ struct BucketStats {
 class GradBuckets {
  public:
   // `overlap` false: the all-reduces run in finish() (still bucketed). Registers hooks on the
-  // parameters' gradient accumulators; the parameters must outlive this object.
+  // parameters' gradient accumulators; the parameters must outlive this object. `members`: the
+  // indices of the parameters these buckets reduce (empty: all of them); the others' gradients are
+  // left alone (the expert weights under expert parallelism have buckets of their own over the
+  // expert-data-parallel group).
   GradBuckets(std::vector<Parameter>* params, comm::CommunicatorPtr dp, int64_t bucket_bytes,
-              bool overlap);
+              bool overlap, std::vector<size_t> members = {});
   ~GradBuckets();
   GradBuckets(const GradBuckets&) = delete;
   GradBuckets& operator=(const GradBuckets&) = delete;
@@ -71,6 +74,7 @@ class GradBuckets {
   std::vector<Parameter>* params_;
   comm::CommunicatorPtr dp_;
   bool overlap_;
+  std::vector<size_t> members_;  // the parameters bucketed here
   std::vector<Bucket> buckets_;
   std::vector<size_t> bucket_of_;
   std::vector<int64_t> offset_of_;

@@ -29,14 +29,16 @@
 #include <vector>
 
 #include "loom/comm/communicator.h"
+#include "loom/parallel/sharding.h"
 
 namespace loom::parallel {
 
 struct ExpertParallel {
-  comm::CommunicatorPtr comm;  // the expert group (expert_tp x ep); null: no expert parallelism
-  int ep = 1, ep_rank = 0;     // expert-parallel size and this rank's ep index
-  int etp = 1, etp_rank = 0;   // expert tensor parallelism
-  std::vector<int> member_ep;  // the ep index of each rank of `comm`
+  comm::CommunicatorPtr comm;   // the expert group (expert_tp x ep); null: no expert parallelism
+  int ep = 1, ep_rank = 0;      // expert-parallel size and this rank's ep index
+  int etp = 1, etp_rank = 0;    // expert tensor parallelism
+  std::vector<int> member_ep;   // the ep index of each rank of `comm`
+  std::vector<int> member_etp;  // the expert-TP rank of each rank of `comm`
   bool enabled() const { return comm != nullptr && comm->size() > 1; }
   int size() const { return enabled() ? comm->size() : 1; }
 };
@@ -51,6 +53,13 @@ ExpertParallel make_expert_parallel(comm::CommunicatorPtr group, int ep, int ep_
 // reverse exchange of the gradient.
 at::Tensor all_to_all_rows(const at::Tensor& x, const std::vector<int64_t>& send,
                            const std::vector<int64_t>& recv, comm::Communicator& comm);
+
+// The full tensor [E, ...] of expert weight `p` (Parameter::ep_sharded) whose local value (or
+// optimizer state, or gradient) is `local`: every member's part gathered over the expert group,
+// each ep index's expert-TP shards joined (Note: tensor-parallel shards), the ep indices' experts
+// stacked in order. Collective over `ep.comm`.
+at::Tensor expert_full_tensor(const Parameter& p, const at::Tensor& local,
+                              const ExpertParallel& ep);
 
 // Bytes the dispatcher's row all-to-alls moved to other ranks (forward and backward, this
 // process), for benchmarks; reset by assigning 0.

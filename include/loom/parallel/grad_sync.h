@@ -6,7 +6,10 @@
 // finish() turns that into the gradient of the whole objective, in this order:
 //   1. data parallelism: the DP buckets' all-reduces, started during backward ([Note: gradient
 //      buckets]), are completed (the replicated optimizer). With the distributed optimizer the
-//      gradients stay DP-unreduced until step 4.
+//      gradients stay DP-unreduced until step 4. Under expert parallelism the expert weights
+//      (Parameter::ep_sharded) have buckets of their own over the expert-data-parallel group (the
+//      ranks holding the same experts), the other parameters over DP ([Note: expert
+//      parallelism]).
 //   2. tensor parallelism: replicated parameters whose gradient is a partial sum on each TP rank
 //      (norms and biases under sequence parallelism, the MoE router: TpShard::partial_grad) are
 //      all-reduced over TP.
@@ -43,7 +46,10 @@ class GradientShards {
 };
 
 struct GradSyncOptions {
-  comm::CommunicatorPtr dp;         // data-parallel group (null or size 1: none)
+  comm::CommunicatorPtr dp;  // data-parallel group (null or size 1: none)
+  // The expert-data-parallel group over which Parameter::ep_sharded gradients are reduced instead
+  // of `dp` (null: none are; size 1: they are not reduced).
+  comm::CommunicatorPtr expert_dp;
   comm::CommunicatorPtr tp;         // tensor-parallel group (null or size 1: none)
   comm::CommunicatorPtr embedding;  // the two stages holding a tied embedding (null: none)
   std::string tied_parameter = "embedding.weight";  // its name, when `embedding` is set
@@ -75,13 +81,18 @@ class GradSync {
 
   // The DP gradient buckets (null when dp = 1 or with the distributed optimizer).
   const GradBuckets* buckets() const { return buckets_.get(); }
+  // The expert weights' buckets over expert DP (null when there are none).
+  const GradBuckets* expert_buckets() const { return expert_buckets_.get(); }
+  // Seconds finish() waited for bucket all-reduces (both sets).
+  double bucket_wait_s() const;
 
  private:
   std::vector<Parameter>* params_;
   GradSyncOptions options_;
-  std::unique_ptr<GradBuckets> buckets_;
-  std::vector<size_t> partial_;  // parameters with TP partial-sum gradients
-  int64_t tied_ = -1;            // index of the tied parameter when `embedding` is set
+  std::unique_ptr<GradBuckets> buckets_, expert_buckets_;
+  std::vector<size_t> unbucketed_;  // parameters whose .grad() zero_grad() resets
+  std::vector<size_t> partial_;     // parameters with TP partial-sum gradients
+  int64_t tied_ = -1;               // index of the tied parameter when `embedding` is set
 };
 
 // Sums the gradients of `params` over `comm` through one flat buffer; an undefined gradient counts

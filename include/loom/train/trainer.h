@@ -130,6 +130,7 @@ class Trainer {
   std::vector<std::unique_ptr<model::GptModel>> chunks_;
   std::vector<model::MoeLayer*> moe_layers_;  // every chunk's, in order
   parallel::ContextParallel cp_;
+  parallel::ExpertParallel ep_;  // disabled without expert parallelism
   std::vector<model::Parameter> params_;
   std::unique_ptr<StepExecutor> executor_;
   const parallel::pipeline::PipelineRunner* pipeline_ = nullptr;  // pp > 1: the executor's runner
