@@ -49,17 +49,19 @@ CheckpointData TrainingState::gather(int64_t step,
     return it == by_name.end() ? nullptr : it->second;
   };
   // Expert shards: every expert group gathers its own (a collective of the group, which spans DP
-  // replicas); the saving replica keeps them.
+  // replicas); only the saving replica keeps them (on the host, as the checkpoint holds them).
   std::map<std::string, at::Tensor> experts;
   if (parts_.experts.enabled()) {
+    auto keep = [&](const std::string& key, const at::Tensor& full) {
+      if (parts_.dp_rank == 0) experts[key] = full.to(at::kCPU);
+    };
     for (const auto& p : *parts_.params) {
-      if (p.ep_sharded())
-        experts[p.name] = parallel::expert_full_tensor(p, p.tensor, parts_.experts);
+      if (p.ep_sharded()) keep(p.name, parallel::expert_full_tensor(p, p.tensor, parts_.experts));
     }
     for (const auto& s : optim_state) {
       const parallel::Parameter* owner = owner_of(s.name);
       if (owner && owner->ep_sharded())
-        experts["optim." + s.name] = parallel::expert_full_tensor(*owner, s.tensor, parts_.experts);
+        keep("optim." + s.name, parallel::expert_full_tensor(*owner, s.tensor, parts_.experts));
     }
   }
   auto full = [&](const parallel::Parameter& p, const at::Tensor& local, const std::string& key) {

@@ -169,7 +169,15 @@ comm::CommunicatorPtr ProcessGroups::side_channel(Group g, const std::string& pu
   }
   // A split of the group itself (not of the world, whose cache would return the group): a new
   // communicator over the same ranks in the same order.
+  // Splits are cached by member list, so a second purpose over the same ranks splits the first
+  // one's channel again (every rank asks for the same channels in the same order: the splits
+  // match).
   comm::CommunicatorPtr c = base->split(0, base->rank());
+  auto taken = [&](const comm::CommunicatorPtr& x) {
+    return std::any_of(side_channels_.begin(), side_channels_.end(),
+                       [&](const auto& entry) { return entry.second == x; });
+  };
+  while (taken(c)) c = c->split(0, c->rank());
   c->set_name(name);
   c->set_timeout_s(base->timeout_s());
   side_channels_.emplace_back(name, c);

@@ -28,10 +28,22 @@ MoeLayer::MoeLayer(const ModelSpec& spec, const ParameterFactory& f,
                     "model.moe.num_experts = {} experts do not split over parallel.ep = {} ranks "
                     "({} % {} = {})",
                     e, ep.ep, e, ep.ep, e % ep.ep);
-  LOOM_CHECK_KIND(ErrorKind::kUnsupported, !ep.enabled() || !tp.enabled(),
-                  "expert parallelism with parallel.tp = {} is not supported yet (run ep with "
-                  "tp = 1)",
-                  tp.size());
+  // [Note: expert parallelism with tensor parallelism] Under EP with TP, each TP rank routes and
+  // dispatches its own sequence shard (sequence parallelism's), as a CP rank routes its piece:
+  // the expert group spans the TP ranks, so the shards of one micro-batch are distinct tokens. The
+  // balance statistics of the micro-batch are summed over tp x cp (ExpertParallel::tokens), the
+  // aux losses need no 1/tp scale, and the router's gradient is a partial sum over TP as before.
+  // The shared experts stay tensor-parallel over the gathered micro-batch. Capacity drops apply per
+  // shard, as under CP.
+  local_routing_ = ep.enabled() && tp.enabled();
+  LOOM_CHECK_CONFIG(!local_routing_ || tp.sp(),
+                    "expert parallelism with parallel.tp = {} needs parallel.sequence_parallel: "
+                    "true (each TP rank dispatches its own sequence shard)",
+                    tp.size());
+  LOOM_INTERNAL_CHECK(!local_routing_ || ep.tokens != nullptr,
+                      "expert parallelism under TP without the tp x cp token group");
+  stats_comm_ = local_routing_ ? ep.tokens : (cp.enabled() ? cp.comm : nullptr);
+  if (stats_comm_ && stats_comm_->size() == 1) stats_comm_ = nullptr;
   LOOM_CHECK_CONFIG(
       ffn % tp.size() == 0,
       "the expert FFN width (model.moe.expert_ffn_hidden_size = {}) is not divisible by the "
@@ -242,13 +254,15 @@ at::Tensor MoeLayer::dispatch_expert_parallel(const at::Tensor& x2d, const Routi
   std::vector<at::Tensor> outs;
   int64_t off = 0;
   for (int64_t j = 0; j < local; ++j) {
-    if (per_expert[j] == 0) continue;  // no row reached this expert: no compute, no gradient
+    // An expert no row reached still runs, on no rows (its gradient is zeros): every rank's graph
+    // then has the same shape whatever the routing, so its gradient hooks, and the DP bucket
+    // launches they drive, come in the same order on every rank relative to the exchanges'
+    // backward all-to-alls (which NCCL needs across communicators). A rank without rows keeps both
+    // exchanges in its graph this way too, and takes part in their reverse all-to-alls.
     outs.push_back(expert(j, xe.narrow(0, off, per_expert[j]), w1, w2));
     off += per_expert[j];
   }
-  // No row here: the empty rows themselves, so that this rank's graph still holds both exchanges
-  // and its backward takes part in their reverse all-to-alls (the other ranks wait for it).
-  at::Tensor ye = outs.empty() ? xe : at::cat(outs);
+  at::Tensor ye = at::cat(outs);
   // Back to source-major order, and home (5.).
   at::Tensor inverse = at::empty({total}, lopts);
   inverse.index_put_({perm_host}, at::arange(total, lopts));
@@ -324,7 +338,12 @@ at::Tensor MoeLayer::balance_loss(const Routing& r, const at::Tensor& real,
     at::Tensor doc;  // [T] document ids in token order, or undefined (a row is one sequence)
     int64_t docs = 1;
     if (ctx.doc_ids.defined()) {
-      doc = ctx.doc_ids.t().reshape({t}).to(at::kLong);
+      // Under local routing this shard's positions (Note: expert parallelism with tensor
+      // parallelism); the documents are counted on the whole micro-batch, the same on every rank.
+      const at::Tensor ids =
+          local_routing_ ? ctx.doc_ids.narrow(1, static_cast<int64_t>(tp_.rank()) * (t / b), t / b)
+                         : ctx.doc_ids;
+      doc = ids.t().reshape({t}).to(at::kLong);
       docs = (ctx.cp_doc.defined() ? ctx.cp_doc.max() : ctx.doc_ids.max()).item<int64_t>() + 1;
     }
     const at::Tensor row = at::arange(t, counts.options().dtype(at::kLong)).remainder(b);
@@ -335,7 +354,7 @@ at::Tensor MoeLayer::balance_loss(const Routing& r, const at::Tensor& real,
     c.index_add_(0, (key.repeat_interleave(k) * e + r.experts.reshape({-1})),
                  w.repeat_interleave(k));
     c.narrow(0, n * e, n).index_add_(0, key, w);
-    if (cp_.enabled()) comm::all_reduce_host(c, cp_.comm.get());
+    if (stats_comm_) comm::all_reduce_host(c, stats_comm_.get());
     const at::Tensor cs = c.narrow(0, 0, n * e).view({n, e}), ts = c.narrow(0, n * e, n);
     const at::Tensor psum = at::zeros({n, e}, probs.options()).index_add_(0, key, probs);
     const double sequences = std::max(ts.gt(0).sum().item<double>(), 1.0);
@@ -347,10 +366,10 @@ at::Tensor MoeLayer::balance_loss(const Routing& r, const at::Tensor& real,
   // MICRO_BATCH (and GLOBAL_BATCH outside training).
   at::Tensor micro = counts;
   double tokens = local_tokens;
-  if (cp_.enabled()) {
+  if (stats_comm_) {
     at::Tensor sums = at::cat(
         {counts.to(at::kDouble), at::full({1}, tokens, counts.options().dtype(at::kDouble))});
-    cp_.comm->all_reduce(sums);
+    comm::all_reduce_host(sums, stats_comm_.get());
     micro = sums.narrow(0, 0, e);
     tokens = sums[e].item<double>();
   }
@@ -361,21 +380,35 @@ at::Tensor MoeLayer::balance_loss(const Routing& r, const at::Tensor& real,
 }
 
 MoeLayer::Output MoeLayer::forward(const at::Tensor& input, const ForwardContext& ctx) {
-  const at::Tensor x = parallel::enter_tp_region(input, tp_);  // every token of the micro-batch
+  // Every token of the micro-batch; under EP with TP, this rank's sequence shard (Note: expert
+  // parallelism with tensor parallelism).
+  const at::Tensor x = local_routing_ ? input : parallel::enter_tp_region(input, tp_);
   const int64_t s = x.size(0), b = x.size(1), h = x.size(2);
   const int64_t t = s * b;
   at::Tensor x2d = x.reshape({t, h});
   Routing r = route(x2d);
   int64_t dropped = 0;
   at::Tensor y = dispatch_and_compute(x2d, r, &dropped);
-  if (shared) y = y + (tp_.enabled() ? shared->partial(x2d) : shared->forward(x2d));
-  if (tp_.enabled()) y = parallel::leave_tp_region(y.view({s, b, h}), tp_);
+  if (local_routing_) {
+    if (shared) {  // tensor-parallel over the gathered micro-batch, back to this shard
+      const at::Tensor full = parallel::enter_tp_region(input, tp_);
+      const at::Tensor ys = shared->partial(full.reshape({-1, h})).view(full.sizes());
+      y = y + parallel::leave_tp_region(ys, tp_).reshape({t, h});
+    }
+  } else {
+    if (shared) y = y + (tp_.enabled() ? shared->partial(x2d) : shared->forward(x2d));
+    if (tp_.enabled()) y = parallel::leave_tp_region(y.view({s, b, h}), tp_);
+  }
 
+  // This shard's positions of the micro-batch's [b, s] token tensors under local routing.
+  auto mine = [&](const at::Tensor& full) {
+    return local_routing_ ? full.narrow(1, static_cast<int64_t>(tp_.rank()) * s, s) : full;
+  };
   // Padding positions (Batch::padding) are routed but count in no statistic: the balance and z
   // losses and the expert counts are those of the real tokens, whatever a row was padded to.
   at::Tensor real;  // [T] 1 = a real token, in [s, b] order; undefined = all
   if (ctx.padding.defined()) {
-    real = ctx.padding.logical_not().t().reshape({t}).to(r.logits.scalar_type());
+    real = mine(ctx.padding).logical_not().t().reshape({t}).to(r.logits.scalar_type());
   }
   const at::Tensor counts =
       real.defined() ? at::bincount(r.experts.reshape({-1}), real.repeat_interleave(moe_.top_k),
@@ -405,7 +438,7 @@ MoeLayer::Output MoeLayer::forward(const at::Tensor& input, const ForwardContext
     double tokens = micro_tokens;
     if (tokens < 0) {
       tokens = real.defined() ? real.sum().item<double>() : static_cast<double>(t);
-      if (cp_.enabled()) tokens = comm::all_reduce_scalar(tokens, cp_.comm.get());
+      if (stats_comm_) tokens = comm::all_reduce_scalar(tokens, stats_comm_.get());
     }
     at::Tensor z2 = at::logsumexp(r.logits, -1).pow(2);
     if (real.defined()) z2 = z2 * real;
@@ -413,17 +446,19 @@ MoeLayer::Output MoeLayer::forward(const at::Tensor& input, const ForwardContext
     aux = aux + z;
     if (ctx.record_stats) z_value = z.item<double>();
   }
-  if (tp_.enabled()) aux = parallel::scale_gradient(aux, 1.0 / tp_.size());
+  // Each TP rank computed the same losses of the same tokens: once their input gradients are
+  // summed by the region, they count once. Under local routing each has its own tokens' part.
+  if (tp_.enabled() && !local_routing_) aux = parallel::scale_gradient(aux, 1.0 / tp_.size());
   if (ctx.record_stats) {
-    if (cp_.enabled()) {  // the micro-batch's figures, as the single process logs them
+    if (stats_comm_) {  // the micro-batch's figures, as the single process logs them
       at::Tensor sums = at::tensor({aux_value, z_value, static_cast<double>(dropped)}, at::kDouble);
-      comm::all_reduce_host(sums, cp_.comm.get());  // to the communicator's device and back
+      comm::all_reduce_host(sums, stats_comm_.get());  // to the communicator's device and back
       aux_value = sums[0].item<double>();
       z_value = sums[1].item<double>();
       dropped = static_cast<int64_t>(sums[2].item<double>() + 0.5);
       if (moe_.aux_loss_coeff == 0) {
         micro_counts = micro_counts.to(at::kDouble);
-        comm::all_reduce_host(micro_counts, cp_.comm.get());
+        comm::all_reduce_host(micro_counts, stats_comm_.get());
       }
     }
     stats_.tokens_per_expert = micro_counts.detach().round().to(at::kCPU, at::kLong);
@@ -431,7 +466,7 @@ MoeLayer::Output MoeLayer::forward(const at::Tensor& input, const ForwardContext
     stats_.aux_loss = aux_value;
     stats_.z_loss = z_value;
   }
-  return {tp_.enabled() ? y : y.view({s, b, h}), aux, balance};
+  return {(tp_.enabled() && !local_routing_) ? y : y.view({s, b, h}), aux, balance};
 }
 
 void MoeLayer::begin_step(double micro_batches, double tokens) {

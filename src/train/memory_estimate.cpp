@@ -105,7 +105,7 @@ MemoryEstimate estimate_memory(const model::ModelSpec& spec, const config::JobCo
   const auto split = spec.parameter_split();
   // The routed experts spread over ep x expert_tp ranks, the rest of a layer over tp.
   const double expert_per_layer =
-      split.experts / L / (dims.ep * static_cast<double>(dims.expert_tp));
+      split.experts / L / (dims.ep > 1 ? dims.ep * static_cast<double>(dims.expert_tp) : tp);
   const double per_layer = (split.layers - split.experts) / L / tp + expert_per_layer;
   const double vocab_rows =
       static_cast<double>(spec.padded_vocab(dims.tp, par.vocab_divisible_by()));

@@ -4,6 +4,7 @@
 #include <ATen/core/grad_mode.h>
 #include <fmt/format.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <filesystem>
@@ -42,6 +43,11 @@ Trainer::Trainer(const config::JobConfig& config, comm::CommunicatorPtr world,
   config::validate(config_);
   if (!world_) world_ = std::make_shared<comm::LocalCommunicator>();
   const auto dims = mesh::ParallelDims::from_config(config_.parallel(), world_->size());
+  LOOM_CHECK_CONFIG(dims.ep > 1 || dims.expert_tp == dims.tp,
+                    "parallel.expert_tp = {} differs from parallel.tp = {}, but parallel.ep = 1: "
+                    "expert tensor parallelism is carved with expert parallelism (set "
+                    "parallel.ep > 1, or expert_tp to 0)",
+                    dims.expert_tp, dims.tp);
   LOOM_CHECK_CONFIG(dims.ep == 1 || config_.model().moe().num_experts() > 0,
                     "parallel.ep = {} spreads MoE experts over ranks, but the model has none "
                     "(model.moe.num_experts = 0)",
@@ -126,15 +132,19 @@ void Trainer::build_model(const model::ModelSpec& spec) {
     ep_ = parallel::make_expert_parallel(groups_->group(mesh::Group::kTpEp), groups_->ep_size(),
                                          groups_->ep_rank(), groups_->expert_tp_size(),
                                          groups_->expert_tp_rank());
+    // Under TP each TP rank dispatches its own sequence shard (Note: expert parallelism with
+    // tensor parallelism).
+    if (groups_->tp_size() > 1) ep_.tokens = groups_->group(mesh::Group::kTpCp);
   }
   chunks_ = model::build_chunks(spec, config_, device_, tp, groups_->pp_size(), groups_->pp_rank(),
                                 cp_, ep_);
   for (const auto& c : chunks_)
     params_.insert(params_.end(), c->parameters().begin(), c->parameters().end());
   // MoE balance over the data-parallel domain of this stage (Note: balance losses): the dp x cp
-  // ranks, one micro-batch slot per DP rank.
+  // ranks, one micro-batch slot per DP rank; and the TP ranks when each routes its own shard.
   model::MoeDomain domain;
-  if (groups_->dp_cp_group()->size() > 1) domain.comm = groups_->dp_cp_group();
+  const auto domain_group = ep_.tokens ? mesh::Group::kTpDpCp : mesh::Group::kDpCp;
+  if (groups_->group(domain_group)->size() > 1) domain.comm = groups_->group(domain_group);
   domain.slots = groups_->dp_size();
   for (const auto& c : chunks_) {
     for (model::MoeLayer* m : c->moe_layers()) {
@@ -149,7 +159,11 @@ void Trainer::build_optimizer(const model::ModelSpec& spec) {
   const auto pp = groups_->pp_size() > 1 ? groups_->pp_group() : nullptr;
   // Weights are replicated over DP and CP: gradients are reduced (and ZeRO-1 shards the optimizer)
   // over the dp-cp group, as Megatron-Core does.
-  if (ep_.enabled()) {  // Note: optimizers under expert parallelism
+  // A stage whose layers are all dense (model.moe.first_dense_layers, moe_layer_freq) holds no
+  // expert shard: its ranks (the expert groups lie within a stage) use the plain optimizer.
+  const bool experts = ep_.enabled() && std::any_of(params_.begin(), params_.end(),
+                                                    [](const auto& p) { return p.ep_sharded(); });
+  if (experts) {  // Note: optimizers under expert parallelism
     optim::ExpertGroups experts;
     experts.dp = groups_->expert_dp_group();
     experts.ep = groups_->ep_group();
@@ -160,14 +174,14 @@ void Trainer::build_optimizer(const model::ModelSpec& spec) {
     optimizer_ = optim::make_optimizer(&params_, config_, groups_->dp_cp_group(), tp, pp);
   }
   parallel::GradSyncOptions sync;  // Note: gradient synchronisation
-  // The buckets' all-reduces start from backward hooks, whose order against the blocking
-  // collectives of backward (the MoE dispatcher's all-to-alls, CP exchanges on the same ranks)
-  // differs between ranks when their graphs differ (an expert without tokens): they run on
-  // communicators of their own. ZeRO-1 reduces in finish(), on the groups themselves.
-  const bool side =
-      optimizer_->gradient_shards() == nullptr && config_.parallel().overlap_grad_reduce();
+  // Under expert parallelism the buckets' all-reduces, started from backward hooks, run on
+  // communicators of their own, apart from the dispatcher's all-to-alls over the same ranks in
+  // backward (Note: optimizers under expert parallelism). ZeRO-1 reduces in finish(), on the groups
+  // themselves.
+  const bool side = experts && optimizer_->gradient_shards() == nullptr &&
+                    config_.parallel().overlap_grad_reduce();
   sync.dp = side ? groups_->side_channel(mesh::Group::kDpCp, "grad") : groups_->dp_cp_group();
-  if (ep_.enabled()) {
+  if (experts) {
     sync.expert_dp =
         side ? groups_->side_channel(mesh::Group::kExpertDp, "grad") : groups_->expert_dp_group();
   }
@@ -413,7 +427,11 @@ StepMetrics Trainer::train_step() {
   timers_.stop("comm");
   if (gradient_observer_) gradient_observer_();
   timers_.start("comm");
-  at::Tensor losses = at::tensor({sums.loss_sum, sums.aux_sum}, at::kDouble);
+  double aux_sum = sums.aux_sum;
+  // Under EP with TP each TP rank's aux is its own shard's part (Note: expert parallelism with
+  // tensor parallelism); otherwise the TP ranks computed the same aux.
+  if (ep_.tokens) aux_sum = comm::all_reduce_scalar(aux_sum, groups_->tp_group().get());
+  at::Tensor losses = at::tensor({sums.loss_sum, aux_sum}, at::kDouble);
   sum_over_pp_dp(losses);
   timers_.stop("comm");
   m.loss = losses[0].item<double>() / total_tokens;

@@ -126,6 +126,11 @@ class MoeLayer {
   parallel::ContextParallel cp_;
   parallel::ExpertParallel ep_;
   MoeDomain domain_;
+  // EP under TP (SP): this rank routes its own sequence shard, not the gathered micro-batch.
+  bool local_routing_ = false;
+  // The ranks whose tokens make up one micro-batch with this rank's (CP, or tp x cp under
+  // local routing): the balance statistics are summed over them. Null: this rank alone.
+  comm::CommunicatorPtr stats_comm_;
   std::string name_;
   at::Tensor global_counts_;  // [E] fp64: GLOBAL_BATCH counts of the step's micro-batches so far
   double global_tokens_ = 0;  // and their real tokens, both summed over the domain

@@ -39,6 +39,11 @@ struct ExpertParallel {
   int etp = 1, etp_rank = 0;    // expert tensor parallelism
   std::vector<int> member_ep;   // the ep index of each rank of `comm`
   std::vector<int> member_etp;  // the expert-TP rank of each rank of `comm`
+  // With dense tensor (and sequence) parallelism: the tp x cp ranks that split one micro-batch's
+  // tokens, each routing and dispatching its own sequence shard; the micro-batch's balance
+  // statistics are summed over them (Note: expert parallelism with tensor parallelism). Null
+  // without TP (CP's group sums them then).
+  comm::CommunicatorPtr tokens;
   bool enabled() const { return comm != nullptr && comm->size() > 1; }
   int size() const { return enabled() ? comm->size() : 1; }
 };
