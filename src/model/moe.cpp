@@ -18,7 +18,9 @@ namespace loom::model {
 // sequence reduce-scatter). The gates multiply partial outputs, so the router's gradient is a
 // partial sum on each rank (TpShard::partial_grad, all-reduced by the trainer). The auxiliary
 // losses are computed identically on every TP rank; their gradient is scaled by 1/tp so that, once
-// the input gradient is all-reduced by the region, it counts once.
+// the input gradient is all-reduced by the region, it counts once. Under expert parallelism the
+// routed experts leave this region instead: see [Note: expert parallelism with tensor
+// parallelism].
 MoeLayer::MoeLayer(const ModelSpec& spec, const ParameterFactory& f,
                    const parallel::TensorParallel& tp, const parallel::ContextParallel& cp,
                    const parallel::ExpertParallel& ep)
@@ -44,8 +46,9 @@ MoeLayer::MoeLayer(const ModelSpec& spec, const ParameterFactory& f,
                       "expert parallelism under TP without the tp x cp token group");
   stats_comm_ = local_routing_ ? ep.tokens : (cp.enabled() ? cp.comm : nullptr);
   if (stats_comm_ && stats_comm_->size() == 1) stats_comm_ = nullptr;
+  // Without expert parallelism the experts split over TP (under it over expert_tp: checked below).
   LOOM_CHECK_CONFIG(
-      ffn % tp.size() == 0,
+      ep.enabled() || ffn % tp.size() == 0,
       "the expert FFN width (model.moe.expert_ffn_hidden_size = {}) is not divisible by the "
       "tensor-parallel size parallel.tp = {}",
       ffn, tp.size());

@@ -48,6 +48,11 @@ Trainer::Trainer(const config::JobConfig& config, comm::CommunicatorPtr world,
                     "expert tensor parallelism is carved with expert parallelism (set "
                     "parallel.ep > 1, or expert_tp to 0)",
                     dims.expert_tp, dims.tp);
+  // Checked here, on every rank alike (a stage without MoE layers would not see the layer's check).
+  LOOM_CHECK_CONFIG(dims.ep == 1 || dims.tp == 1 || config_.parallel().sequence_parallel(),
+                    "expert parallelism with parallel.tp = {} needs parallel.sequence_parallel: "
+                    "true (each TP rank dispatches its own sequence shard)",
+                    dims.tp);
   LOOM_CHECK_CONFIG(dims.ep == 1 || config_.model().moe().num_experts() > 0,
                     "parallel.ep = {} spreads MoE experts over ranks, but the model has none "
                     "(model.moe.num_experts = 0)",

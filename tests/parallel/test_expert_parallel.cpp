@@ -167,7 +167,9 @@ TEST(ExpertParallel, ExpertsThatDoNotSplitAreRefused) {
 // expert shards gathered over the expert group) at two steps, evaluation, final parameters, and
 // identical replicas (expert shards over expert DP), with fp32 tolerances of
 // loom::testing::expect_layout_matches. Capacity drops are per DP rank's micro-batch, as in the
-// single process with the same micro-batches: the drops equal the reference's exactly.
+// single process with the same micro-batches: the drops equal the reference's exactly. They drop by
+// position: by probability, a rounding-level difference between two near-equal gates can drop
+// another token (the layer-level float64 test covers dropping by probability under EP).
 using loom::testing::Layout;
 using loom::train::Trainer;
 
@@ -194,7 +196,8 @@ TEST(ExpertParallelLayouts, EqualTheSingleProcess) {
     cases.push_back(g);
     Layout q = ep_layout(2, 2);
     q.aux_type = "SEQUENCE";
-    q.capacity = 0.75;  // drops, by probability
+    q.capacity = 0.75;  // drops by position (Layouts.RecomputeAndCapacityDropsUnderTpPpDp says why)
+    q.drop_by_position = true;
     cases.push_back(q);
     // Packed documents: uneven micro-batch counts over the DP ranks, the shorter plans padded with
     // empty micro-batches that still take part in the exchanges. Each rank packs its own half, the
@@ -241,6 +244,15 @@ TEST(ExpertParallelLayouts, EqualTheSingleProcess) {
     u.aux_type = "GLOBAL_BATCH";
     u.bias_rate = 1e-2;
     cases.push_back(u);
+    // Packed documents under ep 2 x tp 2: each shard's padding and documents are its own
+    // positions' (no balance loss: the packing differs from the single process's).
+    Layout w = ep_layout(2);
+    w.tp = 2;
+    w.sp = true;
+    w.documents = true;
+    w.aux = false;
+    w.steps = 6;
+    cases.push_back(w);
   } else if (n == 8) {
     Layout e = ep_layout(8);  // every rank one expert, with a recomputed forward
     e.experts = 8;
@@ -252,6 +264,14 @@ TEST(ExpertParallelLayouts, EqualTheSingleProcess) {
     u.etp = 1;
     u.zero = true;
     cases.push_back(u);
+    Layout c = ep_layout(2);  // ep 2 x tp 2 (SP) x cp 2, recomputed: shards of CP pieces
+    c.tp = 2;
+    c.sp = true;
+    c.cp = 2;
+    c.recompute = true;
+    c.aux_type = "SEQUENCE";
+    c.steps = 6;
+    cases.push_back(c);
     Layout p = ep_layout(4, 2);  // ep4 x pp2 (dp4), zero-bubble, ZeRO-1
     p.pp = 2;
     p.layers = 4;
@@ -261,7 +281,10 @@ TEST(ExpertParallelLayouts, EqualTheSingleProcess) {
   } else {
     GTEST_SKIP() << "the expert-parallel layouts run at 2, 4 and 8 ranks";
   }
-  for (const Layout& c : cases) loom::testing::expect_layout_matches(c);
+  for (const Layout& c : cases) {
+    const auto r = loom::testing::expect_layout_matches(c);
+    if (c.capacity > 0) EXPECT_GT(r.steps.dropped, 0) << c.str() << ": the case must drop tokens";
+  }
 }
 
 TEST(ExpertParallelLayouts, CheckpointsReshardOverEp) {
@@ -326,6 +349,12 @@ TEST(ExpertParallelLayouts, BadLayoutsNameTheReason) {
   j = loom::testing::layout_job(loom::testing::Layout{});  // dense
   j.mutable_parallel()->set_ep(n);
   loom::testing::expect_config_error(j, "the model has none (model.moe.num_experts = 0)");
+  if (n >= 4) {
+    Layout t = ep_layout(2);
+    t.tp = 2;  // without sequence parallelism
+    loom::testing::expect_config_error(loom::testing::layout_job(t),
+                                       "needs parallel.sequence_parallel: true");
+  }
 }
 
 }  // namespace
