@@ -379,6 +379,29 @@ void IndexedSource::sample(Split split, int64_t index, int64_t len, int64_t* out
   s.samplers[static_cast<size_t>(d)]->sample(i, out);
 }
 
+int32_t IndexedSource::source_of(Split split, int64_t index) const {
+  const SplitData& s = split_data(split);
+  return s.blend[static_cast<size_t>(index % static_cast<int64_t>(s.blend.size()))].first;
+}
+
+std::vector<std::string> IndexedSource::source_names() const {
+  std::vector<std::string> names;
+  for (const auto& d : datasets_) {
+    const std::string& p = d->prefix();
+    names.push_back(
+        p.substr(p.find_last_of('/') == std::string::npos ? 0 : p.find_last_of('/') + 1));
+  }
+  for (size_t i = 0; i < names.size(); ++i) {
+    for (size_t j = 0; j < i; ++j) {
+      if (names[j] == names[i]) {
+        names[i] += fmt::format("#{}", i);
+        break;
+      }
+    }
+  }
+  return names;
+}
+
 std::string IndexedSource::describe() const {
   std::string s = "indexed datasets:";
   for (size_t d = 0; d < datasets_.size(); ++d) {

@@ -97,6 +97,7 @@ std::string MicroBatchLoader::describe() const {
 MicroBatchLoader::MicroBatchLoader(const DataSource* source, LoaderOptions options)
     : source_(source), options_(std::move(options)) {
   LOOM_INTERNAL_CHECK(source_ != nullptr, "loader without a data source");
+  num_sources_ = source_->source_names().size();
   LOOM_CHECK_CONFIG(options_.seq_len >= 1, "the loader needs train.seq_len >= 1, got {}",
                     options_.seq_len);
   if (options_.mode == BatchMode::kDocuments) {
@@ -141,12 +142,23 @@ void MicroBatchLoader::check_ids(Split split, int64_t sample, int64_t begin, con
   }
 }
 
+int64_t MicroBatchLoader::source_of(Split split, int64_t index) const {
+  const int32_t s = source_->source_of(split, index);
+  LOOM_CHECK(s >= 0 && static_cast<size_t>(s) < num_sources_,
+             "data: {} sample {} comes from source {}, but the data source ({}) names {}",
+             split == Split::kTrain ? "training" : "validation", index, s, source_->describe(),
+             num_sources_);
+  return s;
+}
+
 model::Batch MicroBatchLoader::assemble(Split split, const std::vector<SampleRef>& samples,
                                         const MicroBatchPlan& mb) const {
   const auto rows = static_cast<int64_t>(mb.rows.size());
   const int64_t len = mb.row_len;
   at::Tensor inputs = at::zeros({rows, len}, at::kLong);   // [b, s]
   at::Tensor targets = at::zeros({rows, len}, at::kLong);  // [b, s]
+  // Blended data: each position's source (padding: 0; it counts nowhere).
+  at::Tensor source = num_sources_ > 1 ? at::zeros({rows, len}, at::kLong) : at::Tensor();
   if (options_.mode == BatchMode::kWindows) {
     // One window per row, read as seq_len + 1 tokens: inputs are the first seq_len, targets the
     // last.
@@ -157,10 +169,12 @@ model::Batch MicroBatchLoader::assemble(Split split, const std::vector<SampleRef
       const int64_t index = samples[static_cast<size_t>(piece.sample)].index;
       source_->sample(split, index, len + 1, p + r * (len + 1));
       check_ids(split, index, 0, p + r * (len + 1), len + 1);
+      if (source.defined()) source[r].fill_(source_of(split, index));
     }
     model::Batch b;
     b.tokens = buf.narrow(1, 0, len).contiguous().to(options_.device);
     b.targets = buf.narrow(1, 1, len).contiguous().to(options_.device);
+    if (source.defined()) b.source = source.to(options_.device);
     return b;
   }
   // Packed pieces (Note: packed sequences): each piece is its own document for attention and
@@ -183,12 +197,14 @@ model::Batch MicroBatchLoader::assemble(Split split, const std::vector<SampleRef
       targets[r]
           .narrow(0, at, piece.tokens)
           .copy_(at::from_blob(buf.data() + 1, {piece.tokens}, at::kLong));
+      if (source.defined()) source[r].narrow(0, at, piece.tokens).fill_(source_of(split, index));
       at += piece.tokens;
       c.push_back(at);
     }
     if (at < len) c.push_back(len);
   }
   model::Batch b = model::packed_batch(inputs, targets, cu);
+  b.source = source;
   bool padded = false;
   for (int64_t n : real) padded = padded || n < len;
   if (padded) {

@@ -23,8 +23,29 @@ void DataSource::document(Split split, int64_t index, int64_t, int64_t, int64_t*
 }
 
 SyntheticMarkovCorpus::SyntheticMarkovCorpus(int64_t vocab_size, int32_t branching, uint64_t seed,
-                                             int64_t max_document_len)
-    : vocab_(vocab_size), branching_(branching), seed_(seed), max_document_len_(max_document_len) {
+                                             int64_t max_document_len, int32_t sources,
+                                             std::vector<double> weights)
+    : vocab_(vocab_size),
+      branching_(branching),
+      seed_(seed),
+      max_document_len_(max_document_len),
+      sources_(sources) {
+  LOOM_CHECK_CONFIG(sources >= 1 && sources <= 256,
+                    "field 'data.synthetic_sources' must be in [1, 256], got {}", sources);
+  LOOM_CHECK_CONFIG(weights.empty() || static_cast<int32_t>(weights.size()) == sources,
+                    "'data.weights' has {} entries for data.synthetic_sources = {}", weights.size(),
+                    sources);
+  if (weights.empty()) weights.assign(static_cast<size_t>(sources), 1.0);
+  double weight_sum = 0;
+  for (double w : weights) {
+    LOOM_CHECK_CONFIG(std::isfinite(w) && w >= 0, "'data.weights' must be finite and >= 0, got {}",
+                      w);
+    weight_sum += w;
+  }
+  LOOM_CHECK_CONFIG(weight_sum > 0, "'data.weights' sum to 0: no source would be drawn");
+  double share = 0;
+  for (double w : weights) shares_.push_back(share += w / weight_sum);
+  shares_.back() = 1.0;
   LOOM_CHECK_CONFIG(max_document_len >= 2,
                     "synthetic corpus: documents need at least 2 tokens, got a maximum of {}",
                     max_document_len);
@@ -32,12 +53,18 @@ SyntheticMarkovCorpus::SyntheticMarkovCorpus(int64_t vocab_size, int32_t branchi
                     vocab_size);
   LOOM_CHECK_CONFIG(branching >= 1 && branching <= 64,
                     "field 'data.synthetic_branching' must be in [1, 64], got {}", branching);
-  successors_.resize(static_cast<size_t>(vocab_ * branching_));
-  for (int64_t v = 0; v < vocab_; ++v) {
-    for (int32_t j = 0; j < branching_; ++j) {
-      successors_[v * branching_ + j] = static_cast<int64_t>(
-          splitmix64(splitmix64(seed_ ^ static_cast<uint64_t>(v)) + static_cast<uint64_t>(j)) %
-          static_cast<uint64_t>(vocab_));
+  successors_.resize(static_cast<size_t>(sources_ * vocab_ * branching_));
+  for (int32_t c = 0; c < sources_; ++c) {
+    const uint64_t chain_seed =
+        c == 0 ? seed_ : splitmix64(seed_ + 0xC2B2AE3D27D4EB4Full * static_cast<uint64_t>(c));
+    int64_t* table = successors_.data() + static_cast<int64_t>(c) * vocab_ * branching_;
+    for (int64_t v = 0; v < vocab_; ++v) {
+      for (int32_t j = 0; j < branching_; ++j) {
+        table[v * branching_ + j] =
+            static_cast<int64_t>(splitmix64(splitmix64(chain_seed ^ static_cast<uint64_t>(v)) +
+                                            static_cast<uint64_t>(j)) %
+                                 static_cast<uint64_t>(vocab_));
+      }
     }
   }
   double total = 0;
@@ -54,14 +81,34 @@ void SyntheticMarkovCorpus::sample(Split split, int64_t index, int64_t len, int6
   std::mt19937_64 rng(splitmix64(seed_ * 0x100000001B3ull + static_cast<uint64_t>(index) * 2 +
                                  (split == Split::kValid ? 1 : 0)));
   std::uniform_real_distribution<double> u(0.0, 1.0);
+  const int64_t* table =
+      successors_.data() + static_cast<int64_t>(source_of(split, index)) * vocab_ * branching_;
   int64_t tok = static_cast<int64_t>(rng() % static_cast<uint64_t>(vocab_));
   for (int64_t i = 0; i < len; ++i) {
     out[i] = tok;
     const double r = u(rng);
     int32_t j = 0;
     while (j + 1 < branching_ && r > cumulative_[j]) ++j;
-    tok = successors_[tok * branching_ + j];
+    tok = table[tok * branching_ + j];
   }
+}
+
+int32_t SyntheticMarkovCorpus::source_of(Split split, int64_t index) const {
+  if (sources_ == 1) return 0;
+  const uint64_t h =
+      splitmix64(splitmix64(seed_ ^ 0xD6E8FEB86659FD93ull) + static_cast<uint64_t>(index) * 2 +
+                 (split == Split::kValid ? 1 : 0));
+  const double r = static_cast<double>(h >> 11) * 0x1.0p-53;  // uniform in [0, 1)
+  int32_t c = 0;
+  while (c + 1 < sources_ && r >= shares_[static_cast<size_t>(c)]) ++c;
+  return c;
+}
+
+std::vector<std::string> SyntheticMarkovCorpus::source_names() const {
+  if (sources_ == 1) return {"synthetic"};
+  std::vector<std::string> names;
+  for (int32_t c = 0; c < sources_; ++c) names.push_back(fmt::format("chain{}", c));
+  return names;
 }
 
 int64_t SyntheticMarkovCorpus::document_length(Split split, int64_t index) const {
@@ -95,9 +142,18 @@ double SyntheticMarkovCorpus::entropy() const {
 }
 
 std::string SyntheticMarkovCorpus::describe() const {
+  std::string blend;
+  if (sources_ > 1) {
+    blend = fmt::format(", {} chains blended", sources_);
+    double prev = 0;
+    for (int32_t c = 0; c < sources_; ++c) {
+      blend += fmt::format("{}{:.3g}", c == 0 ? " " : ":", shares_[static_cast<size_t>(c)] - prev);
+      prev = shares_[static_cast<size_t>(c)];
+    }
+  }
   return fmt::format(
-      "synthetic Markov corpus (vocab {}, branching {}, seed {}, entropy {:.3f} nats)", vocab_,
-      branching_, seed_, entropy());
+      "synthetic Markov corpus (vocab {}, branching {}, seed {}, entropy {:.3f} nats{})", vocab_,
+      branching_, seed_, entropy(), blend);
 }
 
 std::unique_ptr<DataSource> make_source(const config::JobConfig& job, int64_t vocab_size,
@@ -111,9 +167,11 @@ std::unique_ptr<DataSource> make_source(const config::JobConfig& job, int64_t vo
           static_cast<int64_t>(job.train().eval_batches()) * global_batch,
           d.mode() == config::DataConfig::DOCUMENTS);
     case config::DataConfig::SYNTHETIC:
-      return std::make_unique<SyntheticMarkovCorpus>(vocab_size, d.synthetic_branching(),
-                                                     d.seed() != 0 ? d.seed() : job.seed(),
-                                                     std::max<int64_t>(2, job.train().seq_len()));
+      return std::make_unique<SyntheticMarkovCorpus>(
+          vocab_size, d.synthetic_branching(), d.seed() != 0 ? d.seed() : job.seed(),
+          std::max<int64_t>(2, job.train().seq_len()), d.synthetic_sources(),
+          d.synthetic_sources() > 1 ? std::vector<double>(d.weights().begin(), d.weights().end())
+                                    : std::vector<double>{});
   }
   LOOM_THROW(ErrorKind::kConfig, "field 'data.source': unknown source {}",
              static_cast<int>(d.source()));

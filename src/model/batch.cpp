@@ -19,6 +19,7 @@ Batch Batch::to(at::Device device) const {
   b.position_ids = mv(position_ids);
   b.doc_ids = mv(doc_ids);
   b.padding = mv(padding);
+  b.source = mv(source);
   b.cp_index = mv(cp_index);
   b.cp_doc = mv(cp_doc);
   return b;
@@ -77,6 +78,7 @@ Batch cp_shard(const Batch& full, int cp, int rank) {
   out.targets = take(full.targets);
   out.loss_mask = take(full.loss_mask);
   out.padding = take(full.padding);
+  out.source = take(full.source);
   out.position_ids = full.position_ids.defined() ? take(full.position_ids) : mine.clone();
   out.doc_ids = out.cp_doc[rank];
   return out;

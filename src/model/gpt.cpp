@@ -63,7 +63,7 @@ struct RecomputedBlock : public torch::autograd::Function<RecomputedBlock> {
       const c10::optional<at::Tensor>& cos_opt, const c10::optional<at::Tensor>& sin_opt,
       const c10::optional<at::Tensor>& doc_opt, const c10::optional<at::Tensor>& cp_index_opt,
       const c10::optional<at::Tensor>& cp_doc_opt, const c10::optional<at::Tensor>& padding_opt,
-      Block* block) {
+      const c10::optional<at::Tensor>& source_opt, Block* block) {
     // Optional tensors: an undefined one (no RoPE, no document mask) is not an autograd input.
     const at::Tensor cos = cos_opt.value_or(at::Tensor());
     const at::Tensor sin = sin_opt.value_or(at::Tensor());
@@ -74,7 +74,15 @@ struct RecomputedBlock : public torch::autograd::Function<RecomputedBlock> {
     ctx->save_for_backward({x, cos, sin, doc_ids, cp_index, cp_doc, padding});
     ctx->saved_data["block"] = reinterpret_cast<int64_t>(block);
     ctx->saved_data["num_params"] = static_cast<int64_t>(params.size());
-    ForwardContext fctx{cos, sin, doc_ids, cp_index, cp_doc, padding, /*record_stats=*/true};
+    // The source tags feed statistics only, which the first pass records: not saved.
+    ForwardContext fctx{cos,
+                        sin,
+                        doc_ids,
+                        cp_index,
+                        cp_doc,
+                        padding,
+                        source_opt.value_or(at::Tensor()),
+                        /*record_stats=*/true};
     fctx.training = true;  // recomputation runs only when gradients will flow
     Block::Output out = block->forward(x, fctx);
     if (out.moe_balance.defined()) ctx->saved_data["moe_balance"] = out.moe_balance;
@@ -87,8 +95,14 @@ struct RecomputedBlock : public torch::autograd::Function<RecomputedBlock> {
     auto* block = reinterpret_cast<Block*>(ctx->saved_data["block"].toInt());
     const int64_t num_params = ctx->saved_data["num_params"].toInt();
     at::Tensor x = saved[0].detach().requires_grad_(true);
-    ForwardContext fctx{
-        saved[1], saved[2], saved[3], saved[4], saved[5], saved[6], /*record_stats=*/false};
+    ForwardContext fctx{saved[1],
+                        saved[2],
+                        saved[3],
+                        saved[4],
+                        saved[5],
+                        saved[6],
+                        at::Tensor(),
+                        /*record_stats=*/false};
     fctx.training = true;
     if (ctx->saved_data.count("moe_balance")) {
       fctx.moe_balance = ctx->saved_data["moe_balance"].toTensor();
@@ -111,8 +125,8 @@ struct RecomputedBlock : public torch::autograd::Function<RecomputedBlock> {
     auto g = torch::autograd::grad(outputs, inputs, grad_outputs, /*retain_graph=*/false,
                                    /*create_graph=*/false, /*allow_unused=*/true);
     // One gradient per forward input: x, each parameter, cos, sin, doc_ids, cp_index, cp_doc,
-    // padding, block.
-    g.resize(g.size() + 7);
+    // padding, source, block.
+    g.resize(g.size() + 8);
     return g;
   }
 };
@@ -284,6 +298,7 @@ at::Tensor GptModel::hidden_states(const Batch& batch, at::Tensor* aux, const at
   ctx.cp_index = batch.cp_index;
   ctx.cp_doc = batch.cp_doc;
   ctx.padding = batch.padding;
+  ctx.source = batch.source;
   ctx.training = at::GradMode::is_enabled();  // evaluation runs under NoGradGuard
   LOOM_CHECK(batch.cp_index.defined() == cp_.enabled() &&
                  (!cp_.enabled() || batch.cp_index.size(0) == cp_.size()),
@@ -305,9 +320,10 @@ at::Tensor GptModel::hidden_states(const Batch& batch, at::Tensor* aux, const at
       auto opt = [](const at::Tensor& t) {
         return t.defined() ? c10::optional<at::Tensor>(t) : c10::optional<at::Tensor>();
       };
-      auto out = RecomputedBlock::apply(x, at::TensorList(block->parameters()), opt(ctx.rope_cos),
-                                        opt(ctx.rope_sin), opt(ctx.doc_ids), opt(ctx.cp_index),
-                                        opt(ctx.cp_doc), opt(ctx.padding), block.get());
+      auto out =
+          RecomputedBlock::apply(x, at::TensorList(block->parameters()), opt(ctx.rope_cos),
+                                 opt(ctx.rope_sin), opt(ctx.doc_ids), opt(ctx.cp_index),
+                                 opt(ctx.cp_doc), opt(ctx.padding), opt(ctx.source), block.get());
       x = out[0];
       block_aux = out[1];
     } else {

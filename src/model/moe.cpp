@@ -421,6 +421,24 @@ MoeLayer::Output MoeLayer::forward(const at::Tensor& input, const ForwardContext
   if (ctx.training && ctx.record_stats) {                // the step's loads (Note: balance losses)
     const at::Tensor c = counts.detach().to(at::kDouble);  // on the device: no sync here
     step_loads_ = step_loads_.defined() ? step_loads_ + c : c;
+    // [Note: expert specialisation] With blended data (DataSource::source_names), each training
+    // forward adds its real (token, expert) assignments, before drops, to a [sources, E] table by
+    // the source of the token (Batch::source, sharded with the tokens: CP, and the SP shard under
+    // local routing). end_moe_step sums the tables over the data-parallel domain with the loads,
+    // so the step's table covers the whole global batch, as one process would count it. The
+    // metrics turn it into each source's share per expert and the mutual information between
+    // source and expert (train/metrics.h).
+    if (sources_ > 1 && ctx.source.defined()) {
+      const int64_t k = moe_.top_k, e = moe_.num_experts;
+      const at::Tensor src = mine(ctx.source).t().reshape({t}).to(r.experts.device(), at::kLong);
+      const at::Tensor key = src.repeat_interleave(k) * e + r.experts.reshape({-1});
+      const at::Tensor w = real.defined()
+                               ? real.repeat_interleave(k).to(at::kDouble)
+                               : at::ones({t * k}, r.logits.options().dtype(at::kDouble));
+      const at::Tensor table =
+          at::zeros({sources_ * e}, w.options()).index_add_(0, key, w).view({sources_, e});
+      step_sources_ = step_sources_.defined() ? step_sources_ + table : table;
+    }
   }
   // [Note: MoE under context parallelism] A CP rank routes its share of the micro-batch's tokens.
   // The balance loss of the whole micro-batch, sum_e P_e c_e x E / (k T^2), is a sum over tokens
@@ -478,6 +496,7 @@ void MoeLayer::begin_step(double micro_batches, double tokens) {
   global_counts_ = at::Tensor();
   global_tokens_ = 0;
   step_loads_ = at::Tensor();
+  step_sources_ = at::Tensor();
 }
 
 void MoeLayer::end_step(const at::Tensor& domain_loads) {
@@ -494,12 +513,22 @@ void begin_moe_step(const std::vector<MoeLayer*>& layers, double micro_batches, 
   for (MoeLayer* m : layers) m->begin_step(micro_batches, tokens);
 }
 
-std::vector<at::Tensor> end_moe_step(const std::vector<MoeLayer*>& layers) {
+std::vector<at::Tensor> end_moe_step(const std::vector<MoeLayer*>& layers,
+                                     std::vector<at::Tensor>* sources) {
+  if (sources) sources->clear();
   if (layers.empty()) return {};
   std::vector<at::Tensor> parts;
   for (MoeLayer* m : layers) {
     parts.push_back(m->step_loads().defined() ? m->step_loads().to(at::kCPU)
                                               : at::zeros({m->spec().num_experts}, at::kDouble));
+  }
+  // Every rank of the domain has the same layers with the same source count, so the tables line
+  // up; a layer that saw no source tags this step contributes zeros.
+  for (MoeLayer* m : layers) {
+    if (!sources || m->sources() < 2) continue;
+    parts.push_back(m->step_sources().defined()
+                        ? m->step_sources().to(at::kCPU).reshape({-1})
+                        : at::zeros({m->sources() * m->spec().num_experts}, at::kDouble));
   }
   at::Tensor all = at::cat(parts);
   const auto& comm = layers.front()->domain().comm;
@@ -511,6 +540,16 @@ std::vector<at::Tensor> end_moe_step(const std::vector<MoeLayer*>& layers) {
     out.push_back(all.narrow(0, at, e).clone());
     m->end_step(out.back());
     at += e;
+  }
+  for (MoeLayer* m : layers) {
+    if (!sources) break;
+    const int64_t e = m->spec().num_experts, n = m->sources();
+    if (n < 2) {
+      sources->push_back(at::zeros({std::max<int64_t>(n, 1), e}, at::kDouble));
+      continue;
+    }
+    sources->push_back(all.narrow(0, at, n * e).view({n, e}).clone());
+    at += n * e;
   }
   return out;
 }

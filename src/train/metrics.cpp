@@ -39,6 +39,39 @@ void MetricsSinks::finish() {
 
 namespace {
 
+// The steps the sinks write the specialisation table at: every log_every-th and the last.
+bool report_now(int64_t step, const MetricsContext& ctx) {
+  return step % std::max<int64_t>(ctx.log_every, 1) == 0 || step == ctx.total_steps;
+}
+
+std::unique_ptr<SpecialisationTable> make_table(const MetricsContext& ctx) {
+  if (!ctx.moe || ctx.sources.size() < 2 || ctx.num_experts <= 0) return nullptr;
+  return std::make_unique<SpecialisationTable>(ctx.sources, ctx.num_experts);
+}
+
+nlohmann::json specialisation_json(const SpecialisationTable& t) {
+  nlohmann::json share = nlohmann::json::array(), assignments = nlohmann::json::array(),
+                 mi = nlohmann::json::array();
+  for (int64_t l = 0; l < t.layers(); ++l) {
+    nlohmann::json layer = nlohmann::json::array(), counts = nlohmann::json::array();
+    for (size_t src = 0; src < t.sources().size(); ++src) {
+      std::vector<double> row;
+      for (int64_t e = 0; e < t.experts(); ++e)
+        row.push_back(t.share(l, static_cast<int64_t>(src), e));
+      layer.push_back(row);
+      counts.push_back(t.assignments(l, static_cast<int64_t>(src)));
+    }
+    share.push_back(layer);
+    assignments.push_back(counts);
+    mi.push_back(t.mutual_information_bits(l));
+  }
+  return {{"steps", t.steps()},
+          {"sources", t.sources()},
+          {"assignments", assignments},
+          {"share", share},
+          {"mi_bits", mi}};
+}
+
 class ConsoleSink : public MetricsSink {
  public:
   ConsoleSink(const MetricsContext& ctx, std::shared_ptr<Progress> progress)
@@ -166,6 +199,13 @@ class JsonlSink : public MetricsSink {
       j["moe_max_load"] = m.moe_max_load;
       j["moe_layer_max_load"] = m.moe_layer_max_load;
     }
+    if (table_) {
+      table_->add(m);
+      if (report_now(m.step, ctx_) && table_->steps() > 0) {
+        j["moe_specialisation"] = specialisation_json(*table_);
+        table_->reset();
+      }
+    }
     write(j.dump());
   }
 
@@ -186,6 +226,7 @@ class JsonlSink : public MetricsSink {
   MetricsContext ctx_;
   std::string path_;
   std::ofstream out_;
+  std::unique_ptr<SpecialisationTable> table_ = make_table(ctx_);
 };
 
 class TensorBoardSink : public MetricsSink {
@@ -207,6 +248,23 @@ class TensorBoardSink : public MetricsSink {
       for (size_t i = 0; i < m.moe_layer_max_load.size(); ++i)
         v.emplace_back(fmt::format("moe/max_load_layer{}", i), m.moe_layer_max_load[i]);
     }
+    if (table_) {
+      table_->add(m);
+      if (report_now(m.step, ctx_) && table_->steps() > 0) {
+        const SpecialisationTable& t = *table_;
+        for (int64_t l = 0; l < t.layers(); ++l) {
+          v.emplace_back(fmt::format("moe/specialisation_mi_layer{}", l),
+                         t.mutual_information_bits(l));
+          for (size_t src = 0; src < t.sources().size(); ++src) {
+            for (int64_t e = 0; e < t.experts(); ++e) {
+              v.emplace_back(fmt::format("moe/share_layer{}/{}/expert{}", l, t.sources()[src], e),
+                             t.share(l, static_cast<int64_t>(src), e));
+            }
+          }
+        }
+        table_->reset();
+      }
+    }
     writer_.add_scalars(m.step, v);
     if (m.step % ctx_.log_every == 0) writer_.flush();
   }
@@ -221,6 +279,7 @@ class TensorBoardSink : public MetricsSink {
  private:
   MetricsContext ctx_;
   TensorBoardWriter writer_;
+  std::unique_ptr<SpecialisationTable> table_ = make_table(ctx_);
 };
 
 }  // namespace
@@ -274,8 +333,70 @@ TrainSummary SummaryTracker::finish(int64_t last_step, const std::string& checkp
   return s;
 }
 
+void SpecialisationTable::add(const StepMetrics& m) {
+  if (m.moe_source_counts.empty()) return;
+  const auto cells = static_cast<size_t>(static_cast<int64_t>(sources_.size()) * experts_);
+  if (counts_.size() != m.moe_source_counts.size())
+    counts_.assign(m.moe_source_counts.size(), std::vector<double>(cells, 0.0));
+  for (size_t l = 0; l < counts_.size(); ++l) {
+    const auto& step = m.moe_source_counts[l];
+    LOOM_INTERNAL_CHECK(step.size() == cells, "specialisation: layer {} has {} cells, not {}", l,
+                        step.size(), cells);
+    for (size_t i = 0; i < cells; ++i) counts_[l][i] += step[i];
+  }
+  ++steps_;
+}
+
+void SpecialisationTable::reset() {
+  for (auto& layer : counts_) std::fill(layer.begin(), layer.end(), 0.0);
+  steps_ = 0;
+}
+
+double SpecialisationTable::assignments(int64_t layer, int64_t source) const {
+  const auto& c = counts_.at(static_cast<size_t>(layer));
+  double n = 0;
+  for (int64_t e = 0; e < experts_; ++e) n += c[static_cast<size_t>(source * experts_ + e)];
+  return n;
+}
+
+double SpecialisationTable::share(int64_t layer, int64_t source, int64_t expert) const {
+  const double n = assignments(layer, source);
+  return n > 0 ? counts_.at(
+                     static_cast<size_t>(layer))[static_cast<size_t>(source * experts_ + expert)] /
+                     n
+               : 0.0;
+}
+
+double SpecialisationTable::mutual_information_bits(int64_t layer) const {
+  // I(S; E) = sum_{s,e} p(s,e) log2(p(s,e) / (p(s) p(e))) over the layer's assignments.
+  const auto& c = counts_.at(static_cast<size_t>(layer));
+  const auto ns = static_cast<int64_t>(sources_.size());
+  std::vector<double> ps(static_cast<size_t>(ns), 0.0), pe(static_cast<size_t>(experts_), 0.0);
+  double total = 0;
+  for (int64_t src = 0; src < ns; ++src) {
+    for (int64_t e = 0; e < experts_; ++e) {
+      const double v = c[static_cast<size_t>(src * experts_ + e)];
+      ps[static_cast<size_t>(src)] += v;
+      pe[static_cast<size_t>(e)] += v;
+      total += v;
+    }
+  }
+  if (total <= 0) return 0.0;
+  double mi = 0;
+  for (int64_t src = 0; src < ns; ++src) {
+    for (int64_t e = 0; e < experts_; ++e) {
+      const double v = c[static_cast<size_t>(src * experts_ + e)];
+      if (v <= 0) continue;
+      mi += v / total *
+            std::log2(v * total / (ps[static_cast<size_t>(src)] * pe[static_cast<size_t>(e)]));
+    }
+  }
+  return std::max(mi, 0.0);
+}
+
 void add_moe_stats(StepMetrics& m, const std::vector<std::unique_ptr<model::GptModel>>& chunks,
-                   const std::vector<at::Tensor>& loads, comm::Communicator* pp) {
+                   const std::vector<at::Tensor>& loads, comm::Communicator* pp,
+                   const std::vector<at::Tensor>& sources, int64_t num_sources) {
   if (chunks.empty() || !chunks.front()->spec().is_moe()) return;
   const model::ModelSpec& spec = chunks.front()->spec();
   // Layer l's place among the model's MoE layers; each stage fills its own, the sum over the
@@ -285,16 +406,25 @@ void add_moe_stats(StepMetrics& m, const std::vector<std::unique_ptr<model::GptM
   for (int64_t l = 0; l < spec.num_layers; ++l) {
     if (spec.is_moe_layer(l)) slot[static_cast<size_t>(l)] = n++;
   }
-  at::Tensor per_layer = at::zeros({n + 1}, at::kDouble);  // + the dropped count
+  // [n max loads | dropped | n source tables]: each stage fills its own layers' entries.
+  // The same size on every stage, one without MoE layers too.
+  const int64_t cells = num_sources > 1 ? num_sources * spec.moe.num_experts : 0;
+  at::Tensor per_layer = at::zeros({n + 1 + n * cells}, at::kDouble);
   size_t next = 0;
   for (const auto& chunk : chunks) {
     for (const auto& [block, st] : chunk->moe_stats()) {
       per_layer[n] += static_cast<double>(st.dropped);
       const int64_t layer = chunk->stage().first_layer + block;
       if (next < loads.size() && loads[next].defined() && layer < spec.num_layers) {
+        const int64_t at = slot[static_cast<size_t>(layer)];
         const double mean = loads[next].mean().item<double>();
-        if (mean > 0) {
-          per_layer[slot[static_cast<size_t>(layer)]] = loads[next].max().item<double>() / mean;
+        if (mean > 0) per_layer[at] = loads[next].max().item<double>() / mean;
+        if (cells > 0 && next < sources.size()) {
+          LOOM_INTERNAL_CHECK(sources[next].numel() == cells,
+                              "layer {}: a source table of {} cells, not {}", layer,
+                              sources[next].numel(), cells);
+          per_layer.narrow(0, n + 1 + at * cells, cells)
+              .copy_(sources[next].reshape({-1}).to(at::kDouble));
         }
       }
       ++next;
@@ -305,6 +435,11 @@ void add_moe_stats(StepMetrics& m, const std::vector<std::unique_ptr<model::GptM
   m.moe_layer_max_load.assign(per_layer.data_ptr<double>(), per_layer.data_ptr<double>() + n);
   m.moe_max_load = 0;
   for (double v : m.moe_layer_max_load) m.moe_max_load = std::max(m.moe_max_load, v);
+  m.moe_source_counts.clear();
+  for (int64_t l = 0; cells > 0 && l < n; ++l) {
+    const double* p = per_layer.data_ptr<double>() + n + 1 + l * cells;
+    m.moe_source_counts.emplace_back(p, p + cells);
+  }
 }
 
 std::unique_ptr<MetricsSink> make_console_sink(const MetricsContext& ctx,

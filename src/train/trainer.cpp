@@ -100,6 +100,10 @@ Trainer::Trainer(const config::JobConfig& config, comm::CommunicatorPtr world,
   ctx.moe = spec.is_moe();
   ctx.pipeline = groups_->pp_size() > 1;
   ctx.cuda = device_.is_cuda();
+  if (spec.is_moe() && source_->source_names().size() > 1) {
+    ctx.sources = source_->source_names();
+    ctx.num_experts = spec.moe.num_experts;
+  }
   sinks_ = make_metrics_sinks(config_, ctx, world_->rank() == 0);
   log_setup(spec);
 }
@@ -151,9 +155,12 @@ void Trainer::build_model(const model::ModelSpec& spec) {
   const auto domain_group = ep_.tokens ? mesh::Group::kTpDpCp : mesh::Group::kDpCp;
   if (groups_->group(domain_group)->size() > 1) domain.comm = groups_->group(domain_group);
   domain.slots = groups_->dp_size();
+  // Blended data: the layers count each source's experts (Note: expert specialisation).
+  const auto sources = static_cast<int64_t>(source_->source_names().size());
   for (const auto& c : chunks_) {
     for (model::MoeLayer* m : c->moe_layers()) {
       m->set_domain(domain);
+      m->set_sources(sources);
       moe_layers_.push_back(m);
     }
   }
@@ -456,7 +463,11 @@ StepMetrics Trainer::train_step() {
   m.lr = schedule_->lr_at(step_);
   optimizer_->step(m.lr);
   // The step's expert loads over the data-parallel domain; the expert biases move.
-  const std::vector<at::Tensor> loads = model::end_moe_step(moe_layers_);
+  // With blended data, each layer's experts by source too (Note: expert specialisation).
+  const auto num_sources = static_cast<int64_t>(source_->source_names().size());
+  std::vector<at::Tensor> source_tables;
+  const std::vector<at::Tensor> loads =
+      model::end_moe_step(moe_layers_, num_sources > 1 ? &source_tables : nullptr);
   keep.commit();
   timers_.stop("optimizer");
   if (history_.empty()) set_long_timeouts(false);  // the first step is done
@@ -482,7 +493,8 @@ StepMetrics Trainer::train_step() {
         m.step, 100 * m.mfu, peak_flops_ / 1e12,
         config_.train().peak_tflops() > 0 ? "train.peak_tflops" : "a GEMM probe at start-up");
   }
-  add_moe_stats(m, chunks_, loads, groups_->pp_size() > 1 ? groups_->pp_group().get() : nullptr);
+  add_moe_stats(m, chunks_, loads, groups_->pp_size() > 1 ? groups_->pp_group().get() : nullptr,
+                source_tables, num_sources);
   check_stragglers(m);
   history_.push_back(m);
   return m;

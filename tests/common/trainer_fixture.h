@@ -226,6 +226,25 @@ inline StepComparison compare_steps(loom::train::Trainer& single, loom::train::T
     EXPECT_EQ(b.tokens, a.tokens) << what;
     EXPECT_NEAR(b.aux_loss, a.aux_loss, tol.loss * a.aux_loss + 1e-9) << what << " step " << s;
     EXPECT_NEAR(b.grad_norm, a.grad_norm, tol.grad_norm * a.grad_norm) << what << " step " << s;
+    // Blended data: each layer's experts by source over the global batch. The same assignments in
+    // all (exact); per cell, at most a few routing flips between near-equal scores (fp32 rounding
+    // differs between layouts).
+    EXPECT_EQ(b.moe_source_counts.size(), a.moe_source_counts.size()) << what << " step " << s;
+    for (size_t l = 0; l < std::min(a.moe_source_counts.size(), b.moe_source_counts.size()); ++l) {
+      const auto& x = a.moe_source_counts[l];
+      const auto& y = b.moe_source_counts[l];
+      EXPECT_EQ(x.size(), y.size()) << what;
+      if (x.size() != y.size()) continue;
+      double sum_x = 0, sum_y = 0, moved = 0;
+      for (size_t i = 0; i < x.size(); ++i) {
+        sum_x += x[i];
+        sum_y += y[i];
+        moved += std::abs(x[i] - y[i]);
+      }
+      EXPECT_GT(sum_x, 0) << what << " step " << s << " layer " << l;
+      EXPECT_EQ(sum_y, sum_x) << what << " step " << s << " layer " << l;
+      EXPECT_LE(moved, 4) << what << " step " << s << " layer " << l << ": source tables differ";
+    }
     if (!capture) continue;
     std::map<std::string, const at::Tensor*> by_name;
     for (const auto& [name, g] : ga) by_name[name] = &g;
@@ -310,6 +329,9 @@ struct Layout {
   int etp = 0;           // parallel.expert_tp (0: tp)
   int experts = 4;       // model.moe.num_experts
   int shared = 1;        // model.moe.num_shared_experts
+  // data.synthetic_sources: with 2+, the expert-by-source tables (Note: expert specialisation) are
+  // compared too.
+  int sources = 1;
 
   int dp() const { return world()->size() / (tp * pp * cp); }
   std::string str() const {
@@ -327,6 +349,7 @@ struct Layout {
     if (etp > 0) s += " etp" + std::to_string(etp);
     if (model == "moe" && experts != 4) s += " E" + std::to_string(experts);
     if (model == "moe" && shared != 1) s += " shared" + std::to_string(shared);
+    if (sources > 1) s += " sources" + std::to_string(sources);
     if (pp > 1) s += " " + (schedule.empty() ? std::string("1f1b") : schedule);
     if (vp > 1) s += " vp" + std::to_string(vp);
     s += " m" + std::to_string(micro) + " L" + std::to_string(layers);
@@ -383,6 +406,7 @@ inline loom::config::JobConfig layout_single_job(const Layout& c) {
     j.mutable_data()->set_mode(loom::config::DataConfig::DOCUMENTS);
     j.mutable_train()->set_micro_batch_tokens(40);
   }
+  j.mutable_data()->set_synthetic_sources(c.sources);
   return j;
 }
 

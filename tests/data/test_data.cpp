@@ -311,6 +311,17 @@ TEST(IndexedSource, SplitsAndBlendsTwoDatasets) {
     for (int64_t t : buf) EXPECT_LT(t, train_end) << "train sample " << i;
   }
   EXPECT_THROW(src.sample(loom::data::Split::kTrain, 0, 5, buf.data()), loom::Error);
+  // Each sample's source is its dataset in the blend (Megatron's greedy order, per split), named
+  // by the file.
+  const std::vector<std::string> names = {fs::path(a->prefix()).filename().string(),
+                                          fs::path(b->prefix()).filename().string()};
+  EXPECT_EQ(src.source_names(), names);
+  const auto train_blend = loom::data::blend({3, 1}, 400),
+             valid_blend = loom::data::blend({3, 1}, 40);
+  for (int64_t i = 0; i < 400; ++i)
+    EXPECT_EQ(src.source_of(loom::data::Split::kTrain, i), train_blend[i].first) << i;
+  for (int64_t i = 0; i < 40; ++i)
+    EXPECT_EQ(src.source_of(loom::data::Split::kValid, i), valid_blend[i].first) << i;
   c.set_split("90");
   expect_io_error([&] { loom::data::IndexedSource s(c, 1, 8, 1 << 20, 10, 0); },
                   "field 'data.split'");
@@ -719,6 +730,111 @@ TEST(StepPlan, EqualMicroBatchesPadShorterPlansWithEmptyOnes) {
 
 // The loader's packed micro-batches: each piece's inputs and targets are its document's tokens,
 // positions restart at 0 in each piece, doc ids separate pieces, padding does not count.
+// [Note: synthetic corpus] with several chains: the shares follow the weights, chain 0 is the
+// one-chain corpus, the others are other chains, and the loader tags every position of a window or
+// packed piece with its sample's source (padding: 0).
+TEST(SyntheticMarkovCorpus, BlendedChainsAreTaggedInEveryBatch) {
+  using loom::data::Split;
+  const loom::data::SyntheticMarkovCorpus one(64, 4, 9, /*max_document_len=*/12);
+  const loom::data::SyntheticMarkovCorpus two(64, 4, 9, 12, /*sources=*/2, {3, 1});
+  EXPECT_EQ(one.source_names(), std::vector<std::string>{"synthetic"});
+  EXPECT_EQ(two.source_names(), (std::vector<std::string>{"chain0", "chain1"}));
+  const int64_t n = 4000;
+  int64_t first = 0, same = 0, seconds = 0;
+  std::vector<int64_t> x(16), y(16);
+  for (int64_t i = 0; i < n; ++i) {
+    const int32_t src = two.source_of(Split::kTrain, i);
+    ASSERT_TRUE(src == 0 || src == 1) << src;
+    EXPECT_EQ(one.source_of(Split::kTrain, i), 0);
+    two.sample(Split::kTrain, i, 16, x.data());
+    one.sample(Split::kTrain, i, 16, y.data());
+    if (src == 0) {
+      ++first;
+      EXPECT_EQ(x, y) << "chain 0 is the one-chain corpus (sample " << i << ")";
+    } else {
+      ++seconds;
+      same += x == y ? 1 : 0;
+    }
+    EXPECT_EQ(two.document_length(Split::kTrain, i), one.document_length(Split::kTrain, i));
+  }
+  // Binomial(4000, 3/4): mean 3000, standard deviation 27.4; five of them either way.
+  EXPECT_NEAR(static_cast<double>(first), 3000.0, 137.0);
+  EXPECT_LT(same, seconds / 10) << "chain 1 follows chain 0's successors";
+  // The loader's tags, in both modes.
+  for (const auto mode : {BatchMode::kWindows, BatchMode::kDocuments}) {
+    loom::data::LoaderOptions o;
+    o.mode = mode;
+    o.seq_len = 12;
+    o.global_batch = 16;
+    o.micro_batch_size = 4;
+    o.micro_batch_tokens = 30;
+    o.pad_multiple = 4;
+    o.prefetch = false;
+    loom::data::MicroBatchLoader loader(&two, o), plain(&one, o);
+    EXPECT_FALSE(plain.next().batches.front().source.defined()) << "one source: no tags";
+    const auto step = loader.next();
+    const auto samples = loader.global_samples(Split::kTrain, 0);
+    int64_t tagged = 0;
+    for (size_t m = 0; m < step.batches.size(); ++m) {
+      const auto& b = step.batches[m];
+      ASSERT_TRUE(b.source.defined());
+      ASSERT_EQ(b.source.sizes(), b.tokens.sizes());
+      const auto& mb = step.plan.micro_batches[m];
+      for (size_t r = 0; r < mb.rows.size(); ++r) {
+        int64_t at = 0;
+        for (const auto& p : mb.rows[r]) {
+          const int64_t len = mode == BatchMode::kWindows ? o.seq_len : p.tokens;
+          const int32_t want =
+              two.source_of(Split::kTrain, samples[static_cast<size_t>(p.sample)].index);
+          for (int64_t t = at; t < at + len; ++t)
+            EXPECT_EQ(b.source[static_cast<int64_t>(r)][t].item<int64_t>(), want);
+          tagged += want;
+          at += len;
+        }
+        for (int64_t t = at; t < b.seq_len(); ++t)
+          EXPECT_EQ(b.source[static_cast<int64_t>(r)][t].item<int64_t>(), 0) << "padding";
+      }
+    }
+    EXPECT_GT(tagged, 0) << "no piece of the second source in the step";
+  }
+  // A source that names fewer parts than it tags is refused, naming itself; so are bad weights.
+  struct Lying : loom::data::DataSource {
+    void sample(Split, int64_t, int64_t len, int64_t* out) const override {
+      std::fill(out, out + len, 1);
+    }
+    int64_t vocab_size() const override { return 2; }
+    std::string describe() const override { return "lying test source"; }
+    std::vector<std::string> source_names() const override { return {"a", "b"}; }
+    int32_t source_of(Split, int64_t i) const override { return i == 3 ? 2 : 0; }
+  } lying;
+  loom::data::LoaderOptions w;
+  w.seq_len = 4;
+  w.global_batch = 4;
+  w.micro_batch_size = 4;
+  w.prefetch = false;
+  loom::data::MicroBatchLoader bad(&lying, w);
+  try {
+    (void)bad.next();
+    ADD_FAILURE() << "a source index past the names was accepted";
+  } catch (const loom::Error& e) {
+    EXPECT_NE(std::string(e.what()).find("sample 3 comes from source 2"), std::string::npos)
+        << e.what();
+    EXPECT_NE(std::string(e.what()).find("lying test source"), std::string::npos) << e.what();
+  }
+  expect_io_error(
+      [] {
+        loom::data::SyntheticMarkovCorpus c(64, 4, 9, 12, 2, {1, 2, 3});
+      },
+      "'data.weights' has 3 entries for data.synthetic_sources = 2");
+  expect_io_error(
+      [] {
+        loom::data::SyntheticMarkovCorpus c(64, 4, 9, 12, 2, {0, 0});
+      },
+      "'data.weights' sum to 0");
+  expect_io_error([] { loom::data::SyntheticMarkovCorpus c(64, 4, 9, 12, 0); },
+                  "'data.synthetic_sources' must be in [1, 256], got 0");
+}
+
 TEST(MicroBatchLoader, PackedRowsHoldTheDocumentsPieces) {
   loom::data::SyntheticMarkovCorpus corpus(64, 4, 9, /*max_document_len=*/12);
   loom::data::LoaderOptions o;

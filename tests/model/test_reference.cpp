@@ -141,6 +141,7 @@ struct Ref {
   struct MoeRecord {
     Vec counts, psum;
     double tokens = 0;
+    std::vector<std::vector<int64_t>> chosen;  // [T][k] each token's experts
   };
   mutable std::map<std::string, MoeRecord> record;
 
@@ -276,6 +277,7 @@ struct Ref {
     }
     MoeRecord rec;
     rec.counts = count;
+    rec.chosen = chosen;
     rec.psum.assign(E, 0.0);
     rec.tokens = static_cast<double>(T);
     for (int64_t t = 0; t < T; ++t) {
@@ -730,6 +732,69 @@ TEST(MoeBalance, ExpertBiasSelectsAndMovesByTheClosedForm) {
   }
   // The bias is not a parameter: no gradient, not in the optimizer's list.
   for (auto* m : layers) EXPECT_EQ(model.find(m->name() + ".expert_bias"), nullptr);
+}
+
+// [Note: expert specialisation] The step's [sources, E] table of each layer counts, per source,
+// the experts the reference chose for that source's real tokens: over micro-batches, once under
+// recomputation, not for padding, not in evaluation; summed over sources it is the step's loads.
+TEST(MoeBalance, SourceTablesCountEachSourcesExperts) {
+  for (const bool recompute : {false, true}) {
+    ModelSpec spec = f64_spec(tiny_config("moe_groups_sum"));
+    spec.recompute = recompute;
+    GptModel model(spec, 21);
+    const auto layers = model.moe_layers();
+    const int64_t sources = 3, e = spec.moe.num_experts;
+    for (auto* m : layers) m->set_sources(sources);
+    std::vector<Batch> mbs = {random_batch(2, 6, 13, 80), random_batch(3, 4, 13, 81)};
+    // Sources by position: row r, position p -> (r + p / 2) % 3; the second micro-batch's last
+    // position of row 1 is padding.
+    for (auto& b : mbs) {
+      b.source = at::empty({b.batch_size(), b.seq_len()}, at::kLong);
+      for (int64_t r = 0; r < b.batch_size(); ++r)
+        for (int64_t p = 0; p < b.seq_len(); ++p) b.source[r][p] = (r + p / 2) % sources;
+    }
+    mbs[1].padding = at::zeros({3, 4}, at::kBool);
+    mbs[1].padding[1][3] = true;
+    std::map<std::string, std::vector<double>> want;  // per layer: [sources * E]
+    loom::model::begin_moe_step(layers);
+    for (const Batch& b : mbs) {
+      auto out = model.forward(b);
+      (out.loss_sum + out.aux_loss).backward();
+      {
+        at::NoGradGuard no_grad;  // an evaluation forward: counted nowhere
+        (void)model.forward(b);
+      }
+      double unused = 0;
+      Ref ref(model);
+      ref.logits(b, &unused);
+      for (const auto& [name, rec] : ref.record) {
+        auto& table = want[name];
+        table.resize(static_cast<size_t>(sources * e), 0.0);
+        const int64_t rows = b.batch_size();
+        for (size_t t = 0; t < rec.chosen.size(); ++t) {  // t = position * rows + row
+          const int64_t row = static_cast<int64_t>(t) % rows, pos = static_cast<int64_t>(t) / rows;
+          if (b.padding.defined() && b.padding[row][pos].item<bool>()) continue;
+          const int64_t src = b.source[row][pos].item<int64_t>();
+          for (int64_t x : rec.chosen[t]) table[static_cast<size_t>(src * e + x)] += 1;
+        }
+      }
+    }
+    std::vector<at::Tensor> tables;
+    const auto loads = loom::model::end_moe_step(layers, &tables);
+    ASSERT_EQ(tables.size(), layers.size());
+    for (size_t l = 0; l < layers.size(); ++l) {
+      ASSERT_EQ(tables[l].sizes(), (std::vector<int64_t>{sources, e}));
+      EXPECT_EQ(to_vec(tables[l].reshape({-1})), want.at(layers[l]->name()))
+          << "layer " << l << (recompute ? " recomputed" : "");
+      EXPECT_EQ(to_vec(tables[l].sum(0)), to_vec(loads[l])) << "layer " << l;
+    }
+    // Without a source count (one source) the tables are zeros and nothing is counted.
+    for (auto* m : layers) m->set_sources(1);
+    loom::model::begin_moe_step(layers);
+    (void)model.forward(mbs[0]);
+    const auto none = loom::model::end_moe_step(layers, &tables);
+    for (const auto& t : tables) EXPECT_EQ(t.abs().sum().item<double>(), 0.0);
+  }
 }
 
 // GLOBAL_BATCH over M micro-batches of one process: micro-batch m uses the counts of micro-batches

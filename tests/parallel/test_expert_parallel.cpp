@@ -206,6 +206,7 @@ TEST(ExpertParallelLayouts, EqualTheSingleProcess) {
     Layout d = ep_layout(2);
     d.documents = true;
     d.aux = false;
+    d.sources = 2;  // pieces tagged by their document's source
     cases.push_back(d);
   } else if (n == 4) {
     Layout e = ep_layout(4, 2);
@@ -223,10 +224,12 @@ TEST(ExpertParallelLayouts, EqualTheSingleProcess) {
     cases.push_back(p);
     p.first_dense = 2;  // the first stage's layers are all dense: it holds no expert
     p.steps = 4;
+    p.sources = 2;  // the dense stage takes part in the source tables' pipeline sum
     cases.push_back(p);
     Layout c = ep_layout(2);  // ep2 over cp2 (dp2): a sequence's halves on two expert groups
     c.cp = 2;
     c.aux_type = "GLOBAL_BATCH";
+    c.sources = 2;
     cases.push_back(c);
     Layout t = ep_layout(2, 2);  // expert_tp 2 x ep 2 carved from dp4
     t.etp = 2;
@@ -238,7 +241,9 @@ TEST(ExpertParallelLayouts, EqualTheSingleProcess) {
     u.sp = true;
     u.etp = 1;
     u.aux_type = "SEQUENCE";
+    u.sources = 2;  // each TP rank counts its own shard's sources
     cases.push_back(u);
+    u.sources = 1;
     u.etp = 2;
     u.micro = 1;
     u.aux_type = "GLOBAL_BATCH";
@@ -271,6 +276,7 @@ TEST(ExpertParallelLayouts, EqualTheSingleProcess) {
     c.recompute = true;
     c.aux_type = "SEQUENCE";
     c.steps = 6;
+    c.sources = 3;
     cases.push_back(c);
     Layout p = ep_layout(4, 2);  // ep4 x pp2 (dp4), zero-bubble, ZeRO-1
     p.pp = 2;
@@ -283,7 +289,9 @@ TEST(ExpertParallelLayouts, EqualTheSingleProcess) {
   }
   for (const Layout& c : cases) {
     const auto r = loom::testing::expect_layout_matches(c);
-    if (c.capacity > 0) EXPECT_GT(r.steps.dropped, 0) << c.str() << ": the case must drop tokens";
+    if (c.capacity > 0) {
+      EXPECT_GT(r.steps.dropped, 0) << c.str() << ": the case must drop tokens";
+    }
   }
 }
 

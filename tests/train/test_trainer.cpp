@@ -5,6 +5,7 @@
 #include <gtest/gtest.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cmath>
 #include <csignal>
 #include <cstring>
@@ -12,6 +13,7 @@
 #include <fstream>
 #include <map>
 #include <nlohmann/json.hpp>
+#include <numeric>
 
 #include "loom/checkpoint/checkpoint.h"
 #include "loom/checkpoint/safetensors.h"
@@ -1259,6 +1261,130 @@ TEST(TensorBoard, TrainerWritesOneEventPerStep) {
   ASSERT_EQ(files.size(), 1u);
   auto records = read_records(files[0]);
   EXPECT_EQ(records.size(), 4u);  // version + 3 steps
+  fs::remove_all(dir);
+}
+
+// The tags of a TensorBoard event record's scalars.
+std::vector<std::string> scalar_tags(const std::string& record) {
+  std::vector<std::string> tags;
+  for (const auto& f : parse_fields(record)) {
+    if (f.number != 5) continue;  // summary
+    for (const auto& v : parse_fields(f.bytes)) tags.push_back(parse_fields(v.bytes).at(0).bytes);
+  }
+  return tags;
+}
+
+// [Note: expert specialisation] The table's shares and mutual information against closed forms,
+// and a blended MoE run's JSONL and TensorBoard reports.
+TEST(Metrics, ExpertSpecialisationIsTheClosedForm) {
+  loom::train::SpecialisationTable table({"a", "b"}, 4);
+  loom::train::StepMetrics m;
+  m.moe_source_counts = {
+      {5, 5, 0, 0, 0, 0, 3, 3},  // every expert serves one source: I = H(S)
+      {2, 4, 6, 8, 1, 2, 3, 4},  // both sources spread alike: I = 0
+      {3, 1, 0, 2, 1, 1, 4, 0},  // in between
+  };
+  table.add(m);
+  table.add(m);
+  EXPECT_EQ(table.steps(), 2);
+  ASSERT_EQ(table.layers(), 3);
+  auto entropy = [](const std::vector<double>& counts) {  // bits
+    double n = 0, h = 0;
+    for (double c : counts) n += c;
+    for (double c : counts) h -= c > 0 ? c / n * std::log2(c / n) : 0.0;
+    return h;
+  };
+  EXPECT_NEAR(table.mutual_information_bits(0), entropy({10, 6}), 1e-12);
+  EXPECT_NEAR(table.mutual_information_bits(1), 0.0, 1e-12);
+  // I(S; E) = H(E) - H(E | S), written out.
+  const std::vector<double>& c = m.moe_source_counts[2];
+  const double h_e = entropy({c[0] + c[4], c[1] + c[5], c[2] + c[6], c[3] + c[7]});
+  const double h_e_s = 6.0 / 12 * entropy({3, 1, 0, 2}) + 6.0 / 12 * entropy({1, 1, 4, 0});
+  EXPECT_NEAR(table.mutual_information_bits(2), h_e - h_e_s, 1e-12);
+  EXPECT_EQ(table.assignments(0, 0), 20.0);
+  EXPECT_EQ(table.assignments(2, 1), 12.0);
+  EXPECT_DOUBLE_EQ(table.share(2, 1, 2), 4.0 / 6.0);
+  EXPECT_DOUBLE_EQ(table.share(1, 0, 3), 8.0 / 20.0);
+  table.reset();
+  EXPECT_EQ(table.steps(), 0);
+  EXPECT_EQ(table.mutual_information_bits(0), 0.0);
+
+  // A blended run: each log_every-th record carries the table of the steps since the last one.
+  const std::string dir = temp_dir("specialisation");
+  auto j = tiny_job(/*moe=*/true);
+  j.mutable_train()->set_steps(4);
+  j.mutable_train()->set_log_every(2);
+  j.mutable_train()->set_metrics_jsonl(dir + "/metrics.jsonl");
+  j.mutable_train()->set_tensorboard_dir(dir + "/tb");
+  j.mutable_data()->set_synthetic_sources(2);
+  j.mutable_data()->add_weights(3);
+  j.mutable_data()->add_weights(1);
+  const auto spec = loom::model::ModelSpec::from_config(j.model());
+  {
+    Trainer t(j);
+    t.fit();
+    ASSERT_EQ(t.history().size(), 4u);
+    for (const auto& s : t.history()) {
+      ASSERT_EQ(static_cast<int64_t>(s.moe_source_counts.size()), spec.num_moe_layers());
+      for (const auto& layer : s.moe_source_counts) {
+        // Every real token's top_k assignments, of one source or the other.
+        EXPECT_EQ(std::accumulate(layer.begin(), layer.end(), 0.0), 16.0 * 16 * spec.moe.top_k);
+      }
+    }
+  }
+  std::ifstream in(dir + "/metrics.jsonl");
+  std::string line;
+  int reports = 0;
+  while (std::getline(in, line)) {
+    const auto r = nlohmann::json::parse(line);
+    if (r["type"] != "train") continue;
+    const int64_t step = r["step"].get<int64_t>();
+    ASSERT_EQ(r.contains("moe_specialisation"), step % 2 == 0) << line;
+    if (step % 2 != 0) continue;
+    ++reports;
+    const auto& sp = r["moe_specialisation"];
+    EXPECT_EQ(sp["steps"].get<int64_t>(), 2);
+    EXPECT_EQ(sp["sources"].get<std::vector<std::string>>(),
+              (std::vector<std::string>{"chain0", "chain1"}));
+    ASSERT_EQ(static_cast<int64_t>(sp["share"].size()), spec.num_moe_layers());
+    for (size_t l = 0; l < sp["share"].size(); ++l) {
+      const auto counts = sp["assignments"][l].get<std::vector<double>>();
+      EXPECT_EQ(counts[0] + counts[1], 2 * 16.0 * 16 * spec.moe.top_k);
+      EXPECT_GT(counts[1], 0);
+      EXPECT_GT(counts[0], counts[1]) << "weights 3:1";
+      for (const auto& row : sp["share"][l]) {
+        const auto v = row.get<std::vector<double>>();
+        ASSERT_EQ(static_cast<int64_t>(v.size()), spec.moe.num_experts);
+        EXPECT_NEAR(std::accumulate(v.begin(), v.end(), 0.0), 1.0, 1e-12);
+      }
+      const double mi = sp["mi_bits"][l].get<double>();
+      EXPECT_GE(mi, 0.0);
+      EXPECT_LE(mi, 1.0);  // at most H(source) <= 1 bit for two sources
+    }
+  }
+  EXPECT_EQ(reports, 2);
+  std::vector<std::string> files;
+  for (const auto& e : fs::directory_iterator(dir + "/tb")) files.push_back(e.path().string());
+  ASSERT_EQ(files.size(), 1u);
+  const auto records = read_records(files[0]);
+  ASSERT_EQ(records.size(), 5u);  // version + 4 steps
+  for (size_t step = 1; step <= 4; ++step) {
+    const auto tags = scalar_tags(records[step]);
+    const bool has =
+        std::find(tags.begin(), tags.end(), "moe/specialisation_mi_layer0") != tags.end();
+    EXPECT_EQ(has, step % 2 == 0) << "step " << step;
+    EXPECT_EQ(std::find(tags.begin(), tags.end(), "moe/share_layer0/chain1/expert3") != tags.end(),
+              step % 2 == 0)
+        << "step " << step;
+  }
+  // One source: no tables anywhere.
+  j.mutable_data()->set_synthetic_sources(1);
+  j.mutable_data()->clear_weights();
+  j.mutable_train()->set_steps(1);
+  j.mutable_train()->set_tensorboard_dir("off");
+  j.mutable_train()->set_metrics_jsonl("");
+  Trainer one(j);
+  EXPECT_TRUE(one.train_step().moe_source_counts.empty());
   fs::remove_all(dir);
 }
 }  // namespace

@@ -86,6 +86,9 @@ class IndexedSource : public DataSource {
                 int64_t* out) const override;
   int64_t vocab_size() const override { return vocab_; }
   std::string describe() const override;
+  // The datasets' file names (data.paths without their directories; repeated names get "#i").
+  std::vector<std::string> source_names() const override;
+  int32_t source_of(Split split, int64_t index) const override;
 
  private:
   struct SplitData {

@@ -95,9 +95,11 @@ class MicroBatchLoader {
  private:
   model::Batch assemble(Split split, const std::vector<SampleRef>& samples,
                         const MicroBatchPlan& mb) const;
+  int64_t source_of(Split split, int64_t index) const;  // checked against the names
   void check_ids(Split split, int64_t sample, int64_t begin, const int64_t* ids, int64_t n) const;
 
   const DataSource* source_;
+  size_t num_sources_ = 1;  // source_->source_names(): tokens are tagged when there are several
   LoaderOptions options_;
   int64_t position_ = 0;
   std::future<StepData> prefetch_;

@@ -18,6 +18,10 @@ struct Batch {
   // cp); undefined = none. They are computed like any token but count in no loss and no MoE
   // statistic.
   at::Tensor padding;
+  // [b, s] int64: the blended data source each position comes from (DataSource::source_of; the
+  // loader fills it when the data has several); undefined = one source. Only statistics read it
+  // (Note: expert specialisation).
+  at::Tensor source;
   // Context parallelism (cp_shard): every CP rank's tokens' global indices and documents,
   // [cp, b, s_local] int64; undefined without CP. The fields above then hold this rank's tokens.
   at::Tensor cp_index;

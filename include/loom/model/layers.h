@@ -30,6 +30,7 @@ struct ForwardContext {
   at::Tensor cp_index;  // [cp, b, s] every CP rank's tokens (Batch::cp_index), or undefined
   at::Tensor cp_doc;
   at::Tensor padding;        // [b, s] bool (Batch::padding), or undefined
+  at::Tensor source;         // [b, s] int64 (Batch::source), or undefined
   bool record_stats = true;  // false while activations are recomputed
   // A training forward (gradients will flow; false for evaluation): only these take part in the
   // step's MoE balance buffers and collectives over the data-parallel domain.

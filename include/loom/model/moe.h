@@ -86,6 +86,13 @@ class MoeLayer {
   void begin_step(double micro_batches = 0, double tokens = 0);
   const at::Tensor& step_loads() const { return step_loads_; }
   void end_step(const at::Tensor& domain_loads);
+  // Expert specialisation (Note: expert specialisation in moe.cpp): with `sources` > 1 blended
+  // data sources, training forwards also count, per source, the real (token, expert) assignments
+  // before drops from Batch::source; step_sources is [sources, E] fp64 (undefined before the
+  // step's first forward, or with fewer than 2 sources).
+  void set_sources(int64_t sources) { sources_ = sources; }
+  int64_t sources() const { return sources_; }
+  const at::Tensor& step_sources() const { return step_sources_; }
   const MoeSpec& spec() const { return moe_; }
   const std::string& name() const { return name_; }  // "layers.3.moe"
 
@@ -136,14 +143,19 @@ class MoeLayer {
   double global_tokens_ = 0;  // and their real tokens, both summed over the domain
   double step_micro_batches_ = 0, step_tokens_ = 0;  // begin_step's
   at::Tensor step_loads_;                            // [E] fp64
+  int64_t sources_ = 0;
+  at::Tensor step_sources_;  // [sources, E] fp64
 };
 
 // Step boundaries for every MoE layer of a rank (all its chunks; they share one domain).
 // begin_moe_step before the step's first forward. end_moe_step after the optimizer step: the step's
 // loads of all layers are summed over the domain in one all-reduce and each layer's expert bias
-// moves; returns each layer's loads over the domain ([E] fp64, the whole global batch's).
+// moves; returns each layer's loads over the domain ([E] fp64, the whole global batch's). With
+// `sources`, the same all-reduce also sums each layer's step_sources over the domain into it
+// ([sources, E] fp64 per layer; zeros for a layer that counts no sources).
 void begin_moe_step(const std::vector<MoeLayer*>& layers, double micro_batches = 0,
                     double tokens = 0);
-std::vector<at::Tensor> end_moe_step(const std::vector<MoeLayer*>& layers);
+std::vector<at::Tensor> end_moe_step(const std::vector<MoeLayer*>& layers,
+                                     std::vector<at::Tensor>* sources = nullptr);
 
 }  // namespace loom::model

@@ -41,6 +41,10 @@ struct StepMetrics {
   // Per MoE layer (model order): the busiest expert's tokens over the mean, over the step's whole
   // global batch (every micro-batch of every data-parallel rank).
   std::vector<double> moe_layer_max_load;
+  // Expert specialisation with blended data (Note: expert specialisation): per MoE layer (model
+  // order), the step's real (token, expert) assignments by source, [sources x E] row-major, over
+  // the whole global batch. Empty unless the data has several sources.
+  std::vector<std::vector<double>> moe_source_counts;
 };
 
 struct EvalMetrics {
@@ -92,6 +96,36 @@ struct MetricsContext {
   bool moe = false;       // report the aux loss, expert load and drops
   bool pipeline = false;  // report the pipeline wait
   bool cuda = false;      // memory: the GPU peak instead of the host RSS
+  // Blended data under MoE: the sources' names (DataSource::source_names) and the experts per
+  // layer; the sinks then report expert specialisation. Empty: one source.
+  std::vector<std::string> sources;
+  int64_t num_experts = 0;
+};
+
+// Expert specialisation accumulated over steps (StepMetrics::moe_source_counts): for each MoE
+// layer, each source's share of its assignments per expert, and the mutual information between a
+// token's source and its chosen experts in bits (0 when routing ignores the source; at most the
+// source entropy, reached when every expert serves one source).
+class SpecialisationTable {
+ public:
+  SpecialisationTable(std::vector<std::string> sources, int64_t experts)
+      : sources_(std::move(sources)), experts_(experts) {}
+  void add(const StepMetrics& m);  // a step's counts (ignored when it has none)
+  void reset();
+  int64_t steps() const { return steps_; }
+  int64_t layers() const { return static_cast<int64_t>(counts_.size()); }
+  const std::vector<std::string>& sources() const { return sources_; }
+  int64_t experts() const { return experts_; }
+  // Assignments of source s's tokens in layer l, and the share of them routed to expert e.
+  double assignments(int64_t layer, int64_t source) const;
+  double share(int64_t layer, int64_t source, int64_t expert) const;
+  double mutual_information_bits(int64_t layer) const;
+
+ private:
+  std::vector<std::string> sources_;
+  int64_t experts_;
+  std::vector<std::vector<double>> counts_;  // [layer][source * E + expert]
+  int64_t steps_ = 0;
 };
 
 class MetricsSink {
@@ -128,9 +162,12 @@ class MetricsSinks {
 // Fills m.moe_dropped (the last micro-batch's, summed over layers), m.moe_layer_max_load and
 // m.moe_max_load (their max) from this rank's chunks and `loads` (model::end_moe_step: each of the
 // chunks' MoE layers' expert loads over the data-parallel domain), over every pipeline stage
-// (`pp`, may be null). Collective over `pp` when the model is MoE.
+// (`pp`, may be null). Collective over `pp` when the model is MoE. With `num_sources` > 1 (the
+// same on every stage), `sources` holds each of this rank's layers' [num_sources, E] tables from
+// end_moe_step and m.moe_source_counts is filled.
 void add_moe_stats(StepMetrics& m, const std::vector<std::unique_ptr<model::GptModel>>& chunks,
-                   const std::vector<at::Tensor>& loads, comm::Communicator* pp);
+                   const std::vector<at::Tensor>& loads, comm::Communicator* pp,
+                   const std::vector<at::Tensor>& sources = {}, int64_t num_sources = 0);
 
 // The console line (every log_every steps, the first and the last; with an ETA when no bar is
 // drawn) and the progress bar.
@@ -141,9 +178,14 @@ std::unique_ptr<MetricsSink> make_console_sink(const MetricsContext& ctx,
 // rolled back after its last checkpoint, and about to be redone) and a torn last line to
 // `<file>.abandoned-<UTC time>`; a fresh run moves an earlier run's file to `<file>.before-<UTC
 // time>`. Then it writes {"type": "start", "step": S, "moved": n}: each step appears once, from
-// the run that produced the checkpointed state, and nothing is deleted.
+// the run that produced the checkpointed state, and nothing is deleted. With ctx.sources, the train
+// record of every log_every-th (and the last) step carries "moe_specialisation": {"steps": n,
+// "sources": [names], "assignments": [layer][source], "share": [layer][source][expert],
+// "mi_bits": [layer]} over the n steps since the previous such record (SpecialisationTable).
 std::unique_ptr<MetricsSink> make_jsonl_sink(const std::string& path, const MetricsContext& ctx);
-// TensorBoard scalars (train/, perf/, memory/, moe/, eval/), flushed every log_every steps.
+// TensorBoard scalars (train/, perf/, memory/, moe/, eval/), flushed every log_every steps; with
+// ctx.sources also, at those steps, moe/specialisation_mi_layer<l> and
+// moe/share_layer<l>/<source>/expert<e> over the steps since the previous flush.
 std::unique_ptr<MetricsSink> make_tensorboard_sink(const std::string& dir,
                                                    const MetricsContext& ctx);
 
