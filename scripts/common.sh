@@ -24,3 +24,15 @@ loom_mpirun() {
   if [ "$(id -u)" -eq 0 ]; then flags+=(--allow-run-as-root); fi
   mpirun "${flags[@]}" "$@"
 }
+
+# The demo corpus (data/demo): Debian's fortunes (15k short documents) and the licence texts (17
+# long ones), tokenised byte-level into Megatron .bin/.idx files by tools/preprocess_data.
+loom_demo_corpus() {
+  local fortunes licenses
+  fortunes=$(ls /usr/share/games/fortunes/* | grep -v -E '\.(dat|u8)$' | paste -sd,)
+  licenses=$(ls /usr/share/common-licenses/* | paste -sd,)
+  build/cpu/tools/preprocess_data --input "$fortunes" --format text --split separator \
+    --output-prefix data/demo/fortunes 2>&1 | tail -1
+  build/cpu/tools/preprocess_data --input "$licenses" --format text --split file \
+    --output-prefix data/demo/licenses 2>&1 | tail -1
+}

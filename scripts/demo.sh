@@ -11,12 +11,7 @@ rm -rf "$OUT"
 mkdir -p "$OUT"
 
 echo "== preparing the demo corpus (data/demo)"
-FORTUNES=$(ls /usr/share/games/fortunes/* | grep -v -E '\.(dat|u8)$' | paste -sd,)
-LICENSES=$(ls /usr/share/common-licenses/* | paste -sd,)
-build/cpu/tools/preprocess_data --input "$FORTUNES" --format text --split separator \
-  --output-prefix data/demo/fortunes 2>&1 | tail -1
-build/cpu/tools/preprocess_data --input "$LICENSES" --format text --split file \
-  --output-prefix data/demo/licenses 2>&1 | tail -1
+loom_demo_corpus
 
 run() {  # name binary config [extra --set ...]
   local name="$1" bin="$2" config="$3"
