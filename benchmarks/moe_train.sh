@@ -19,7 +19,7 @@
 # cores oversubscribe them 2 : 1); processes are not bound (--bind-to none). The tables go to
 # $OUT/summary.md.
 source "$(dirname "$0")/../scripts/common.sh"
-[ -x build/cpu/examples/moe_pretrain ] || loom_setup_and_build
+if [ -d build/cpu ]; then cmake --build --preset cpu -j "$(nproc)" > /dev/null; else loom_setup_and_build; fi
 STEPS="${STEPS:-300}"
 NP="${NP:-2}"
 TPUT_STEPS="${TPUT_STEPS:-40}"

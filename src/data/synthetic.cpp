@@ -30,8 +30,9 @@ SyntheticMarkovCorpus::SyntheticMarkovCorpus(int64_t vocab_size, int32_t branchi
       seed_(seed),
       max_document_len_(max_document_len),
       sources_(sources) {
-  LOOM_CHECK_CONFIG(sources >= 1 && sources <= 256,
-                    "field 'data.synthetic_sources' must be in [1, 256], got {}", sources);
+  // Each chain is a [vocab, branching] table of its own.
+  LOOM_CHECK_CONFIG(sources >= 1 && sources <= 16,
+                    "field 'data.synthetic_sources' must be in [1, 16], got {}", sources);
   LOOM_CHECK_CONFIG(weights.empty() || static_cast<int32_t>(weights.size()) == sources,
                     "'data.weights' has {} entries for data.synthetic_sources = {}", weights.size(),
                     sources);

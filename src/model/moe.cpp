@@ -470,6 +470,12 @@ MoeLayer::Output MoeLayer::forward(const at::Tensor& input, const ForwardContext
   // Each TP rank computed the same losses of the same tokens: once their input gradients are
   // summed by the region, they count once. Under local routing each has its own tokens' part.
   if (tp_.enabled() && !local_routing_) aux = parallel::scale_gradient(aux, 1.0 / tp_.size());
+  if (ctx.training && ctx.record_stats) {  // this rank's parts of the step's figures
+    step_dropped_ += static_cast<double>(dropped);
+    step_assignments_ += static_cast<double>(t * moe_.top_k);
+    step_balance_ += aux_value;
+    step_z_ += z_value;
+  }
   if (ctx.record_stats) {
     if (stats_comm_) {  // the micro-batch's figures, as the single process logs them
       at::Tensor sums = at::tensor({aux_value, z_value, static_cast<double>(dropped)}, at::kDouble);
@@ -497,6 +503,7 @@ void MoeLayer::begin_step(double micro_batches, double tokens) {
   global_tokens_ = 0;
   step_loads_ = at::Tensor();
   step_sources_ = at::Tensor();
+  step_dropped_ = step_assignments_ = step_balance_ = step_z_ = 0;
 }
 
 void MoeLayer::end_step(const at::Tensor& domain_loads) {
@@ -513,43 +520,44 @@ void begin_moe_step(const std::vector<MoeLayer*>& layers, double micro_batches, 
   for (MoeLayer* m : layers) m->begin_step(micro_batches, tokens);
 }
 
-std::vector<at::Tensor> end_moe_step(const std::vector<MoeLayer*>& layers,
-                                     std::vector<at::Tensor>* sources) {
-  if (sources) sources->clear();
+std::vector<MoeStepStats> end_moe_step(const std::vector<MoeLayer*>& layers) {
   if (layers.empty()) return {};
+  // One buffer: per layer [E loads | sources x E (with 2+ sources) | 4 sums]. Every rank of the
+  // domain has the same layers with the same source count, so the buffers line up; a layer that
+  // saw nothing this step contributes zeros.
   std::vector<at::Tensor> parts;
   for (MoeLayer* m : layers) {
+    const int64_t e = m->spec().num_experts;
     parts.push_back(m->step_loads().defined() ? m->step_loads().to(at::kCPU)
-                                              : at::zeros({m->spec().num_experts}, at::kDouble));
-  }
-  // Every rank of the domain has the same layers with the same source count, so the tables line
-  // up; a layer that saw no source tags this step contributes zeros.
-  for (MoeLayer* m : layers) {
-    if (!sources || m->sources() < 2) continue;
-    parts.push_back(m->step_sources().defined()
-                        ? m->step_sources().to(at::kCPU).reshape({-1})
-                        : at::zeros({m->sources() * m->spec().num_experts}, at::kDouble));
+                                              : at::zeros({e}, at::kDouble));
+    if (m->sources() > 1) {
+      parts.push_back(m->step_sources().defined() ? m->step_sources().to(at::kCPU).reshape({-1})
+                                                  : at::zeros({m->sources() * e}, at::kDouble));
+    }
+    parts.push_back(at::tensor(m->step_sums(), at::kDouble));
   }
   at::Tensor all = at::cat(parts);
   const auto& comm = layers.front()->domain().comm;
   if (comm && comm->size() > 1) comm::all_reduce_host(all, comm.get());
-  std::vector<at::Tensor> out;
+  std::vector<MoeStepStats> out;
   int64_t at = 0;
   for (MoeLayer* m : layers) {
     const int64_t e = m->spec().num_experts;
-    out.push_back(all.narrow(0, at, e).clone());
-    m->end_step(out.back());
+    MoeStepStats st;
+    st.loads = all.narrow(0, at, e).clone();
     at += e;
-  }
-  for (MoeLayer* m : layers) {
-    if (!sources) break;
-    const int64_t e = m->spec().num_experts, n = m->sources();
-    if (n < 2) {
-      sources->push_back(at::zeros({std::max<int64_t>(n, 1), e}, at::kDouble));
-      continue;
+    if (m->sources() > 1) {
+      st.sources = all.narrow(0, at, m->sources() * e).view({m->sources(), e}).clone();
+      at += m->sources() * e;
     }
-    sources->push_back(all.narrow(0, at, n * e).view({n, e}).clone());
-    at += n * e;
+    const double* sums = all.data_ptr<double>() + at;  // dropped, assignments, balance, z
+    at += 4;
+    st.dropped_fraction = sums[1] > 0 ? sums[0] / sums[1] : 0.0;
+    const double micro = m->step_micro_batches() > 0 ? m->step_micro_batches() : 1.0;
+    st.balance_loss = sums[2] / micro;
+    st.z_loss = sums[3] / micro;
+    m->end_step(st.loads);
+    out.push_back(std::move(st));
   }
   return out;
 }

@@ -39,6 +39,9 @@ void MetricsSinks::finish() {
 
 namespace {
 
+// TensorBoard gets a layer's share table as scalars up to this many cells (sources x experts).
+constexpr int64_t kMaxShareScalars = 256;
+
 // The steps the sinks write the specialisation table at: every log_every-th and the last.
 bool report_now(int64_t step, const MetricsContext& ctx) {
   return step % std::max<int64_t>(ctx.log_every, 1) == 0 || step == ctx.total_steps;
@@ -198,6 +201,9 @@ class JsonlSink : public MetricsSink {
       j["moe_dropped"] = m.moe_dropped;
       j["moe_max_load"] = m.moe_max_load;
       j["moe_layer_max_load"] = m.moe_layer_max_load;
+      j["moe_layer_dropped_fraction"] = m.moe_layer_dropped_fraction;
+      j["moe_layer_balance_loss"] = m.moe_layer_balance_loss;
+      j["moe_layer_z_loss"] = m.moe_layer_z_loss;
     }
     if (table_) {
       table_->add(m);
@@ -245,8 +251,15 @@ class TensorBoardSink : public MetricsSink {
     if (ctx_.moe) {
       v.emplace_back("train/aux_loss", m.aux_loss);
       v.emplace_back("moe/max_load", m.moe_max_load);
-      for (size_t i = 0; i < m.moe_layer_max_load.size(); ++i)
+      for (size_t i = 0; i < m.moe_layer_max_load.size(); ++i) {
         v.emplace_back(fmt::format("moe/max_load_layer{}", i), m.moe_layer_max_load[i]);
+        if (i < m.moe_layer_dropped_fraction.size()) {
+          v.emplace_back(fmt::format("moe/dropped_fraction_layer{}", i),
+                         m.moe_layer_dropped_fraction[i]);
+          v.emplace_back(fmt::format("moe/balance_loss_layer{}", i), m.moe_layer_balance_loss[i]);
+          v.emplace_back(fmt::format("moe/z_loss_layer{}", i), m.moe_layer_z_loss[i]);
+        }
+      }
     }
     if (table_) {
       table_->add(m);
@@ -255,7 +268,9 @@ class TensorBoardSink : public MetricsSink {
         for (int64_t l = 0; l < t.layers(); ++l) {
           v.emplace_back(fmt::format("moe/specialisation_mi_layer{}", l),
                          t.mutual_information_bits(l));
-          for (size_t src = 0; src < t.sources().size(); ++src) {
+          // The shares as scalars only for small tables (JSONL has them all).
+          const auto cells = static_cast<int64_t>(t.sources().size()) * t.experts();
+          for (size_t src = 0; src < t.sources().size() && cells <= kMaxShareScalars; ++src) {
             for (int64_t e = 0; e < t.experts(); ++e) {
               v.emplace_back(fmt::format("moe/share_layer{}/{}/expert{}", l, t.sources()[src], e),
                              t.share(l, static_cast<int64_t>(src), e));
@@ -395,49 +410,58 @@ double SpecialisationTable::mutual_information_bits(int64_t layer) const {
 }
 
 void add_moe_stats(StepMetrics& m, const std::vector<std::unique_ptr<model::GptModel>>& chunks,
-                   const std::vector<at::Tensor>& loads, comm::Communicator* pp,
-                   const std::vector<at::Tensor>& sources, int64_t num_sources) {
+                   const std::vector<model::MoeStepStats>& layers, comm::Communicator* pp,
+                   int64_t num_sources) {
   if (chunks.empty() || !chunks.front()->spec().is_moe()) return;
   const model::ModelSpec& spec = chunks.front()->spec();
   // Layer l's place among the model's MoE layers; each stage fills its own, the sum over the
-  // pipeline completes the list.
+  // pipeline completes the lists.
   std::vector<int64_t> slot(static_cast<size_t>(spec.num_layers), -1);
   int64_t n = 0;
   for (int64_t l = 0; l < spec.num_layers; ++l) {
     if (spec.is_moe_layer(l)) slot[static_cast<size_t>(l)] = n++;
   }
-  // [n max loads | dropped | n source tables]: each stage fills its own layers' entries.
-  // The same size on every stage, one without MoE layers too.
+  // [dropped | 4 x n: max load, dropped fraction, balance, z | n source tables]. The same size on
+  // every stage, one without MoE layers too.
   const int64_t cells = num_sources > 1 ? num_sources * spec.moe.num_experts : 0;
-  at::Tensor per_layer = at::zeros({n + 1 + n * cells}, at::kDouble);
+  constexpr int64_t kFigures = 4;
+  at::Tensor buf = at::zeros({1 + kFigures * n + n * cells}, at::kDouble);
+  double* b = buf.data_ptr<double>();
   size_t next = 0;
   for (const auto& chunk : chunks) {
     for (const auto& [block, st] : chunk->moe_stats()) {
-      per_layer[n] += static_cast<double>(st.dropped);
+      b[0] += static_cast<double>(st.dropped);
       const int64_t layer = chunk->stage().first_layer + block;
-      if (next < loads.size() && loads[next].defined() && layer < spec.num_layers) {
+      if (next < layers.size() && layers[next].loads.defined() && layer < spec.num_layers) {
+        const model::MoeStepStats& ls = layers[next];
         const int64_t at = slot[static_cast<size_t>(layer)];
-        const double mean = loads[next].mean().item<double>();
-        if (mean > 0) per_layer[at] = loads[next].max().item<double>() / mean;
-        if (cells > 0 && next < sources.size()) {
-          LOOM_INTERNAL_CHECK(sources[next].numel() == cells,
-                              "layer {}: a source table of {} cells, not {}", layer,
-                              sources[next].numel(), cells);
-          per_layer.narrow(0, n + 1 + at * cells, cells)
-              .copy_(sources[next].reshape({-1}).to(at::kDouble));
+        const double mean = ls.loads.mean().item<double>();
+        if (mean > 0) b[1 + at] = ls.loads.max().item<double>() / mean;
+        b[1 + n + at] = ls.dropped_fraction;
+        b[1 + 2 * n + at] = ls.balance_loss;
+        b[1 + 3 * n + at] = ls.z_loss;
+        if (cells > 0) {
+          LOOM_INTERNAL_CHECK(ls.sources.defined() && ls.sources.numel() == cells,
+                              "layer {}: no source table of {} cells", layer, cells);
+          buf.narrow(0, 1 + kFigures * n + at * cells, cells)
+              .copy_(ls.sources.reshape({-1}).to(at::kDouble));
         }
       }
       ++next;
     }
   }
-  comm::all_reduce_host(per_layer, pp);
-  m.moe_dropped = static_cast<int64_t>(per_layer[n].item<double>() + 0.5);
-  m.moe_layer_max_load.assign(per_layer.data_ptr<double>(), per_layer.data_ptr<double>() + n);
+  comm::all_reduce_host(buf, pp);
+  b = buf.data_ptr<double>();
+  m.moe_dropped = static_cast<int64_t>(b[0] + 0.5);
+  m.moe_layer_max_load.assign(b + 1, b + 1 + n);
+  m.moe_layer_dropped_fraction.assign(b + 1 + n, b + 1 + 2 * n);
+  m.moe_layer_balance_loss.assign(b + 1 + 2 * n, b + 1 + 3 * n);
+  m.moe_layer_z_loss.assign(b + 1 + 3 * n, b + 1 + 4 * n);
   m.moe_max_load = 0;
   for (double v : m.moe_layer_max_load) m.moe_max_load = std::max(m.moe_max_load, v);
   m.moe_source_counts.clear();
   for (int64_t l = 0; cells > 0 && l < n; ++l) {
-    const double* p = per_layer.data_ptr<double>() + n + 1 + l * cells;
+    const double* p = b + 1 + kFigures * n + l * cells;
     m.moe_source_counts.emplace_back(p, p + cells);
   }
 }

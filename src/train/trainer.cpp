@@ -463,11 +463,9 @@ StepMetrics Trainer::train_step() {
   m.lr = schedule_->lr_at(step_);
   optimizer_->step(m.lr);
   // The step's expert loads over the data-parallel domain; the expert biases move.
-  // With blended data, each layer's experts by source too (Note: expert specialisation).
-  const auto num_sources = static_cast<int64_t>(source_->source_names().size());
-  std::vector<at::Tensor> source_tables;
-  const std::vector<at::Tensor> loads =
-      model::end_moe_step(moe_layers_, num_sources > 1 ? &source_tables : nullptr);
+  // The step's figures per layer (with blended data, the experts by source too: Note: expert
+  // specialisation).
+  const std::vector<model::MoeStepStats> moe_step = model::end_moe_step(moe_layers_);
   keep.commit();
   timers_.stop("optimizer");
   if (history_.empty()) set_long_timeouts(false);  // the first step is done
@@ -493,8 +491,8 @@ StepMetrics Trainer::train_step() {
         m.step, 100 * m.mfu, peak_flops_ / 1e12,
         config_.train().peak_tflops() > 0 ? "train.peak_tflops" : "a GEMM probe at start-up");
   }
-  add_moe_stats(m, chunks_, loads, groups_->pp_size() > 1 ? groups_->pp_group().get() : nullptr,
-                source_tables, num_sources);
+  add_moe_stats(m, chunks_, moe_step, groups_->pp_size() > 1 ? groups_->pp_group().get() : nullptr,
+                static_cast<int64_t>(source_->source_names().size()));
   check_stragglers(m);
   history_.push_back(m);
   return m;

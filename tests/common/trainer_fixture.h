@@ -172,6 +172,7 @@ struct StepComparison {
   double grad = 0;
   int64_t grad_tensors = 0;  // tensors compared, over the world
   int64_t dropped = 0;  // MoE (token, expert) assignments the single process dropped, all steps
+  int64_t source_tables = 0;  // MoE layers' source tables compared, all steps
 };
 
 // Tolerances of a comparison (fp32 defaults; bf16 runs state their own).
@@ -226,6 +227,26 @@ inline StepComparison compare_steps(loom::train::Trainer& single, loom::train::T
     EXPECT_EQ(b.tokens, a.tokens) << what;
     EXPECT_NEAR(b.aux_loss, a.aux_loss, tol.loss * a.aux_loss + 1e-9) << what << " step " << s;
     EXPECT_NEAR(b.grad_norm, a.grad_norm, tol.grad_norm * a.grad_norm) << what << " step " << s;
+    // Per MoE layer over the step: the balance and z losses as the single process's, adding up to
+    // the aux loss; the dropped fraction (a few routing flips apart at most, as below).
+    EXPECT_EQ(b.moe_layer_balance_loss.size(), a.moe_layer_balance_loss.size()) << what;
+    double layers_sum = 0;
+    for (size_t l = 0;
+         l < std::min(a.moe_layer_balance_loss.size(), b.moe_layer_balance_loss.size()); ++l) {
+      EXPECT_NEAR(b.moe_layer_balance_loss[l], a.moe_layer_balance_loss[l],
+                  tol.loss * a.moe_layer_balance_loss[l] + 1e-9)
+          << what << " step " << s << " layer " << l;
+      EXPECT_NEAR(b.moe_layer_z_loss[l], a.moe_layer_z_loss[l],
+                  tol.loss * a.moe_layer_z_loss[l] + 1e-9)
+          << what << " step " << s << " layer " << l;
+      EXPECT_NEAR(b.moe_layer_dropped_fraction[l], a.moe_layer_dropped_fraction[l], 0.01)
+          << what << " step " << s << " layer " << l;
+      layers_sum += b.moe_layer_balance_loss[l] + b.moe_layer_z_loss[l];
+    }
+    if (!b.moe_layer_balance_loss.empty()) {
+      EXPECT_NEAR(layers_sum, b.aux_loss, 1e-5 * b.aux_loss + 1e-9)
+          << what << " step " << s << ": the layers' losses do not add up to the aux loss";
+    }
     // Blended data: each layer's experts by source over the global batch. The same assignments in
     // all (exact); per cell, at most a few routing flips between near-equal scores (fp32 rounding
     // differs between layouts).
@@ -244,6 +265,7 @@ inline StepComparison compare_steps(loom::train::Trainer& single, loom::train::T
       EXPECT_GT(sum_x, 0) << what << " step " << s << " layer " << l;
       EXPECT_EQ(sum_y, sum_x) << what << " step " << s << " layer " << l;
       EXPECT_LE(moved, 4) << what << " step " << s << " layer " << l << ": source tables differ";
+      ++r.source_tables;
     }
     if (!capture) continue;
     std::map<std::string, const at::Tensor*> by_name;
@@ -466,6 +488,8 @@ inline LayoutResult expect_layout_matches(const Layout& c, const Tolerances& tol
   EXPECT_EQ(par.pipeline() != nullptr, c.pp > 1) << what;
   r.steps = compare_steps(single, par, c.steps, what, tol);
   EXPECT_LT(r.steps.loss, tol.loss) << what;
+  EXPECT_EQ(r.steps.source_tables > 0, c.model == "moe" && c.sources > 1)
+      << what << ": source tables compared in " << r.steps.source_tables << " layer-steps";
   if (c.dp() > 1 && !c.zero) {
     // The replicated optimizer's DP reduction ran in buckets, started during backward.
     if (par.grad_buckets() == nullptr) {

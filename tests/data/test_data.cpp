@@ -168,11 +168,12 @@ TEST(IndexedDataset, BadFilesAreRefusedNamingTheField) {
 }
 
 // Documents whose tokens are all distinct (token = global position), so coverage can be counted.
-std::shared_ptr<IndexedDataset> distinct_dataset(const std::string& name, int docs, uint64_t seed) {
+std::shared_ptr<IndexedDataset> distinct_dataset(const std::string& name, int docs, uint64_t seed,
+                                                 int64_t first_token = 0) {
   const std::string p = temp_prefix(name);
   std::mt19937_64 rng(seed);
   IndexedDatasetBuilder b(p, 4);
-  int64_t next = 0;
+  int64_t next = first_token;
   for (int i = 0; i < docs; ++i) {
     std::vector<int64_t> doc(1 + rng() % 30);
     for (auto& t : doc) t = next++;
@@ -322,6 +323,23 @@ TEST(IndexedSource, SplitsAndBlendsTwoDatasets) {
     EXPECT_EQ(src.source_of(loom::data::Split::kTrain, i), train_blend[i].first) << i;
   for (int64_t i = 0; i < 40; ++i)
     EXPECT_EQ(src.source_of(loom::data::Split::kValid, i), valid_blend[i].first) << i;
+  {
+    // And it is the dataset the sample is read from (here told apart by their token ranges).
+    auto lo = distinct_dataset("srcLow", 40, 7), hi = distinct_dataset("srcHigh", 40, 8, 1 << 20);
+    loom::config::DataConfig two = c;
+    two.clear_paths();
+    two.add_paths(lo->prefix());
+    two.add_paths(hi->prefix());
+    loom::data::IndexedSource both(two, 3, 8, 1 << 21, 200, 0);
+    int64_t high = 0;
+    for (int64_t i = 0; i < 200; ++i) {
+      both.sample(loom::data::Split::kTrain, i, 9, buf.data());
+      const int32_t want = buf[0] >= (1 << 20) ? 1 : 0;
+      EXPECT_EQ(both.source_of(loom::data::Split::kTrain, i), want) << "sample " << i;
+      high += want;
+    }
+    EXPECT_EQ(high, 50);  // weights 3 : 1
+  }
   c.set_split("90");
   expect_io_error([&] { loom::data::IndexedSource s(c, 1, 8, 1 << 20, 10, 0); },
                   "field 'data.split'");
@@ -832,7 +850,7 @@ TEST(SyntheticMarkovCorpus, BlendedChainsAreTaggedInEveryBatch) {
       },
       "'data.weights' sum to 0");
   expect_io_error([] { loom::data::SyntheticMarkovCorpus c(64, 4, 9, 12, 0); },
-                  "'data.synthetic_sources' must be in [1, 256], got 0");
+                  "'data.synthetic_sources' must be in [1, 16], got 0");
 }
 
 TEST(MicroBatchLoader, PackedRowsHoldTheDocumentsPieces) {

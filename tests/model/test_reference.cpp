@@ -716,8 +716,10 @@ TEST(MoeBalance, ExpertBiasSelectsAndMovesByTheClosedForm) {
     }
     EXPECT_LT(max_diff(logits, ref.logits(batch, &aux_ref)), 1e-10) << "step " << step;
     EXPECT_NEAR(out.aux_loss.item<double>(), aux_ref, 1e-12) << "step " << step;
-    const auto loads = loom::model::end_moe_step(layers);
-    ASSERT_EQ(loads.size(), layers.size());
+    const auto step_stats = loom::model::end_moe_step(layers);
+    ASSERT_EQ(step_stats.size(), layers.size());
+    std::vector<at::Tensor> loads;
+    for (const auto& st : step_stats) loads.push_back(st.loads);
     for (size_t l = 0; l < layers.size(); ++l) {
       const Vec counts = ref.record.at(layers[l]->name()).counts;
       if (step == 0) first_counts.push_back(counts);
@@ -779,21 +781,21 @@ TEST(MoeBalance, SourceTablesCountEachSourcesExperts) {
         }
       }
     }
-    std::vector<at::Tensor> tables;
-    const auto loads = loom::model::end_moe_step(layers, &tables);
-    ASSERT_EQ(tables.size(), layers.size());
+    const auto step_stats = loom::model::end_moe_step(layers);
+    ASSERT_EQ(step_stats.size(), layers.size());
     for (size_t l = 0; l < layers.size(); ++l) {
-      ASSERT_EQ(tables[l].sizes(), (std::vector<int64_t>{sources, e}));
-      EXPECT_EQ(to_vec(tables[l].reshape({-1})), want.at(layers[l]->name()))
+      const at::Tensor& table = step_stats[l].sources;
+      ASSERT_TRUE(table.defined());
+      ASSERT_EQ(table.sizes(), (std::vector<int64_t>{sources, e}));
+      EXPECT_EQ(to_vec(table.reshape({-1})), want.at(layers[l]->name()))
           << "layer " << l << (recompute ? " recomputed" : "");
-      EXPECT_EQ(to_vec(tables[l].sum(0)), to_vec(loads[l])) << "layer " << l;
+      EXPECT_EQ(to_vec(table.sum(0)), to_vec(step_stats[l].loads)) << "layer " << l;
     }
-    // Without a source count (one source) the tables are zeros and nothing is counted.
+    // One source: no table.
     for (auto* m : layers) m->set_sources(1);
     loom::model::begin_moe_step(layers);
     (void)model.forward(mbs[0]);
-    const auto none = loom::model::end_moe_step(layers, &tables);
-    for (const auto& t : tables) EXPECT_EQ(t.abs().sum().item<double>(), 0.0);
+    for (const auto& st : loom::model::end_moe_step(layers)) EXPECT_FALSE(st.sources.defined());
   }
 }
 

@@ -403,6 +403,7 @@ TEST(ContextParallelLayouts, EqualTheSingleProcess) {
     v.push_back(z);
     Layout m = layout("moe", 2, "p2p");  // cp2 x dp2, MoE balance loss over CP
     m.recompute = true;
+    m.sources = 2;  // the expert-by-source tables of CP shards
     v.push_back(m);
     Layout i = layout("gpt", 2, "p2p", 1, 2, 4);  // cp2 x pp2, interleaved and zero-bubble
     i.schedule = "interleaved";

@@ -66,9 +66,11 @@ TEST(Layouts, WidestLayouts) {
     Layout t = make("moe", 4, 1, 2);
     t.sp = true;
     t.zero = true;
+    t.sources = 2;  // the source tables of a micro-batch gathered over TP (no EP)
     v.push_back(t);
     t.model = "gpt";
     t.zero = false;
+    t.sources = 1;
     v.push_back(t);
   } else if (n == 4) {
     v.push_back(make("moe", 1, 1, 4));

@@ -1274,6 +1274,38 @@ std::vector<std::string> scalar_tags(const std::string& record) {
   return tags;
 }
 
+// The per-layer MoE figures of a step (model::MoeStepStats) against what the step reports as a
+// whole: the layers' balance and z losses add up to the aux loss, and with one micro-batch per step
+// the dropped fractions times the assignments add up to the dropped count; both balance options.
+TEST(Metrics, PerLayerMoeFiguresAddUp) {
+  for (const auto type :
+       {loom::config::MoeConfig::MICRO_BATCH, loom::config::MoeConfig::GLOBAL_BATCH}) {
+    auto j = tiny_job(/*moe=*/true);
+    j.mutable_train()->set_steps(3);
+    j.mutable_train()->set_micro_batch_size(16);  // the global batch in one micro-batch
+    j.mutable_model()->mutable_moe()->set_capacity_factor(1.0);
+    j.mutable_model()->mutable_moe()->set_aux_loss_type(type);
+    const auto spec = loom::model::ModelSpec::from_config(j.model());
+    Trainer t(j);
+    for (int step = 0; step < 3; ++step) {
+      const auto m = t.train_step();
+      ASSERT_EQ(static_cast<int64_t>(m.moe_layer_balance_loss.size()), spec.num_moe_layers());
+      ASSERT_EQ(m.moe_layer_z_loss.size(), m.moe_layer_balance_loss.size());
+      ASSERT_EQ(m.moe_layer_dropped_fraction.size(), m.moe_layer_balance_loss.size());
+      double losses = 0, dropped = 0;
+      for (size_t l = 0; l < m.moe_layer_balance_loss.size(); ++l) {
+        EXPECT_GT(m.moe_layer_balance_loss[l], 0) << "layer " << l;
+        EXPECT_GT(m.moe_layer_z_loss[l], 0) << "layer " << l;
+        losses += m.moe_layer_balance_loss[l] + m.moe_layer_z_loss[l];
+        dropped += m.moe_layer_dropped_fraction[l] * 16 * 16 * spec.moe.top_k;
+      }
+      EXPECT_NEAR(losses, m.aux_loss, 1e-6 * m.aux_loss) << "step " << step;
+      EXPECT_GT(m.moe_dropped, 0) << "capacity 1.0 drops nothing: the check below tests nothing";
+      EXPECT_NEAR(dropped, static_cast<double>(m.moe_dropped), 1e-6) << "step " << step;
+    }
+  }
+}
+
 // [Note: expert specialisation] The table's shares and mutual information against closed forms,
 // and a blended MoE run's JSONL and TensorBoard reports.
 TEST(Metrics, ExpertSpecialisationIsTheClosedForm) {

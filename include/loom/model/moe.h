@@ -34,6 +34,20 @@ struct MoeStats {
   double z_loss = 0;    // coefficient-weighted router z-loss
 };
 
+// One MoE layer over a whole training step (end_moe_step): every micro-batch of every rank of the
+// data-parallel domain, so the figures are the global batch's, as the single process computes them.
+struct MoeStepStats {
+  at::Tensor loads;    // [E] fp64: real tokens routed to each expert, before drops
+  at::Tensor sources;  // [sources, E] fp64 by data source (Note: expert specialisation); undefined
+                       // with fewer than 2 sources
+  double dropped_fraction = 0;  // (token, expert) assignments dropped by capacity / all of them
+  // Coefficient-weighted balance and z losses, summed over the step's micro-batches over the step's
+  // micro-batch count (begin_step's; the sum when it was not given): the layer's part of the
+  // trainer's aux loss.
+  double balance_loss = 0;
+  double z_loss = 0;
+};
+
 // The data-parallel domain a layer balances over (GLOBAL_BATCH counts, the expert bias's loads):
 // the dp x cp ranks of its pipeline stage. `slots`: the micro-batches that make one step's slot,
 // one per DP rank (the CP ranks of a DP rank share a micro-batch).
@@ -85,6 +99,11 @@ class MoeLayer {
   // `micro_batches` (M_all) and `tokens` (N): the step's, over every DP rank (0: unknown).
   void begin_step(double micro_batches = 0, double tokens = 0);
   const at::Tensor& step_loads() const { return step_loads_; }
+  // This rank's step sums so far: {dropped assignments, assignments, balance loss, z loss}.
+  std::vector<double> step_sums() const {
+    return {step_dropped_, step_assignments_, step_balance_, step_z_};
+  }
+  double step_micro_batches() const { return step_micro_batches_; }
   void end_step(const at::Tensor& domain_loads);
   // Expert specialisation (Note: expert specialisation in moe.cpp): with `sources` > 1 blended
   // data sources, training forwards also count, per source, the real (token, expert) assignments
@@ -145,17 +164,17 @@ class MoeLayer {
   at::Tensor step_loads_;                            // [E] fp64
   int64_t sources_ = 0;
   at::Tensor step_sources_;  // [sources, E] fp64
+  // This rank's parts of the step's figures (before any sum over CP or TP ranks).
+  double step_dropped_ = 0, step_assignments_ = 0, step_balance_ = 0, step_z_ = 0;
 };
 
 // Step boundaries for every MoE layer of a rank (all its chunks; they share one domain).
 // begin_moe_step before the step's first forward. end_moe_step after the optimizer step: the step's
 // loads of all layers are summed over the domain in one all-reduce and each layer's expert bias
-// moves; returns each layer's loads over the domain ([E] fp64, the whole global batch's). With
-// `sources`, the same all-reduce also sums each layer's step_sources over the domain into it
-// ([sources, E] fp64 per layer; zeros for a layer that counts no sources).
+// moves; returns each layer's figures over the domain (MoeStepStats), all from one all-reduce of
+// the layers' loads, source tables and sums.
 void begin_moe_step(const std::vector<MoeLayer*>& layers, double micro_batches = 0,
                     double tokens = 0);
-std::vector<at::Tensor> end_moe_step(const std::vector<MoeLayer*>& layers,
-                                     std::vector<at::Tensor>* sources = nullptr);
+std::vector<MoeStepStats> end_moe_step(const std::vector<MoeLayer*>& layers);
 
 }  // namespace loom::model

@@ -41,6 +41,12 @@ struct StepMetrics {
   // Per MoE layer (model order): the busiest expert's tokens over the mean, over the step's whole
   // global batch (every micro-batch of every data-parallel rank).
   std::vector<double> moe_layer_max_load;
+  // Per MoE layer over the step (model::MoeStepStats): the share of (token, expert) assignments
+  // capacity dropped, and the coefficient-weighted balance and z losses (mean over micro-batches;
+  // summed over layers they are aux_loss).
+  std::vector<double> moe_layer_dropped_fraction;
+  std::vector<double> moe_layer_balance_loss;
+  std::vector<double> moe_layer_z_loss;
   // Expert specialisation with blended data (Note: expert specialisation): per MoE layer (model
   // order), the step's real (token, expert) assignments by source, [sources x E] row-major, over
   // the whole global batch. Empty unless the data has several sources.
@@ -159,15 +165,14 @@ class MetricsSinks {
   std::shared_ptr<Progress> progress_;
 };
 
-// Fills m.moe_dropped (the last micro-batch's, summed over layers), m.moe_layer_max_load and
-// m.moe_max_load (their max) from this rank's chunks and `loads` (model::end_moe_step: each of the
-// chunks' MoE layers' expert loads over the data-parallel domain), over every pipeline stage
+// Fills m.moe_dropped (the last micro-batch's, summed over layers), the per-layer figures and
+// m.moe_max_load (the layers' max) from this rank's chunks and `layers` (model::end_moe_step: each
+// of the chunks' MoE layers, in order, over the data-parallel domain), over every pipeline stage
 // (`pp`, may be null). Collective over `pp` when the model is MoE. With `num_sources` > 1 (the
-// same on every stage), `sources` holds each of this rank's layers' [num_sources, E] tables from
-// end_moe_step and m.moe_source_counts is filled.
+// same on every stage) m.moe_source_counts is filled too.
 void add_moe_stats(StepMetrics& m, const std::vector<std::unique_ptr<model::GptModel>>& chunks,
-                   const std::vector<at::Tensor>& loads, comm::Communicator* pp,
-                   const std::vector<at::Tensor>& sources = {}, int64_t num_sources = 0);
+                   const std::vector<model::MoeStepStats>& layers, comm::Communicator* pp,
+                   int64_t num_sources = 0);
 
 // The console line (every log_every steps, the first and the last; with an ETA when no bar is
 // drawn) and the progress bar.
@@ -183,9 +188,10 @@ std::unique_ptr<MetricsSink> make_console_sink(const MetricsContext& ctx,
 // "sources": [names], "assignments": [layer][source], "share": [layer][source][expert],
 // "mi_bits": [layer]} over the n steps since the previous such record (SpecialisationTable).
 std::unique_ptr<MetricsSink> make_jsonl_sink(const std::string& path, const MetricsContext& ctx);
-// TensorBoard scalars (train/, perf/, memory/, moe/, eval/), flushed every log_every steps; with
-// ctx.sources also, at those steps, moe/specialisation_mi_layer<l> and
-// moe/share_layer<l>/<source>/expert<e> over the steps since the previous flush.
+// TensorBoard scalars (train/, perf/, memory/, moe/ with moe/{max_load,dropped_fraction,
+// balance_loss,z_loss}_layer<l>, eval/), flushed every log_every steps; with
+// ctx.sources also, at those steps, moe/specialisation_mi_layer<l> and (for up to 256 sources x
+// experts) moe/share_layer<l>/<source>/expert<e> over the steps since the previous flush.
 std::unique_ptr<MetricsSink> make_tensorboard_sink(const std::string& dir,
                                                    const MetricsContext& ctx);
 
