@@ -1,0 +1,82 @@
+// The balance scheduler of hybrid data parallelism (ByteScale, arXiv 2502.21231, section 6): a pure
+// function from a variable-length global batch to every pool rank's work for the step.
+//
+// [Note: hybrid data parallelism plan]
+// The dp x cp ranks of one (tp, pp) coordinate form a pool of P ranks, each with a capacity of C
+// tokens per micro-batch. Every sequence of the global batch (a document of `length` tokens, so
+// length - 1 loss tokens) gets as many ranks as its length needs, any number:
+//   - a short one (length - 1 <= C) runs whole on one rank, packed with others into micro-batches
+//     of at most C tokens;
+//   - a long one runs on a group of D = ceil((length - 1) / C) ranks with ring attention, each
+//     holding 1 / D of its tokens (one micro-batch on each member).
+// Costs follow the cost model T(s) = a s^2 + b s + c per sequence of s tokens on one rank; a
+// group member's share of a long sequence costs (a s^2 + b s) / D + c (ring attention splits the
+// quadratic term evenly). The plan:
+//   1. Long sequences, longest first: each takes the D ranks of least cost so far (ties: lowest
+//      rank), one micro-batch on each, in the order the groups are made.
+//   2. Short sequences, longest first (ByteScale's descending order; LPT scheduling): each goes to
+//      the rank of least cost so far, into its open micro-batch if the tokens fit, else a new one.
+// Deadlock freedom: a rank runs its micro-batches with the groups in creation order, so any two
+// groups that share ranks are entered in the same order by all of them (the groups' point-to-point
+// transfers on the pool's one communicator never wait on each other in a cycle).
+// Each rank runs its group shares first, then its packed micro-batches, longest first (ByteScale's
+// DP-balance order: at each point of the step the ranks work on similar lengths). The plan is
+// deterministic: every rank computes the whole plan from the same inputs. (The PP-balance order and
+// the outlier queue come with the executor's side of hybrid data parallelism.)
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "loom/data/step_plan.h"
+
+namespace loom::data {
+
+// T(s) = a s^2 + b s + c: the time (any unit) one rank spends on a sequence of s tokens.
+struct CostModel {
+  double a = 0, b = 1, c = 0;
+  double operator()(double s) const { return (a * s + b) * s + c; }
+  std::string describe() const;
+};
+
+// The least-squares T(s) through measured (tokens, time) points (at least 3 distinct lengths);
+// coefficients that come out negative are clamped to 0 and the rest refitted, so costs grow with
+// length. Throws a kConfig error naming the problem for fewer points.
+CostModel fit_cost_model(const std::vector<std::pair<double, double>>& points);
+
+struct HdpOptions {
+  int pool = 1;          // ranks in the pool (dp x cp)
+  int64_t capacity = 0;  // C: tokens per rank and micro-batch
+  CostModel cost;
+};
+
+// One micro-batch of one rank: whole short sequences, or this rank's share of one long sequence.
+struct HdpMicroBatch {
+  std::vector<int64_t> samples;  // indices into the global batch; one for a group's share
+  int64_t group = -1;            // the long sequence's group (HdpPlan::groups), or -1
+  int64_t tokens = 0;            // loss tokens computed here (a group share: this rank's part)
+  double cost = 0;
+};
+
+// A long sequence and the pool ranks that run it, in ring order.
+struct HdpGroup {
+  int64_t sample = 0;
+  std::vector<int> ranks;
+};
+
+struct HdpPlan {
+  std::vector<std::vector<HdpMicroBatch>> ranks;  // [pool rank][micro-batch, in execution order]
+  std::vector<HdpGroup> groups;                   // in creation order
+  int64_t loss_tokens = 0;                        // N of the global batch
+  std::vector<double> rank_cost;                  // each rank's total
+  double max_cost() const;
+  double mean_cost() const;
+  double imbalance() const;  // max / mean (1 = perfect)
+};
+
+// The plan for the global batch `samples` (lengths >= 2). Throws a kConfig error naming the
+// sequence when one needs more ranks than the pool has, or for a bad option.
+HdpPlan plan_hdp(const std::vector<SampleRef>& samples, const HdpOptions& options);
+
+}  // namespace loom::data

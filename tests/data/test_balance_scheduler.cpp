@@ -1,0 +1,228 @@
+// The balance scheduler of hybrid data parallelism ([Note: hybrid data parallelism plan]): plan
+// properties on thousands of random long-tailed batches, the greedy bound on the imbalance, and the
+// cost-model fit against closed forms.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <map>
+#include <random>
+#include <set>
+
+#include "loom/core/error.h"
+#include "loom/data/balance_scheduler.h"
+
+namespace {
+
+using loom::data::CostModel;
+using loom::data::HdpOptions;
+using loom::data::HdpPlan;
+using loom::data::SampleRef;
+
+// A long-tailed batch: most sequences short, a few up to `max_len` tokens.
+std::vector<SampleRef> long_tail(std::mt19937_64& rng, int n, int64_t max_len) {
+  std::vector<SampleRef> v;
+  std::uniform_real_distribution<double> u(0, 1);
+  for (int i = 0; i < n; ++i) {
+    // Log-uniform lengths in [2, max_len]: many short, few long.
+    const double x = std::exp(u(rng) * std::log(static_cast<double>(max_len) / 2.0));
+    v.push_back({1000 + i, std::clamp<int64_t>(static_cast<int64_t>(2.0 * x), 2, max_len)});
+  }
+  return v;
+}
+
+// Every property the plan promises, each violation reported.
+void expect_valid(const std::vector<SampleRef>& samples, const HdpOptions& o, const HdpPlan& p,
+                  const std::string& what) {
+  ASSERT_EQ(p.ranks.size(), static_cast<size_t>(o.pool)) << what;
+  ASSERT_EQ(p.rank_cost.size(), static_cast<size_t>(o.pool)) << what;
+  int64_t n = 0;
+  for (const auto& s : samples) n += s.length - 1;
+  EXPECT_EQ(p.loss_tokens, n) << what;
+  std::map<int64_t, int64_t> tokens_of;       // sample -> tokens planned, over all ranks
+  std::map<int64_t, std::set<int>> ranks_of;  // sample -> ranks that hold a part of it
+  for (int r = 0; r < o.pool; ++r) {
+    double cost = 0;
+    int64_t last_group = -1;
+    bool packed_seen = false;
+    for (const auto& mb : p.ranks[static_cast<size_t>(r)]) {
+      EXPECT_LE(mb.tokens, o.capacity) << what << ": rank " << r << " over capacity";
+      EXPECT_GT(mb.tokens, 0) << what << ": an empty micro-batch on rank " << r;
+      cost += mb.cost;
+      if (mb.group >= 0) {
+        // Group shares first, in creation order (deadlock freedom).
+        EXPECT_FALSE(packed_seen) << what << ": a group share after packed micro-batches";
+        EXPECT_GT(mb.group, last_group) << what << ": groups out of order on rank " << r;
+        last_group = mb.group;
+        ASSERT_EQ(mb.samples.size(), 1u) << what;
+        ASSERT_LT(static_cast<size_t>(mb.group), p.groups.size()) << what;
+        const auto& g = p.groups[static_cast<size_t>(mb.group)];
+        EXPECT_EQ(g.sample, mb.samples[0]) << what;
+        EXPECT_TRUE(std::find(g.ranks.begin(), g.ranks.end(), r) != g.ranks.end()) << what;
+      } else {
+        packed_seen = true;
+        int64_t sum = 0;
+        for (const int64_t i : mb.samples) {
+          const int64_t s = samples[static_cast<size_t>(i)].length - 1;
+          EXPECT_LE(s, o.capacity) << what << ": a long sequence packed whole";
+          sum += s;
+        }
+        EXPECT_EQ(sum, mb.tokens) << what;
+      }
+      for (const int64_t i : mb.samples) {
+        tokens_of[i] += mb.group >= 0 ? mb.tokens : samples[static_cast<size_t>(i)].length - 1;
+        EXPECT_TRUE(ranks_of[i].insert(r).second || mb.group < 0)
+            << what << ": a group gives rank " << r << " two shares";
+      }
+    }
+    EXPECT_NEAR(cost, p.rank_cost[static_cast<size_t>(r)], 1e-9 * std::max(cost, 1.0)) << what;
+  }
+  // Every token exactly once: each sample's planned tokens are its loss tokens.
+  EXPECT_EQ(tokens_of.size(), samples.size()) << what << ": samples missing from the plan";
+  for (size_t i = 0; i < samples.size(); ++i) {
+    const int64_t s = samples[i].length - 1;
+    EXPECT_EQ(tokens_of[static_cast<int64_t>(i)], s) << what << ": sample " << i;
+    const auto d = static_cast<size_t>((s + o.capacity - 1) / o.capacity);
+    EXPECT_EQ(ranks_of[static_cast<int64_t>(i)].size(), s > o.capacity ? d : 1u)
+        << what << ": sample " << i << " of " << s << " tokens";
+  }
+  for (const auto& g : p.groups) {
+    EXPECT_TRUE(std::is_sorted(g.ranks.begin(), g.ranks.end())) << what;
+    EXPECT_EQ(std::set<int>(g.ranks.begin(), g.ranks.end()).size(), g.ranks.size()) << what;
+  }
+}
+
+TEST(BalanceScheduler, RandomBatchesKeepEveryPromise) {
+  std::mt19937_64 rng(20261202);
+  int cases = 0, with_groups = 0;
+  for (int c = 0; c < 2000; ++c) {
+    HdpOptions o;
+    o.pool = 1 + static_cast<int>(rng() % 64);
+    o.capacity = 16 + static_cast<int64_t>(rng() % 512);
+    o.cost = CostModel{static_cast<double>(rng() % 3) * 1e-3, 1.0, static_cast<double>(rng() % 2)};
+    const int n = 1 + static_cast<int>(rng() % 200);
+    // Lengths up to what the whole pool can hold as one group.
+    const auto samples = long_tail(rng, n, std::min<int64_t>(o.capacity * o.pool, 20000) + 1);
+    const std::string what = "case " + std::to_string(c) + " (pool " + std::to_string(o.pool) +
+                             ", capacity " + std::to_string(o.capacity) + ", " + std::to_string(n) +
+                             " samples)";
+    const HdpPlan p = loom::data::plan_hdp(samples, o);
+    expect_valid(samples, o, p, what);
+    // Deterministic: the same plan again.
+    const HdpPlan q = loom::data::plan_hdp(samples, o);
+    ASSERT_EQ(q.rank_cost, p.rank_cost) << what;
+    for (int r = 0; r < o.pool; ++r) {
+      const auto& a = p.ranks[static_cast<size_t>(r)];
+      const auto& b = q.ranks[static_cast<size_t>(r)];
+      ASSERT_EQ(a.size(), b.size()) << what;
+      for (size_t m = 0; m < a.size(); ++m) ASSERT_EQ(a[m].samples, b[m].samples) << what;
+    }
+    // Greedy list scheduling on top of the groups' loads: the busiest rank is either one the
+    // packing left alone (at most the busiest after the groups) or within one sequence of the mean.
+    double after_groups = 0, biggest = 0;
+    {
+      std::vector<double> load(static_cast<size_t>(o.pool), 0.0);
+      for (int r = 0; r < o.pool; ++r) {
+        for (const auto& mb : p.ranks[static_cast<size_t>(r)]) {
+          if (mb.group >= 0) load[static_cast<size_t>(r)] += mb.cost;
+        }
+      }
+      after_groups = *std::max_element(load.begin(), load.end());
+      for (const auto& s : samples) {
+        if (s.length - 1 <= o.capacity) biggest = std::max(biggest, o.cost(s.length - 1.0));
+      }
+    }
+    EXPECT_LE(p.max_cost(), std::max(after_groups, p.mean_cost() + biggest) * (1 + 1e-12)) << what;
+    ++cases;
+    with_groups += p.groups.empty() ? 0 : 1;
+  }
+  EXPECT_EQ(cases, 2000);
+  EXPECT_GT(with_groups, 500) << "too few cases exercise long sequences";
+}
+
+// A worked example: pool 4, capacity 10. The 25-token sequence takes 3 ranks (9, 8, 8 tokens);
+// the short ones go longest first to the least-loaded rank.
+TEST(BalanceScheduler, AWorkedExample) {
+  HdpOptions o;
+  o.pool = 4;
+  o.capacity = 10;
+  o.cost = CostModel{0, 1, 0};  // cost = tokens
+  const std::vector<SampleRef> samples = {{0, 5}, {1, 26}, {2, 9}, {3, 3}, {4, 11}};
+  const HdpPlan p = loom::data::plan_hdp(samples, o);
+  ASSERT_EQ(p.groups.size(), 1u);
+  EXPECT_EQ(p.groups[0].sample, 1);
+  EXPECT_EQ(p.groups[0].ranks, (std::vector<int>{0, 1, 2}));
+  EXPECT_EQ(p.ranks[0][0].tokens, 9);
+  EXPECT_EQ(p.ranks[1][0].tokens, 8);
+  EXPECT_EQ(p.ranks[2][0].tokens, 8);
+  // Then 10 (sample 4) -> rank 3 (cost 0); 8 (sample 2) -> rank 0 (the group's ranks tie at 25/3:
+  // the lowest first); 4 (sample 0) -> rank 1; 2 (sample 3) -> rank 2.
+  ASSERT_EQ(p.ranks[3].size(), 1u);
+  EXPECT_EQ(p.ranks[3][0].samples, (std::vector<int64_t>{4}));
+  EXPECT_EQ(p.ranks[0].back().samples, (std::vector<int64_t>{2}));
+  EXPECT_EQ(p.ranks[1].back().samples, (std::vector<int64_t>{0}));
+  EXPECT_EQ(p.ranks[2].back().samples, (std::vector<int64_t>{3}));
+  EXPECT_NEAR(p.max_cost(), 25.0 / 3 + 8, 1e-12);
+  EXPECT_EQ(p.loss_tokens, 4 + 25 + 8 + 2 + 10);
+}
+
+TEST(BalanceScheduler, BadInputsNameTheReason) {
+  auto expect_error = [](const std::vector<SampleRef>& s, const HdpOptions& o,
+                         const std::string& needle) {
+    try {
+      (void)loom::data::plan_hdp(s, o);
+      ADD_FAILURE() << "expected an error containing '" << needle << "'";
+    } catch (const loom::Error& e) {
+      EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
+    }
+  };
+  HdpOptions o;
+  o.pool = 2;
+  o.capacity = 10;
+  expect_error({{7, 31}}, o,
+               "sample 0 (index 7) has 30 tokens, which needs 3 ranks of 10 tokens "
+               "each; the pool has 2");
+  expect_error({{7, 1}}, o, "sample 0 (index 7) has 1 tokens");
+  o.capacity = 0;
+  expect_error({{7, 5}}, o, "a rank capacity of 0 tokens");
+  o.capacity = 10;
+  o.pool = 0;
+  expect_error({{7, 5}}, o, "a pool of 0 ranks");
+}
+
+TEST(BalanceScheduler, CostModelFitsTheClosedForm) {
+  // Exact points of 2e-6 s^2 + 3e-3 s + 0.5 over a wide range: the fit recovers them.
+  std::vector<std::pair<double, double>> points;
+  for (double s : {128.0, 512.0, 2048.0, 8192.0, 32768.0, 131072.0})
+    points.emplace_back(s, 2e-6 * s * s + 3e-3 * s + 0.5);
+  CostModel m = loom::data::fit_cost_model(points);
+  EXPECT_NEAR(m.a, 2e-6, 2e-6 * 1e-6);
+  EXPECT_NEAR(m.b, 3e-3, 3e-3 * 1e-5);
+  EXPECT_NEAR(m.c, 0.5, 1e-3);
+  // A line with a negative intercept: no coefficient may be negative, so the best non-negative
+  // fit, here through the origin with a quadratic term (checked against its normal equations).
+  points = {{1, 0}, {2, 1}, {3, 2}, {4, 3}};
+  m = loom::data::fit_cost_model(points);
+  EXPECT_GE(m.a, 0);
+  EXPECT_GE(m.b, 0);
+  EXPECT_GE(m.c, 0);
+  double best = 0;
+  for (const auto& [s, t] : points) best += std::pow(m(s) - t, 2);
+  // No non-negative (a, b, c) on a fine grid does better.
+  for (double a = 0; a <= 0.5; a += 0.01) {
+    for (double b = 0; b <= 1.5; b += 0.01) {
+      double r = 0;
+      for (const auto& [s, t] : points) r += std::pow(a * s * s + b * s - t, 2);
+      EXPECT_GE(r, best - 1e-9) << "a " << a << " b " << b;
+    }
+  }
+  try {
+    (void)loom::data::fit_cost_model({{1, 1}, {2, 2}, {2, 2.1}});
+    ADD_FAILURE() << "two distinct lengths accepted";
+  } catch (const loom::Error& e) {
+    EXPECT_NE(std::string(e.what()).find("3 or more distinct lengths, got 2"), std::string::npos)
+        << e.what();
+  }
+}
+
+}  // namespace
