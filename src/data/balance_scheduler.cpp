@@ -8,7 +8,6 @@
 #include <numeric>
 #include <queue>
 #include <set>
-#include <tuple>
 
 #include "loom/core/error.h"
 
@@ -142,25 +141,49 @@ HdpPlan plan_hdp(const std::vector<SampleRef>& samples, const HdpOptions& o) {
   std::stable_sort(order.begin(), order.end(), [&](int64_t x, int64_t y) {
     return samples[static_cast<size_t>(x)].length > samples[static_cast<size_t>(y)].length;
   });
-  // 1. Long sequences: a group of the D least-loaded ranks each.
-  std::vector<int> by_cost(pool);
+  // By balance: the ranks a sequence needs so that its share costs no more than the mean rank
+  // (the step's total cost over the pool: splitting moves a s^2 + b s, it adds only c per share).
+  double total = 0;
+  for (const auto& x : samples) total += o.cost(static_cast<double>(x.length - 1));
+  const double mean = total / static_cast<double>(o.pool);
+  auto balance_ranks = [&](double s) -> int64_t {
+    if (!o.balance_groups || mean <= o.cost.c) return 1;
+    const double d = std::ceil((o.cost.a * s * s + o.cost.b * s) / (mean - o.cost.c) * (1 - 1e-12));
+    return static_cast<int64_t>(std::clamp(d, 1.0, static_cast<double>(o.pool)));
+  };
+  // 1. Long sequences: a group of the D least-loaded ranks each (ties: lowest rank), taken from the
+  // ranks ordered by (cost, rank): O(D log P) per group.
+  std::set<std::pair<double, int>> by_cost;
+  for (size_t r = 0; r < pool; ++r) by_cost.emplace(0.0, static_cast<int>(r));
+  std::vector<bool> grouped(samples.size(), false);
   for (const int64_t i : order) {
     const int64_t s = samples[static_cast<size_t>(i)].length - 1;
-    if (s <= o.capacity) break;  // the rest are short
-    const int64_t d = (s + o.capacity - 1) / o.capacity;
-    LOOM_CHECK_CONFIG(d <= o.pool,
+    if (s <= o.capacity && balance_ranks(static_cast<double>(s)) <= 1) break;  // the rest: short
+    grouped[static_cast<size_t>(i)] = true;
+    const int64_t need = (s + o.capacity - 1) / o.capacity;  // by memory
+    LOOM_CHECK_CONFIG(need <= o.pool,
                       "hybrid data parallelism: sample {} (index {}) has {} tokens, which needs {} "
                       "ranks of {} tokens each; the pool has {} (raise the capacity, enlarge the "
                       "pool, or cut such documents)",
-                      i, samples[static_cast<size_t>(i)].index, s, d, o.capacity, o.pool);
-    std::iota(by_cost.begin(), by_cost.end(), 0);
-    std::partial_sort(by_cost.begin(), by_cost.begin() + d, by_cost.end(), [&](int x, int y) {
-      return std::tie(plan.rank_cost[static_cast<size_t>(x)], x) <
-             std::tie(plan.rank_cost[static_cast<size_t>(y)], y);
-    });
+                      i, samples[static_cast<size_t>(i)].index, s, need, o.capacity, o.pool);
+    // At least one token per share.
+    int64_t d = std::min(s, std::max(need, balance_ranks(static_cast<double>(s))));
+    if (o.power_of_two_groups) {
+      int64_t p2 = 1;
+      while (p2 < d) p2 *= 2;
+      while (p2 > o.pool && p2 / 2 >= need) p2 /= 2;  // the largest that fits, if any
+      LOOM_CHECK_CONFIG(p2 <= o.pool,
+                        "hybrid data parallelism: sample {} (index {}) needs {} ranks, a group of "
+                        "{} as a power of two; the pool has {}",
+                        i, samples[static_cast<size_t>(i)].index, need, p2, o.pool);
+      d = p2;
+    }
     HdpGroup group;
     group.sample = i;
-    group.ranks.assign(by_cost.begin(), by_cost.begin() + d);
+    for (int64_t j = 0; j < d; ++j) {
+      group.ranks.push_back(by_cost.begin()->second);
+      by_cost.erase(by_cost.begin());
+    }
     std::sort(group.ranks.begin(), group.ranks.end());  // ring order: by rank
     const auto sd = static_cast<double>(s);
     const double share_cost =
@@ -174,6 +197,7 @@ HdpPlan plan_hdp(const std::vector<SampleRef>& samples, const HdpOptions& o) {
       mb.cost = share_cost;
       plan.ranks[r].push_back(mb);
       plan.rank_cost[r] += share_cost;
+      by_cost.emplace(plan.rank_cost[r], static_cast<int>(r));
     }
     plan.groups.push_back(std::move(group));
   }
@@ -185,7 +209,7 @@ HdpPlan plan_hdp(const std::vector<SampleRef>& samples, const HdpOptions& o) {
   for (size_t r = 0; r < pool; ++r) first_packed[r] = plan.ranks[r].size();
   for (const int64_t i : order) {
     const int64_t s = samples[static_cast<size_t>(i)].length - 1;
-    if (s > o.capacity) continue;
+    if (grouped[static_cast<size_t>(i)]) continue;
     const auto [cost, rank] = least.top();
     least.pop();
     const auto r = static_cast<size_t>(rank);

@@ -77,14 +77,29 @@ void expect_valid(const std::vector<SampleRef>& samples, const HdpOptions& o, co
     }
     EXPECT_NEAR(cost, p.rank_cost[static_cast<size_t>(r)], 1e-9 * std::max(cost, 1.0)) << what;
   }
-  // Every token exactly once: each sample's planned tokens are its loss tokens.
+  // Every token exactly once: each sample's planned tokens are its loss tokens. Group sizes: at
+  // least what the length needs, at most the pool, and no larger than the balance needs: with one
+  // rank fewer, a share would cost more than the mean rank (the step's total over the pool).
   EXPECT_EQ(tokens_of.size(), samples.size()) << what << ": samples missing from the plan";
+  double total = 0;
+  for (const auto& x : samples) total += o.cost(static_cast<double>(x.length - 1));
+  const double mean = total / o.pool;
   for (size_t i = 0; i < samples.size(); ++i) {
     const int64_t s = samples[i].length - 1;
     EXPECT_EQ(tokens_of[static_cast<int64_t>(i)], s) << what << ": sample " << i;
-    const auto d = static_cast<size_t>((s + o.capacity - 1) / o.capacity);
-    EXPECT_EQ(ranks_of[static_cast<int64_t>(i)].size(), s > o.capacity ? d : 1u)
-        << what << ": sample " << i << " of " << s << " tokens";
+    const auto need = (s + o.capacity - 1) / o.capacity;
+    const auto d = static_cast<int64_t>(ranks_of[static_cast<int64_t>(i)].size());
+    EXPECT_GE(d, need) << what << ": sample " << i << " of " << s << " tokens";
+    EXPECT_LE(d, o.pool) << what;
+    const double work = o.cost.a * s * s + o.cost.b * s;
+    if (d > need) {
+      EXPECT_GT(work / static_cast<double>(d - 1) + o.cost.c, mean * (1 - 1e-9))
+          << what << ": sample " << i << " split over more ranks than it needs";
+    }
+    if (d < std::min<int64_t>(o.pool, s) && mean > o.cost.c) {
+      EXPECT_LE(work / static_cast<double>(d) + o.cost.c, mean * (1 + 1e-9))
+          << what << ": sample " << i << " costs more per rank than the mean rank";
+    }
   }
   for (const auto& g : p.groups) {
     EXPECT_TRUE(std::is_sorted(g.ranks.begin(), g.ranks.end())) << what;

@@ -334,6 +334,27 @@ TEST(ExpertParallelLayouts, CheckpointsReshardOverEp) {
                                            a.str() + " -> " + b.str());
   }
   world->barrier();
+  // Saved under ep 4 (4 experts, one per rank), resumed under ep 1 and ep 2.
+  {
+    Layout wide = b2;
+    auto jw = loom::testing::layout_job(wide);
+    jw.mutable_train()->set_checkpoint_dir(dir + "/ep4");
+    Trainer reference(loom::testing::layout_single_job(wide),
+                      std::make_shared<loom::comm::LocalCommunicator>());
+    std::string saved4;
+    {
+      Trainer first(jw, world);
+      saved4 = loom::testing::train_then_save(reference, first, 3);
+    }
+    Layout narrow = ep_layout(2);
+    narrow.shared = 0;
+    narrow.steps = 6;
+    for (const Layout& b : {b1, narrow}) {
+      loom::testing::expect_resume_continues(loom::testing::layout_single_job(wide), saved4, 3, b,
+                                             3, wide.str() + " -> " + b.str());
+    }
+  }
+  world->barrier();
   if (world->rank() == 0) std::filesystem::remove_all(dir);
 }
 

@@ -7,8 +7,11 @@
 // length - 1 loss tokens) gets as many ranks as its length needs, any number:
 //   - a short one (length - 1 <= C) runs whole on one rank, packed with others into micro-batches
 //     of at most C tokens;
-//   - a long one runs on a group of D = ceil((length - 1) / C) ranks with ring attention, each
-//     holding 1 / D of its tokens (one micro-batch on each member).
+//   - a long one runs on a group of D >= ceil((length - 1) / C) ranks with ring attention, each
+//     holding 1 / D of its tokens (one micro-batch on each member). D is raised, up to P, so that
+//     a member's share costs no more than the mean rank's (the step's total cost over P): without
+//     it, one very long sequence bounds the step whatever the others do (balance_groups). A
+//     sequence that fits C but costs more than the mean rank is split the same way.
 // Costs follow the cost model T(s) = a s^2 + b s + c per sequence of s tokens on one rank; a
 // group member's share of a long sequence costs (a s^2 + b s) / D + c (ring attention splits the
 // quadratic term evenly). The plan:
@@ -49,6 +52,13 @@ struct HdpOptions {
   int pool = 1;          // ranks in the pool (dp x cp)
   int64_t capacity = 0;  // C: tokens per rank and micro-batch
   CostModel cost;
+  // A sequence whose cost alone exceeds the mean rank's (the step's total over the pool) gets
+  // enough ranks to bring its share under it, beyond what its length needs (else that one
+  // sequence bounds the step).
+  bool balance_groups = true;
+  // Megatron-Core's dynamic CP instead of any group size: D rounded up to a power of two (the
+  // largest that fits the pool when that is smaller; for comparisons: tools/plan_sim).
+  bool power_of_two_groups = false;
 };
 
 // One micro-batch of one rank: whole short sequences, or this rank's share of one long sequence.

@@ -1,0 +1,411 @@
+// plan_sim: plans hybrid-data-parallel steps ([Note: hybrid data parallelism plan]) for pools of
+// 1k to 12,288 ranks on long-tailed length distributions and compares them with the layouts they
+// replace, by the cost model T(s) = a s^2 + b s + c:
+//   hdp      data::plan_hdp: each long sequence on as many ranks as it needs, short ones packed;
+//   pow2     the same with groups rounded up to a power of two (Megatron-Core's dynamic CP);
+//   static   a static mesh: cp fixed for the longest length the distribution allows (the smallest
+//            power of two with cp x capacity >= it), every sequence split over its DP group's cp
+//            ranks, sequences spread over the DP groups longest first to the least loaded;
+//   dp       data parallelism with packing, every sequence whole on one rank (the ones longer than
+//            the capacity would not fit in memory: counted).
+// For each it reports the per-rank time imbalance (max / mean), the simulated step time (the
+// busiest rank's: compute by the cost model, and for a sequence split over D ranks ring
+// attention's D steps per layer, each the longer of its block's compute and the next K/V block's
+// transfer plus a latency), the ring-attention traffic (tokens of K/V sent: s (D - 1) per
+// sequence split over D ranks) and plan_hdp's run time. Plans are made by the cost model alone.
+//
+//   build/cpu/tools/plan_sim [--ranks 1024,2048,4096,8192,12288] [--out plan_sim]
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <fstream>
+#include <functional>
+#include <map>
+#include <numeric>
+#include <queue>
+#include <random>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "loom/core/cli.h"
+#include "loom/core/error.h"
+#include "loom/data/balance_scheduler.h"
+
+namespace {
+
+using loom::data::CostModel;
+using loom::data::HdpOptions;
+using loom::data::SampleRef;
+
+// A length distribution: bins of (share of samples, lengths log-uniform in [lo, hi]).
+struct Bin {
+  double share, lo, hi;
+};
+struct Distribution {
+  std::string name, description;
+  std::vector<Bin> bins;
+  double max_len() const {
+    double m = 0;
+    for (const auto& b : bins) m = std::max(m, b.hi);
+    return m;
+  }
+};
+
+// ByteScale's Byted corpus shape (their Fig. 4): 80% of samples <= 4K; 1% >= 128K holding about
+// 44% of the tokens; 0.05% at 2M holding about 12%.
+Distribution byted() {
+  return {"byted",
+          "ByteScale's production mix",
+          {{0.80, 128, 4096},
+           {0.19, 4096, 65536},
+           {0.0095, 131072, 524288},
+           {0.0005, 2097152, 2097152}}};
+}
+
+// A code-like corpus (GitHub in ByteScale's Fig. 4): about 16% of tokens in sequences > 128K and
+// about 10% in > 256K.
+Distribution code() {
+  return {"code",
+          "a code-like mix",
+          {{0.70, 128, 4096},
+           {0.25, 4096, 32768},
+           {0.0455, 32768, 131072},
+           {0.003, 131072, 262144},
+           {0.0015, 262144, 1048576}}};
+}
+
+int64_t draw(const Distribution& d, std::mt19937_64& rng) {
+  std::uniform_real_distribution<double> u(0, 1);
+  double r = u(rng), acc = 0;
+  const Bin* bin = &d.bins.back();
+  for (const auto& b : d.bins) {
+    acc += b.share;
+    if (r < acc) {
+      bin = &b;
+      break;
+    }
+  }
+  const double len =
+      bin->lo == bin->hi
+          ? bin->lo
+          : std::exp(std::log(bin->lo) + u(rng) * (std::log(bin->hi) - std::log(bin->lo)));
+  return static_cast<int64_t>(len);
+}
+
+// One global batch of at least `tokens` tokens (lengths are token counts + 1).
+std::vector<SampleRef> batch(const Distribution& d, std::mt19937_64& rng, double tokens) {
+  std::vector<SampleRef> v;
+  double total = 0;
+  while (total < tokens) {
+    const int64_t s = draw(d, rng);
+    v.push_back({static_cast<int64_t>(v.size()), s + 1});
+    total += static_cast<double>(s);
+  }
+  return v;
+}
+
+// The time model: compute by the cost model, plus ring attention's transfers for a sequence split
+// over D > 1 ranks. Per layer, each of the D ring steps computes a block (a s^2 / (D^2 L)) while
+// the next K/V block (s / D tokens) moves, three times over (forward K/V, backward K/V and dK/dV):
+// a step takes the longer of the two, plus the link latency.
+struct Network {
+  double kv_bytes = 0;  // K and V bytes per token and layer
+  double layers = 1;
+  double bandwidth = 1;  // bytes/s per rank
+  double latency = 0;    // s per ring step
+};
+
+double share_time(double s, double d, const CostModel& cost, const Network& net) {
+  if (d <= 1) return cost(s);
+  const double block = cost.a * s * s / (d * d * net.layers);
+  const double move = 3 * net.kv_bytes * (s / d) / net.bandwidth + net.latency;
+  return cost.c + cost.b * s / d + net.layers * d * std::max(block, move);
+}
+
+struct Result {
+  double max = 0, mean = 0, traffic = 0, plan_ms = 0;
+  double plan_imbalance = 0;  // hdp: by the cost model the plan balanced
+  int64_t too_long = 0;       // dp: sequences longer than the capacity
+  double imbalance() const { return mean > 0 ? max / mean : 1.0; }
+};
+
+Result hdp(const std::vector<SampleRef>& b, int ranks, int64_t capacity, const CostModel& cost,
+           const Network& net, bool pow2) {
+  HdpOptions o;
+  o.pool = ranks;
+  o.capacity = capacity;
+  o.cost = cost;
+  o.power_of_two_groups = pow2;
+  const auto start = std::chrono::steady_clock::now();
+  const auto plan = loom::data::plan_hdp(b, o);
+  Result r;
+  r.plan_ms =
+      std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
+  std::vector<double> time(static_cast<size_t>(ranks), 0.0);
+  for (size_t k = 0; k < plan.ranks.size(); ++k) {
+    for (const auto& mb : plan.ranks[k]) {
+      for (const int64_t i : mb.samples) {
+        const auto n = static_cast<double>(b[static_cast<size_t>(i)].length - 1);
+        const double d =
+            mb.group >= 0
+                ? static_cast<double>(plan.groups[static_cast<size_t>(mb.group)].ranks.size())
+                : 1.0;
+        time[k] += share_time(n, d, cost, net);
+      }
+    }
+  }
+  r.max = *std::max_element(time.begin(), time.end());
+  r.mean = std::accumulate(time.begin(), time.end(), 0.0) / ranks;
+  r.plan_imbalance = plan.imbalance();
+  for (const auto& g : plan.groups) {
+    const auto s = static_cast<double>(b[static_cast<size_t>(g.sample)].length - 1);
+    r.traffic += s * static_cast<double>(g.ranks.size() - 1);
+  }
+  return r;
+}
+
+// Sequences spread over `groups` equal groups of `width` ranks, longest first to the least
+// loaded; each sequence is split over its group's ranks.
+Result spread(const std::vector<SampleRef>& b, int groups, int width, const CostModel& cost,
+              const Network& net) {
+  std::vector<double> lengths;
+  for (const auto& x : b) lengths.push_back(static_cast<double>(x.length - 1));
+  std::sort(lengths.begin(), lengths.end(), std::greater<>());
+  using Entry = std::pair<double, int>;
+  std::priority_queue<Entry, std::vector<Entry>, std::greater<>> least;
+  for (int g = 0; g < groups; ++g) least.emplace(0.0, g);
+  std::vector<double> load(static_cast<size_t>(groups), 0.0);
+  Result r;
+  for (const double s : lengths) {
+    auto [c, g] = least.top();
+    least.pop();
+    c += share_time(s, width, cost, net);
+    load[static_cast<size_t>(g)] = c;
+    least.emplace(c, g);
+    r.traffic += s * (width - 1);
+  }
+  r.max = *std::max_element(load.begin(), load.end());
+  r.mean = std::accumulate(load.begin(), load.end(), 0.0) / groups;
+  return r;
+}
+
+std::vector<int> parse_ranks(const std::string& s) {
+  std::vector<int> v;
+  std::stringstream ss(s);
+  std::string item;
+  while (std::getline(ss, item, ',')) {
+    const int n = std::stoi(item);
+    LOOM_CHECK_CONFIG(n >= 1, "--ranks: {} is not a rank count", item);
+    v.push_back(n);
+  }
+  LOOM_CHECK_CONFIG(!v.empty(), "--ranks is empty");
+  return v;
+}
+
+// A line chart of y against log2(x) per series, as an SVG document.
+std::string svg_chart(const std::string& title, const std::vector<int>& xs,
+                      const std::vector<std::pair<std::string, std::vector<double>>>& series,
+                      const std::string& y_label) {
+  const double w = 640, h = 400, left = 70, right = 170, top = 40, bottom = 50;
+  double ymax = 0;
+  for (const auto& [name, ys] : series)
+    for (double y : ys) ymax = std::max(ymax, y);
+  ymax = std::ceil(ymax * 1.1);
+  const double lx0 = std::log2(xs.front()), lx1 = std::log2(xs.back());
+  auto px = [&](double x) {
+    return left + (lx1 > lx0 ? (std::log2(x) - lx0) / (lx1 - lx0) : 0.5) * (w - left - right);
+  };
+  auto py = [&](double y) { return top + (1 - y / ymax) * (h - top - bottom); };
+  std::string out = fmt::format(
+      "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{}\" height=\"{}\" "
+      "font-family=\"sans-serif\" font-size=\"12\">\n<rect width=\"100%\" height=\"100%\" "
+      "fill=\"white\"/>\n<text x=\"{}\" y=\"22\" font-size=\"14\">{}</text>\n",
+      w, h, left, title);
+  out += fmt::format("<line x1=\"{0}\" y1=\"{1}\" x2=\"{0}\" y2=\"{2}\" stroke=\"black\"/>\n", left,
+                     top, h - bottom);
+  out += fmt::format("<line x1=\"{0}\" y1=\"{1}\" x2=\"{2}\" y2=\"{1}\" stroke=\"black\"/>\n", left,
+                     h - bottom, w - right);
+  for (int i = 0; i <= 4; ++i) {
+    const double y = ymax * i / 4;
+    out += fmt::format(
+        "<text x=\"{}\" y=\"{}\" text-anchor=\"end\">{:.1f}</text><line x1=\"{}\" y1=\"{}\" "
+        "x2=\"{}\" y2=\"{}\" stroke=\"#ddd\"/>\n",
+        left - 6, py(y) + 4, y, left, py(y), w - right, py(y));
+  }
+  for (int x : xs)
+    out += fmt::format("<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">{}</text>\n", px(x),
+                       h - bottom + 18, x);
+  out += fmt::format("<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">pool ranks</text>\n",
+                     (left + w - right) / 2, h - 10);
+  out += fmt::format(
+      "<text x=\"16\" y=\"{}\" transform=\"rotate(-90 16 {})\" text-anchor=\"middle\">{}</text>\n",
+      (top + h - bottom) / 2, (top + h - bottom) / 2, y_label);
+  const char* colours[] = {"#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b"};
+  for (size_t k = 0; k < series.size(); ++k) {
+    const auto& [name, ys] = series[k];
+    std::string points;
+    for (size_t i = 0; i < xs.size(); ++i) points += fmt::format("{},{} ", px(xs[i]), py(ys[i]));
+    const char* c = colours[k % 6];
+    out += fmt::format("<polyline fill=\"none\" stroke=\"{}\" stroke-width=\"2\" points=\"{}\"/>\n",
+                       c, points);
+    out += fmt::format(
+        "<line x1=\"{0}\" y1=\"{1}\" x2=\"{2}\" y2=\"{1}\" stroke=\"{3}\" stroke-width=\"2\"/>"
+        "<text x=\"{4}\" y=\"{5}\">{6}</text>\n",
+        w - right + 10, top + 20 * k + 10, w - right + 30, c, w - right + 36, top + 20 * k + 14,
+        name);
+  }
+  return out + "</svg>\n";
+}
+
+int run(int argc, char** argv) {
+  loom::cli::CommandLine cl(
+      argc, argv,
+      {{"ranks", "1024,2048,4096,8192,12288", "pool sizes (dp x cp ranks) to plan for"},
+       {"capacity", "8192", "tokens per rank and micro-batch"},
+       {"tokens-per-rank", "32768", "global batch tokens per pool rank"},
+       {"steps", "3", "global batches planned per configuration (figures are their means)"},
+       {"cost-a", "1.97e-9",
+        "T(s) = a s^2 + b s + c: a (default: LLaMA-7B attention at 400 TFLOP/s)"},
+       {"cost-b", "1e-4", "b (default: LLaMA-7B GEMMs per token at 400 TFLOP/s)"},
+       {"cost-c", "0", "c: per-sequence overhead"},
+       {"kv-bytes", "16384", "K and V bytes per token and layer (LLaMA-7B, bf16: 2 x 4096 x 2)"},
+       {"layers", "32", "layers"},
+       {"bandwidth", "25e9", "bytes/s a rank sends and receives in ring attention"},
+       {"latency", "2e-5", "seconds per ring step (a transfer's fixed cost)"},
+       {"seed", "1", "random seed"},
+       {"out", "plan_sim", "output prefix: <out>.md (tables) and <out>.svg (the plot)"}},
+      "Plan hybrid-data-parallel steps at scale and compare them with a static mesh, "
+      "power-of-two groups and DP packing.");
+  if (cl.handled_help()) return 0;
+  const auto ranks = parse_ranks(cl.get("ranks"));
+  const int64_t capacity = cl.get_int("capacity");
+  LOOM_CHECK_CONFIG(capacity >= 1, "--capacity must be >= 1, got {}", capacity);
+  const double per_rank = cl.get_double("tokens-per-rank");
+  const int steps = static_cast<int>(cl.get_int("steps"));
+  LOOM_CHECK_CONFIG(steps >= 1 && per_rank > 0, "--steps and --tokens-per-rank must be positive");
+  const CostModel cost{cl.get_double("cost-a"), cl.get_double("cost-b"), cl.get_double("cost-c")};
+  Network net;
+  net.kv_bytes = cl.get_double("kv-bytes");
+  net.layers = cl.get_double("layers");
+  net.bandwidth = cl.get_double("bandwidth");
+  net.latency = cl.get_double("latency");
+  LOOM_CHECK_CONFIG(net.layers >= 1 && net.bandwidth > 0 && net.kv_bytes >= 0 && net.latency >= 0,
+                    "--layers, --bandwidth, --kv-bytes and --latency must be positive");
+  std::string md = fmt::format(
+      "Cost model {} (seconds); ring attention moves {} bytes of K/V per token and layer over {} "
+      "layers at {:.3g} bytes/s with {:.3g} s per step; capacity {} tokens per rank and "
+      "micro-batch; {} tokens per rank per step; mean of {} steps.\n",
+      cost.describe(), net.kv_bytes, net.layers, net.bandwidth, net.latency, capacity, per_rank,
+      steps);
+  std::vector<std::pair<std::string, std::vector<double>>> speedups;
+  for (const Distribution& dist : {byted(), code()}) {
+    // The distribution's shape as drawn (one large sample).
+    {
+      std::mt19937_64 rng(cl.get_int("seed"));
+      const auto big = batch(dist, rng, 2e9);
+      double total = 0, over128 = 0, at2m = 0, short4 = 0;
+      for (const auto& s : big) {
+        const auto n = static_cast<double>(s.length - 1);
+        total += n;
+        if (n >= 131072) over128 += n;
+        if (n >= 2097152) at2m += n;
+        if (n <= 4096) short4 += 1;
+      }
+      md += fmt::format(
+          "\n### {} ({}): {:.1f}% of samples <= 4K; {:.1f}% of tokens in sequences >= 128K, "
+          "{:.1f}% at 2M\n\n",
+          dist.name, dist.description, 100 * short4 / static_cast<double>(big.size()),
+          100 * over128 / total, 100 * at2m / total);
+    }
+    const int cp_static = [&] {
+      int cp = 1;
+      while (static_cast<double>(cp) * static_cast<double>(capacity) < dist.max_len()) cp *= 2;
+      return cp;
+    }();
+    md += fmt::format(
+        "static mesh: cp {} (the longest, {:.0f} tokens, over ranks of {}).\n\n"
+        "| ranks | sequences | hdp plan cost imbalance | time imbalance hdp | pow2 | static | dp | "
+        "step time static / hdp | pow2 / hdp | dp / hdp | traffic static / hdp | pow2 / hdp | "
+        "plan_hdp ms |\n"
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n",
+        cp_static, dist.max_len(), capacity);
+    std::vector<double> sp_static, sp_pow2;
+    for (const int n : ranks) {
+      std::mt19937_64 rng(cl.get_int("seed") + static_cast<uint64_t>(n));
+      std::map<std::string, Result> sum;
+      double sequences = 0, plan_ms = 0;
+      bool pow2_fits = true, static_fits = cp_static <= n;
+      for (int s = 0; s < steps; ++s) {
+        const auto b = batch(dist, rng, per_rank * n);
+        sequences += static_cast<double>(b.size());
+        auto add = [&](const std::string& k, const Result& r) {
+          sum[k].max += r.max / steps;
+          sum[k].mean += r.mean / steps;
+          sum[k].traffic += r.traffic / steps;
+          sum[k].plan_imbalance = std::max(sum[k].plan_imbalance, r.plan_imbalance);
+        };
+        const Result h = hdp(b, n, capacity, cost, net, false);
+        add("hdp", h);
+        plan_ms = std::max(plan_ms, h.plan_ms);
+        try {
+          add("pow2", hdp(b, n, capacity, cost, net, true));
+        } catch (const loom::Error&) {
+          pow2_fits = false;  // a group rounded up past the pool
+        }
+        if (static_fits) add("static", spread(b, n / cp_static, cp_static, cost, net));
+        add("dp", spread(b, n, 1, cost, net));
+      }
+      const Result& h = sum["hdp"];
+      auto ratio = [&](const std::string& k, bool time) {
+        const Result& r = sum[k];
+        return time ? r.max / h.max : (h.traffic > 0 ? r.traffic / h.traffic : 0.0);
+      };
+      auto cell = [](bool ok, double v, const char* f) {
+        return ok ? fmt::format(fmt::runtime(f), v) : std::string("-");
+      };
+      md += fmt::format(
+          "| {} | {:.0f} | {:.3f} | {:.3f} | {} | {} | {:.3f} | {} | {} | {:.2f} | {} | "
+          "{} | {:.1f} |\n",
+          n, sequences / steps, h.plan_imbalance, h.imbalance(),
+          cell(pow2_fits, sum["pow2"].imbalance(), "{:.3f}"),
+          cell(static_fits, sum["static"].imbalance(), "{:.3f}"), sum["dp"].imbalance(),
+          cell(static_fits, ratio("static", true), "{:.2f}"),
+          cell(pow2_fits, ratio("pow2", true), "{:.2f}"), ratio("dp", true),
+          cell(static_fits, ratio("static", false), "{:.1f}"),
+          cell(pow2_fits, ratio("pow2", false), "{:.2f}"), plan_ms);
+      sp_static.push_back(static_fits ? ratio("static", true) : 0.0);
+      sp_pow2.push_back(pow2_fits ? ratio("pow2", true) : 0.0);
+    }
+    speedups.emplace_back(dist.name + ": vs static", sp_static);
+    speedups.emplace_back(dist.name + ": vs pow2", sp_pow2);
+  }
+  const std::string out = cl.get("out");
+  {
+    std::ofstream f(out + ".md");
+    LOOM_CHECK_KIND(loom::ErrorKind::kIO, f.good(), "cannot write '{}.md'", out);
+    f << md;
+  }
+  {
+    std::ofstream f(out + ".svg");
+    LOOM_CHECK_KIND(loom::ErrorKind::kIO, f.good(), "cannot write '{}.svg'", out);
+    f << svg_chart("hybrid data parallelism: simulated step-time speedup", ranks, speedups,
+                   "speedup (x)");
+  }
+  std::fputs(md.c_str(), stdout);
+  std::printf("\nwrote %s.md and %s.svg\n", out.c_str(), out.c_str());
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  try {
+    return run(argc, argv);
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "plan_sim: %s\n", e.what());
+    return 1;
+  }
+}
