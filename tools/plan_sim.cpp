@@ -167,28 +167,61 @@ Result hdp(const std::vector<SampleRef>& b, int ranks, int64_t capacity, const C
   return r;
 }
 
-// Sequences spread over `groups` equal groups of `width` ranks, longest first to the least
-// loaded; each sequence is split over its group's ranks.
-Result spread(const std::vector<SampleRef>& b, int groups, int width, const CostModel& cost,
-              const Network& net) {
+// Sequences spread over `groups` equal groups of `width` ranks (of `ranks` in all), longest first
+// to the least loaded by the cost model. With width > 1 (a static CP mesh) each group packs its
+// sequences first fit into micro-batches of width x capacity tokens and runs one ring per
+// micro-batch: its D = width steps per layer each compute the micro-batch's block (a sum s^2 /
+// (D^2 L), every sequence attends itself) while the next K/V block of tokens / D moves. With
+// width 1 (DP packing) every sequence runs whole on one rank; those longer than the capacity would
+// not fit in memory (counted in too_long).
+Result spread(const std::vector<SampleRef>& b, int groups, int width, int ranks, int64_t capacity,
+              const CostModel& cost, const Network& net) {
   std::vector<double> lengths;
   for (const auto& x : b) lengths.push_back(static_cast<double>(x.length - 1));
   std::sort(lengths.begin(), lengths.end(), std::greater<>());
   using Entry = std::pair<double, int>;
   std::priority_queue<Entry, std::vector<Entry>, std::greater<>> least;
   for (int g = 0; g < groups; ++g) least.emplace(0.0, g);
-  std::vector<double> load(static_cast<size_t>(groups), 0.0);
+  std::vector<std::vector<double>> members(static_cast<size_t>(groups));
   Result r;
   for (const double s : lengths) {
     auto [c, g] = least.top();
     least.pop();
-    c += share_time(s, width, cost, net);
-    load[static_cast<size_t>(g)] = c;
-    least.emplace(c, g);
+    least.emplace(c + cost(s), g);
+    members[static_cast<size_t>(g)].push_back(s);
     r.traffic += s * (width - 1);
+    if (width == 1 && s > static_cast<double>(capacity)) ++r.too_long;
   }
-  r.max = *std::max_element(load.begin(), load.end());
-  r.mean = std::accumulate(load.begin(), load.end(), 0.0) / groups;
+  std::vector<double> time(static_cast<size_t>(ranks), 0.0);  // ranks outside the groups idle
+  const double room = static_cast<double>(width) * static_cast<double>(capacity);
+  for (int g = 0; g < groups; ++g) {
+    double t = 0;
+    if (width == 1) {
+      for (const double s : members[static_cast<size_t>(g)]) t += cost(s);
+    } else {
+      struct MicroBatch {
+        double tokens = 0, square = 0, count = 0;
+      };
+      std::vector<MicroBatch> mbs;
+      for (const double s : members[static_cast<size_t>(g)]) {
+        size_t at = 0;
+        while (at < mbs.size() && mbs[at].tokens + s > room) ++at;
+        if (at == mbs.size()) mbs.emplace_back();
+        mbs[at].tokens += s;
+        mbs[at].square += s * s;
+        mbs[at].count += 1;
+      }
+      const double d = width;
+      for (const auto& mb : mbs) {
+        const double block = cost.a * mb.square / (d * d * net.layers);
+        const double move = 3 * net.kv_bytes * (mb.tokens / d) / net.bandwidth + net.latency;
+        t += cost.c * mb.count + cost.b * mb.tokens / d + net.layers * d * std::max(block, move);
+      }
+    }
+    for (int k = 0; k < width; ++k) time[static_cast<size_t>(g * width + k)] = t;
+  }
+  r.max = *std::max_element(time.begin(), time.end());
+  r.mean = std::accumulate(time.begin(), time.end(), 0.0) / ranks;
   return r;
 }
 
@@ -202,6 +235,8 @@ std::vector<int> parse_ranks(const std::string& s) {
     v.push_back(n);
   }
   LOOM_CHECK_CONFIG(!v.empty(), "--ranks is empty");
+  std::sort(v.begin(), v.end());
+  v.erase(std::unique(v.begin(), v.end()), v.end());
   return v;
 }
 
@@ -213,7 +248,7 @@ std::string svg_chart(const std::string& title, const std::vector<int>& xs,
   double ymax = 0;
   for (const auto& [name, ys] : series)
     for (double y : ys) ymax = std::max(ymax, y);
-  ymax = std::ceil(ymax * 1.1);
+  ymax = ymax > 0 ? std::ceil(ymax * 1.1) : 1.0;
   const double lx0 = std::log2(xs.front()), lx1 = std::log2(xs.back());
   auto px = [&](double x) {
     return left + (lx1 > lx0 ? (std::log2(x) - lx0) / (lx1 - lx0) : 0.5) * (w - left - right);
@@ -231,7 +266,7 @@ std::string svg_chart(const std::string& title, const std::vector<int>& xs,
   for (int i = 0; i <= 4; ++i) {
     const double y = ymax * i / 4;
     out += fmt::format(
-        "<text x=\"{}\" y=\"{}\" text-anchor=\"end\">{:.1f}</text><line x1=\"{}\" y1=\"{}\" "
+        "<text x=\"{}\" y=\"{}\" text-anchor=\"end\">{:.2f}</text><line x1=\"{}\" y1=\"{}\" "
         "x2=\"{}\" y2=\"{}\" stroke=\"#ddd\"/>\n",
         left - 6, py(y) + 4, y, left, py(y), w - right, py(y));
   }
@@ -246,11 +281,26 @@ std::string svg_chart(const std::string& title, const std::vector<int>& xs,
   const char* colours[] = {"#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b"};
   for (size_t k = 0; k < series.size(); ++k) {
     const auto& [name, ys] = series[k];
-    std::string points;
-    for (size_t i = 0; i < xs.size(); ++i) points += fmt::format("{},{} ", px(xs[i]), py(ys[i]));
     const char* c = colours[k % 6];
-    out += fmt::format("<polyline fill=\"none\" stroke=\"{}\" stroke-width=\"2\" points=\"{}\"/>\n",
-                       c, points);
+    // A missing value (<= 0: the layout cannot run there) breaks the line.
+    std::string points;
+    auto flush = [&] {
+      if (!points.empty())
+        out += fmt::format(
+            "<polyline fill=\"none\" stroke=\"{}\" stroke-width=\"2\" points=\"{}\"/>\n", c,
+            points);
+      points.clear();
+    };
+    for (size_t i = 0; i < xs.size(); ++i) {
+      if (!(ys[i] > 0)) {
+        flush();
+        continue;
+      }
+      points += fmt::format("{},{} ", px(xs[i]), py(ys[i]));
+      out += fmt::format("<circle cx=\"{}\" cy=\"{}\" r=\"3\" fill=\"{}\"/>\n", px(xs[i]),
+                         py(ys[i]), c);
+    }
+    flush();
     out += fmt::format(
         "<line x1=\"{0}\" y1=\"{1}\" x2=\"{2}\" y2=\"{1}\" stroke=\"{3}\" stroke-width=\"2\"/>"
         "<text x=\"{4}\" y=\"{5}\">{6}</text>\n",
@@ -294,10 +344,13 @@ int run(int argc, char** argv) {
   net.latency = cl.get_double("latency");
   LOOM_CHECK_CONFIG(net.layers >= 1 && net.bandwidth > 0 && net.kv_bytes >= 0 && net.latency >= 0,
                     "--layers, --bandwidth, --kv-bytes and --latency must be positive");
+  // The plan cost imbalance and plan_hdp's time are the worst of the steps; the rest are means.
   std::string md = fmt::format(
       "Cost model {} (seconds); ring attention moves {} bytes of K/V per token and layer over {} "
       "layers at {:.3g} bytes/s with {:.3g} s per step; capacity {} tokens per rank and "
-      "micro-batch; {} tokens per rank per step; mean of {} steps.\n",
+      "micro-batch; {} tokens per rank per step; means of {} steps (the plan cost imbalance and "
+      "plan_hdp ms: the worst step). The dp layout runs every sequence whole on one rank; those "
+      "longer than the capacity would not fit in memory.\n",
       cost.describe(), net.kv_bytes, net.layers, net.bandwidth, net.latency, capacity, per_rank,
       steps);
   std::vector<std::pair<std::string, std::vector<double>>> speedups;
@@ -328,9 +381,9 @@ int run(int argc, char** argv) {
     md += fmt::format(
         "static mesh: cp {} (the longest, {:.0f} tokens, over ranks of {}).\n\n"
         "| ranks | sequences | hdp plan cost imbalance | time imbalance hdp | pow2 | static | dp | "
-        "step time static / hdp | pow2 / hdp | dp / hdp | traffic static / hdp | pow2 / hdp | "
-        "plan_hdp ms |\n"
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n",
+        "step time static / hdp | pow2 / hdp | dp / hdp | dp: sequences > capacity | "
+        "traffic static / hdp | pow2 / hdp | plan_hdp ms |\n"
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n",
         cp_static, dist.max_len(), capacity);
     std::vector<double> sp_static, sp_pow2;
     for (const int n : ranks) {
@@ -346,6 +399,7 @@ int run(int argc, char** argv) {
           sum[k].mean += r.mean / steps;
           sum[k].traffic += r.traffic / steps;
           sum[k].plan_imbalance = std::max(sum[k].plan_imbalance, r.plan_imbalance);
+          sum[k].too_long += r.too_long;
         };
         const Result h = hdp(b, n, capacity, cost, net, false);
         add("hdp", h);
@@ -355,8 +409,8 @@ int run(int argc, char** argv) {
         } catch (const loom::Error&) {
           pow2_fits = false;  // a group rounded up past the pool
         }
-        if (static_fits) add("static", spread(b, n / cp_static, cp_static, cost, net));
-        add("dp", spread(b, n, 1, cost, net));
+        if (static_fits) add("static", spread(b, n / cp_static, cp_static, n, capacity, cost, net));
+        add("dp", spread(b, n, 1, n, capacity, cost, net));
       }
       const Result& h = sum["hdp"];
       auto ratio = [&](const std::string& k, bool time) {
@@ -367,13 +421,14 @@ int run(int argc, char** argv) {
         return ok ? fmt::format(fmt::runtime(f), v) : std::string("-");
       };
       md += fmt::format(
-          "| {} | {:.0f} | {:.3f} | {:.3f} | {} | {} | {:.3f} | {} | {} | {:.2f} | {} | "
+          "| {} | {:.0f} | {:.3f} | {:.3f} | {} | {} | {:.3f} | {} | {} | {:.2f} | {:.0f} | {} | "
           "{} | {:.1f} |\n",
           n, sequences / steps, h.plan_imbalance, h.imbalance(),
           cell(pow2_fits, sum["pow2"].imbalance(), "{:.3f}"),
           cell(static_fits, sum["static"].imbalance(), "{:.3f}"), sum["dp"].imbalance(),
           cell(static_fits, ratio("static", true), "{:.2f}"),
           cell(pow2_fits, ratio("pow2", true), "{:.2f}"), ratio("dp", true),
+          static_cast<double>(sum["dp"].too_long) / steps,
           cell(static_fits, ratio("static", false), "{:.1f}"),
           cell(pow2_fits, ratio("pow2", false), "{:.2f}"), plan_ms);
       sp_static.push_back(static_fits ? ratio("static", true) : 0.0);

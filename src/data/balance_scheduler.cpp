@@ -124,6 +124,11 @@ HdpPlan plan_hdp(const std::vector<SampleRef>& samples, const HdpOptions& o) {
                     "hybrid data parallelism: a rank capacity of {} tokens per micro-batch (it "
                     "must be at least 1)",
                     o.capacity);
+  LOOM_CHECK_CONFIG(std::isfinite(o.cost.a) && std::isfinite(o.cost.b) && std::isfinite(o.cost.c) &&
+                        o.cost.a >= 0 && o.cost.b >= 0 && o.cost.c >= 0,
+                    "hybrid data parallelism: the cost model {} needs finite, non-negative "
+                    "coefficients",
+                    o.cost.describe());
   const auto pool = static_cast<size_t>(o.pool);
   HdpPlan plan;
   plan.ranks.resize(pool);
@@ -160,7 +165,7 @@ HdpPlan plan_hdp(const std::vector<SampleRef>& samples, const HdpOptions& o) {
     const int64_t s = samples[static_cast<size_t>(i)].length - 1;
     if (s <= o.capacity && balance_ranks(static_cast<double>(s)) <= 1) break;  // the rest: short
     grouped[static_cast<size_t>(i)] = true;
-    const int64_t need = (s + o.capacity - 1) / o.capacity;  // by memory
+    const int64_t need = (s - 1) / o.capacity + 1;  // by memory
     LOOM_CHECK_CONFIG(need <= o.pool,
                       "hybrid data parallelism: sample {} (index {}) has {} tokens, which needs {} "
                       "ranks of {} tokens each; the pool has {} (raise the capacity, enlarge the "
@@ -171,12 +176,14 @@ HdpPlan plan_hdp(const std::vector<SampleRef>& samples, const HdpOptions& o) {
     if (o.power_of_two_groups) {
       int64_t p2 = 1;
       while (p2 < d) p2 *= 2;
-      while (p2 > o.pool && p2 / 2 >= need) p2 /= 2;  // the largest that fits, if any
+      // The largest that fits the pool and the tokens, if one still covers the need; when no
+      // power of two lies in [need, min(pool, s)], the need itself (tiny sequences only).
+      while ((p2 > o.pool || p2 > s) && p2 / 2 >= need) p2 /= 2;
       LOOM_CHECK_CONFIG(p2 <= o.pool,
                         "hybrid data parallelism: sample {} (index {}) needs {} ranks, a group of "
                         "{} as a power of two; the pool has {}",
                         i, samples[static_cast<size_t>(i)].index, need, p2, o.pool);
-      d = p2;
+      d = p2 <= s ? p2 : need;
     }
     HdpGroup group;
     group.sample = i;
@@ -215,7 +222,7 @@ HdpPlan plan_hdp(const std::vector<SampleRef>& samples, const HdpOptions& o) {
     const auto r = static_cast<size_t>(rank);
     auto& mbs = plan.ranks[r];
     size_t at = first_packed[r];
-    while (at < mbs.size() && mbs[at].tokens + s > o.capacity) ++at;
+    while (at < mbs.size() && mbs[at].tokens > o.capacity - s) ++at;
     if (at == mbs.size()) mbs.emplace_back();
     const double t = o.cost(static_cast<double>(s));
     mbs[at].samples.push_back(i);

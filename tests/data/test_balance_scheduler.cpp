@@ -39,8 +39,9 @@ void expect_valid(const std::vector<SampleRef>& samples, const HdpOptions& o, co
   int64_t n = 0;
   for (const auto& s : samples) n += s.length - 1;
   EXPECT_EQ(p.loss_tokens, n) << what;
-  std::map<int64_t, int64_t> tokens_of;       // sample -> tokens planned, over all ranks
-  std::map<int64_t, std::set<int>> ranks_of;  // sample -> ranks that hold a part of it
+  std::map<int64_t, int64_t> tokens_of;             // sample -> tokens planned, over all ranks
+  std::map<int64_t, std::set<int>> ranks_of;        // sample -> ranks that hold a part of it
+  std::map<int64_t, std::multiset<int>> shares_of;  // group -> ranks holding a share of it
   for (int r = 0; r < o.pool; ++r) {
     double cost = 0;
     int64_t last_group = -1;
@@ -54,6 +55,7 @@ void expect_valid(const std::vector<SampleRef>& samples, const HdpOptions& o, co
         EXPECT_FALSE(packed_seen) << what << ": a group share after packed micro-batches";
         EXPECT_GT(mb.group, last_group) << what << ": groups out of order on rank " << r;
         last_group = mb.group;
+        shares_of[mb.group].insert(r);
         ASSERT_EQ(mb.samples.size(), 1u) << what;
         ASSERT_LT(static_cast<size_t>(mb.group), p.groups.size()) << what;
         const auto& g = p.groups[static_cast<size_t>(mb.group)];
@@ -92,6 +94,14 @@ void expect_valid(const std::vector<SampleRef>& samples, const HdpOptions& o, co
     EXPECT_GE(d, need) << what << ": sample " << i << " of " << s << " tokens";
     EXPECT_LE(d, o.pool) << what;
     const double work = o.cost.a * s * s + o.cost.b * s;
+    if (o.power_of_two_groups) {  // a power of two, or the need when none fits
+      EXPECT_TRUE((d & (d - 1)) == 0 || d == need) << what << ": sample " << i << ", " << d;
+      continue;
+    }
+    if (!o.balance_groups) {  // what memory needs, no more
+      EXPECT_EQ(d, need) << what << ": sample " << i;
+      continue;
+    }
     if (d > need) {
       EXPECT_GT(work / static_cast<double>(d - 1) + o.cost.c, mean * (1 - 1e-9))
           << what << ": sample " << i << " split over more ranks than it needs";
@@ -101,27 +111,47 @@ void expect_valid(const std::vector<SampleRef>& samples, const HdpOptions& o, co
           << what << ": sample " << i << " costs more per rank than the mean rank";
     }
   }
-  for (const auto& g : p.groups) {
+  for (size_t k = 0; k < p.groups.size(); ++k) {
+    const auto& g = p.groups[k];
     EXPECT_TRUE(std::is_sorted(g.ranks.begin(), g.ranks.end())) << what;
     EXPECT_EQ(std::set<int>(g.ranks.begin(), g.ranks.end()).size(), g.ranks.size()) << what;
+    // Each member holds exactly one share (a member without one would leave the ring waiting).
+    EXPECT_EQ(shares_of[static_cast<int64_t>(k)],
+              std::multiset<int>(g.ranks.begin(), g.ranks.end()))
+        << what << ": group " << k;
   }
 }
 
 TEST(BalanceScheduler, RandomBatchesKeepEveryPromise) {
   std::mt19937_64 rng(20261202);
-  int cases = 0, with_groups = 0;
+  int cases = 0, with_groups = 0, refused = 0;
   for (int c = 0; c < 2000; ++c) {
     HdpOptions o;
     o.pool = 1 + static_cast<int>(rng() % 64);
     o.capacity = 16 + static_cast<int64_t>(rng() % 512);
     o.cost = CostModel{static_cast<double>(rng() % 3) * 1e-3, 1.0, static_cast<double>(rng() % 2)};
+    o.balance_groups = c % 4 != 1;       // a quarter sized by memory alone
+    o.power_of_two_groups = c % 4 == 2;  // a quarter with power-of-two groups
     const int n = 1 + static_cast<int>(rng() % 200);
-    // Lengths up to what the whole pool can hold as one group.
-    const auto samples = long_tail(rng, n, std::min<int64_t>(o.capacity * o.pool, 20000) + 1);
+    // Lengths up to what the whole pool can hold as one group (with power-of-two groups, the
+    // largest power of two in the pool).
+    int64_t usable = o.pool;
+    if (o.power_of_two_groups) {
+      usable = 1;
+      while (usable * 2 <= o.pool) usable *= 2;
+    }
+    const auto samples = long_tail(rng, n, std::min<int64_t>(o.capacity * usable, 20000) + 1);
     const std::string what = "case " + std::to_string(c) + " (pool " + std::to_string(o.pool) +
                              ", capacity " + std::to_string(o.capacity) + ", " + std::to_string(n) +
                              " samples)";
-    const HdpPlan p = loom::data::plan_hdp(samples, o);
+    HdpPlan p;
+    try {
+      p = loom::data::plan_hdp(samples, o);
+    } catch (const loom::Error& e) {
+      ADD_FAILURE() << what << ": " << e.what();
+      ++refused;
+      continue;
+    }
     expect_valid(samples, o, p, what);
     // Deterministic: the same plan again.
     const HdpPlan q = loom::data::plan_hdp(samples, o);
@@ -151,7 +181,7 @@ TEST(BalanceScheduler, RandomBatchesKeepEveryPromise) {
     ++cases;
     with_groups += p.groups.empty() ? 0 : 1;
   }
-  EXPECT_EQ(cases, 2000);
+  EXPECT_EQ(cases, 2000) << refused << " refused";
   EXPECT_GT(with_groups, 500) << "too few cases exercise long sequences";
 }
 
@@ -179,6 +209,13 @@ TEST(BalanceScheduler, AWorkedExample) {
   EXPECT_EQ(p.ranks[2].back().samples, (std::vector<int64_t>{3}));
   EXPECT_NEAR(p.max_cost(), 25.0 / 3 + 8, 1e-12);
   EXPECT_EQ(p.loss_tokens, 4 + 25 + 8 + 2 + 10);
+  // Power-of-two groups: the 25 tokens need 3 ranks, the group takes 4 (7, 6, 6, 6 tokens).
+  o.power_of_two_groups = true;
+  const HdpPlan q = loom::data::plan_hdp(samples, o);
+  ASSERT_EQ(q.groups.size(), 1u);
+  EXPECT_EQ(q.groups[0].ranks, (std::vector<int>{0, 1, 2, 3}));
+  EXPECT_EQ(q.ranks[0][0].tokens, 7);
+  EXPECT_EQ(q.ranks[3][0].tokens, 6);
 }
 
 TEST(BalanceScheduler, BadInputsNameTheReason) {
@@ -203,6 +240,16 @@ TEST(BalanceScheduler, BadInputsNameTheReason) {
   o.capacity = 10;
   o.pool = 0;
   expect_error({{7, 5}}, o, "a pool of 0 ranks");
+  // Power-of-two groups: 41 tokens need 5 ranks; 8 do not fit a pool of 6.
+  o.pool = 6;
+  o.power_of_two_groups = true;
+  expect_error({{7, 42}}, o, "needs 5 ranks, a group of 8 as a power of two; the pool has 6");
+  o.power_of_two_groups = false;
+  o.pool = 2;
+  o.cost = CostModel{-1, 1, 0};
+  expect_error({{7, 5}}, o, "needs finite, non-negative coefficients");
+  o.cost = CostModel{0, std::nan(""), 0};
+  expect_error({{7, 5}}, o, "needs finite, non-negative coefficients");
 }
 
 TEST(BalanceScheduler, CostModelFitsTheClosedForm) {

@@ -19,13 +19,17 @@
 //      rank), one micro-batch on each, in the order the groups are made.
 //   2. Short sequences, longest first (ByteScale's descending order; LPT scheduling): each goes to
 //      the rank of least cost so far, into its open micro-batch if the tokens fit, else a new one.
-// Deadlock freedom: a rank runs its micro-batches with the groups in creation order, so any two
-// groups that share ranks are entered in the same order by all of them (the groups' point-to-point
-// transfers on the pool's one communicator never wait on each other in a cycle).
-// Each rank runs its group shares first, then its packed micro-batches, longest first (ByteScale's
-// DP-balance order: at each point of the step the ranks work on similar lengths). The plan is
-// deterministic: every rank computes the whole plan from the same inputs. (The PP-balance order and
-// the outlier queue come with the executor's side of hybrid data parallelism.)
+// Each rank runs its group shares first, in group creation order, then its packed micro-batches
+// (made in the order of their longest sequences: ByteScale's DP-balance order, at each point of
+// the step the ranks work on similar lengths). Deadlock freedom: when each micro-batch's forward
+// and backward finish before the next starts (pp = 1), or all forwards precede all backwards in
+// the same order, any two groups that share ranks are entered in the same order by all of them, so
+// their point-to-point transfers on the pool's one communicator never wait on each other in a
+// cycle. Under 1F1B with pipeline parallelism that no longer holds (ranks with different group
+// lists interleave forwards and backwards differently): the PP-balance mode must align the groups'
+// micro-batches across ranks. The plan is deterministic: every rank computes the whole plan from
+// the same inputs. (The PP-balance order and the outlier queue come with the executor's side of
+// hybrid data parallelism.)
 #pragma once
 
 #include <cstdint>
@@ -57,7 +61,8 @@ struct HdpOptions {
   // sequence bounds the step).
   bool balance_groups = true;
   // Megatron-Core's dynamic CP instead of any group size: D rounded up to a power of two (the
-  // largest that fits the pool when that is smaller; for comparisons: tools/plan_sim).
+  // largest that fits the pool and the sequence's tokens when that is smaller, and the plain need
+  // when no power of two fits; for comparisons: tools/plan_sim).
   bool power_of_two_groups = false;
 };
 
@@ -86,7 +91,8 @@ struct HdpPlan {
 };
 
 // The plan for the global batch `samples` (lengths >= 2). Throws a kConfig error naming the
-// sequence when one needs more ranks than the pool has, or for a bad option.
+// sequence when one needs more ranks than the pool has, or for a bad option (a pool or capacity
+// below 1, a cost coefficient negative or not finite).
 HdpPlan plan_hdp(const std::vector<SampleRef>& samples, const HdpOptions& options);
 
 }  // namespace loom::data
