@@ -16,6 +16,8 @@ PlanLayout LoaderOptions::layout() const {
   l.max_piece_tokens = seq_len;
   l.pad_multiple = pad_multiple;
   l.equal_micro_batches = equal_micro_batches;
+  l.hdp = hdp;
+  l.cost = cost;
   return l;
 }
 
@@ -41,6 +43,17 @@ LoaderOptions LoaderOptions::from_config(const config::JobConfig& job, int dp_si
       moe && ((job.model().moe().aux_loss_type() == config::MoeConfig::GLOBAL_BATCH &&
                job.model().moe().aux_loss_coeff() > 0) ||
               job.parallel().ep() > 1);
+  o.hdp = job.parallel().hdp();
+  if (o.hdp) {
+    LOOM_CHECK_CONFIG(o.mode == BatchMode::kDocuments,
+                      "parallel.hdp plans whole documents: it needs data.mode DOCUMENTS");
+    const auto& c = job.parallel().hdp_cost();
+    LOOM_CHECK_CONFIG(c.empty() || c.size() == 3,
+                      "field 'parallel.hdp_cost' holds {} numbers; it takes three, [a, b, c] of "
+                      "T(s) = a s^2 + b s + c (or none: from the model's FLOPs)",
+                      c.size());
+    if (c.size() == 3) o.cost = CostModel{c[0], c[1], c[2]};
+  }
   const bool sp = job.parallel().sequence_parallel() && tp_size > 1;
   if (o.mode == BatchMode::kWindows) {
     LOOM_CHECK_CONFIG(
@@ -65,7 +78,7 @@ LoaderOptions LoaderOptions::from_config(const config::JobConfig& job, int dp_si
     return o;
   }
   LOOM_CHECK_CONFIG(
-      o.global_batch % dp_size == 0,
+      o.hdp || o.global_batch % dp_size == 0,
       "data.mode DOCUMENTS: field 'train.global_batch_size' ({} documents per step) must be a "
       "multiple of the data-parallel size ({})",
       o.global_batch, dp_size);
@@ -81,6 +94,14 @@ LoaderOptions LoaderOptions::from_config(const config::JobConfig& job, int dp_si
 
 std::string MicroBatchLoader::describe() const {
   const auto& o = options_;
+  if (o.hdp) {
+    return fmt::format(
+        "{} documents per step (pieces of at most {} tokens) planned over a pool of {} rank(s) "
+        "with hybrid data parallelism: a rank holds at most {} tokens per micro-batch, a longer "
+        "piece runs on a group of ranks (ring attention); cost model {}; the loss is per token "
+        "over the global batch",
+        o.global_batch, o.seq_len, o.dp_size, o.micro_batch_tokens, o.cost.describe());
+  }
   if (o.mode == BatchMode::kDocuments) {
     return fmt::format(
         "{} documents per step over {} DP rank(s), packed into micro-batches of at most {} tokens "

@@ -3,12 +3,14 @@
 #include <algorithm>
 
 #include "loom/core/error.h"
+#include "loom/data/balance_scheduler.h"
 
 namespace loom::data {
 
 int64_t StepPlan::local_tokens() const {
   int64_t n = 0;
-  for (const auto& mb : micro_batches) n += mb.tokens;
+  for (const auto& mb : micro_batches)
+    n += mb.group.empty() ? mb.tokens : mb.tokens / static_cast<int64_t>(mb.group.size());
   return n;
 }
 
@@ -48,6 +50,109 @@ std::vector<MicroBatchPlan> pack_documents(const std::vector<SampleRef>& samples
   return mbs;
 }
 
+// [Note: hybrid data parallelism slots]
+// data::plan_hdp gives each pool rank an ordered list of micro-batches, some of them shares of a
+// long sequence that a group of ranks runs together. The executor needs more than an order: every
+// member of a group must reach the group's micro-batch at the same point of its schedule, since
+// ring attention exchanges keys and values in each layer's forward and backward, and anything that
+// communicates over the whole pool in a forward (the MoE GLOBAL_BATCH balance, expert-parallel
+// dispatch) needs every rank to run the same number of micro-batches. So the plan is laid out in
+// slots, the same number on every rank:
+//   1. groups in creation order: a group takes the first slot after every member's last group
+//      slot (so each rank meets its groups in creation order);
+//   2. each rank's packed micro-batches fill its free slots in order, then follow;
+//   3. a rank with fewer slots than the most ends with empty micro-batches (one row of padding).
+// Every rank then runs the same sequence of actions (one pipeline table for M slots), and at slot
+// m the members of a group all run the group's share: no transfer waits on a rank that is
+// elsewhere, under 1F1B with pipeline parallelism too (the same table on every rank of a stage).
+// An empty slot costs a rank nothing but the wait at its next group, which the balance scheduler
+// already accounts for as that rank's lighter load.
+void plan_hdp_step(const std::vector<SampleRef>& samples, const PlanLayout& l, StepPlan& plan) {
+  LOOM_CHECK_CONFIG(l.micro_batch_tokens >= 1,
+                    "parallel.hdp needs train.micro_batch_tokens >= 1 (a rank's capacity), got {}",
+                    l.micro_batch_tokens);
+  LOOM_CHECK_CONFIG(l.pad_multiple >= 1 && l.max_piece_tokens >= 1, "plan: pad {} piece {}",
+                    l.pad_multiple, l.max_piece_tokens);
+  // The sequences the scheduler places: the documents cut into pieces of at most the context.
+  std::vector<Piece> pieces;
+  std::vector<SampleRef> seqs;
+  for (size_t i = 0; i < samples.size(); ++i) {
+    const int64_t targets = samples[i].length - 1;
+    for (int64_t begin = 0; begin < targets; begin += l.max_piece_tokens) {
+      pieces.push_back(
+          Piece{static_cast<int64_t>(i), begin, std::min(l.max_piece_tokens, targets - begin)});
+      seqs.push_back(SampleRef{static_cast<int64_t>(seqs.size()), pieces.back().tokens + 1});
+      plan.sequence_tokens_sq +=
+          static_cast<double>(pieces.back().tokens) * static_cast<double>(pieces.back().tokens);
+    }
+  }
+  const int pool = l.dp_size;
+  HdpOptions o;
+  o.pool = pool;
+  o.capacity = l.micro_batch_tokens;
+  o.cost = l.cost;
+  const HdpPlan hp = seqs.empty() ? HdpPlan{} : plan_hdp(seqs, o);
+  // Slots (Note: hybrid data parallelism slots).
+  std::vector<std::vector<const HdpMicroBatch*>> table(static_cast<size_t>(pool));
+  std::vector<int64_t> next(static_cast<size_t>(pool), 0);
+  std::vector<int64_t> group_slot(hp.groups.size(), 0);
+  for (size_t g = 0; g < hp.groups.size(); ++g) {
+    int64_t slot = 0;
+    for (int r : hp.groups[g].ranks) slot = std::max(slot, next[static_cast<size_t>(r)]);
+    group_slot[g] = slot;
+    for (int r : hp.groups[g].ranks) next[static_cast<size_t>(r)] = slot + 1;
+  }
+  int64_t units = static_cast<int64_t>(hp.groups.size());
+  size_t most = 0;
+  for (int r = 0; r < pool && !hp.ranks.empty(); ++r) {
+    auto& t = table[static_cast<size_t>(r)];
+    for (const HdpMicroBatch& mb : hp.ranks[static_cast<size_t>(r)]) {
+      if (mb.group < 0) continue;
+      const auto slot = static_cast<size_t>(group_slot[static_cast<size_t>(mb.group)]);
+      if (t.size() <= slot) t.resize(slot + 1, nullptr);
+      t[slot] = &mb;
+    }
+    size_t free = 0;
+    for (const HdpMicroBatch& mb : hp.ranks[static_cast<size_t>(r)]) {
+      if (mb.group >= 0) continue;
+      ++units;
+      while (free < t.size() && t[free] != nullptr) ++free;
+      if (free == t.size()) t.push_back(nullptr);
+      t[free] = &mb;
+    }
+    most = std::max(most, t.size());
+  }
+  auto round_up = [](int64_t n, int64_t m) { return (n + m - 1) / m * m; };
+  MicroBatchPlan empty;
+  empty.rows.emplace_back();  // one row of padding only
+  empty.row_len = l.pad_multiple;
+  const auto& mine = table[static_cast<size_t>(l.dp_rank)];
+  for (size_t slot = 0; slot < most; ++slot) {
+    const HdpMicroBatch* mb = slot < mine.size() ? mine[slot] : nullptr;
+    if (mb == nullptr) {
+      plan.micro_batches.push_back(empty);
+      continue;
+    }
+    MicroBatchPlan p;
+    p.rows.emplace_back();
+    for (int64_t seq : mb->samples) {
+      const Piece& piece = pieces[static_cast<size_t>(seq)];
+      p.rows.front().push_back(piece);
+      p.tokens += piece.tokens;
+    }
+    int64_t multiple = l.pad_multiple;
+    if (mb->group >= 0) {
+      p.group = hp.groups[static_cast<size_t>(mb->group)].ranks;
+      p.group_rank =
+          static_cast<int>(std::find(p.group.begin(), p.group.end(), l.dp_rank) - p.group.begin());
+      multiple *= static_cast<int64_t>(p.group.size());
+    }
+    p.row_len = round_up(p.tokens, multiple);
+    plan.micro_batches.push_back(std::move(p));
+  }
+  plan.global_micro_batches = std::max<int64_t>(units, 1);
+}
+
 }  // namespace
 
 StepPlan plan_step(const std::vector<SampleRef>& samples, const PlanLayout& l) {
@@ -55,7 +160,7 @@ StepPlan plan_step(const std::vector<SampleRef>& samples, const PlanLayout& l) {
   LOOM_CHECK_CONFIG(l.dp_size >= 1 && l.dp_rank >= 0 && l.dp_rank < l.dp_size,
                     "plan: DP rank {} of {}", l.dp_rank, l.dp_size);
   LOOM_CHECK_CONFIG(
-      g >= 1 && g % l.dp_size == 0,
+      g >= 1 && (g % l.dp_size == 0 || (l.hdp && l.mode == BatchMode::kDocuments)),
       "the global batch holds {} samples, which do not split evenly over {} data-parallel ranks "
       "(train.global_batch_size must be a multiple of the DP size)",
       g, l.dp_size);
@@ -68,6 +173,12 @@ StepPlan plan_step(const std::vector<SampleRef>& samples, const PlanLayout& l) {
                "plan: sample {} has {} tokens; a training window needs at least 2 (one target)",
                s.index, s.length);
     plan.loss_tokens += std::max<int64_t>(s.length - 1, 0);
+  }
+  if (l.hdp) {
+    LOOM_CHECK_CONFIG(l.mode == BatchMode::kDocuments,
+                      "parallel.hdp plans whole documents: it needs data.mode DOCUMENTS");
+    plan_hdp_step(samples, l, plan);
+    return plan;
   }
   const int64_t share = g / l.dp_size;
   if (l.mode == BatchMode::kWindows) {

@@ -22,6 +22,7 @@ Batch Batch::to(at::Device device) const {
   b.source = mv(source);
   b.cp_index = mv(cp_index);
   b.cp_doc = mv(cp_doc);
+  b.cp_group = cp_group;
   return b;
 }
 

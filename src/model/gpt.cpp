@@ -63,7 +63,8 @@ struct RecomputedBlock : public torch::autograd::Function<RecomputedBlock> {
       const c10::optional<at::Tensor>& cos_opt, const c10::optional<at::Tensor>& sin_opt,
       const c10::optional<at::Tensor>& doc_opt, const c10::optional<at::Tensor>& cp_index_opt,
       const c10::optional<at::Tensor>& cp_doc_opt, const c10::optional<at::Tensor>& padding_opt,
-      const c10::optional<at::Tensor>& source_opt, Block* block) {
+      const c10::optional<at::Tensor>& source_opt, Block* block,
+      const parallel::ContextParallel* cp) {
     // Optional tensors: an undefined one (no RoPE, no document mask) is not an autograd input.
     const at::Tensor cos = cos_opt.value_or(at::Tensor());
     const at::Tensor sin = sin_opt.value_or(at::Tensor());
@@ -74,6 +75,8 @@ struct RecomputedBlock : public torch::autograd::Function<RecomputedBlock> {
     ctx->save_for_backward({x, cos, sin, doc_ids, cp_index, cp_doc, padding});
     ctx->saved_data["block"] = reinterpret_cast<int64_t>(block);
     ctx->saved_data["num_params"] = static_cast<int64_t>(params.size());
+    // The micro-batch's group (Batch::cp_group) lives until the step's backward is done.
+    ctx->saved_data["cp"] = reinterpret_cast<int64_t>(cp);
     // The source tags feed statistics only, which the first pass records: not saved.
     ForwardContext fctx{cos,
                         sin,
@@ -84,6 +87,7 @@ struct RecomputedBlock : public torch::autograd::Function<RecomputedBlock> {
                         source_opt.value_or(at::Tensor()),
                         /*record_stats=*/true};
     fctx.training = true;  // recomputation runs only when gradients will flow
+    fctx.cp = cp;
     Block::Output out = block->forward(x, fctx);
     if (out.moe_balance.defined()) ctx->saved_data["moe_balance"] = out.moe_balance;
     return {out.hidden, out.aux};
@@ -104,6 +108,7 @@ struct RecomputedBlock : public torch::autograd::Function<RecomputedBlock> {
                         at::Tensor(),
                         /*record_stats=*/false};
     fctx.training = true;
+    fctx.cp = reinterpret_cast<const parallel::ContextParallel*>(ctx->saved_data["cp"].toInt());
     if (ctx->saved_data.count("moe_balance")) {
       fctx.moe_balance = ctx->saved_data["moe_balance"].toTensor();
     }
@@ -125,8 +130,8 @@ struct RecomputedBlock : public torch::autograd::Function<RecomputedBlock> {
     auto g = torch::autograd::grad(outputs, inputs, grad_outputs, /*retain_graph=*/false,
                                    /*create_graph=*/false, /*allow_unused=*/true);
     // One gradient per forward input: x, each parameter, cos, sin, doc_ids, cp_index, cp_doc,
-    // padding, source, block.
-    g.resize(g.size() + 8);
+    // padding, source, block, cp.
+    g.resize(g.size() + 9);
     return g;
   }
 };
@@ -300,14 +305,16 @@ at::Tensor GptModel::hidden_states(const Batch& batch, at::Tensor* aux, const at
   ctx.padding = batch.padding;
   ctx.source = batch.source;
   ctx.training = at::GradMode::is_enabled();  // evaluation runs under NoGradGuard
-  LOOM_CHECK(batch.cp_index.defined() == cp_.enabled() &&
-                 (!cp_.enabled() || batch.cp_index.size(0) == cp_.size()),
+  ctx.cp = batch.cp_group.get();
+  const parallel::ContextParallel& cp = ctx.cp != nullptr ? *ctx.cp : cp_;
+  LOOM_CHECK(batch.cp_index.defined() == cp.enabled() &&
+                 (!cp.enabled() || batch.cp_index.size(0) == cp.size()),
              "batch: {} for a model under parallel.cp = {} (split micro-batches with "
              "model::cp_shard)",
              batch.cp_index.defined()
                  ? fmt::format("split over {} CP ranks", batch.cp_index.size(0))
                  : std::string("not split"),
-             cp_.size());
+             cp.size());
   if (spec_.rope) {
     std::tie(ctx.rope_cos, ctx.rope_sin) =
         ops::rope_tables(pos, spec_.head_dim, spec_.rope_theta, spec_.param_dtype);
@@ -320,10 +327,10 @@ at::Tensor GptModel::hidden_states(const Batch& batch, at::Tensor* aux, const at
       auto opt = [](const at::Tensor& t) {
         return t.defined() ? c10::optional<at::Tensor>(t) : c10::optional<at::Tensor>();
       };
-      auto out =
-          RecomputedBlock::apply(x, at::TensorList(block->parameters()), opt(ctx.rope_cos),
-                                 opt(ctx.rope_sin), opt(ctx.doc_ids), opt(ctx.cp_index),
-                                 opt(ctx.cp_doc), opt(ctx.padding), opt(ctx.source), block.get());
+      auto out = RecomputedBlock::apply(x, at::TensorList(block->parameters()), opt(ctx.rope_cos),
+                                        opt(ctx.rope_sin), opt(ctx.doc_ids), opt(ctx.cp_index),
+                                        opt(ctx.cp_doc), opt(ctx.padding), opt(ctx.source),
+                                        block.get(), ctx.cp);
       x = out[0];
       block_aux = out[1];
     } else {

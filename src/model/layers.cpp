@@ -101,11 +101,12 @@ at::Tensor Attention::forward(const at::Tensor& input, const ForwardContext& ctx
 at::Tensor Attention::attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                              const ForwardContext& ctx) const {
   constexpr int64_t kDefaultBlock = 512;
-  if (cp_.enabled()) {
+  const parallel::ContextParallel& cp = ctx.cp != nullptr ? *ctx.cp : cp_;
+  if (cp.enabled()) {
     LOOM_CHECK(ctx.cp_index.defined() && ctx.cp_doc.defined(),
                "attention under parallel.cp = {}: the batch was not split (model::cp_shard)",
-               cp_.size());
-    return ops::context_attention(q, k, v, ctx.cp_index, ctx.cp_doc, cp_,
+               cp.size());
+    return ops::context_attention(q, k, v, ctx.cp_index, ctx.cp_doc, cp,
                                   block_ > 0 ? block_ : kDefaultBlock);
   }
   const int64_t b = q.size(0), s = q.size(2);

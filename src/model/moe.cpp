@@ -310,6 +310,7 @@ at::Tensor MoeLayer::balance_loss(const Routing& r, const at::Tensor& real,
   const double coeff = moe_.aux_loss_coeff * static_cast<double>(e) / static_cast<double>(k);
   const at::Tensor probs = real.defined() ? r.aux_probs * real.unsqueeze(1) : r.aux_probs;
   const double local_tokens = real.defined() ? real.sum().item<double>() : static_cast<double>(t);
+  comm::Communicator* sc = stats_comm(ctx);
   if (moe_.aux_loss_type == AuxLossType::kGlobalBatch && ctx.training) {
     at::Tensor used = ctx.moe_balance;  // recomputation: the first forward's
     if (!used.defined()) {
@@ -357,7 +358,7 @@ at::Tensor MoeLayer::balance_loss(const Routing& r, const at::Tensor& real,
     c.index_add_(0, (key.repeat_interleave(k) * e + r.experts.reshape({-1})),
                  w.repeat_interleave(k));
     c.narrow(0, n * e, n).index_add_(0, key, w);
-    if (stats_comm_) comm::all_reduce_host(c, stats_comm_.get());
+    if (sc) comm::all_reduce_host(c, sc);
     const at::Tensor cs = c.narrow(0, 0, n * e).view({n, e}), ts = c.narrow(0, n * e, n);
     const at::Tensor psum = at::zeros({n, e}, probs.options()).index_add_(0, key, probs);
     const double sequences = std::max(ts.gt(0).sum().item<double>(), 1.0);
@@ -369,10 +370,10 @@ at::Tensor MoeLayer::balance_loss(const Routing& r, const at::Tensor& real,
   // MICRO_BATCH (and GLOBAL_BATCH outside training).
   at::Tensor micro = counts;
   double tokens = local_tokens;
-  if (stats_comm_) {
+  if (sc) {
     at::Tensor sums = at::cat(
         {counts.to(at::kDouble), at::full({1}, tokens, counts.options().dtype(at::kDouble))});
-    comm::all_reduce_host(sums, stats_comm_.get());
+    comm::all_reduce_host(sums, sc);
     micro = sums.narrow(0, 0, e);
     tokens = sums[e].item<double>();
   }
@@ -382,10 +383,18 @@ at::Tensor MoeLayer::balance_loss(const Routing& r, const at::Tensor& real,
   return (probs.sum(0) * micro.to(dt)).sum() * (coeff / (tokens * tokens));
 }
 
+// The micro-batch's ranks (stats_comm_), or under hybrid data parallelism the group its sequence
+// runs on (ForwardContext::cp), which holds the other parts of the micro-batch's tokens.
+comm::Communicator* MoeLayer::stats_comm(const ForwardContext& ctx) const {
+  if (ctx.cp != nullptr && !local_routing_) return ctx.cp->enabled() ? ctx.cp->comm.get() : nullptr;
+  return stats_comm_.get();
+}
+
 MoeLayer::Output MoeLayer::forward(const at::Tensor& input, const ForwardContext& ctx) {
   // Every token of the micro-batch; under EP with TP, this rank's sequence shard (Note: expert
   // parallelism with tensor parallelism).
   const at::Tensor x = local_routing_ ? input : parallel::enter_tp_region(input, tp_);
+  comm::Communicator* sc = stats_comm(ctx);
   const int64_t s = x.size(0), b = x.size(1), h = x.size(2);
   const int64_t t = s * b;
   at::Tensor x2d = x.reshape({t, h});
@@ -459,7 +468,7 @@ MoeLayer::Output MoeLayer::forward(const at::Tensor& input, const ForwardContext
     double tokens = micro_tokens;
     if (tokens < 0) {
       tokens = real.defined() ? real.sum().item<double>() : static_cast<double>(t);
-      if (stats_comm_) tokens = comm::all_reduce_scalar(tokens, stats_comm_.get());
+      if (sc) tokens = comm::all_reduce_scalar(tokens, sc);
     }
     at::Tensor z2 = at::logsumexp(r.logits, -1).pow(2);
     if (real.defined()) z2 = z2 * real;
@@ -477,15 +486,15 @@ MoeLayer::Output MoeLayer::forward(const at::Tensor& input, const ForwardContext
     step_z_ += z_value;
   }
   if (ctx.record_stats) {
-    if (stats_comm_) {  // the micro-batch's figures, as the single process logs them
+    if (sc) {  // the micro-batch's figures, as the single process logs them
       at::Tensor sums = at::tensor({aux_value, z_value, static_cast<double>(dropped)}, at::kDouble);
-      comm::all_reduce_host(sums, stats_comm_.get());  // to the communicator's device and back
+      comm::all_reduce_host(sums, sc);  // to the communicator's device and back
       aux_value = sums[0].item<double>();
       z_value = sums[1].item<double>();
       dropped = static_cast<int64_t>(sums[2].item<double>() + 0.5);
       if (moe_.aux_loss_coeff == 0) {
         micro_counts = micro_counts.to(at::kDouble);
-        comm::all_reduce_host(micro_counts, stats_comm_.get());
+        comm::all_reduce_host(micro_counts, sc);
       }
     }
     stats_.tokens_per_expert = micro_counts.detach().round().to(at::kCPU, at::kLong);

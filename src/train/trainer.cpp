@@ -3,15 +3,18 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/grad_mode.h>
 #include <fmt/format.h>
+#include <fmt/ranges.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <filesystem>
+#include <map>
 #include <optional>
 
 #include "loom/checkpoint/checkpoint.h"
 #include "loom/checkpoint/training_state.h"
+#include "loom/comm/group_view.h"
 #include "loom/comm/local_communicator.h"
 #include "loom/core/config.h"
 #include "loom/core/error.h"
@@ -57,6 +60,17 @@ Trainer::Trainer(const config::JobConfig& config, comm::CommunicatorPtr world,
                     "parallel.ep = {} spreads MoE experts over ranks, but the model has none "
                     "(model.moe.num_experts = 0)",
                     dims.ep);
+  hdp_ = config_.parallel().hdp();
+  if (hdp_) {  // Note: hybrid data parallelism plan
+    LOOM_CHECK_CONFIG(config_.parallel().cp_comm_type() == "p2p",
+                      "parallel.hdp runs each long sequence's group with ring attention: "
+                      "parallel.cp_comm_type must be p2p (it is '{}')",
+                      config_.parallel().cp_comm_type());
+    LOOM_CHECK_CONFIG(dims.ep == 1 || dims.tp == 1,
+                      "parallel.hdp with expert parallelism under parallel.tp = {} is not "
+                      "supported yet (the tp x cp token groups are static); use tp 1 or ep 1",
+                      dims.tp);
+  }
   groups_ = std::make_unique<mesh::ProcessGroups>(dims, world_);
   log::set_coordinates(groups_->coords_string());
   set_long_timeouts(true);  // until the first step is done (Note: timeouts)
@@ -109,9 +123,20 @@ Trainer::Trainer(const config::JobConfig& config, comm::CommunicatorPtr world,
 }
 
 void Trainer::build_data(const model::ModelSpec& spec) {
-  // Every CP rank of a DP rank loads the same micro-batches and keeps its share of each.
-  const auto lo = data::LoaderOptions::from_config(config_, groups_->dp_size(), groups_->dp_rank(),
+  // Every CP rank of a DP rank loads the same micro-batches and keeps its share of each. Under
+  // hybrid data parallelism the dp x cp ranks are one pool that the scheduler plans as a whole.
+  const auto pool = groups_->dp_cp_group();
+  auto lo = hdp_
+                ? data::LoaderOptions::from_config(config_, pool->size(), pool->rank(),
+                                                   groups_->tp_size(), device_, 1)
+                : data::LoaderOptions::from_config(config_, groups_->dp_size(), groups_->dp_rank(),
                                                    groups_->tp_size(), device_, groups_->cp_size());
+  if (hdp_ && config_.parallel().hdp_cost().empty()) {
+    // T(s) in units of one token's matmuls: the attention term over the per-token one (Note:
+    // hybrid data parallelism plan).
+    const double per_token = spec.step_flops(1, 0), per_sq = spec.step_flops(0, 1);
+    lo.cost = data::CostModel{per_token > 0 ? per_sq / per_token : 0, 1, 0};
+  }
   global_batch_ = lo.global_batch;
   documents_ = lo.mode == data::BatchMode::kDocuments;
   num_micro_ = documents_ ? 0 : global_batch_ / (lo.micro_batch_size * lo.dp_size);  // else varies
@@ -133,7 +158,7 @@ void Trainer::build_model(const model::ModelSpec& spec) {
                     "parallel.cp_a2a_size = {} applies to parallel.cp_comm_type a2a+p2p only (it "
                     "is '{}')",
                     par.cp_a2a_size(), par.cp_comm_type());
-  if (groups_->cp_size() > 1) {
+  if (groups_->cp_size() > 1 && !hdp_) {  // under HDP the groups change per micro-batch
     cp_ = parallel::make_context_parallel(groups_->cp_group(), cp_type, par.cp_a2a_size(),
                                           spec.attention_block);
   }
@@ -154,7 +179,7 @@ void Trainer::build_model(const model::ModelSpec& spec) {
   model::MoeDomain domain;
   const auto domain_group = ep_.tokens ? mesh::Group::kTpDpCp : mesh::Group::kDpCp;
   if (groups_->group(domain_group)->size() > 1) domain.comm = groups_->group(domain_group);
-  domain.slots = groups_->dp_size();
+  domain.slots = hdp_ ? groups_->dp_cp_group()->size() : groups_->dp_size();
   // Blended data: the layers count each source's experts (Note: expert specialisation).
   const auto sources = static_cast<int64_t>(source_->source_names().size());
   for (const auto& c : chunks_) {
@@ -190,7 +215,8 @@ void Trainer::build_optimizer(const model::ModelSpec& spec) {
   // communicators of their own, apart from the dispatcher's all-to-alls over the same ranks in
   // backward (Note: optimizers under expert parallelism). ZeRO-1 reduces in finish(), on the groups
   // themselves.
-  const bool side = experts && optimizer_->gradient_shards() == nullptr &&
+  // Under hybrid data parallelism likewise: ring attention's transfers run on the pool itself.
+  const bool side = (experts || hdp_) && optimizer_->gradient_shards() == nullptr &&
                     config_.parallel().overlap_grad_reduce();
   sync.dp = side ? groups_->side_channel(mesh::Group::kDpCp, "grad") : groups_->dp_cp_group();
   if (experts) {
@@ -251,8 +277,13 @@ void Trainer::log_setup(const model::ModelSpec& spec) {
                             ? fmt::format(", all-to-all groups of {}", cp_.a2a_size())
                             : std::string())
           : std::string(),
-      groups_->pp_size(), groups_->dp_size(), world_->size(),
-      format_bytes(static_cast<double>(optimizer_->state_bytes())),
+      groups_->pp_size(),
+      hdp_ ? fmt::format("{} (hybrid: one pool of {} ranks{})", groups_->dp_size(),
+                         groups_->dp_cp_group()->size(),
+                         groups_->cp_size() > 1 ? fmt::format(" with cp={}", groups_->cp_size())
+                                                : std::string())
+           : std::to_string(groups_->dp_size()),
+      world_->size(), format_bytes(static_cast<double>(optimizer_->state_bytes())),
       optimizer_->gradient_shards()
           ? fmt::format(" (distributed optimizer: 1/{} of the moments{})",
                         groups_->dp_size() * groups_->cp_size(),
@@ -398,6 +429,53 @@ std::vector<model::Batch> Trainer::cp_local(const std::vector<model::Batch>& bat
   return out;
 }
 
+std::vector<model::Batch> Trainer::hdp_local(const data::StepData& data) const {
+  LOOM_INTERNAL_CHECK(data.plan.micro_batches.size() == data.batches.size(),
+                      "HDP step: {} planned micro-batches, {} loaded",
+                      data.plan.micro_batches.size(), data.batches.size());
+  const auto pool = groups_->dp_cp_group();
+  const int64_t max_pos = chunks_.front()->spec().max_seq_len;
+  const int64_t block = chunks_.front()->spec().attention_block;
+  // The step's groups, one view each (a sequence's group recurs only within its micro-batch).
+  std::map<std::vector<int>, std::shared_ptr<const parallel::ContextParallel>> groups;
+  std::vector<model::Batch> out;
+  out.reserve(data.batches.size());
+  for (size_t i = 0; i < data.batches.size(); ++i) {
+    const data::MicroBatchPlan& mb = data.plan.micro_batches[i];
+    const model::Batch& b = data.batches[i];
+    if (b.position_ids.defined() && b.position_ids.is_cpu()) {
+      const int64_t last = b.position_ids.max().item<int64_t>();
+      LOOM_CHECK(last < max_pos,
+                 "batch: position {} of a packed document reaches model.max_seq_len {}", last,
+                 max_pos);
+    }
+    if (mb.group.size() <= 1) {
+      out.push_back(b);
+      continue;
+    }
+    auto& cp = groups[mb.group];
+    if (!cp) {
+      auto c = std::make_shared<parallel::ContextParallel>();
+      c->comm = comm::make_group_view(pool, mb.group);
+      c->ring = c->comm;
+      c->type = parallel::CpCommType::kP2P;
+      c->block = block;
+      cp = c;
+    }
+    LOOM_INTERNAL_CHECK(cp->rank() == mb.group_rank, "HDP group [{}]: member {} planned, {} found",
+                        fmt::join(mb.group, ","), mb.group_rank, cp->rank());
+    model::Batch local = model::cp_shard(b, cp->size(), cp->rank());
+    local.cp_group = cp;
+    out.push_back(std::move(local));
+  }
+  return out;
+}
+
+std::vector<model::Batch> Trainer::local_batches(const data::StepData& data) const {
+  if (hdp_) return hdp_local(data);
+  return cp_.enabled() ? cp_local(data.batches) : data.batches;
+}
+
 StepMetrics Trainer::train_step() {
   Stopwatch clock;
   timers_.reset();
@@ -428,9 +506,7 @@ StepMetrics Trainer::train_step() {
     if (fault_) fault_->maybe_trigger(world_->rank(), m.step);
   };
   // Forward and backward on the one executor (Note: step executor; Note: loss scaling).
-  const StepSums sums =
-      cp_.enabled() ? executor_->train(cp_local(data.batches), total_tokens, aux_scale, fault_point)
-                    : executor_->train(data.batches, total_tokens, aux_scale, fault_point);
+  const StepSums sums = executor_->train(local_batches(data), total_tokens, aux_scale, fault_point);
   m.forward_s = sums.stats.forward_s;
   m.backward_s = sums.stats.backward_s;
   m.pp_wait_s = sums.stats.recv_wait_s;
@@ -504,7 +580,7 @@ EvalMetrics Trainer::evaluate() {
   for (int64_t g = 0; g < config_.train().eval_batches(); ++g) {
     const data::StepData d = loader_->load(data::Split::kValid, g * global_batch_);
     // Forward-only on the same path.
-    const EvalSums part = executor_->evaluate(cp_.enabled() ? cp_local(d.batches) : d.batches);
+    const EvalSums part = executor_->evaluate(local_batches(d));
     sums += at::tensor({part.loss_sum, part.tokens}, at::kDouble);
   }
   sum_over_pp_dp(sums);

@@ -3,8 +3,11 @@
 // ranks, expecting 0). Runs on 1 (no launcher), 2, 4 and 8 ranks.
 #include <gtest/gtest.h>
 
+#include <map>
+#include <string>
 #include <thread>
 
+#include "loom/comm/group_view.h"
 #include "loom/core/error.h"
 #include "test_world.h"
 
@@ -30,14 +33,22 @@ at::Tensor pattern(int r, int64_t n, int64_t offset = 0) {
 }
 
 // Exact reference computed in float64 over every rank's pattern, then rounded once to `dtype`.
-at::Tensor reference(ReduceOp op, int world_size, int64_t n, at::ScalarType dtype, int64_t offset = 0) {
+at::Tensor reference(ReduceOp op, int world_size, int64_t n, at::ScalarType dtype,
+                     int64_t offset = 0) {
   at::Tensor acc = pattern(0, n, offset);
   for (int r = 1; r < world_size; ++r) {
     at::Tensor p = pattern(r, n, offset);
     switch (op) {
-      case ReduceOp::kSum: case ReduceOp::kAvg: acc = acc + p; break;
-      case ReduceOp::kMax: acc = at::maximum(acc, p); break;
-      case ReduceOp::kMin: acc = at::minimum(acc, p); break;
+      case ReduceOp::kSum:
+      case ReduceOp::kAvg:
+        acc = acc + p;
+        break;
+      case ReduceOp::kMax:
+        acc = at::maximum(acc, p);
+        break;
+      case ReduceOp::kMin:
+        acc = at::minimum(acc, p);
+        break;
     }
   }
   if (op == ReduceOp::kAvg) acc = acc / world_size;
@@ -214,8 +225,8 @@ TEST(PointToPoint, RingWithBatchedSendRecv) {
   for (auto dtype : kDtypes) {
     at::Tensor out = pattern(r, 100).to(dtype);
     at::Tensor in = at::empty({100}, dtype);
-    auto work = w->batch_isend_irecv({loom::comm::P2POp::send(out, next, 3),
-                                      loom::comm::P2POp::recv(in, prev, 3)});
+    auto work = w->batch_isend_irecv(
+        {loom::comm::P2POp::send(out, next, 3), loom::comm::P2POp::recv(in, prev, 3)});
     work->wait();
     EXPECT_EQ(world_wrong(in, pattern(prev, 100).to(dtype)), 0) << name(dtype);
   }
@@ -329,6 +340,91 @@ TEST(Split, SubCommunicatorsAreCachedAndCorrect) {
   EXPECT_EQ(none == nullptr, r == 0);
   if (none) {
     EXPECT_EQ(none->size(), n - 1);
+  }
+}
+
+// [Note: group views]: views of the world by parity (descending world rank, as the split above)
+// run every collective at once on the one parent, each group its own, and must give what the real
+// split communicator of the same members gives, bit for bit; transfers go around each view's ring.
+TEST(GroupView, EqualsTheSplitCommunicator) {
+  auto w = world();
+  const int n = w->size(), r = w->rank();
+  std::vector<int> members;
+  for (int q = n - 1; q >= 0; --q) {
+    if (q % 2 == r % 2) members.push_back(q);
+  }
+  auto view = loom::comm::make_group_view(w, members);
+  auto sub = w->split(r % 2, -r);
+  ASSERT_EQ(view->size(), sub->size());
+  ASSERT_EQ(view->rank(), sub->rank());
+  EXPECT_EQ(view->world_ranks(), sub->world_ranks());
+  const int d = view->size(), me = view->rank();
+  std::map<std::string, int64_t> wrong;
+  for (at::ScalarType dt : {at::kFloat, at::kBFloat16, at::kLong}) {
+    for (ReduceOp op : {ReduceOp::kSum, ReduceOp::kMax, ReduceOp::kMin}) {
+      at::Tensor a = pattern(r, 37).to(dt), b = a.clone();
+      view->all_reduce(a, {op});
+      sub->all_reduce(b, {op});
+      wrong["all_reduce"] += at::ne(a, b).sum().item<int64_t>();
+    }
+  }
+  // Float sums in another order than MPI's may round differently: integers only here.
+  at::Tensor in = pattern(r, 6).to(at::kInt);
+  at::Tensor ga = at::empty({6 * d}, at::kInt), gb = ga.clone();
+  view->all_gather(ga, in);
+  sub->all_gather(gb, in);
+  wrong["all_gather"] += at::ne(ga, gb).sum().item<int64_t>();
+  at::Tensor ra = at::empty({3}, at::kInt), rb = ra.clone();
+  const at::Tensor big = pattern(r, 3 * d).to(at::kInt);
+  view->reduce_scatter(ra, big);
+  sub->reduce_scatter(rb, big);
+  wrong["reduce_scatter"] += at::ne(ra, rb).sum().item<int64_t>();
+  at::Tensor aa = at::empty({2 * d}, at::kLong), ab = aa.clone();
+  const at::Tensor src = pattern(r, 2 * d).to(at::kLong);
+  view->all_to_all(aa, src);
+  sub->all_to_all(ab, src);
+  wrong["all_to_all"] += at::ne(aa, ab).sum().item<int64_t>();
+  at::Tensor ba = pattern(r, 5), bb = ba.clone();
+  view->broadcast(ba, {d - 1});
+  sub->broadcast(bb, {d - 1});
+  wrong["broadcast"] += at::ne(ba, bb).sum().item<int64_t>();
+  // Around the ring: send to the next member, receive from the previous one, asynchronously.
+  at::Tensor got = at::empty({4}, at::kDouble);
+  auto work = view->batch_isend_irecv(
+      {loom::comm::P2POp::send(at::full({4}, double(r), at::kDouble), (me + 1) % d, 3),
+       loom::comm::P2POp::recv(got, (me + d - 1) % d, 3)});
+  work->wait();
+  wrong["ring"] += at::ne(got, at::full({4}, double(members[static_cast<size_t>((me + d - 1) % d)]),
+                                        at::kDouble))
+                       .sum()
+                       .item<int64_t>();
+  view->barrier();
+  for (const char* op :
+       {"all_reduce", "all_gather", "reduce_scatter", "all_to_all", "broadcast", "ring"})
+    EXPECT_EQ(world_sum(wrong[op]), 0) << op;
+  EXPECT_NE(view->name().find(".group["), std::string::npos) << view->name();
+}
+
+TEST(GroupView, RefusesBadMembers) {
+  auto w = world();
+  const int n = w->size(), r = w->rank();
+  auto refused = [&](const std::vector<int>& ranks, const std::string& needle) {
+    try {
+      (void)loom::comm::make_group_view(w, ranks);
+      ADD_FAILURE() << "expected a refusal containing '" << needle << "'";
+    } catch (const loom::Error& e) {
+      EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
+    }
+  };
+  refused({r, n}, "outside");
+  refused({r, r}, "twice");
+  if (n > 1) refused({(r + 1) % n}, "not a member");
+  auto view = loom::comm::make_group_view(w, {r});
+  try {
+    (void)view->split(0, 0);
+    ADD_FAILURE() << "a view split";
+  } catch (const loom::Error& e) {
+    EXPECT_NE(std::string(e.what()).find("cannot be split"), std::string::npos) << e.what();
   }
 }
 

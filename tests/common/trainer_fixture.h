@@ -354,6 +354,10 @@ struct Layout {
   // data.synthetic_sources: with 2+, the expert-by-source tables (Note: expert specialisation) are
   // compared too.
   int sources = 1;
+  // parallel.hdp with train.micro_batch_tokens = hdp_capacity in the parallel job (a rank's
+  // capacity; longer pieces run on groups); needs documents. The single process packs as usual.
+  bool hdp = false;
+  int hdp_capacity = 4;
 
   int dp() const { return world()->size() / (tp * pp * cp); }
   std::string str() const {
@@ -381,6 +385,7 @@ struct Layout {
       s += " first" + std::to_string(first) + " last" + std::to_string(last);
     if (first_dense > 0) s += " dense" + std::to_string(first_dense);
     if (documents) s += " documents";
+    if (hdp) s += " hdp C" + std::to_string(hdp_capacity);
     if (sgd) s += " sgd";
     if (bf16) s += " bf16";
     if (recompute) s += " recompute";
@@ -448,6 +453,8 @@ inline loom::config::JobConfig with_layout(loom::config::JobConfig j, const Layo
   par->set_cp_a2a_size(c.cp_a2a);
   par->set_ep(c.ep);
   par->set_expert_tp(c.etp);
+  par->set_hdp(c.hdp);
+  if (c.hdp) j.mutable_train()->set_micro_batch_tokens(c.hdp_capacity);
   // The blockwise tile only in the parallel job: the single process keeps full attention.
   j.mutable_model()->set_attention_block_size(c.block);
   return j;

@@ -288,3 +288,148 @@ TEST(BalanceScheduler, CostModelFitsTheClosedForm) {
 }
 
 }  // namespace
+
+namespace {
+
+using loom::data::MicroBatchPlan;
+using loom::data::PlanLayout;
+using loom::data::StepPlan;
+
+// Whether two micro-batch plans hold the same pieces in the same rows.
+bool same_rows(const MicroBatchPlan& a, const MicroBatchPlan& b) {
+  if (a.rows.size() != b.rows.size() || a.row_len != b.row_len) return false;
+  for (size_t r = 0; r < a.rows.size(); ++r) {
+    if (a.rows[r].size() != b.rows[r].size()) return false;
+    for (size_t i = 0; i < a.rows[r].size(); ++i) {
+      const auto &p = a.rows[r][i], &q = b.rows[r][i];
+      if (p.sample != q.sample || p.begin != q.begin || p.tokens != q.tokens) return false;
+    }
+  }
+  return true;
+}
+
+}  // namespace
+
+// [Note: hybrid data parallelism slots]: the step plans of every pool rank for random long-tailed
+// document batches (documents cut into pieces of the context, pieces longer than a rank's capacity
+// on groups). Every target of every document is computed exactly once over the pool (a group's
+// sequence once, by its members' shares), every rank runs the same number of micro-batches, a
+// group's members all run it in the same slot with the same rows and their own place in the ring,
+// rows fit the capacity (a share: its sequence over the group) and pad to the group x the pad
+// multiple, N and the unit count are the whole batch's, and the plans are deterministic.
+TEST(BalanceScheduler, HdpStepPlansKeepEveryPromise) {
+  std::mt19937_64 rng(20261203);
+  int cases = 0, grouped = 0, odd_groups = 0;
+  for (int c = 0; c < 1000; ++c) {
+    PlanLayout l;
+    l.mode = loom::data::BatchMode::kDocuments;
+    l.hdp = true;
+    l.dp_size = 1 + static_cast<int>(rng() % 12);
+    l.micro_batch_tokens = 4 + static_cast<int64_t>(rng() % 60);
+    l.pad_multiple = 1 + static_cast<int64_t>(rng() % 2);
+    l.max_piece_tokens = l.micro_batch_tokens * (1 + static_cast<int64_t>(rng() % l.dp_size));
+    l.cost = CostModel{static_cast<double>(rng() % 3) * 1e-2, 1.0, 0.0};
+    const int n = 1 + static_cast<int>(rng() % 40);
+    auto samples = long_tail(rng, n, 3 * l.max_piece_tokens);
+    if (c % 10 == 0) samples.push_back({7, 1});  // a document with no target
+    const std::string what = "case " + std::to_string(c) + " (pool " + std::to_string(l.dp_size) +
+                             ", capacity " + std::to_string(l.micro_batch_tokens) + ", pieces " +
+                             std::to_string(l.max_piece_tokens) + ")";
+    std::vector<StepPlan> plans;
+    for (int r = 0; r < l.dp_size; ++r) {
+      PlanLayout lr = l;
+      lr.dp_rank = r;
+      plans.push_back(loom::data::plan_step(samples, lr));
+    }
+    int64_t n_tokens = 0;
+    for (const auto& s : samples) n_tokens += std::max<int64_t>(s.length - 1, 0);
+    std::map<std::pair<int64_t, int64_t>, int> computed;  // (sample, target position) -> times
+    int64_t units = 0;
+    const size_t slots = plans[0].micro_batches.size();
+    for (int r = 0; r < l.dp_size; ++r) {
+      const StepPlan& p = plans[static_cast<size_t>(r)];
+      EXPECT_EQ(p.loss_tokens, n_tokens) << what;
+      ASSERT_EQ(p.micro_batches.size(), slots) << what << ": rank " << r << "'s slot count";
+      for (size_t m = 0; m < slots; ++m) {
+        const MicroBatchPlan& mb = p.micro_batches[m];
+        ASSERT_EQ(mb.rows.size(), 1u) << what;
+        int64_t tokens = 0;
+        for (const auto& piece : mb.rows.front()) tokens += piece.tokens;
+        EXPECT_EQ(tokens, mb.tokens) << what;
+        const auto d = static_cast<int64_t>(std::max<size_t>(mb.group.size(), 1));
+        EXPECT_EQ(mb.row_len % (d * l.pad_multiple), 0) << what;
+        if (mb.tokens == 0) {
+          EXPECT_EQ(mb.row_len, l.pad_multiple) << what << ": an empty slot is one pad";
+        } else {
+          EXPECT_GE(mb.row_len, mb.tokens) << what;
+          EXPECT_LT(mb.row_len, mb.tokens + d * l.pad_multiple) << what;
+        }
+        if (mb.group.empty()) {
+          EXPECT_LE(mb.tokens, l.micro_batch_tokens) << what << ": rank " << r << " slot " << m;
+          if (mb.tokens > 0) ++units;
+        } else {
+          ASSERT_EQ(mb.rows.front().size(), 1u) << what << ": a group runs one sequence";
+          EXPECT_LE((mb.tokens + d - 1) / d, l.micro_batch_tokens) << what << ": share too big";
+          ASSERT_GE(mb.group_rank, 0) << what;
+          ASSERT_LT(mb.group_rank, static_cast<int>(d)) << what;
+          EXPECT_EQ(mb.group[static_cast<size_t>(mb.group_rank)], r) << what;
+          // Every member runs it in this slot, with the same rows and its own place.
+          for (size_t i = 0; i < mb.group.size(); ++i) {
+            const MicroBatchPlan& other = plans[static_cast<size_t>(mb.group[i])].micro_batches[m];
+            EXPECT_TRUE(same_rows(mb, other) && other.group == mb.group &&
+                        other.group_rank == static_cast<int>(i))
+                << what << ": group member " << mb.group[i] << " in slot " << m;
+          }
+          if (mb.group_rank != 0) continue;  // count the sequence once
+          ++units;
+          ++grouped;
+          if ((d & (d - 1)) != 0) ++odd_groups;
+        }
+        for (const auto& piece : mb.rows.front()) {
+          for (int64_t t = 0; t < piece.tokens; ++t) ++computed[{piece.sample, piece.begin + t}];
+        }
+      }
+      // Deterministic.
+      PlanLayout lr = l;
+      lr.dp_rank = r;
+      const StepPlan again = loom::data::plan_step(samples, lr);
+      ASSERT_EQ(again.micro_batches.size(), slots) << what;
+      for (size_t m = 0; m < slots; ++m)
+        EXPECT_TRUE(same_rows(again.micro_batches[m], p.micro_batches[m])) << what;
+    }
+    int64_t once = 0;
+    for (const auto& [key, times] : computed) {
+      EXPECT_EQ(times, 1) << what << ": target " << key.second << " of sample " << key.first;
+      once += times == 1;
+    }
+    EXPECT_EQ(once, n_tokens) << what << ": targets computed";
+    EXPECT_EQ(plans[0].global_micro_batches, std::max<int64_t>(units, 1)) << what;
+    ++cases;
+  }
+  EXPECT_EQ(cases, 1000);
+  EXPECT_GT(grouped, 1000) << "too few groups";
+  EXPECT_GT(odd_groups, 100) << "too few groups of a size that is not a power of two";
+}
+
+TEST(BalanceScheduler, HdpStepPlanRefusesWhatItCannotRun) {
+  PlanLayout l;
+  l.mode = loom::data::BatchMode::kDocuments;
+  l.hdp = true;
+  l.dp_size = 2;
+  l.micro_batch_tokens = 4;
+  l.max_piece_tokens = 16;
+  // A 16-token piece needs 4 ranks of 4 tokens; the pool has 2.
+  try {
+    (void)loom::data::plan_step({{3, 17}}, l);
+    ADD_FAILURE() << "expected a refusal";
+  } catch (const loom::Error& e) {
+    EXPECT_EQ(e.kind(), loom::ErrorKind::kConfig) << e.what();
+  }
+  l.mode = loom::data::BatchMode::kWindows;
+  try {
+    (void)loom::data::plan_step({{3, 5}, {4, 5}}, l);
+    ADD_FAILURE() << "expected a refusal";
+  } catch (const loom::Error& e) {
+    EXPECT_NE(std::string(e.what()).find("DOCUMENTS"), std::string::npos) << e.what();
+  }
+}

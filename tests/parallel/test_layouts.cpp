@@ -272,6 +272,81 @@ TEST(Layouts, PackedDocumentsEqualTheSingleProcess) {
   run_cases(v);
 }
 
+TEST(Layouts, HybridDataParallelismEqualsTheSingleProcess) {
+  // parallel.hdp (Note: hybrid data parallelism plan): 16 documents per step (lengths 2..16, a
+  // tail to 64 cut into pieces of 16) over a pool of dp x cp ranks holding at most C tokens each
+  // per micro-batch: pieces longer than C run on groups of ranks with ring attention over views of
+  // the pool, the rest packed whole. The loss is per token over the global batch, so every step,
+  // gradient and parameter must equal the single process whatever the plan. MoE runs without the
+  // balance and z losses (statistics of each micro-batch's tokens, and HDP's micro-batches are not
+  // the single process's) but with the aux-loss-free expert bias, whose loads are the step's.
+  LOOM_REQUIRE_PARALLEL_WORLD();
+  const int n = loom::testing::world()->size();
+  std::vector<Layout> v;
+  auto hdp = [&](Layout c, int capacity) {
+    c.documents = true;
+    c.hdp = true;
+    c.hdp_capacity = capacity;
+    if (c.model == "moe") {
+      c.aux = false;
+      c.bias_rate = 1e-3;
+    }
+    v.push_back(c);
+  };
+  if (n == 4) {
+    hdp(make("gpt", 1, 1, 1), 4);  // pool 4: groups of 2 to 4
+    Layout t = make("moe", 2, 1, 1);
+    t.sp = true;  // a group's rows pad to group x tp
+    hdp(t, 8);
+    Layout p = make("gpt2", 1, 2, 1, 4);
+    p.schedule = "1f1b";
+    p.zero = true;
+    hdp(p, 8);
+  } else if (n == 8) {
+    Layout t = make("gpt", 2, 2, 1, 4);
+    t.schedule = "1f1b";
+    t.sp = true;
+    t.recompute = true;
+    hdp(t, 8);
+    Layout m = make("moe", 1, 1, 1);
+    m.ep = 2;
+    m.zero = true;
+    hdp(m, 4);  // pool 8
+    Layout c = make("gpt", 1, 1, 1);
+    c.cp = 2;  // the pool is dp 4 x cp 2
+    hdp(c, 3);
+  } else {
+    GTEST_SKIP() << "the HDP layouts run on 4 and 8 ranks";
+  }
+  // Each case must run groups, of a size that is not a power of two among them, and give ranks
+  // different work: check it from the plans.
+  for (const auto& c : v) {
+    const auto job = loom::testing::layout_job(c);
+    auto source = loom::data::make_source(job, job.model().vocab_size(), 16);
+    const int pool = c.dp() * c.cp;
+    auto o = loom::data::LoaderOptions::from_config(job, pool, 0, c.tp, at::kCPU, 1);
+    o.prefetch = false;
+    loom::data::MicroBatchLoader loader(source.get(), o);
+    int64_t groups = 0, odd = 0;
+    for (int step = 0; step < c.steps; ++step) {
+      const auto samples = loader.global_samples(loom::data::Split::kTrain, step * 16);
+      for (int r = 0; r < pool; ++r) {
+        auto l = o.layout();
+        l.dp_rank = r;
+        for (const auto& mb : loom::data::plan_step(samples, l).micro_batches) {
+          const auto d = mb.group.size();
+          if (d < 2 || mb.group_rank != 0) continue;
+          ++groups;
+          odd += (d & (d - 1)) != 0;
+        }
+      }
+    }
+    EXPECT_GT(groups, c.steps) << c.str() << ": too few sequences on groups";
+    if (pool >= 4) EXPECT_GT(odd, 0) << c.str() << ": no group of 3, 5, 6 or 7 ranks";
+  }
+  run_cases(v);
+}
+
 TEST(Layouts, ResumeUnderAnotherLayoutContinuesTheUninterruptedRun) {
   // Layout A trains 3 steps and saves; layout B loads and trains 3 more. Every step of B and the
   // final parameters equal a single process that trained 6 steps without stopping (not a loaded run

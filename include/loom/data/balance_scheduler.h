@@ -40,13 +40,6 @@
 
 namespace loom::data {
 
-// T(s) = a s^2 + b s + c: the time (any unit) one rank spends on a sequence of s tokens.
-struct CostModel {
-  double a = 0, b = 1, c = 0;
-  double operator()(double s) const { return (a * s + b) * s + c; }
-  std::string describe() const;
-};
-
 // The least-squares T(s) through measured (tokens, time) points (at least 3 distinct lengths);
 // coefficients that come out negative are clamped to 0 and the rest refitted, so costs grow with
 // length. Throws a kConfig error naming the problem for fewer points.

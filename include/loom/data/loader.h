@@ -36,6 +36,9 @@ struct LoaderOptions {
   int64_t pad_multiple = 1;  // DOCUMENTS: row length rounded up to this (sequence parallelism)
   int dp_size = 1, dp_rank = 0;
   bool equal_micro_batches = false;  // DOCUMENTS: PlanLayout::equal_micro_batches
+  // DOCUMENTS: hybrid data parallelism (PlanLayout::hdp): dp_size / dp_rank are the pool's.
+  bool hdp = false;
+  CostModel cost;
   // Every token id read must lie in [0, vocab_size): an id outside it is a kIO error naming the
   // split, sample and position, whatever data.check_vocab says (that only skips the up-front scan
   // of a whole dataset). 0: unchecked.
@@ -48,7 +51,9 @@ struct LoaderOptions {
   // parallelism pads packed rows to a multiple of it): train.global_batch_size (0: micro_batch_size
   // x dp), the micro-batch sizes and data.mode. kConfig errors name the field and the arithmetic.
   // `cp_size`: context parallelism splits each row over that many ranks (rows must divide by it,
-  // times tp under sequence parallelism; packed rows are padded to such a multiple).
+  // times tp under sequence parallelism; packed rows are padded to such a multiple). Under
+  // parallel.hdp pass the pool (dp x cp) as the DP size and rank, and cp_size 1; the cost model is
+  // parallel.hdp_cost when given (else the caller sets it).
   static LoaderOptions from_config(const config::JobConfig& job, int dp_size, int dp_rank,
                                    int tp_size, at::Device device, int cp_size = 1);
 };

@@ -60,6 +60,12 @@ struct MicroBatchPlan {
   std::vector<std::vector<Piece>> rows;  // [rows][pieces in the row]
   int64_t row_len = 0;                   // positions per row, padding included
   int64_t tokens = 0;                    // real (non-padding) input tokens = loss tokens
+  // Hybrid data parallelism: the pool ranks that run this micro-batch's one sequence together with
+  // ring attention, in ring order, and this rank's place among them (its share: model::cp_shard of
+  // the whole row over group.size() ranks). Empty: this rank alone. `rows`, `row_len` and `tokens`
+  // describe the whole sequence, which every member assembles.
+  std::vector<int> group;
+  int group_rank = 0;
 };
 
 struct StepPlan {
@@ -70,7 +76,15 @@ struct StepPlan {
   // term of the step's model FLOPs (ModelSpec::step_flops), whatever the packing.
   double sequence_tokens_sq = 0;
   int64_t global_samples = 0;
-  int64_t local_tokens() const;  // real tokens of this rank's micro-batches
+  // Real tokens of this rank's micro-batches (a group share: its sequence's over the group size).
+  int64_t local_tokens() const;
+};
+
+// T(s) = a s^2 + b s + c: the time (any unit) one rank spends on a sequence of s tokens.
+struct CostModel {
+  double a = 0, b = 1, c = 0;
+  double operator()(double s) const { return (a * s + b) * s + c; }
+  std::string describe() const;
 };
 
 struct PlanLayout {
@@ -85,6 +99,12 @@ struct PlanLayout {
   // communicates over the data-parallel domain (the MoE GLOBAL_BATCH balance) needs the same
   // number of micro-batches everywhere; M_all then counts the empty ones too.
   bool equal_micro_batches = false;
+  // DOCUMENTS under hybrid data parallelism (Note: hybrid data parallelism plan): the dp_size ranks
+  // are one pool; the global batch's pieces (of at most max_piece_tokens) are planned by
+  // data::plan_hdp with a capacity of micro_batch_tokens per rank and `cost`, and the plan is laid
+  // out in slots (Note: hybrid data parallelism slots): every rank runs as many micro-batches.
+  bool hdp = false;
+  CostModel cost;
 };
 
 // The plan of this rank (layout.dp_rank) for a global batch. Pure and deterministic: every rank

@@ -4,7 +4,12 @@
 #include <ATen/ATen.h>
 
 #include <cstdint>
+#include <memory>
 #include <vector>
+
+namespace loom::parallel {
+struct ContextParallel;
+}
 
 namespace loom::model {
 
@@ -26,6 +31,10 @@ struct Batch {
   // [cp, b, s_local] int64; undefined without CP. The fields above then hold this rank's tokens.
   at::Tensor cp_index;
   at::Tensor cp_doc;
+  // Hybrid data parallelism: the group of pool ranks this micro-batch's sequence runs on with ring
+  // attention (a view of the pool: Note: group views), used instead of the model's CP group, with
+  // cp_index / cp_doc over its members. Null: the model's CP group (or none).
+  std::shared_ptr<const parallel::ContextParallel> cp_group;
 
   int64_t batch_size() const { return tokens.size(0); }
   int64_t seq_len() const { return tokens.size(1); }

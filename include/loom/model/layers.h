@@ -39,6 +39,9 @@ struct ForwardContext {
   // balance its first forward used (Block::Output::moe_balance), so it neither communicates nor
   // counts again.
   at::Tensor moe_balance;
+  // The context-parallel group of this micro-batch when it is not the model's (Batch::cp_group:
+  // hybrid data parallelism's group of the step); null: the layers' own.
+  const parallel::ContextParallel* cp = nullptr;
 };
 
 // x @ w^T + b with w (and b) cast to x's dtype.

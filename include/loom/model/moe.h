@@ -133,6 +133,7 @@ class MoeLayer {
     int64_t dropped = 0;
   };
   Assignments assign(const Routing& r, int64_t t) const;
+  comm::Communicator* stats_comm(const ForwardContext& ctx) const;
   at::Tensor expert(int64_t i, const at::Tensor& x, const at::Tensor& w1,
                     const at::Tensor& w2) const;
   at::Tensor dispatch_and_compute(const at::Tensor& x2d, const Routing& r, int64_t* dropped) const;

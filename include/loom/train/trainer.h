@@ -119,6 +119,11 @@ class Trainer {
   void sum_over_pp_dp(at::Tensor& sums) const;  // collective over the pipeline and DP-CP groups
   // This CP rank's share of each micro-batch (Note: balanced context-parallel split).
   std::vector<model::Batch> cp_local(const std::vector<model::Batch>& batches) const;
+  // Hybrid data parallelism: each micro-batch of `data` a group runs becomes this rank's share,
+  // with the group (a view of the pool: Note: group views) attached; the rest stay whole.
+  std::vector<model::Batch> hdp_local(const data::StepData& data) const;
+  // The micro-batches this rank computes: its CP or HDP shares of the loaded ones.
+  std::vector<model::Batch> local_batches(const data::StepData& data) const;
   void set_long_timeouts(bool on) const;        // Note: timeouts
   void write_trace() const;                     // Note: traces
   void check_stragglers(const StepMetrics& m);  // Note: stragglers
@@ -143,6 +148,7 @@ class Trainer {
   int64_t global_batch_ = 0, num_micro_ = 0;
   int64_t step_ = 0;
   bool documents_ = false;  // data.mode DOCUMENTS
+  bool hdp_ = false;        // parallel.hdp (Note: hybrid data parallelism plan)
   std::unique_ptr<data::MicroBatchLoader> loader_;
   double peak_flops_ = 0;
   bool warned_mfu_ = false;
