@@ -129,6 +129,11 @@ HdpPlan plan_hdp(const std::vector<SampleRef>& samples, const HdpOptions& o) {
                     "hybrid data parallelism: the cost model {} needs finite, non-negative "
                     "coefficients",
                     o.cost.describe());
+  // Costs must grow with length, or every sequence looks free and lands on one rank.
+  LOOM_CHECK_CONFIG(o.cost.a > 0 || o.cost.b > 0,
+                    "hybrid data parallelism: the cost model {} does not grow with the sequence's "
+                    "length (a or b must be > 0)",
+                    o.cost.describe());
   const auto pool = static_cast<size_t>(o.pool);
   HdpPlan plan;
   plan.ranks.resize(pool);

@@ -144,7 +144,12 @@ MemoryEstimate estimate_memory(const model::ModelSpec& spec, const config::JobCo
       documents
           ? static_cast<double>(t.micro_batch_tokens() > 0 ? t.micro_batch_tokens() : t.seq_len())
           : static_cast<double>(t.micro_batch_size()) * seq;
-  const double local_tokens = tokens / cp;  // context parallelism splits every sequence
+  // Context parallelism splits every sequence; under hybrid data parallelism a rank holds at most
+  // the capacity (train.micro_batch_tokens) whether packed or a group's share, whatever cp is.
+  const bool hdp = par.hdp();
+  const double local_tokens = hdp ? tokens : tokens / cp;
+  // The longest attention a rank computes whole (HDP: a packed piece of at most the capacity).
+  const double attn_seq = hdp ? std::min(tokens, seq) : seq;
   const double h = static_cast<double>(spec.hidden);
   const double heads = static_cast<double>(spec.num_heads);
   const double qkv = (heads + 2.0 * spec.num_kv_heads) * spec.head_dim;
@@ -162,10 +167,10 @@ MemoryEstimate estimate_memory(const model::ModelSpec& spec, const config::JobCo
   // (context parallelism, long sequences, model.attention_block_size > 0) keeps its fp32 output
   // and log-sum-exp, head_dim + 1 floats per head and token (its tiles are transient).
   const int64_t block = job.model().attention_block_size();
-  const bool blockwise = block > 0 || (block == 0 && (cp > 1 || seq >= 1024));
+  const bool blockwise = block > 0 || (block == 0 && ((!hdp && cp > 1) || attn_seq >= 1024));
   const double score_bytes = blockwise
                                  ? heads / tp * 4.0 * (1.0 + static_cast<double>(spec.head_dim))
-                                 : 2.0 * heads * seq / tp * 4.0;
+                                 : 2.0 * heads * attn_seq / tp * 4.0;
   const double layer_full =
       ((5.0 * h / sp) + (qkv + heads * spec.head_dim + ffn_elems) / tp) * compute + score_bytes;
   const double layer_input = h / sp * compute;

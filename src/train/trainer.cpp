@@ -19,7 +19,9 @@
 #include "loom/core/config.h"
 #include "loom/core/error.h"
 #include "loom/core/logging.h"
+#include "loom/core/timer.h"
 #include "loom/core/trace.h"
+#include "loom/data/balance_scheduler.h"
 #include "loom/mesh/parallel_dims.h"
 #include "loom/optim/chained.h"
 #include "loom/train/memory_estimate.h"
@@ -62,7 +64,8 @@ Trainer::Trainer(const config::JobConfig& config, comm::CommunicatorPtr world,
                     dims.ep);
   hdp_ = config_.parallel().hdp();
   if (hdp_) {  // Note: hybrid data parallelism plan
-    LOOM_CHECK_CONFIG(config_.parallel().cp_comm_type() == "p2p",
+    LOOM_CHECK_CONFIG(parallel::parse_cp_comm_type(config_.parallel().cp_comm_type()) ==
+                          parallel::CpCommType::kP2P,
                       "parallel.hdp runs each long sequence's group with ring attention: "
                       "parallel.cp_comm_type must be p2p (it is '{}')",
                       config_.parallel().cp_comm_type());
@@ -100,6 +103,7 @@ Trainer::Trainer(const config::JobConfig& config, comm::CommunicatorPtr world,
   // The pieces of a step (DESIGN: the trainer builds them and calls them in order).
   build_data(spec);
   build_model(spec);
+  if (hdp_ && config_.parallel().hdp_cost().empty()) fit_hdp_cost(spec);
   build_optimizer(spec);
   build_executor();
   // The measured ceiling is the best any rank reached: a rank disturbed while probing (ranks
@@ -189,6 +193,91 @@ void Trainer::build_model(const model::ModelSpec& spec) {
       moe_layers_.push_back(m);
     }
   }
+}
+
+// [Note: hybrid data parallelism cost model]
+// Without parallel.hdp_cost, the scheduler's T(s) = a s^2 + b s + c is fitted at start-up from the
+// job's own model on its own devices: every rank times the forward and backward of its chunks
+// (this stage's layers, under its TP, EP and SP) on one sequence of s = C/4, C/2, 3C/4 and C
+// tokens (C the capacity, train.micro_batch_tokens, at most train.seq_len; multiples of the pad),
+// the best of 3 runs after a warm-up; the times are averaged over the world in one all-reduce, so
+// every rank fits the very same model (ranks planning with different models would disagree on the
+// plan and wait on each other), by non-negative least squares (data::fit_cost_model). Fewer than 3
+// distinct lengths (a capacity under 3 pads) keep the FLOPs model. The synthetic sequence uses no
+// random numbers (the RNG state is part of a checkpoint), and the gradients it leaves are cleared
+// before the optimizer and gradient synchronisation exist.
+void Trainer::fit_hdp_cost(const model::ModelSpec& spec) {
+  const auto& o = loader_->options();
+  const int64_t pad = std::max<int64_t>(o.pad_multiple, 1);
+  const int64_t top = std::min(o.micro_batch_tokens, o.seq_len);
+  std::vector<int64_t> lengths;
+  for (int64_t q = 1; q <= 4; ++q) {
+    const int64_t s = std::max(pad, top * q / 4 / pad * pad);
+    if (s <= top && (lengths.empty() || lengths.back() != s)) lengths.push_back(s);
+  }
+  if (lengths.size() < 3) {
+    LOOM_LOG_INFO("hdp: the capacity ({} tokens) is too small to fit a cost model; using {}",
+                  o.micro_batch_tokens, o.cost.describe());
+    return;
+  }
+  const bool sp = chunks_.front()->tensor_parallel().sp();
+  const int tp = groups_->tp_size();
+  at::Tensor times = at::zeros({static_cast<int64_t>(lengths.size())}, at::kDouble);
+  for (size_t i = 0; i < lengths.size(); ++i) {
+    const int64_t s = lengths[i];
+    const at::Tensor ids = (at::arange(s + 1, at::kLong) * 7919 + 13) % spec.vocab_size;
+    model::Batch b;
+    b.tokens = ids.narrow(0, 0, s).view({1, s});
+    b.targets = ids.narrow(0, 1, s).view({1, s});
+    b = b.to(device_);
+    const int64_t local = sp ? s / tp : s;
+    double best = 1e300;
+    for (int rep = 0; rep < 4; ++rep) {
+      Stopwatch clock;
+      for (auto& c : chunks_) {
+        at::Tensor input;
+        if (!c->stage().pre_process) {
+          input = (at::arange(local * spec.hidden, at::kFloat).sin() * 0.1)
+                      .view({local, 1, spec.hidden})
+                      .to(device_, spec.compute_dtype)
+                      .requires_grad_(true);
+        }
+        const auto out = c->forward_stage(b, input);
+        at::Tensor objective = c->stage().post_process ? out.loss.loss_sum : out.hidden.sum();
+        if (out.loss.aux_loss.defined() && out.loss.aux_loss.requires_grad())
+          objective = objective + out.loss.aux_loss.to(objective.scalar_type());
+        objective.backward();
+        (void)objective.detach().cpu().item<double>();  // the device's work is done
+      }
+      if (rep > 0) best = std::min(best, clock.seconds());
+    }
+    times[static_cast<int64_t>(i)] = best;
+  }
+  for (auto& p : params_) {
+    if (p.tensor.grad().defined()) p.tensor.mutable_grad().reset();
+  }
+  comm::all_reduce_host(times, world_.get());
+  std::vector<std::pair<double, double>> points;
+  for (size_t i = 0; i < lengths.size(); ++i) {
+    points.emplace_back(static_cast<double>(lengths[i]),
+                        times[static_cast<int64_t>(i)].item<double>() / world_->size());
+  }
+  const data::CostModel cost = data::fit_cost_model(points);
+  if (cost.a <= 0 && cost.b <= 0) {  // timings that do not grow with length: noise
+    LOOM_LOG_WARN(
+        "hdp: the start-up timings do not grow with the sequence's length ({}); the "
+        "scheduler keeps {}",
+        cost.describe(), o.cost.describe());
+    return;
+  }
+  loader_->set_cost(cost);
+  std::string measured;
+  for (const auto& [len, t] : points)
+    measured += fmt::format("{}{}: {:.3g} s", measured.empty() ? "" : ", ", len, t);
+  LOOM_LOG_INFO(
+      "hdp: cost model fitted at start-up from the model's forward and backward ({}; "
+      "mean over {} ranks): {}",
+      measured, world_->size(), cost.describe());
 }
 
 void Trainer::build_optimizer(const model::ModelSpec& spec) {

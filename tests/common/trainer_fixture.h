@@ -358,6 +358,9 @@ struct Layout {
   // capacity; longer pieces run on groups); needs documents. The single process packs as usual.
   bool hdp = false;
   int hdp_capacity = 4;
+  // The cost model fitted at start-up (else parallel.hdp_cost [0.02, 1, 0]: plans that do not
+  // depend on timings).
+  bool hdp_fit = false;
 
   int dp() const { return world()->size() / (tp * pp * cp); }
   std::string str() const {
@@ -385,7 +388,7 @@ struct Layout {
       s += " first" + std::to_string(first) + " last" + std::to_string(last);
     if (first_dense > 0) s += " dense" + std::to_string(first_dense);
     if (documents) s += " documents";
-    if (hdp) s += " hdp C" + std::to_string(hdp_capacity);
+    if (hdp) s += " hdp C" + std::to_string(hdp_capacity) + (hdp_fit ? " fitted" : "");
     if (sgd) s += " sgd";
     if (bf16) s += " bf16";
     if (recompute) s += " recompute";
@@ -454,7 +457,12 @@ inline loom::config::JobConfig with_layout(loom::config::JobConfig j, const Layo
   par->set_ep(c.ep);
   par->set_expert_tp(c.etp);
   par->set_hdp(c.hdp);
-  if (c.hdp) j.mutable_train()->set_micro_batch_tokens(c.hdp_capacity);
+  if (c.hdp) {
+    j.mutable_train()->set_micro_batch_tokens(c.hdp_capacity);
+    if (!c.hdp_fit) {
+      for (double v : {0.02, 1.0, 0.0}) par->add_hdp_cost(v);
+    }
+  }
   // The blockwise tile only in the parallel job: the single process keeps full attention.
   j.mutable_model()->set_attention_block_size(c.block);
   return j;

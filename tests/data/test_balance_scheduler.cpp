@@ -250,6 +250,8 @@ TEST(BalanceScheduler, BadInputsNameTheReason) {
   expect_error({{7, 5}}, o, "needs finite, non-negative coefficients");
   o.cost = CostModel{0, std::nan(""), 0};
   expect_error({{7, 5}}, o, "needs finite, non-negative coefficients");
+  o.cost = CostModel{0, 0, 3};  // every sequence would look alike: all on one rank
+  expect_error({{7, 5}}, o, "does not grow with the sequence's length");
 }
 
 TEST(BalanceScheduler, CostModelFitsTheClosedForm) {

@@ -16,8 +16,10 @@
 #include <string>
 #include <vector>
 
+#include "loom/comm/group_view.h"
 #include "loom/comm/local_communicator.h"
 #include "loom/model/gpt.h"
+#include "loom/parallel/context_parallel.h"
 #include "test_world.h"
 #include "trainer_fixture.h"
 
@@ -113,6 +115,79 @@ TEST(GlobalBatchBalance, OneMicroBatchEqualsOneProcessOnTheGlobalBatch) {
 TEST(GlobalBatchBalance, MicroBatchesFollowTheSlotBuffer) {
   if (loom::testing::world()->size() < 2) GTEST_SKIP() << "needs mpirun with 2+ ranks";
   expect_global_batch_exact(2);
+}
+
+// Hybrid data parallelism: one packed micro-batch (two documents) shared by a group of ranks
+// that is a view of the world (Note: group views) - ranks n-1 down to 1, out of order and of any
+// size, while rank 0 runs the whole micro-batch alone at the same time - with the MICRO_BATCH or
+// SEQUENCE balance loss and the z loss on. The group's statistics (counts, tokens) are summed over
+// the view (MoeLayer::stats_comm), so the members' losses and gradients must add up to one process
+// on the whole micro-batch, float64. A view that did not sum them would give each member its own
+// tokens' balance loss.
+void expect_group_share_exact(loom::config::MoeConfig::AuxLossType type) {
+  auto world = loom::testing::world();
+  const int n = world->size(), r = world->rank();
+  std::vector<int> members;
+  if (r == 0 || n == 1) {
+    members = {r};
+  } else {
+    for (int q = n - 1; q >= 1; --q) members.push_back(q);
+  }
+  const auto d = static_cast<int64_t>(members.size());
+  auto view = loom::comm::make_group_view(world, members);
+  auto cp = std::make_shared<loom::parallel::ContextParallel>();
+  cp->comm = view;
+  cp->ring = view;
+  cp->type = loom::parallel::CpCommType::kP2P;
+  const int64_t s = 8 * std::max<int64_t>(n - 1, 1);
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(29);
+  const at::Tensor tokens = at::randint(13, {1, s}, gen, at::kLong);
+  const at::Tensor targets = at::randint(13, {1, s}, gen, at::kLong);
+  const Batch full = loom::model::packed_batch(tokens, targets, {{0, 5 * s / 8 + 1, s}});
+  auto spec = loom::testing::tiny_f64_spec(2, 4, [&](auto& c) {
+    c.mutable_moe()->set_aux_loss_type(type);
+    c.set_max_seq_len(64);
+  });
+  GptModel single(spec, 7);
+  auto ref = single.forward(full);
+  (ref.loss_sum + ref.aux_loss).backward();
+  GptModel par(spec, 7);
+  Batch local = loom::model::cp_shard(full, static_cast<int>(d), view->rank());
+  local.cp_group = cp;
+  auto out = par.forward(local);
+  (out.loss_sum + out.aux_loss).backward();
+  at::Tensor sums = at::stack({out.loss_sum.detach(), out.aux_loss.detach()}).to(at::kDouble);
+  view->all_reduce(sums);  // the group's parts
+  const double loss = rel(sums[0], ref.loss_sum.detach()),
+               aux = rel(sums[1], ref.aux_loss.detach());
+  double grad = 0;
+  for (size_t i = 0; i < par.parameters().size(); ++i) {
+    const at::Tensor& p = par.parameters()[i].tensor;
+    const at::Tensor& q = single.parameters()[i].tensor;
+    at::Tensor g = p.grad().defined() ? p.grad().clone() : at::zeros_like(p);
+    view->all_reduce(g);
+    const at::Tensor want = q.grad().defined() ? q.grad() : at::zeros_like(q);
+    grad = std::max(
+        grad, want.abs().max().item<double>() > 0 ? rel(g, want) : g.abs().max().item<double>());
+  }
+  at::Tensor worst = at::tensor({loss, aux, grad}, at::kDouble);
+  world->all_reduce(worst, {loom::comm::ReduceOp::kMax});
+  const std::string what = std::string(loom::config::MoeConfig::AuxLossType_Name(type)) +
+                           " over a group of " + std::to_string(std::max(n - 1, 1));
+  EXPECT_GT(ref.aux_loss.item<double>(), 0) << what;
+  EXPECT_LT(worst[0].item<double>(), 1e-10) << what << ": loss";
+  EXPECT_LT(worst[1].item<double>(), 1e-10) << what << ": balance and z losses";
+  EXPECT_LT(worst[2].item<double>(), 1e-10) << what << ": gradients";
+  if (r == 0) {
+    std::printf("[ moe ] %s: loss %.1e, aux %.1e, gradients %.1e\n", what.c_str(),
+                worst[0].item<double>(), worst[1].item<double>(), worst[2].item<double>());
+  }
+}
+
+TEST(HdpGroups, BalanceLossesOverAGroupViewEqualOneProcess) {
+  if (loom::testing::world()->size() < 3) GTEST_SKIP() << "needs mpirun with 3+ ranks";
+  expect_group_share_exact(loom::config::MoeConfig::MICRO_BATCH);
+  expect_group_share_exact(loom::config::MoeConfig::SEQUENCE);
 }
 
 // The Trainer with each balance option against the single process.

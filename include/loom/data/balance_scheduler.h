@@ -26,10 +26,10 @@
 // the same order, any two groups that share ranks are entered in the same order by all of them, so
 // their point-to-point transfers on the pool's one communicator never wait on each other in a
 // cycle. Under 1F1B with pipeline parallelism that no longer holds (ranks with different group
-// lists interleave forwards and backwards differently): the PP-balance mode must align the groups'
-// micro-batches across ranks. The plan is deterministic: every rank computes the whole plan from
-// the same inputs. (The PP-balance order and the outlier queue come with the executor's side of
-// hybrid data parallelism.)
+// lists interleave forwards and backwards differently), so the Trainer runs the plan laid out in
+// slots: every rank the same number of micro-batches, a group's members in the same slot (Note:
+// hybrid data parallelism slots in step_plan.cpp). The plan is deterministic: every rank computes
+// the whole plan from the same inputs.
 #pragma once
 
 #include <cstdint>

@@ -92,6 +92,9 @@ class MicroBatchLoader {
   void load_state(const std::map<std::string, int64_t>& state);
 
   const LoaderOptions& options() const { return options_; }
+  // Hybrid data parallelism: the cost model the scheduler balances from now on (the Trainer's
+  // start-up fit: Note: hybrid data parallelism cost model). Before the first next() only.
+  void set_cost(const CostModel& cost) { options_.cost = cost; }
   // One line for the log: what a step is made of.
   std::string describe() const;
   // The samples (index, length) of the global batch of `split` from `first_sample`.

@@ -116,6 +116,8 @@ class Trainer {
   void build_optimizer(const model::ModelSpec& spec);  // optimizer, gradient sync, schedule, state
   void build_executor();                               // schedule and step executor
   void log_setup(const model::ModelSpec& spec);
+  // Note: hybrid data parallelism cost model. Collective over the world; before build_optimizer.
+  void fit_hdp_cost(const model::ModelSpec& spec);
   void sum_over_pp_dp(at::Tensor& sums) const;  // collective over the pipeline and DP-CP groups
   // This CP rank's share of each micro-batch (Note: balanced context-parallel split).
   std::vector<model::Batch> cp_local(const std::vector<model::Batch>& batches) const;
