@@ -151,8 +151,8 @@ int run(int argc, char** argv) {
   const std::string corpus = cl.get("corpus");
   LOOM_CHECK_CONFIG(corpus == "synthetic" || corpus == "demo",
                     "flag --corpus is '{}'; it takes synthetic or demo", corpus);
-  const Sizes z{cl.get_int("hidden"), cl.get_int("layers"), cl.get_int("seq"),
-                cl.get_int("global"), corpus == "demo"};
+  const Sizes z{cl.get_int("hidden"), cl.get_int("layers"), cl.get_int("seq"), cl.get_int("global"),
+                corpus == "demo"};
   const int n = world->size(), cp = static_cast<int>(cl.get_int("cp"));
   LOOM_CHECK_CONFIG(cp >= 1 && n % cp == 0 && z.seq % cp == 0,
                     "flag --cp = {} must divide the world ({}) and --seq ({})", cp, n, z.seq);

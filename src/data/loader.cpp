@@ -43,6 +43,18 @@ LoaderOptions LoaderOptions::from_config(const config::JobConfig& job, int dp_si
       moe && ((job.model().moe().aux_loss_type() == config::MoeConfig::GLOBAL_BATCH &&
                job.model().moe().aux_loss_coeff() > 0) ||
               job.parallel().ep() > 1);
+  const auto& d = job.data();
+  LOOM_CHECK_CONFIG(d.outlier_tokens() >= 0 && d.outlier_delay() >= 0 && d.outlier_batch() >= 1,
+                    "fields 'data.outlier_tokens' ({}), 'data.outlier_delay' ({}) and "
+                    "'data.outlier_batch' ({}) must be >= 0, >= 0 and >= 1",
+                    d.outlier_tokens(), d.outlier_delay(), d.outlier_batch());
+  LOOM_CHECK_CONFIG(d.outlier_tokens() == 0 || o.mode == BatchMode::kDocuments,
+                    "field 'data.outlier_tokens' ({}) delays long documents: it needs data.mode "
+                    "DOCUMENTS",
+                    d.outlier_tokens());
+  o.outlier_tokens = d.outlier_tokens();
+  o.outlier_delay = d.outlier_delay();
+  o.outlier_batch = d.outlier_batch();
   o.hdp = job.parallel().hdp();
   if (o.hdp) {
     LOOM_CHECK_CONFIG(o.mode == BatchMode::kDocuments,
@@ -99,8 +111,13 @@ std::string MicroBatchLoader::describe() const {
         "{} documents per step (pieces of at most {} tokens) planned over a pool of {} rank(s) "
         "with hybrid data parallelism: a rank holds at most {} tokens per micro-batch, a longer "
         "piece runs on a group of ranks (ring attention); cost model {}; the loss is per token "
-        "over the global batch",
-        o.global_batch, o.seq_len, o.dp_size, o.micro_batch_tokens, o.cost.describe());
+        "over the global batch{}",
+        o.global_batch, o.seq_len, o.dp_size, o.micro_batch_tokens, o.cost.describe(),
+        o.outlier_tokens > 0
+            ? fmt::format("; documents over {} tokens wait in the outlier queue (batches of {}, "
+                          "at most {} steps)",
+                          o.outlier_tokens, o.outlier_batch, o.outlier_delay)
+            : std::string());
   }
   if (o.mode == BatchMode::kDocuments) {
     return fmt::format(
@@ -238,31 +255,69 @@ model::Batch MicroBatchLoader::assemble(Split split, const std::vector<SampleRef
   return b.to(options_.device);
 }
 
-StepData MicroBatchLoader::load(Split split, int64_t first_sample) const {
+StepData MicroBatchLoader::load_samples(Split split, int64_t first_sample,
+                                        std::vector<SampleRef> samples) const {
   StepData d;
   d.first_sample = first_sample;
-  const std::vector<SampleRef> samples = global_samples(split, first_sample);
   d.plan = plan_step(samples, options_.layout());
   for (const auto& mb : d.plan.micro_batches) d.batches.push_back(assemble(split, samples, mb));
   return d;
 }
 
+StepData MicroBatchLoader::load(Split split, int64_t first_sample) const {
+  return load_samples(split, first_sample, global_samples(split, first_sample));
+}
+
+std::vector<SampleRef> MicroBatchLoader::step_samples(int64_t first,
+                                                      std::deque<Outlier>& queue) const {
+  std::vector<SampleRef> read = global_samples(Split::kTrain, first);
+  if (options_.outlier_tokens <= 0 && queue.empty()) return read;
+  std::vector<SampleRef> out;
+  int64_t targets = 0;
+  for (const SampleRef& s : read) {
+    if (options_.outlier_tokens > 0 && s.length > options_.outlier_tokens) {
+      queue.push_back({s.index, s.length, first});
+    } else {
+      out.push_back(s);
+      targets += std::max<int64_t>(s.length - 1, 0);
+    }
+  }
+  // Note: outlier queue. Off (a resumed run that turned it off): everything waiting goes now.
+  const bool all =
+      options_.outlier_tokens <= 0 || static_cast<int64_t>(queue.size()) >= options_.outlier_batch;
+  const int64_t due = first - options_.outlier_delay * options_.global_batch;  // read at or before
+  while (!queue.empty() && (all || queue.front().read_at <= due || targets == 0)) {
+    out.push_back({queue.front().index, queue.front().length});
+    targets += std::max<int64_t>(queue.front().length - 1, 0);
+    queue.pop_front();
+  }
+  return out;
+}
+
 StepData MicroBatchLoader::next(bool prefetch_next) {
   StepData d;
   bool have = false;
+  std::deque<Outlier> queue = outliers_;
+  const std::vector<SampleRef> samples = step_samples(position_, queue);
   if (prefetch_.valid()) {
     StepData ready = prefetch_.get();  // waits only if reading is slower than a step
-    if (prefetch_position_ == position_) {
+    if (prefetch_position_ == position_ && prefetch_outliers_ == outliers_) {
       d = std::move(ready);
       have = true;
     }
   }
-  if (!have) d = load(Split::kTrain, position_);
+  if (!have) d = load_samples(Split::kTrain, position_, samples);
   position_ += options_.global_batch;
+  outliers_ = std::move(queue);
   if (prefetch_next && options_.prefetch) {
     prefetch_position_ = position_;
+    prefetch_outliers_ = outliers_;
+    std::deque<Outlier> after = outliers_;
+    std::vector<SampleRef> next_samples = step_samples(position_, after);
     const int64_t at = position_;
-    prefetch_ = std::async(std::launch::async, [this, at] { return load(Split::kTrain, at); });
+    prefetch_ = std::async(std::launch::async, [this, at, s = std::move(next_samples)] {
+      return load_samples(Split::kTrain, at, s);
+    });
   }
   return d;
 }
@@ -273,8 +328,17 @@ void MicroBatchLoader::set_position(int64_t consumed_samples) {
 }
 
 std::map<std::string, int64_t> MicroBatchLoader::state() const {
-  return {{"data.consumed_samples", position_},
-          {"data.documents", options_.mode == BatchMode::kDocuments ? 1 : 0}};
+  std::map<std::string, int64_t> s{
+      {"data.consumed_samples", position_},
+      {"data.documents", options_.mode == BatchMode::kDocuments ? 1 : 0}};
+  if (!outliers_.empty()) {  // Note: outlier queue
+    s["data.outliers"] = static_cast<int64_t>(outliers_.size());
+    for (size_t i = 0; i < outliers_.size(); ++i) {
+      s[fmt::format("data.outlier.{}", i)] = outliers_[i].index;
+      s[fmt::format("data.outlier.{}.read_at", i)] = outliers_[i].read_at;
+    }
+  }
+  return s;
 }
 
 void MicroBatchLoader::check_state(const std::map<std::string, int64_t>& state) const {
@@ -294,11 +358,39 @@ void MicroBatchLoader::check_state(const std::map<std::string, int64_t>& state) 
       "{} there, so it cannot be resumed here (start fresh or keep the mode)",
       saved_docs ? "DOCUMENTS" : "WINDOWS", docs ? "DOCUMENTS" : "WINDOWS",
       saved_docs ? "documents" : "windows");
+  // The outlier queue: each entry a document read before the position, by a step at or before it.
+  auto count = state.find("data.outliers");
+  const int64_t n = count == state.end() ? 0 : count->second;
+  LOOM_CHECK_KIND(ErrorKind::kIO, n >= 0 && (n == 0 || docs),
+                  "loader state: 'data.outliers' is {} ({})", n,
+                  n < 0 ? "a count must be >= 0" : "an outlier queue needs data.mode DOCUMENTS");
+  for (int64_t i = 0; i < n; ++i) {
+    const std::string key = fmt::format("data.outlier.{}", i);
+    auto index = state.find(key), read_at = state.find(key + ".read_at");
+    LOOM_CHECK_KIND(ErrorKind::kIO, index != state.end() && read_at != state.end(),
+                    "loader state: the outlier queue holds {} documents but '{}' or '{}.read_at' "
+                    "is missing",
+                    n, key, key);
+    LOOM_CHECK_KIND(
+        ErrorKind::kIO,
+        index->second >= read_at->second && index->second < it->second && read_at->second >= 0,
+        "loader state: '{}' = {} (read by the step at {}) is not a document read "
+        "before the position {}",
+        key, index->second, read_at->second, it->second);
+  }
 }
 
 void MicroBatchLoader::load_state(const std::map<std::string, int64_t>& state) {
   check_state(state);
   position_ = state.at("data.consumed_samples");
+  outliers_.clear();
+  auto it = state.find("data.outliers");
+  const int64_t n = it == state.end() ? 0 : it->second;
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t index = state.at(fmt::format("data.outlier.{}", i));
+    outliers_.push_back({index, source_->document_length(Split::kTrain, index),
+                         state.at(fmt::format("data.outlier.{}.read_at", i))});
+  }
 }
 
 }  // namespace loom::data

@@ -361,6 +361,8 @@ struct Layout {
   // The cost model fitted at start-up (else parallel.hdp_cost [0.02, 1, 0]: plans that do not
   // depend on timings).
   bool hdp_fit = false;
+  // data.outlier_tokens (with delay 2 and batches of 2; Note: outlier queue), in both jobs.
+  int outlier_tokens = 0;
 
   int dp() const { return world()->size() / (tp * pp * cp); }
   std::string str() const {
@@ -389,6 +391,7 @@ struct Layout {
     if (first_dense > 0) s += " dense" + std::to_string(first_dense);
     if (documents) s += " documents";
     if (hdp) s += " hdp C" + std::to_string(hdp_capacity) + (hdp_fit ? " fitted" : "");
+    if (outlier_tokens > 0) s += " outliers>" + std::to_string(outlier_tokens);
     if (sgd) s += " sgd";
     if (bf16) s += " bf16";
     if (recompute) s += " recompute";
@@ -437,6 +440,11 @@ inline loom::config::JobConfig layout_single_job(const Layout& c) {
     j.mutable_train()->set_micro_batch_tokens(40);
   }
   j.mutable_data()->set_synthetic_sources(c.sources);
+  if (c.outlier_tokens > 0) {
+    j.mutable_data()->set_outlier_tokens(c.outlier_tokens);
+    j.mutable_data()->set_outlier_delay(2);
+    j.mutable_data()->set_outlier_batch(2);
+  }
   return j;
 }
 

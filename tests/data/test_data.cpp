@@ -5,6 +5,7 @@
 
 #include <cmath>
 #include <cstring>
+#include <deque>
 #include <filesystem>
 #include <fstream>
 #include <map>
@@ -920,3 +921,110 @@ TEST(MicroBatchLoader, PackedRowsHoldTheDocumentsPieces) {
 }
 
 }  // namespace
+
+// [Note: outlier queue]: over 60 steps of a synthetic corpus whose documents are 2..12 tokens with
+// 1 in 8 longer (13..48), the long ones wait in the queue: every document read is trained exactly
+// once (or still waits at the end), a short one in the step that read it, a long one at most
+// outlier_delay steps later, all waiting ones together once outlier_batch wait; the loader's
+// state (saved mid-run, restored into a new loader, prefetching) continues with the same steps,
+// and a failed step (PositionGuard) puts the queue back.
+TEST(Loader, OutlierQueueDelaysLongDocumentsWithoutLosingAny) {
+  const loom::data::SyntheticMarkovCorpus corpus(64, 4, 9, /*max_document_len=*/12);
+  loom::data::LoaderOptions o;
+  o.mode = BatchMode::kDocuments;
+  o.seq_len = 12;
+  o.global_batch = 8;
+  o.micro_batch_tokens = 24;
+  o.prefetch = false;
+  o.outlier_tokens = 12;
+  o.outlier_delay = 3;
+  o.outlier_batch = 3;
+  loom::data::MicroBatchLoader loader(&corpus, o);
+  std::deque<loom::data::MicroBatchLoader::Outlier> queue;
+  std::map<int64_t, int> trained;
+  int delayed = 0, batched = 0;
+  const int steps = 60;
+  for (int k = 0; k < steps; ++k) {
+    const int64_t first = k * o.global_batch;
+    const auto samples = loader.step_samples(first, queue);
+    int64_t outliers_here = 0;
+    for (const auto& s : samples) {
+      ++trained[s.index];
+      const bool long_doc = s.length > o.outlier_tokens;
+      const int64_t read_step = s.index / o.global_batch;
+      if (!long_doc) {
+        EXPECT_EQ(read_step, k) << "a short document trained outside the step that read it";
+      } else {
+        EXPECT_LE(read_step, k);
+        EXPECT_LE(k - read_step, o.outlier_delay) << "document " << s.index << " waited too long";
+        delayed += k > read_step;
+        ++outliers_here;
+      }
+      EXPECT_EQ(s.length, corpus.document_length(loom::data::Split::kTrain, s.index));
+    }
+    batched += outliers_here >= o.outlier_batch;
+    EXPECT_LT(static_cast<int64_t>(queue.size()), o.outlier_batch) << "step " << k;
+  }
+  for (const auto& q : queue) ++trained[q.index];
+  ASSERT_EQ(trained.size(), static_cast<size_t>(steps * o.global_batch));
+  for (const auto& [index, times] : trained) {
+    EXPECT_EQ(times, 1) << "document " << index;
+    EXPECT_LT(index, steps * o.global_batch);
+  }
+  EXPECT_GT(delayed, 5) << "too few outliers delayed to test anything";
+  EXPECT_GT(batched, 3) << "too few steps took a batch of outliers";
+
+  // The same steps through next(), with a state saved after step 17 and restored elsewhere.
+  auto tokens_of = [](const loom::data::StepData& d) {
+    std::vector<at::Tensor> t;
+    for (const auto& b : d.batches) t.push_back(b.tokens);
+    return at::cat(t, 1);
+  };
+  o.prefetch = true;
+  loom::data::MicroBatchLoader a(&corpus, o);
+  std::map<std::string, int64_t> saved;
+  std::vector<at::Tensor> after;
+  int saved_at = -1;
+  for (int k = 0; k < 40; ++k) {
+    const auto d = a.next();
+    if (saved_at >= 0) after.push_back(tokens_of(d));
+    if (saved_at < 0 && k >= 10 && a.state().count("data.outliers") > 0) {
+      saved = a.state();  // after a step that left documents waiting
+      saved_at = k;
+    }
+  }
+  ASSERT_GE(saved_at, 0) << "the queue was never left holding a document";
+  ASSERT_GE(after.size(), 10u);
+  loom::data::MicroBatchLoader b(&corpus, o);
+  b.load_state(saved);
+  for (size_t k = 0; k < after.size(); ++k)
+    EXPECT_TRUE(at::equal(tokens_of(b.next()), after[k])) << "step " << saved_at + 1 + k;
+  std::map<std::string, int64_t> guard_state;
+  {
+    const auto before = b.state();
+    loom::data::PositionGuard guard(b);
+    (void)b.next();
+    (void)b.next();
+    EXPECT_NE(b.state(), before);
+    guard_state = before;  // not committed: a failed step
+  }
+  EXPECT_EQ(b.state(), guard_state) << "the guard restores the position and the queue";
+  // Bad saved queues name the entry.
+  auto bad = saved;
+  bad["data.outlier.0"] = bad["data.consumed_samples"] + 5;
+  try {
+    b.check_state(bad);
+    ADD_FAILURE() << "a queued document beyond the position was accepted";
+  } catch (const loom::Error& e) {
+    EXPECT_EQ(e.kind(), loom::ErrorKind::kIO);
+    EXPECT_NE(std::string(e.what()).find("data.outlier.0"), std::string::npos) << e.what();
+  }
+  bad = saved;
+  bad.erase("data.outlier.0.read_at");
+  try {
+    b.check_state(bad);
+    ADD_FAILURE() << "a queue entry without its step was accepted";
+  } catch (const loom::Error& e) {
+    EXPECT_NE(std::string(e.what()).find("is missing"), std::string::npos) << e.what();
+  }
+}

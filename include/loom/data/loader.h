@@ -9,11 +9,24 @@
 // continues with the same samples in the same order (in DOCUMENTS mode, the same documents in the
 // same packing). A prefetched step is used only if the position still matches when it is asked for
 // (a resume in between discards it).
+//
+// [Note: outlier queue]
+// WLB-LLM's outlier delay (data.outlier_tokens > 0, DOCUMENTS mode): a step still reads the next
+// global_batch documents, but those of more than outlier_tokens tokens go to a queue (in reading
+// order) instead of into the step. The step then takes from the queue: every waiting document once
+// data.outlier_batch of them wait (so rare very long documents arrive together, where the balance
+// scheduler can spread them, instead of one making a step lopsided), otherwise those that have
+// waited data.outlier_delay steps; and the oldest if the step would hold no loss token otherwise.
+// Taken outliers follow the step's own documents. Every document is trained exactly once, at most
+// outlier_delay steps after it was read. The queue (each document's index and the position of the
+// step that read it) is part of the loader's state: "data.outliers" = n, "data.outlier.<i>" and
+// "data.outlier.<i>.read_at", so a resumed run takes the same documents in the same steps.
 #pragma once
 
 #include <ATen/ATen.h>
 
 #include <cstdint>
+#include <deque>
 #include <future>
 #include <map>
 #include <memory>
@@ -36,6 +49,10 @@ struct LoaderOptions {
   int64_t pad_multiple = 1;  // DOCUMENTS: row length rounded up to this (sequence parallelism)
   int dp_size = 1, dp_rank = 0;
   bool equal_micro_batches = false;  // DOCUMENTS: PlanLayout::equal_micro_batches
+  // DOCUMENTS: the outlier queue (Note: outlier queue); outlier_tokens 0: off.
+  int64_t outlier_tokens = 0;
+  int64_t outlier_delay = 4;
+  int64_t outlier_batch = 2;
   // DOCUMENTS: hybrid data parallelism (PlanLayout::hdp): dp_size / dp_rank are the pool's.
   bool hdp = false;
   CostModel cost;
@@ -100,7 +117,23 @@ class MicroBatchLoader {
   // The samples (index, length) of the global batch of `split` from `first_sample`.
   std::vector<SampleRef> global_samples(Split split, int64_t first_sample) const;
 
+  // A document waiting in the outlier queue, and the position of the step that read it.
+  struct Outlier {
+    int64_t index = 0;
+    int64_t length = 0;
+    int64_t read_at = 0;
+    bool operator==(const Outlier& o) const {
+      return index == o.index && length == o.length && read_at == o.read_at;
+    }
+  };
+  const std::deque<Outlier>& outliers() const { return outliers_; }
+  // The training samples of the step at `first_sample` with the queue `queue` (Note: outlier
+  // queue), which it updates: the documents read that are not outliers, then those taken from the
+  // queue. Without the queue, global_samples.
+  std::vector<SampleRef> step_samples(int64_t first_sample, std::deque<Outlier>& queue) const;
+
  private:
+  StepData load_samples(Split split, int64_t first_sample, std::vector<SampleRef> samples) const;
   model::Batch assemble(Split split, const std::vector<SampleRef>& samples,
                         const MicroBatchPlan& mb) const;
   int64_t source_of(Split split, int64_t index) const;  // checked against the names
@@ -110,8 +143,10 @@ class MicroBatchLoader {
   size_t num_sources_ = 1;  // source_->source_names(): tokens are tagged when there are several
   LoaderOptions options_;
   int64_t position_ = 0;
+  std::deque<Outlier> outliers_;
   std::future<StepData> prefetch_;
   int64_t prefetch_position_ = -1;
+  std::deque<Outlier> prefetch_outliers_;  // the queue the prefetched step was planned with
 };
 
 // Puts a loader back at the position it had when the guard was made, unless commit() was called: a
@@ -119,10 +154,13 @@ class MicroBatchLoader {
 // the parameters, and the loader advances only with the optimizer step.
 class PositionGuard {
  public:
-  explicit PositionGuard(MicroBatchLoader& loader)
-      : loader_(loader), position_(loader.position()) {}
+  explicit PositionGuard(MicroBatchLoader& loader) : loader_(loader), state_(loader.state()) {}
   ~PositionGuard() {
-    if (!committed_) loader_.set_position(position_);
+    if (committed_) return;
+    try {
+      loader_.load_state(state_);  // the position and the outlier queue, as they were
+    } catch (...) {                // (its own state: cannot fail; a destructor must not throw)
+    }
   }
   PositionGuard(const PositionGuard&) = delete;
   PositionGuard& operator=(const PositionGuard&) = delete;
@@ -130,7 +168,7 @@ class PositionGuard {
 
  private:
   MicroBatchLoader& loader_;
-  int64_t position_;
+  std::map<std::string, int64_t> state_;
   bool committed_ = false;
 };
 
