@@ -2,6 +2,10 @@
 
 #include <fmt/format.h>
 
+#include <cmath>
+#include <cstring>
+#include <set>
+
 #include "loom/core/error.h"
 
 namespace loom::data {
@@ -52,6 +56,11 @@ LoaderOptions LoaderOptions::from_config(const config::JobConfig& job, int dp_si
                     "field 'data.outlier_tokens' ({}) delays long documents: it needs data.mode "
                     "DOCUMENTS",
                     d.outlier_tokens());
+  LOOM_CHECK_CONFIG(d.outlier_tokens() == 0 || job.parallel().hdp() || dp_size == 1,
+                    "field 'data.outlier_tokens' ({}) gives each step a varying number of "
+                    "documents, which only the hybrid-data-parallel planner takes over several DP "
+                    "ranks: set parallel.hdp: true (or run one DP rank)",
+                    d.outlier_tokens());
   o.outlier_tokens = d.outlier_tokens();
   o.outlier_delay = d.outlier_delay();
   o.outlier_batch = d.outlier_batch();
@@ -62,7 +71,7 @@ LoaderOptions LoaderOptions::from_config(const config::JobConfig& job, int dp_si
     const auto& c = job.parallel().hdp_cost();
     LOOM_CHECK_CONFIG(c.empty() || c.size() == 3,
                       "field 'parallel.hdp_cost' holds {} numbers; it takes three, [a, b, c] of "
-                      "T(s) = a s^2 + b s + c (or none: from the model's FLOPs)",
+                      "T(s) = a s^2 + b s + c (or none: fitted at start-up)",
                       c.size());
     if (c.size() == 3) o.cost = CostModel{c[0], c[1], c[2]};
   }
@@ -123,8 +132,13 @@ std::string MicroBatchLoader::describe() const {
     return fmt::format(
         "{} documents per step over {} DP rank(s), packed into micro-batches of at most {} tokens "
         "(pieces of at "
-        "most {}); the loss is per token over the global batch",
-        o.global_batch, o.dp_size, o.micro_batch_tokens, o.seq_len);
+        "most {}); the loss is per token over the global batch{}",
+        o.global_batch, o.dp_size, o.micro_batch_tokens, o.seq_len,
+        o.outlier_tokens > 0
+            ? fmt::format("; documents over {} tokens wait in the outlier queue (batches of {}, "
+                          "at most {} steps)",
+                          o.outlier_tokens, o.outlier_batch, o.outlier_delay)
+            : std::string());
   }
   return fmt::format(
       "{} sequences x {} tokens per step = {} micro-batches of {} on each of {} DP rank(s)",
@@ -268,8 +282,8 @@ StepData MicroBatchLoader::load(Split split, int64_t first_sample) const {
   return load_samples(split, first_sample, global_samples(split, first_sample));
 }
 
-std::vector<SampleRef> MicroBatchLoader::step_samples(int64_t first,
-                                                      std::deque<Outlier>& queue) const {
+std::vector<SampleRef> MicroBatchLoader::step_samples(int64_t first, std::deque<Outlier>& queue,
+                                                      bool take_all) const {
   std::vector<SampleRef> read = global_samples(Split::kTrain, first);
   if (options_.outlier_tokens <= 0 && queue.empty()) return read;
   std::vector<SampleRef> out;
@@ -283,8 +297,8 @@ std::vector<SampleRef> MicroBatchLoader::step_samples(int64_t first,
     }
   }
   // Note: outlier queue. Off (a resumed run that turned it off): everything waiting goes now.
-  const bool all =
-      options_.outlier_tokens <= 0 || static_cast<int64_t>(queue.size()) >= options_.outlier_batch;
+  const bool all = take_all || options_.outlier_tokens <= 0 ||
+                   static_cast<int64_t>(queue.size()) >= options_.outlier_batch;
   const int64_t due = first - options_.outlier_delay * options_.global_batch;  // read at or before
   while (!queue.empty() && (all || queue.front().read_at <= due || targets == 0)) {
     out.push_back({queue.front().index, queue.front().length});
@@ -294,14 +308,15 @@ std::vector<SampleRef> MicroBatchLoader::step_samples(int64_t first,
   return out;
 }
 
-StepData MicroBatchLoader::next(bool prefetch_next) {
+StepData MicroBatchLoader::next(bool prefetch_next, bool last) {
   StepData d;
   bool have = false;
   std::deque<Outlier> queue = outliers_;
-  const std::vector<SampleRef> samples = step_samples(position_, queue);
+  const bool flush = last && !outliers_.empty();  // the run's last step takes the whole queue
+  const std::vector<SampleRef> samples = step_samples(position_, queue, last);
   if (prefetch_.valid()) {
     StepData ready = prefetch_.get();  // waits only if reading is slower than a step
-    if (prefetch_position_ == position_ && prefetch_outliers_ == outliers_) {
+    if (prefetch_position_ == position_ && prefetch_outliers_ == outliers_ && !flush) {
       d = std::move(ready);
       have = true;
     }
@@ -331,6 +346,16 @@ std::map<std::string, int64_t> MicroBatchLoader::state() const {
   std::map<std::string, int64_t> s{
       {"data.consumed_samples", position_},
       {"data.documents", options_.mode == BatchMode::kDocuments ? 1 : 0}};
+  if (cost_fitted_) {  // the fitted cost model, as the bits of its non-negative doubles
+    auto bits = [](double v) {
+      int64_t b = 0;
+      std::memcpy(&b, &v, sizeof b);
+      return b;
+    };
+    s["data.hdp_cost.a"] = bits(options_.cost.a);
+    s["data.hdp_cost.b"] = bits(options_.cost.b);
+    s["data.hdp_cost.c"] = bits(options_.cost.c);
+  }
   if (!outliers_.empty()) {  // Note: outlier queue
     s["data.outliers"] = static_cast<int64_t>(outliers_.size());
     for (size_t i = 0; i < outliers_.size(); ++i) {
@@ -364,6 +389,11 @@ void MicroBatchLoader::check_state(const std::map<std::string, int64_t>& state) 
   LOOM_CHECK_KIND(ErrorKind::kIO, n >= 0 && (n == 0 || docs),
                   "loader state: 'data.outliers' is {} ({})", n,
                   n < 0 ? "a count must be >= 0" : "an outlier queue needs data.mode DOCUMENTS");
+  LOOM_CHECK_KIND(ErrorKind::kIO, n == 0 || options_.hdp || options_.dp_size == 1,
+                  "loader state: {} documents wait in the outlier queue, which this run cannot "
+                  "take over {} DP ranks without parallel.hdp (resume with it, or as saved)",
+                  n, options_.dp_size);
+  std::set<int64_t> seen;
   for (int64_t i = 0; i < n; ++i) {
     const std::string key = fmt::format("data.outlier.{}", i);
     auto index = state.find(key), read_at = state.find(key + ".read_at");
@@ -377,12 +407,29 @@ void MicroBatchLoader::check_state(const std::map<std::string, int64_t>& state) 
         "loader state: '{}' = {} (read by the step at {}) is not a document read "
         "before the position {}",
         key, index->second, read_at->second, it->second);
+    LOOM_CHECK_KIND(ErrorKind::kIO, seen.insert(index->second).second,
+                    "loader state: '{}' = {} is queued twice", key, index->second);
   }
 }
 
 void MicroBatchLoader::load_state(const std::map<std::string, int64_t>& state) {
   check_state(state);
   position_ = state.at("data.consumed_samples");
+  if (cost_fitted_ && state.count("data.hdp_cost.a") && state.count("data.hdp_cost.b") &&
+      state.count("data.hdp_cost.c")) {
+    auto value = [&](const char* key) {
+      double v = 0;
+      const int64_t b = state.at(key);
+      std::memcpy(&v, &b, sizeof v);
+      return v;
+    };
+    const CostModel saved{value("data.hdp_cost.a"), value("data.hdp_cost.b"),
+                          value("data.hdp_cost.c")};
+    if (std::isfinite(saved.a) && std::isfinite(saved.b) && std::isfinite(saved.c) &&
+        saved.a >= 0 && saved.b >= 0 && saved.c >= 0 && (saved.a > 0 || saved.b > 0)) {
+      options_.cost = saved;  // the steps are planned as the saved run planned them
+    }
+  }
   outliers_.clear();
   auto it = state.find("data.outliers");
   const int64_t n = it == state.end() ? 0 : it->second;

@@ -203,7 +203,12 @@ void Trainer::build_model(const model::ModelSpec& spec) {
 // the best of 3 runs after a warm-up; the times are averaged over the world in one all-reduce, so
 // every rank fits the very same model (ranks planning with different models would disagree on the
 // plan and wait on each other), by non-negative least squares (data::fit_cost_model). Fewer than 3
-// distinct lengths (a capacity under 3 pads) keep the FLOPs model. The synthetic sequence uses no
+// distinct lengths (a capacity under 3 pads), or timings that do not grow with length, keep the
+// FLOPs model. The fitted constant is dropped (it is what a call costs, i.e. per micro-batch,
+// where the scheduler's c is per sequence), and a quadratic term the short lengths cannot show is
+// taken from the FLOPs, relative to the measured time per token (group shares reach train.seq_len,
+// where it dominates). The loader saves the fitted model with its state, and a resumed run takes
+// the saved one: the same steps are planned the same way. The synthetic sequence uses no
 // random numbers (the RNG state is part of a checkpoint), and the gradients it leaves are cleared
 // before the optimizer and gradient synchronisation exist.
 void Trainer::fit_hdp_cost(const model::ModelSpec& spec) {
@@ -262,22 +267,33 @@ void Trainer::fit_hdp_cost(const model::ModelSpec& spec) {
     points.emplace_back(static_cast<double>(lengths[i]),
                         times[static_cast<int64_t>(i)].item<double>() / world_->size());
   }
-  const data::CostModel cost = data::fit_cost_model(points);
+  data::CostModel cost = data::fit_cost_model(points);
+  const data::CostModel flops = o.cost;  // build_data's: b = 1, a = attention's share
+  // c is what one call costs whatever its length (launches, the head), i.e. per micro-batch; the
+  // scheduler charges c per sequence, so short documents packed together would look expensive:
+  // the constant is dropped.
+  cost.c = 0;
   if (cost.a <= 0 && cost.b <= 0) {  // timings that do not grow with length: noise
     LOOM_LOG_WARN(
         "hdp: the start-up timings do not grow with the sequence's length ({}); the "
         "scheduler keeps {}",
-        cost.describe(), o.cost.describe());
+        cost.describe(), flops.describe());
     return;
   }
-  loader_->set_cost(cost);
+  // Up to C tokens the quadratic term can hide in the noise; longer sequences run as group shares
+  // up to train.seq_len, where it dominates: without a measured one, attention's FLOPs share
+  // relative to the measured time per token.
+  const bool from_flops = cost.a <= 0 && flops.a > 0 && flops.b > 0;
+  if (from_flops) cost.a = cost.b * flops.a / flops.b;
+  loader_->set_cost(cost, /*fitted=*/true);
   std::string measured;
   for (const auto& [len, t] : points)
     measured += fmt::format("{}{}: {:.3g} s", measured.empty() ? "" : ", ", len, t);
   LOOM_LOG_INFO(
       "hdp: cost model fitted at start-up from the model's forward and backward ({}; "
-      "mean over {} ranks): {}",
-      measured, world_->size(), cost.describe());
+      "mean over {} ranks): {}{} (a resumed run takes its checkpoint's)",
+      measured, world_->size(), cost.describe(),
+      from_flops ? " (the quadratic term from the FLOPs, unseen at these lengths)" : "");
 }
 
 void Trainer::build_optimizer(const model::ModelSpec& spec) {
@@ -580,7 +596,8 @@ StepMetrics Trainer::train_step() {
   // This rank's plan and micro-batches (Note: step plan); N and the micro-batch count over all DP
   // ranks come with the plan, computed without communication.
   data::PositionGuard keep(*loader_);  // a failed step leaves the data position where it was
-  const data::StepData data = loader_->next(/*prefetch_next=*/m.step < config_.train().steps());
+  const data::StepData data = loader_->next(/*prefetch_next=*/m.step < config_.train().steps(),
+                                            /*last=*/m.step == config_.train().steps());
   m.tokens = data.plan.loss_tokens;
   m.micro_batches = data.plan.global_micro_batches;
   const double total_tokens = static_cast<double>(m.tokens);

@@ -942,7 +942,7 @@ TEST(Loader, OutlierQueueDelaysLongDocumentsWithoutLosingAny) {
   loom::data::MicroBatchLoader loader(&corpus, o);
   std::deque<loom::data::MicroBatchLoader::Outlier> queue;
   std::map<int64_t, int> trained;
-  int delayed = 0, batched = 0;
+  int delayed = 0, batched = 0, at_deadline = 0;
   const int steps = 60;
   for (int k = 0; k < steps; ++k) {
     const int64_t first = k * o.global_batch;
@@ -958,6 +958,7 @@ TEST(Loader, OutlierQueueDelaysLongDocumentsWithoutLosingAny) {
         EXPECT_LE(read_step, k);
         EXPECT_LE(k - read_step, o.outlier_delay) << "document " << s.index << " waited too long";
         delayed += k > read_step;
+        at_deadline += k - read_step == o.outlier_delay;
         ++outliers_here;
       }
       EXPECT_EQ(s.length, corpus.document_length(loom::data::Split::kTrain, s.index));
@@ -965,7 +966,12 @@ TEST(Loader, OutlierQueueDelaysLongDocumentsWithoutLosingAny) {
     batched += outliers_here >= o.outlier_batch;
     EXPECT_LT(static_cast<int64_t>(queue.size()), o.outlier_batch) << "step " << k;
   }
-  for (const auto& q : queue) ++trained[q.index];
+  // The run's last step takes whatever still waits.
+  const auto last = loader.step_samples(steps * o.global_batch, queue, /*take_all=*/true);
+  EXPECT_TRUE(queue.empty());
+  for (const auto& s : last) {
+    if (s.index < steps * o.global_batch) ++trained[s.index];
+  }
   ASSERT_EQ(trained.size(), static_cast<size_t>(steps * o.global_batch));
   for (const auto& [index, times] : trained) {
     EXPECT_EQ(times, 1) << "document " << index;
@@ -973,6 +979,7 @@ TEST(Loader, OutlierQueueDelaysLongDocumentsWithoutLosingAny) {
   }
   EXPECT_GT(delayed, 5) << "too few outliers delayed to test anything";
   EXPECT_GT(batched, 3) << "too few steps took a batch of outliers";
+  EXPECT_GT(at_deadline, 0) << "no outlier was taken for its delay alone";
 
   // The same steps through next(), with a state saved after step 17 and restored elsewhere.
   auto tokens_of = [](const loom::data::StepData& d) {
@@ -1009,6 +1016,37 @@ TEST(Loader, OutlierQueueDelaysLongDocumentsWithoutLosingAny) {
     guard_state = before;  // not committed: a failed step
   }
   EXPECT_EQ(b.state(), guard_state) << "the guard restores the position and the queue";
+  // The last step of a run (next(..., last)) empties the queue.
+  while (b.state().count("data.outliers") == 0) (void)b.next();
+  (void)b.next(true, /*last=*/true);
+  EXPECT_EQ(b.state().count("data.outliers"), 0u) << "documents left untrained at the end";
+  // A fitted cost model travels with the state (the doubles' bits); a given one does not.
+  {
+    loom::data::MicroBatchLoader c1(&corpus, o), c2(&corpus, o);
+    c1.set_cost(loom::data::CostModel{1.5e-9, 3.25e-5, 0}, /*fitted=*/true);
+    c2.set_cost(loom::data::CostModel{7, 7, 0}, /*fitted=*/true);
+    c2.load_state(c1.state());
+    EXPECT_EQ(c2.options().cost.a, 1.5e-9);
+    EXPECT_EQ(c2.options().cost.b, 3.25e-5);
+    c1.set_cost(loom::data::CostModel{2, 2, 0}, /*fitted=*/false);
+    EXPECT_EQ(c1.state().count("data.hdp_cost.a"), 0u);
+  }
+  // Over several DP ranks a varying document count needs the hybrid planner.
+  {
+    loom::config::JobConfig j;
+    j.mutable_data()->set_mode(loom::config::DataConfig::DOCUMENTS);
+    j.mutable_data()->set_outlier_tokens(12);
+    j.mutable_train()->set_seq_len(12);
+    j.mutable_train()->set_global_batch_size(8);
+    try {
+      (void)loom::data::LoaderOptions::from_config(j, 2, 0, 1, at::kCPU);
+      ADD_FAILURE() << "the outlier queue over 2 DP ranks without parallel.hdp was accepted";
+    } catch (const loom::Error& e) {
+      EXPECT_NE(std::string(e.what()).find("parallel.hdp"), std::string::npos) << e.what();
+    }
+    j.mutable_parallel()->set_hdp(true);
+    EXPECT_EQ(loom::data::LoaderOptions::from_config(j, 2, 0, 1, at::kCPU).outlier_tokens, 12);
+  }
   // Bad saved queues name the entry.
   auto bad = saved;
   bad["data.outlier.0"] = bad["data.consumed_samples"] + 5;

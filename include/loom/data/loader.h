@@ -17,10 +17,12 @@
 // data.outlier_batch of them wait (so rare very long documents arrive together, where the balance
 // scheduler can spread them, instead of one making a step lopsided), otherwise those that have
 // waited data.outlier_delay steps; and the oldest if the step would hold no loss token otherwise.
-// Taken outliers follow the step's own documents. Every document is trained exactly once, at most
-// outlier_delay steps after it was read. The queue (each document's index and the position of the
-// step that read it) is part of the loader's state: "data.outliers" = n, "data.outlier.<i>" and
-// "data.outlier.<i>.read_at", so a resumed run takes the same documents in the same steps.
+// Taken outliers follow the step's own documents. The run's last step takes the whole queue. Every
+// document is trained exactly once, at most outlier_delay steps after it was read. The step's
+// document count then varies, so the queue needs a planner that takes any count: hybrid data
+// parallelism's (parallel.hdp), or one DP rank. The queue (each document's index and the position
+// of the step that read it) is part of the loader's state: "data.outliers" = n, "data.outlier.<i>"
+// and "data.outlier.<i>.read_at", so a resumed run takes the same documents in the same steps.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -91,8 +93,10 @@ class MicroBatchLoader {
   MicroBatchLoader& operator=(const MicroBatchLoader&) = delete;
 
   // The training step at the current position; advances the position by one global batch and, if
-  // asked (`prefetch_next` and options.prefetch), starts reading the following step.
-  StepData next(bool prefetch_next = true);
+  // asked (`prefetch_next` and options.prefetch), starts reading the following step. `last`: the
+  // run's final step, which also takes every document still in the outlier queue (Note: outlier
+  // queue), so a finished run has trained each document it read.
+  StepData next(bool prefetch_next = true, bool last = false);
   // Any global batch of a split (evaluation: kValid from sample `first_sample`); no position
   // change.
   StepData load(Split split, int64_t first_sample) const;
@@ -110,8 +114,13 @@ class MicroBatchLoader {
 
   const LoaderOptions& options() const { return options_; }
   // Hybrid data parallelism: the cost model the scheduler balances from now on (the Trainer's
-  // start-up fit: Note: hybrid data parallelism cost model). Before the first next() only.
-  void set_cost(const CostModel& cost) { options_.cost = cost; }
+  // start-up fit: Note: hybrid data parallelism cost model). Before the first next() only. A
+  // fitted model is part of state() ("data.hdp_cost.a|b|c", the doubles' bits), and a resumed run
+  // that fits its own takes the saved one instead, so it plans the same steps the same way.
+  void set_cost(const CostModel& cost, bool fitted) {
+    options_.cost = cost;
+    cost_fitted_ = fitted;
+  }
   // One line for the log: what a step is made of.
   std::string describe() const;
   // The samples (index, length) of the global batch of `split` from `first_sample`.
@@ -130,7 +139,8 @@ class MicroBatchLoader {
   // The training samples of the step at `first_sample` with the queue `queue` (Note: outlier
   // queue), which it updates: the documents read that are not outliers, then those taken from the
   // queue. Without the queue, global_samples.
-  std::vector<SampleRef> step_samples(int64_t first_sample, std::deque<Outlier>& queue) const;
+  std::vector<SampleRef> step_samples(int64_t first_sample, std::deque<Outlier>& queue,
+                                      bool take_all = false) const;
 
  private:
   StepData load_samples(Split split, int64_t first_sample, std::vector<SampleRef> samples) const;
@@ -144,6 +154,7 @@ class MicroBatchLoader {
   LoaderOptions options_;
   int64_t position_ = 0;
   std::deque<Outlier> outliers_;
+  bool cost_fitted_ = false;
   std::future<StepData> prefetch_;
   int64_t prefetch_position_ = -1;
   std::deque<Outlier> prefetch_outliers_;  // the queue the prefetched step was planned with
