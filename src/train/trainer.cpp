@@ -40,6 +40,16 @@ std::string show(double v) {
   return fmt::format("{}", v);
 }
 
+// Checked on the whole micro-batch, which every rank that shares it (CP, an HDP group) holds, so
+// that they all stop together (a rank's own shard check would leave its peers waiting in the
+// attention).
+void check_positions(const model::Batch& b, int64_t max_pos) {
+  if (!b.position_ids.defined() || !b.position_ids.is_cpu()) return;
+  const int64_t last = b.position_ids.max().item<int64_t>();
+  LOOM_CHECK(last < max_pos, "batch: position {} of a packed document reaches model.max_seq_len {}",
+             last, max_pos);
+}
+
 }  // namespace
 
 Trainer::Trainer(const config::JobConfig& config, comm::CommunicatorPtr world,
@@ -521,14 +531,7 @@ std::vector<model::Batch> Trainer::cp_local(const std::vector<model::Batch>& bat
   out.reserve(batches.size());
   const int64_t max_pos = chunks_.front()->spec().max_seq_len;
   for (const auto& b : batches) {
-    // Checked on the whole micro-batch, which every CP rank holds, so that all CP ranks stop
-    // together (a rank's own shard check would leave its peers waiting in the attention).
-    if (b.position_ids.defined() && b.position_ids.is_cpu()) {
-      const int64_t last = b.position_ids.max().item<int64_t>();
-      LOOM_CHECK(last < max_pos,
-                 "batch: position {} of a packed document reaches model.max_seq_len {}", last,
-                 max_pos);
-    }
+    check_positions(b, max_pos);
     out.push_back(model::cp_shard(b, cp_.size(), cp_.rank()));
   }
   return out;
@@ -548,12 +551,7 @@ std::vector<model::Batch> Trainer::hdp_local(const data::StepData& data) const {
   for (size_t i = 0; i < data.batches.size(); ++i) {
     const data::MicroBatchPlan& mb = data.plan.micro_batches[i];
     const model::Batch& b = data.batches[i];
-    if (b.position_ids.defined() && b.position_ids.is_cpu()) {
-      const int64_t last = b.position_ids.max().item<int64_t>();
-      LOOM_CHECK(last < max_pos,
-                 "batch: position {} of a packed document reaches model.max_seq_len {}", last,
-                 max_pos);
-    }
+    check_positions(b, max_pos);
     if (mb.group.size() <= 1) {
       out.push_back(b);
       continue;
