@@ -14,6 +14,45 @@ int64_t StepPlan::local_tokens() const {
   return n;
 }
 
+double micro_batch_cost(const MicroBatchPlan& mb, const CostModel& cost) {
+  if (mb.group.size() > 1) {
+    const auto s = static_cast<double>(longest_sequence(mb));
+    return (cost.a * s + cost.b) * s / static_cast<double>(mb.group.size()) + cost.c;
+  }
+  double t = 0;
+  for (const auto& row : mb.rows) {
+    for (const Piece& p : row) t += cost(static_cast<double>(p.tokens));
+  }
+  return t;
+}
+
+int64_t longest_sequence(const MicroBatchPlan& mb) {
+  int64_t n = 0;
+  for (const auto& row : mb.rows) {
+    if (mb.group.size() > 1) {  // one sequence, possibly in several pieces: the whole of it
+      int64_t sum = 0;
+      for (const Piece& p : row) sum += p.tokens;
+      n = std::max(n, sum);
+      continue;
+    }
+    for (const Piece& p : row) n = std::max(n, p.tokens);
+  }
+  return n;
+}
+
+double offload_ratio(double seconds, double tokens, int64_t layers, double bytes_per_token_layer,
+                     double bandwidth, double max_ratio) {
+  LOOM_CHECK_CONFIG(
+      bandwidth > 0 && bytes_per_token_layer > 0 && layers >= 1 && max_ratio >= 0 && max_ratio <= 1,
+      "activation offload rule: bandwidth {} B/s, {} B per token and layer, {} "
+      "layers, at most {} (need positive figures and a share in [0, 1])",
+      bandwidth, bytes_per_token_layer, layers, max_ratio);
+  if (tokens <= 0 || seconds <= 0) return 0.0;
+  const double copy_per_layer = tokens * bytes_per_token_layer / bandwidth;
+  const double r = (seconds / 3.0) / (static_cast<double>(layers) * copy_per_layer);
+  return std::clamp(r, 0.0, max_ratio);
+}
+
 std::string batch_mode_name(BatchMode mode) {
   return mode == BatchMode::kWindows ? "WINDOWS" : "DOCUMENTS";
 }

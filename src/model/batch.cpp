@@ -23,6 +23,7 @@ Batch Batch::to(at::Device device) const {
   b.cp_index = mv(cp_index);
   b.cp_doc = mv(cp_doc);
   b.cp_group = cp_group;
+  b.offload = offload;
   return b;
 }
 
@@ -82,6 +83,8 @@ Batch cp_shard(const Batch& full, int cp, int rank) {
   out.source = take(full.source);
   out.position_ids = full.position_ids.defined() ? take(full.position_ids) : mine.clone();
   out.doc_ids = out.cp_doc[rank];
+  out.cp_group = full.cp_group;
+  out.offload = full.offload;
   return out;
 }
 

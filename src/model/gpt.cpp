@@ -4,6 +4,7 @@
 #include <torch/csrc/autograd/custom_function.h>
 
 #include "loom/core/error.h"
+#include "loom/model/offload.h"
 #include "loom/ops/functional.h"
 
 namespace loom::model {
@@ -321,7 +322,20 @@ at::Tensor GptModel::hidden_states(const Batch& batch, at::Tensor* aux, const at
   }
   *aux =
       at::zeros({}, x.options().dtype(spec_.param_dtype == at::kDouble ? at::kDouble : at::kFloat));
-  for (auto& block : blocks_) {
+  // Note: activation offload. The first blocks' saved tensors go to host memory, each block's
+  // store prefetching the one before it when backward reaches it.
+  const int64_t offloaded =
+      at::GradMode::is_enabled()
+          ? offloaded_layers(batch.offload, static_cast<int64_t>(blocks_.size()))
+          : 0;
+  std::shared_ptr<OffloadStore> previous_store;
+  for (size_t i = 0; i < blocks_.size(); ++i) {
+    auto& block = blocks_[i];
+    std::optional<OffloadScope> offload;
+    if (static_cast<int64_t>(i) < offloaded) {
+      previous_store = std::make_shared<OffloadStore>(previous_store);
+      offload.emplace(previous_store);
+    }
     at::Tensor block_aux;
     if (spec_.recompute && at::GradMode::is_enabled()) {
       auto opt = [](const at::Tensor& t) {

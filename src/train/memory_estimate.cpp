@@ -13,6 +13,7 @@
 #include "loom/core/error.h"
 #include "loom/core/logging.h"
 #include "loom/model/gpt.h"
+#include "loom/model/offload.h"
 #include "loom/train/system.h"
 
 namespace loom::train {
@@ -175,8 +176,13 @@ MemoryEstimate estimate_memory(const model::ModelSpec& spec, const config::JobCo
       ((5.0 * h / sp) + (qkv + heads * spec.head_dim + ffn_elems) / tp) * compute + score_bytes;
   const double layer_input = h / sp * compute;
   const bool recompute = job.model().recompute() != config::ModelConfig::NO_RECOMPUTE;
+  // Activation offload moves the first blocks' saved tensors to host (model::offloaded_layers).
+  const double kept_layers = stage_layers - static_cast<double>(model::offloaded_layers(
+                                                std::clamp(t.offload_fraction(), 0.0, 1.0),
+                                                static_cast<int64_t>(stage_layers)));
   const double per_token =
-      recompute ? stage_layers * layer_input + layer_full : stage_layers * layer_full;
+      recompute ? kept_layers * layer_input + layer_full : kept_layers * layer_full;
+  m.layer_bytes_per_token = recompute ? layer_input : layer_full;
   // Micro-batches a stage holds at once: 1 without a pipeline; the first stage of 1F1B holds pp;
   // interleaving (v chunks) adds (pp - 1) / v.
   double in_flight = 1;

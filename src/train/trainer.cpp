@@ -23,6 +23,7 @@
 #include "loom/core/trace.h"
 #include "loom/data/balance_scheduler.h"
 #include "loom/mesh/parallel_dims.h"
+#include "loom/model/offload.h"
 #include "loom/optim/chained.h"
 #include "loom/train/memory_estimate.h"
 #include "loom/train/signals.h"
@@ -84,10 +85,25 @@ Trainer::Trainer(const config::JobConfig& config, comm::CommunicatorPtr world,
                       "supported yet (the tp x cp token groups are static); use tp 1 or ep 1",
                       dims.tp);
   }
+  const auto& t = config_.train();
+  // Note: activation offload.
+  LOOM_CHECK_CONFIG(t.offload_fraction() >= 0 && t.offload_fraction() <= 1,
+                    "train.offload_fraction = {}: the share of each model chunk's blocks whose "
+                    "activations go to host memory must be in [0, 1]",
+                    t.offload_fraction());
+  LOOM_CHECK_CONFIG(t.offload_min_tokens() >= 0 && t.offload_bandwidth_gbps() >= 0 &&
+                        std::isfinite(t.offload_bandwidth_gbps()),
+                    "train.offload_min_tokens = {} and train.offload_bandwidth_gbps = {} must not "
+                    "be negative",
+                    t.offload_min_tokens(), t.offload_bandwidth_gbps());
+  LOOM_CHECK_CONFIG(t.offload_bandwidth_gbps() == 0 || hdp_,
+                    "train.offload_bandwidth_gbps = {} chooses each micro-batch's offload share "
+                    "from the hybrid data parallelism cost model, so it needs parallel.hdp: true "
+                    "(or set it to 0 to offload train.offload_fraction of the blocks always)",
+                    t.offload_bandwidth_gbps());
   groups_ = std::make_unique<mesh::ProcessGroups>(dims, world_);
   log::set_coordinates(groups_->coords_string());
   set_long_timeouts(true);  // until the first step is done (Note: timeouts)
-  const auto& t = config_.train();
   device_ = resolve_device(t.device());
   if (t.num_threads() > 0) at::set_num_threads(t.num_threads());
   trace_steps_ = trace::parse_steps(config_.logging().trace_steps(), "logging.trace_steps");
@@ -108,8 +124,9 @@ Trainer::Trainer(const config::JobConfig& config, comm::CommunicatorPtr world,
   double available = available_memory(device_, local_ranks);
   available = comm::all_reduce_scalar(available < 0 ? 1e300 : available, world_.get(),
                                       comm::ReduceOp::kMin);
-  check_memory(estimate_memory(spec, config_, dims), available >= 1e300 ? -1.0 : available, device_,
-               local_ranks);
+  const MemoryEstimate need = estimate_memory(spec, config_, dims);
+  offload_layer_bytes_ = need.layer_bytes_per_token;
+  check_memory(need, available >= 1e300 ? -1.0 : available, device_, local_ranks);
   // The pieces of a step (DESIGN: the trainer builds them and calls them in order).
   build_data(spec);
   build_model(spec);
@@ -575,8 +592,36 @@ std::vector<model::Batch> Trainer::hdp_local(const data::StepData& data) const {
 }
 
 std::vector<model::Batch> Trainer::local_batches(const data::StepData& data) const {
-  if (hdp_) return hdp_local(data);
-  return cp_.enabled() ? cp_local(data.batches) : data.batches;
+  std::vector<model::Batch> out =
+      hdp_ ? hdp_local(data) : (cp_.enabled() ? cp_local(data.batches) : data.batches);
+  // Note: activation offload (only a training forward reads the share).
+  const auto& t = config_.train();
+  if (t.offload_fraction() <= 0) return out;
+  const bool planned = data.plan.micro_batches.size() == out.size();
+  int64_t layers = 0;  // this rank's blocks, over its chunks
+  for (const auto& chunk : chunks_) {
+    const auto& st = chunk->stage();
+    layers += st.num_layers >= 0 ? st.num_layers : chunk->spec().num_layers - st.first_layer;
+  }
+  for (size_t i = 0; i < out.size(); ++i) {
+    double r = t.offload_fraction();
+    if (!planned) {
+      if (out[i].seq_len() < t.offload_min_tokens()) r = 0;
+    } else {
+      const data::MicroBatchPlan& mb = data.plan.micro_batches[i];
+      if (data::longest_sequence(mb) < t.offload_min_tokens()) {
+        r = 0;
+      } else if (t.offload_bandwidth_gbps() > 0) {
+        const double share = mb.group.size() > 1 ? static_cast<double>(mb.group.size()) : 1.0;
+        r = data::offload_ratio(data::micro_batch_cost(mb, loader_->options().cost),
+                                static_cast<double>(mb.tokens) / share,
+                                std::max<int64_t>(layers, 1), offload_layer_bytes_,
+                                t.offload_bandwidth_gbps() * 1e9, r);
+      }
+    }
+    out[i].offload = r;
+  }
+  return out;
 }
 
 StepMetrics Trainer::train_step() {
@@ -610,7 +655,18 @@ StepMetrics Trainer::train_step() {
     if (fault_) fault_->maybe_trigger(world_->rank(), m.step);
   };
   // Forward and backward on the one executor (Note: step executor; Note: loss scaling).
+  const model::OffloadCounters offload_before = model::offload_counters();
   const StepSums sums = executor_->train(local_batches(data), total_tokens, aux_scale, fault_point);
+  if (config_.train().offload_fraction() > 0 && !logged_offload_) {  // Note: activation offload
+    logged_offload_ = true;
+    const model::OffloadCounters after = model::offload_counters();
+    LOOM_LOG_INFO(
+        "activation offload in step {}: {} saved tensors ({:.2f} MiB) went to host memory and "
+        "came back ({} of them ahead of their block's backward) on this rank; {} parameters stayed",
+        m.step, after.packed - offload_before.packed,
+        static_cast<double>(after.packed_bytes - offload_before.packed_bytes) / (1 << 20),
+        after.prefetched - offload_before.prefetched, after.kept - offload_before.kept);
+  }
   m.forward_s = sums.stats.forward_s;
   m.backward_s = sums.stats.backward_s;
   m.pp_wait_s = sums.stats.recv_wait_s;

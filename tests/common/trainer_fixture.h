@@ -363,6 +363,10 @@ struct Layout {
   bool hdp_fit = false;
   // data.outlier_tokens (with delay 2 and batches of 2; Note: outlier queue), in both jobs.
   int outlier_tokens = 0;
+  // train.offload_fraction in the parallel job (Note: activation offload); under hdp only for
+  // sequences longer than the capacity, and with hdp_fit each micro-batch's share by ByteScale's
+  // rule (train.offload_bandwidth_gbps 16).
+  double offload = 0;
 
   int dp() const { return world()->size() / (tp * pp * cp); }
   std::string str() const {
@@ -392,6 +396,7 @@ struct Layout {
     if (documents) s += " documents";
     if (hdp) s += " hdp C" + std::to_string(hdp_capacity) + (hdp_fit ? " fitted" : "");
     if (outlier_tokens > 0) s += " outliers>" + std::to_string(outlier_tokens);
+    if (offload > 0) s += " offload" + std::to_string(offload).substr(0, 4);
     if (sgd) s += " sgd";
     if (bf16) s += " bf16";
     if (recompute) s += " recompute";
@@ -470,6 +475,11 @@ inline loom::config::JobConfig with_layout(loom::config::JobConfig j, const Layo
     if (!c.hdp_fit) {
       for (double v : {0.02, 1.0, 0.0}) par->add_hdp_cost(v);
     }
+  }
+  if (c.offload > 0) {
+    j.mutable_train()->set_offload_fraction(c.offload);
+    if (c.hdp) j.mutable_train()->set_offload_min_tokens(c.hdp_capacity + 1);
+    if (c.hdp_fit) j.mutable_train()->set_offload_bandwidth_gbps(16);
   }
   // The blockwise tile only in the parallel job: the single process keeps full attention.
   j.mutable_model()->set_attention_block_size(c.block);

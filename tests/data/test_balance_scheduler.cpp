@@ -435,3 +435,46 @@ TEST(BalanceScheduler, HdpStepPlanRefusesWhatItCannotRun) {
     EXPECT_NE(std::string(e.what()).find("DOCUMENTS"), std::string::npos) << e.what();
   }
 }
+
+TEST(OffloadRule, ClosedFormGrowsWithLengthAndIgnoresTheGroupSize) {
+  using loom::data::offload_ratio;
+  // 3 s of forward and backward (1 s forward) over 10 layers; a layer's 1000 tokens x 1 MB at
+  // 1 GB/s copy in 1 s: a tenth of the layers hides behind the forward.
+  EXPECT_DOUBLE_EQ(offload_ratio(3.0, 1000, 10, 1e6, 1e9, 1.0), 0.1);
+  EXPECT_DOUBLE_EQ(offload_ratio(300.0, 1000, 10, 1e6, 1e9, 1.0), 1.0);    // capped at all
+  EXPECT_DOUBLE_EQ(offload_ratio(300.0, 1000, 10, 1e6, 1e9, 0.25), 0.25);  // at the configured
+  EXPECT_EQ(offload_ratio(0.0, 0, 10, 1e6, 1e9, 1.0), 0.0);                // an empty slot
+  EXPECT_THROW(offload_ratio(3.0, 1000, 10, 1e6, 0.0, 1.0), loom::Error);
+  EXPECT_THROW(offload_ratio(3.0, 1000, 10, 1e6, 1e9, 1.5), loom::Error);
+
+  // Per micro-batch, from the plan and the cost model: T(s) = a s^2 + b s, so
+  // r(s) = (a s + b) * bandwidth / (3 * layers * bytes), growing with the sequence.
+  const CostModel cost{1e-6, 1e-3, 0};
+  auto one = [](int64_t s) {
+    MicroBatchPlan mb;
+    mb.rows = {{{0, 0, s}}};
+    mb.row_len = s;
+    mb.tokens = s;
+    return mb;
+  };
+  auto rule = [&](const MicroBatchPlan& mb) {
+    const double share = mb.group.size() > 1 ? static_cast<double>(mb.group.size()) : 1.0;
+    return offload_ratio(loom::data::micro_batch_cost(mb, cost),
+                         static_cast<double>(mb.tokens) / share, 4, 2e5, 1e8, 1.0);
+  };
+  for (const int64_t s : {500, 1000, 4000}) {
+    EXPECT_NEAR(rule(one(s)), (1e-6 * s + 1e-3) * 1e8 / (3 * 4 * 2e5), 1e-12) << s;
+  }
+  EXPECT_LT(rule(one(1000)), rule(one(4000)));
+  // A group member's share: 1 / D of the time and of the tokens, the same share of layers.
+  MicroBatchPlan g = one(4000);
+  g.group = {0, 2, 3, 5};
+  EXPECT_NEAR(rule(g), rule(one(4000)), 1e-12);
+  EXPECT_EQ(loom::data::longest_sequence(g), 4000);
+  // Packed documents: their costs add, the longest one names the micro-batch.
+  MicroBatchPlan packed;
+  packed.rows = {{{0, 0, 300}, {1, 0, 700}}};
+  packed.tokens = 1000;
+  EXPECT_DOUBLE_EQ(loom::data::micro_batch_cost(packed, cost), cost(300) + cost(700));
+  EXPECT_EQ(loom::data::longest_sequence(packed), 700);
+}

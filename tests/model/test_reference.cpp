@@ -21,6 +21,7 @@
 #include "loom/core/config.h"
 #include "loom/core/error.h"
 #include "loom/model/gpt.h"
+#include "loom/model/offload.h"
 
 namespace {
 
@@ -650,6 +651,18 @@ TEST_P(FiniteDifferences, GradientsMatchCentralDifferences) {
 INSTANTIATE_TEST_SUITE_P(Arch, FiniteDifferences,
                          ::testing::Values("llama", "gpt2", "moe_shared", "moe_sigmoid"));
 
+// Every parameter of `a` and `b` has a gradient, or neither, and they differ by less than `tol`.
+void expect_same_grads(const GptModel& a, const GptModel& b, const std::string& what, double tol) {
+  for (size_t i = 0; i < a.parameters().size(); ++i) {
+    const auto& ga = a.parameters()[i].tensor.grad();
+    const auto& gb = b.parameters()[i].tensor.grad();
+    ASSERT_EQ(ga.defined(), gb.defined()) << what << " " << a.parameters()[i].name;
+    if (ga.defined()) {
+      EXPECT_LT((ga - gb).abs().max().item<double>(), tol) << what << " " << a.parameters()[i].name;
+    }
+  }
+}
+
 TEST(Recompute, SameLossAndGradientsAsStoredActivations) {
   for (const std::string kind : {"llama", "moe_shared"}) {
     ModelSpec plain = f64_spec(tiny_config(kind));
@@ -662,17 +675,122 @@ TEST(Recompute, SameLossAndGradientsAsStoredActivations) {
       auto out = m->forward(batch);
       (out.loss_sum / 12.0 + out.aux_loss).backward();
     }
-    for (size_t i = 0; i < a.parameters().size(); ++i) {
-      const auto& ga = a.parameters()[i].tensor.grad();
-      const auto& gb = b.parameters()[i].tensor.grad();
-      ASSERT_EQ(ga.defined(), gb.defined()) << kind << " " << a.parameters()[i].name;
-      if (ga.defined()) {
-        // The same ops on the same inputs: equal up to BLAS rounding (float64).
-        EXPECT_LT((ga - gb).abs().max().item<double>(), 1e-13)
-            << kind << " " << a.parameters()[i].name;
+    // The same ops on the same inputs: equal up to BLAS rounding (float64).
+    expect_same_grads(a, b, kind, 1e-13);
+  }
+}
+
+// ---- activation offload (Note: activation offload) ----
+
+TEST(ActivationOffload, SameLossAndGradientsAsActivationsKeptOnTheDevice) {
+  // The offloaded blocks' saved tensors are host copies that come back for backward: the same
+  // numbers, so the same loss and gradients (float64; the same ops on bit-identical inputs, up to
+  // BLAS rounding at most). The counters prove the tensors went through the store.
+  for (const std::string kind : {"llama", "moe_shared"}) {
+    for (const bool recompute : {false, true}) {
+      for (const double r : {0.5, 1.0}) {
+        ModelSpec spec = f64_spec(tiny_config(kind));
+        spec.recompute = recompute;
+        const std::string what = kind + (recompute ? " recompute" : "") + " r " + std::to_string(r);
+        GptModel a(spec, 4), b(spec, 4);
+        Batch batch = random_batch(2, 6, 13, 2);
+        Batch offloaded = batch;
+        offloaded.offload = r;
+        a.zero_grad();
+        b.zero_grad();
+        auto out_a = a.forward(batch);
+        (out_a.loss_sum / 12.0 + out_a.aux_loss).backward();
+        const auto before = loom::model::offload_counters();
+        auto out_b = b.forward(offloaded);
+        const auto packed = loom::model::offload_counters();
+        (out_b.loss_sum / 12.0 + out_b.aux_loss).backward();
+        const auto after = loom::model::offload_counters();
+        // Some of the blocks' saved tensors went to the host, each came back once, the parameters
+        // stayed.
+        EXPECT_GT(packed.packed - before.packed, recompute ? 0 : 10) << what;
+        EXPECT_GT(packed.packed_bytes - before.packed_bytes, 0) << what;
+        if (!recompute) {  // a recomputed block saves no parameter
+          EXPECT_GT(packed.kept - before.kept, 0) << what;
+        }
+        EXPECT_EQ(after.reloaded - before.reloaded, packed.packed - before.packed) << what;
+        EXPECT_EQ(after.packed, packed.packed) << what << ": backward saved into a store";
+        EXPECT_EQ(out_a.loss_sum.item<double>(), out_b.loss_sum.item<double>()) << what;
+        expect_same_grads(a, b, what, 1e-13);
       }
     }
   }
+  // Half the blocks move half as much as all of them (the first block of two; the same shapes).
+  ModelSpec spec = f64_spec(tiny_config("llama"));
+  ASSERT_EQ(spec.num_layers, 2);
+  GptModel m(spec, 4);
+  auto packed_by = [&](double r) {
+    Batch batch = random_batch(2, 6, 13, 2);
+    batch.offload = r;
+    const auto before = loom::model::offload_counters();
+    auto out = m.forward(batch);
+    const auto after = loom::model::offload_counters();
+    if (out.loss_sum.requires_grad()) out.loss_sum.backward();
+    return after.packed - before.packed;
+  };
+  EXPECT_EQ(2 * packed_by(0.5), packed_by(1.0));
+  EXPECT_EQ(packed_by(0.0), 0);
+  {
+    // Evaluation keeps nothing for backward, so nothing moves.
+    at::NoGradGuard no_grad;
+    EXPECT_EQ(packed_by(1.0), 0);
+  }
+  EXPECT_EQ(loom::model::offloaded_layers(0.25, 2), 1);  // rounded to the nearest, halves up
+  EXPECT_EQ(loom::model::offloaded_layers(0.2, 2), 0);
+  EXPECT_EQ(loom::model::offloaded_layers(0.7, 10), 7);
+  EXPECT_THROW(loom::model::offloaded_layers(1.5, 2), std::exception);
+}
+
+TEST(ActivationOffload, StoreHoldsCopiesSharesRepeatsAndPrefetchesTheBlockBefore) {
+  using loom::model::OffloadScope;
+  using loom::model::OffloadStore;
+  at::Tensor w = at::randn({5}, at::kDouble).requires_grad_(true);
+  at::Tensor x = at::randn({5}, at::kDouble);
+  auto earlier = std::make_shared<OffloadStore>();
+  auto later = std::make_shared<OffloadStore>(earlier);  // backward reaches `earlier` next
+  at::Tensor h, y;
+  {
+    OffloadScope scope(earlier);
+    h = at::tanh(w * x);  // saves x (a leaf without grad: copied), w (a parameter: kept), h
+  }
+  {
+    OffloadScope scope(later);
+    y = (h * h).sum();  // saves h twice: one copy
+  }
+  EXPECT_EQ(later->size(), 1u);
+  EXPECT_GE(earlier->size(), 2u);
+  const at::Tensor h_before = h.detach().clone();
+  const at::Tensor x0 = x.clone();
+  // The graph holds copies: overwriting the tensors the forward made does not reach backward
+  // (without offload this in-place change would be an autograd error).
+  h.detach().zero_();
+  x.zero_();
+  const auto before = loom::model::offload_counters();
+  y.backward();
+  const auto after = loom::model::offload_counters();
+  // d/dw sum tanh(w x)^2 = 2 tanh(w x) (1 - tanh(w x)^2) x, from the saved values.
+  const at::Tensor expected = 2 * h_before * (1 - h_before * h_before) * x0;
+  EXPECT_TRUE(at::allclose(w.grad(), expected, 1e-10, 1e-12));
+  EXPECT_EQ(after.reloaded - before.reloaded,
+            static_cast<int64_t>(later->size() + earlier->size()));
+  EXPECT_EQ(after.prefetched - before.prefetched, static_cast<int64_t>(earlier->size()));
+  // A tensor changed in place since it was saved is copied again, not shared.
+  auto store = std::make_shared<OffloadStore>();
+  at::Tensor t = at::ones({3}, at::kDouble);
+  const size_t i0 = store->pack(t);
+  EXPECT_EQ(store->pack(t), i0);
+  t.add_(1);
+  const size_t i1 = store->pack(t);
+  EXPECT_NE(i1, i0);
+  EXPECT_EQ(store->unpack(i0).sum().item<double>(), 3.0);
+  EXPECT_EQ(store->unpack(i1).sum().item<double>(), 6.0);
+  EXPECT_NE(store->unpack(i1).data_ptr(), t.data_ptr());
+  EXPECT_EQ(store->host_bytes(), 2 * 3 * 8);
+  EXPECT_THROW(store->pack(t.mul(2)), std::exception);  // saving after backward began
 }
 
 // ---- balance losses and the expert bias (Note: balance losses) ----

@@ -20,6 +20,7 @@
 
 #include "loom/comm/local_communicator.h"
 #include "loom/data/loader.h"
+#include "loom/model/offload.h"
 #include "loom/train/trainer.h"
 #include "test_world.h"
 #include "trainer_fixture.h"
@@ -297,7 +298,8 @@ TEST(Layouts, HybridDataParallelismEqualsTheSingleProcess) {
   if (n == 4) {
     Layout d = make("gpt", 1, 1, 1);
     d.hdp_fit = true;
-    hdp(d, 4);  // pool 4: groups of 2 to 4
+    d.offload = 1;  // the long sequences' activations to host, each share by ByteScale's rule
+    hdp(d, 4);      // pool 4: groups of 2 to 4
     Layout t = make("moe", 2, 1, 1);
     t.sp = true;  // a group's rows pad to group x tp
     hdp(t, 8);
@@ -311,6 +313,7 @@ TEST(Layouts, HybridDataParallelismEqualsTheSingleProcess) {
     t.schedule = "1f1b";
     t.sp = true;
     t.recompute = true;
+    t.offload = 0.5;  // the checkpoints of the long sequences' first block per stage
     hdp(t, 8);
     Layout m = make("moe", 1, 1, 1);
     m.ep = 2;
@@ -363,9 +366,17 @@ TEST(Layouts, HybridDataParallelismEqualsTheSingleProcess) {
       }
     }
     EXPECT_GT(groups, c.steps) << c.str() << ": too few sequences on groups";
-    if (pool >= 4 && !c.hdp_fit) EXPECT_GT(odd, 0) << c.str() << ": no group of 3, 5, 6 or 7 ranks";
+    if (pool >= 4 && !c.hdp_fit) {
+      EXPECT_GT(odd, 0) << c.str() << ": no group of 3, 5, 6 or 7 ranks";
+    }
   }
+  const auto offload_before = loom::model::offload_counters();
   run_cases(v);
+  // The offload cases moved saved activations to host memory on this rank, and each came back.
+  const auto offload_after = loom::model::offload_counters();
+  EXPECT_GT(offload_after.packed - offload_before.packed, 0) << "no activation offloaded";
+  EXPECT_EQ(offload_after.reloaded - offload_before.reloaded,
+            offload_after.packed - offload_before.packed);
 }
 
 TEST(Layouts, ResumeUnderAnotherLayoutContinuesTheUninterruptedRun) {

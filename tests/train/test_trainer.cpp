@@ -21,6 +21,7 @@
 #include "loom/core/error.h"
 #include "loom/core/logging.h"
 #include "loom/data/loader.h"
+#include "loom/model/offload.h"
 #include "loom/train/executor.h"
 #include "loom/train/memory_estimate.h"
 #include "loom/train/straggler.h"
@@ -599,6 +600,63 @@ TEST(Trainer, BadTrainConfigsAreRefused) {
   j.mutable_parallel()->set_virtual_pp(2);  // interleaved by default
   expect_error([&] { Trainer t(j); }, loom::ErrorKind::kConfig,
                "parallel.pp_schedule = interleaved cannot take");
+  // Activation offload (Note: activation offload).
+  j = tiny_job();
+  j.mutable_train()->set_offload_fraction(1.5);
+  expect_error([&] { Trainer t(j); }, loom::ErrorKind::kConfig,
+               "train.offload_fraction = 1.5: the share of each model chunk's blocks");
+  j = tiny_job();
+  j.mutable_train()->set_offload_fraction(0.5);
+  j.mutable_train()->set_offload_bandwidth_gbps(25);
+  expect_error([&] { Trainer t(j); }, loom::ErrorKind::kConfig,
+               "train.offload_bandwidth_gbps = 25 chooses each micro-batch's offload share from "
+               "the hybrid data parallelism cost model, so it needs parallel.hdp: true");
+  j.mutable_train()->set_offload_bandwidth_gbps(-1);
+  expect_error([&] { Trainer t(j); }, loom::ErrorKind::kConfig,
+               "train.offload_min_tokens = 0 and train.offload_bandwidth_gbps = -1 must not be "
+               "negative");
+}
+
+TEST(Trainer, ActivationOffloadTrainsTheSameSteps) {
+  // Offloading every block's saved tensors (and, in documents mode, only the micro-batches with a
+  // document of 8 tokens or more) changes where they wait, not their values: the same losses,
+  // gradient norms and parameters as keeping them (Note: activation offload). Float32, to 1e-6
+  // relative: the copies sit at other addresses, where BLAS may take another SIMD path (a wrong
+  // tensor handed back would be off by far more).
+  for (const bool documents : {false, true}) {
+    auto j = tiny_job();
+    j.mutable_train()->set_steps(3);
+    if (documents) j.mutable_data()->set_mode(loom::config::DataConfig::DOCUMENTS);
+    auto o = j;
+    o.mutable_train()->set_offload_fraction(1);
+    if (documents) o.mutable_train()->set_offload_min_tokens(8);
+    Trainer a(j), b(o);
+    const auto before = loom::model::offload_counters();
+    for (int s = 0; s < 3; ++s) {
+      const auto ma = a.train_step(), mb = b.train_step();
+      EXPECT_NEAR(ma.loss, mb.loss, 1e-6 * ma.loss) << "documents " << documents << " step " << s;
+      EXPECT_NEAR(ma.grad_norm, mb.grad_norm, 1e-6 * ma.grad_norm)
+          << "documents " << documents << " step " << s;
+    }
+    const auto after = loom::model::offload_counters();
+    EXPECT_GT(after.packed - before.packed, 0) << "documents " << documents;
+    for (size_t i = 0; i < a.model().parameters().size(); ++i) {
+      EXPECT_TRUE(at::allclose(a.model().parameters()[i].tensor, b.model().parameters()[i].tensor,
+                               1e-6, 1e-7))
+          << a.model().parameters()[i].name;
+    }
+  }
+  // The memory estimate counts the offloaded blocks' activations off the device.
+  auto j = tiny_job();
+  const auto spec = loom::model::ModelSpec::from_config(j.model());
+  const auto one = loom::mesh::ParallelDims::create(1, 1, 1, 1, 1, 1);
+  const auto kept = loom::train::estimate_memory(spec, j, one);
+  j.mutable_train()->set_offload_fraction(1);
+  EXPECT_EQ(loom::train::estimate_memory(spec, j, one).activations, 0);
+  j.mutable_train()->set_offload_fraction(0.5);  // one of two layers
+  ASSERT_EQ(spec.num_layers, 2);
+  EXPECT_DOUBLE_EQ(loom::train::estimate_memory(spec, j, one).activations, kept.activations / 2);
+  EXPECT_GT(kept.layer_bytes_per_token, 0);
 }
 
 // The run summary and a step's performance figures against closed forms.

@@ -87,6 +87,24 @@ struct CostModel {
   std::string describe() const;
 };
 
+// The time of one planned micro-batch on this rank under `cost`: the sum of its pieces' T(s), or
+// for a group member its share of the group's sequence, (a s^2 + b s) / D + c.
+double micro_batch_cost(const MicroBatchPlan& mb, const CostModel& cost);
+// Tokens of the longest sequence in a planned micro-batch (a group's: the whole sequence).
+int64_t longest_sequence(const MicroBatchPlan& mb);
+
+// ByteScale's selective offload rule (arXiv 2502.21231, section 5): the largest share r of a
+// stage's `layers` layers whose saved activations can be copied to host memory while the forward
+// computes, so that offloading costs no time. A micro-batch of `tokens` tokens on this rank whose
+// forward and backward take `seconds` (the forward about a third) saves `bytes_per_token_layer`
+// bytes per token and layer; copying r * layers layers' worth at `bandwidth` bytes/s takes
+// r * layers * tokens * bytes / bandwidth, which must not exceed the forward:
+//     r = min(max_ratio, (seconds / 3) * bandwidth / (layers * tokens * bytes_per_token_layer)).
+// Attention makes the time grow faster than the tokens, so a longer sequence offloads more (and
+// the copies back hide behind the backward, twice as long). 0 for an empty micro-batch.
+double offload_ratio(double seconds, double tokens, int64_t layers, double bytes_per_token_layer,
+                     double bandwidth, double max_ratio);
+
 struct PlanLayout {
   BatchMode mode = BatchMode::kWindows;
   int dp_size = 1, dp_rank = 0;

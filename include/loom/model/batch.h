@@ -35,6 +35,10 @@ struct Batch {
   // attention (a view of the pool: Note: group views), used instead of the model's CP group, with
   // cp_index / cp_doc over its members. Null: the model's CP group (or none).
   std::shared_ptr<const parallel::ContextParallel> cp_group;
+  // Selective activation offload (Note: activation offload): the share of each model chunk's
+  // blocks (the first model::offloaded_layers(offload, blocks)) whose saved activations go to host
+  // memory during a training forward. 0: none.
+  double offload = 0;
 
   int64_t batch_size() const { return tokens.size(0); }
   int64_t seq_len() const { return tokens.size(1); }

@@ -13,7 +13,9 @@
 //               attention output, the FFN's inputs and outputs in the compute dtype; the attention
 //               scores and probabilities, which the ATen path materialises) / tp, for the layers of
 //               one stage and the micro-batches a stage holds at once (1, or pp under 1F1B); with
-//               full recomputation only each layer's input plus one layer's full set
+//               full recomputation only each layer's input plus one layer's full set; with
+//               activation offload (train.offload_fraction r) the offloaded blocks' share leaves
+//               the device: (1 - r) of the layers' saved tensors stay
 //   logits      the output head's fp32 logits, their log-softmax and gradient for one micro-batch
 // and compares it with the memory the rank may use: free GPU memory (plus what this process's
 // caching allocator holds unused), or on CPU the host's available memory (MemAvailable, capped by
@@ -41,6 +43,9 @@ struct MemoryEstimate {
   double optimizer = 0;
   double activations = 0;
   double logits = 0;
+  // What one layer saves for backward per token of a micro-batch (full recomputation: its input),
+  // before activation offload takes its share (train.offload_fraction of the blocks).
+  double layer_bytes_per_token = 0;
   double state() const { return parameters + gradients + optimizer; }
   double total() const { return state() + activations + logits; }
   // "parameters 1.2 GiB, gradients 1.2 GiB, optimizer 2.4 GiB, activations ~3.1 GiB, logits ..."

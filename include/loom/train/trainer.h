@@ -149,8 +149,10 @@ class Trainer {
   at::Device device_ = at::kCPU;
   int64_t global_batch_ = 0, num_micro_ = 0;
   int64_t step_ = 0;
-  bool documents_ = false;  // data.mode DOCUMENTS
-  bool hdp_ = false;        // parallel.hdp (Note: hybrid data parallelism plan)
+  bool documents_ = false;          // data.mode DOCUMENTS
+  bool hdp_ = false;                // parallel.hdp (Note: hybrid data parallelism plan)
+  double offload_layer_bytes_ = 0;  // saved bytes per token and layer (MemoryEstimate)
+  bool logged_offload_ = false;     // the first step's offload counters are logged
   std::unique_ptr<data::MicroBatchLoader> loader_;
   double peak_flops_ = 0;
   bool warned_mfu_ = false;
