@@ -9,6 +9,10 @@
 //
 //   train_throughput [--cases dense,moe,dense_docs] [--steps 6] [--warmup 2] [--json out.json]
 //
+// A case name with "_offload" appended (dense_offload, dense_large_offload, ...) is that case with
+// train.offload_fraction 1: every block's saved activations go to host memory and back (Note:
+// activation offload), reported against the plain case when it ran first in the same run.
+//
 // dense_docs is the dense model on packed documents (data.mode DOCUMENTS: synthetic documents of
 // 2..256 tokens with a tail to 1024 cut into pieces of 256, 16 per step, packed first-fit into
 // micro-batches of one row of at most 256 tokens, the default). Its tokens/s counts real tokens
@@ -29,6 +33,7 @@
 #include <chrono>
 #include <cstdio>
 #include <filesystem>
+#include <map>
 #include <memory>
 #include <nlohmann/json.hpp>
 #include <string>
@@ -54,6 +59,15 @@ JobConfig make_case(const std::string& name, int steps, const std::string& devic
   j.set_seed(5);
   auto* m = j.mutable_model();
   auto* t = j.mutable_train();
+  const std::string offload_suffix = "_offload";
+  if (name.size() > offload_suffix.size() &&
+      name.compare(name.size() - offload_suffix.size(), offload_suffix.size(), offload_suffix) ==
+          0) {
+    // Any case with every block's saved activations offloaded (Note: activation offload).
+    j = make_case(name.substr(0, name.size() - offload_suffix.size()), steps, device, precision);
+    j.mutable_train()->set_offload_fraction(1.0);
+    return j;
+  }
   if (name == "dense_docs") {
     j = make_case("dense", steps, device, precision);
     j.mutable_data()->set_mode(loom::config::DataConfig::DOCUMENTS);
@@ -96,7 +110,8 @@ JobConfig make_case(const std::string& name, int steps, const std::string& devic
     moe->set_aux_loss_coeff(0.01);
   } else {
     LOOM_THROW(loom::ErrorKind::kConfig,
-               "flag --cases: unknown case '{}' (dense, moe, dense_docs, dense_large, moe_large)",
+               "flag --cases: unknown case '{}' (dense, moe, dense_docs, dense_large, moe_large, "
+               "each also with _offload)",
                name);
   }
   const bool large = name.find("_large") != std::string::npos;
@@ -194,7 +209,8 @@ int run(int argc, char** argv) {
   std::map<std::string, std::pair<nlohmann::json, nlohmann::json>> peers;  // case -> (plain, tuned)
   if (with_peer) {
     for (const auto& name : cl.get_list("cases")) {
-      if (name == "dense_docs") continue;  // no packing peer (see the top of this file)
+      // No packing peer (see the top of this file); an offload case is compared with its own case.
+      if (name == "dense_docs" || name.find("_offload") != std::string::npos) continue;
       JobConfig job = make_case(name, warmup + steps, "cpu", precision);
       const auto spec = loom::model::ModelSpec::from_config(job.model());
       loom::model::GptModel cpu_model(spec, job.seed(), at::kCPU);
@@ -235,11 +251,12 @@ int run(int argc, char** argv) {
               loom::train::blas_description().c_str());
   std::printf("# %s matmul ceiling (%ld^3 GEMM, median of 7): %.1f GFLOP/s\n", precision.c_str(),
               static_cast<long>(probe_n), ceiling / 1e9);
-  std::printf("# %-6s %11s %11s %11s %7s %7s %9s %7s %9s %s\n", "case", "loom tok/s", "torch tok/s",
-              "torch+tune", "ratio", "ratio+", "GFLOP/s", "MFU", "loss", "check");
+  std::printf("# %-13s %11s %11s %11s %7s %7s %9s %7s %9s %s\n", "case", "loom tok/s",
+              "torch tok/s", "torch+tune", "ratio", "ratio+", "GFLOP/s", "MFU", "loss", "check");
   nlohmann::json results = nlohmann::json::array();
   int failures = 0;
-  double dense_tps = 0;  // the dense WINDOWS case's, for dense_docs
+  double dense_tps = 0;                    // the dense WINDOWS case's, for dense_docs
+  std::map<std::string, double> case_tps;  // for the _offload cases
   for (const auto& name : cl.get_list("cases")) {
     JobConfig job = make_case(name, warmup + steps, cl.get("device"), precision);
     job.mutable_train()->set_peak_tflops(ceiling / 1e12);
@@ -305,6 +322,12 @@ int run(int argc, char** argv) {
     if (name == "dense") dense_tps = loom_tps;
     if (docs && dense_tps > 0)
       check = fmt::format("no peer; {:.2f}x the dense WINDOWS case", loom_tps / dense_tps);
+    case_tps[name] = loom_tps;
+    const auto off = name.find("_offload");
+    if (off != std::string::npos && case_tps.count(name.substr(0, off)) == 1) {
+      check = fmt::format("no peer; {:.3f}x the {} case (every block offloaded)",
+                          loom_tps / case_tps.at(name.substr(0, off)), name.substr(0, off));
+    }
     // DOCUMENTS: the attention FLOPs of each packed piece (ModelSpec::step_flops), over the same
     // time.
     const double achieved = docs ? model_flops / total : spec.flops_per_token(s) * loom_tps;
@@ -315,7 +338,7 @@ int run(int argc, char** argv) {
       torch_tps = tokens / peer_plain["median_step_s"].get<double>();
       torch_tuned_tps = tokens / peer_tuned["median_step_s"].get<double>();
     }
-    std::printf("  %-6s %11.0f %11.0f %11.0f %7.2f %7.2f %9.1f %6.1f%% %9.4f %s\n", name.c_str(),
+    std::printf("  %-13s %11.0f %11.0f %11.0f %7.2f %7.2f %9.1f %6.1f%% %9.4f %s\n", name.c_str(),
                 loom_tps, torch_tps, torch_tuned_tps, has_peer ? loom_tps / torch_tps : 0.0,
                 has_peer ? loom_tps / torch_tuned_tps : 0.0, achieved / 1e9, mfu * 100, loom_loss,
                 check.c_str());

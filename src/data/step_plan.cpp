@@ -1,6 +1,7 @@
 #include "loom/data/step_plan.h"
 
 #include <algorithm>
+#include <cmath>
 
 #include "loom/core/error.h"
 #include "loom/data/balance_scheduler.h"
@@ -40,17 +41,28 @@ int64_t longest_sequence(const MicroBatchPlan& mb) {
   return n;
 }
 
-double offload_ratio(double seconds, double tokens, int64_t layers, double bytes_per_token_layer,
-                     double bandwidth, double max_ratio) {
+double offload_ratio(double forward_seconds, double tokens, int64_t layers,
+                     double bytes_per_token_layer, double bandwidth, double max_ratio) {
   LOOM_CHECK_CONFIG(
       bandwidth > 0 && bytes_per_token_layer > 0 && layers >= 1 && max_ratio >= 0 && max_ratio <= 1,
       "activation offload rule: bandwidth {} B/s, {} B per token and layer, {} "
       "layers, at most {} (need positive figures and a share in [0, 1])",
       bandwidth, bytes_per_token_layer, layers, max_ratio);
-  if (tokens <= 0 || seconds <= 0) return 0.0;
+  if (tokens <= 0 || forward_seconds <= 0) return 0.0;
+  const auto l = static_cast<double>(layers);
   const double copy_per_layer = tokens * bytes_per_token_layer / bandwidth;
-  const double r = (seconds / 3.0) / (static_cast<double>(layers) * copy_per_layer);
-  return std::clamp(r, 0.0, max_ratio);
+  const double r = forward_seconds / (l * copy_per_layer);
+  // Whole layers only, rounded down: the copies must hide.
+  return std::min(max_ratio, std::floor(std::min(r, 1.0) * l + 1e-9) / l);
+}
+
+double offload_share(const MicroBatchPlan& mb, const CostModel& cost, const OffloadRule& rule) {
+  if (rule.max_ratio <= 0 || mb.tokens <= 0 || longest_sequence(mb) < rule.min_tokens) return 0.0;
+  if (rule.bandwidth <= 0) return rule.max_ratio;
+  const double d = mb.group.size() > 1 ? static_cast<double>(mb.group.size()) : 1.0;
+  return offload_ratio(rule.forward_share * micro_batch_cost(mb, cost),
+                       static_cast<double>(mb.tokens) / d, rule.layers, rule.bytes_per_token_layer,
+                       rule.bandwidth, rule.max_ratio);
 }
 
 std::string batch_mode_name(BatchMode mode) {

@@ -3,6 +3,8 @@
 #include <torch/csrc/autograd/autograd.h>
 #include <torch/csrc/autograd/custom_function.h>
 
+#include <unordered_set>
+
 #include "loom/core/error.h"
 #include "loom/model/offload.h"
 #include "loom/ops/functional.h"
@@ -328,12 +330,24 @@ at::Tensor GptModel::hidden_states(const Batch& batch, at::Tensor* aux, const at
       at::GradMode::is_enabled()
           ? offloaded_layers(batch.offload, static_cast<int64_t>(blocks_.size()))
           : 0;
+  // What stays: the parameters (and their casts and views) and the inputs every block shares.
+  std::shared_ptr<OffloadKeep> keep;
+  if (offloaded > 0) {
+    keep = std::make_shared<OffloadKeep>();
+    auto impls = std::make_shared<std::unordered_set<const c10::TensorImpl*>>();
+    for (const auto& p : *params_) impls->insert(p.tensor.unsafeGetTensorImpl());
+    keep->parameters = std::move(impls);
+    for (const at::Tensor* t : {&ctx.rope_cos, &ctx.rope_sin, &ctx.doc_ids, &ctx.cp_index,
+                                &ctx.cp_doc, &ctx.padding, &ctx.source}) {
+      if (t->defined()) keep->inputs.push_back(t->unsafeGetTensorImpl());
+    }
+  }
   std::shared_ptr<OffloadStore> previous_store;
   for (size_t i = 0; i < blocks_.size(); ++i) {
     auto& block = blocks_[i];
     std::optional<OffloadScope> offload;
     if (static_cast<int64_t>(i) < offloaded) {
-      previous_store = std::make_shared<OffloadStore>(previous_store);
+      previous_store = std::make_shared<OffloadStore>(previous_store, keep);
       offload.emplace(previous_store);
     }
     at::Tensor block_aux;

@@ -1,6 +1,7 @@
 #include "loom/model/offload.h"
 
 #include <torch/csrc/autograd/engine.h>
+#include <torch/csrc/autograd/functions/accumulate_grad.h>
 #include <torch/csrc/autograd/saved_variable_hooks.h>
 
 #include <algorithm>
@@ -28,7 +29,7 @@ thread_local std::shared_ptr<OffloadStore> t_store;
 struct OffloadHooks final : torch::autograd::SavedVariableHooks {
   explicit OffloadHooks(std::shared_ptr<OffloadStore> s) : store(std::move(s)) {}
   void call_pack_hook(const at::Tensor& t) override {
-    if (t.is_leaf() && t.requires_grad()) {  // a parameter: on the device for good anyway
+    if (store->keeps(t)) {  // a parameter or a shared input: on the device anyway
       kept = t;
       counters().kept.fetch_add(1, std::memory_order_relaxed);
       return;
@@ -63,6 +64,28 @@ void install_offload_engine() {
 }
 
 }  // namespace
+
+bool OffloadKeep::keeps(const at::Tensor& t) const {
+  const at::Tensor root = t.is_view() ? at::Tensor(t._base()) : t;  // a view's base is no view
+  auto listed = [&](const c10::TensorImpl* p) {
+    return (parameters && parameters->count(p) == 1) ||
+           std::find(inputs.begin(), inputs.end(), p) != inputs.end();
+  };
+  if (listed(root.unsafeGetTensorImpl())) return true;
+  // A cast of a parameter (Linear's weight in the compute dtype).
+  const auto fn = root.grad_fn();
+  if (fn && fn->next_edges().size() == 1 && fn->name().rfind("ToCopyBackward", 0) == 0) {
+    const auto* acc =
+        dynamic_cast<const torch::autograd::AccumulateGrad*>(fn->next_edges()[0].function.get());
+    return acc != nullptr && listed(acc->variable.unsafeGetTensorImpl());
+  }
+  return false;
+}
+
+bool OffloadStore::keeps(const at::Tensor& t) const {
+  if (keep_) return keep_->keeps(t);
+  return t.is_leaf() && t.requires_grad();
+}
 
 OffloadCounters offload_counters() {
   const AtomicCounters& c = counters();
@@ -114,12 +137,17 @@ void OffloadStore::load(bool prefetch) {
   {
     std::lock_guard<std::mutex> lock(mu_);
     if (!loaded_) {
-      loaded_ = true;
-      for (Entry& e : entries_) {
-        // On the CPU the host copy is the tensor; on a GPU, an asynchronous copy back on the
-        // current stream (ordered before the backward kernels that read it).
-        if (!e.home.is_cpu()) e.device = e.host.to(e.home, /*non_blocking=*/true);
+      // On the CPU the host copy is the tensor; on a GPU, an asynchronous copy back on the current
+      // stream (ordered before the backward kernels that read it). Marked loaded only when every
+      // copy is made (a failed one, out of memory, is retried by the next unpack).
+      std::vector<at::Tensor> back(entries_.size());
+      for (size_t i = 0; i < entries_.size(); ++i) {
+        if (!entries_[i].home.is_cpu()) {
+          back[i] = entries_[i].host.to(entries_[i].home, /*non_blocking=*/true);
+        }
       }
+      for (size_t i = 0; i < entries_.size(); ++i) entries_[i].device = std::move(back[i]);
+      loaded_ = true;
       counters().reloaded.fetch_add(static_cast<int64_t>(entries_.size()),
                                     std::memory_order_relaxed);
       if (prefetch) {

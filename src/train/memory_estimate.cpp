@@ -176,13 +176,23 @@ MemoryEstimate estimate_memory(const model::ModelSpec& spec, const config::JobCo
       ((5.0 * h / sp) + (qkv + heads * spec.head_dim + ffn_elems) / tp) * compute + score_bytes;
   const double layer_input = h / sp * compute;
   const bool recompute = job.model().recompute() != config::ModelConfig::NO_RECOMPUTE;
-  // Activation offload moves the first blocks' saved tensors to host (model::offloaded_layers).
-  const double kept_layers = stage_layers - static_cast<double>(model::offloaded_layers(
-                                                std::clamp(t.offload_fraction(), 0.0, 1.0),
-                                                static_cast<int64_t>(stage_layers)));
+  // Activation offload moves the first blocks' saved tensors of each chunk to host
+  // (model::offloaded_layers). It frees device memory only off the CPU (there the "host" copy is
+  // the same memory), and surely for the busiest micro-batch only when every micro-batch offloads
+  // train.offload_fraction (no offload_min_tokens, no bandwidth rule). In backward the block being
+  // differentiated and the one loaded ahead are back: up to two offloaded layers of one
+  // micro-batch.
+  const double saved_per_layer = recompute ? layer_input : layer_full;
+  double offloaded = 0;
+  if (t.device() != "cpu" && t.offload_min_tokens() == 0 && t.offload_bandwidth_gbps() == 0) {
+    const auto per_chunk = static_cast<int64_t>(std::llround(stage_layers / vp));
+    offloaded = static_cast<double>(
+        vp * model::offloaded_layers(std::clamp(t.offload_fraction(), 0.0, 1.0), per_chunk));
+  }
+  const double kept_layers = stage_layers - offloaded;
   const double per_token =
       recompute ? kept_layers * layer_input + layer_full : kept_layers * layer_full;
-  m.layer_bytes_per_token = recompute ? layer_input : layer_full;
+  m.layer_bytes_per_token = saved_per_layer;
   // Micro-batches a stage holds at once: 1 without a pipeline; the first stage of 1F1B holds pp;
   // interleaving (v chunks) adds (pp - 1) / v.
   double in_flight = 1;
@@ -195,7 +205,8 @@ MemoryEstimate estimate_memory(const model::ModelSpec& spec, const config::JobCo
                         std::max(1.0, t.micro_batch_size() * dp);  // CP ranks share micro-batches
     in_flight = std::min(in_flight, std::max(1.0, micro));         // no more than the step has
   }
-  m.activations = local_tokens * per_token * in_flight;
+  m.activations =
+      local_tokens * (per_token * in_flight + std::min(offloaded, 2.0) * saved_per_layer);
   // The head's fp32 logits, their log-softmax and gradient, one micro-batch at a time.
   m.logits = local_tokens * vocab_rows / tp * 4.0 * 3.0;
   return m;

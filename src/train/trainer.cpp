@@ -125,12 +125,13 @@ Trainer::Trainer(const config::JobConfig& config, comm::CommunicatorPtr world,
   available = comm::all_reduce_scalar(available < 0 ? 1e300 : available, world_.get(),
                                       comm::ReduceOp::kMin);
   const MemoryEstimate need = estimate_memory(spec, config_, dims);
-  offload_layer_bytes_ = need.layer_bytes_per_token;
+  offload_.bytes_per_token_layer = need.layer_bytes_per_token;
   check_memory(need, available >= 1e300 ? -1.0 : available, device_, local_ranks);
   // The pieces of a step (DESIGN: the trainer builds them and calls them in order).
   build_data(spec);
   build_model(spec);
   if (hdp_ && config_.parallel().hdp_cost().empty()) fit_hdp_cost(spec);
+  set_offload_rule(spec);
   build_optimizer(spec);
   build_executor();
   // The measured ceiling is the best any rank reached: a rank disturbed while probing (ranks
@@ -321,6 +322,41 @@ void Trainer::fit_hdp_cost(const model::ModelSpec& spec) {
       "mean over {} ranks): {}{} (a resumed run takes its checkpoint's)",
       measured, world_->size(), cost.describe(),
       from_flops ? " (the quadratic term from the FLOPs, unseen at these lengths)" : "");
+}
+
+// Note: activation offload. ByteScale's rule needs the cost model in seconds: the start-up fit
+// (or a resumed run's), or parallel.hdp_cost, which must then be given in seconds.
+void Trainer::set_offload_rule(const model::ModelSpec& spec) {
+  const auto& t = config_.train();
+  offload_.max_ratio = t.offload_fraction();
+  offload_.min_tokens = t.offload_min_tokens();
+  offload_.forward_share = spec.recompute ? 0.25 : 1.0 / 3.0;  // recomputation: a second forward
+  offload_.layers = 0;
+  for (const auto& chunk : chunks_) {
+    const auto& st = chunk->stage();
+    offload_.layers += st.num_layers >= 0 ? st.num_layers : spec.num_layers - st.first_layer;
+  }
+  offload_.layers = std::max<int64_t>(offload_.layers, 1);
+  if (offload_.max_ratio <= 0) return;
+  const double bandwidth = t.offload_bandwidth_gbps() * 1e9;
+  const bool seconds = !config_.parallel().hdp_cost().empty() || loader_->cost_fitted();
+  if (bandwidth > 0 && !seconds) {
+    LOOM_LOG_WARN(
+        "train.offload_bandwidth_gbps: the cost model ({}) was not fitted in seconds at start-up, "
+        "so ByteScale's rule cannot size the offload; every micro-batch with a sequence of at "
+        "least {} tokens offloads train.offload_fraction = {}",
+        loader_->options().cost.describe(), offload_.min_tokens, offload_.max_ratio);
+  }
+  offload_.bandwidth = seconds ? bandwidth : 0.0;
+  LOOM_LOG_INFO(
+      "activation offload: up to {} of each model chunk's blocks for micro-batches with a sequence "
+      "of at least {} tokens{}",
+      offload_.max_ratio, offload_.min_tokens,
+      offload_.bandwidth > 0
+          ? fmt::format(", each share by ByteScale's rule at {} GB/s ({} B per token and layer, {} "
+                        "layers)",
+                        t.offload_bandwidth_gbps(), offload_.bytes_per_token_layer, offload_.layers)
+          : std::string());
 }
 
 void Trainer::build_optimizer(const model::ModelSpec& spec) {
@@ -595,31 +631,13 @@ std::vector<model::Batch> Trainer::local_batches(const data::StepData& data) con
   std::vector<model::Batch> out =
       hdp_ ? hdp_local(data) : (cp_.enabled() ? cp_local(data.batches) : data.batches);
   // Note: activation offload (only a training forward reads the share).
-  const auto& t = config_.train();
-  if (t.offload_fraction() <= 0) return out;
+  if (offload_.max_ratio <= 0) return out;
   const bool planned = data.plan.micro_batches.size() == out.size();
-  int64_t layers = 0;  // this rank's blocks, over its chunks
-  for (const auto& chunk : chunks_) {
-    const auto& st = chunk->stage();
-    layers += st.num_layers >= 0 ? st.num_layers : chunk->spec().num_layers - st.first_layer;
-  }
   for (size_t i = 0; i < out.size(); ++i) {
-    double r = t.offload_fraction();
-    if (!planned) {
-      if (out[i].seq_len() < t.offload_min_tokens()) r = 0;
-    } else {
-      const data::MicroBatchPlan& mb = data.plan.micro_batches[i];
-      if (data::longest_sequence(mb) < t.offload_min_tokens()) {
-        r = 0;
-      } else if (t.offload_bandwidth_gbps() > 0) {
-        const double share = mb.group.size() > 1 ? static_cast<double>(mb.group.size()) : 1.0;
-        r = data::offload_ratio(data::micro_batch_cost(mb, loader_->options().cost),
-                                static_cast<double>(mb.tokens) / share,
-                                std::max<int64_t>(layers, 1), offload_layer_bytes_,
-                                t.offload_bandwidth_gbps() * 1e9, r);
-      }
-    }
-    out[i].offload = r;
+    out[i].offload =
+        planned ? data::offload_share(data.plan.micro_batches[i], loader_->options().cost, offload_)
+        : out[i].seq_len() >= offload_.min_tokens ? offload_.max_ratio
+                                                  : 0.0;
   }
   return out;
 }

@@ -438,18 +438,25 @@ TEST(BalanceScheduler, HdpStepPlanRefusesWhatItCannotRun) {
 
 TEST(OffloadRule, ClosedFormGrowsWithLengthAndIgnoresTheGroupSize) {
   using loom::data::offload_ratio;
-  // 3 s of forward and backward (1 s forward) over 10 layers; a layer's 1000 tokens x 1 MB at
-  // 1 GB/s copy in 1 s: a tenth of the layers hides behind the forward.
-  EXPECT_DOUBLE_EQ(offload_ratio(3.0, 1000, 10, 1e6, 1e9, 1.0), 0.1);
-  EXPECT_DOUBLE_EQ(offload_ratio(300.0, 1000, 10, 1e6, 1e9, 1.0), 1.0);    // capped at all
-  EXPECT_DOUBLE_EQ(offload_ratio(300.0, 1000, 10, 1e6, 1e9, 0.25), 0.25);  // at the configured
+  // 1 s of forward over 10 layers; a layer's 1000 tokens x 1 MB at 1 GB/s copy in 1 s: a tenth of
+  // the layers hides behind the forward.
+  EXPECT_DOUBLE_EQ(offload_ratio(1.0, 1000, 10, 1e6, 1e9, 1.0), 0.1);
+  EXPECT_DOUBLE_EQ(offload_ratio(1.99, 1000, 10, 1e6, 1e9, 1.0), 0.1);     // whole layers, down
+  EXPECT_DOUBLE_EQ(offload_ratio(100.0, 1000, 10, 1e6, 1e9, 1.0), 1.0);    // capped at all
+  EXPECT_DOUBLE_EQ(offload_ratio(100.0, 1000, 10, 1e6, 1e9, 0.25), 0.25);  // at the configured
   EXPECT_EQ(offload_ratio(0.0, 0, 10, 1e6, 1e9, 1.0), 0.0);                // an empty slot
-  EXPECT_THROW(offload_ratio(3.0, 1000, 10, 1e6, 0.0, 1.0), loom::Error);
-  EXPECT_THROW(offload_ratio(3.0, 1000, 10, 1e6, 1e9, 1.5), loom::Error);
+  EXPECT_THROW(offload_ratio(1.0, 1000, 10, 1e6, 0.0, 1.0), loom::Error);
+  EXPECT_THROW(offload_ratio(1.0, 1000, 10, 1e6, 1e9, 1.5), loom::Error);
 
-  // Per micro-batch, from the plan and the cost model: T(s) = a s^2 + b s, so
-  // r(s) = (a s + b) * bandwidth / (3 * layers * bytes), growing with the sequence.
+  // Per micro-batch, from the plan and the cost model: T(s) = a s^2 + b s with a third of it the
+  // forward, so r(s) = (a s + b) * bandwidth / (3 * layers * bytes), growing with the sequence, in
+  // whole layers (of 100 here).
   const CostModel cost{1e-6, 1e-3, 0};
+  loom::data::OffloadRule rule;
+  rule.max_ratio = 1;
+  rule.bandwidth = 1e8;
+  rule.layers = 100;
+  rule.bytes_per_token_layer = 2e4;
   auto one = [](int64_t s) {
     MicroBatchPlan mb;
     mb.rows = {{{0, 0, s}}};
@@ -457,20 +464,33 @@ TEST(OffloadRule, ClosedFormGrowsWithLengthAndIgnoresTheGroupSize) {
     mb.tokens = s;
     return mb;
   };
-  auto rule = [&](const MicroBatchPlan& mb) {
-    const double share = mb.group.size() > 1 ? static_cast<double>(mb.group.size()) : 1.0;
-    return offload_ratio(loom::data::micro_batch_cost(mb, cost),
-                         static_cast<double>(mb.tokens) / share, 4, 2e5, 1e8, 1.0);
-  };
+  auto share = [&](const MicroBatchPlan& mb) { return loom::data::offload_share(mb, cost, rule); };
   for (const int64_t s : {500, 1000, 4000}) {
-    EXPECT_NEAR(rule(one(s)), (1e-6 * s + 1e-3) * 1e8 / (3 * 4 * 2e5), 1e-12) << s;
+    const double r = (1e-6 * static_cast<double>(s) + 1e-3) * 1e8 / (3 * 100 * 2e4);
+    EXPECT_NEAR(share(one(s)), std::floor(r * 100 + 1e-9) / 100, 1e-12) << s;
+    EXPECT_GT(share(one(s)), 0) << s;
   }
-  EXPECT_LT(rule(one(1000)), rule(one(4000)));
+  EXPECT_LT(share(one(1000)), share(one(4000)));
   // A group member's share: 1 / D of the time and of the tokens, the same share of layers.
   MicroBatchPlan g = one(4000);
   g.group = {0, 2, 3, 5};
-  EXPECT_NEAR(rule(g), rule(one(4000)), 1e-12);
+  EXPECT_NEAR(share(g), share(one(4000)), 1e-12);
   EXPECT_EQ(loom::data::longest_sequence(g), 4000);
+  // Under full recomputation a quarter of the time is the first forward: less hides.
+  const double third = share(one(4000));
+  rule.forward_share = 0.25;
+  EXPECT_LT(share(one(4000)), third);
+  rule.forward_share = 1.0 / 3;
+  // Only sequences of at least min_tokens; without a bandwidth, the configured share.
+  rule.min_tokens = 2000;
+  EXPECT_EQ(share(one(1000)), 0.0);
+  EXPECT_GT(share(one(4000)), 0.0);
+  EXPECT_EQ(share(g), share(one(4000)));  // a group's whole sequence counts
+  rule.bandwidth = 0;
+  rule.max_ratio = 0.5;
+  EXPECT_EQ(share(one(4000)), 0.5);
+  EXPECT_EQ(share(one(1000)), 0.0);
+  EXPECT_EQ(share(MicroBatchPlan{}), 0.0);  // an empty slot
   // Packed documents: their costs add, the longest one names the micro-batch.
   MicroBatchPlan packed;
   packed.rows = {{{0, 0, 300}, {1, 0, 700}}};

@@ -708,6 +708,11 @@ TEST(ActivationOffload, SameLossAndGradientsAsActivationsKeptOnTheDevice) {
         // Some of the blocks' saved tensors went to the host, each came back once, the parameters
         // stayed.
         EXPECT_GT(packed.packed - before.packed, recompute ? 0 : 10) << what;
+        if (recompute) {  // a recomputed block saves its input; the RoPE tables stay
+          EXPECT_EQ(packed.packed - before.packed,
+                    loom::model::offloaded_layers(r, spec.num_layers))
+              << what;
+        }
         EXPECT_GT(packed.packed_bytes - before.packed_bytes, 0) << what;
         if (!recompute) {  // a recomputed block saves no parameter
           EXPECT_GT(packed.kept - before.kept, 0) << what;
@@ -745,6 +750,47 @@ TEST(ActivationOffload, SameLossAndGradientsAsActivationsKeptOnTheDevice) {
   EXPECT_THROW(loom::model::offloaded_layers(1.5, 2), std::exception);
 }
 
+TEST(ActivationOffload, ParametersTheirCastsAndViewsAndSharedInputsStay) {
+  loom::model::OffloadKeep keep;
+  at::Tensor w = at::randn({4, 3}, at::kDouble).requires_grad_(true);
+  at::Tensor rope = at::randn({6, 2}, at::kDouble);
+  keep.parameters = std::make_shared<std::unordered_set<const c10::TensorImpl*>>(
+      std::unordered_set<const c10::TensorImpl*>{w.unsafeGetTensorImpl()});
+  keep.inputs = {rope.unsafeGetTensorImpl()};
+  EXPECT_TRUE(keep.keeps(w));
+  EXPECT_TRUE(keep.keeps(w.select(0, 1)));                    // an expert's slice
+  EXPECT_TRUE(keep.keeps(w.to(at::kFloat)));                  // a weight in the compute dtype
+  EXPECT_TRUE(keep.keeps(w.to(at::kFloat).narrow(0, 1, 2)));  // a view of the cast
+  EXPECT_TRUE(keep.keeps(rope));
+  EXPECT_TRUE(keep.keeps(rope.narrow(0, 0, 3)));
+  // Activations move: computed ones, and a pipeline stage's received input (a leaf that requires
+  // grad, but not a parameter).
+  EXPECT_FALSE(keep.keeps(w * 2));
+  EXPECT_FALSE(keep.keeps((w * 2).to(at::kFloat)));
+  EXPECT_FALSE(keep.keeps(at::randn({4, 3}, at::kDouble).requires_grad_(true)));
+  EXPECT_FALSE(keep.keeps(at::randn({4, 3}, at::kDouble)));
+
+  // A later pipeline stage under recomputation: its one block's checkpoint is the received input,
+  // which moves (and the gradient that reaches it is the same).
+  ModelSpec spec = f64_spec(tiny_config("llama"));
+  spec.recompute = true;
+  loom::model::StageLayout last{1, 1, /*pre_process=*/false, /*post_process=*/true};
+  GptModel stage(spec, 4, at::kCPU, {}, 128, last);
+  Batch batch = random_batch(2, 6, 13, 2);
+  at::Tensor input = at::randn({6, 2, spec.hidden}, at::kDouble).requires_grad_(true);
+  at::Tensor grads[2];
+  for (const double r : {0.0, 1.0}) {
+    batch.offload = r;
+    const auto before = loom::model::offload_counters();
+    auto out = stage.forward_stage(batch, input);
+    EXPECT_EQ(loom::model::offload_counters().packed - before.packed, r > 0 ? 1 : 0);
+    input.mutable_grad() = at::Tensor();
+    out.loss.loss_sum.backward();
+    grads[r > 0] = input.grad().clone();
+  }
+  EXPECT_LT((grads[0] - grads[1]).abs().max().item<double>(), 1e-13);
+}
+
 TEST(ActivationOffload, StoreHoldsCopiesSharesRepeatsAndPrefetchesTheBlockBefore) {
   using loom::model::OffloadScope;
   using loom::model::OffloadStore;
@@ -755,14 +801,14 @@ TEST(ActivationOffload, StoreHoldsCopiesSharesRepeatsAndPrefetchesTheBlockBefore
   at::Tensor h, y;
   {
     OffloadScope scope(earlier);
-    h = at::tanh(w * x);  // saves x (a leaf without grad: copied), w (a parameter: kept), h
+    h = at::tanh(w * x);  // saves x (the factor of w; a leaf without grad: copied) and h
   }
   {
     OffloadScope scope(later);
     y = (h * h).sum();  // saves h twice: one copy
   }
   EXPECT_EQ(later->size(), 1u);
-  EXPECT_GE(earlier->size(), 2u);
+  EXPECT_EQ(earlier->size(), 2u);
   const at::Tensor h_before = h.detach().clone();
   const at::Tensor x0 = x.clone();
   // The graph holds copies: overwriting the tensors the forward made does not reach backward

@@ -646,16 +646,35 @@ TEST(Trainer, ActivationOffloadTrainsTheSameSteps) {
           << a.model().parameters()[i].name;
     }
   }
-  // The memory estimate counts the offloaded blocks' activations off the device.
+  // Micro-batches without a sequence of offload_min_tokens offload nothing.
+  {
+    auto j = tiny_job();
+    j.mutable_data()->set_mode(loom::config::DataConfig::DOCUMENTS);
+    j.mutable_train()->set_offload_fraction(1);
+    j.mutable_train()->set_offload_min_tokens(1 << 20);
+    Trainer c(j);
+    const auto before = loom::model::offload_counters();
+    c.train_step();
+    EXPECT_EQ(loom::model::offload_counters().packed, before.packed);
+  }
+  // The memory estimate: on a GPU, with every micro-batch offloading, the offloaded blocks'
+  // activations leave the device but the two that backward brings back; on the CPU (the same
+  // memory) or when only some micro-batches offload, nothing is counted off.
   auto j = tiny_job();
+  j.mutable_model()->set_num_layers(8);
   const auto spec = loom::model::ModelSpec::from_config(j.model());
   const auto one = loom::mesh::ParallelDims::create(1, 1, 1, 1, 1, 1);
   const auto kept = loom::train::estimate_memory(spec, j, one);
   j.mutable_train()->set_offload_fraction(1);
-  EXPECT_EQ(loom::train::estimate_memory(spec, j, one).activations, 0);
-  j.mutable_train()->set_offload_fraction(0.5);  // one of two layers
-  ASSERT_EQ(spec.num_layers, 2);
-  EXPECT_DOUBLE_EQ(loom::train::estimate_memory(spec, j, one).activations, kept.activations / 2);
+  EXPECT_EQ(loom::train::estimate_memory(spec, j, one).activations, kept.activations);  // CPU
+  j.mutable_train()->set_device("cuda");
+  const auto gpu = loom::train::estimate_memory(spec, j, one);
+  EXPECT_DOUBLE_EQ(gpu.activations, kept.activations * 2 / 8);
+  j.mutable_train()->set_offload_fraction(0.5);  // 4 of 8 layers stay, 2 come back
+  EXPECT_DOUBLE_EQ(loom::train::estimate_memory(spec, j, one).activations,
+                   kept.activations * 6 / 8);
+  j.mutable_train()->set_offload_min_tokens(64);
+  EXPECT_EQ(loom::train::estimate_memory(spec, j, one).activations, kept.activations);
   EXPECT_GT(kept.layer_bytes_per_token, 0);
 }
 

@@ -117,6 +117,7 @@ class MicroBatchLoader {
   // start-up fit: Note: hybrid data parallelism cost model). Before the first next() only. A
   // fitted model is part of state() ("data.hdp_cost.a|b|c", the doubles' bits), and a resumed run
   // that fits its own takes the saved one instead, so it plans the same steps the same way.
+  bool cost_fitted() const { return cost_fitted_; }
   void set_cost(const CostModel& cost, bool fitted) {
     options_.cost = cost;
     cost_fitted_ = fitted;

@@ -94,16 +94,32 @@ double micro_batch_cost(const MicroBatchPlan& mb, const CostModel& cost);
 int64_t longest_sequence(const MicroBatchPlan& mb);
 
 // ByteScale's selective offload rule (arXiv 2502.21231, section 5): the largest share r of a
-// stage's `layers` layers whose saved activations can be copied to host memory while the forward
-// computes, so that offloading costs no time. A micro-batch of `tokens` tokens on this rank whose
-// forward and backward take `seconds` (the forward about a third) saves `bytes_per_token_layer`
-// bytes per token and layer; copying r * layers layers' worth at `bandwidth` bytes/s takes
-// r * layers * tokens * bytes / bandwidth, which must not exceed the forward:
-//     r = min(max_ratio, (seconds / 3) * bandwidth / (layers * tokens * bytes_per_token_layer)).
-// Attention makes the time grow faster than the tokens, so a longer sequence offloads more (and
-// the copies back hide behind the backward, twice as long). 0 for an empty micro-batch.
-double offload_ratio(double seconds, double tokens, int64_t layers, double bytes_per_token_layer,
-                     double bandwidth, double max_ratio);
+// rank's `layers` layers whose saved activations can be copied to host memory while the forward
+// computes, so that offloading costs no time. A micro-batch of `tokens` tokens whose forward takes
+// `forward_seconds` saves `bytes_per_token_layer` bytes per token and layer; copying r * layers
+// layers' worth at `bandwidth` bytes/s takes r * layers * tokens * bytes / bandwidth, which must
+// not exceed the forward:
+//     r = forward_seconds * bandwidth / (layers * tokens * bytes_per_token_layer),
+// rounded down to whole layers (floor(r * layers) / layers), at most `max_ratio`. Attention makes
+// the time grow faster than the tokens, so a longer sequence offloads more (and the copies back
+// have the backward, about twice as long, to hide behind). 0 for an empty micro-batch.
+double offload_ratio(double forward_seconds, double tokens, int64_t layers,
+                     double bytes_per_token_layer, double bandwidth, double max_ratio);
+
+// Which micro-batches offload how much (train.offload_*; Note: activation offload).
+struct OffloadRule {
+  double max_ratio = 0;    // train.offload_fraction; 0: no offload
+  int64_t min_tokens = 0;  // only micro-batches whose longest sequence has at least this many
+  double bandwidth = 0;    // bytes/s; > 0: offload_ratio with the cost model in seconds
+  int64_t layers = 1;      // this rank's layers, over its model chunks
+  double bytes_per_token_layer = 0;
+  double forward_share = 1.0 / 3;  // of a micro-batch's time (1/4 under full recomputation)
+};
+
+// The offload share of one planned micro-batch on this rank: 0 when its longest sequence is below
+// rule.min_tokens; else rule.max_ratio, or with a bandwidth offload_ratio(forward_share *
+// micro_batch_cost(mb, cost), its tokens on this rank (a group member's share: tokens / D), ...).
+double offload_share(const MicroBatchPlan& mb, const CostModel& cost, const OffloadRule& rule);
 
 struct PlanLayout {
   BatchMode mode = BatchMode::kWindows;

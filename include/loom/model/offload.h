@@ -6,18 +6,23 @@
 // backward runs; for a long sequence these saved activations, not the weights, are what fills a
 // device. Offloading moves them out: while the block runs inside an OffloadScope, every tensor
 // autograd saves (a SavedVariable: the inputs of matmuls, norms, softmax, the attention kernels'
-// saved outputs, a recomputed block's checkpoint) is handed to the scope's OffloadStore by a
-// saved-tensor pack hook, which copies it to host memory (pinned when it lives on a GPU, with a
-// non-blocking copy) and drops the device reference, so the allocator can reuse the memory as
-// soon as the forward itself no longer needs the tensor. Parameters (leaves that require grad)
-// are kept as they are: they stay on the device anyway. A tensor saved by several formulas of the
-// same block is copied once.
+// saved outputs, a recomputed block's checkpoint, a pipeline stage's received input) is handed to
+// the scope's OffloadStore by a saved-tensor pack hook, which copies it to host memory (pinned when
+// it lives on a GPU, with a non-blocking copy) and drops the device reference, so the allocator can
+// reuse the memory as soon as the forward itself no longer needs the tensor. What stays on the
+// device anyway is kept as it is (OffloadKeep): the model's parameters, casts and views of them (a
+// bf16 copy of a weight, an expert's slice), and the forward's shared inputs (RoPE tables,
+// document ids, context-parallel tables), which every block reads. A tensor saved by several
+// formulas of the same block is copied once. A tensor changed in place after it was saved is not
+// detected (autograd's version check does not apply to hooked tensors): the copy holds the value
+// at saving, which is what backward needs.
 //
 // Backward: the first unpack of any of a store's tensors brings the whole store back (one batch of
-// host-to-device copies) and starts the same for the store of the block before it, which backward
-// reaches next (double buffering: its copies are under way while this block's gradients compute).
-// The values are bit-for-bit the saved ones, so training with offload equals training without
-// (tests/model: ActivationOffload.*).
+// host-to-device copies) and queues the same for the store of the block before it, which backward
+// reaches next. The values are bit-for-bit the saved ones, so training with offload equals training
+// without (tests/model: ActivationOffload.*). On a GPU the copies are queued on the current
+// (compute) stream: ordered and safe (the caching allocator reuses a freed source only after the
+// queued copy), but not overlapped with compute; a copy stream with events is the next step.
 //
 // Mechanism: LibTorch 1.13 exposes default saved-tensor hooks only to Python; C++ reaches them
 // through the autograd engine, whose get_default_saved_variable_hooks() every SavedVariable asks.
@@ -33,6 +38,7 @@
 #include <cstdint>
 #include <memory>
 #include <mutex>
+#include <unordered_set>
 #include <vector>
 
 namespace loom::model {
@@ -48,12 +54,27 @@ struct OffloadCounters {
 };
 OffloadCounters offload_counters();
 
+// What a store leaves in place: the tensors of `parameters` and `inputs`, views of them, and casts
+// of a parameter (a ToCopy whose one input is the parameter's gradient accumulator). Without a
+// parameter set, every leaf that requires grad counts as a parameter.
+struct OffloadKeep {
+  std::shared_ptr<const std::unordered_set<const c10::TensorImpl*>> parameters;
+  std::vector<const c10::TensorImpl*> inputs;
+  bool keeps(const at::Tensor& t) const;
+};
+
 // The saved tensors of one block of one micro-batch.
-class OffloadStore : public std::enable_shared_from_this<OffloadStore> {
+class OffloadStore {
  public:
-  // `next`: the store backward reaches after this one (the block before), prefetched when this
-  // one is first unpacked; may be null.
-  explicit OffloadStore(std::shared_ptr<OffloadStore> next = nullptr) : next_(std::move(next)) {}
+  // `next`: the store backward reaches after this one (the block before), loaded when this one is
+  // first unpacked; may be null. `keep`: what stays on the device (null: parameters by the leaf
+  // rule of OffloadKeep).
+  explicit OffloadStore(std::shared_ptr<OffloadStore> next = nullptr,
+                        std::shared_ptr<const OffloadKeep> keep = nullptr)
+      : next_(std::move(next)), keep_(std::move(keep)) {}
+
+  // Whether `t` stays on the device (the hooks then hold it as it is).
+  bool keeps(const at::Tensor& t) const;
 
   // Index of `t`'s host copy (made now, or the earlier one of the same tensor).
   size_t pack(const at::Tensor& t);
@@ -79,6 +100,7 @@ class OffloadStore : public std::enable_shared_from_this<OffloadStore> {
   bool loaded_ = false;
   bool next_started_ = false;
   std::shared_ptr<OffloadStore> next_;
+  std::shared_ptr<const OffloadKeep> keep_;
 };
 
 // While alive, tensors autograd saves on this thread go to `store` (a null store: none do, which

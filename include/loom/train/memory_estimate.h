@@ -14,8 +14,9 @@
 //               scores and probabilities, which the ATen path materialises) / tp, for the layers of
 //               one stage and the micro-batches a stage holds at once (1, or pp under 1F1B); with
 //               full recomputation only each layer's input plus one layer's full set; with
-//               activation offload (train.offload_fraction r) the offloaded blocks' share leaves
-//               the device: (1 - r) of the layers' saved tensors stay
+//               activation offload (train.offload_fraction r) on a GPU, applied to every
+//               micro-batch, the offloaded blocks' saved tensors leave the device except the two
+//               that backward has brought back
 //   logits      the output head's fp32 logits, their log-softmax and gradient for one micro-batch
 // and compares it with the memory the rank may use: free GPU memory (plus what this process's
 // caching allocator holds unused), or on CPU the host's available memory (MemAvailable, capped by

@@ -124,6 +124,7 @@ class Trainer {
   // Hybrid data parallelism: each micro-batch of `data` a group runs becomes this rank's share,
   // with the group (a view of the pool: Note: group views) attached; the rest stay whole.
   std::vector<model::Batch> hdp_local(const data::StepData& data) const;
+  void set_offload_rule(const model::ModelSpec& spec);
   // The micro-batches this rank computes: its CP or HDP shares of the loaded ones.
   std::vector<model::Batch> local_batches(const data::StepData& data) const;
   void set_long_timeouts(bool on) const;        // Note: timeouts
@@ -149,10 +150,10 @@ class Trainer {
   at::Device device_ = at::kCPU;
   int64_t global_batch_ = 0, num_micro_ = 0;
   int64_t step_ = 0;
-  bool documents_ = false;          // data.mode DOCUMENTS
-  bool hdp_ = false;                // parallel.hdp (Note: hybrid data parallelism plan)
-  double offload_layer_bytes_ = 0;  // saved bytes per token and layer (MemoryEstimate)
-  bool logged_offload_ = false;     // the first step's offload counters are logged
+  bool documents_ = false;       // data.mode DOCUMENTS
+  bool hdp_ = false;             // parallel.hdp (Note: hybrid data parallelism plan)
+  data::OffloadRule offload_;    // train.offload_* (Note: activation offload)
+  bool logged_offload_ = false;  // the first step's offload counters are logged
   std::unique_ptr<data::MicroBatchLoader> loader_;
   double peak_flops_ = 0;
   bool warned_mfu_ = false;
