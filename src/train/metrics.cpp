@@ -96,6 +96,7 @@ class ConsoleSink : public MetricsSink {
           100 * m.data_s / t, 100 * m.forward_s / t, 100 * m.backward_s / t, 100 * m.comm_s / t,
           100 * m.optimizer_s / t);
       if (ctx_.pipeline) line += fmt::format(" | pp wait {:.0f}%", 100 * m.pp_wait_s / t);
+      if (ctx_.ring) line += fmt::format(" | ring wait {:.0f}%", 100 * m.ring_wait_s / t);
       if (ctx_.moe) {
         line += fmt::format(" | aux {:.4f} | max load {:.2f}", m.aux_loss, m.moe_max_load);
         if (m.moe_dropped > 0) line += fmt::format(" | dropped {}", m.moe_dropped);
@@ -196,7 +197,8 @@ class JsonlSink : public MetricsSink {
                           {"backward", m.backward_s},
                           {"comm", m.comm_s},
                           {"optimizer", m.optimizer_s},
-                          {"pp_wait", m.pp_wait_s}}}};
+                          {"pp_wait", m.pp_wait_s},
+                          {"ring_wait", m.ring_wait_s}}}};
     if (ctx_.moe) {
       j["moe_dropped"] = m.moe_dropped;
       j["moe_max_load"] = m.moe_max_load;

@@ -24,6 +24,7 @@
 #include "loom/data/balance_scheduler.h"
 #include "loom/mesh/parallel_dims.h"
 #include "loom/model/offload.h"
+#include "loom/ops/context_attention.h"
 #include "loom/optim/chained.h"
 #include "loom/train/memory_estimate.h"
 #include "loom/train/signals.h"
@@ -145,6 +146,7 @@ Trainer::Trainer(const config::JobConfig& config, comm::CommunicatorPtr world,
   ctx.log_every = t.log_every();
   ctx.moe = spec.is_moe();
   ctx.pipeline = groups_->pp_size() > 1;
+  ctx.ring = groups_->cp_size() > 1 || hdp_;
   ctx.cuda = device_.is_cuda();
   if (spec.is_moe() && source_->source_names().size() > 1) {
     ctx.sources = source_->source_names();
@@ -510,7 +512,9 @@ std::vector<at::Tensor> Trainer::full_gradients() const {
 // Note: stragglers. Collective over the world every logging.straggler_every steps.
 void Trainer::check_stragglers(const StepMetrics& m) {
   const auto& l = config_.logging();
-  straggler_sums_[0] += m.forward_s + m.backward_s;
+  // Compute: forward and backward less the waits on other ranks' ring transfers (a rank that
+  // waits on a slow peer is not itself slow).
+  straggler_sums_[0] += std::max(0.0, m.forward_s + m.backward_s - m.ring_wait_s);
   straggler_sums_[1] += m.data_s;
   straggler_sums_[2] += m.optimizer_s;
   // The rest of the step outside the waits for other ranks: host overhead, and whatever a slow
@@ -674,6 +678,7 @@ StepMetrics Trainer::train_step() {
   };
   // Forward and backward on the one executor (Note: step executor; Note: loss scaling).
   const model::OffloadCounters offload_before = model::offload_counters();
+  const double ring_wait_before = ops::cp_counters().ring_wait_s;
   const StepSums sums = executor_->train(local_batches(data), total_tokens, aux_scale, fault_point);
   if (config_.train().offload_fraction() > 0 && !logged_offload_) {  // Note: activation offload
     logged_offload_ = true;
@@ -688,6 +693,7 @@ StepMetrics Trainer::train_step() {
   m.forward_s = sums.stats.forward_s;
   m.backward_s = sums.stats.backward_s;
   m.pp_wait_s = sums.stats.recv_wait_s;
+  m.ring_wait_s = ops::cp_counters().ring_wait_s - ring_wait_before;
   timers_.start("comm");
   grad_sync_->finish();  // Note: gradient synchronisation
   timers_.stop("comm");

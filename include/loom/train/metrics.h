@@ -30,7 +30,10 @@ struct StepMetrics {
   double data_s = 0, forward_s = 0, backward_s = 0, comm_s = 0, optimizer_s = 0;
   double grad_reduce_wait_s = 0;  // DP all-reduce time left after backward (not overlapped)
   double pp_wait_s = 0;           // pipeline: time blocked on activation / gradient receives
-  double tokens_per_s = 0;        // global
+  // Context parallelism and hybrid data parallelism's groups: time blocked on ring-attention
+  // transfers after the compute they overlap (part of forward_s and backward_s).
+  double ring_wait_s = 0;
+  double tokens_per_s = 0;  // global
   double tokens_per_s_per_device = 0;
   double tflops_per_device = 0;  // achieved
   double mfu = 0;                // achieved / peak, per device
@@ -101,6 +104,7 @@ struct MetricsContext {
   int64_t log_every = 1;
   bool moe = false;       // report the aux loss, expert load and drops
   bool pipeline = false;  // report the pipeline wait
+  bool ring = false;      // report the ring-attention wait (parallel.cp > 1 or parallel.hdp)
   bool cuda = false;      // memory: the GPU peak instead of the host RSS
   // Blended data under MoE: the sources' names (DataSource::source_names) and the experts per
   // layer; the sinks then report expert specialisation. Empty: one source.
