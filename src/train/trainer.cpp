@@ -685,7 +685,8 @@ StepMetrics Trainer::train_step() {
     const model::OffloadCounters after = model::offload_counters();
     LOOM_LOG_INFO(
         "activation offload in step {}: {} saved tensors ({:.2f} MiB) went to host memory and "
-        "came back ({} of them ahead of their block's backward) on this rank; {} parameters stayed",
+        "came back ({} of them ahead of their block's backward) on this rank; {} saves of "
+        "parameters and shared inputs stayed",
         m.step, after.packed - offload_before.packed,
         static_cast<double>(after.packed_bytes - offload_before.packed_bytes) / (1 << 20),
         after.prefetched - offload_before.prefetched, after.kept - offload_before.kept);
