@@ -204,9 +204,7 @@ HdpPlan plan_hdp(const std::vector<SampleRef>& samples, const HdpOptions& o) {
       least.pop();
     }
     std::sort(group.ranks.begin(), group.ranks.end());  // ring order: by rank
-    const auto sd = static_cast<double>(s);
-    const double share_cost =
-        (o.cost.a * sd * sd + o.cost.b * sd) / static_cast<double>(d) + o.cost.c;
+    const double share_cost = o.cost.share(static_cast<double>(s), static_cast<double>(d));
     for (int64_t j = 0; j < d; ++j) {
       const auto r = static_cast<size_t>(group.ranks[static_cast<size_t>(j)]);
       HdpMicroBatch mb;

@@ -17,8 +17,8 @@ int64_t StepPlan::local_tokens() const {
 
 double micro_batch_cost(const MicroBatchPlan& mb, const CostModel& cost) {
   if (mb.group.size() > 1) {
-    const auto s = static_cast<double>(longest_sequence(mb));
-    return (cost.a * s + cost.b) * s / static_cast<double>(mb.group.size()) + cost.c;
+    return cost.share(static_cast<double>(longest_sequence(mb)),
+                      static_cast<double>(mb.group.size()));
   }
   double t = 0;
   for (const auto& row : mb.rows) {

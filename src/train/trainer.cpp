@@ -636,12 +636,12 @@ std::vector<model::Batch> Trainer::local_batches(const data::StepData& data) con
       hdp_ ? hdp_local(data) : (cp_.enabled() ? cp_local(data.batches) : data.batches);
   // Note: activation offload (only a training forward reads the share).
   if (offload_.max_ratio <= 0) return out;
-  const bool planned = data.plan.micro_batches.size() == out.size();
+  LOOM_INTERNAL_CHECK(data.plan.micro_batches.size() == out.size(),
+                      "step: {} planned micro-batches, {} loaded", data.plan.micro_batches.size(),
+                      out.size());
   for (size_t i = 0; i < out.size(); ++i) {
     out[i].offload =
-        planned ? data::offload_share(data.plan.micro_batches[i], loader_->options().cost, offload_)
-        : out[i].seq_len() >= offload_.min_tokens ? offload_.max_ratio
-                                                  : 0.0;
+        data::offload_share(data.plan.micro_batches[i], loader_->options().cost, offload_);
   }
   return out;
 }

@@ -84,6 +84,9 @@ struct StepPlan {
 struct CostModel {
   double a = 0, b = 1, c = 0;
   double operator()(double s) const { return (a * s + b) * s + c; }
+  // One member's share of a sequence of s tokens split over a group of d ranks with ring attention
+  // (which splits the length terms evenly): (a s^2 + b s) / d + c.
+  double share(double s, double d) const { return (a * s * s + b * s) / d + c; }
   std::string describe() const;
 };
 
