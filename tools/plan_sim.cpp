@@ -12,14 +12,21 @@
 // busiest rank's: compute by the cost model, and for a sequence split over D ranks ring
 // attention's D steps per layer, each the longer of its block's compute and the next K/V block's
 // transfer plus a latency), the ring-attention traffic (tokens of K/V sent: s (D - 1) per
-// sequence split over D ranks) and plan_hdp's run time. Plans are made by the cost model alone.
+// sequence split over D ranks) and plan_hdp's run time. Plans are made by the cost model alone
+// (--ring-aware 1: also knowing the ring's transfer time, Note: hybrid data parallelism ring cost);
+// "hdp in slots / hdp" is the step as the Trainer runs the plan (slots: a group starts when its
+// last member is ready; data::simulate_hdp_step) over the busiest rank's sum.
+// With --stages S > 1 it also compares the balance modes (Note: hybrid data parallelism balance
+// modes) under S-stage 1F1B pipelines, simulated in slots, on the network given and on one whose
+// transfers hide behind compute.
 //
-//   build/cpu/tools/plan_sim [--ranks 1024,2048,4096,8192,12288] [--out plan_sim]
+//   build/cpu/tools/plan_sim [--ranks 1024,2048,4096,8192,12288] [--stages 4] [--out plan_sim]
 #include <fmt/format.h>
 
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <cstdint>
 #include <fstream>
 #include <functional>
 #include <map>
@@ -114,8 +121,11 @@ std::vector<SampleRef> batch(const Distribution& d, std::mt19937_64& rng, double
 struct Network {
   double kv_bytes = 0;  // K and V bytes per token and layer
   double layers = 1;
-  double bandwidth = 1;  // bytes/s per rank
-  double latency = 0;    // s per ring step
+  double bandwidth = 1;     // bytes/s per rank
+  double latency = 0;       // s per ring step
+  bool ring_aware = false;  // the planner knows ring() (Note: hybrid data parallelism ring cost)
+  // Seconds per token a group member spends streaming K/V through every layer (3 transfers).
+  double ring() const { return 3 * kv_bytes * layers / bandwidth; }
 };
 
 double share_time(double s, double d, const CostModel& cost, const Network& net) {
@@ -125,37 +135,66 @@ double share_time(double s, double d, const CostModel& cost, const Network& net)
   return cost.c + cost.b * s / d + net.layers * d * std::max(block, move);
 }
 
+// A planned micro-batch's time on its rank by the time model.
+double micro_batch_time(const loom::data::HdpPlan& plan, const loom::data::HdpMicroBatch& mb,
+                        const std::vector<SampleRef>& b, const CostModel& cost,
+                        const Network& net) {
+  double t = 0;
+  const double d =
+      mb.group >= 0 ? static_cast<double>(plan.groups[static_cast<size_t>(mb.group)].ranks.size())
+                    : 1.0;
+  for (const int64_t i : mb.samples)
+    t += share_time(static_cast<double>(b[static_cast<size_t>(i)].length - 1), d, cost, net);
+  return t;
+}
+
 struct Result {
   double max = 0, mean = 0, traffic = 0, plan_ms = 0;
+  double slots = 0;           // hdp: the step as the Trainer runs it (slots; simulate_hdp_step)
   double plan_imbalance = 0;  // hdp: by the cost model the plan balanced
   int64_t too_long = 0;       // dp: sequences longer than the capacity
   double imbalance() const { return mean > 0 ? max / mean : 1.0; }
 };
+
+// A plan of `b` under `o` (its cost and ring from the arguments), timed, and its step as the
+// Trainer runs it on `stages` pipeline stages (simulate_hdp_step by the time model).
+struct Timed {
+  loom::data::HdpPlan plan;
+  double plan_ms = 0, step = 0;
+};
+
+Timed plan_and_run(const std::vector<SampleRef>& b, HdpOptions o, const CostModel& cost,
+                   const Network& net, int stages) {
+  o.cost = cost;
+  o.stages = stages;
+  o.ring = net.ring_aware ? net.ring() : 0.0;
+  Timed t;
+  const auto start = std::chrono::steady_clock::now();
+  t.plan = loom::data::plan_hdp(b, o);
+  t.plan_ms =
+      std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
+  const auto finish =
+      loom::data::simulate_hdp_step(t.plan, stages, [&](int, const loom::data::HdpMicroBatch& mb) {
+        return micro_batch_time(t.plan, mb, b, cost, net);
+      });
+  t.step = *std::max_element(finish.begin(), finish.end());
+  return t;
+}
 
 Result hdp(const std::vector<SampleRef>& b, int ranks, int64_t capacity, const CostModel& cost,
            const Network& net, bool pow2) {
   HdpOptions o;
   o.pool = ranks;
   o.capacity = capacity;
-  o.cost = cost;
   o.power_of_two_groups = pow2;
-  const auto start = std::chrono::steady_clock::now();
-  const auto plan = loom::data::plan_hdp(b, o);
+  const Timed t = plan_and_run(b, o, cost, net, 1);
+  const auto& plan = t.plan;
   Result r;
-  r.plan_ms =
-      std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
+  r.plan_ms = t.plan_ms;
+  r.slots = t.step;
   std::vector<double> time(static_cast<size_t>(ranks), 0.0);
   for (size_t k = 0; k < plan.ranks.size(); ++k) {
-    for (const auto& mb : plan.ranks[k]) {
-      for (const int64_t i : mb.samples) {
-        const auto n = static_cast<double>(b[static_cast<size_t>(i)].length - 1);
-        const double d =
-            mb.group >= 0
-                ? static_cast<double>(plan.groups[static_cast<size_t>(mb.group)].ranks.size())
-                : 1.0;
-        time[k] += share_time(n, d, cost, net);
-      }
-    }
+    for (const auto& mb : plan.ranks[k]) time[k] += micro_batch_time(plan, mb, b, cost, net);
   }
   r.max = *std::max_element(time.begin(), time.end());
   r.mean = std::accumulate(time.begin(), time.end(), 0.0) / ranks;
@@ -164,6 +203,36 @@ Result hdp(const std::vector<SampleRef>& b, int ranks, int64_t capacity, const C
     const auto s = static_cast<double>(b[static_cast<size_t>(g.sample)].length - 1);
     r.traffic += s * static_cast<double>(g.ranks.size() - 1);
   }
+  return r;
+}
+
+// Under pipeline parallelism: the step of a plan made in `balance` mode for `stages` stages, as the
+// Trainer runs it (slots, 1F1B; simulate_hdp_step), and the real micro-batches per pipeline.
+struct PipelineResult {
+  double step = 0, ideal = 0, plan_ms = 0;
+  size_t fewest = 0, most = 0;  // real micro-batches of a pipeline
+};
+
+PipelineResult pipelined(const std::vector<SampleRef>& b, int ranks, int64_t capacity,
+                         const CostModel& cost, const Network& net, int stages,
+                         loom::data::HdpBalance balance) {
+  HdpOptions o;
+  o.pool = ranks;
+  o.capacity = capacity;
+  o.balance = balance;
+  const Timed t = plan_and_run(b, o, cost, net, stages);
+  const auto& plan = t.plan;
+  PipelineResult r;
+  r.plan_ms = t.plan_ms;
+  r.step = t.step;
+  double total = 0;
+  r.fewest = plan.ranks.front().size();
+  for (const auto& mbs : plan.ranks) {
+    for (const auto& mb : mbs) total += micro_batch_time(plan, mb, b, cost, net);
+    r.fewest = std::min(r.fewest, mbs.size());
+    r.most = std::max(r.most, mbs.size());
+  }
+  r.ideal = total / ranks / stages;  // every stage busy all the time
   return r;
 }
 
@@ -325,6 +394,9 @@ int run(int argc, char** argv) {
        {"layers", "32", "layers"},
        {"bandwidth", "25e9", "bytes/s a rank sends and receives in ring attention"},
        {"latency", "2e-5", "seconds per ring step (a transfer's fixed cost)"},
+       {"ring-aware", "0",
+        "1: the planner knows the ring's transfer time per token (HdpOptions::ring); 0: not"},
+       {"stages", "4", "pipeline stages for the balance-mode table (1F1B; 1: no such table)"},
        {"seed", "1", "random seed"},
        {"out", "plan_sim", "output prefix: <out>.md (tables) and <out>.svg (the plot)"}},
       "Plan hybrid-data-parallel steps at scale and compare them with a static mesh, "
@@ -344,6 +416,9 @@ int run(int argc, char** argv) {
   net.latency = cl.get_double("latency");
   LOOM_CHECK_CONFIG(net.layers >= 1 && net.bandwidth > 0 && net.kv_bytes >= 0 && net.latency >= 0,
                     "--layers, --bandwidth, --kv-bytes and --latency must be positive");
+  net.ring_aware = cl.get_int("ring-aware") != 0;
+  const int stages = static_cast<int>(cl.get_int("stages"));
+  LOOM_CHECK_CONFIG(stages >= 1, "--stages must be >= 1, got {}", stages);
   // The plan cost imbalance and plan_hdp's time are the worst of the steps; the rest are means.
   std::string md = fmt::format(
       "Cost model {} (seconds); ring attention moves {} bytes of K/V per token and layer over {} "
@@ -382,10 +457,11 @@ int run(int argc, char** argv) {
         "static mesh: cp {} (the longest, {:.0f} tokens, over ranks of {}).\n\n"
         "| ranks | sequences | hdp plan cost imbalance | time imbalance hdp | pow2 | static | dp | "
         "step time static / hdp | pow2 / hdp | dp / hdp | dp: sequences > capacity | "
-        "traffic static / hdp | pow2 / hdp | plan_hdp ms |\n"
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n",
+        "traffic static / hdp | pow2 / hdp | plan_hdp ms | hdp in slots / hdp |\n"
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- "
+        "|\n",
         cp_static, dist.max_len(), capacity);
-    std::vector<double> sp_static, sp_pow2;
+    std::vector<double> sp_static, sp_pow2, pp_gain;
     for (const int n : ranks) {
       std::mt19937_64 rng(cl.get_int("seed") + static_cast<uint64_t>(n));
       std::map<std::string, Result> sum;
@@ -396,6 +472,7 @@ int run(int argc, char** argv) {
         sequences += static_cast<double>(b.size());
         auto add = [&](const std::string& k, const Result& r) {
           sum[k].max += r.max / steps;
+          sum[k].slots += r.slots / steps;
           sum[k].mean += r.mean / steps;
           sum[k].traffic += r.traffic / steps;
           sum[k].plan_imbalance = std::max(sum[k].plan_imbalance, r.plan_imbalance);
@@ -422,7 +499,7 @@ int run(int argc, char** argv) {
       };
       md += fmt::format(
           "| {} | {:.0f} | {:.3f} | {:.3f} | {} | {} | {:.3f} | {} | {} | {:.2f} | {:.0f} | {} | "
-          "{} | {:.1f} |\n",
+          "{} | {:.1f} | {:.3f} |\n",
           n, sequences / steps, h.plan_imbalance, h.imbalance(),
           cell(pow2_fits, sum["pow2"].imbalance(), "{:.3f}"),
           cell(static_fits, sum["static"].imbalance(), "{:.3f}"), sum["dp"].imbalance(),
@@ -430,12 +507,59 @@ int run(int argc, char** argv) {
           cell(pow2_fits, ratio("pow2", true), "{:.2f}"), ratio("dp", true),
           static_cast<double>(sum["dp"].too_long) / steps,
           cell(static_fits, ratio("static", false), "{:.1f}"),
-          cell(pow2_fits, ratio("pow2", false), "{:.2f}"), plan_ms);
+          cell(pow2_fits, ratio("pow2", false), "{:.2f}"), plan_ms, h.slots / h.max);
       sp_static.push_back(static_fits ? ratio("static", true) : 0.0);
       sp_pow2.push_back(pow2_fits ? ratio("pow2", true) : 0.0);
     }
+    // Under pipeline parallelism: the two balance modes, with the planner knowing the ring's
+    // transfer time, on this network and on one whose transfers always hide behind compute.
+    for (int hidden = 0; hidden < 2 && stages > 1; ++hidden) {
+      Network pnet = net;
+      pnet.ring_aware = true;
+      if (hidden == 1) {
+        pnet.bandwidth = 1e30;
+        pnet.latency = 0;
+      }
+      md += fmt::format(
+          "\nUnder pipeline parallelism ({} stages, 1F1B; each pool rank one pipeline), {}: the "
+          "simulated step (the slots as the Trainer runs them; simulate_hdp_step) of DP-balance "
+          "and PP-balance plans made knowing the ring's transfer time. Efficiency: the step if "
+          "every stage were busy throughout (the work over ranks x stages) over the simulated "
+          "one.\n\n"
+          "| ranks | dp-balance step (s) | pp-balance step (s) | dp / pp | efficiency dp | pp | "
+          "real micro-batches per pipeline, dp (fewest-most) | pp | plan_hdp ms, pp |\n"
+          "| --- | --- | --- | --- | --- | --- | --- | --- | --- |\n",
+          stages,
+          hidden == 1 ? "K/V transfers hidden behind compute (a fast link)"
+                      : "on the network above");
+      for (const int n : ranks) {
+        std::mt19937_64 rng(cl.get_int("seed") + static_cast<uint64_t>(n));
+        PipelineResult dp, pp;
+        size_t dp_few = SIZE_MAX, dp_most = 0, pp_few = SIZE_MAX, pp_most = 0;
+        for (int s = 0; s < steps; ++s) {
+          const auto b = batch(dist, rng, per_rank * n);
+          const auto x = pipelined(b, n, capacity, cost, pnet, stages, loom::data::HdpBalance::kDp);
+          const auto y = pipelined(b, n, capacity, cost, pnet, stages, loom::data::HdpBalance::kPp);
+          dp.step += x.step / steps;
+          dp.ideal += x.ideal / steps;
+          pp.step += y.step / steps;
+          pp.ideal += y.ideal / steps;
+          pp.plan_ms = std::max(pp.plan_ms, y.plan_ms);
+          dp_few = std::min(dp_few, x.fewest);
+          dp_most = std::max(dp_most, x.most);
+          pp_few = std::min(pp_few, y.fewest);
+          pp_most = std::max(pp_most, y.most);
+        }
+        md += fmt::format(
+            "| {} | {:.3f} | {:.3f} | {:.2f} | {:.3f} | {:.3f} | {}-{} | {}-{} | {:.1f} |\n", n,
+            dp.step, pp.step, dp.step / pp.step, dp.ideal / dp.step, pp.ideal / pp.step, dp_few,
+            dp_most, pp_few, pp_most, pp.plan_ms);
+        if (hidden == 1) pp_gain.push_back(dp.step / pp.step);
+      }
+    }
     speedups.emplace_back(dist.name + ": vs static", sp_static);
     speedups.emplace_back(dist.name + ": vs pow2", sp_pow2);
+    if (!pp_gain.empty()) speedups.emplace_back(dist.name + ": pp / dp-balance", pp_gain);
   }
   const std::string out = cl.get("out");
   {

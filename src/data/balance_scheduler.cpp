@@ -103,6 +103,28 @@ CostModel fit_cost_model(const std::vector<std::pair<double, double>>& points) {
   return {best.coef[0], best.coef[1], best.coef[2]};
 }
 
+HdpBalance parse_hdp_balance(const std::string& name, int stages) {
+  if (name.empty()) return stages > 1 ? HdpBalance::kPp : HdpBalance::kDp;
+  if (name == "dp") return HdpBalance::kDp;
+  if (name == "pp") return HdpBalance::kPp;
+  LOOM_THROW(
+      ErrorKind::kConfig,
+      "parallel.hdp_balance '{}' is not a balance mode: \"dp\" (equal sums of micro-batch "
+      "costs), \"pp\" (equal pipeline times) or \"\" (pp under pipeline parallelism, else dp)",
+      name);
+}
+
+std::string hdp_balance_name(HdpBalance balance) {
+  return balance == HdpBalance::kPp ? "pp" : "dp";
+}
+
+double HdpPlan::pipeline_cost(int rank) const {
+  const auto r = static_cast<size_t>(rank);
+  double most = 0;
+  for (const auto& mb : ranks[r]) most = std::max(most, mb.cost);
+  return rank_cost[r] + static_cast<double>(stages - 1) * most;
+}
+
 double HdpPlan::max_cost() const {
   return rank_cost.empty() ? 0.0 : *std::max_element(rank_cost.begin(), rank_cost.end());
 }
@@ -116,6 +138,11 @@ double HdpPlan::mean_cost() const {
 double HdpPlan::imbalance() const {
   const double mean = mean_cost();
   return mean > 0 ? max_cost() / mean : 1.0;
+}
+
+double ring_share(const HdpOptions& o, double s, double d) {
+  if (o.ring <= 0 || d <= 1) return o.cost.share(s, d);
+  return std::max(o.cost.a * s * s / d, o.ring * s) + o.cost.b * s / d + o.cost.c;
 }
 
 HdpPlan plan_hdp(const std::vector<SampleRef>& samples, const HdpOptions& o) {
@@ -134,8 +161,16 @@ HdpPlan plan_hdp(const std::vector<SampleRef>& samples, const HdpOptions& o) {
                     "hybrid data parallelism: the cost model {} does not grow with the sequence's "
                     "length (a or b must be > 0)",
                     o.cost.describe());
+  LOOM_CHECK_CONFIG(o.stages >= 1, "hybrid data parallelism: {} pipeline stages", o.stages);
+  LOOM_CHECK_CONFIG(std::isfinite(o.ring) && o.ring >= 0,
+                    "hybrid data parallelism: a ring cost of {} per token (it must be finite and "
+                    ">= 0)",
+                    o.ring);
   const auto pool = static_cast<size_t>(o.pool);
+  const bool pp = o.balance == HdpBalance::kPp;
+  const double bubble = pp ? static_cast<double>(o.stages - 1) : 0.0;
   HdpPlan plan;
+  plan.stages = o.stages;
   plan.ranks.resize(pool);
   plan.rank_cost.assign(pool, 0.0);
   std::vector<int64_t> order(samples.size());
@@ -152,15 +187,22 @@ HdpPlan plan_hdp(const std::vector<SampleRef>& samples, const HdpOptions& o) {
     return samples[static_cast<size_t>(x)].length > samples[static_cast<size_t>(y)].length;
   });
   // By balance: the ranks a sequence needs so that its share costs no more than the mean rank
-  // (the step's total cost over the pool: splitting moves a s^2 + b s, it adds only c per share).
+  // (the step's total cost over the pool: splitting moves a s^2 + b s, it adds only c per share);
+  // PP-balance: the share with the bubble it makes, stages x the share, no more than the mean.
   double total = 0;
   for (const auto& x : samples) total += o.cost(static_cast<double>(x.length - 1));
   const double mean = total / static_cast<double>(o.pool);
+  const double target = pp ? mean / static_cast<double>(o.stages) : mean;
   auto balance_ranks = [&](double s) -> int64_t {
-    if (!o.balance_groups || mean <= o.cost.c) return 1;
-    const double d = std::ceil((o.cost.a * s * s + o.cost.b * s) / (mean - o.cost.c) * (1 - 1e-12));
+    if (!o.balance_groups || target <= o.cost.c) return 1;
+    const double d =
+        std::ceil((o.cost.a * s * s + o.cost.b * s) / (target - o.cost.c) * (1 - 1e-12));
     return static_cast<int64_t>(std::clamp(d, 1.0, static_cast<double>(o.pool)));
   };
+  // A rank's load: its total, plus under PP-balance the bubble of its costliest micro-batch (Note:
+  // hybrid data parallelism balance modes).
+  std::vector<double> costliest(pool, 0.0);
+  auto load = [&](size_t r) { return plan.rank_cost[r] + bubble * costliest[r]; };
   // The ranks by (cost so far, rank), the least on top (ties: the lowest rank). A binary heap,
   // not an ordered set: no allocation per update, which kept the planner's time at 12,288 ranks
   // from varying with the allocator's state.
@@ -184,6 +226,12 @@ HdpPlan plan_hdp(const std::vector<SampleRef>& samples, const HdpOptions& o) {
                       i, samples[static_cast<size_t>(i)].index, s, need, o.capacity, o.pool);
     // At least one token per share.
     int64_t d = std::min(s, std::max(need, balance_ranks(static_cast<double>(s))));
+    // Past D = a s / ring a member's ring steps wait on K/V transfers, not attention: more ranks
+    // no longer shorten its share, they only add traffic (Note: hybrid data parallelism ring cost).
+    if (o.ring > 0) {
+      const double useful = std::ceil(o.cost.a * static_cast<double>(s) / o.ring * (1 - 1e-12));
+      if (useful < static_cast<double>(d)) d = std::max(need, static_cast<int64_t>(useful));
+    }
     if (o.power_of_two_groups) {
       int64_t p2 = 1;
       while (p2 < d) p2 *= 2;
@@ -204,7 +252,7 @@ HdpPlan plan_hdp(const std::vector<SampleRef>& samples, const HdpOptions& o) {
       least.pop();
     }
     std::sort(group.ranks.begin(), group.ranks.end());  // ring order: by rank
-    const double share_cost = o.cost.share(static_cast<double>(s), static_cast<double>(d));
+    const double share_cost = ring_share(o, static_cast<double>(s), static_cast<double>(d));
     for (int64_t j = 0; j < d; ++j) {
       const auto r = static_cast<size_t>(group.ranks[static_cast<size_t>(j)]);
       HdpMicroBatch mb;
@@ -214,7 +262,8 @@ HdpPlan plan_hdp(const std::vector<SampleRef>& samples, const HdpOptions& o) {
       mb.cost = share_cost;
       plan.ranks[r].push_back(mb);
       plan.rank_cost[r] += share_cost;
-      least.emplace(plan.rank_cost[r], static_cast<int>(r));
+      costliest[r] = std::max(costliest[r], share_cost);
+      least.emplace(load(r), static_cast<int>(r));
     }
     plan.groups.push_back(std::move(group));
   }
@@ -224,7 +273,7 @@ HdpPlan plan_hdp(const std::vector<SampleRef>& samples, const HdpOptions& o) {
   for (const int64_t i : order) {
     const int64_t s = samples[static_cast<size_t>(i)].length - 1;
     if (grouped[static_cast<size_t>(i)]) continue;
-    const auto [cost, rank] = least.top();
+    const int rank = least.top().second;
     least.pop();
     const auto r = static_cast<size_t>(rank);
     auto& mbs = plan.ranks[r];
@@ -236,9 +285,156 @@ HdpPlan plan_hdp(const std::vector<SampleRef>& samples, const HdpOptions& o) {
     mbs[at].tokens += s;
     mbs[at].cost += t;
     plan.rank_cost[r] += t;
-    least.emplace(plan.rank_cost[r], rank);
+    costliest[r] = std::max(costliest[r], mbs[at].cost);
+    least.emplace(load(r), rank);
   }
   return plan;
+}
+
+std::vector<std::vector<int>> hdp_slots(const HdpPlan& plan) {
+  const size_t pool = plan.ranks.size();
+  std::vector<std::vector<int>> table(pool);
+  // 1. Groups in creation order: the first slot after every member's last group slot.
+  std::vector<int64_t> next(pool, 0), group_slot(plan.groups.size(), 0);
+  for (size_t g = 0; g < plan.groups.size(); ++g) {
+    int64_t slot = 0;
+    for (const int r : plan.groups[g].ranks) slot = std::max(slot, next[static_cast<size_t>(r)]);
+    group_slot[g] = slot;
+    for (const int r : plan.groups[g].ranks) next[static_cast<size_t>(r)] = slot + 1;
+  }
+  size_t most = 0;
+  for (size_t r = 0; r < pool; ++r) {
+    auto& t = table[r];
+    const auto& mbs = plan.ranks[r];
+    for (size_t k = 0; k < mbs.size(); ++k) {
+      if (mbs[k].group < 0) continue;
+      const auto slot = static_cast<size_t>(group_slot[static_cast<size_t>(mbs[k].group)]);
+      if (t.size() <= slot) t.resize(slot + 1, -1);
+      t[slot] = static_cast<int>(k);
+    }
+    // 2. Packed micro-batches into the free slots in order, then after them.
+    size_t free = 0;
+    for (size_t k = 0; k < mbs.size(); ++k) {
+      if (mbs[k].group >= 0) continue;
+      while (free < t.size() && t[free] >= 0) ++free;
+      if (free == t.size()) t.push_back(-1);
+      t[free] = static_cast<int>(k);
+    }
+    most = std::max(most, t.size());
+  }
+  // 3. Empty slots to the longest.
+  for (auto& t : table) t.resize(most, -1);
+  return table;
+}
+
+// [Note: hybrid data parallelism pipeline simulation]
+// The operations (pool rank p, stage s, slot m, forward or backward) form a graph whose edges are
+// each stage's 1F1B order and the pipeline's dependencies; a group's members' operations at one
+// (stage, slot, direction) are one node (they run together). Start times are the longest paths:
+// one pass in topological order (Kahn's algorithm); nodes left over lie on a cycle (a deadlock).
+std::vector<double> simulate_hdp_step(
+    const HdpPlan& plan, int stages,
+    const std::function<double(int rank, const HdpMicroBatch& mb)>& time) {
+  LOOM_CHECK_CONFIG(stages >= 1, "simulate_hdp_step: {} stages", stages);
+  const auto slots = hdp_slots(plan);
+  const size_t pool = slots.size();
+  const size_t m_all = pool == 0 ? 0 : slots[0].size();
+  const auto S = static_cast<size_t>(stages);
+  const size_t plain = pool * S * m_all * 2;
+  auto op = [&](size_t p, size_t s, size_t m, size_t backward) {
+    const int k = slots[p][m];
+    if (k >= 0) {
+      const int64_t g = plan.ranks[p][static_cast<size_t>(k)].group;
+      if (g >= 0) return plain + ((static_cast<size_t>(g) * S + s) * 2 + backward);
+    }
+    return ((p * S + s) * m_all + m) * 2 + backward;
+  };
+  const size_t nodes = plain + plan.groups.size() * S * 2;
+  std::vector<double> duration(nodes, 0.0);
+  std::vector<std::pair<uint32_t, uint32_t>> edges;
+  edges.reserve(nodes * 2);
+  auto edge = [&](size_t u, size_t v) {
+    edges.emplace_back(static_cast<uint32_t>(u), static_cast<uint32_t>(v));
+  };
+  LOOM_INTERNAL_CHECK(nodes < (size_t{1} << 32), "simulate_hdp_step: {} operations", nodes);
+  for (size_t p = 0; p < pool; ++p) {
+    for (size_t m = 0; m < m_all; ++m) {
+      const int k = slots[p][m];
+      const double t =
+          k >= 0 ? time(static_cast<int>(p), plan.ranks[p][static_cast<size_t>(k)]) : 0.0;
+      for (size_t s = 0; s < S; ++s) {
+        // A group's node takes its slowest member's time (members' shares cost the same).
+        auto& f = duration[op(p, s, m, 0)];
+        auto& b = duration[op(p, s, m, 1)];
+        f = std::max(f, t / (3.0 * static_cast<double>(S)));
+        b = std::max(b, 2.0 * t / (3.0 * static_cast<double>(S)));
+        if (s + 1 < S) {
+          edge(op(p, s, m, 0), op(p, s + 1, m, 0));
+          edge(op(p, s + 1, m, 1), op(p, s, m, 1));
+        } else {
+          edge(op(p, s, m, 0), op(p, s, m, 1));
+        }
+      }
+    }
+    // Each stage's 1F1B order.
+    for (size_t s = 0; s < S; ++s) {
+      const size_t warm = std::min(S - 1 - s, m_all);
+      std::vector<size_t> order;
+      order.reserve(2 * m_all);
+      for (size_t m = 0; m < warm; ++m) order.push_back(op(p, s, m, 0));
+      for (size_t m = warm; m < m_all; ++m) {
+        order.push_back(op(p, s, m, 0));
+        order.push_back(op(p, s, m - warm, 1));
+      }
+      for (size_t m = m_all - warm; m < m_all; ++m) order.push_back(op(p, s, m, 1));
+      for (size_t i = 1; i < order.size(); ++i) edge(order[i - 1], order[i]);
+    }
+  }
+  // Compressed adjacency, then the longest paths in topological order.
+  std::vector<uint32_t> first(nodes + 1, 0), indegree(nodes, 0), to(edges.size());
+  for (const auto& [u, v] : edges) {
+    ++first[u + 1];
+    ++indegree[v];
+  }
+  std::partial_sum(first.begin(), first.end(), first.begin());
+  {
+    std::vector<uint32_t> at(first.begin(), first.end() - 1);
+    for (const auto& [u, v] : edges) to[at[u]++] = v;
+  }
+  edges = {};
+  std::vector<double> start(nodes, 0.0);
+  std::vector<uint32_t> ready;
+  for (size_t v = 0; v < nodes; ++v) {
+    if (indegree[v] == 0) ready.push_back(static_cast<uint32_t>(v));
+  }
+  size_t done = 0;
+  while (!ready.empty()) {
+    const uint32_t u = ready.back();
+    ready.pop_back();
+    ++done;
+    const double finish = start[u] + duration[u];
+    for (uint32_t e = first[u]; e < first[u + 1]; ++e) {
+      const uint32_t v = to[e];
+      start[v] = std::max(start[v], finish);
+      if (--indegree[v] == 0) ready.push_back(v);
+    }
+  }
+  LOOM_INTERNAL_CHECK(done == nodes,
+                      "simulate_hdp_step: the slot layout deadlocks under 1F1B ({} of {} "
+                      "operations wait on each other)",
+                      nodes - done, nodes);
+  std::vector<double> finish(pool, 0.0);
+  for (size_t p = 0; p < pool; ++p) {
+    for (size_t s = 0; s < S; ++s) {
+      for (size_t m = 0; m < m_all; ++m) {
+        for (size_t d = 0; d < 2; ++d) {
+          const size_t v = op(p, s, m, d);
+          finish[p] = std::max(finish[p], start[v] + duration[v]);
+        }
+      }
+    }
+  }
+  return finish;
 }
 
 }  // namespace loom::data

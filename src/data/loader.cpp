@@ -22,6 +22,9 @@ PlanLayout LoaderOptions::layout() const {
   l.equal_micro_batches = equal_micro_batches;
   l.hdp = hdp;
   l.cost = cost;
+  l.hdp_balance = hdp_balance;
+  l.stages = stages;
+  l.ring = ring;
   return l;
 }
 
@@ -75,6 +78,20 @@ LoaderOptions LoaderOptions::from_config(const config::JobConfig& job, int dp_si
                       c.size());
     if (c.size() == 3) o.cost = CostModel{c[0], c[1], c[2]};
   }
+  LOOM_CHECK_CONFIG(job.parallel().hdp_balance().empty() || o.hdp,
+                    "field 'parallel.hdp_balance' ('{}') picks how the hybrid-data-parallel "
+                    "scheduler balances: it needs parallel.hdp: true",
+                    job.parallel().hdp_balance());
+  o.stages = std::max(job.parallel().pp(), 1);
+  o.hdp_balance = parse_hdp_balance(job.parallel().hdp_balance(), o.stages);
+  LOOM_CHECK_CONFIG(
+      std::isfinite(job.parallel().hdp_ring_gbps()) && job.parallel().hdp_ring_gbps() >= 0,
+      "field 'parallel.hdp_ring_gbps' ({}) must be a bandwidth >= 0 in GB/s",
+      job.parallel().hdp_ring_gbps());
+  LOOM_CHECK_CONFIG(job.parallel().hdp_ring_gbps() == 0 || o.hdp,
+                    "field 'parallel.hdp_ring_gbps' ({}) tells the hybrid-data-parallel scheduler "
+                    "the ring's bandwidth: it needs parallel.hdp: true",
+                    job.parallel().hdp_ring_gbps());
   const bool sp = job.parallel().sequence_parallel() && tp_size > 1;
   if (o.mode == BatchMode::kWindows) {
     LOOM_CHECK_CONFIG(
@@ -119,9 +136,11 @@ std::string MicroBatchLoader::describe() const {
     return fmt::format(
         "{} documents per step (pieces of at most {} tokens) planned over a pool of {} rank(s) "
         "with hybrid data parallelism: a rank holds at most {} tokens per micro-batch, a longer "
-        "piece runs on a group of ranks (ring attention); cost model {}; the loss is per token "
-        "over the global batch{}",
+        "piece runs on a group of ranks (ring attention); cost model {}; {}-balance{}; the loss is "
+        "per token over the global batch{}",
         o.global_batch, o.seq_len, o.dp_size, o.micro_batch_tokens, o.cost.describe(),
+        hdp_balance_name(o.hdp_balance),
+        o.stages > 1 ? fmt::format(" over {} pipeline stages", o.stages) : std::string(),
         o.outlier_tokens > 0
             ? fmt::format("; documents over {} tokens wait in the outlier queue (batches of {}, "
                           "at most {} steps)",

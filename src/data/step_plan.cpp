@@ -142,44 +142,25 @@ void plan_hdp_step(const std::vector<SampleRef>& samples, const PlanLayout& l, S
   o.pool = pool;
   o.capacity = l.micro_batch_tokens;
   o.cost = l.cost;
+  o.balance = l.hdp_balance;
+  o.stages = l.stages;
+  o.ring = l.ring;
   const HdpPlan hp = seqs.empty() ? HdpPlan{} : plan_hdp(seqs, o);
   // Slots (Note: hybrid data parallelism slots).
-  std::vector<std::vector<const HdpMicroBatch*>> table(static_cast<size_t>(pool));
-  std::vector<int64_t> next(static_cast<size_t>(pool), 0);
-  std::vector<int64_t> group_slot(hp.groups.size(), 0);
-  for (size_t g = 0; g < hp.groups.size(); ++g) {
-    int64_t slot = 0;
-    for (int r : hp.groups[g].ranks) slot = std::max(slot, next[static_cast<size_t>(r)]);
-    group_slot[g] = slot;
-    for (int r : hp.groups[g].ranks) next[static_cast<size_t>(r)] = slot + 1;
-  }
+  const auto table =
+      seqs.empty() ? std::vector<std::vector<int>>(static_cast<size_t>(pool)) : hdp_slots(hp);
   int64_t units = static_cast<int64_t>(hp.groups.size());
-  size_t most = 0;
-  for (int r = 0; r < pool && !hp.ranks.empty(); ++r) {
-    auto& t = table[static_cast<size_t>(r)];
-    for (const HdpMicroBatch& mb : hp.ranks[static_cast<size_t>(r)]) {
-      if (mb.group < 0) continue;
-      const auto slot = static_cast<size_t>(group_slot[static_cast<size_t>(mb.group)]);
-      if (t.size() <= slot) t.resize(slot + 1, nullptr);
-      t[slot] = &mb;
-    }
-    size_t free = 0;
-    for (const HdpMicroBatch& mb : hp.ranks[static_cast<size_t>(r)]) {
-      if (mb.group >= 0) continue;
-      ++units;
-      while (free < t.size() && t[free] != nullptr) ++free;
-      if (free == t.size()) t.push_back(nullptr);
-      t[free] = &mb;
-    }
-    most = std::max(most, t.size());
+  for (const auto& mbs : hp.ranks) {
+    for (const auto& mb : mbs) units += mb.group < 0 ? 1 : 0;
   }
   auto round_up = [](int64_t n, int64_t m) { return (n + m - 1) / m * m; };
   MicroBatchPlan empty;
   empty.rows.emplace_back();  // one row of padding only
   empty.row_len = l.pad_multiple;
   const auto& mine = table[static_cast<size_t>(l.dp_rank)];
-  for (size_t slot = 0; slot < most; ++slot) {
-    const HdpMicroBatch* mb = slot < mine.size() ? mine[slot] : nullptr;
+  for (const int k : mine) {
+    const HdpMicroBatch* mb =
+        k < 0 ? nullptr : &hp.ranks[static_cast<size_t>(l.dp_rank)][static_cast<size_t>(k)];
     if (mb == nullptr) {
       plan.micro_batches.push_back(empty);
       continue;

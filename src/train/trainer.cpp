@@ -132,6 +132,7 @@ Trainer::Trainer(const config::JobConfig& config, comm::CommunicatorPtr world,
   build_data(spec);
   build_model(spec);
   if (hdp_ && config_.parallel().hdp_cost().empty()) fit_hdp_cost(spec);
+  if (hdp_) set_hdp_ring(spec);
   set_offload_rule(spec);
   build_optimizer(spec);
   build_executor();
@@ -324,6 +325,37 @@ void Trainer::fit_hdp_cost(const model::ModelSpec& spec) {
       "mean over {} ranks): {}{} (a resumed run takes its checkpoint's)",
       measured, world_->size(), cost.describe(),
       from_flops ? " (the quadratic term from the FLOPs, unseen at these lengths)" : "");
+}
+
+// Note: hybrid data parallelism ring cost. A group member streams the whole sequence's keys and
+// values through this stage's layers three times (forward K/V, backward K/V and dK/dV): per token,
+// 3 x 2 x (its KV heads) x head_dim x the compute dtype's bytes x layers, over the link.
+void Trainer::set_hdp_ring(const model::ModelSpec& spec) {
+  const double gbps = config_.parallel().hdp_ring_gbps();
+  if (gbps <= 0) return;
+  const bool seconds = !config_.parallel().hdp_cost().empty() || loader_->cost_fitted();
+  if (!seconds) {
+    LOOM_LOG_WARN(
+        "parallel.hdp_ring_gbps: the cost model ({}) was not fitted in seconds at start-up, so "
+        "the scheduler cannot weigh the ring's transfers against it; it plans as if they hide "
+        "behind compute",
+        loader_->options().cost.describe());
+    return;
+  }
+  int64_t layers = 0;
+  for (const auto& chunk : chunks_) {
+    const auto& st = chunk->stage();
+    layers += st.num_layers >= 0 ? st.num_layers : spec.num_layers - st.first_layer;
+  }
+  const int64_t kv_heads = std::max<int64_t>(spec.num_kv_heads / groups_->tp_size(), 1);
+  const double bytes = 3.0 * 2.0 * static_cast<double>(kv_heads * spec.head_dim) *
+                       static_cast<double>(c10::elementSize(spec.compute_dtype)) *
+                       static_cast<double>(std::max<int64_t>(layers, 1));
+  loader_->set_ring(bytes / (gbps * 1e9));
+  LOOM_LOG_INFO(
+      "hdp: ring attention moves {} B per token of a group's sequence on each member at {} GB/s "
+      "({:.3g} s per token); no group grows past the size where that bounds its share",
+      bytes, gbps, bytes / (gbps * 1e9));
 }
 
 // Note: activation offload. ByteScale's rule needs the cost model in seconds: the start-up fit

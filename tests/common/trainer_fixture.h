@@ -10,6 +10,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/core/grad_mode.h>
+#include <fmt/format.h>
 #include <gtest/gtest.h>
 #include <unistd.h>
 
@@ -367,6 +368,10 @@ struct Layout {
   // sequences longer than the capacity, and with hdp_fit each micro-batch's share by ByteScale's
   // rule (train.offload_bandwidth_gbps 16).
   double offload = 0;
+  // parallel.hdp_balance ("": pp under pipeline parallelism) and parallel.hdp_ring_gbps (Note:
+  // hybrid data parallelism balance modes, ring cost).
+  std::string hdp_balance;
+  double ring_gbps = 0;
 
   int dp() const { return world()->size() / (tp * pp * cp); }
   std::string str() const {
@@ -395,6 +400,8 @@ struct Layout {
     if (first_dense > 0) s += " dense" + std::to_string(first_dense);
     if (documents) s += " documents";
     if (hdp) s += " hdp C" + std::to_string(hdp_capacity) + (hdp_fit ? " fitted" : "");
+    if (!hdp_balance.empty()) s += " " + hdp_balance + "-balance";
+    if (ring_gbps > 0) s += " ring" + fmt::format("{:g}", ring_gbps) + "GB/s";
     if (outlier_tokens > 0) s += " outliers>" + std::to_string(outlier_tokens);
     if (offload > 0) s += " offload" + std::to_string(offload).substr(0, 4);
     if (sgd) s += " sgd";
@@ -475,6 +482,8 @@ inline loom::config::JobConfig with_layout(loom::config::JobConfig j, const Layo
     if (!c.hdp_fit) {
       for (double v : {0.02, 1.0, 0.0}) par->add_hdp_cost(v);
     }
+    par->set_hdp_balance(c.hdp_balance);
+    par->set_hdp_ring_gbps(c.ring_gbps);
   }
   if (c.offload > 0) {
     j.mutable_train()->set_offload_fraction(c.offload);

@@ -85,7 +85,10 @@ void expect_valid(const std::vector<SampleRef>& samples, const HdpOptions& o, co
   EXPECT_EQ(tokens_of.size(), samples.size()) << what << ": samples missing from the plan";
   double total = 0;
   for (const auto& x : samples) total += o.cost(static_cast<double>(x.length - 1));
-  const double mean = total / o.pool;
+  // PP-balance: the share with its bubble, stages x the share, against the mean (Note: hybrid data
+  // parallelism balance modes).
+  const bool pp = o.balance == loom::data::HdpBalance::kPp;
+  const double mean = total / o.pool / (pp ? o.stages : 1);
   for (size_t i = 0; i < samples.size(); ++i) {
     const int64_t s = samples[i].length - 1;
     EXPECT_EQ(tokens_of[static_cast<int64_t>(i)], s) << what << ": sample " << i;
@@ -102,11 +105,16 @@ void expect_valid(const std::vector<SampleRef>& samples, const HdpOptions& o, co
       EXPECT_EQ(d, need) << what << ": sample " << i;
       continue;
     }
+    // The ring cost (Note: hybrid data parallelism ring cost): no larger than a s / ring.
+    const double useful = o.ring > 0 ? o.cost.a * static_cast<double>(s) / o.ring : 1e300;
     if (d > need) {
       EXPECT_GT(work / static_cast<double>(d - 1) + o.cost.c, mean * (1 - 1e-9))
           << what << ": sample " << i << " split over more ranks than it needs";
+      EXPECT_LE(static_cast<double>(d - 1), useful)
+          << what << ": sample " << i << " split past the point where transfers bound it";
     }
-    if (d < std::min<int64_t>(o.pool, s) && mean > o.cost.c) {
+    if (static_cast<double>(d) < useful - 1 && d < std::min<int64_t>(o.pool, s) &&
+        mean > o.cost.c) {
       EXPECT_LE(work / static_cast<double>(d) + o.cost.c, mean * (1 + 1e-9))
           << what << ": sample " << i << " costs more per rank than the mean rank";
     }
@@ -132,6 +140,14 @@ TEST(BalanceScheduler, RandomBatchesKeepEveryPromise) {
     o.cost = CostModel{static_cast<double>(rng() % 3) * 1e-3, 1.0, static_cast<double>(rng() % 2)};
     o.balance_groups = c % 4 != 1;       // a quarter sized by memory alone
     o.power_of_two_groups = c % 4 == 2;  // a quarter with power-of-two groups
+    // A third PP-balance over 2 to 8 stages, a fifth with a ring cost.
+    if (c % 3 == 0) {
+      o.balance = loom::data::HdpBalance::kPp;
+      o.stages = 2 + static_cast<int>(rng() % 7);
+    } else {
+      o.stages = 1 + static_cast<int>(rng() % 4);  // DP-balance ignores the stages
+    }
+    if (c % 5 == 0 && o.cost.a > 0) o.ring = o.cost.a * static_cast<double>(16 + rng() % 256);
     const int n = 1 + static_cast<int>(rng() % 200);
     // Lengths up to what the whole pool can hold as one group (with power-of-two groups, the
     // largest power of two in the pool).
@@ -162,27 +178,112 @@ TEST(BalanceScheduler, RandomBatchesKeepEveryPromise) {
       ASSERT_EQ(a.size(), b.size()) << what;
       for (size_t m = 0; m < a.size(); ++m) ASSERT_EQ(a[m].samples, b[m].samples) << what;
     }
-    // Greedy list scheduling on top of the groups' loads: the busiest rank is either one the
-    // packing left alone (at most the busiest after the groups) or within one sequence of the mean.
-    double after_groups = 0, biggest = 0;
+    // Greedy list scheduling on top of the groups' loads: a short sequence goes to the least
+    // loaded rank, whose load never exceeds the final least one, and raises it by at most its cost
+    // (PP-balance: its cost x stages, the sum and the costliest micro-batch both growing). So the
+    // busiest rank is one the packing left alone (at most the busiest after the groups) or within
+    // one sequence of the least loaded. The load: the sum, or PP-balance's pipeline estimate.
+    const bool pp = o.balance == loom::data::HdpBalance::kPp;
+    const double bubble = pp ? o.stages - 1 : 0;
+    double after_groups = 0, biggest = 0, least = 1e300, most = 0;
     {
-      std::vector<double> load(static_cast<size_t>(o.pool), 0.0);
       for (int r = 0; r < o.pool; ++r) {
+        double sum = 0, top = 0;
         for (const auto& mb : p.ranks[static_cast<size_t>(r)]) {
-          if (mb.group >= 0) load[static_cast<size_t>(r)] += mb.cost;
+          if (mb.group < 0) continue;
+          sum += mb.cost;
+          top = std::max(top, mb.cost);
         }
+        after_groups = std::max(after_groups, sum + bubble * top);
+        const double load = pp ? p.pipeline_cost(r) : p.rank_cost[static_cast<size_t>(r)];
+        least = std::min(least, load);
+        most = std::max(most, load);
       }
-      after_groups = *std::max_element(load.begin(), load.end());
       for (const auto& s : samples) {
         if (s.length - 1 <= o.capacity) biggest = std::max(biggest, o.cost(s.length - 1.0));
       }
     }
-    EXPECT_LE(p.max_cost(), std::max(after_groups, p.mean_cost() + biggest) * (1 + 1e-12)) << what;
+    EXPECT_LE(most, std::max(after_groups, least + (1 + bubble) * biggest) * (1 + 1e-12) + 1e-12)
+        << what;
+    // The plan as the Trainer runs it (slots, 1F1B over the stages) never deadlocks, and its step
+    // is at least every pipeline's work over the stages and every micro-batch's time.
+    const int stages = 1 + c % 5;
+    const auto finish = loom::data::simulate_hdp_step(
+        p, stages, [](int, const loom::data::HdpMicroBatch& mb) { return mb.cost; });
+    ASSERT_EQ(finish.size(), static_cast<size_t>(o.pool)) << what;
+    for (int r = 0; r < o.pool; ++r) {
+      double top = 0;
+      for (const auto& mb : p.ranks[static_cast<size_t>(r)]) top = std::max(top, mb.cost);
+      EXPECT_GE(finish[static_cast<size_t>(r)] * (1 + 1e-9),
+                std::max(p.rank_cost[static_cast<size_t>(r)] / stages, top))
+          << what << ": rank " << r;
+    }
     ++cases;
     with_groups += p.groups.empty() ? 0 : 1;
   }
   EXPECT_EQ(cases, 2000) << refused << " refused";
   EXPECT_GT(with_groups, 500) << "too few cases exercise long sequences";
+}
+
+// [Note: hybrid data parallelism pipeline simulation] against closed forms: M equal micro-batches
+// of time w through S stages under 1F1B take (M + S - 1) w / S (every stage's forward w / 3S and
+// backward 2w / 3S, the first micro-batch reaching the last stage after S - 1 forwards and the last
+// backward leaving the first stage S - 1 backwards after the last stage's); with one stage a
+// rank's time is its sum; and a group starts when its last member is ready.
+TEST(BalanceScheduler, PipelineSimulationMatchesClosedForms) {
+  using loom::data::HdpMicroBatch;
+  auto cost = [](int, const HdpMicroBatch& mb) { return mb.cost; };
+  for (int stages = 1; stages <= 6; ++stages) {
+    for (int m = 1; m <= 9; ++m) {
+      HdpPlan p;
+      p.ranks.resize(1);
+      for (int k = 0; k < m; ++k) p.ranks[0].push_back(HdpMicroBatch{{k}, -1, 1, 3.0});
+      p.rank_cost = {3.0 * m};
+      const auto f = loom::data::simulate_hdp_step(p, stages, cost);
+      EXPECT_NEAR(f[0], (m + stages - 1) * 3.0 / stages, 1e-12) << m << " x " << stages;
+    }
+  }
+  // Groups: g0 on ranks {0, 1}, g1 on {1, 2}; rank 2's packed micro-batch (5) takes slot 0, so g1
+  // (slot 1) waits for it: rank 1 finishes at max(1, 5) + 2, rank 0 at 1 + 4 (its packed one).
+  HdpPlan p;
+  p.groups = {{0, {0, 1}}, {1, {1, 2}}};
+  p.ranks = {{HdpMicroBatch{{0}, 0, 1, 1.0}, HdpMicroBatch{{2}, -1, 1, 4.0}},
+             {HdpMicroBatch{{0}, 0, 1, 1.0}, HdpMicroBatch{{1}, 1, 1, 2.0}},
+             {HdpMicroBatch{{1}, 1, 1, 2.0}, HdpMicroBatch{{3}, -1, 1, 5.0}}};
+  p.rank_cost = {5.0, 3.0, 7.0};
+  const auto slots = loom::data::hdp_slots(p);
+  ASSERT_EQ(slots, (std::vector<std::vector<int>>{{0, 1}, {0, 1}, {1, 0}}));
+  const auto f = loom::data::simulate_hdp_step(p, 1, cost);
+  EXPECT_NEAR(f[0], 5.0, 1e-12);
+  EXPECT_NEAR(f[1], 7.0, 1e-12);
+  EXPECT_NEAR(f[2], 7.0, 1e-12);
+  // The same under 2 stages (per stage a forward takes w / 6, a backward w / 3; stage 0 runs
+  // F0 F1 B0 B1, stage 1 F0 B0 F1 B1), worked by hand in sixths: rank 2's packed micro-batch
+  // leaves stage 0 at 5 and stage 1 at 10, its backward there ends at 20; g1's forward starts on
+  // stage 0 at 5 (ends 7) and on stage 1 after rank 2's backward, at 20 (ends 22); its backward on
+  // stage 1 ends at 26. Rank 2's backward on stage 0 runs 20..30, so g1's there runs 30..34: ranks
+  // 1 and 2 finish at 34/6. Rank 0: its packed micro-batch's backward on stage 1 runs 9..17, on
+  // stage 0 17..25.
+  const auto g = loom::data::simulate_hdp_step(p, 2, cost);
+  EXPECT_NEAR(g[0], 25.0 / 6, 1e-12);
+  EXPECT_NEAR(g[1], 34.0 / 6, 1e-12);
+  EXPECT_NEAR(g[2], 34.0 / 6, 1e-12);
+}
+
+TEST(BalanceScheduler, BalanceModesParseAndNameBadValues) {
+  using loom::data::HdpBalance;
+  EXPECT_EQ(loom::data::parse_hdp_balance("", 1), HdpBalance::kDp);
+  EXPECT_EQ(loom::data::parse_hdp_balance("", 4), HdpBalance::kPp);
+  EXPECT_EQ(loom::data::parse_hdp_balance("dp", 4), HdpBalance::kDp);
+  EXPECT_EQ(loom::data::parse_hdp_balance("pp", 1), HdpBalance::kPp);
+  try {
+    (void)loom::data::parse_hdp_balance("zigzag", 2);
+    ADD_FAILURE() << "a bad balance mode was accepted";
+  } catch (const loom::Error& e) {
+    EXPECT_EQ(e.kind(), loom::ErrorKind::kConfig);
+    EXPECT_NE(std::string(e.what()).find("parallel.hdp_balance 'zigzag'"), std::string::npos)
+        << e.what();
+  }
 }
 
 // A worked example: pool 4, capacity 10. The 25-token sequence takes 3 ranks (9, 8, 8 tokens);
@@ -331,6 +432,8 @@ TEST(BalanceScheduler, HdpStepPlansKeepEveryPromise) {
     l.pad_multiple = 1 + static_cast<int64_t>(rng() % 2);
     l.max_piece_tokens = l.micro_batch_tokens * (1 + static_cast<int64_t>(rng() % l.dp_size));
     l.cost = CostModel{static_cast<double>(rng() % 3) * 1e-2, 1.0, 0.0};
+    l.stages = 1 + static_cast<int>(rng() % 4);
+    l.hdp_balance = c % 2 == 0 ? loom::data::HdpBalance::kPp : loom::data::HdpBalance::kDp;
     const int n = 1 + static_cast<int>(rng() % 40);
     auto samples = long_tail(rng, n, 3 * l.max_piece_tokens);
     if (c % 10 == 0) samples.push_back({7, 1});  // a document with no target

@@ -1046,6 +1046,41 @@ TEST(Loader, OutlierQueueDelaysLongDocumentsWithoutLosingAny) {
     }
     j.mutable_parallel()->set_hdp(true);
     EXPECT_EQ(loom::data::LoaderOptions::from_config(j, 2, 0, 1, at::kCPU).outlier_tokens, 12);
+    // The balance mode (Note: hybrid data parallelism balance modes): pp under pipeline
+    // parallelism unless set; bad values, or either field without parallel.hdp, name the field.
+    EXPECT_EQ(loom::data::LoaderOptions::from_config(j, 2, 0, 1, at::kCPU).hdp_balance,
+              loom::data::HdpBalance::kDp);
+    j.mutable_parallel()->set_pp(2);
+    const auto pp = loom::data::LoaderOptions::from_config(j, 2, 0, 1, at::kCPU);
+    EXPECT_EQ(pp.hdp_balance, loom::data::HdpBalance::kPp);
+    EXPECT_EQ(pp.stages, 2);
+    EXPECT_EQ(pp.layout().stages, 2);
+    EXPECT_EQ(pp.layout().hdp_balance, loom::data::HdpBalance::kPp);
+    j.mutable_parallel()->set_hdp_balance("dp");
+    EXPECT_EQ(loom::data::LoaderOptions::from_config(j, 2, 0, 1, at::kCPU).hdp_balance,
+              loom::data::HdpBalance::kDp);
+    auto refused = [&](const loom::config::JobConfig& bad, const std::string& field) {
+      try {
+        (void)loom::data::LoaderOptions::from_config(bad, 2, 0, 1, at::kCPU);
+        ADD_FAILURE() << field << ": accepted";
+      } catch (const loom::Error& e) {
+        EXPECT_EQ(e.kind(), loom::ErrorKind::kConfig);
+        EXPECT_NE(std::string(e.what()).find(field), std::string::npos) << e.what();
+      }
+    };
+    auto bad = j;
+    bad.mutable_parallel()->set_hdp_balance("pipeline");
+    refused(bad, "parallel.hdp_balance 'pipeline'");
+    bad = j;
+    bad.mutable_parallel()->set_hdp_ring_gbps(-1);
+    refused(bad, "parallel.hdp_ring_gbps");
+    bad = j;
+    bad.mutable_parallel()->set_hdp(false);
+    bad.mutable_data()->set_outlier_tokens(0);
+    refused(bad, "parallel.hdp_balance");
+    bad.mutable_parallel()->clear_hdp_balance();
+    bad.mutable_parallel()->set_hdp_ring_gbps(25);
+    refused(bad, "parallel.hdp_ring_gbps");
   }
   // Bad saved queues name the entry.
   auto bad = saved;

@@ -20,6 +20,7 @@
 
 #include "loom/comm/local_communicator.h"
 #include "loom/data/loader.h"
+#include "loom/model/model_spec.h"
 #include "loom/model/offload.h"
 #include "loom/train/trainer.h"
 #include "test_world.h"
@@ -282,6 +283,8 @@ TEST(Layouts, HybridDataParallelismEqualsTheSingleProcess) {
   // balance and z losses (statistics of each micro-batch's tokens, and HDP's micro-batches are not
   // the single process's) but with the aux-loss-free expert bias, whose loads are the step's. One
   // case delays the long documents through the outlier queue (Note: outlier queue) in both runs.
+  // The pipeline cases run both balance modes (Note: hybrid data parallelism balance modes): PP 2
+  // by default PP-balance at 4 ranks, DP-balance set at 8; one case gives the ring's bandwidth.
   LOOM_REQUIRE_PARALLEL_WORLD();
   const int n = loom::testing::world()->size();
   std::vector<Layout> v;
@@ -302,18 +305,22 @@ TEST(Layouts, HybridDataParallelismEqualsTheSingleProcess) {
     hdp(d, 4);      // pool 4: groups of 2 to 4
     Layout t = make("moe", 2, 1, 1);
     t.sp = true;  // a group's rows pad to group x tp
+    // A ring so slow (against hdp_cost's seconds) that no group grows past what memory needs
+    // (Note: hybrid data parallelism ring cost).
+    t.ring_gbps = 1e-6;
     hdp(t, 8);
     Layout p = make("gpt2", 1, 2, 1, 4);
     p.schedule = "1f1b";
     p.zero = true;
     p.outlier_tokens = 16;  // the tail waits in the outlier queue, in both runs
-    hdp(p, 8);
+    hdp(p, 8);              // PP-balance (the default under pipeline parallelism)
   } else if (n == 8) {
     Layout t = make("gpt", 2, 2, 1, 4);
     t.schedule = "1f1b";
     t.sp = true;
     t.recompute = true;
-    t.offload = 0.5;  // the checkpoints of the long sequences' first block per stage
+    t.offload = 0.5;       // the checkpoints of the long sequences' first block per stage
+    t.hdp_balance = "dp";  // DP-balance under pipeline parallelism
     hdp(t, 8);
     Layout m = make("moe", 1, 1, 1);
     m.ep = 2;
@@ -345,6 +352,16 @@ TEST(Layouts, HybridDataParallelismEqualsTheSingleProcess) {
       EXPECT_GT(hi.sum().item<double>(), 0) << c.str();
       EXPECT_FALSE(cost.a == 0 && cost.b == 1 && cost.c == 0) << c.str() << ": not fitted";
       fitted = cost;  // its plans depend on the timings: check those of this model
+    }
+    if (c.ring_gbps > 0) {
+      // 3 transfers x K and V x this rank's KV heads x head_dim x fp32 bytes x layers per token.
+      Trainer t(job, loom::testing::world());
+      const auto spec = loom::model::ModelSpec::from_config(job.model());
+      const double bytes = 3.0 * 2 * std::max<int64_t>(spec.num_kv_heads / c.tp, 1) *
+                           spec.head_dim * 4 * spec.num_layers / c.pp;
+      EXPECT_NEAR(t.loader().options().ring, bytes / (c.ring_gbps * 1e9),
+                  1e-12 * bytes / (c.ring_gbps * 1e9))
+          << c.str();
     }
     auto source = loom::data::make_source(job, job.model().vocab_size(), 16);
     auto o = loom::data::LoaderOptions::from_config(job, pool, 0, c.tp, at::kCPU, 1);

@@ -30,9 +30,26 @@
 // slots: every rank the same number of micro-batches, a group's members in the same slot (Note:
 // hybrid data parallelism slots in step_plan.cpp). The plan is deterministic: every rank computes
 // the whole plan from the same inputs.
+//
+// [Note: hybrid data parallelism balance modes]
+// ByteScale balances in one of two ways (section 6), HdpOptions::balance:
+//   DP-balance (pp = 1): a rank's load is the sum of its micro-batches' costs; the steps above
+//     even out the sums (LPT).
+//   PP-balance (pipeline parallelism, `stages` > 1): a pool rank is one pipeline (its ranks at the
+//     other stages run the same micro-batches), and under 1F1B a pipeline of micro-batches costing
+//     w_1..w_M takes about (sum_m w_m + (stages - 1) max_m w_m) / stages: the warm-up and cool-down
+//     bubbles are set by the costliest micro-batch. That estimate is the load the steps above
+//     balance instead of the sum, so a pipeline holding a long sequence's share (a large bubble)
+//     gets fewer other micro-batches and the pipelines of short sequences more: ranks run
+//     different numbers of real micro-batches, and micro-batches of similar cost share a pipeline.
+//     A long sequence's group is sized so that its share, bubble included (stages x the share),
+//     costs no more than the mean rank's sum; raising D shrinks the bubble it causes.
+// simulate_hdp_step measures a plan the way the Trainer runs it (slots, 1F1B over the stages,
+// every group's members in step at each of its operations); tools/plan_sim compares the modes.
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -57,7 +74,22 @@ struct HdpOptions {
   // largest that fits the pool and the sequence's tokens when that is smaller, and the plain need
   // when no power of two fits; for comparisons: tools/plan_sim).
   bool power_of_two_groups = false;
+  // Note: hybrid data parallelism balance modes. `stages`: the pipeline stages (parallel.pp).
+  HdpBalance balance = HdpBalance::kDp;
+  int stages = 1;
+  // [Note: hybrid data parallelism ring cost] The time (the cost model's unit) a group member
+  // spends per token of its sequence streaming the keys and values around the ring through every
+  // layer (3 x K/V bytes per token and layer x layers / link bandwidth: forward K/V, backward K/V
+  // and dK/dV). Ring attention overlaps each step's transfer with its block of attention, so a
+  // member's share costs max(a s^2 / D, ring s) + b s / D + c: past D = a s / ring it is
+  // transfer-bound, and more ranks add traffic without shortening it, so no group is made larger
+  // than that (nor than the balance asks). 0: transfers hide behind compute, (a s^2 + b s) / D + c.
+  double ring = 0;
 };
+
+// A member's share of a sequence of s tokens over d ranks under `o` (Note: hybrid data
+// parallelism ring cost).
+double ring_share(const HdpOptions& o, double s, double d);
 
 // One micro-batch of one rank: whole short sequences, or this rank's share of one long sequence.
 struct HdpMicroBatch {
@@ -78,6 +110,10 @@ struct HdpPlan {
   std::vector<HdpGroup> groups;                   // in creation order
   int64_t loss_tokens = 0;                        // N of the global batch
   std::vector<double> rank_cost;                  // each rank's total
+  int stages = 1;                                 // HdpOptions::stages
+  // A rank's pipeline load (Note: hybrid data parallelism balance modes): its total plus
+  // (stages - 1) x its costliest micro-batch (the total when stages is 1).
+  double pipeline_cost(int rank) const;
   double max_cost() const;
   double mean_cost() const;
   double imbalance() const;  // max / mean (1 = perfect)
@@ -87,5 +123,24 @@ struct HdpPlan {
 // sequence when one needs more ranks than the pool has, or for a bad option (a pool or capacity
 // below 1, a cost coefficient negative or not finite).
 HdpPlan plan_hdp(const std::vector<SampleRef>& samples, const HdpOptions& options);
+
+// The plan laid out in slots (Note: hybrid data parallelism slots in step_plan.cpp): [pool rank]
+// [slot] -> the index of the micro-batch in plan.ranks[rank] that runs there, or -1 for an empty
+// slot. Every rank has the same number of slots; a group's members hold its shares in one slot.
+std::vector<std::vector<int>> hdp_slots(const HdpPlan& plan);
+
+// The simulated step of `plan` as the Trainer runs it: laid out in slots (hdp_slots), each pool
+// rank a pipeline of `stages` stages running the slots under 1F1B (a stage's warm-up of
+// min(stages - 1 - stage, slots) forwards, then one forward and one backward in turn, then the
+// remaining backwards), a micro-batch taking `time(rank, micro-batch)` through the whole model:
+// 1 / stages of it per stage, a third forward and two thirds backward; an empty slot takes none.
+// A forward starts after the previous stage's forward of the slot, a backward after the next
+// stage's backward (the last stage's: after its forward), and a group's members run each of its
+// operations together (ring attention: it starts when the last member is ready). Transfers between
+// stages take no time. Returns each pool rank's finish time (the step's time is the largest).
+// Throws a kInternal error if the layout would deadlock (an operation waiting on itself).
+std::vector<double> simulate_hdp_step(
+    const HdpPlan& plan, int stages,
+    const std::function<double(int rank, const HdpMicroBatch& mb)>& time);
 
 }  // namespace loom::data

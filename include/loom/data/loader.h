@@ -58,6 +58,9 @@ struct LoaderOptions {
   // DOCUMENTS: hybrid data parallelism (PlanLayout::hdp): dp_size / dp_rank are the pool's.
   bool hdp = false;
   CostModel cost;
+  HdpBalance hdp_balance = HdpBalance::kDp;  // parallel.hdp_balance
+  int stages = 1;                            // parallel.pp (the balance modes' bubble)
+  double ring = 0;  // HdpOptions::ring, in the cost model's unit (the Trainer's set_ring)
   // Every token id read must lie in [0, vocab_size): an id outside it is a kIO error naming the
   // split, sample and position, whatever data.check_vocab says (that only skips the up-front scan
   // of a whole dataset). 0: unchecked.
@@ -118,6 +121,8 @@ class MicroBatchLoader {
   // fitted model is part of state() ("data.hdp_cost.a|b|c", the doubles' bits), and a resumed run
   // that fits its own takes the saved one instead, so it plans the same steps the same way.
   bool cost_fitted() const { return cost_fitted_; }
+  // HdpOptions::ring (Note: hybrid data parallelism ring cost); before the first next() only.
+  void set_ring(double ring) { options_.ring = ring; }
   void set_cost(const CostModel& cost, bool fitted) {
     options_.cost = cost;
     cost_fitted_ = fitted;

@@ -90,6 +90,16 @@ struct CostModel {
   std::string describe() const;
 };
 
+// Note: hybrid data parallelism balance modes.
+enum class HdpBalance {
+  kDp,  // DP-balance: equal sums of micro-batch costs
+  kPp,  // PP-balance: equal pipeline times, sum + (stages - 1) x the costliest micro-batch
+};
+// "dp" / "pp" (parallel.hdp_balance; "" picks pp when `stages` > 1, else dp); throws a kConfig
+// error naming the value otherwise.
+HdpBalance parse_hdp_balance(const std::string& name, int stages);
+std::string hdp_balance_name(HdpBalance balance);
+
 // The time of one planned micro-batch on this rank under `cost`: the sum of its pieces' T(s), or
 // for a group member its share of the group's sequence, (a s^2 + b s) / D + c.
 double micro_batch_cost(const MicroBatchPlan& mb, const CostModel& cost);
@@ -142,6 +152,9 @@ struct PlanLayout {
   // out in slots (Note: hybrid data parallelism slots): every rank runs as many micro-batches.
   bool hdp = false;
   CostModel cost;
+  HdpBalance hdp_balance = HdpBalance::kDp;  // Note: hybrid data parallelism balance modes
+  int stages = 1;                            // pipeline stages (parallel.pp)
+  double ring = 0;                           // HdpOptions::ring
 };
 
 // The plan of this rank (layout.dp_rank) for a global batch. Pure and deterministic: every rank

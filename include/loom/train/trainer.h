@@ -118,6 +118,7 @@ class Trainer {
   void log_setup(const model::ModelSpec& spec);
   // Note: hybrid data parallelism cost model. Collective over the world; before build_optimizer.
   void fit_hdp_cost(const model::ModelSpec& spec);
+  void set_hdp_ring(const model::ModelSpec& spec);
   void sum_over_pp_dp(at::Tensor& sums) const;  // collective over the pipeline and DP-CP groups
   // This CP rank's share of each micro-batch (Note: balanced context-parallel split).
   std::vector<model::Batch> cp_local(const std::vector<model::Batch>& batches) const;
