@@ -140,6 +140,10 @@ double HdpPlan::imbalance() const {
   return mean > 0 ? max_cost() / mean : 1.0;
 }
 
+double ring_knee(const HdpOptions& o, double s) {
+  return o.ring > 0 ? std::max(o.cost.a * s, o.cost.b) / o.ring : 1e300;
+}
+
 double ring_share(const HdpOptions& o, double s, double d) {
   if (o.ring <= 0 || d <= 1) return o.cost.share(s, d);
   return std::max(o.cost.a * s * s / d, o.ring * s) + o.cost.b * s / d + o.cost.c;
@@ -226,11 +230,12 @@ HdpPlan plan_hdp(const std::vector<SampleRef>& samples, const HdpOptions& o) {
                       i, samples[static_cast<size_t>(i)].index, s, need, o.capacity, o.pool);
     // At least one token per share.
     int64_t d = std::min(s, std::max(need, balance_ranks(static_cast<double>(s))));
-    // Past D = a s / ring a member's ring steps wait on K/V transfers, not attention: more ranks
-    // no longer shorten its share, they only add traffic (Note: hybrid data parallelism ring cost).
+    // Past D = max(a s, b) / ring a member's share is at most twice its floor (the K/V stream,
+    // ring s): more ranks shorten it by less than each adds in traffic (Note: hybrid data
+    // parallelism ring cost).
     if (o.ring > 0) {
-      const double useful = std::ceil(o.cost.a * static_cast<double>(s) / o.ring * (1 - 1e-12));
-      if (useful < static_cast<double>(d)) d = std::max(need, static_cast<int64_t>(useful));
+      const double knee = std::ceil(ring_knee(o, static_cast<double>(s)) * (1 - 1e-12));
+      if (knee < static_cast<double>(d)) d = std::max(need, static_cast<int64_t>(knee));
     }
     if (o.power_of_two_groups) {
       int64_t p2 = 1;
@@ -356,7 +361,10 @@ std::vector<double> simulate_hdp_step(
   auto edge = [&](size_t u, size_t v) {
     edges.emplace_back(static_cast<uint32_t>(u), static_cast<uint32_t>(v));
   };
-  LOOM_INTERNAL_CHECK(nodes < (size_t{1} << 32), "simulate_hdp_step: {} operations", nodes);
+  LOOM_CHECK_CONFIG(nodes < (size_t{1} << 30),
+                    "simulate_hdp_step: {} operations (pool x stages x slots x 2) is more than it "
+                    "handles (2^30)",
+                    nodes);
   for (size_t p = 0; p < pool; ++p) {
     for (size_t m = 0; m < m_all; ++m) {
       const int k = slots[p][m];
@@ -390,6 +398,8 @@ std::vector<double> simulate_hdp_step(
       for (size_t i = 1; i < order.size(); ++i) edge(order[i - 1], order[i]);
     }
   }
+  LOOM_INTERNAL_CHECK(edges.size() < (size_t{1} << 32), "simulate_hdp_step: {} edges",
+                      edges.size());
   // Compressed adjacency, then the longest paths in topological order.
   std::vector<uint32_t> first(nodes + 1, 0), indegree(nodes, 0), to(edges.size());
   for (const auto& [u, v] : edges) {

@@ -328,7 +328,7 @@ void Trainer::fit_hdp_cost(const model::ModelSpec& spec) {
 }
 
 // Note: hybrid data parallelism ring cost. A group member streams the whole sequence's keys and
-// values through this stage's layers three times (forward K/V, backward K/V and dK/dV): per token,
+// values through a stage's layers three times (forward K/V, backward K/V and dK/dV): per token,
 // 3 x 2 x (its KV heads) x head_dim x the compute dtype's bytes x layers, over the link.
 void Trainer::set_hdp_ring(const model::ModelSpec& spec) {
   const double gbps = config_.parallel().hdp_ring_gbps();
@@ -342,15 +342,18 @@ void Trainer::set_hdp_ring(const model::ModelSpec& spec) {
         loader_->options().cost.describe());
     return;
   }
-  int64_t layers = 0;
-  for (const auto& chunk : chunks_) {
-    const auto& st = chunk->stage();
-    layers += st.num_layers >= 0 ? st.num_layers : spec.num_layers - st.first_layer;
-  }
+  // A stage's mean layers, as the start-up fit averages the stages' timings: every rank of every
+  // stage plans with the same figure (stages with different plans would send each other
+  // different micro-batches).
+  const double layers =
+      static_cast<double>(spec.num_layers) / static_cast<double>(groups_->pp_size());
   const int64_t kv_heads = std::max<int64_t>(spec.num_kv_heads / groups_->tp_size(), 1);
   const double bytes = 3.0 * 2.0 * static_cast<double>(kv_heads * spec.head_dim) *
-                       static_cast<double>(c10::elementSize(spec.compute_dtype)) *
-                       static_cast<double>(std::max<int64_t>(layers, 1));
+                       static_cast<double>(c10::elementSize(spec.compute_dtype)) * layers;
+  LOOM_CHECK_CONFIG(std::isfinite(bytes / (gbps * 1e9)),
+                    "field 'parallel.hdp_ring_gbps' ({}) is too small: {} B per token over it is "
+                    "not a finite time",
+                    gbps, bytes);
   loader_->set_ring(bytes / (gbps * 1e9));
   LOOM_LOG_INFO(
       "hdp: ring attention moves {} B per token of a group's sequence on each member at {} GB/s "

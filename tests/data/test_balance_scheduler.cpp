@@ -105,8 +105,9 @@ void expect_valid(const std::vector<SampleRef>& samples, const HdpOptions& o, co
       EXPECT_EQ(d, need) << what << ": sample " << i;
       continue;
     }
-    // The ring cost (Note: hybrid data parallelism ring cost): no larger than a s / ring.
-    const double useful = o.ring > 0 ? o.cost.a * static_cast<double>(s) / o.ring : 1e300;
+    // The ring cost (Note: hybrid data parallelism ring cost): no larger than max(a s, b) / ring.
+    const double useful =
+        o.ring > 0 ? std::max(o.cost.a * static_cast<double>(s), o.cost.b) / o.ring : 1e300;
     if (d > need) {
       EXPECT_GT(work / static_cast<double>(d - 1) + o.cost.c, mean * (1 - 1e-9))
           << what << ": sample " << i << " split over more ranks than it needs";
@@ -147,7 +148,8 @@ TEST(BalanceScheduler, RandomBatchesKeepEveryPromise) {
     } else {
       o.stages = 1 + static_cast<int>(rng() % 4);  // DP-balance ignores the stages
     }
-    if (c % 5 == 0 && o.cost.a > 0) o.ring = o.cost.a * static_cast<double>(16 + rng() % 256);
+    // (a = 0 too: the knee is then b / ring.)
+    if (c % 5 == 0) o.ring = std::max(o.cost.a, 1e-3) * static_cast<double>(16 + rng() % 256);
     const int n = 1 + static_cast<int>(rng() % 200);
     // Lengths up to what the whole pool can hold as one group (with power-of-two groups, the
     // largest power of two in the pool).

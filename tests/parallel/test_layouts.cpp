@@ -358,7 +358,7 @@ TEST(Layouts, HybridDataParallelismEqualsTheSingleProcess) {
       Trainer t(job, loom::testing::world());
       const auto spec = loom::model::ModelSpec::from_config(job.model());
       const double bytes = 3.0 * 2 * std::max<int64_t>(spec.num_kv_heads / c.tp, 1) *
-                           spec.head_dim * 4 * spec.num_layers / c.pp;
+                           spec.head_dim * 4 * static_cast<double>(spec.num_layers) / c.pp;
       EXPECT_NEAR(t.loader().options().ring, bytes / (c.ring_gbps * 1e9),
                   1e-12 * bytes / (c.ring_gbps * 1e9))
           << c.str();

@@ -81,15 +81,21 @@ struct HdpOptions {
   // spends per token of its sequence streaming the keys and values around the ring through every
   // layer (3 x K/V bytes per token and layer x layers / link bandwidth: forward K/V, backward K/V
   // and dK/dV). Ring attention overlaps each step's transfer with its block of attention, so a
-  // member's share costs max(a s^2 / D, ring s) + b s / D + c: past D = a s / ring it is
-  // transfer-bound, and more ranks add traffic without shortening it, so no group is made larger
-  // than that (nor than the balance asks). 0: transfers hide behind compute, (a s^2 + b s) / D + c.
+  // member's share costs max(a s^2 / D, ring s) + b s / D + c, never less than ring s + c however
+  // large D is. From D = max(a s, b) / ring on (ring_knee) the share is within twice that floor:
+  // more ranks shorten it by less than each adds in traffic (every member streams the whole
+  // sequence), so no group is made larger than that, nor than the balance asks, nor smaller than
+  // memory needs. The unit is the cost model's: per pipeline stage, this stage's layers (the
+  // start-up fit times one stage). 0: transfers hide behind compute, (a s^2 + b s) / D + c.
   double ring = 0;
 };
 
 // A member's share of a sequence of s tokens over d ranks under `o` (Note: hybrid data
 // parallelism ring cost).
 double ring_share(const HdpOptions& o, double s, double d);
+// The group size past which more ranks no longer pay for a sequence of s tokens: max(a s, b) /
+// ring (a huge number without a ring cost).
+double ring_knee(const HdpOptions& o, double s);
 
 // One micro-batch of one rank: whole short sequences, or this rank's share of one long sequence.
 struct HdpMicroBatch {
