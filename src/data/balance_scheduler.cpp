@@ -125,6 +125,24 @@ double HdpPlan::pipeline_cost(int rank) const {
   return rank_cost[r] + static_cast<double>(stages - 1) * most;
 }
 
+std::vector<double> median_over_ranks(const std::vector<std::vector<double>>& times) {
+  LOOM_CHECK(!times.empty(), "median_over_ranks: no ranks");
+  const size_t n = times.front().size();
+  std::vector<double> out(n);
+  std::vector<double> column(times.size());
+  for (size_t i = 0; i < n; ++i) {
+    for (size_t r = 0; r < times.size(); ++r) {
+      LOOM_CHECK(times[r].size() == n, "median_over_ranks: rank {} has {} times, rank 0 {}", r,
+                 times[r].size(), n);
+      column[r] = times[r][i];
+    }
+    std::sort(column.begin(), column.end());
+    const size_t m = column.size() / 2;
+    out[i] = column.size() % 2 == 1 ? column[m] : (column[m - 1] + column[m]) / 2;
+  }
+  return out;
+}
+
 double HdpPlan::max_cost() const {
   return rank_cost.empty() ? 0.0 : *std::max_element(rank_cost.begin(), rank_cost.end());
 }

@@ -231,17 +231,19 @@ void Trainer::build_model(const model::ModelSpec& spec) {
 // job's own model on its own devices: every rank times the forward and backward of its chunks
 // (this stage's layers, under its TP, EP and SP) on one sequence of s = C/4, C/2, 3C/4 and C
 // tokens (C the capacity, train.micro_batch_tokens, at most train.seq_len; multiples of the pad),
-// the best of 3 runs after a warm-up; the times are averaged over the world in one all-reduce, so
-// every rank fits the very same model (ranks planning with different models would disagree on the
-// plan and wait on each other), by non-negative least squares (data::fit_cost_model). Fewer than 3
-// distinct lengths (a capacity under 3 pads), or timings that do not grow with length, keep the
-// FLOPs model. The fitted constant is dropped (it is what a call costs, i.e. per micro-batch,
-// where the scheduler's c is per sequence), and a quadratic term the short lengths cannot show is
-// taken from the FLOPs, relative to the measured time per token (group shares reach train.seq_len,
-// where it dominates). The loader saves the fitted model with its state, and a resumed run takes
-// the saved one: the same steps are planned the same way. The synthetic sequence uses no
-// random numbers (the RNG state is part of a checkpoint), and the gradients it leaves are cleared
-// before the optimizer and gradient synchronisation exist.
+// the best of 3 runs after a warm-up; every rank's times are gathered in one all-reduce and each
+// length's is the median over the world (data::median_over_ranks: a rank descheduled while timing,
+// as ranks sharing cores are, does not bend the curve), so every rank fits the very same model
+// (ranks planning with different models would disagree on the plan and wait on each other), by
+// non-negative least squares (data::fit_cost_model). Timings that do not grow with length are
+// taken once more, best of 6; if they still do not, or with fewer than 3 distinct lengths (a
+// capacity under 3 pads), the FLOPs model stays. The fitted constant is dropped (it is what a call
+// costs, i.e. per micro-batch, where the scheduler's c is per sequence), and a quadratic term the
+// short lengths cannot show is taken from the FLOPs, relative to the measured time per token (group
+// shares reach train.seq_len, where it dominates). The loader saves the fitted model with its
+// state, and a resumed run takes the saved one: the same steps are planned the same way. The
+// synthetic sequence uses no random numbers (the RNG state is part of a checkpoint), and the
+// gradients it leaves are cleared before the optimizer and gradient synchronisation exist.
 void Trainer::fit_hdp_cost(const model::ModelSpec& spec) {
   const auto& o = loader_->options();
   const int64_t pad = std::max<int64_t>(o.pad_multiple, 1);
@@ -258,45 +260,63 @@ void Trainer::fit_hdp_cost(const model::ModelSpec& spec) {
   }
   const bool sp = chunks_.front()->tensor_parallel().sp();
   const int tp = groups_->tp_size();
-  at::Tensor times = at::zeros({static_cast<int64_t>(lengths.size())}, at::kDouble);
-  for (size_t i = 0; i < lengths.size(); ++i) {
-    const int64_t s = lengths[i];
-    const at::Tensor ids = (at::arange(s + 1, at::kLong) * 7919 + 13) % spec.vocab_size;
-    model::Batch b;
-    b.tokens = ids.narrow(0, 0, s).view({1, s});
-    b.targets = ids.narrow(0, 1, s).view({1, s});
-    b = b.to(device_);
-    const int64_t local = sp ? s / tp : s;
-    double best = 1e300;
-    for (int rep = 0; rep < 4; ++rep) {
-      Stopwatch clock;
-      for (auto& c : chunks_) {
-        at::Tensor input;
-        if (!c->stage().pre_process) {
-          input = (at::arange(local * spec.hidden, at::kFloat).sin() * 0.1)
-                      .view({local, 1, spec.hidden})
-                      .to(device_, spec.compute_dtype)
-                      .requires_grad_(true);
+  // Every rank's best of `reps` timed runs per length (after a warm-up), gathered from all ranks
+  // (a sum of rows each rank fills its own of), then the median over the ranks per length.
+  auto measure = [&](int reps) {
+    const auto n = static_cast<int64_t>(lengths.size());
+    at::Tensor all = at::zeros({world_->size(), n}, at::kDouble);
+    for (size_t i = 0; i < lengths.size(); ++i) {
+      const int64_t s = lengths[i];
+      const at::Tensor ids = (at::arange(s + 1, at::kLong) * 7919 + 13) % spec.vocab_size;
+      model::Batch b;
+      b.tokens = ids.narrow(0, 0, s).view({1, s});
+      b.targets = ids.narrow(0, 1, s).view({1, s});
+      b = b.to(device_);
+      const int64_t local = sp ? s / tp : s;
+      double best = 1e300;
+      for (int rep = 0; rep <= reps; ++rep) {
+        Stopwatch clock;
+        for (auto& c : chunks_) {
+          at::Tensor input;
+          if (!c->stage().pre_process) {
+            input = (at::arange(local * spec.hidden, at::kFloat).sin() * 0.1)
+                        .view({local, 1, spec.hidden})
+                        .to(device_, spec.compute_dtype)
+                        .requires_grad_(true);
+          }
+          const auto out = c->forward_stage(b, input);
+          at::Tensor objective = c->stage().post_process ? out.loss.loss_sum : out.hidden.sum();
+          if (out.loss.aux_loss.defined() && out.loss.aux_loss.requires_grad())
+            objective = objective + out.loss.aux_loss.to(objective.scalar_type());
+          objective.backward();
+          (void)objective.detach().cpu().item<double>();  // the device's work is done
         }
-        const auto out = c->forward_stage(b, input);
-        at::Tensor objective = c->stage().post_process ? out.loss.loss_sum : out.hidden.sum();
-        if (out.loss.aux_loss.defined() && out.loss.aux_loss.requires_grad())
-          objective = objective + out.loss.aux_loss.to(objective.scalar_type());
-        objective.backward();
-        (void)objective.detach().cpu().item<double>();  // the device's work is done
+        if (rep > 0) best = std::min(best, clock.seconds());
       }
-      if (rep > 0) best = std::min(best, clock.seconds());
+      all[world_->rank()][static_cast<int64_t>(i)] = best;
     }
-    times[static_cast<int64_t>(i)] = best;
+    comm::all_reduce_host(all, world_.get());
+    all = all.cpu().contiguous();
+    const auto got = all.accessor<double, 2>();
+    std::vector<std::vector<double>> rows(static_cast<size_t>(world_->size()));
+    for (int r = 0; r < world_->size(); ++r) {
+      for (int64_t i = 0; i < n; ++i) rows[static_cast<size_t>(r)].push_back(got[r][i]);
+    }
+    const auto median = data::median_over_ranks(rows);
+    std::vector<std::pair<double, double>> points;
+    for (size_t i = 0; i < lengths.size(); ++i)
+      points.emplace_back(static_cast<double>(lengths[i]), median[i]);
+    return points;
+  };
+  // Once more with twice the runs when the timings do not grow with the length (every rank sees
+  // the same gathered figures, so all decide alike).
+  auto points = measure(3);
+  if (const auto first = data::fit_cost_model(points); first.a <= 0 && first.b <= 0) {
+    LOOM_LOG_INFO("hdp: the start-up timings do not grow with the sequence's length; timing again");
+    points = measure(6);
   }
   for (auto& p : params_) {
     if (p.tensor.grad().defined()) p.tensor.mutable_grad().reset();
-  }
-  comm::all_reduce_host(times, world_.get());
-  std::vector<std::pair<double, double>> points;
-  for (size_t i = 0; i < lengths.size(); ++i) {
-    points.emplace_back(static_cast<double>(lengths[i]),
-                        times[static_cast<int64_t>(i)].item<double>() / world_->size());
   }
   data::CostModel cost = data::fit_cost_model(points);
   const data::CostModel flops = o.cost;  // build_data's: b = 1, a = attention's share
@@ -322,7 +342,7 @@ void Trainer::fit_hdp_cost(const model::ModelSpec& spec) {
     measured += fmt::format("{}{}: {:.3g} s", measured.empty() ? "" : ", ", len, t);
   LOOM_LOG_INFO(
       "hdp: cost model fitted at start-up from the model's forward and backward ({}; "
-      "mean over {} ranks): {}{} (a resumed run takes its checkpoint's)",
+      "median over {} ranks): {}{} (a resumed run takes its checkpoint's)",
       measured, world_->size(), cost.describe(),
       from_flops ? " (the quadratic term from the FLOPs, unseen at these lengths)" : "");
 }
@@ -357,7 +377,7 @@ void Trainer::set_hdp_ring(const model::ModelSpec& spec) {
   loader_->set_ring(bytes / (gbps * 1e9));
   LOOM_LOG_INFO(
       "hdp: ring attention moves {} B per token of a group's sequence on each member at {} GB/s "
-      "({:.3g} s per token); no group grows past the size where that bounds its share",
+      "({:.3g} s per token); no group grows past the knee where those transfers dominate its share",
       bytes, gbps, bytes / (gbps * 1e9));
 }
 

@@ -272,6 +272,41 @@ TEST(BalanceScheduler, PipelineSimulationMatchesClosedForms) {
   EXPECT_NEAR(g[2], 34.0 / 6, 1e-12);
 }
 
+// The start-up fit's per-length time over the ranks (Note: hybrid data parallelism cost model):
+// with one of five ranks descheduled while it timed the shortest length, the mean over ranks no
+// longer grows with the length, and the fit through it would fall back; the median is the closed
+// form's exactly, and so is the fit through it.
+TEST(BalanceScheduler, MedianOverRanksIgnoresADisturbedRank) {
+  const std::vector<double> lengths = {64, 128, 192, 256};
+  const CostModel truth{2e-7, 3e-5, 0};
+  std::vector<std::vector<double>> times;
+  for (int r = 0; r < 5; ++r) {
+    std::vector<double> row;
+    for (const double s : lengths) row.push_back(truth(s) * (1 + 1e-3 * r));
+    times.push_back(row);
+  }
+  times[3][0] += 0.5;  // descheduled for half a second
+  std::vector<std::pair<double, double>> mean, median;
+  const auto med = loom::data::median_over_ranks(times);
+  for (size_t i = 0; i < lengths.size(); ++i) {
+    double sum = 0;
+    for (const auto& row : times) sum += row[i];
+    mean.emplace_back(lengths[i], sum / 5);
+    median.emplace_back(lengths[i], med[i]);
+    EXPECT_DOUBLE_EQ(med[i], truth(lengths[i]) * 1.002) << "length " << lengths[i];
+  }
+  const CostModel from_mean = loom::data::fit_cost_model(mean);
+  EXPECT_TRUE(from_mean.a <= 0 && from_mean.b <= 0)
+      << "the outlier should defeat the mean: " << from_mean.describe();
+  const CostModel fit = loom::data::fit_cost_model(median);
+  EXPECT_NEAR(fit.a, truth.a * 1.002, 1e-9 * truth.a);
+  EXPECT_NEAR(fit.b, truth.b * 1.002, 1e-6 * truth.b);
+  // An even count: the mean of the middle two.
+  EXPECT_DOUBLE_EQ(loom::data::median_over_ranks({{1.0}, {4.0}, {2.0}, {10.0}})[0], 3.0);
+  EXPECT_THROW((void)loom::data::median_over_ranks({}), loom::Error);
+  EXPECT_THROW((void)loom::data::median_over_ranks({{1.0, 2.0}, {1.0}}), loom::Error);
+}
+
 TEST(BalanceScheduler, BalanceModesParseAndNameBadValues) {
   using loom::data::HdpBalance;
   EXPECT_EQ(loom::data::parse_hdp_balance("", 1), HdpBalance::kDp);

@@ -62,6 +62,13 @@ namespace loom::data {
 // length. Throws a kConfig error naming the problem for fewer points.
 CostModel fit_cost_model(const std::vector<std::pair<double, double>>& points);
 
+// Start-up timings gathered from every rank, times[rank][length], to one time per length: the
+// median over the ranks (the mean of the middle two for an even count). A rank descheduled while
+// it timed (ranks sharing cores) adds time to its figures only; the median ignores up to half the
+// ranks so disturbed, where one such rank moves a mean. Throws a kValue error for no ranks or
+// ranks of different lengths.
+std::vector<double> median_over_ranks(const std::vector<std::vector<double>>& times);
+
 struct HdpOptions {
   int pool = 1;          // ranks in the pool (dp x cp)
   int64_t capacity = 0;  // C: tokens per rank and micro-batch
